@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# One-shot, idempotent host set-up for lbctl, then optionally the demo or the tests.
+#   bash lbctl/setup.sh          install what is missing
+#   bash lbctl/setup.sh demo     ... then run the demo in the namespace lab
+#   bash lbctl/setup.sh test     ... then run the whole test suite
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$repo/.venv"
+action=${1:-}
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (XDP, bpffs and namespaces need it); hint: sudo bash lbctl/setup.sh $action"
+command -v apt-get >/dev/null || die "apt-get not found; this script supports Debian 12 and Ubuntu 22.04+"
+
+# Debian packages. python3-bpfcc is bcc for the system /usr/bin/python3.
+pkgs=(python3-bpfcc python3-venv python3-pip libbpf1 iproute2 ethtool make curl)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+# bcc compiles against kernel headers at /lib/modules/$(uname -r)/build.
+kver=$(uname -r)
+need_headers=0
+[ -e "/lib/modules/$kver/build/Makefile" ] || need_headers=1
+if [ "$need_headers" = 1 ]; then
+    if apt-cache policy "linux-headers-$kver" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        missing+=("linux-headers-$kver")
+    else
+        missing+=(linux-headers-amd64)
+    fi
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # Retry once: the package list may be stale on a long-lived host.
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || die "apt-get could not install: ${missing[*]}"
+    fi
+    # Re-resolve: a kernel without its own headers package gets the distribution's.
+    if [ "$need_headers" = 1 ] && [ ! -e "/lib/modules/$kver/build/Makefile" ] \
+        && ! dpkg-query -W -f='${Status}' "linux-headers-$kver" 2>/dev/null | grep -q "install ok installed"; then
+        dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed" \
+            || apt-get install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
+    fi
+fi
+
+if [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
+    # The running kernel has no headers package: use the distribution's newest headers.
+    hdr=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "^/lib/modules/$kver/" | sort -V | tail -n1 || true)
+    [ -n "$hdr" ] || die "no kernel headers found for $kver; hint: apt-get install linux-headers-amd64"
+    hdir=$(dirname "$hdr")
+    if [ -e "/lib/modules/$kver" ] && [ ! -L "/lib/modules/$kver" ]; then
+        ln -sfn "$(readlink -f "$hdir/build")" "/lib/modules/$kver/build"
+        [ -e "$hdir/source" ] && ln -sfn "$(readlink -f "$hdir/source")" "/lib/modules/$kver/source"
+    else
+        ln -sfn "$hdir" "/lib/modules/$kver"
+    fi
+    say "kernel $kver has no headers package; bcc will compile against $(basename "$hdir") headers (linked as /lib/modules/$kver)"
+fi
+
+# bpffs: pinned maps let separate lbctl commands change a running balancer.
+if ! mount -t bpf | grep -q ' /sys/fs/bpf '; then
+    mkdir -p /sys/fs/bpf
+    mount -t bpf bpf /sys/fs/bpf
+    say "mounted bpffs at /sys/fs/bpf"
+fi
+
+# The venv must come from the system python3: bcc is only built for it.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    say "created $venv (system python3 with site packages, so bcc imports)"
+fi
+stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+    say "installing lbctl and its Python dependencies into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+    rm -f "$venv"/.installed-*
+    touch "$stamp"
+fi
+if [ "$(readlink -f /usr/local/bin/lbctl 2>/dev/null)" != "$venv/bin/lbctl" ]; then
+    ln -sfn "$venv/bin/lbctl" /usr/local/bin/lbctl
+    say "lbctl is on PATH as /usr/local/bin/lbctl"
+fi
+
+case "$action" in
+    "") say "ready; try: lbctl demo   (or: $venv/bin/lbctl demo)" ;;
+    demo) exec "$venv/bin/lbctl" demo ;;
+    test) cd "$repo" && exec "$venv/bin/python" -m pytest tests -ra ;;
+    *) die "unknown action '$action'; hint: use 'demo', 'test' or nothing" ;;
+esac
