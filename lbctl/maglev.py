@@ -1,0 +1,191 @@
+"""Weighted Maglev consistent hashing (Eisenbud et al., NSDI'16): backends -> lookup ring."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# 65537 is prime and matches Katran's default ring: large enough that a backend's share is
+# accurate to well under 1% for up to a few hundred backends (the paper wants M >> N).
+DEFAULT_RING_SIZE = 65537
+
+# Caps the weight so that the sum of weights (turns per round) stays far below the ring
+# size for realistic pools; the shares are only as exact as rounds are many.
+MAX_WEIGHT = 1000
+
+# The slot value for "no backend", seen only when the ring is built from no backends.
+EMPTY_SLOT = -1
+
+# The seed goes into the blake2b key, which holds at most 64 bytes; 8 are plenty for an
+# operator-chosen salt and keep the encoding fixed-width (so seeds 1 and 256 differ).
+_SEED_BYTES = 8
+
+
+class MaglevError(ValueError):
+    """Inputs no ring can be built from: a non-prime size, a bad weight, a repeated name."""
+
+
+@dataclass(frozen=True)
+class MaglevBackend:
+    """One ring member: `name` fixes its slot preferences, `weight` its share of slots."""
+
+    name: str  # stable identity, e.g. "10.0.1.11:8080"; the permutation derives from it
+    weight: int = 1
+
+
+def is_prime(n: int) -> bool:
+    """True if n is a prime number (trial division; ring sizes are small)."""
+    if n < 2:
+        return False
+    if n < 4:
+        return True
+    if n % 2 == 0 or n % 3 == 0:
+        return False
+    # Every prime above 3 is 6k +/- 1, so only those divisors need trying.
+    divisor = 5
+    while divisor * divisor <= n:
+        if n % divisor == 0 or n % (divisor + 2) == 0:
+            return False
+        divisor += 6
+    return True
+
+
+def _check_inputs(backends: Sequence[MaglevBackend], ring_size: int, seed: int) -> None:
+    """Raise MaglevError naming the first input that cannot make a ring."""
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or not is_prime(ring_size):
+        raise MaglevError(
+            f"ring size {ring_size!r} is not prime; Maglev needs a prime size so every skip "
+            f"walks all slots (try {DEFAULT_RING_SIZE})"
+        )
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, int)
+        or not 0 <= seed < 2 ** (8 * _SEED_BYTES)
+    ):
+        raise MaglevError(f"seed {seed!r} must be an integer in [0, 2**{8 * _SEED_BYTES})")
+    seen_names: set[str] = set()
+    for backend in backends:
+        weight = backend.weight
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            raise MaglevError(
+                f"backend {backend.name!r} has weight {weight!r}; weights are integers "
+                f"from 1 to {MAX_WEIGHT} (remove the backend instead of giving it weight 0)"
+            )
+        if backend.name in seen_names:
+            raise MaglevError(f"backend {backend.name!r} is listed twice; names must be unique")
+        seen_names.add(backend.name)
+    total_weight = sum(backend.weight for backend in backends)
+    if total_weight > ring_size:
+        raise MaglevError(
+            f"total weight {total_weight} exceeds ring size {ring_size}; lower the weights "
+            f"or use a larger prime ring size"
+        )
+
+
+def _offset_and_skip(name: str, ring_size: int, seed_key: bytes) -> tuple[int, int]:
+    """The backend's permutation, slot(j) = (offset + j * skip) % ring_size, from its name.
+
+    blake2b rather than hash(): the ring must come out the same in every process and on
+    every host, and hash() of a str is randomised per process.
+    """
+    digest = hashlib.blake2b(name.encode(), digest_size=16, key=seed_key).digest()
+    offset = int.from_bytes(digest[:8], "little") % ring_size
+    # skip in [1, ring_size - 1]: with a prime ring size it is coprime to the size, so the
+    # walk visits every slot before repeating.
+    skip = int.from_bytes(digest[8:], "little") % (ring_size - 1) + 1
+    return offset, skip
+
+
+def _turn_order(backends: Sequence[MaglevBackend]) -> list[int]:
+    """One round of turns: backend i appears weight_i times, its turns spread evenly.
+
+    Each turn claims exactly one slot, so a backend's slot count equals its turn count.
+    Whole rounds give exact weight proportions; only the last, partial round is uneven.
+    Spreading each backend's turns over the round (turn k of a weight-w backend sits at
+    (k + 1/2) / w) makes any prefix of a round hold about its fair part of every backend's
+    turns, so the partial round costs each backend at most about one slot, not `weight`.
+    Ordering by name, not by list position, is what makes the ring independent of the
+    order the caller lists backends in.
+    """
+    turn_keys: list[tuple[float, str, int]] = []
+    for index, backend in enumerate(backends):
+        weight = backend.weight
+        for turn in range(weight):
+            # Exact rationals with denominators <= 2 * MAX_WEIGHT are distinct by more than
+            # float rounding, and IEEE division is correctly rounded, so these floats order
+            # identically on every machine; equal fractions tie-break on the name.
+            turn_keys.append(((2 * turn + 1) / (2 * weight), backend.name, index))
+    turn_keys.sort()
+    return [index for _, _, index in turn_keys]
+
+
+def build_ring(
+    backends: Sequence[MaglevBackend], ring_size: int = DEFAULT_RING_SIZE, seed: int = 0
+) -> list[int]:
+    """Build the Maglev lookup ring: each slot holds an index into `backends`.
+
+    The backend NAME in each slot depends only on the set of (name, weight) pairs, the
+    ring size and the seed, never on the order of `backends`. With no backends every slot
+    is EMPTY_SLOT (-1). Raises MaglevError on a non-prime ring size, a weight outside
+    1..MAX_WEIGHT, a repeated name, or a total weight above the ring size.
+    """
+    _check_inputs(backends, ring_size, seed)
+    ring: list[int] = [EMPTY_SLOT] * ring_size
+    if not backends:
+        return ring
+
+    seed_key = seed.to_bytes(_SEED_BYTES, "little")
+    # next_slot[i] is the next slot backend i would try: its permutation entry for the
+    # current j, kept as a running position so the hot loop adds instead of multiplying.
+    next_slot: list[int] = []
+    skips: list[int] = []
+    for backend in backends:
+        offset, skip = _offset_and_skip(backend.name, ring_size, seed_key)
+        next_slot.append(offset)
+        skips.append(skip)
+
+    turns = _turn_order(backends)
+    slots_left = ring_size
+    # Hot loop: about 2 probes per slot with few backends, about 10 with a hundred; locals
+    # only, and a conditional subtract instead of % keeps CPython's cost per probe low.
+    while True:
+        for index in turns:
+            slot = next_slot[index]
+            skip = skips[index]
+            while ring[slot] != EMPTY_SLOT:
+                slot += skip
+                if slot >= ring_size:
+                    slot -= ring_size
+            ring[slot] = index
+            slot += skip
+            if slot >= ring_size:
+                slot -= ring_size
+            next_slot[index] = slot
+            slots_left -= 1
+            if not slots_left:
+                return ring
+
+
+def slot_moves(
+    old: Sequence[int], new: Sequence[int], old_names: Sequence[str], new_names: Sequence[str]
+) -> int:
+    """How many slots point at a different backend NAME after a change.
+
+    `old` indexes `old_names` and `new` indexes `new_names`; indices alone cannot be
+    compared because adding or removing a backend renumbers the list. An empty slot (-1)
+    counts as a move when the other ring has a backend there.
+    """
+    if len(old) != len(new):
+        raise MaglevError(
+            f"cannot compare rings of different sizes ({len(old)} and {len(new)} slots)"
+        )
+
+    def slot_names(ring: Sequence[int], names: Sequence[str]) -> list[str | None]:
+        return [names[index] if index != EMPTY_SLOT else None for index in ring]
+
+    return sum(
+        1
+        for old_name, new_name in zip(slot_names(old, old_names), slot_names(new, new_names))
+        if old_name != new_name
+    )
