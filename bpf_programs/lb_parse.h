@@ -1,0 +1,77 @@
+/* lb_parse.h: bounds-checked Ethernet/IPv4/TCP/UDP parsing; each step either fills the
+ * packet view or says why the frame is not ours to touch. */
+#pragma once
+
+struct lb_packet {
+    struct ethhdr *eth;
+    struct iphdr *ip;
+    void *l4;
+    __u16 *l4_check;        /* NULL: UDP without checksum */
+    __be16 *sport;
+    __be16 *dport;
+    __u8 tcp_flags;         /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10; 0 for UDP */
+    struct flow_key key;
+};
+
+#define LB_TCP_FIN 0x01
+#define LB_TCP_SYN 0x02
+#define LB_TCP_RST 0x04
+#define LB_TCP_ACK 0x10
+
+/* Returns an outcome when the frame must pass untouched, or -1 when pkt is filled in. */
+static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet *pkt)
+{
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return LB_PASS_MALFORMED;
+    if (eth->h_proto != bpf_htons(ETH_P_IP))
+        return LB_PASS_NOT_IPV4;
+
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end)
+        return LB_PASS_MALFORMED;
+    if (ip->version != 4 || ip->ihl < 5)
+        return LB_PASS_MALFORMED;
+    __u32 ip_len = ip->ihl * 4;
+    __u32 tot_len = bpf_ntohs(ip->tot_len);
+    /* A total length beyond the frame or shorter than the header is a lie. */
+    if (tot_len < ip_len || (void *)ip + tot_len > data_end)
+        return LB_PASS_MALFORMED;
+    if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+        return LB_PASS_NOT_VIP;
+    /* MF set or a non-zero offset: only the first fragment has ports. */
+    if (ip->frag_off & bpf_htons(0x3fff))
+        return LB_PASS_FRAGMENT;
+
+    void *l4 = (void *)ip + ip_len;
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *tcp = l4;
+        if ((void *)(tcp + 1) > data_end)
+            return LB_PASS_MALFORMED;
+        if (tcp->doff < 5 || tcp->doff * 4 > tot_len - ip_len)
+            return LB_PASS_MALFORMED;
+        pkt->l4_check = &tcp->check;
+        pkt->sport = &tcp->source;
+        pkt->dport = &tcp->dest;
+        pkt->tcp_flags = ((__u8 *)tcp)[13];
+    } else {
+        struct udphdr *udp = l4;
+        if ((void *)(udp + 1) > data_end)
+            return LB_PASS_MALFORMED;
+        if (bpf_ntohs(udp->len) < sizeof(*udp) || bpf_ntohs(udp->len) > tot_len - ip_len)
+            return LB_PASS_MALFORMED;
+        pkt->l4_check = udp->check ? &udp->check : NULL;
+        pkt->sport = &udp->source;
+        pkt->dport = &udp->dest;
+        pkt->tcp_flags = 0;
+    }
+    pkt->eth = eth;
+    pkt->ip = ip;
+    pkt->l4 = l4;
+    pkt->key.src = ip->saddr;
+    pkt->key.dst = ip->daddr;
+    pkt->key.sport = *pkt->sport;
+    pkt->key.dport = *pkt->dport;
+    pkt->key.proto = ip->protocol;
+    return -1;
+}

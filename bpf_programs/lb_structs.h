@@ -1,0 +1,57 @@
+/* lb_structs.h: map keys and values; xdp/codec.py mirrors them and a test compares both layouts. */
+#pragma once
+
+/* A VIP is (address, port, protocol); all network-order fields stay as on the wire. */
+struct vip_key {
+    __be32 addr;
+    __be16 port;
+    __u8 proto;
+    __u8 pad;
+};
+
+struct vip_meta {
+    __u32 vip_id;           /* index into the rings and stats_vip */
+    __u32 flags;
+    __u32 ring_generation;  /* which of the VIP's two rings is live (0 or 1) */
+    __u32 backend_count;
+};
+
+/* backends[] entry; the control plane also keeps weight and owner here so the maps alone
+ * hold the whole configuration. */
+struct backend {
+    __be32 addr;
+    __be16 port;
+    __u8 state;             /* enum lb_backend_state */
+    __u8 flags;             /* LB_BACKEND_F_* */
+    __u32 vip_id;
+    __u32 weight;
+};
+
+/* A 5-tuple as seen on the wire, in the packet's own direction. */
+struct flow_key {
+    __be32 src;
+    __be32 dst;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+/* flows: client->VIP key, addr/port = the backend. rnat: backend->client key, addr/port = the VIP. */
+struct nat_entry {
+    __be32 addr;
+    __be16 port;
+    __u8 state;             /* enum lb_flow_state */
+    __u8 pad;
+    __u32 backend_id;
+    __u32 vip_id;
+    __u64 last_seen_ns;
+    __u64 created_ns;       /* time of the packet that created or re-created the flow */
+};
+
+struct lb_counters {
+    __u64 packets;
+    __u64 bytes;
+    __u64 new_flows;
+    __u64 drops;
+};

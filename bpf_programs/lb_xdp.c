@@ -1,0 +1,252 @@
+/* lb_xdp.c: XDP entry of the two-arm NAT load balancer: VIP traffic is DNATed to a backend
+ * picked by Maglev and kept per flow; backend replies are reverse-NATed; the rest passes. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <linux/socket.h>
+
+#include "lb_consts.h"
+#include "lb_structs.h"
+#include "lb_maps.h"
+#include "lb_stats.h"
+#include "lb_csum.h"
+#include "lb_parse.h"
+#include "lb_nat.h"
+
+/* murmur3's finaliser; a fixed mix so every balancer with the same seed picks the same slot. */
+static __always_inline __u32 lb_mix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6bU;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35U;
+    h ^= h >> 16;
+    return h;
+}
+
+static __always_inline __u32 lb_flow_hash(const struct flow_key *key)
+{
+    __u32 h = lb_mix32(key->src ^ LB_HASH_SEED);
+    h = lb_mix32(h ^ key->dst);
+    h = lb_mix32(h ^ (((__u32)key->sport << 16) | key->dport));
+    return lb_mix32(h ^ key->proto);
+}
+
+static __always_inline __u64 lb_timeout_ns(__u8 state)
+{
+    switch (state) {
+    case LB_FLOW_SYN:
+        return LB_TCP_SYN_TIMEOUT_NS;
+    case LB_FLOW_ESTABLISHED:
+        return LB_TCP_ESTABLISHED_TIMEOUT_NS;
+    case LB_FLOW_CLOSING:
+        return LB_TCP_CLOSING_TIMEOUT_NS;
+    default:
+        return LB_UDP_TIMEOUT_NS;
+    }
+}
+
+/* The state a tracked TCP flow moves to on this packet; UDP stays UDP. */
+static __always_inline __u8 lb_next_state(__u8 state, __u8 tcp_flags, __u8 proto)
+{
+    if (proto != IPPROTO_TCP)
+        return LB_FLOW_UDP;
+    if (tcp_flags & (LB_TCP_FIN | LB_TCP_RST))
+        return LB_FLOW_CLOSING;
+    if (state == LB_FLOW_SYN && (tcp_flags & LB_TCP_ACK) && !(tcp_flags & LB_TCP_SYN))
+        return LB_FLOW_ESTABLISHED;
+    return state;
+}
+
+static __always_inline void lb_reply_key(struct flow_key *reply, const struct flow_key *fwd,
+                                         __be32 backend_addr, __be16 backend_port)
+{
+    reply->src = backend_addr;
+    reply->dst = fwd->src;
+    reply->sport = backend_port;
+    reply->dport = fwd->sport;
+    reply->proto = fwd->proto;
+    reply->pad[0] = reply->pad[1] = reply->pad[2] = 0;
+}
+
+/* A flow entry still forwards unless it timed out, or a fresh SYN reopens a closing one. */
+static __always_inline int lb_entry_alive(const struct nat_entry *e, __u64 now, __u8 tcp_flags)
+{
+    if (now - e->last_seen_ns > lb_timeout_ns(e->state))
+        return 0;
+    if (e->state == LB_FLOW_CLOSING && (tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)
+        return 0;
+    return 1;
+}
+
+/* Picks the backend for a new flow from the VIP's live ring; LB_NO_BACKEND when none. */
+static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct flow_key *key,
+                                     struct backend **out)
+{
+    if (vip->vip_id >= LB_MAX_VIPS)
+        return LB_NO_BACKEND;
+    __u32 slot = lb_flow_hash(key) % LB_RING_SIZE;
+    __u32 index = (vip->vip_id * 2 + (vip->ring_generation & 1)) * LB_RING_SIZE + slot;
+    __u32 *backend_id = rings.lookup(&index);
+    if (!backend_id || *backend_id >= LB_MAX_BACKENDS)
+        return LB_NO_BACKEND;
+    __u32 id = *backend_id;
+    struct backend *be = backends.lookup(&id);
+    if (!be || !(be->flags & LB_BACKEND_F_IN_USE) || be->state != LB_BACKEND_ACTIVE)
+        return LB_NO_BACKEND;
+    *out = be;
+    return id;
+}
+
+static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *pkt,
+                                          struct vip_meta *vip, __u64 bytes)
+{
+    __u64 now = bpf_ktime_get_ns();
+    struct nat_entry *flow = flows.lookup(&pkt->key);
+    struct nat_entry fresh = {};
+    int new_flow = 0;
+
+    if (flow && lb_entry_alive(flow, now, pkt->tcp_flags)) {
+        /* A backend marked down loses its flows; a deleted one keeps them until they end. */
+        __u32 id = flow->backend_id;
+        struct backend *be = backends.lookup(&id);
+        if (be && be->state == LB_BACKEND_DOWN && be->addr == flow->addr && be->port == flow->port)
+            flow = NULL;
+    } else {
+        flow = NULL;
+    }
+
+    if (!flow) {
+        struct backend *be = NULL;
+        __u32 id = lb_pick(vip, &pkt->key, &be);
+        if (id == LB_NO_BACKEND || !be) {
+            __u32 vip_id = vip->vip_id;
+            struct lb_counters *vc = stats_vip.lookup(&vip_id);
+            if (vc)
+                vc->drops++;
+            return lb_outcome(LB_DROP_NO_BACKEND, bytes, XDP_DROP);
+        }
+        fresh.addr = be->addr;
+        fresh.port = be->port;
+        fresh.backend_id = id;
+        fresh.vip_id = vip->vip_id;
+        fresh.created_ns = now;
+        fresh.last_seen_ns = now;
+        /* A flow first seen mid-stream (balancer restart, LRU eviction) is taken as established. */
+        if (pkt->key.proto != IPPROTO_TCP)
+            fresh.state = LB_FLOW_UDP;
+        else if ((pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)
+            fresh.state = LB_FLOW_SYN;
+        else
+            fresh.state = lb_next_state(LB_FLOW_ESTABLISHED, pkt->tcp_flags, IPPROTO_TCP);
+        flows.update(&pkt->key, &fresh);
+
+        struct flow_key reply = {};
+        struct nat_entry back = fresh;
+        lb_reply_key(&reply, &pkt->key, fresh.addr, fresh.port);
+        back.addr = pkt->key.dst;
+        back.port = pkt->key.dport;
+        rnat.update(&reply, &back);
+        flow = &fresh;
+        new_flow = 1;
+    } else {
+        __u8 next = lb_next_state(flow->state, pkt->tcp_flags, pkt->key.proto);
+        if (next != flow->state || now - flow->last_seen_ns > LB_REFRESH_INTERVAL_NS) {
+            flow->state = next;
+            flow->last_seen_ns = now;
+            /* Keep the reverse entry in step: an evicted or closing reply path follows us. */
+            struct flow_key reply = {};
+            lb_reply_key(&reply, &pkt->key, flow->addr, flow->port);
+            struct nat_entry *back = rnat.lookup(&reply);
+            if (back) {
+                back->state = next;
+                back->last_seen_ns = now;
+            } else {
+                struct nat_entry again = *flow;
+                again.addr = pkt->key.dst;
+                again.port = pkt->key.dport;
+                rnat.update(&reply, &again);
+            }
+        }
+    }
+
+    __u32 vip_id = flow->vip_id;
+    __u32 backend_id = flow->backend_id;
+    lb_count(stats_vip.lookup(&vip_id), bytes, new_flow);
+    lb_count(stats_backend.lookup(&backend_id), bytes, new_flow);
+    lb_rewrite(pkt, 1, flow->addr, flow->port);
+    return lb_forward(ctx, pkt, bytes);
+}
+
+static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet *pkt,
+                                           struct nat_entry *back, __u64 bytes)
+{
+    __u64 now = bpf_ktime_get_ns();
+    /* An entry outlived by its connection must not catch traffic that merely reuses the
+     * tuple (a direct client->backend connection): expired, or a SYN-ACK long after the SYN. */
+    int stale = now - back->last_seen_ns > lb_timeout_ns(back->state);
+    if ((pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK) &&
+        now - back->created_ns > LB_TCP_SYN_TIMEOUT_NS)
+        stale = 1;
+    if (stale) {
+        rnat.delete(&pkt->key);
+        return lb_outcome(LB_PASS_STALE_REPLY, bytes, XDP_PASS);
+    }
+
+    __u8 next = lb_next_state(back->state, pkt->tcp_flags, pkt->key.proto);
+    if (next != back->state || now - back->last_seen_ns > LB_REFRESH_INTERVAL_NS) {
+        back->state = next;
+        back->last_seen_ns = now;
+        struct flow_key fwd = {};
+        fwd.src = pkt->key.dst;
+        fwd.dst = back->addr;
+        fwd.sport = pkt->key.dport;
+        fwd.dport = back->port;
+        fwd.proto = pkt->key.proto;
+        struct nat_entry *flow = flows.lookup(&fwd);
+        if (flow) {
+            flow->state = next;
+            flow->last_seen_ns = now;
+        }
+    }
+
+    __u32 vip_id = back->vip_id;
+    __u32 backend_id = back->backend_id;
+    lb_count(stats_vip.lookup(&vip_id), bytes, 0);
+    lb_count(stats_backend.lookup(&backend_id), bytes, 0);
+    lb_rewrite(pkt, 0, back->addr, back->port);
+    return lb_forward(ctx, pkt, bytes);
+}
+
+int xdp_lb(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u64 bytes = data_end - data;
+    struct lb_packet pkt = {};
+
+    int verdict = lb_parse(data, data_end, &pkt);
+    if (verdict >= 0)
+        return lb_outcome(verdict, bytes, XDP_PASS);
+
+    struct vip_key vk = {};
+    vk.addr = pkt.key.dst;
+    vk.port = pkt.key.dport;
+    vk.proto = pkt.key.proto;
+    struct vip_meta *vip = vips.lookup(&vk);
+    struct nat_entry *back = NULL;
+    if (!vip) {
+        back = rnat.lookup(&pkt.key);
+        if (!back)
+            return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    }
+    /* The kernel must see TTL expiry to send its ICMP error; nothing was rewritten yet. */
+    if (pkt.ip->ttl <= 1)
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+    if (vip)
+        return lb_from_client(ctx, &pkt, vip, bytes);
+    return lb_from_backend(ctx, &pkt, back, bytes);
+}

@@ -1,0 +1,448 @@
+"""The `lbctl` command line: parse, call one library function, print. Errors become one line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from lbctl.errors import ConfigError, NetnsError
+from lbctl.model import check_state, check_weight, parse_endpoint
+from xdp.errors import XdpError
+
+try:
+    __version__ = version("lbctl")
+except PackageNotFoundError:  # running from a checkout without install
+    __version__ = "0.0.0+checkout"
+
+
+def examples(*lines: str) -> str:
+    """Help epilogue: one example per line, each with a comment (kept unwrapped)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+class Context:
+    """What commands need: which instance, and a factory for its controller (tests inject one)."""
+
+    def __init__(self, instance: str, controller_factory: Callable[[str], object] | None = None):
+        self.instance = instance
+        self._factory = controller_factory
+        self._controller = None
+
+    @property
+    def controller(self):
+        if self._controller is None:
+            if self._factory is None:
+                from lbctl.control import Controller  # noqa: PLC0415
+
+                self._factory = Controller
+            self._controller = self._factory(self.instance)
+        return self._controller
+
+
+def enter_netns(name: str) -> None:
+    """Switches only the network namespace (like `ip -n`), keeping the host's /sys/fs/bpf."""
+    path = os.path.join("/var/run/netns", name)
+    if "/" in name or not os.path.exists(path):
+        raise NetnsError(f"network namespace '{name}' not found; hint: 'ip netns list' shows them")
+    from pyroute2 import netns  # noqa: PLC0415
+
+    try:
+        netns.setns(name, flags=0)
+    except OSError as exc:
+        raise NetnsError(f"cannot enter network namespace '{name}': {exc.strerror}; hint: run as root") from exc
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], empty: str) -> None:
+    """A fixed-column table with a header: stable for scripts (use --json to parse fully)."""
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[h for h, _ in columns]] + [[_fmt(r.get(k)) for _, k in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.1%}"
+    return "-" if value is None else str(value)
+
+
+def echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def echo_plan(result) -> None:
+    for line in result.plan.describe():
+        click.echo(line)
+
+
+def proto_option(f):
+    return click.option("--proto", default="tcp", show_default=True, type=click.Choice(["tcp", "udp"],
+                        case_sensitive=False), help="VIP protocol")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="print JSON")(f)
+
+
+class LbctlGroup(click.Group):
+    """Translates the library's typed errors into one line and a distinct exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except XdpError as exc:
+            click.echo(f"lbctl: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except PermissionError as exc:
+            click.echo(f"lbctl: error: {exc}; hint: run as root", err=True)
+            sys.exit(77)
+
+
+@click.group(cls=LbctlGroup, epilog=examples(
+    "lbctl attach eth0 eth1                            # client side and backend side",
+    "lbctl vip add 10.0.0.10:80                        # a TCP VIP",
+    "lbctl backend add 10.0.0.10:80 10.0.1.11:8080     # first backend",
+    "lbctl stats                                       # counters",
+    "lbctl -n lbl-lb status                            # the lab's balancer",
+))
+@click.option("-n", "--netns", metavar="NETNS", help="act inside a named network namespace, like `ip -n`")
+@click.version_option(__version__, prog_name="lbctl")
+@click.pass_context
+def main(ctx: click.Context, netns: str | None) -> None:
+    """XDP/eBPF L4 load balancer (two-arm NAT) control."""
+    if isinstance(ctx.obj, Context):   # injected by tests
+        return
+    instance = "host"
+    if netns:
+        try:
+            enter_netns(netns)
+        except XdpError as exc:
+            click.echo(f"lbctl: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        instance = netns
+    ctx.obj = Context(instance)
+
+
+def parsed(fn: Callable, *args):
+    """Runs a parser and turns ConfigError into a usage-style exit without a traceback."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        click.echo(f"lbctl: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+# -- attach / detach / status ---------------------------------------------------------------
+@main.command(epilog=examples(
+    "lbctl attach eth0 eth1                  # native mode on both arms",
+    "lbctl attach eth0 --mode generic        # when the driver has no native XDP",
+))
+@click.argument("ifaces", nargs=-1, required=True)
+@click.option("--mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
+@click.pass_obj
+def attach(obj: Context, ifaces: tuple[str, ...], mode: str) -> None:
+    """Load the balancer and attach it to IFACE... (compiles once; maps persist)."""
+    for a in obj.controller.attach(list(ifaces), mode):
+        click.echo(f"attached {a.ifname} ({a.mode}, prog {a.prog_id})")
+
+
+@main.command(epilog=examples(
+    "lbctl detach eth1                       # one interface",
+    "lbctl detach --all                      # everywhere; VIPs and backends stay in the maps",
+    "lbctl detach --all --purge              # and remove the maps (all configuration)",
+))
+@click.argument("ifaces", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="detach from every interface")
+@click.option("--purge", is_flag=True, help="with --all: also remove the pinned maps")
+@click.pass_obj
+def detach(obj: Context, ifaces: tuple[str, ...], all_: bool, purge: bool) -> None:
+    """Detach the balancer from IFACE... or --all."""
+    if bool(ifaces) == all_:
+        raise click.UsageError("name interfaces or give --all (not both)")
+    if purge and not all_:
+        raise click.UsageError("--purge goes with --all")
+    done = obj.controller.detach(None if all_ else list(ifaces), purge)
+    for a in done:
+        click.echo(f"detached {a.ifname}")
+    if not done:
+        click.echo("nothing attached")
+    if purge:
+        click.echo("removed pinned maps")
+
+
+@main.command(epilog=examples("lbctl status", "lbctl status --json"))
+@json_option
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """Where the balancer runs and what it holds."""
+    st = obj.controller.status()
+    if as_json:
+        echo_json(st)
+        return
+    click.echo(f"instance  {st['instance']}")
+    click.echo(f"program   {'prog ' + str(st['prog_id']) if st['prog_id'] else 'not loaded'}")
+    click.echo(f"maps      {st['pin_dir'] if st['maps'] else 'none'}")
+    click.echo(f"vips      {st['vips']}")
+    click.echo(f"backends  {st['backends']}")
+    click.echo("")
+    print_table(st["attached"], [("IFACE", "ifname"), ("MODE", "mode"), ("PROG", "prog_id")],
+                "not attached to any interface")
+
+
+# -- VIPs -----------------------------------------------------------------------------------
+@main.group(epilog=examples(
+    "lbctl vip add 10.0.0.10:80                 # TCP",
+    "lbctl vip add 10.0.0.10:53 --proto udp     # UDP",
+    "lbctl vip list --json",
+))
+def vip() -> None:
+    """Add, delete and list VIPs."""
+
+
+@vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp"))
+@click.argument("vip_addr", metavar="VIP:PORT")
+@proto_option
+@click.pass_obj
+def vip_add(obj: Context, vip_addr: str, proto: str) -> None:
+    """Add a VIP (no backends yet: its packets are dropped until one is added)."""
+    endpoint = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    echo_plan(obj.controller.vip_add(endpoint))
+
+
+@vip.command("del", epilog=examples("lbctl vip del 10.0.0.10:80"))
+@click.argument("vip_addr", metavar="VIP:PORT")
+@proto_option
+@click.pass_obj
+def vip_del(obj: Context, vip_addr: str, proto: str) -> None:
+    """Delete a VIP and its backends."""
+    endpoint = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    echo_plan(obj.controller.vip_del(endpoint))
+
+
+@vip.command("list", epilog=examples("lbctl vip list", "lbctl vip list --json"))
+@json_option
+@click.pass_obj
+def vip_list(obj: Context, as_json: bool) -> None:
+    """List VIPs with their counters."""
+    rows = obj.controller.vips()
+    if as_json:
+        echo_json(rows)
+        return
+    print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("BACKENDS", "backends"),
+                       ("ACTIVE", "active_backends"), ("PACKETS", "packets"), ("BYTES", "bytes"),
+                       ("FLOWS", "new_flows"), ("DROPS", "drops")], "no VIPs")
+
+
+# -- backends -------------------------------------------------------------------------------
+@main.group(epilog=examples(
+    "lbctl backend add 10.0.0.10:80 10.0.1.11:8080",
+    "lbctl backend add 10.0.0.10:80 10.0.1.12:8080 --weight 2",
+    "lbctl backend set 10.0.0.10:80 10.0.1.12:8080 --state drain",
+    "lbctl backend del 10.0.0.10:80 10.0.1.11:8080",
+))
+def backend() -> None:
+    """Add, change, delete and list a VIP's backends (live: no recompile, no dropped flows)."""
+
+
+def weight_option(default):
+    return click.option("--weight", type=int, default=default, show_default=default is not None,
+                        help="share of new connections, 1-1000")
+
+
+@backend.command("add", epilog=examples(
+    "lbctl backend add 10.0.0.10:80 10.0.1.11:8080              # weight 1",
+    "lbctl backend add 10.0.0.10:80 10.0.1.12:8080 --weight 2   # twice the share",
+))
+@click.argument("vip_addr", metavar="VIP:PORT")
+@click.argument("backend_addr", metavar="ADDR:PORT")
+@proto_option
+@weight_option(1)
+@click.pass_obj
+def backend_add(obj: Context, vip_addr: str, backend_addr: str, proto: str, weight: int) -> None:
+    """Add a backend to a VIP."""
+    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    be = parsed(parse_endpoint, backend_addr, proto, "backend")
+    parsed(check_weight, weight)
+    echo_plan(obj.controller.backend_add(vip_ep, be, weight))
+
+
+@backend.command("del", epilog=examples("lbctl backend del 10.0.0.10:80 10.0.1.11:8080"))
+@click.argument("vip_addr", metavar="VIP:PORT")
+@click.argument("backend_addr", metavar="ADDR:PORT")
+@proto_option
+@click.pass_obj
+def backend_del(obj: Context, vip_addr: str, backend_addr: str, proto: str) -> None:
+    """Remove a backend: new connections avoid it; established ones finish where they are."""
+    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    be = parsed(parse_endpoint, backend_addr, proto, "backend")
+    echo_plan(obj.controller.backend_del(vip_ep, be))
+
+
+@backend.command("set", epilog=examples(
+    "lbctl backend set 10.0.0.10:80 10.0.1.12:8080 --weight 3",
+    "lbctl backend set 10.0.0.10:80 10.0.1.12:8080 --state drain   # no new flows, old ones stay",
+    "lbctl backend set 10.0.0.10:80 10.0.1.12:8080 --state down    # its flows move elsewhere",
+))
+@click.argument("vip_addr", metavar="VIP:PORT")
+@click.argument("backend_addr", metavar="ADDR:PORT")
+@proto_option
+@weight_option(None)
+@click.option("--state", type=click.Choice(["active", "drain", "down"]), help="backend state")
+@click.pass_obj
+def backend_set(obj: Context, vip_addr: str, backend_addr: str, proto: str, weight: int | None,
+                state: str | None) -> None:
+    """Change a backend's weight or state."""
+    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    be = parsed(parse_endpoint, backend_addr, proto, "backend")
+    if weight is None and state is None:
+        raise click.UsageError("nothing to set: give --weight and/or --state")
+    if weight is not None:
+        parsed(check_weight, weight)
+    if state is not None:
+        parsed(check_state, state)
+    echo_plan(obj.controller.backend_set(vip_ep, be, weight, state))
+
+
+@backend.command("list", epilog=examples("lbctl backend list", "lbctl backend list 10.0.0.10:80 --json"))
+@click.argument("vip_addr", metavar="[VIP:PORT]", required=False)
+@proto_option
+@json_option
+@click.pass_obj
+def backend_list(obj: Context, vip_addr: str | None, proto: str, as_json: bool) -> None:
+    """List backends (of one VIP, or all) with their counters."""
+    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP") if vip_addr else None
+    rows = obj.controller.backends(vip_ep)
+    if as_json:
+        echo_json(rows)
+        return
+    print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("BACKEND", "backend"), ("WEIGHT", "weight"),
+                       ("STATE", "state"), ("SHARE", "ring_share"), ("PACKETS", "packets"),
+                       ("BYTES", "bytes"), ("FLOWS", "new_flows")], "no backends")
+
+
+# -- stats and flows ------------------------------------------------------------------------
+@main.command(epilog=examples("lbctl stats", "lbctl stats --json", "lbctl stats --watch   # every second"))
+@json_option
+@click.option("--watch", is_flag=True, help="repeat every second until Ctrl-C")
+@click.pass_obj
+def stats(obj: Context, as_json: bool, watch: bool) -> None:
+    """Counters: by outcome, per VIP and per backend."""
+    while True:
+        data = obj.controller.stats()
+        if as_json:
+            echo_json(data)
+        else:
+            if watch:
+                click.clear()
+            outcomes = [{"outcome": k, **v} for k, v in data["outcomes"].items()]
+            print_table(outcomes, [("OUTCOME", "outcome"), ("PACKETS", "packets"), ("BYTES", "bytes")], "")
+            click.echo("")
+            print_table(data["vips"], [("VIP", "vip"), ("PROTO", "proto"), ("PACKETS", "packets"),
+                                       ("BYTES", "bytes"), ("FLOWS", "new_flows"), ("DROPS", "drops")],
+                        "no VIPs")
+            click.echo("")
+            print_table(data["backends"], [("VIP", "vip"), ("BACKEND", "backend"), ("STATE", "state"),
+                                           ("PACKETS", "packets"), ("BYTES", "bytes"),
+                                           ("FLOWS", "new_flows")], "no backends")
+        if not watch:
+            return
+        try:
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return
+
+
+@main.group(epilog=examples("lbctl flows list --limit 20", "lbctl flows flush"))
+def flows() -> None:
+    """Inspect or flush the connection-tracking table."""
+
+
+@flows.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@json_option
+@click.pass_obj
+def flows_list(obj: Context, limit: int, as_json: bool) -> None:
+    """List tracked flows (client -> VIP -> backend)."""
+    rows = obj.controller.flows(limit)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        r["client_ep"] = f"{r['client']}:{r['client_port']}"
+        r["vip_ep"] = f"{r['vip']}:{r['vip_port']}"
+        r["backend_ep"] = f"{r['backend']}:{r['backend_port']}"
+    print_table(rows, [("CLIENT", "client_ep"), ("VIP", "vip_ep"), ("PROTO", "proto"),
+                       ("BACKEND", "backend_ep"), ("STATE", "state")], "no flows")
+
+
+@flows.command("flush")
+@click.pass_obj
+def flows_flush(obj: Context) -> None:
+    """Forget every tracked flow (established connections re-pick by the ring)."""
+    click.echo(f"flushed {obj.controller.flows_flush()} flows")
+
+
+# -- the lab and the demo -------------------------------------------------------------------
+@main.group(epilog=examples("lbctl lab up", "lbctl lab status", "lbctl lab down"))
+def lab() -> None:
+    """A namespace lab on this machine: client, balancer, 3 backends."""
+
+
+@lab.command("up")
+@click.option("--prefix", default="lbl", show_default=True, help="namespace name prefix")
+def lab_up(prefix: str) -> None:
+    """Build the lab (idempotent)."""
+    from lbctl.lab import Lab  # noqa: PLC0415
+
+    lab_ = Lab(prefix)
+    lab_.up()
+    click.echo(f"lab '{prefix}' is up: client {lab_.client.netns}, balancer {lab_.lb.netns} "
+               f"({', '.join(lab_.lb_ifaces)}), backends {', '.join(b.netns for b in lab_.backends)}")
+    click.echo(f"try: lbctl -n {lab_.lb.netns} attach {' '.join(lab_.lb_ifaces)}")
+
+
+@lab.command("down")
+@click.option("--prefix", default="lbl", show_default=True)
+def lab_down(prefix: str) -> None:
+    """Remove the lab's namespaces, servers and balancer pins."""
+    from lbctl.lab import Lab  # noqa: PLC0415
+
+    Lab(prefix).down()
+    click.echo(f"lab '{prefix}' is down")
+
+
+@lab.command("status")
+@click.option("--prefix", default="lbl", show_default=True)
+@json_option
+def lab_status(prefix: str, as_json: bool) -> None:
+    """Which lab namespaces and servers exist."""
+    from lbctl.lab import Lab  # noqa: PLC0415
+
+    st = Lab(prefix).status()
+    data = st if isinstance(st, dict) else getattr(st, "__dict__", {"status": str(st)})
+    if as_json:
+        echo_json(data)
+    else:
+        for k, v in data.items():
+            click.echo(f"{k:<12} {v}")
+
+
+@main.command(epilog=examples("lbctl demo            # build, balance, show, clean up",
+                              "lbctl demo --keep     # leave the lab up afterwards"))
+@click.option("--keep", is_flag=True, help="leave the lab up (prints the command that removes it)")
+@click.option("--requests", "count", type=click.IntRange(10, 100000), default=300, show_default=True)
+@click.option("--mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
+def demo(keep: bool, count: int, mode: str) -> None:
+    """Run the namespace-lab demo: real HTTP through the XDP balancer."""
+    from lbctl.demo import run_demo  # noqa: PLC0415
+
+    run_demo(keep=keep, count=count, mode=mode)
+

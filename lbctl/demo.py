@@ -1,0 +1,99 @@
+"""The demo: build the namespace lab, balance real HTTP and UDP through the XDP program with
+the same lbctl commands a user types, show where the traffic went, then clean up."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from lbctl.errors import LbctlError
+from lbctl.lab import Lab
+
+console = Console(highlight=False)
+
+
+class DemoError(LbctlError):
+    exit_code = 1
+
+
+def lbctl(netns: str, *args: str, show: bool = True) -> str:
+    """Runs one lbctl command in a child process, exactly as a user would type it."""
+    argv = [sys.executable, "-m", "lbctl", "-n", netns, *args]
+    if show:
+        console.print(f"[bold cyan]$ lbctl -n {netns} {shlex.join(args)}[/]")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise DemoError(f"'lbctl {' '.join(args)}' failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    if show and proc.stdout.strip():
+        console.print(proc.stdout.rstrip(), markup=False)
+    return proc.stdout
+
+
+def distribution_table(title: str, counts: Counter, names: list[str], total: int) -> Table:
+    table = Table(title=title)
+    table.add_column("backend")
+    table.add_column("requests", justify="right")
+    table.add_column("share", justify="right")
+    for name in names:
+        n = counts.get(name, 0)
+        table.add_row(name, str(n), f"{n / total:.1%}" if total else "-")
+    return table
+
+
+def run_demo(keep: bool = False, count: int = 300, mode: str = "native", prefix: str = "lbl") -> None:
+    lab = Lab(prefix)
+    ns = lab.lb.netns
+    vip = f"{lab.vip}:{lab.http_port}"
+    udp_vip = f"{lab.vip}:{lab.udp_port}"
+    names = [b.name for b in lab.backends]
+    try:
+        with console.status("building the namespace lab (client, balancer, 3 backends)..."):
+            lab.up()
+        console.print(f"[green]lab up[/]: client {lab.client.addr} -> balancer {ns} "
+                      f"({', '.join(lab.lb_ifaces)}) -> backends "
+                      f"{', '.join(f'{b.name}={b.addr}' for b in lab.backends)}; VIP {lab.vip}")
+        lbctl(ns, "attach", *lab.lb_ifaces, "--mode", mode)
+        lbctl(ns, "vip", "add", vip)
+        for b in lab.backends:
+            lbctl(ns, "backend", "add", vip, f"{b.addr}:{lab.http_port}")
+        lbctl(ns, "vip", "add", udp_vip, "--proto", "udp")
+        for b in lab.backends:
+            lbctl(ns, "backend", "add", udp_vip, f"{b.addr}:{lab.udp_port}", "--proto", "udp", show=False)
+        console.print(f"(and the same 3 backends behind UDP VIP {udp_vip})")
+
+        with console.status(f"{count} HTTP requests to {vip}, each on a new connection..."):
+            bodies = lab.http_get(lab.vip, lab.http_port, count=count, new_connection=True)
+        console.print(distribution_table(f"{count} new connections to {vip}", Counter(bodies), names, count))
+
+        replies = lab.udp_echo(lab.vip, lab.udp_port, "hello", count=9)
+        udp_counts = Counter(r.split(" ", 1)[0] for r in replies)
+        console.print(f"UDP echo through {udp_vip}: 9 datagrams answered by "
+                      + ", ".join(f"{n} x{udp_counts.get(n, 0)}" for n in names))
+
+        lbctl(ns, "stats")
+
+        gone = lab.backends[1]
+        lbctl(ns, "backend", "del", vip, f"{gone.addr}:{lab.http_port}")
+        with console.status(f"{count} more new connections..."):
+            bodies = lab.http_get(lab.vip, lab.http_port, count=count, new_connection=True)
+        after = Counter(bodies)
+        console.print(distribution_table(f"after 'backend del' of {gone.name}", after, names, count))
+        verdict = "[green]no new connection reached it[/]" if after.get(gone.name, 0) == 0 else \
+            f"[red]{after[gone.name]} connections still reached it[/]"
+        console.print(f"{gone.name}: {verdict}")
+    finally:
+        if keep:
+            console.print(f"lab left up; remove it with: lbctl -n {ns} detach --all --purge && "
+                          f"lbctl lab down")
+        else:
+            with console.status("cleaning up..."):
+                try:
+                    lbctl(ns, "detach", "--all", "--purge", show=False)
+                except (DemoError, subprocess.SubprocessError):
+                    pass
+                lab.down()
+            console.print("cleaned up: lab removed, balancer detached")

@@ -1,0 +1,904 @@
+"""Namespace lab: client, balancer, L2 switch and backends wired by veth, with HTTP/UDP servers."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml  # type: ignore[import-untyped]
+from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
+
+TOPOLOGY_PATH = Path(__file__).with_name("lab_topology.yaml")
+# State a later process needs to take the lab down: pid files, server logs, the ready marker.
+RUN_ROOT = Path("/run/lbctl/lab")
+# The balancer pins its maps under BPF_PIN_ROOT/<netns>/ (see the xdp package).
+BPF_PIN_ROOT = Path("/sys/fs/bpf/lbctl")
+NETNS_DIR = Path(netns.NETNS_RUN_DIR)
+# Repository root, so servers started with another interpreter still import lbctl.
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+_IFNAME_MAX = 15  # IFNAMSIZ - 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_PREFIX_MAX = 20
+
+SERVER_READY_TIMEOUT_S = 10.0
+PROCESS_EXIT_TIMEOUT_S = 3.0
+
+
+class LabError(Exception):
+    """The lab could not be built, inspected or used."""
+
+
+class LabTrafficError(LabError):
+    """Some lab requests failed; `results` holds every request's outcome, in order."""
+
+    def __init__(self, message: str, results: list[Any]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+@dataclass(frozen=True)
+class LabIface:
+    """One interface of a lab host: its name inside the host's namespace and its address."""
+
+    name: str
+    addr: str
+    prefixlen: int
+    network: str
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """A lab host: `name` is its role name ("client", "lb", "be1"), `netns` the namespace."""
+
+    name: str
+    role: str  # "client", "balancer" or "backend"
+    netns: str
+    ifname: str  # first interface (for the balancer: the client side)
+    addr: str  # address on `ifname`, without prefix length
+    gateway: str | None
+    ifaces: tuple[LabIface, ...] = ()
+
+
+@dataclass
+class LabStatus:
+    """What of a lab exists right now, as found in the system (not as remembered)."""
+
+    prefix: str
+    namespaces: dict[str, bool]  # netns name -> exists
+    servers: dict[str, int | None]  # backend name -> pid of its live server, else None
+    addresses: dict[str, list[str]]  # host name -> "addr/prefixlen" configured in its netns
+    ready: bool  # a completed up() left its marker
+
+    @property
+    def up(self) -> bool:
+        return (
+            self.ready
+            and all(self.namespaces.values())
+            and all(pid is not None for pid in self.servers.values())
+        )
+
+    @property
+    def down(self) -> bool:
+        return not any(self.namespaces.values()) and all(
+            pid is None for pid in self.servers.values()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "up": self.up, "down": self.down}
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """One HTTP request made from inside a lab namespace."""
+
+    target: str  # "host:port"
+    status: int | None = None
+    body: str | None = None
+    backend: str | None = None  # X-Backend header
+    client_addr: str | None = None  # X-Client-Addr header: the peer the backend saw
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status == 200
+
+
+@dataclass
+class _Topology:
+    vip: str
+    http_port: int
+    udp_port: int
+    networks: dict[str, str]  # name -> cidr
+    bridges: dict[str, str]  # network name -> bridge ifname (switched networks)
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_topology(path: Path | str = TOPOLOGY_PATH) -> _Topology:
+    """Read and check the lab topology file; raise LabError naming the first problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise LabError(f"cannot read lab topology {path}: {exc}") from exc
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise LabError(f"lab topology {path}: {what}")
+
+    need(isinstance(raw, dict), "top level must be a mapping")
+    for key in ("vip", "ports", "networks", "hosts"):
+        need(key in raw, f"missing '{key}'")
+    networks: dict[str, str] = {}
+    bridges: dict[str, str] = {}
+    for name, net in raw["networks"].items():
+        need(isinstance(net, dict) and "cidr" in net, f"network '{name}' needs a cidr")
+        try:
+            networks[name] = str(ipaddress.IPv4Network(net["cidr"]))
+        except ValueError as exc:
+            need(False, f"network '{name}': {exc}")
+        if "bridge" in net:
+            need(len(net["bridge"]) <= _IFNAME_MAX, f"bridge name '{net['bridge']}' too long")
+            bridges[name] = net["bridge"]
+    hosts: dict[str, dict[str, Any]] = {}
+    for name, host in raw["hosts"].items():
+        need(bool(_NAME_RE.match(name)), f"bad host name '{name}'")
+        # Switch ports are named "p-<host>" and must fit IFNAMSIZ.
+        need(len(name) <= _IFNAME_MAX - 2, f"host name '{name}' too long")
+        need(host.get("role") in ("client", "balancer", "backend"), f"host '{name}': bad role")
+        ifaces = host.get("interfaces") or []
+        need(len(ifaces) >= 1, f"host '{name}' has no interfaces")
+        for iface in ifaces:
+            need(iface.get("network") in networks, f"host '{name}': unknown network")
+            need(len(iface.get("name", "")) <= _IFNAME_MAX, f"host '{name}': bad ifname")
+            cidr = ipaddress.IPv4Network(networks[iface["network"]])
+            need(
+                ipaddress.IPv4Address(iface["address"]) in cidr,
+                f"host '{name}': {iface['address']} is not in {cidr}",
+            )
+        hosts[name] = host
+    roles = [h["role"] for h in hosts.values()]
+    need(roles.count("client") == 1, "needs exactly one client")
+    need(roles.count("balancer") == 1, "needs exactly one balancer")
+    need(roles.count("backend") >= 1, "needs at least one backend")
+    return _Topology(
+        vip=str(ipaddress.IPv4Address(raw["vip"])),
+        http_port=int(raw["ports"]["http"]),
+        udp_port=int(raw["ports"]["udp"]),
+        networks=networks,
+        bridges=bridges,
+        hosts=hosts,
+    )
+
+
+HostRef = Union[LabHost, str]
+
+
+class Lab:
+    """The namespace lab. Every name derives from `prefix`, so labs with different prefixes coexist.
+
+    Namespaces: <prefix>-client, <prefix>-lb, <prefix>-sw (the backend-side bridge), and one
+    per backend (<prefix>-be1 ...). `up()` builds it, `down()` removes it from any process.
+    """
+
+    def __init__(self, prefix: str = "lbl", topology_path: Path | str = TOPOLOGY_PATH) -> None:
+        if not (_NAME_RE.match(prefix) and len(prefix) <= _PREFIX_MAX):
+            raise LabError(
+                f"bad lab prefix '{prefix}': use up to {_PREFIX_MAX} letters, digits, '-' or '_'"
+            )
+        self.prefix = prefix
+        self._topo = load_topology(topology_path)
+        self.vip: str = self._topo.vip
+        self.http_port: int = self._topo.http_port
+        self.udp_port: int = self._topo.udp_port
+        self.networks: dict[str, str] = dict(self._topo.networks)
+        self.hosts: dict[str, LabHost] = {}
+        for name, spec in self._topo.hosts.items():
+            ifaces = tuple(
+                LabIface(
+                    name=i["name"],
+                    addr=str(i["address"]),
+                    prefixlen=ipaddress.IPv4Network(self.networks[i["network"]]).prefixlen,
+                    network=i["network"],
+                )
+                for i in spec["interfaces"]
+            )
+            self.hosts[name] = LabHost(
+                name=name,
+                role=spec["role"],
+                netns=f"{prefix}-{name}",
+                ifname=ifaces[0].name,
+                addr=ifaces[0].addr,
+                gateway=spec.get("gateway"),
+                ifaces=ifaces,
+            )
+        self.client: LabHost = next(h for h in self.hosts.values() if h.role == "client")
+        self.lb: LabHost = next(h for h in self.hosts.values() if h.role == "balancer")
+        self.backends: list[LabHost] = [h for h in self.hosts.values() if h.role == "backend"]
+        self.switch_netns = f"{prefix}-sw"
+        client_nets = {i.network for i in self.client.ifaces}
+        backend_nets = {i.network for b in self.backends for i in b.ifaces}
+        client_side = [i for i in self.lb.ifaces if i.network in client_nets]
+        backend_side = [i for i in self.lb.ifaces if i.network in backend_nets]
+        if len(client_side) != 1 or len(backend_side) != 1 or len(self.lb.ifaces) != 2:
+            raise LabError(
+                "lab topology: the balancer needs exactly one client-side and one backend-side "
+                "interface"
+            )
+        # What `lbctl -n <lb netns> attach` gets: client side first, then backend side.
+        self.lb_ifaces: list[str] = [client_side[0].name, backend_side[0].name]
+        self.run_dir = RUN_ROOT / prefix
+        self.bpf_pin_dir = BPF_PIN_ROOT / self.lb.netns
+
+    # ---------------------------------------------------------------- names
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace this lab owns, in build order."""
+        names = [self.client.netns, self.lb.netns]
+        if self._topo.bridges:
+            names.append(self.switch_netns)
+        return names + [b.netns for b in self.backends]
+
+    def host(self, ref: HostRef) -> LabHost:
+        """Resolve a host by object, role name ("be1") or namespace name ("lbl-be1")."""
+        if isinstance(ref, LabHost):
+            return ref
+        for h in self.hosts.values():
+            if ref in (h.name, h.netns):
+                return h
+        raise LabError(f"no lab host '{ref}' (hosts: {', '.join(self.hosts)})")
+
+    def _netns_of(self, ref: HostRef) -> str:
+        if isinstance(ref, str) and ref in ("sw", self.switch_netns):
+            return self.switch_netns
+        return self.host(ref).netns
+
+    # ---------------------------------------------------------------- commands
+
+    def run(
+        self, host: HostRef, argv: list[str], *, keep_mounts: bool = False, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run argv in a host's namespace ("sw" names the switch); subprocess.run semantics.
+
+        Output is captured as text unless the caller passes stdout/stderr/capture_output.
+        `ip netns exec` remounts /sys for the namespace, which hides the host's bpffs pins;
+        keep_mounts=True switches only the network namespace (nsenter --net) so they stay
+        visible.
+        """
+        ns = self._netns_of(host)
+        prefix = (
+            ["nsenter", f"--net={NETNS_DIR / ns}", "--"]
+            if keep_mounts
+            else ["ip", "netns", "exec", ns]
+        )
+        kw.setdefault("text", True)
+        if not {"stdout", "stderr", "capture_output"} & kw.keys():
+            kw["capture_output"] = True
+        return subprocess.run([*prefix, *argv], **{"check": False, **kw})
+
+    def _must(self, ns_ref: HostRef, argv: list[str], timeout_s: float = 30.0) -> str:
+        try:
+            proc = self.run(ns_ref, argv, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabError(f"in netns {self._netns_of(ns_ref)}: {' '.join(argv)}: {exc}") from exc
+        if proc.returncode != 0:
+            raise LabError(
+                f"in netns {self._netns_of(ns_ref)}: '{' '.join(argv)}' exited "
+                f"{proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
+            )
+        return proc.stdout
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def up(self) -> None:
+        """Build the lab and start its servers; no-op if it is fully up already.
+
+        A partial lab (a crashed run, a killed server) is torn down and rebuilt. If building
+        fails, everything is torn down again and the error re-raised.
+        """
+        _need_root("lab up")
+        with _run_lock():
+            if self.status().up:
+                return
+            self._down_locked()
+            try:
+                self._build()
+            except BaseException:
+                self._down_locked()
+                raise
+
+    def down(self) -> None:
+        """Stop the lab's processes, delete its namespaces and the balancer's pins.
+
+        Safe to call from any process, any number of times, on a lab in any state.
+        """
+        _need_root("lab down")
+        with _run_lock():
+            self._down_locked()
+
+    def status(self) -> LabStatus:
+        """Look at the system: which namespaces exist, which servers live, what addresses."""
+        namespaces = {ns: (NETNS_DIR / ns).exists() for ns in self.namespaces}
+        servers = {b.name: self._live_server_pid(b) for b in self.backends}
+        addresses: dict[str, list[str]] = {}
+        for h in self.hosts.values():
+            addresses[h.name] = self._addresses_in(h.netns) if namespaces[h.netns] else []
+        return LabStatus(
+            prefix=self.prefix,
+            namespaces=namespaces,
+            servers=servers,
+            addresses=addresses,
+            ready=(self.run_dir / "ready").exists(),
+        )
+
+    # ---------------------------------------------------------------- traffic
+
+    def http_requests(
+        self,
+        host: str,
+        port: int | None = None,
+        path: str = "/",
+        *,
+        count: int = 1,
+        new_connection: bool = True,
+        timeout_s: float = 5.0,
+        total_timeout_s: float | None = None,
+        src: HostRef = "client",
+    ) -> list[HttpResult]:
+        """Make `count` HTTP GETs to host:port from inside `src`'s namespace, in one subprocess.
+
+        new_connection=True opens a TCP connection per request ("Connection: close");
+        False reuses one keep-alive connection (reconnecting after an error). timeout_s bounds
+        each request; requests not started by total_timeout_s are reported as errors.
+        """
+        port = self.http_port if port is None else port
+        total = total_timeout_s if total_timeout_s is not None else 10.0 + count * 0.2
+        spec = {
+            "targets": [
+                {
+                    "host": host,
+                    "port": port,
+                    "path": path,
+                    "count": count,
+                    "new_connection": new_connection,
+                }
+            ],
+            "timeout_s": timeout_s,
+            "total_timeout_s": total,
+        }
+        records = self._run_snippet(src, _HTTP_SNIPPET, spec, total + timeout_s + 10.0)
+        return [HttpResult(**r) for r in records]
+
+    def http_get(
+        self,
+        host: str,
+        port: int | None = None,
+        path: str = "/",
+        *,
+        count: int = 1,
+        new_connection: bool = True,
+        timeout_s: float = 5.0,
+        total_timeout_s: float | None = None,
+        src: HostRef = "client",
+    ) -> list[str]:
+        """Like http_requests, but return the bodies, stripped (a backend's name: "be1").
+
+        Raises LabTrafficError (with every result attached) if any request failed.
+        """
+        results = self.http_requests(
+            host,
+            port,
+            path,
+            count=count,
+            new_connection=new_connection,
+            timeout_s=timeout_s,
+            total_timeout_s=total_timeout_s,
+            src=src,
+        )
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise LabTrafficError(
+                f"{len(failed)} of {len(results)} HTTP requests to {host}:{port or self.http_port}"
+                f" from {self._netns_of(src)} failed; first: "
+                f"{failed[0].error or f'status {failed[0].status}'}",
+                results,
+            )
+        return [(r.body or "").strip() for r in results]
+
+    def udp_echo(
+        self,
+        host: str,
+        port: int | None = None,
+        payload: str | bytes = "ping",
+        count: int = 1,
+        *,
+        new_socket: bool = True,
+        timeout_s: float = 2.0,
+        src: HostRef = "client",
+    ) -> list[str]:
+        """Send `count` datagrams to host:port from `src`'s namespace; return the replies.
+
+        new_socket=True uses a fresh socket (so a fresh source port, a new flow) per datagram.
+        A backend replies "<name> <payload>". Raises LabTrafficError if any reply is missing.
+        """
+        port = self.udp_port if port is None else port
+        data = payload.encode() if isinstance(payload, str) else payload
+        spec = {
+            "host": host,
+            "port": port,
+            "payload_hex": data.hex(),
+            "count": count,
+            "new_socket": new_socket,
+            "timeout_s": timeout_s,
+        }
+        records = self._run_snippet(src, _UDP_SNIPPET, spec, count * timeout_s + 10.0)
+        failed = [r for r in records if r.get("error")]
+        if failed:
+            raise LabTrafficError(
+                f"{len(failed)} of {len(records)} UDP echoes to {host}:{port} from "
+                f"{self._netns_of(src)} failed; first: {failed[0]['error']}",
+                records,
+            )
+        return [bytes.fromhex(r["reply_hex"]).decode(errors="replace") for r in records]
+
+    def _run_snippet(
+        self, src: HostRef, code: str, spec: dict[str, Any], timeout_s: float
+    ) -> list[dict[str, Any]]:
+        # -I -S: stdlib only, no site-packages to import, so each call starts fast.
+        argv = [sys.executable, "-I", "-S", "-c", code, json.dumps(spec)]
+        try:
+            proc = self.run(src, argv, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(
+                f"traffic helper in netns {self._netns_of(src)} did not finish in {timeout_s:.0f} s"
+            ) from exc
+        if proc.returncode != 0:
+            raise LabError(
+                f"traffic helper in netns {self._netns_of(src)} exited {proc.returncode}: "
+                f"{proc.stderr.strip()[-500:]}"
+            )
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- building
+
+    def _build(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for ns in self.namespaces:
+            netns.create(ns)
+        self._sysctls_before_links()
+        lb_peers = self._wire()
+        self._configure_addresses()
+        self._tune_offloads(lb_peers)
+        self._start_servers()
+        self._wait_servers_ready()
+        self._check_paths()
+        (self.run_dir / "ready").write_text(
+            json.dumps({"prefix": self.prefix, "namespaces": self.namespaces}) + "\n"
+        )
+
+    def _sysctls_before_links(self) -> None:
+        for ns in self.namespaces:
+            # IPv6 off: no router solicitations, MLD or DAD noise in the balancer's pass
+            # counters, and no DAD wait. "default" covers interfaces created afterwards.
+            self._must(
+                ns,
+                [
+                    "sysctl",
+                    "-q",
+                    "-e",
+                    "-w",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )
+        # rp_filter: the effective value is max(all, iface), so both must be 0; "default"
+        # makes the interfaces created next start at 0.
+        self._must(
+            self.lb,
+            [
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )
+
+    def _wire(self) -> dict[str, tuple[str, str]]:
+        """Create the veths and bridges; return lb ifname -> (peer netns, peer ifname)."""
+        lb_peers: dict[str, tuple[str, str]] = {}
+        for net in self.networks:
+            members = [(h, i) for h in self.hosts.values() for i in h.ifaces if i.network == net]
+            bridge = self._topo.bridges.get(net)
+            if bridge is None:
+                if len(members) != 2:
+                    raise LabError(
+                        f"lab topology: network '{net}' has {len(members)} hosts; a network "
+                        "without a bridge must join exactly two"
+                    )
+                (a, a_if), (b, b_if) = members
+                # The veth is born with its peer already in the other namespace, so no
+                # temporary name ever appears on the host.
+                _veth(a.netns, a_if.name, b.netns, b_if.name)
+                for h, i, peer_h, peer_i in ((a, a_if, b, b_if), (b, b_if, a, a_if)):
+                    if h is self.lb:
+                        lb_peers[i.name] = (peer_h.netns, peer_i.name)
+                continue
+            with IPRoute(netns=self.switch_netns, flags=0) as ipr:
+                ipr.link("add", ifname=bridge, kind="bridge")
+                br_index = ipr.link_lookup(ifname=bridge)[0]
+                ipr.link("set", index=br_index, state="up")
+            for h, i in members:
+                port = f"p-{h.name}"
+                _veth(self.switch_netns, port, h.netns, i.name)
+                with IPRoute(netns=self.switch_netns, flags=0) as ipr:
+                    idx = ipr.link_lookup(ifname=port)[0]
+                    ipr.link("set", index=idx, master=br_index)
+                    ipr.link("set", index=idx, state="up")
+                if h is self.lb:
+                    lb_peers[i.name] = (self.switch_netns, port)
+        return lb_peers
+
+    def _configure_addresses(self) -> None:
+        for h in self.hosts.values():
+            with IPRoute(netns=h.netns, flags=0) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                for i in h.ifaces:
+                    idx = ipr.link_lookup(ifname=i.name)[0]
+                    ipr.addr("add", index=idx, address=i.addr, prefixlen=i.prefixlen)
+                    ipr.link("set", index=idx, state="up")
+                if h.gateway:
+                    ipr.route("add", dst="0.0.0.0/0", gateway=h.gateway)
+
+    def _tune_offloads(self, lb_peers: dict[str, tuple[str, str]]) -> None:
+        for ifname in self.lb_ifaces:
+            self._must(self.lb, ["sysctl", "-q", "-w", f"net.ipv4.conf.{ifname}.rp_filter=0"])
+        for peer_ns, peer_if in lb_peers.values():
+            # XDP_REDIRECT into a veth delivers only if the peer has XDP or GRO on;
+            # otherwise frames vanish silently.
+            self._must(peer_ns, ["ethtool", "-K", peer_if, "gro", "on"])
+        for h in [self.client, *self.backends]:
+            for i in h.ifaces:
+                # Local sockets over veth leave checksums partial; once XDP redirects such
+                # a frame the receiver drops it as corrupt. Full checksums avoid that.
+                self._must(h, ["ethtool", "-K", i.name, "tx", "off"])
+
+    def _start_servers(self) -> None:
+        env_path = os.environ.get("PYTHONPATH")
+        pythonpath = f"{_SOURCE_ROOT}{os.pathsep}{env_path}" if env_path else str(_SOURCE_ROOT)
+        commands = []
+        for b in self.backends:
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                b.netns,
+                "env",
+                f"PYTHONPATH={pythonpath}",
+                sys.executable,
+                "-m",
+                "lbctl.labserver",
+                "--name",
+                b.name,
+                "--http-port",
+                str(self.http_port),
+                "--udp-port",
+                str(self.udp_port),
+            ]
+            commands.append({"argv": argv, "log": str(self.run_dir / f"{b.name}.log")})
+        # The launcher exits right after spawning, so the servers are nobody's children
+        # here: no zombies when down() runs in this same process, none left to reap.
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _LAUNCH_SNIPPET, json.dumps(commands)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if proc.returncode != 0:
+            raise LabError(f"cannot start lab servers: {proc.stderr.strip()[-500:]}")
+        for b, pid in zip(self.backends, json.loads(proc.stdout)):
+            (self.run_dir / f"{b.name}.pid").write_text(f"{pid}\n")
+
+    def _wait_servers_ready(self) -> None:
+        probes = {
+            b.name: subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    b.netns,
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _PROBE_SNIPPET,
+                    b.addr,
+                    str(self.http_port),
+                    str(SERVER_READY_TIMEOUT_S),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for b in self.backends
+        }
+        failed = []
+        for name, probe in probes.items():
+            try:
+                out, _ = probe.communicate(timeout=SERVER_READY_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                probe.kill()
+                out, _ = probe.communicate()
+            if probe.returncode != 0:
+                failed.append(f"{name}: {out.strip()}; log: {self._log_tail(name)}")
+        if failed:
+            raise LabError("lab servers did not start: " + " | ".join(failed))
+
+    def _check_paths(self) -> None:
+        """Reach every backend from the client through the balancer, by plain forwarding.
+
+        Besides proving the wiring, this leaves every neighbour entry on the path resolved,
+        which bpf_fib_lookup needs before the balancer's first forwarded packet.
+        """
+        for b in self.backends:
+            bodies = self.http_get(b.addr, timeout_s=3.0, total_timeout_s=10.0)
+            if bodies != [b.name]:
+                raise LabError(f"client reached {b.addr} but got {bodies!r}, not {b.name!r}")
+
+    def _log_tail(self, backend: str) -> str:
+        try:
+            return (self.run_dir / f"{backend}.log").read_text()[-400:].strip() or "(empty)"
+        except FileNotFoundError:
+            return "(no log)"
+
+    # ---------------------------------------------------------------- teardown
+
+    def _down_locked(self) -> None:
+        self._stop_processes()
+        for ns in self.namespaces:
+            try:
+                netns.remove(ns)
+            except FileNotFoundError:
+                pass  # already gone
+        try:
+            shutil.rmtree(self.bpf_pin_dir)
+        except FileNotFoundError:
+            pass
+        try:
+            shutil.rmtree(self.run_dir)
+        except FileNotFoundError:
+            pass
+
+    def _stop_processes(self) -> None:
+        """End the servers from the pid files and anything else living in the lab's netns."""
+        pids: set[int] = set()
+        for b in self.backends:
+            pid = self._live_server_pid(b)
+            if pid is not None:
+                pids.add(pid)
+        ns_ids = set()
+        for ns in self.namespaces:
+            try:
+                st = os.stat(NETNS_DIR / ns)
+            except FileNotFoundError:
+                continue
+            ns_ids.add((st.st_dev, st.st_ino))
+        if ns_ids:
+            pids |= {pid for pid, ns_id in _process_netns() if ns_id in ns_ids}
+        pids.discard(os.getpid())
+        if not pids:
+            return
+        _signal_all(pids, signal.SIGTERM)
+        if _wait_gone(pids, PROCESS_EXIT_TIMEOUT_S):
+            return
+        _signal_all(pids, signal.SIGKILL)
+        if not _wait_gone(pids, PROCESS_EXIT_TIMEOUT_S):
+            left = sorted(p for p in pids if _alive(p))
+            raise LabError(f"lab processes would not exit after SIGKILL: {left}")
+
+    def _live_server_pid(self, backend: LabHost) -> int | None:
+        try:
+            pid = int((self.run_dir / f"{backend.name}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        # The cmdline check guards against a recycled pid belonging to someone else.
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        if b"lbctl.labserver" not in cmdline or backend.name.encode() not in cmdline:
+            return None
+        return pid if _alive(pid) else None
+
+    def _addresses_in(self, ns: str) -> list[str]:
+        try:
+            with IPRoute(netns=ns, flags=0) as ipr:
+                return sorted(
+                    f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                    for a in ipr.addr("dump", family=2)
+                    if a.get("IFA_ADDRESS") != "127.0.0.1"
+                )
+        except FileNotFoundError:
+            return []  # deleted between the existence check and here
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise LabError(f"{what} needs root (network namespaces, veth, sysctls); hint: sudo lbctl")
+
+
+@contextmanager
+def _run_lock() -> Iterator[None]:
+    """Serialise up/down across processes (a lock on the run directory itself)."""
+    RUN_ROOT.mkdir(parents=True, exist_ok=True)
+    fd = os.open(RUN_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+    with IPRoute(netns=ns_a, flags=0) as ipr:
+        ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": ns_b})
+
+
+def _process_netns() -> Iterator[tuple[int, tuple[int, int]]]:
+    """Yield (pid, (dev, inode) of its network namespace) for every visible process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        yield int(entry), (st.st_dev, st.st_ino)
+
+
+def _alive(pid: int) -> bool:
+    """True if pid runs; a zombie counts as gone (it holds no sockets or namespace)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # The state follows the parenthesised command name, which may itself hold ") ".
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _signal_all(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # already gone
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+
+def _wait_gone(pids: set[int], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not any(_alive(p) for p in pids):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+# Snippets run by `python -I -S -c` inside a namespace: stdlib only, one JSON argument,
+# JSON lines out.
+
+_LAUNCH_SNIPPET = r"""
+import json, subprocess, sys
+pids = []
+for c in json.loads(sys.argv[1]):
+    with open(c["log"], "ab") as log:
+        p = subprocess.Popen(c["argv"], stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    pids.append(p.pid)
+print(json.dumps(pids))
+"""
+
+_PROBE_SNIPPET = r"""
+import socket, sys, time
+host, port, timeout_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + timeout_s
+while True:
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+        sys.exit(0)
+    except OSError as exc:
+        if time.monotonic() >= deadline:
+            print(f"nothing accepts on {host}:{port} after {timeout_s:.0f} s: {exc}")
+            sys.exit(1)
+        time.sleep(0.05)
+"""
+
+_HTTP_SNIPPET = r"""
+import http.client, json, sys, time
+spec = json.loads(sys.argv[1])
+deadline = time.monotonic() + spec["total_timeout_s"]
+lines = []
+for t in spec["targets"]:
+    target = f"{t['host']}:{t['port']}"
+    headers = {"Connection": "close"} if t["new_connection"] else {}
+    conn = None
+    for _ in range(t["count"]):
+        rec = {"target": target}
+        left = deadline - time.monotonic()
+        if left <= 0:
+            rec["error"] = "not started: total timeout reached"
+            lines.append(json.dumps(rec))
+            continue
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(
+                    t["host"], t["port"], timeout=min(spec["timeout_s"], left))
+            conn.request("GET", t["path"], headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            rec.update(status=resp.status, body=body.decode("utf-8", "replace"),
+                       backend=resp.getheader("X-Backend"),
+                       client_addr=resp.getheader("X-Client-Addr"))
+            if t["new_connection"] or resp.will_close:
+                conn.close()
+                conn = None
+        except Exception as exc:
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            if conn is not None:
+                conn.close()
+                conn = None
+        lines.append(json.dumps(rec))
+    if conn is not None:
+        conn.close()
+sys.stdout.write("".join(line + "\n" for line in lines))
+"""
+
+_UDP_SNIPPET = r"""
+import json, socket, sys
+spec = json.loads(sys.argv[1])
+payload = bytes.fromhex(spec["payload_hex"])
+sock = None
+lines = []
+for _ in range(spec["count"]):
+    rec = {}
+    try:
+        if sock is None or spec["new_socket"]:
+            if sock is not None:
+                sock.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(spec["timeout_s"])
+            # connect() filters out datagrams from anyone but the target (and surfaces
+            # ICMP port unreachable as an error instead of a timeout).
+            sock.connect((spec["host"], spec["port"]))
+        sock.send(payload)
+        rec["reply_hex"] = sock.recv(65535).hex()
+    except Exception as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+        if sock is not None:
+            sock.close()
+            sock = None
+    lines.append(json.dumps(rec))
+sys.stdout.write("".join(line + "\n" for line in lines))
+"""

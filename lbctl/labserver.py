@@ -1,0 +1,119 @@
+"""Lab backend server: HTTP/1.1 that answers with its own name, plus a UDP echo (stdlib only)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+
+
+class LabHTTPServer(ThreadingHTTPServer):
+    """Thread-per-connection HTTP server tuned for bursts of short connections."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # The default backlog of 5 drops SYNs under a few hundred new connections/s.
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], backend_name: str, log_requests: bool) -> None:
+        self.backend_name = backend_name
+        self.log_requests = log_requests
+        super().__init__(address, LabRequestHandler)
+
+
+class LabRequestHandler(BaseHTTPRequestHandler):
+    """Answers every GET/HEAD with the backend's name in the body and in X-Backend."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive unless the client says "Connection: close"
+    server_version = "lbctl-labserver"
+    sys_version = ""
+    # Header and body go out in separate writes; with Nagle on, keep-alive requests
+    # would wait for the peer's delayed ACK (~40 ms each).
+    disable_nagle_algorithm = True
+    # Idle keep-alive connections end after this, so abandoned ones do not pin threads.
+    timeout = 30
+    server: LabHTTPServer
+
+    def _answer(self, with_body: bool) -> None:
+        name = self.server.backend_name
+        body = f"{name}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Backend", name)
+        # Lets tests check that the backend sees the real client (two-arm NAT, no SNAT).
+        self.send_header("X-Client-Addr", f"{self.client_address[0]}:{self.client_address[1]}")
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
+
+    def log_message(self, format: str, *args: object) -> None:
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+
+def serve_udp_echo(sock: socket.socket, backend_name: str) -> None:
+    """Reply to every datagram with "<name> <payload>" until the process ends."""
+    prefix = backend_name.encode() + b" "
+    while True:
+        try:
+            payload, peer = sock.recvfrom(65535)
+            sock.sendto(prefix + payload, peer)
+        except OSError as exc:
+            # One unreachable peer (ICMP error surfaced on the socket) must not stop the echo.
+            print(f"udp echo: {exc}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lbctl.labserver",
+        description="Lab backend: HTTP that answers with NAME, and a UDP echo.",
+        epilog="example:\n  python -m lbctl.labserver --name be1 --http-port 80 --udp-port 9000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--name", required=True, help="backend name sent in every answer")
+    parser.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--http-port", type=int, default=80)
+    parser.add_argument("--udp-port", type=int, default=9000)
+    parser.add_argument("--log-requests", action="store_true", help="log every HTTP request")
+    args = parser.parse_args(argv)
+
+    udp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    udp_sock.bind((args.bind, args.udp_port))
+    httpd = LabHTTPServer((args.bind, args.http_port), args.name, args.log_requests)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # Exit at once: connection threads are daemons and hold nothing worth flushing.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    threading.Thread(
+        target=serve_udp_echo, args=(udp_sock, args.name), name="udp-echo", daemon=True
+    ).start()
+    print(
+        f"labserver {args.name}: http {args.bind}:{args.http_port}, "
+        f"udp echo {args.bind}:{args.udp_port}",
+        flush=True,
+    )
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+        udp_sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

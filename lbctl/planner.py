@@ -1,0 +1,203 @@
+"""Every change goes through here: desired config vs. what the maps hold -> a plan (ids, rings,
+share of slots moved) -> apply in an order where a packet never sees a half-made change."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lbctl.maglev import DEFAULT_RING_SIZE, MaglevBackend, build_ring, slot_moves
+from lbctl.model import BackendSpec, Config, VipSpec
+from xdp.codec import NO_BACKEND, Endpoint
+from xdp.errors import MapFullError
+from xdp.limits import DEFAULT_LIMITS, Limits
+
+
+@dataclass(frozen=True)
+class LiveVip:
+    """A VIP as the maps hold it."""
+
+    spec: VipSpec
+    vip_id: int
+    ring_generation: int
+    backend_ids: dict[str, int]        # backend name -> id in backends[]
+
+
+LiveState = dict[Endpoint, LiveVip]
+
+
+@dataclass
+class VipChange:
+    vip: Endpoint
+    action: str                         # add | delete | update
+    vip_id: int
+    old: VipSpec | None
+    new: VipSpec | None
+    backend_ids: dict[str, int] = field(default_factory=dict)   # every backend of `new`
+    new_backend_ids: dict[str, int] = field(default_factory=dict)
+    ring: list[int] = field(default_factory=list)               # backend id per slot
+    moved_slots: int = 0
+    ring_size: int = DEFAULT_RING_SIZE
+    ring_changed: bool = False
+
+    @property
+    def moved_share(self) -> float:
+        return self.moved_slots / self.ring_size
+
+    def describe(self) -> list[str]:
+        if self.action == "add":
+            lines = [f"+ vip {self.vip} ({self.vip.proto})"]
+        elif self.action == "delete":
+            return [f"- vip {self.vip} ({self.vip.proto}) and its {len(self.old.backends)} backends"]
+        else:
+            lines = [f"~ vip {self.vip} ({self.vip.proto})"]
+        old = {b.name: b for b in self.old.backends} if self.old else {}
+        new = {b.name: b for b in self.new.backends}
+        for name, b in new.items():
+            if name not in old:
+                lines.append(f"  + backend {name} weight {b.weight} {b.state}")
+            elif old[name] != b:
+                lines.append(f"  ~ backend {name} weight {old[name].weight}->{b.weight} "
+                             f"{old[name].state}->{b.state}")
+        for name in old.keys() - new.keys():
+            lines.append(f"  - backend {name}")
+        if self.ring_changed and self.action == "update":
+            lines.append(f"  ring: {self.moved_slots} of {self.ring_size} slots move "
+                         f"({self.moved_share:.1%})")
+        return lines
+
+
+@dataclass
+class Plan:
+    changes: list[VipChange]
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+    def describe(self) -> list[str]:
+        if self.empty:
+            return ["no changes"]
+        return [line for c in self.changes for line in c.describe()]
+
+
+def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> tuple[list[str | None], list[str]]:
+    members = [b for b in (spec.backends if spec else ()) if b.in_ring]
+    names = [b.name for b in members]
+    ring = build_ring([MaglevBackend(b.name, b.weight) for b in members], ring_size, seed)
+    return [names[i] if i >= 0 else None for i in ring], names
+
+
+def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0) -> Plan:
+    """A pure function: what must change for the maps to hold `desired`. Raises MapFullError
+    before anything is written when ids run out."""
+    used_vip_ids = {lv.vip_id for v, lv in live.items() if v in desired}
+    used_backend_ids = {i for v, lv in live.items() if v in desired for i in lv.backend_ids.values()}
+    # Ids of removed VIPs and backends are freed only after this plan: never reused within it,
+    # so no packet meets a new owner of an id while the old one is being taken out.
+    reserved_backend_ids = {i for lv in live.values() for i in lv.backend_ids.values()}
+    reserved_vip_ids = {lv.vip_id for lv in live.values()}
+
+    def take(pool_size: int, taken: set[int], reserved: set[int], what: str) -> int:
+        for i in range(pool_size):
+            if i not in taken and i not in reserved:
+                taken.add(i)
+                return i
+        raise MapFullError(f"cannot add {what}: all {pool_size} slots are in use; hint: delete unused "
+                           f"{'VIPs' if what.startswith('VIP') else 'backends'} first")
+
+    changes: list[VipChange] = []
+    for vip in sorted(live.keys() - desired.keys()):
+        lv = live[vip]
+        changes.append(VipChange(vip, "delete", lv.vip_id, lv.spec, None, dict(lv.backend_ids)))
+    for vip in sorted(desired):
+        new = desired[vip]
+        lv = live.get(vip)
+        if lv is not None and lv.spec == new:
+            continue
+        if lv is None:
+            change = VipChange(vip, "add", take(limits.max_vips, used_vip_ids, reserved_vip_ids, f"VIP {vip}"),
+                               None, new, ring_size=limits.ring_size)
+        else:
+            change = VipChange(vip, "update", lv.vip_id, lv.spec, new, ring_size=limits.ring_size)
+        for b in new.backends:
+            if lv is not None and b.name in lv.backend_ids:
+                change.backend_ids[b.name] = lv.backend_ids[b.name]
+            else:
+                bid = take(limits.max_backends, used_backend_ids, reserved_backend_ids, f"backend {b.name}")
+                change.backend_ids[b.name] = bid
+                change.new_backend_ids[b.name] = bid
+        new_ring, new_names = _ring_names(new, limits.ring_size, seed)
+        old_ring, old_names = _ring_names(lv.spec if lv else None, limits.ring_size, seed)
+        change.ring_changed = lv is None or new_ring != old_ring
+        change.moved_slots = sum(1 for a, b in zip(old_ring, new_ring) if a != b) if lv else 0
+        change.ring = [change.backend_ids[n] if n is not None else NO_BACKEND for n in new_ring]
+        changes.append(change)
+    return Plan(changes)
+
+
+class MapsWriter:
+    """What apply() needs from the maps (xdp.maps.LbMaps has it; tests may pass a recorder)."""
+
+    def put_vip(self, vip: Endpoint, vip_id: int, ring_generation: int, backend_count: int) -> None: ...
+    def delete_vip(self, vip: Endpoint) -> bool: ...
+    def put_backend(self, backend_id: int, addr: str, port: int, state: str, vip_id: int, weight: int) -> None: ...
+    def clear_backend(self, backend_id: int) -> None: ...
+    def write_ring(self, vip_id: int, generation: int, backend_ids: list[int]) -> None: ...
+    def reset_counters(self, name: str, index: int) -> None: ...
+
+
+def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
+    """Writes a plan. Per VIP the order keeps every packet's view whole: backends a new ring
+    needs exist before the ring; the ring is written into the VIP's idle half and goes live
+    with one update of the VIP entry; what only the old ring used is removed after."""
+    for c in the_plan.changes:
+        if c.action == "delete":
+            maps.delete_vip(c.vip)
+            for bid in c.backend_ids.values():
+                maps.clear_backend(bid)
+            continue
+        assert c.new is not None
+        old = {b.name: b for b in c.old.backends} if c.old else {}
+        removed = [live[c.vip].backend_ids[n] for n in old if c.new.backend(n) is None] if c.old else []
+        late: list[BackendSpec] = []
+        for b in c.new.backends:
+            bid = c.backend_ids[b.name]
+            if b.name in c.new_backend_ids:
+                maps.reset_counters("stats_backend", bid)
+            elif old.get(b.name) == b:
+                continue
+            elif not b.in_ring and old[b.name].in_ring:
+                late.append(b)        # leaving the ring: mark it only once the ring no longer has it
+                continue
+            maps.put_backend(bid, b.addr, b.port, b.state, c.vip_id, b.weight)
+        in_ring = sum(1 for b in c.new.backends if b.in_ring)
+        if c.action == "add":
+            maps.reset_counters("stats_vip", c.vip_id)
+            maps.write_ring(c.vip_id, 0, c.ring)
+            maps.put_vip(c.vip, c.vip_id, 0, in_ring)
+        else:
+            generation = live[c.vip].ring_generation
+            if c.ring_changed:
+                generation ^= 1
+                maps.write_ring(c.vip_id, generation, c.ring)
+            maps.put_vip(c.vip, c.vip_id, generation, in_ring)
+        for b in late:
+            maps.put_backend(c.backend_ids[b.name], b.addr, b.port, b.state, c.vip_id, b.weight)
+        for bid in removed:
+            maps.clear_backend(bid)
+
+
+def read_live(maps) -> LiveState:
+    """Rebuilds the configuration from the maps alone: they are the one source of truth."""
+    from lbctl.model import BackendSpec as _B  # noqa: PLC0415
+
+    by_vip_id: dict[int, list] = {}
+    for rec in maps.backends():
+        by_vip_id.setdefault(rec.vip_id, []).append(rec)
+    live: LiveState = {}
+    for vip, meta in maps.vips().items():
+        recs = by_vip_id.get(meta.vip_id, [])
+        specs = tuple(sorted((_B(r.addr, r.port, r.weight, r.state) for r in recs),
+                             key=lambda b: (b.addr, b.port)))
+        live[vip] = LiveVip(VipSpec(vip, specs), meta.vip_id, meta.ring_generation,
+                            {f"{r.addr}:{r.port}": r.backend_id for r in recs})
+    return live

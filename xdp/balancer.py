@@ -1,0 +1,192 @@
+"""One balancer instance's data plane: load (or reuse) the pinned program, attach it to
+interfaces in native or generic mode, detach, and report where it runs."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+
+from xdp import libbpf
+from xdp.errors import AttachError, NeedRootError, NotAttachedError
+from xdp.limits import DEFAULT_LIMITS, Limits
+from xdp.maps import LbMaps, pin_dir_for
+
+MODES = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
+PROG_PIN = "prog"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ifname: str
+    ifindex: int
+    mode: str          # native | generic
+    prog_id: int
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NeedRootError("lbctl needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) to load XDP and open "
+                            "pinned maps; hint: run it with sudo")
+
+
+def ifindex_of(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        names = ", ".join(name for _, name in socket.if_nameindex())
+        raise AttachError(f"unknown interface '{ifname}'; hint: interfaces here are: {names}") from None
+
+
+class Balancer:
+    """The data plane of one instance ('host' or a network namespace's name)."""
+
+    def __init__(self, instance: str = "host", limits: Limits = DEFAULT_LIMITS):
+        self.instance = instance
+        self.limits = limits
+        self.pin_dir = pin_dir_for(instance)
+        self._prog_fd: int | None = None
+        self._loaded = None  # keeps a bcc object alive while its fd is used
+
+    # -- the program ------------------------------------------------------------------------
+    @property
+    def prog_pin(self) -> str:
+        return os.path.join(self.pin_dir, PROG_PIN)
+
+    def pinned_prog_id(self) -> int | None:
+        try:
+            fd = libbpf.obj_get(self.prog_pin)
+        except libbpf.BpfError:
+            return None
+        try:
+            return libbpf.prog_info(fd).id
+        finally:
+            libbpf.close(fd)
+
+    def _program_fd(self, fresh: bool) -> int:
+        """The pinned program, or a newly compiled one (pinned in its place) when fresh or none."""
+        if self._prog_fd is not None:
+            return self._prog_fd
+        if not fresh:
+            try:
+                self._prog_fd = libbpf.obj_get(self.prog_pin)
+                return self._prog_fd
+            except libbpf.BpfError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        from xdp.program import compile_and_load  # noqa: PLC0415  (pulls in bcc, slow)
+
+        self._loaded = compile_and_load(self.pin_dir, self.limits)
+        # Maps are pinned by bcc; verify they match this build before anything uses them.
+        LbMaps(self.pin_dir, self.limits).close()
+        if os.path.exists(self.prog_pin):
+            os.unlink(self.prog_pin)
+        libbpf.obj_pin(self._loaded.fd, self.prog_pin)
+        self._prog_fd = self._loaded.fd
+        return self._prog_fd
+
+    # -- attach / detach --------------------------------------------------------------------
+    def attachments(self) -> list[Attachment]:
+        """Interfaces in this network namespace that run this instance's program."""
+        prog_id = self.pinned_prog_id()
+        if prog_id is None:
+            return []
+        out = []
+        for ifindex, ifname in socket.if_nameindex():
+            q = libbpf.xdp_query(ifindex)
+            if q.drv_prog_id == prog_id:
+                out.append(Attachment(ifname, ifindex, "native", prog_id))
+            elif q.skb_prog_id == prog_id:
+                out.append(Attachment(ifname, ifindex, "generic", prog_id))
+        return out
+
+    def attach(self, ifnames: list[str], mode: str = "native") -> list[Attachment]:
+        """Attaches to every interface or to none: a refusal undoes the ones already done."""
+        require_root()
+        if mode not in MODES:
+            raise AttachError(f"unknown XDP mode '{mode}'; hint: use native or generic")
+        targets = [(name, ifindex_of(name)) for name in dict.fromkeys(ifnames)]
+        current = {a.ifindex: a for a in self.attachments()}
+        # A new program build is only loaded when nothing runs the old one.
+        fd = self._program_fd(fresh=not current)
+        prog_id = libbpf.prog_info(fd).id
+        done: list[tuple[int, int]] = []
+        try:
+            for name, ifindex in targets:
+                have = current.get(ifindex)
+                if have and have.mode == mode:
+                    continue
+                q = libbpf.xdp_query(ifindex)
+                other = q.drv_prog_id or q.skb_prog_id or q.hw_prog_id
+                if other and other != prog_id:
+                    raise AttachError(
+                        f"cannot attach XDP on '{name}': another XDP program (id {other}) is attached; "
+                        f"hint: remove it first (ip link set dev {name} xdp off)"
+                    )
+                if have:  # switching mode: the old attachment must go first
+                    libbpf.xdp_detach(ifindex, MODES[have.mode])
+                try:
+                    libbpf.xdp_attach(ifindex, fd, MODES[mode] | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
+                except libbpf.BpfError as exc:
+                    hint = "try --mode generic" if mode == "native" else "check the kernel supports XDP"
+                    raise AttachError(
+                        f"cannot attach XDP on '{name}' in {mode} mode: {os.strerror(exc.errno)} "
+                        f"({exc.errno}); {hint}"
+                    ) from exc
+                done.append((ifindex, MODES[mode]))
+        except BaseException:
+            for ifindex, flags in done:
+                _detach_quietly(ifindex, flags)
+            if not current:
+                self._unpin_prog()
+            raise
+        return [a for a in self.attachments() if a.ifindex in {i for _, i in targets}]
+
+    def detach(self, ifnames: list[str] | None = None, purge: bool = False) -> list[Attachment]:
+        """Detaches from the named interfaces, or from all when None. Without interfaces left,
+        the program is unpinned; purge also removes the maps (the whole configuration)."""
+        require_root()
+        current = self.attachments()
+        if ifnames is None:
+            chosen = current
+        else:
+            by_name = {a.ifname: a for a in current}
+            chosen = []
+            for name in dict.fromkeys(ifnames):
+                ifindex_of(name)
+                if name not in by_name:
+                    raise NotAttachedError(f"lbctl is not attached to '{name}'; hint: 'lbctl status' lists "
+                                           "the attached interfaces")
+                chosen.append(by_name[name])
+        for a in chosen:
+            libbpf.xdp_detach(a.ifindex, MODES[a.mode])
+        if len(chosen) == len(current):
+            self._unpin_prog()
+        if purge:
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        return chosen
+
+    def _unpin_prog(self) -> None:
+        try:
+            os.unlink(self.prog_pin)
+        except FileNotFoundError:
+            pass
+
+    def maps(self) -> LbMaps:
+        return LbMaps(self.pin_dir, self.limits)
+
+    def close(self) -> None:
+        if self._loaded is not None:
+            self._loaded.bpf.cleanup()
+            self._loaded = None
+        elif self._prog_fd is not None:
+            libbpf.close(self._prog_fd)
+        self._prog_fd = None
+
+
+def _detach_quietly(ifindex: int, flags: int) -> None:
+    try:
+        libbpf.xdp_detach(ifindex, flags)
+    except libbpf.BpfError:
+        pass

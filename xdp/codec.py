@@ -1,0 +1,181 @@
+"""Python mirrors of bpf_programs/lb_structs.h, with encoders for the maps' keys and values.
+
+tests/bpf/test_layout.py proves these layouts equal what clang laid out for the program."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from xdp.limits import BACKEND_STATES, FLOW_STATES
+
+PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAMES = {v: k for k, v in PROTOS.items()}
+NO_BACKEND = 0xFFFFFFFF
+BACKEND_F_IN_USE = 0x1
+
+
+def _be32(addr: str) -> int:
+    """An IPv4 address as the integer whose little-endian bytes are the network-order bytes."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+
+
+def _addr(value: int) -> str:
+    return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
+
+
+def _be16(port: int) -> int:
+    return socket.htons(port)
+
+
+def _port(value: int) -> int:
+    return socket.ntohs(value)
+
+
+class VipKey(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class VipMeta(ctypes.Structure):
+    _fields_ = [("vip_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("ring_generation", ctypes.c_uint32), ("backend_count", ctypes.c_uint32)]
+
+
+class BackendEntry(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
+                ("flags", ctypes.c_uint8), ("vip_id", ctypes.c_uint32), ("weight", ctypes.c_uint32)]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint32), ("dst", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class NatEntry(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
+                ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64)]
+
+
+class Counters(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("new_flows", ctypes.c_uint64), ("drops", ctypes.c_uint64)]
+
+
+# Map name -> (key type, value type) as declared in lb_maps.h.
+MAP_LAYOUTS: dict[str, tuple[type, type]] = {
+    "vips": (VipKey, VipMeta),
+    "backends": (ctypes.c_uint32, BackendEntry),
+    "rings": (ctypes.c_uint32, ctypes.c_uint32),
+    "flows": (FlowKey, NatEntry),
+    "rnat": (FlowKey, NatEntry),
+    "stats_vip": (ctypes.c_uint32, Counters),
+    "stats_backend": (ctypes.c_uint32, Counters),
+    "stats_global": (ctypes.c_uint32, Counters),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """An IPv4 address, port and protocol: a VIP or a backend."""
+
+    addr: str
+    port: int
+    proto: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+
+def encode_vip_key(vip: Endpoint) -> bytes:
+    return bytes(VipKey(_be32(vip.addr), _be16(vip.port), PROTOS[vip.proto], 0))
+
+
+def decode_vip_key(raw: bytes) -> Endpoint:
+    k = VipKey.from_buffer_copy(raw)
+    return Endpoint(_addr(k.addr), _port(k.port), PROTO_NAMES.get(k.proto, str(k.proto)))
+
+
+def encode_vip_meta(vip_id: int, ring_generation: int, backend_count: int, flags: int = 0) -> bytes:
+    return bytes(VipMeta(vip_id, flags, ring_generation, backend_count))
+
+
+def decode_vip_meta(raw: bytes) -> VipMeta:
+    return VipMeta.from_buffer_copy(raw)
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    """A decoded backends[] entry."""
+
+    backend_id: int
+    addr: str
+    port: int
+    state: str
+    vip_id: int
+    weight: int
+
+
+def encode_backend(addr: str, port: int, state: str, vip_id: int, weight: int) -> bytes:
+    return bytes(BackendEntry(_be32(addr), _be16(port), BACKEND_STATES.index(state),
+                              BACKEND_F_IN_USE, vip_id, weight))
+
+
+EMPTY_BACKEND = bytes(ctypes.sizeof(BackendEntry))
+
+
+def decode_backend(backend_id: int, raw: bytes) -> BackendRecord | None:
+    e = BackendEntry.from_buffer_copy(raw)
+    if not e.flags & BACKEND_F_IN_USE:
+        return None
+    state = BACKEND_STATES[e.state] if e.state < len(BACKEND_STATES) else f"state{e.state}"
+    return BackendRecord(backend_id, _addr(e.addr), _port(e.port), state, e.vip_id, e.weight)
+
+
+@dataclass(frozen=True)
+class FlowRecord:
+    """A decoded flow-table entry: client -> VIP tracked to a backend."""
+
+    client: str
+    client_port: int
+    vip: str
+    vip_port: int
+    proto: str
+    backend: str
+    backend_port: int
+    backend_id: int
+    vip_id: int
+    state: str
+    last_seen_ns: int
+    created_ns: int
+
+
+def encode_flow_key(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
+    key = FlowKey(_be32(src), _be32(dst), _be16(sport), _be16(dport), PROTOS[proto])
+    return bytes(key)
+
+
+def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
+    k = FlowKey.from_buffer_copy(raw_key)
+    v = NatEntry.from_buffer_copy(raw_value)
+    state = FLOW_STATES[v.state] if v.state < len(FLOW_STATES) else f"state{v.state}"
+    return FlowRecord(_addr(k.src), _port(k.sport), _addr(k.dst), _port(k.dport),
+                      PROTO_NAMES.get(k.proto, str(k.proto)), _addr(v.addr), _port(v.port),
+                      v.backend_id, v.vip_id, state, v.last_seen_ns, v.created_ns)
+
+
+def encode_u32(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def decode_counters(per_cpu: list[bytes]) -> dict[str, int]:
+    """Sums one per-CPU counters value over all CPUs."""
+    total = {name: 0 for name, _ in Counters._fields_}
+    for raw in per_cpu:
+        c = Counters.from_buffer_copy(raw[: ctypes.sizeof(Counters)])
+        for name in total:
+            total[name] += getattr(c, name)
+    return total

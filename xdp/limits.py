@@ -1,0 +1,58 @@
+"""The one source of the data plane's limits, timeouts and outcome codes; rendered into C by jinja2."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+# Outcome of one packet, one counter each in stats_global. Order is ABI: the C enum
+# is rendered from this list, and readers index the per-CPU array with it.
+OUTCOMES: tuple[str, ...] = (
+    "pass_not_ipv4",     # ARP, IPv6, VLAN, anything not IPv4 over Ethernet
+    "pass_not_vip",      # IPv4 that is neither for a VIP nor a tracked backend reply
+    "pass_malformed",    # truncated frame or a header that lies (IHL < 5, bad lengths)
+    "pass_fragment",     # IPv4 fragments are left to the kernel
+    "pass_ttl",          # TTL would expire here: the kernel sends the ICMP error
+    "pass_no_route",     # bpf_fib_lookup gave no route or no neighbour: kernel forwards
+    "pass_stale_reply",  # a reply matched a tracking entry that had ended
+    "tx",                # rewritten and sent back out of the ingress interface
+    "redirect",          # rewritten and redirected to another interface
+    "drop_no_backend",   # VIP with no usable backend
+)
+
+# Values in the flow tables' `state` byte.
+FLOW_STATES: tuple[str, ...] = ("syn", "established", "closing", "udp")
+
+BACKEND_STATES: tuple[str, ...] = ("active", "drain", "down")
+
+PIN_ROOT = "/sys/fs/bpf/lbctl"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes and timeouts compiled into the program; maps are sized from these."""
+
+    max_vips: int = 64
+    max_backends: int = 4096
+    ring_size: int = 65537                  # prime, as Maglev requires
+    flow_table_size: int = 262144           # LRU: the oldest flow is evicted when full
+    hash_seed: int = 0x1B5EED
+    tcp_syn_timeout_s: int = 30             # half-open flows
+    tcp_established_timeout_s: int = 900    # idle established flows
+    tcp_closing_timeout_s: int = 15         # after FIN or RST: lets the last ACKs through
+    udp_timeout_s: int = 60
+    refresh_interval_ms: int = 1000         # last-seen stamps are rewritten at most this often
+    outcomes: tuple[str, ...] = field(default=OUTCOMES)
+    flow_states: tuple[str, ...] = field(default=FLOW_STATES)
+    backend_states: tuple[str, ...] = field(default=BACKEND_STATES)
+
+    @property
+    def ring_entries(self) -> int:
+        # Two rings per VIP: the live one and the one being written (generation flip).
+        return self.max_vips * 2 * self.ring_size
+
+    def template_vars(self) -> dict[str, object]:
+        values = asdict(self)
+        values["ring_entries"] = self.ring_entries
+        return values
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,74 @@
+"""Renders the constants header, compiles lb_xdp.c with bcc and loads the XDP program."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from xdp.errors import BccMissingError, CompileError
+from xdp.limits import DEFAULT_LIMITS, Limits
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf_programs"
+ENTRY_FILE = "lb_xdp.c"
+ENTRY_FUNCTION = "xdp_lb"
+
+
+def render_consts(limits: Limits, pin_dir: str) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(BPF_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("lb_consts.h.j2").render(pin_dir=pin_dir.rstrip("/"), **limits.template_vars())
+
+
+def render_source(limits: Limits, pin_dir: str) -> str:
+    """The whole program as one C text (headers inlined), as bcc would see it: for --print-c."""
+    text = (BPF_DIR / ENTRY_FILE).read_text()
+    for header in sorted(BPF_DIR.glob("*.h")):
+        text = text.replace(f'#include "{header.name}"', header.read_text())
+    return text.replace('#include "lb_consts.h"', render_consts(limits, pin_dir))
+
+
+@dataclass
+class LoadedProgram:
+    """A compiled program; keeps the bcc object alive so its fd stays open."""
+
+    bpf: object
+    fd: int
+    pin_dir: str
+
+
+def _import_bcc():
+    try:
+        from bcc import BPF  # noqa: PLC0415  (bcc is slow to import and root-only)
+    except ImportError as exc:
+        raise BccMissingError(
+            "python module 'bcc' not found; hint: apt-get install python3-bpfcc and run lbctl "
+            "from a venv made with /usr/bin/python3 -m venv --system-site-packages "
+            "(lbctl/setup.sh does both)"
+        ) from exc
+    return BPF
+
+
+def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS) -> LoadedProgram:
+    """Compiles and loads the program. Its maps are created pinned under pin_dir, or reused
+    from there when already pinned (bcc's BPF_TABLE_PINNED)."""
+    BPF = _import_bcc()
+    os.makedirs(pin_dir, exist_ok=True)
+    kernel_build = f"/lib/modules/{os.uname().release}/build"
+    if not os.path.exists(kernel_build):
+        raise BccMissingError(
+            f"kernel headers not found at {kernel_build}; hint: apt-get install linux-headers-amd64 "
+            "(lbctl/setup.sh links them when the running kernel has no headers package)"
+        )
+    # One inlined text: bcc rewrites map calls (`map.lookup(...)`) only in its main file.
+    source = render_source(limits, pin_dir)
+    try:
+        bpf = BPF(text=source.encode(), cflags=["-Wno-unused-function"])
+        fn = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
+    except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
+        raise CompileError(f"cannot compile or load {ENTRY_FILE}: {exc}") from exc
+    return LoadedProgram(bpf=bpf, fd=fn.fd, pin_dir=pin_dir)
