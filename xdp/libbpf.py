@@ -637,7 +637,7 @@ def prog_test_run(
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 _LIBBPF_DEBUG = 2
 _log_lock = threading.Lock()
-_log_lines: list[str] = []
+_log_sink: list[str] = []  # the capturing call's own list, swapped in under _log_lock
 
 
 @functools.cache
@@ -657,7 +657,7 @@ def _collect_libbpf_log(level: int, fmt: bytes | None, args: int | None) -> int:
         return 0
     buf = ctypes.create_string_buffer(1024)
     _vsnprintf()(buf, len(buf), fmt, args)
-    _log_lines.append(buf.value.decode(errors="replace").strip())
+    _log_sink.append(buf.value.decode(errors="replace").strip())
     return 0
 
 
@@ -669,15 +669,18 @@ def _captured_libbpf_log() -> Iterator[list[str]]:
     """Route libbpf's log to a list for one call, then give the previous printer back."""
     # bcc shares this libbpf in the agent's process, so the hook is installed only for the
     # duration of our own call, never left behind.
+    global _log_sink
     with _log_lock:
         lib = _lib()
-        _log_lines.clear()
+        lines: list[str] = []
+        _log_sink = lines
         previous = lib.libbpf_set_print(ctypes.cast(_print_hook, ctypes.c_void_p))
         try:
-            yield _log_lines
+            yield lines
         finally:
             lib.libbpf_set_print(previous)
-            for line in _log_lines:
+            _log_sink = []
+            for line in lines:
                 if "Kernel error message" not in line:
                     print(line, file=sys.stderr)
 
