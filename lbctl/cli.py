@@ -106,7 +106,7 @@ class LbctlGroup(click.Group):
             sys.exit(77)
 
 
-@click.group(cls=LbctlGroup, epilog=examples(
+@click.group("lbctl", cls=LbctlGroup, epilog=examples(
     "lbctl attach eth0 eth1                            # client side and backend side",
     "lbctl vip add 10.0.0.10:80                        # a TCP VIP",
     "lbctl backend add 10.0.0.10:80 10.0.1.11:8080     # first backend",
@@ -365,7 +365,8 @@ def flows() -> None:
     """Inspect or flush the connection-tracking table."""
 
 
-@flows.command("list")
+@flows.command("list", epilog=examples("lbctl flows list              # first 100 flows",
+                                         "lbctl flows list --json --limit 5"))
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @json_option
 @click.pass_obj
@@ -383,7 +384,7 @@ def flows_list(obj: Context, limit: int, as_json: bool) -> None:
                        ("BACKEND", "backend_ep"), ("STATE", "state")], "no flows")
 
 
-@flows.command("flush")
+@flows.command("flush", epilog=examples("lbctl flows flush             # connections re-pick by the ring"))
 @click.pass_obj
 def flows_flush(obj: Context) -> None:
     """Forget every tracked flow (established connections re-pick by the ring)."""
@@ -396,7 +397,8 @@ def lab() -> None:
     """A namespace lab on this machine: client, balancer, 3 backends."""
 
 
-@lab.command("up")
+@lab.command("up", epilog=examples("lbctl lab up                  # namespaces lbl-*",
+                                   "lbctl lab up --prefix mylab   # a second lab beside it"))
 @click.option("--prefix", default="lbl", show_default=True, help="namespace name prefix")
 def lab_up(prefix: str) -> None:
     """Build the lab (idempotent)."""
@@ -409,7 +411,7 @@ def lab_up(prefix: str) -> None:
     click.echo(f"try: lbctl -n {lab_.lb.netns} attach {' '.join(lab_.lb_ifaces)}")
 
 
-@lab.command("down")
+@lab.command("down", epilog=examples("lbctl lab down"))
 @click.option("--prefix", default="lbl", show_default=True)
 def lab_down(prefix: str) -> None:
     """Remove the lab's namespaces, servers and balancer pins."""
@@ -419,7 +421,7 @@ def lab_down(prefix: str) -> None:
     click.echo(f"lab '{prefix}' is down")
 
 
-@lab.command("status")
+@lab.command("status", epilog=examples("lbctl lab status --json"))
 @click.option("--prefix", default="lbl", show_default=True)
 @json_option
 def lab_status(prefix: str, as_json: bool) -> None:

@@ -37,6 +37,7 @@ _PREFIX_MAX = 20
 
 SERVER_READY_TIMEOUT_S = 10.0
 PROCESS_EXIT_TIMEOUT_S = 3.0
+LINKS_UP_TIMEOUT_S = 5.0
 
 
 class LabError(Exception):
@@ -270,11 +271,17 @@ class Lab:
     # ---------------------------------------------------------------- commands
 
     def run(
-        self, host: HostRef, argv: list[str], *, keep_mounts: bool = False, **kw: Any
+        self,
+        host: HostRef,
+        argv: list[str],
+        *,
+        check: bool = False,
+        keep_mounts: bool = False,
+        **kw: Any,
     ) -> subprocess.CompletedProcess[str]:
         """Run argv in a host's namespace ("sw" names the switch); subprocess.run semantics.
 
-        Output is captured as text unless the caller passes stdout/stderr/capture_output.
+        `check` and the other keywords go to subprocess.run. Output is captured as text unless the caller passes stdout/stderr/capture_output.
         `ip netns exec` remounts /sys for the namespace, which hides the host's bpffs pins;
         keep_mounts=True switches only the network namespace (nsenter --net) so they stay
         visible.
@@ -288,7 +295,7 @@ class Lab:
         kw.setdefault("text", True)
         if not {"stdout", "stderr", "capture_output"} & kw.keys():
             kw["capture_output"] = True
-        return subprocess.run([*prefix, *argv], **{"check": False, **kw})
+        return subprocess.run([*prefix, *argv], check=check, **kw)
 
     def _must(self, ns_ref: HostRef, argv: list[str], timeout_s: float = 30.0) -> str:
         try:
@@ -485,6 +492,7 @@ class Lab:
         self._tune_offloads(lb_peers)
         self._start_servers()
         self._wait_servers_ready()
+        self._wait_links_up()
         self._check_paths()
         (self.run_dir / "ready").write_text(
             json.dumps({"prefix": self.prefix, "namespaces": self.namespaces}) + "\n"
@@ -649,6 +657,31 @@ class Lab:
                 failed.append(f"{name}: {out.strip()}; log: {self._log_tail(name)}")
         if failed:
             raise LabError("lab servers did not start: " + " | ".join(failed))
+
+    def _wait_links_up(self) -> None:
+        """Wait until every lab interface reports operstate UP.
+
+        Carrier is on as soon as both veth ends are up, but the kernel publishes operstate
+        (and clears the routes' "linkdown" flag) from deferred link-watch work, up to a
+        second later. Tools that read link state should never see a half-up lab.
+        """
+        deadline = time.monotonic() + LINKS_UP_TIMEOUT_S
+        pending = list(self.namespaces)
+        while True:
+            not_up = []
+            for ns in pending:
+                with IPRoute(netns=ns, flags=0) as ipr:
+                    not_up += [
+                        f"{ns}/{link.get('IFLA_IFNAME')}"
+                        for link in ipr.get_links()
+                        if link.get("IFLA_IFNAME") != "lo" and link.get("IFLA_OPERSTATE") != "UP"
+                    ]
+            if not not_up:
+                return
+            if time.monotonic() >= deadline:
+                raise LabError(f"lab links not up after {LINKS_UP_TIMEOUT_S:.0f} s: {not_up}")
+            pending = sorted({name.split("/")[0] for name in not_up})
+            time.sleep(0.05)
 
     def _check_paths(self) -> None:
         """Reach every backend from the client through the balancer, by plain forwarding.

@@ -55,8 +55,9 @@ class VipChange:
             if name not in old:
                 lines.append(f"  + backend {name} weight {b.weight} {b.state}")
             elif old[name] != b:
-                lines.append(f"  ~ backend {name} weight {old[name].weight}->{b.weight} "
-                             f"{old[name].state}->{b.state}")
+                diffs = [f"{attr} {getattr(old[name], attr)}->{getattr(b, attr)}"
+                         for attr in ("weight", "state") if getattr(old[name], attr) != getattr(b, attr)]
+                lines.append(f"  ~ backend {name} {' '.join(diffs)}")
         for name in old.keys() - new.keys():
             lines.append(f"  - backend {name}")
         if self.ring_changed and self.action == "update":

@@ -1,0 +1,177 @@
+"""Planner and apply order, against a recording stand-in for the maps: ids, rings, atomic order."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from lbctl import planner
+from lbctl.model import BackendSpec, VipSpec, parse_endpoint, with_backend
+from xdp.codec import NO_BACKEND
+from xdp.errors import MapFullError
+from xdp.limits import Limits
+
+SMALL = Limits(max_vips=4, max_backends=8, ring_size=251)
+VIP = parse_endpoint("10.0.0.10:80")
+
+
+class Recorder:
+    """Holds map state in dicts and logs every write, in order."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self.vip_entries: dict = {}
+        self.backend_entries: dict = {}
+        self.rings: dict = {}
+
+    def put_vip(self, vip, vip_id, gen, count):
+        self.log.append(("put_vip", vip_id, gen))
+        self.vip_entries[vip] = (vip_id, gen, count)
+
+    def delete_vip(self, vip):
+        self.log.append(("delete_vip", vip))
+        return self.vip_entries.pop(vip, None) is not None
+
+    def put_backend(self, bid, addr, port, state, vip_id, weight):
+        self.log.append(("put_backend", bid, state))
+        self.backend_entries[bid] = (addr, port, state, vip_id, weight)
+
+    def clear_backend(self, bid):
+        self.log.append(("clear_backend", bid))
+        self.backend_entries.pop(bid, None)
+
+    def write_ring(self, vip_id, gen, ids):
+        self.log.append(("write_ring", vip_id, gen))
+        self.rings[(vip_id, gen)] = list(ids)
+
+    def reset_counters(self, name, index):
+        self.log.append(("reset", name, index))
+
+    # read side, as LbMaps offers it
+    def vips(self):
+        class Meta:
+            def __init__(self, vid, gen, cnt):
+                self.vip_id, self.ring_generation, self.backend_count = vid, gen, cnt
+        return {v: Meta(*e) for v, e in self.vip_entries.items()}
+
+    def backends(self):
+        from xdp.codec import BackendRecord
+        return [BackendRecord(bid, a, p, s, vid, w) for bid, (a, p, s, vid, w) in self.backend_entries.items()]
+
+
+def change(maps: Recorder, desired: dict) -> planner.Plan:
+    live = planner.read_live(maps)
+    p = planner.plan(live, desired, SMALL)
+    planner.apply(p, live, maps)
+    return p
+
+
+def spec(*backends: tuple[str, int, int, str]) -> VipSpec:
+    s = VipSpec(VIP)
+    for addr, port, weight, state in backends:
+        s = with_backend(s, BackendSpec(addr, port, weight, state))
+    return s
+
+
+def three(state_of_second: str = "active") -> VipSpec:
+    return spec(("10.0.1.1", 80, 1, "active"), ("10.0.1.2", 80, 1, state_of_second), ("10.0.1.3", 80, 1, "active"))
+
+
+def test_config_round_trips_through_the_maps():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    live = planner.read_live(maps)
+    assert live[VIP].spec == three()
+    assert planner.plan(live, {VIP: three()}, SMALL).empty
+
+
+def test_new_vip_ring_is_written_before_the_vip_entry_that_publishes_it():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    kinds = [e[0] for e in maps.log]
+    assert kinds.index("write_ring") < kinds.index("put_vip")
+    assert max(i for i, k in enumerate(kinds) if k == "put_backend") < kinds.index("put_vip")
+    ring = maps.rings[(0, 0)]
+    assert set(ring) == set(maps.backend_entries) and len(ring) == 251
+
+
+def test_update_writes_idle_generation_then_flips():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    maps.log.clear()
+    change(maps, {VIP: spec(("10.0.1.1", 80, 1, "active"), ("10.0.1.3", 80, 1, "active"))})
+    assert maps.log[0] == ("write_ring", 0, 1)
+    assert maps.log[1] == ("put_vip", 0, 1)
+    assert maps.log[2][0] == "clear_backend"     # the removed backend goes only after the flip
+
+
+def test_backend_going_down_is_marked_after_the_ring_stops_using_it():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    maps.log.clear()
+    change(maps, {VIP: three("down")})
+    assert [e[0] for e in maps.log] == ["write_ring", "put_vip", "put_backend"]
+    down_id = next(b for b, e in maps.backend_entries.items() if e[2] == "down")
+    assert down_id not in maps.rings[(0, 1)]
+
+
+def test_removing_one_of_n_backends_moves_about_one_nth_of_slots():
+    maps = Recorder()
+    backends = [(f"10.0.1.{i}", 80, 1, "active") for i in range(1, 5)]
+    change(maps, {VIP: spec(*backends)})
+    p = change(maps, {VIP: spec(*backends[:3])})
+    assert 0.25 <= p.changes[0].moved_share <= 0.25 + 0.05
+
+
+def test_weights_shape_the_ring():
+    maps = Recorder()
+    change(maps, {VIP: spec(("10.0.1.1", 80, 1, "active"), ("10.0.1.2", 80, 3, "active"))})
+    counts = Counter(maps.rings[(0, 0)])
+    by_addr = {maps.backend_entries[b][0]: n for b, n in counts.items()}
+    assert by_addr["10.0.1.2"] / by_addr["10.0.1.1"] == pytest.approx(3, rel=0.05)
+
+
+def test_vip_without_backends_has_an_empty_ring():
+    maps = Recorder()
+    change(maps, {VIP: VipSpec(VIP)})
+    assert set(maps.rings[(0, 0)]) == {NO_BACKEND}
+
+
+def test_running_out_of_backend_ids_changes_nothing():
+    maps = Recorder()
+    change(maps, {VIP: spec(*[(f"10.0.1.{i}", 80, 1, "active") for i in range(1, 7)])})
+    maps.log.clear()
+    too_many = spec(*[(f"10.0.2.{i}", 80, 1, "active") for i in range(1, 4)])
+    vip2 = parse_endpoint("10.0.0.11:80")
+    live = planner.read_live(maps)
+    with pytest.raises(MapFullError, match="all 8 slots"):
+        planner.plan(live, {VIP: live[VIP].spec, vip2: VipSpec(vip2, too_many.backends)}, SMALL)
+    assert maps.log == []
+
+
+def test_ids_freed_by_a_change_are_not_reused_within_it():
+    maps = Recorder()
+    change(maps, {VIP: spec(("10.0.1.1", 80, 1, "active"))})
+    old_id = next(iter(maps.backend_entries))
+    live = planner.read_live(maps)
+    p = planner.plan(live, {VIP: spec(("10.0.1.9", 80, 1, "active"))}, SMALL)
+    assert old_id not in p.changes[0].backend_ids.values()
+
+
+def test_deleting_a_vip_unpublishes_it_before_clearing_backends():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    maps.log.clear()
+    change(maps, {})
+    assert maps.log[0][0] == "delete_vip" and {e[0] for e in maps.log[1:]} == {"clear_backend"}
+    assert maps.backend_entries == {}
+
+
+def test_plan_description_names_what_moves():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    live = planner.read_live(maps)
+    lines = planner.plan(live, {VIP: three("drain")}, SMALL).describe()
+    assert lines[0] == "~ vip 10.0.0.10:80 (tcp)"
+    assert "  ~ backend 10.0.1.2:80 state active->drain" in lines
+    assert any(line.startswith("  ring: ") for line in lines)
