@@ -1,0 +1,30 @@
+# The README's commands, for hosts that have make (lbctl/setup.sh installs it too).
+.PHONY: setup demo test test-unit test-bpf test-netns lint clean-lab
+
+VENV := .venv
+PY := $(VENV)/bin/python
+
+setup:
+	bash lbctl/setup.sh
+
+demo:
+	bash lbctl/setup.sh demo
+
+test:
+	bash lbctl/setup.sh test
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -q
+
+test-bpf: setup
+	$(PY) -m pytest tests/bpf -q
+
+test-netns: setup
+	$(PY) -m pytest tests/netns -q
+
+lint: setup
+	$(PY) -m ruff check xdp lbctl tests
+
+clean-lab: setup
+	-$(VENV)/bin/lbctl -n lbl-lb detach --all --purge
+	$(VENV)/bin/lbctl lab down
