@@ -428,8 +428,7 @@ def lab_status(prefix: str, as_json: bool) -> None:
     """Which lab namespaces and servers exist."""
     from lbctl.lab import Lab  # noqa: PLC0415
 
-    st = Lab(prefix).status()
-    data = st if isinstance(st, dict) else getattr(st, "__dict__", {"status": str(st)})
+    data = Lab(prefix).status().as_dict()
     if as_json:
         echo_json(data)
     else:

@@ -281,7 +281,8 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         """Run argv in a host's namespace ("sw" names the switch); subprocess.run semantics.
 
-        `check` and the other keywords go to subprocess.run. Output is captured as text unless the caller passes stdout/stderr/capture_output.
+        `check` and the other keywords go to subprocess.run. Output is captured as text
+        unless the caller passes stdout/stderr/capture_output.
         `ip netns exec` remounts /sys for the namespace, which hides the host's bpffs pins;
         keep_mounts=True switches only the network namespace (nsenter --net) so they stay
         visible.

@@ -1,0 +1,202 @@
+"""The namespace lab: it builds, carries HTTP and UDP through the balancer host, and cleans up."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lbctl import lab as lab_module
+from lbctl.lab import Lab, LabError
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root: builds network namespaces, veths and sysctls"
+    ),
+]
+
+
+def _netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def _pids_mentioning(prefix: str) -> list[int]:
+    """Processes whose command line names this lab (servers run `ip netns exec <prefix>-beN`)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"{prefix}-".encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _assert_gone(lab: Lab) -> None:
+    assert not set(lab.namespaces) & _netns_names()
+    assert _pids_mentioning(lab.prefix) == []
+    assert not lab.run_dir.exists()
+    assert lab.status().down
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A lab with a unique prefix, taken down whatever the test did."""
+    the_lab = Lab(prefix=f"tlab{secrets.token_hex(2)}")
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture
+def lab_up(lab: Lab) -> Lab:
+    lab.up()
+    return lab
+
+
+def test_status_reports_every_part_up(lab_up: Lab) -> None:
+    status = lab_up.status()
+    assert status.up
+    assert all(status.namespaces.values())
+    assert set(status.servers) == {"be1", "be2", "be3"}
+    assert all(isinstance(pid, int) for pid in status.servers.values())
+    assert status.addresses["client"] == [f"{lab_up.client.addr}/24"]
+    assert sorted(status.addresses["lb"]) == ["10.77.1.1/24", "10.77.2.1/24"]
+    assert status.addresses["be2"] == ["10.77.2.12/24"]
+
+
+def test_lab_attributes_match_the_topology(lab: Lab) -> None:
+    assert [b.name for b in lab.backends] == ["be1", "be2", "be3"]
+    assert lab.lb.netns == f"{lab.prefix}-lb"
+    assert lab.lb_ifaces == ["eth0", "eth1"]
+    assert lab.vip == "10.77.0.10"
+    assert lab.http_port == 80
+    assert lab.client.gateway == lab.lb.ifaces[0].addr
+    assert all(b.gateway == lab.lb.ifaces[1].addr for b in lab.backends)
+    assert all(len(i.name) <= 15 for h in lab.hosts.values() for i in h.ifaces)
+
+
+def test_client_reaches_each_backend_over_http_through_the_balancer(lab_up: Lab) -> None:
+    for backend in lab_up.backends:
+        results = lab_up.http_requests(backend.addr, count=3)
+        assert [r.body for r in results] == [f"{backend.name}\n"] * 3
+        assert {r.backend for r in results} == {backend.name}
+        # Routed, not NATed: the backend sees the client's own address.
+        assert all((r.client_addr or "").startswith(f"{lab_up.client.addr}:") for r in results)
+
+
+def test_keep_alive_requests_reuse_one_connection(lab_up: Lab) -> None:
+    be1 = lab_up.backends[0]
+    results = lab_up.http_requests(be1.addr, count=20, new_connection=False)
+    assert all(r.ok for r in results)
+    assert len({r.client_addr for r in results}) == 1
+
+
+def test_many_new_connections_in_one_call(lab_up: Lab) -> None:
+    be3 = lab_up.backends[2]
+    bodies = lab_up.http_get(be3.addr, count=300, timeout_s=3.0)
+    assert bodies == ["be3"] * 300
+
+
+def test_udp_echo_answers_with_the_backend_name(lab_up: Lab) -> None:
+    be2 = lab_up.backends[1]
+    assert lab_up.udp_echo(be2.addr, payload="hello", count=3) == ["be2 hello"] * 3
+
+
+def test_vip_is_unreachable_without_a_balancer(lab_up: Lab) -> None:
+    results = lab_up.http_requests(lab_up.vip, count=1, timeout_s=2.0)
+    assert not results[0].ok
+
+
+def test_lb_namespace_forwards_and_does_not_filter(lab_up: Lab) -> None:
+    out = lab_up.run(
+        "lb",
+        [
+            "sysctl",
+            "-n",
+            "net.ipv4.ip_forward",
+            "net.ipv4.conf.all.rp_filter",
+            "net.ipv4.conf.eth0.rp_filter",
+            "net.ipv4.conf.eth1.rp_filter",
+        ],
+    )
+    assert out.stdout.split() == ["1", "0", "0", "0"]
+
+
+def test_offloads_are_set_for_xdp_redirect(lab_up: Lab) -> None:
+    client_features = lab_up.run("client", ["ethtool", "-k", "eth0"]).stdout
+    assert "generic-receive-offload: on" in client_features
+    assert "tx-checksumming: off" in client_features
+    switch_port = lab_up.run("sw", ["ethtool", "-k", "p-lb"]).stdout
+    assert "generic-receive-offload: on" in switch_port
+    backend_features = lab_up.run("be1", ["ethtool", "-k", "eth0"]).stdout
+    assert "tx-checksumming: off" in backend_features
+
+
+def test_up_twice_is_a_no_op(lab_up: Lab) -> None:
+    pids_before = lab_up.status().servers
+    lab_up.up()
+    assert lab_up.status().servers == pids_before
+    assert lab_up.http_get(lab_up.backends[0].addr) == ["be1"]
+
+
+def test_up_rebuilds_a_partial_lab(lab_up: Lab) -> None:
+    be2_pid = lab_up.status().servers["be2"]
+    assert be2_pid is not None
+    os.kill(be2_pid, 9)
+    deadline = time.monotonic() + 5
+    while lab_up.status().servers["be2"] is not None and time.monotonic() < deadline:
+        time.sleep(0.02)  # SIGKILL is delivered asynchronously
+    assert not lab_up.status().up
+    # A second Lab object stands for another process that finds the lab half broken.
+    other = Lab(prefix=lab_up.prefix)
+    other.up()
+    assert other.status().up
+    assert other.http_get(other.backends[1].addr) == ["be2"]
+
+
+def test_down_removes_everything(lab_up: Lab) -> None:
+    pin_dir = lab_up.bpf_pin_dir
+    if Path("/sys/fs/bpf").is_mount():
+        pin_dir.mkdir(parents=True, exist_ok=True)
+    # A second Lab object stands for another process: down() works from pid files and names.
+    Lab(prefix=lab_up.prefix).down()
+    _assert_gone(lab_up)
+    assert not pin_dir.exists()
+    lab_up.down()  # again: nothing left to remove is not an error
+
+
+def test_failure_while_building_cleans_up(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_servers(self: Lab) -> None:
+        raise LabError("injected failure while starting servers")
+
+    monkeypatch.setattr(lab_module.Lab, "_start_servers", broken_servers)
+    with pytest.raises(LabError, match="injected failure"):
+        lab.up()
+    _assert_gone(lab)
+
+
+def test_failure_after_servers_started_cleans_up(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_check(self: Lab) -> None:
+        raise LabError("injected failure after servers started")
+
+    monkeypatch.setattr(lab_module.Lab, "_check_paths", broken_check)
+    with pytest.raises(LabError, match="injected failure"):
+        lab.up()
+    _assert_gone(lab)
+
+
+def test_bad_prefix_is_refused() -> None:
+    with pytest.raises(LabError, match="bad lab prefix"):
+        Lab(prefix="no/slash")
