@@ -441,9 +441,12 @@ def lab_status(prefix: str, as_json: bool) -> None:
 @click.option("--keep", is_flag=True, help="leave the lab up (prints the command that removes it)")
 @click.option("--requests", "count", type=click.IntRange(10, 100000), default=300, show_default=True)
 @click.option("--mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
-def demo(keep: bool, count: int, mode: str) -> None:
+@click.option("--prefix", default="lbl", show_default=True, help="lab namespace name prefix")
+def demo(keep: bool, count: int, mode: str, prefix: str) -> None:
     """Run the namespace-lab demo: real HTTP through the XDP balancer."""
     from lbctl.demo import run_demo  # noqa: PLC0415
 
-    run_demo(keep=keep, count=count, mode=mode)
+    if not run_demo(keep=keep, count=count, mode=mode, prefix=prefix):
+        click.echo("lbctl: error: the demo's checks failed (see the tables above)", err=True)
+        sys.exit(1)
 

@@ -34,7 +34,9 @@ def lbctl(netns: str, *args: str, show: bool = True) -> str:
 
 
 def distribution_table(title: str, counts: Counter, names: list[str], total: int) -> Table:
-    table = Table(title=title)
+    # A heading line, not a table title: rich wraps titles to the table's narrow width.
+    console.print(f"[bold]{title}[/]")
+    table = Table()
     table.add_column("backend")
     table.add_column("requests", justify="right")
     table.add_column("share", justify="right")
@@ -44,7 +46,8 @@ def distribution_table(title: str, counts: Counter, names: list[str], total: int
     return table
 
 
-def run_demo(keep: bool = False, count: int = 300, mode: str = "native", prefix: str = "lbl") -> None:
+def run_demo(keep: bool = False, count: int = 300, mode: str = "native", prefix: str = "lbl") -> bool:
+    """Returns whether every check the demo shows held (spread over all, none to a removed one)."""
     lab = Lab(prefix)
     ns = lab.lb.netns
     vip = f"{lab.vip}:{lab.http_port}"
@@ -67,7 +70,8 @@ def run_demo(keep: bool = False, count: int = 300, mode: str = "native", prefix:
 
         with console.status(f"{count} HTTP requests to {vip}, each on a new connection..."):
             bodies = lab.http_get(lab.vip, lab.http_port, count=count, new_connection=True)
-        console.print(distribution_table(f"{count} new connections to {vip}", Counter(bodies), names, count))
+        before = Counter(bodies)
+        console.print(distribution_table(f"{count} new connections to {vip}", before, names, count))
 
         replies = lab.udp_echo(lab.vip, lab.udp_port, "hello", count=9)
         udp_counts = Counter(r.split(" ", 1)[0] for r in replies)
@@ -85,10 +89,11 @@ def run_demo(keep: bool = False, count: int = 300, mode: str = "native", prefix:
         verdict = "[green]no new connection reached it[/]" if after.get(gone.name, 0) == 0 else \
             f"[red]{after[gone.name]} connections still reached it[/]"
         console.print(f"{gone.name}: {verdict}")
+        return all(before.get(n, 0) > 0 for n in names) and after.get(gone.name, 0) == 0
     finally:
         if keep:
-            console.print(f"lab left up; remove it with: lbctl -n {ns} detach --all --purge && "
-                          f"lbctl lab down")
+            down = "lbctl lab down" + ("" if prefix == "lbl" else f" --prefix {prefix}")
+            console.print(f"lab left up; try: lbctl -n {ns} stats; remove it with: {down}")
         else:
             with console.status("cleaning up..."):
                 try:

@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 
 from xdp import libbpf
@@ -29,6 +30,18 @@ def require_root() -> None:
     if os.geteuid() != 0:
         raise NeedRootError("lbctl needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) to load XDP and open "
                             "pinned maps; hint: run it with sudo")
+
+
+def ensure_bpffs(root: str = "/sys/fs/bpf") -> None:
+    """Pins need a bpffs at /sys/fs/bpf; mount one when the host has none."""
+    with open("/proc/self/mounts") as mounts:
+        if any(line.split()[1:3] == [root, "bpf"] for line in mounts):
+            return
+    os.makedirs(root, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", root], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AttachError(f"cannot mount bpffs at {root}: {proc.stderr.strip()}; "
+                          f"hint: mount -t bpf bpf {root}")
 
 
 def ifindex_of(ifname: str) -> int:
@@ -76,6 +89,8 @@ class Balancer:
                 if exc.errno != errno.ENOENT:
                     raise
         from xdp.program import compile_and_load  # noqa: PLC0415  (pulls in bcc, slow)
+
+        ensure_bpffs()
 
         self._loaded = compile_and_load(self.pin_dir, self.limits)
         # Maps are pinned by bcc; verify they match this build before anything uses them.
