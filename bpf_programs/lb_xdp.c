@@ -72,10 +72,16 @@ static __always_inline void lb_reply_key(struct flow_key *reply, const struct fl
     reply->pad[0] = reply->pad[1] = reply->pad[2] = 0;
 }
 
+/* now - then, or 0 when another CPU stamped `then` after we read the clock. */
+static __always_inline __u64 lb_age_ns(__u64 now, __u64 then)
+{
+    return now > then ? now - then : 0;
+}
+
 /* A flow entry still forwards unless it timed out, or a fresh SYN reopens a closing one. */
 static __always_inline int lb_entry_alive(const struct nat_entry *e, __u64 now, __u8 tcp_flags)
 {
-    if (now - e->last_seen_ns > lb_timeout_ns(e->state))
+    if (lb_age_ns(now, e->last_seen_ns) > lb_timeout_ns(e->state))
         return 0;
     if (e->state == LB_FLOW_CLOSING && (tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN)
         return 0;
@@ -154,7 +160,7 @@ static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *
         new_flow = 1;
     } else {
         __u8 next = lb_next_state(flow->state, pkt->tcp_flags, pkt->key.proto);
-        if (next != flow->state || now - flow->last_seen_ns > LB_REFRESH_INTERVAL_NS) {
+        if (next != flow->state || lb_age_ns(now, flow->last_seen_ns) > LB_REFRESH_INTERVAL_NS) {
             flow->state = next;
             flow->last_seen_ns = now;
             /* Keep the reverse entry in step: an evicted or closing reply path follows us. */
@@ -187,9 +193,9 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
     __u64 now = bpf_ktime_get_ns();
     /* An entry outlived by its connection must not catch traffic that merely reuses the
      * tuple (a direct client->backend connection): expired, or a SYN-ACK long after the SYN. */
-    int stale = now - back->last_seen_ns > lb_timeout_ns(back->state);
+    int stale = lb_age_ns(now, back->last_seen_ns) > lb_timeout_ns(back->state);
     if ((pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK) &&
-        now - back->created_ns > LB_TCP_SYN_TIMEOUT_NS)
+        lb_age_ns(now, back->created_ns) > LB_TCP_SYN_TIMEOUT_NS)
         stale = 1;
     if (stale) {
         rnat.delete(&pkt->key);
@@ -197,7 +203,7 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
     }
 
     __u8 next = lb_next_state(back->state, pkt->tcp_flags, pkt->key.proto);
-    if (next != back->state || now - back->last_seen_ns > LB_REFRESH_INTERVAL_NS) {
+    if (next != back->state || lb_age_ns(now, back->last_seen_ns) > LB_REFRESH_INTERVAL_NS) {
         back->state = next;
         back->last_seen_ns = now;
         struct flow_key fwd = {};
