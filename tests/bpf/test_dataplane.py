@@ -1,0 +1,684 @@
+"""The XDP program, packet by packet: each case is a sentence, a sequence of frames (each with
+its ingress interface, expected XDP action, outcome counter and exact output bytes) and the
+control-plane changes between them, run through BPF_PROG_TEST_RUN in a routed namespace."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Union
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
+
+from lbctl import planner
+from lbctl.control import Controller
+from lbctl.model import Config, parse_endpoint
+from xdp import codec, libbpf
+from xdp.codec import Endpoint
+from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+from xdp.limits import DEFAULT_LIMITS, OUTCOMES
+from xdp.maps import LbMaps
+from xdp.program import LoadedProgram
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+
+# --- the routed namespace: a client arm and a backend arm ---
+
+CLIENT_ARM = "lbc"
+BACKEND_ARM = "lbb"
+LOOPBACK = None  # a plain test run: the namespace's loopback is the ingress
+
+CLIENT_ARM_MAC = "02:00:0a:0a:01:01"
+BACKEND_ARM_MAC = "02:00:0a:0a:02:01"
+CLIENT, CLIENT_MAC = "10.10.1.100", "02:00:0a:0a:01:64"
+# A client on the backends' subnet: its traffic leaves by the interface it came in on (XDP_TX).
+NEAR_CLIENT, NEAR_CLIENT_MAC = "10.10.2.50", "02:00:0a:0a:02:32"
+
+WEB = Endpoint("10.10.9.1", 80, "tcp")
+WEB_BACKEND = Endpoint("10.10.2.11", 8080, "tcp")      # the port differs from the VIP's
+DNS = Endpoint("10.10.9.1", 53, "udp")
+DNS_BACKEND = Endpoint("10.10.2.12", 5353, "udp")
+EMPTY = Endpoint("10.10.9.2", 80, "tcp")                # a VIP without backends
+POOL = Endpoint("10.10.9.3", 443, "tcp")
+POOL_A = Endpoint("10.10.2.13", 443, "tcp")             # active at the start of each case
+POOL_B = Endpoint("10.10.2.14", 443, "tcp")             # drain at the start of each case
+TRIO = Endpoint("10.10.9.6", 80, "tcp")
+TRIO_BACKENDS = (Endpoint("10.10.2.21", 80, "tcp"), Endpoint("10.10.2.22", 80, "tcp"),
+                 Endpoint("10.10.2.23", 80, "tcp"))
+UNROUTED = Endpoint("10.10.9.4", 80, "tcp")
+UNROUTED_BACKEND = Endpoint("192.0.2.77", 80, "tcp")    # TEST-NET-1: no route in the namespace
+UNRESOLVED = Endpoint("10.10.9.5", 80, "tcp")
+UNRESOLVED_BACKEND = Endpoint("10.10.2.99", 80, "tcp")  # on the subnet, but no neighbour entry
+
+
+def _mac_of(addr: str) -> str:
+    return "02:00:" + ":".join(f"{int(octet):02x}" for octet in addr.split("."))
+
+
+BACKEND_MACS = {b.addr: _mac_of(b.addr) for b in
+                (WEB_BACKEND, DNS_BACKEND, POOL_A, POOL_B, *TRIO_BACKENDS)}
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    mac: str
+    cidr: str
+    neighbours: dict[str, str]
+
+
+PORTS = (
+    Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.10.1.1/24", {CLIENT: CLIENT_MAC}),
+    Port(BACKEND_ARM, BACKEND_ARM_MAC, "10.10.2.1/24",
+         {**BACKEND_MACS, NEAR_CLIENT: NEAR_CLIENT_MAC}),
+)
+
+
+@pytest.fixture(scope="module")
+def netns_ports() -> tuple[Port, ...]:
+    return PORTS
+
+
+# --- the configuration every case starts from ---
+
+def _backend_name(backend: Endpoint) -> str:
+    return f"{backend.addr}:{backend.port}"
+
+
+@pytest.fixture(scope="module")
+def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
+    """Adds the VIPs and backends through the controller; returns the configuration the maps
+    then hold, which every case starts from."""
+    for vip, backends in ((WEB, [WEB_BACKEND]), (DNS, [DNS_BACKEND]), (EMPTY, []),
+                          (POOL, [POOL_A, POOL_B]), (TRIO, list(TRIO_BACKENDS)),
+                          (UNROUTED, [UNROUTED_BACKEND]), (UNRESOLVED, [UNRESOLVED_BACKEND])):
+        controller.vip_add(vip)
+        for backend in backends:
+            controller.backend_add(vip, parse_endpoint(_backend_name(backend), vip.proto))
+    controller.backend_set(POOL, POOL_B, weight=None, state="drain")
+    return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dataplane(controller: Controller, baseline: Config,
+                    clean_dataplane: Callable[[], None]) -> None:
+    """Each test sees the baseline configuration, no tracked flows and zeroed counters."""
+    controller.change(lambda _config: dict(baseline))
+    clean_dataplane()
+
+
+# --- frames ---
+
+def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: str = "S", *,
+              eth: tuple[str, str] = (CLIENT_MAC, CLIENT_ARM_MAC), ttl: int = 64,
+              payload: bytes = b"", options: list[IPOption] | None = None) -> bytes:
+    ip = IP(src=src, dst=dst, ttl=ttl, id=4242, options=options or [])
+    return bytes(Ether(src=eth[0], dst=eth[1]) / ip /
+                 TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 1,
+                     window=64240) / payload)
+
+
+def udp_frame(src: str, dst: str, sport: int, dport: int, payload: bytes = b"query", *,
+              eth: tuple[str, str] = (CLIENT_MAC, CLIENT_ARM_MAC), ttl: int = 64,
+              chksum: int | None = None) -> bytes:
+    return bytes(Ether(src=eth[0], dst=eth[1]) / IP(src=src, dst=dst, ttl=ttl, id=4242) /
+                 UDP(sport=sport, dport=dport, chksum=chksum) / payload)
+
+
+def to_vip(vip: Endpoint, sport: int = 40000, flags: str = "S", **kw: object) -> bytes:
+    """A client's frame to a VIP, arriving on the client arm."""
+    if vip.proto == "udp":
+        return udp_frame(CLIENT, vip.addr, sport, vip.port, **kw)  # type: ignore[arg-type]
+    return tcp_frame(CLIENT, vip.addr, sport, vip.port, flags, **kw)  # type: ignore[arg-type]
+
+
+def from_backend(backend: Endpoint, client_port: int = 40000, flags: str = "SA",
+                 client: str = CLIENT) -> bytes:
+    """A backend's reply to a client, arriving on the backend arm."""
+    eth = (BACKEND_MACS[backend.addr], BACKEND_ARM_MAC)
+    if backend.proto == "udp":
+        return udp_frame(backend.addr, client, backend.port, client_port, b"answer", eth=eth)
+    return tcp_frame(backend.addr, client, backend.port, client_port, flags, eth=eth)
+
+
+def rewritten(frame: bytes, *, eth: tuple[str, str] | None = None, src: Endpoint | None = None,
+              dst: Endpoint | None = None, hops: int = 1) -> bytes:
+    """The frame as it should leave: MACs from the FIB, address and port rewritten, TTL down by
+    `hops`, every checksum computed afresh by scapy (a UDP checksum of 0 stays 0: none sent)."""
+    pkt = Ether(frame)
+    if eth is not None:
+        pkt.src, pkt.dst = eth
+    ip = pkt[IP]
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    if src is not None:
+        ip.src, l4.sport = src.addr, src.port
+    if dst is not None:
+        ip.dst, l4.dport = dst.addr, dst.port
+    ip.ttl -= hops
+    del ip.chksum
+    if not (UDP in pkt and pkt[UDP].chksum == 0):
+        del l4.chksum
+    return bytes(pkt)
+
+
+def to_backend_arm(backend: Endpoint) -> tuple[str, str]:
+    """(src, dst) MACs of a frame leaving the backend arm for this backend."""
+    return BACKEND_ARM_MAC, BACKEND_MACS[backend.addr]
+
+
+TO_CLIENT_ARM = (CLIENT_ARM_MAC, CLIENT_MAC)
+
+
+def dnat(frame: bytes, backend: Endpoint) -> bytes:
+    """A client's frame to a VIP, as forwarded to backend."""
+    return rewritten(frame, eth=to_backend_arm(backend), dst=backend)
+
+
+def snat(frame: bytes, vip: Endpoint) -> bytes:
+    """A backend's reply, as forwarded to the client from the VIP."""
+    return rewritten(frame, eth=TO_CLIENT_ARM, src=vip)
+
+
+# --- the table ---
+
+@dataclass(frozen=True)
+class Send:
+    """One frame through the program and what must come out. `expected` None: unchanged."""
+
+    frame: bytes
+    ingress: str | None
+    action: int
+    outcome: str
+    expected: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Do:
+    """A control-plane change between frames."""
+
+    what: str
+    change: Callable[[Controller], object]
+
+
+Step = Union[Send, Do]
+
+
+@dataclass(frozen=True)
+class Case:
+    description: str
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+
+
+def set_states(vip: Endpoint, **states: str) -> Do:
+    """Sets POOL_A's and POOL_B's states (keywords a and b)."""
+    backends = {"a": POOL_A, "b": POOL_B}
+
+    def change(controller: Controller) -> None:
+        # One at a time, bringing a backend in before another leaves, so the VIP never goes empty.
+        for key in sorted(states, key=lambda k: states[k] != "active"):
+            controller.backend_set(vip, backends[key], weight=None, state=states[key])
+    return Do(f"set {states}", change)
+
+
+def passes(frame: bytes, outcome: str, ingress: str | None = CLIENT_ARM) -> Send:
+    return Send(frame, ingress, XDP_PASS, outcome)
+
+
+SYN_TO_WEB = to_vip(WEB)
+ACK_TO_WEB = to_vip(WEB, flags="A")
+SYN_TO_POOL = to_vip(POOL, sport=41000)
+SYN_FROM_NEAR_CLIENT = tcp_frame(NEAR_CLIENT, WEB.addr, 40000, WEB.port,
+                                 eth=(NEAR_CLIENT_MAC, BACKEND_ARM_MAC))
+SYN_WITH_TCP_OPTIONS = bytes(
+    Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) / IP(src=CLIENT, dst=WEB.addr, id=4242) /
+    TCP(sport=40000, dport=WEB.port, flags="S", seq=1000,
+        options=[("MSS", 1460), ("SAckOK", b""), ("WScale", 7), ("NOP", None)]))
+OPTIONS_4 = [IPOption(b"\x94\x04\x00\x00")]  # router alert: IHL 6
+OPTIONS_40 = [IPOption(b"\x94\x04\x00\x00"), IPOption(b"\x01" * 35 + b"\x00")]  # IHL 15, the most
+DNS_QUERY = to_vip(DNS, sport=33000)
+DNS_QUERY_NO_CHECKSUM = udp_frame(CLIENT, DNS.addr, 33001, DNS.port, chksum=0)
+
+
+def _udp_query_whose_rewrite_sums_to_zero() -> bytes:
+    """A query whose checksum after DNAT to DNS_BACKEND computes to 0, which UDP must send as
+    0xffff (0 means "no checksum"). Found by adding the rewritten checksum into a payload word:
+    the one's-complement sum then becomes 0xffff, whose complement is 0."""
+    probe = udp_frame(CLIENT, DNS.addr, 33002, DNS.port, b"\x00\x00zero")
+    checksum = Ether(dnat(probe, DNS_BACKEND))[UDP].chksum
+    query = udp_frame(CLIENT, DNS.addr, 33002, DNS.port, checksum.to_bytes(2, "big") + b"zero")
+    assert Ether(dnat(query, DNS_BACKEND))[UDP].chksum == 0xFFFF
+    return query
+
+
+DNS_QUERY_SUMMING_TO_ZERO = _udp_query_whose_rewrite_sums_to_zero()
+
+
+def _truncations(frame: bytes, lengths: range, ingress: str = CLIENT_ARM) -> tuple[Send, ...]:
+    return tuple(passes(frame[:n], "pass_malformed", ingress) for n in lengths)
+
+
+def _with_ip_total_length(frame: bytes, tot_len: int) -> bytes:
+    """The frame with the IPv4 total length replaced and the header checksum redone."""
+    pkt = Ether(frame)
+    pkt[IP].len = tot_len
+    del pkt[IP].chksum
+    raw = bytes(pkt)
+    return raw if len(raw) >= len(frame) else raw + frame[len(raw):]
+
+
+def _with_udp_length(frame: bytes, udp_len: int) -> bytes:
+    pkt = Ether(frame)
+    pkt[UDP].len = udp_len
+    del pkt[UDP].chksum
+    return bytes(pkt)
+
+
+def _raw_ip(version_ihl: int) -> bytes:
+    """A VIP SYN whose first IP byte is version_ihl (the checksum is irrelevant: never read)."""
+    frame = bytearray(SYN_TO_WEB)
+    frame[14] = version_ihl
+    return bytes(frame)
+
+
+CASES: list[Case] = [
+    Case("VIP TCP SYN is rewritten to a backend", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+    )),
+    Case("the same flow again goes to the same backend", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        Send(ACK_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(ACK_TO_WEB, WEB_BACKEND)),
+    )),
+    Case("VIP TCP with payload is rewritten with its checksum over the payload", (
+        Send(to_vip(WEB, flags="PA", payload=b"GET / HTTP/1.0\r\n\r\n"), CLIENT_ARM, XDP_REDIRECT,
+             "redirect", dnat(to_vip(WEB, flags="PA", payload=b"GET / HTTP/1.0\r\n\r\n"),
+                              WEB_BACKEND)),
+    )),
+    Case("a reply from the backend is rewritten to come from VIP:port", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        Send(from_backend(WEB_BACKEND), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(WEB_BACKEND), WEB)),
+    )),
+    Case("a backend's packet with no tracked flow passes unchanged", (
+        passes(from_backend(WEB_BACKEND), "pass_not_vip", BACKEND_ARM),
+    )),
+    Case("a flow whose backend is out of its ingress interface is sent back out of it (XDP_TX)", (
+        Send(SYN_FROM_NEAR_CLIENT, BACKEND_ARM, XDP_TX, "tx",
+             dnat(SYN_FROM_NEAR_CLIENT, WEB_BACKEND)),
+    )),
+    Case("UDP to a VIP is rewritten to a backend and the reply comes from the VIP", (
+        Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
+        Send(from_backend(DNS_BACKEND, 33000), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(DNS_BACKEND, 33000), DNS)),
+    )),
+    Case("UDP without a checksum (0) is rewritten and keeps checksum 0", (
+        Send(DNS_QUERY_NO_CHECKSUM, CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(DNS_QUERY_NO_CHECKSUM, DNS_BACKEND)),
+    )),
+    Case("UDP whose rewritten checksum computes to 0 is sent as 0xffff", (
+        Send(DNS_QUERY_SUMMING_TO_ZERO, CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(DNS_QUERY_SUMMING_TO_ZERO, DNS_BACKEND)),
+    )),
+    Case("TCP to the VIP address on another port is not a VIP and passes unchanged", (
+        passes(tcp_frame(CLIENT, WEB.addr, 40000, 81), "pass_not_vip"),
+    )),
+    Case("UDP to a TCP VIP's port is not a VIP and passes unchanged", (
+        passes(udp_frame(CLIENT, WEB.addr, 40000, WEB.port), "pass_not_vip"),
+    )),
+    Case("non-VIP TCP passes unchanged", (
+        passes(tcp_frame(CLIENT, "10.10.1.1", 40000, 22), "pass_not_vip"),
+    )),
+    Case("ICMP to a VIP address passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) / IP(src=CLIENT, dst=WEB.addr)
+                     / ICMP()), "pass_not_vip"),
+    )),
+    Case("ARP passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") /
+                     ARP(hwsrc=CLIENT_MAC, psrc=CLIENT, pdst=WEB.addr)), "pass_not_ipv4"),
+    )),
+    Case("IPv6 TCP passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
+                     IPv6(src="fd00::100", dst="fd00::1") / TCP(sport=40000, dport=80)),
+               "pass_not_ipv4"),
+    )),
+    Case("VLAN-tagged IPv4 to a VIP passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) / Dot1Q(vlan=7) /
+                     IP(src=CLIENT, dst=WEB.addr) / TCP(sport=40000, dport=80)), "pass_not_ipv4"),
+    )),
+    Case("a bare Ethernet header with the IPv4 type passes unchanged",
+         _truncations(SYN_TO_WEB, range(14, 15))),
+    Case("a VIP SYN truncated anywhere inside the IP header passes unchanged",
+         _truncations(SYN_TO_WEB, range(15, 34))),
+    Case("a VIP SYN truncated anywhere inside the TCP header passes unchanged",
+         _truncations(SYN_TO_WEB, range(34, 54))),
+    Case("a VIP SYN with options truncated inside its options passes unchanged",
+         _truncations(to_vip(WEB, options=OPTIONS_40), range(34, 74))),
+    Case("a VIP UDP query truncated inside the UDP header or payload passes unchanged",
+         _truncations(DNS_QUERY, range(34, len(DNS_QUERY)))),
+    Case("IPv4 whose total length is shorter than its header passes unchanged", (
+        passes(_with_ip_total_length(SYN_TO_WEB, 19), "pass_malformed"),
+    )),
+    Case("TCP whose header runs past the IP total length passes unchanged", (
+        # 20 bytes of TCP inside the frame, but the IP length leaves room for 10 only.
+        passes(_with_ip_total_length(SYN_TO_WEB, 30), "pass_malformed"),
+    )),
+    Case("UDP whose length is below its header passes unchanged", (
+        passes(_with_udp_length(DNS_QUERY, 7), "pass_malformed"),
+    )),
+    Case("UDP whose length runs past the IP total length passes unchanged", (
+        passes(_with_udp_length(DNS_QUERY, len(DNS_QUERY) - 14 - 20 + 1), "pass_malformed"),
+    )),
+    Case("IPv4 with IHL below 5 passes unchanged", (
+        passes(_raw_ip(0x44), "pass_malformed"),
+    )),
+    Case("an IPv6 version nibble in an IPv4 frame passes unchanged", (
+        passes(_raw_ip(0x65), "pass_malformed"),
+    )),
+    Case("a first fragment (MF) to a VIP passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
+                     IP(src=CLIENT, dst=WEB.addr, flags="MF") / TCP(sport=40000, dport=80)),
+               "pass_fragment"),
+    )),
+    Case("a later fragment to a VIP passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
+                     IP(src=CLIENT, dst=WEB.addr, frag=185, proto=6) / Raw(b"x" * 20)),
+               "pass_fragment"),
+    )),
+    Case("VIP with no backends is dropped", (
+        Send(to_vip(EMPTY), CLIENT_ARM, XDP_DROP, "drop_no_backend", b""),
+    )),
+    Case("TTL 1 to the VIP passes unchanged for the kernel's ICMP error", (
+        passes(to_vip(WEB, ttl=1), "pass_ttl"),
+    )),
+    Case("TTL 0 to the VIP passes unchanged", (
+        passes(to_vip(WEB, ttl=0), "pass_ttl"),
+    )),
+    Case("TTL 2 to the VIP is rewritten and leaves with TTL 1", (
+        Send(to_vip(WEB, ttl=2), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(WEB, ttl=2), WEB_BACKEND)),
+    )),
+    Case("IPv4 with a 4-byte option to a VIP is rewritten correctly", (
+        Send(to_vip(WEB, options=OPTIONS_4), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(WEB, options=OPTIONS_4), WEB_BACKEND)),
+    )),
+    Case("IPv4 with 40 bytes of options to a VIP is rewritten correctly", (
+        Send(to_vip(WEB, options=OPTIONS_40), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(WEB, options=OPTIONS_40), WEB_BACKEND)),
+    )),
+    Case("TCP with options to a VIP is rewritten correctly", (
+        Send(SYN_WITH_TCP_OPTIONS, CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(SYN_WITH_TCP_OPTIONS, WEB_BACKEND)),
+    )),
+    Case("a packet too big for the backend link goes to the kernel rewritten (it may fragment)", (
+        Send(to_vip(WEB, flags="PA", payload=bytes(1600)), CLIENT_ARM, XDP_PASS, "pass_no_route",
+             rewritten(to_vip(WEB, flags="PA", payload=bytes(1600)), dst=WEB_BACKEND, hops=0)),
+    )),
+    Case("Ethernet padding after a short VIP packet is kept as it was", (
+        Send(SYN_TO_WEB + bytes(6), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(SYN_TO_WEB + bytes(6), WEB_BACKEND)),
+    )),
+    Case("a FIN then a new SYN on the same tuple re-picks the backend", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_A)),
+        Send(to_vip(POOL, 41000, "FA"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "FA"), POOL_A)),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_B)),
+    )),
+    Case("a retransmitted SYN stays with its backend after the ring changes", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+    )),
+    Case("a backend set to drain keeps its flows but takes no new ones", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_A)),
+        Send(to_vip(POOL, 41001), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41001), POOL_B)),
+    )),
+    Case("a backend set to down loses its flows to a live backend", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="down", b="active"),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_B)),
+    )),
+    Case("after backend_del no new flow picks the deleted backend; its flows finish", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, b="active"),
+        Do("delete backend a", lambda c: c.backend_del(POOL, POOL_A)),
+        Send(to_vip(POOL, 41001), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41001), POOL_B)),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_A)),
+    )),
+    Case("a backend without a resolved neighbour gets the rewritten packet via the kernel", (
+        Send(to_vip(UNRESOLVED), CLIENT_ARM, XDP_PASS, "pass_no_route",
+             rewritten(to_vip(UNRESOLVED), dst=UNRESOLVED_BACKEND, hops=0)),
+    )),
+]
+
+
+def _describe(frame: bytes) -> str:
+    return str(Ether(frame).show(dump=True)) if len(frame) >= 14 else frame.hex()
+
+
+def assert_frame(out: bytes, expected: bytes) -> None:
+    assert out == expected, (
+        f"output differs from the expected frame\n--- got {out.hex()}\n{_describe(out)}"
+        f"\n--- expected {expected.hex()}\n{_describe(expected)}")
+
+
+def send(step: Send, run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps) -> None:
+    """Runs one frame; checks action, output bytes and that exactly one outcome counted it."""
+    before = lb_maps.global_counters()
+    retval, out = run(step.frame, step.ingress)
+    after = lb_maps.global_counters()
+    assert retval == step.action, f"XDP action {retval}, expected {step.action}"
+    if step.action != XDP_DROP:
+        assert_frame(out, step.frame if step.expected is None else step.expected)
+    counted = {name: (after[name]["packets"] - before[name]["packets"],
+                      after[name]["bytes"] - before[name]["bytes"])
+               for name in OUTCOMES if after[name] != before[name]}
+    assert counted == {step.outcome: (1, len(step.frame))}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
+def test_dataplane(case: Case, run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps,
+                   controller: Controller) -> None:
+    for step in case.steps:
+        if isinstance(step, Do):
+            step.change(controller)
+        else:
+            send(step, run, lb_maps)
+
+
+# --- behaviours beyond one table row ---
+
+def test_unknown_route_passes_the_rewritten_packet_with_loopback_as_ingress(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps) -> None:
+    frame = to_vip(UNROUTED)
+    retval, out = run(frame, LOOPBACK)
+    assert retval == XDP_PASS
+    # Rewritten for the kernel to route: MACs and TTL are left to it.
+    assert_frame(out, rewritten(frame, dst=UNROUTED_BACKEND, hops=0))
+    assert {n: c["packets"] for n, c in lb_maps.global_counters().items() if c["packets"]} == {
+        "pass_no_route": 1}
+
+
+def test_every_frame_counts_in_exactly_one_outcome(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps) -> None:
+    frames = [step for case in CASES for step in case.steps if isinstance(step, Send)]
+    for step in frames:
+        run(step.frame, step.ingress)
+    counters = lb_maps.global_counters()
+    assert sum(c["packets"] for c in counters.values()) == len(frames)
+    assert sum(c["bytes"] for c in counters.values()) == sum(len(s.frame) for s in frames)
+
+
+def test_vip_without_backends_counts_the_drop_on_the_vip(
+        run: Callable[..., tuple[int, bytes]], controller: Controller) -> None:
+    for sport in (40000, 40001, 40002):
+        assert run(to_vip(EMPTY, sport), CLIENT_ARM)[0] == XDP_DROP
+    by_vip = {row["vip"]: row for row in controller.vips()}
+    assert by_vip[str(EMPTY)]["drops"] == 3
+    assert by_vip[str(EMPTY)]["packets"] == 0
+
+
+def test_backend_counters_count_packets_and_new_flows(
+        run: Callable[..., tuple[int, bytes]], controller: Controller) -> None:
+    run(SYN_TO_WEB, CLIENT_ARM)
+    run(ACK_TO_WEB, CLIENT_ARM)
+    run(to_vip(WEB, 40001), CLIENT_ARM)
+    run(from_backend(WEB_BACKEND), BACKEND_ARM)
+    row = next(r for r in controller.backends(WEB) if r["backend"] == _backend_name(WEB_BACKEND))
+    assert (row["packets"], row["new_flows"]) == (4, 2)
+    vip_row = next(r for r in controller.vips() if r["vip"] == str(WEB))
+    assert (vip_row["packets"], vip_row["new_flows"]) == (4, 2)
+
+
+def _trio_backend(out: bytes) -> Endpoint:
+    pkt = Ether(out)
+    return Endpoint(pkt[IP].dst, pkt[TCP].dport, "tcp")
+
+
+def test_flows_spread_over_backends_and_each_stays_on_its_own(
+        run: Callable[..., tuple[int, bytes]]) -> None:
+    picked: dict[int, Endpoint] = {}
+    for sport in range(42000, 42030):
+        retval, out = run(to_vip(TRIO, sport), CLIENT_ARM)
+        assert retval == XDP_REDIRECT
+        picked[sport] = _trio_backend(out)
+        assert_frame(out, dnat(to_vip(TRIO, sport), picked[sport]))
+    assert set(picked.values()) == set(TRIO_BACKENDS)
+    for sport, backend in picked.items():
+        _, out = run(to_vip(TRIO, sport, "A"), CLIENT_ARM)
+        assert _trio_backend(out) == backend
+
+
+def test_deleted_backend_gets_no_new_flows_while_its_flows_finish(
+        run: Callable[..., tuple[int, bytes]], controller: Controller) -> None:
+    gone = TRIO_BACKENDS[0]
+    before = {sport: _trio_backend(run(to_vip(TRIO, sport), CLIENT_ARM)[1])
+              for sport in range(43000, 43030)}
+    assert gone in before.values()  # otherwise the deletion could not show
+    controller.backend_del(TRIO, gone)
+
+    for sport in range(44000, 44060):
+        retval, out = run(to_vip(TRIO, sport), CLIENT_ARM)
+        assert retval == XDP_REDIRECT
+        assert _trio_backend(out) in TRIO_BACKENDS[1:]
+    for sport, backend in before.items():
+        assert _trio_backend(run(to_vip(TRIO, sport, "A"), CLIENT_ARM)[1]) == backend
+
+
+# --- time: entries are aged by rewriting their timestamps, not by waiting ---
+
+NS_PER_S = 1_000_000_000
+
+
+def _flow_key(vip: Endpoint, sport: int) -> bytes:
+    return codec.encode_flow_key(CLIENT, sport, vip.addr, vip.port, vip.proto)
+
+
+def _reply_key(backend: Endpoint, client_port: int) -> bytes:
+    return codec.encode_flow_key(backend.addr, backend.port, CLIENT, client_port, backend.proto)
+
+
+def age(program: LoadedProgram, map_name: str, key: bytes, last_seen_s: int = 0,
+        created_s: int = 0) -> None:
+    """Moves an entry's timestamps that many seconds into the past (bpf_ktime_get_ns counts
+    from boot, and a stamp ahead of the clock is age 0, so they cannot go below 0)."""
+    with libbpf.MapHandle.open(os.path.join(program.pin_dir, map_name)) as table:
+        raw = table.lookup(key)
+        assert raw is not None, f"no {map_name} entry to age"
+        entry = codec.NatEntry.from_buffer_copy(raw)
+        for stamp, by_s in (("last_seen_ns", last_seen_s), ("created_ns", created_s)):
+            value = getattr(entry, stamp) - by_s * NS_PER_S
+            if value < 0:
+                pytest.skip(f"the kernel clock reads less than {by_s} s since boot: a "
+                            f"{map_name} entry cannot be made {by_s} s old yet")
+            setattr(entry, stamp, value)
+        table.update(key, bytes(entry))
+
+
+def has_entry(program: LoadedProgram, map_name: str, key: bytes) -> bool:
+    with libbpf.MapHandle.open(os.path.join(program.pin_dir, map_name)) as table:
+        return table.lookup(key) is not None
+
+
+def test_an_idle_flow_past_its_timeout_is_picked_afresh(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, controller: Controller,
+        lb_program: LoadedProgram) -> None:
+    # A half-open flow: the shortest timeout, so the clock need not have run for 15 minutes.
+    send(Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+         run, lb_maps)
+    set_states(POOL, a="drain", b="active").change(controller)
+    age(lb_program, "flows", _flow_key(POOL, 41000),
+        last_seen_s=DEFAULT_LIMITS.tcp_syn_timeout_s - 2)
+    send(Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+         run, lb_maps)  # not yet idle long enough: the drained backend keeps it
+    age(lb_program, "flows", _flow_key(POOL, 41000),
+        last_seen_s=DEFAULT_LIMITS.tcp_syn_timeout_s + 1)
+    send(Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_B)),
+         run, lb_maps)
+
+
+def test_a_reply_on_an_expired_entry_passes_unchanged_and_is_forgotten(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps,
+        lb_program: LoadedProgram) -> None:
+    run(SYN_TO_WEB, CLIENT_ARM)
+    key = _reply_key(WEB_BACKEND, 40000)
+    age(lb_program, "rnat", key, last_seen_s=DEFAULT_LIMITS.tcp_syn_timeout_s + 1)
+    send(passes(from_backend(WEB_BACKEND), "pass_stale_reply", BACKEND_ARM), run, lb_maps)
+    assert not has_entry(lb_program, "rnat", key)
+    send(passes(from_backend(WEB_BACKEND), "pass_not_vip", BACKEND_ARM), run, lb_maps)
+
+
+def test_a_syn_ack_long_after_the_syn_is_not_reverse_natted(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps,
+        lb_program: LoadedProgram) -> None:
+    """A direct client->backend connection reusing a tracked tuple must not come back from the
+    VIP; a later packet of a live flow (plain ACK) still does."""
+    run(SYN_TO_WEB, CLIENT_ARM)
+    key = _reply_key(WEB_BACKEND, 40000)
+    age(lb_program, "rnat", key, created_s=DEFAULT_LIMITS.tcp_syn_timeout_s + 1)
+    ack = from_backend(WEB_BACKEND, flags="A")
+    send(Send(ack, BACKEND_ARM, XDP_REDIRECT, "redirect", snat(ack, WEB)), run, lb_maps)
+    send(passes(from_backend(WEB_BACKEND), "pass_stale_reply", BACKEND_ARM), run, lb_maps)
+
+
+def test_an_evicted_reply_entry_is_restored_by_the_clients_next_state_change(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps,
+        lb_program: LoadedProgram) -> None:
+    run(SYN_TO_WEB, CLIENT_ARM)
+    key = _reply_key(WEB_BACKEND, 40000)
+    with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "rnat")) as rnat:
+        assert rnat.delete(key)
+    send(passes(from_backend(WEB_BACKEND), "pass_not_vip", BACKEND_ARM), run, lb_maps)
+    run(ACK_TO_WEB, CLIENT_ARM)  # syn -> established: the flow is written back, with its reply
+    reply = from_backend(WEB_BACKEND, flags="A")
+    send(Send(reply, BACKEND_ARM, XDP_REDIRECT, "redirect", snat(reply, WEB)), run, lb_maps)
+
+
+def test_the_flow_table_follows_the_connection_state(
+        run: Callable[..., tuple[int, bytes]], controller: Controller) -> None:
+    def state() -> list[tuple[str, int, str, int, str]]:
+        return [(f["client"], f["client_port"], f["backend"], f["backend_port"], f["state"])
+                for f in controller.flows()]
+
+    run(SYN_TO_WEB, CLIENT_ARM)
+    assert state() == [(CLIENT, 40000, WEB_BACKEND.addr, WEB_BACKEND.port, "syn")]
+    run(ACK_TO_WEB, CLIENT_ARM)
+    assert state() == [(CLIENT, 40000, WEB_BACKEND.addr, WEB_BACKEND.port, "established")]
+    run(to_vip(WEB, flags="FA"), CLIENT_ARM)
+    assert state() == [(CLIENT, 40000, WEB_BACKEND.addr, WEB_BACKEND.port, "closing")]
+    run(DNS_QUERY, CLIENT_ARM)
+    assert (CLIENT, 33000, DNS_BACKEND.addr, DNS_BACKEND.port, "udp") in state()
