@@ -37,7 +37,7 @@ class Context:
     def controller(self):
         if self._controller is None:
             if self._factory is None:
-                from lbctl.control import Controller  # noqa: PLC0415
+                from lbctl.control import Controller
 
                 self._factory = Controller
             self._controller = self._factory(self.instance)
@@ -49,7 +49,7 @@ def enter_netns(name: str) -> None:
     path = os.path.join("/var/run/netns", name)
     if "/" in name or not os.path.exists(path):
         raise NetnsError(f"network namespace '{name}' not found; hint: 'ip netns list' shows them")
-    from pyroute2 import netns  # noqa: PLC0415
+    from pyroute2 import netns
 
     try:
         netns.setns(name, flags=0)
@@ -402,7 +402,7 @@ def lab() -> None:
 @click.option("--prefix", default="lbl", show_default=True, help="namespace name prefix")
 def lab_up(prefix: str) -> None:
     """Build the lab (idempotent)."""
-    from lbctl.lab import Lab  # noqa: PLC0415
+    from lbctl.lab import Lab
 
     lab_ = Lab(prefix)
     lab_.up()
@@ -415,7 +415,7 @@ def lab_up(prefix: str) -> None:
 @click.option("--prefix", default="lbl", show_default=True)
 def lab_down(prefix: str) -> None:
     """Remove the lab's namespaces, servers and balancer pins."""
-    from lbctl.lab import Lab  # noqa: PLC0415
+    from lbctl.lab import Lab
 
     Lab(prefix).down()
     click.echo(f"lab '{prefix}' is down")
@@ -426,7 +426,7 @@ def lab_down(prefix: str) -> None:
 @json_option
 def lab_status(prefix: str, as_json: bool) -> None:
     """Which lab namespaces and servers exist."""
-    from lbctl.lab import Lab  # noqa: PLC0415
+    from lbctl.lab import Lab
 
     data = Lab(prefix).status().as_dict()
     if as_json:
@@ -444,7 +444,7 @@ def lab_status(prefix: str, as_json: bool) -> None:
 @click.option("--prefix", default="lbl", show_default=True, help="lab namespace name prefix")
 def demo(keep: bool, count: int, mode: str, prefix: str) -> None:
     """Run the namespace-lab demo: real HTTP through the XDP balancer."""
-    from lbctl.demo import run_demo  # noqa: PLC0415
+    from lbctl.demo import run_demo
 
     if not run_demo(keep=keep, count=count, mode=mode, prefix=prefix):
         click.echo("lbctl: error: the demo's checks failed (see the tables above)", err=True)

@@ -192,4 +192,4 @@ def _need_backend(spec: VipSpec, backend: Endpoint) -> BackendSpec:
     return b
 
 
-__all__ = ["Controller", "Result", "OUTCOMES"]
+__all__ = ["OUTCOMES", "Controller", "Result"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lbctl.maglev import DEFAULT_RING_SIZE, MaglevBackend, build_ring, slot_moves
+from lbctl.maglev import DEFAULT_RING_SIZE, MaglevBackend, build_ring
 from lbctl.model import BackendSpec, Config, VipSpec
 from xdp.codec import NO_BACKEND, Endpoint
 from xdp.errors import MapFullError
@@ -80,11 +80,11 @@ class Plan:
         return [line for c in self.changes for line in c.describe()]
 
 
-def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> tuple[list[str | None], list[str]]:
+def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> list[str | None]:
+    """The VIP's Maglev ring by backend name (None: empty slot); only active backends take slots."""
     members = [b for b in (spec.backends if spec else ()) if b.in_ring]
-    names = [b.name for b in members]
     ring = build_ring([MaglevBackend(b.name, b.weight) for b in members], ring_size, seed)
-    return [names[i] if i >= 0 else None for i in ring], names
+    return [members[i].name if i >= 0 else None for i in ring]
 
 
 def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0) -> Plan:
@@ -126,8 +126,8 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
                 bid = take(limits.max_backends, used_backend_ids, reserved_backend_ids, f"backend {b.name}")
                 change.backend_ids[b.name] = bid
                 change.new_backend_ids[b.name] = bid
-        new_ring, new_names = _ring_names(new, limits.ring_size, seed)
-        old_ring, old_names = _ring_names(lv.spec if lv else None, limits.ring_size, seed)
+        new_ring = _ring_names(new, limits.ring_size, seed)
+        old_ring = _ring_names(lv.spec if lv else None, limits.ring_size, seed)
         change.ring_changed = lv is None or new_ring != old_ring
         change.moved_slots = sum(1 for a, b in zip(old_ring, new_ring) if a != b) if lv else 0
         change.ring = [change.backend_ids[n] if n is not None else NO_BACKEND for n in new_ring]
@@ -189,7 +189,7 @@ def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
 
 def read_live(maps) -> LiveState:
     """Rebuilds the configuration from the maps alone: they are the one source of truth."""
-    from lbctl.model import BackendSpec as _B  # noqa: PLC0415
+    from lbctl.model import BackendSpec as _B
 
     by_vip_id: dict[int, list] = {}
     for rec in maps.backends():

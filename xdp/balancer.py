@@ -88,7 +88,7 @@ class Balancer:
             except libbpf.BpfError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-        from xdp.program import compile_and_load  # noqa: PLC0415  (pulls in bcc, slow)
+        from xdp.program import compile_and_load
 
         ensure_bpffs()
 

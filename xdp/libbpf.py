@@ -603,21 +603,47 @@ class TestRunResult:
     duration_ns: int  # average per repetition, as the kernel measured it
 
 
+class XdpMd(ctypes.Structure):
+    """struct xdp_md as BPF_PROG_TEST_RUN takes it in ctx_in (UAPI linux/bpf.h)."""
+
+    _fields_ = [
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+    ]
+
+
 def prog_test_run(
     prog_fd: int, data: bytes, repeat: int = 1, data_out_size: int | None = None,
-    flags: int = 0,
+    flags: int = 0, ingress_ifindex: int | None = None, meta: bytes = b"",
 ) -> TestRunResult:
-    """Run a loaded program on one packet with BPF_PROG_TEST_RUN; XDP needs no ctx."""
+    """Run a loaded program on one packet with BPF_PROG_TEST_RUN.
+
+    ingress_ifindex: run as if the frame arrived there (an interface of the calling thread's
+    network namespace, where bpf_fib_lookup then routes); default loopback. meta: XDP metadata
+    placed before the frame (data_meta); data_out then starts with the metadata too."""
     # Room for programs that grow the packet (bpf_xdp_adjust_head/tail, encapsulation).
-    out_size = len(data) + 256 if data_out_size is None else data_out_size
-    data_in = ctypes.create_string_buffer(data, len(data))
+    total = len(meta) + len(data)
+    out_size = total + 256 if data_out_size is None else data_out_size
+    data_in = ctypes.create_string_buffer(meta + data, total)
     data_out = ctypes.create_string_buffer(out_size)
     opts = _TestRunOpts(
         sz=ctypes.sizeof(_TestRunOpts),
-        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=len(data),
+        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=total,
         data_out=ctypes.cast(data_out, ctypes.c_void_p), data_size_out=out_size,
         repeat=repeat, flags=flags,
     )
+    ctx = None
+    if ingress_ifindex is not None or meta:
+        # bpf_prog_test_run_xdp (net/bpf/test_run.c) takes data == metadata length, data_meta 0,
+        # data_end == the whole input's length and egress_ifindex 0.
+        ctx = XdpMd(data=len(meta), data_end=total, data_meta=0,
+                    ingress_ifindex=ingress_ifindex or 0, rx_queue_index=0, egress_ifindex=0)
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
     _, err = _call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
     if err:
         detail = ""
@@ -625,6 +651,8 @@ def prog_test_run(
             detail = f"output of {opts.data_size_out} bytes exceeds data_out_size {out_size}"
         elif err == errno_codes.EINVAL and len(data) < 14:
             detail = "XDP test runs need at least an Ethernet header (14 bytes)"
+        elif err == errno_codes.ENODEV and ingress_ifindex:
+            detail = f"no interface with ifindex {ingress_ifindex} in this network namespace"
         _raise(err, "bpf_prog_test_run_opts", _describe_fd(prog_fd, "prog"), detail=detail)
     return TestRunResult(
         retval=opts.retval, data_out=data_out.raw[:opts.data_size_out],

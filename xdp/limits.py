@@ -1,7 +1,7 @@
 """The one source of the data plane's limits, timeouts and outcome codes; rendered into C by jinja2."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 
 # Outcome of one packet, one counter each in stats_global. Order is ABI: the C enum
 # is rendered from this list, and readers index the per-CPU array with it.

@@ -43,7 +43,7 @@ class LoadedProgram:
 
 def _import_bcc():
     try:
-        from bcc import BPF  # noqa: PLC0415  (bcc is slow to import and root-only)
+        from bcc import BPF
     except ImportError as exc:
         raise BccMissingError(
             "python module 'bcc' not found; hint: apt-get install python3-bpfcc and run lbctl "

@@ -3,7 +3,6 @@ and maps, a routed network namespace, and BPF_PROG_TEST_RUN with a chosen ingres
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
@@ -26,50 +25,6 @@ INSTANCE_PREFIX = "tbpf-"
 NETNS_PREFIX = "tbpf-"
 NUD_PERMANENT = 0x80
 UP_TIMEOUT_S = 5.0
-
-
-# --- test runs with an xdp_md context ---
-# TODO(lead): move into xdp/libbpf.py as prog_test_run(..., ingress_ifindex=...): the library's
-# prog_test_run passes no ctx, so every run sees loopback as its ingress interface.
-
-class XdpMd(ctypes.Structure):
-    """struct xdp_md as BPF_PROG_TEST_RUN takes it in ctx_in (UAPI linux/bpf.h)."""
-
-    _fields_ = [
-        ("data", ctypes.c_uint32),
-        ("data_end", ctypes.c_uint32),
-        ("data_meta", ctypes.c_uint32),
-        ("ingress_ifindex", ctypes.c_uint32),
-        ("rx_queue_index", ctypes.c_uint32),
-        ("egress_ifindex", ctypes.c_uint32),
-    ]
-
-
-def prog_test_run_from(prog_fd: int, data: bytes, ingress_ifindex: int) -> libbpf.TestRunResult:
-    """One test run as if data arrived on ingress_ifindex, an interface of the calling thread's
-    network namespace (the kernel resolves it there, and bpf_fib_lookup then routes there)."""
-    # bpf_prog_test_run_xdp (net/bpf/test_run.c) accepts a ctx only with data == data_meta == 0
-    # (no metadata), data_end == the frame's length and egress_ifindex 0.
-    ctx = XdpMd(data=0, data_end=len(data), data_meta=0, ingress_ifindex=ingress_ifindex,
-                rx_queue_index=0, egress_ifindex=0)
-    out_size = len(data) + 256
-    data_in = ctypes.create_string_buffer(data, len(data))
-    data_out = ctypes.create_string_buffer(out_size)
-    opts = libbpf._TestRunOpts(
-        sz=ctypes.sizeof(libbpf._TestRunOpts),
-        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=len(data),
-        data_out=ctypes.cast(data_out, ctypes.c_void_p), data_size_out=out_size,
-        ctx_in=ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p),
-        ctx_size_in=ctypes.sizeof(ctx), repeat=1,
-    )
-    _, err = libbpf._call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
-    if err:
-        detail = ""
-        if err == errno.ENODEV:
-            detail = f"no interface with ifindex {ingress_ifindex} in this network namespace"
-        raise libbpf.BpfError(err, "bpf_prog_test_run_opts", f"prog fd {prog_fd}", detail=detail)
-    return libbpf.TestRunResult(retval=opts.retval, data_out=data_out.raw[:opts.data_size_out],
-                                duration_ns=opts.duration)
 
 
 # --- the balancer instance ---
@@ -227,7 +182,7 @@ def run(lb_program: LoadedProgram, routed_netns: RoutedNetns) -> Callable[..., t
             if ingress is None:
                 result = libbpf.prog_test_run(lb_program.fd, frame)
             else:
-                result = prog_test_run_from(lb_program.fd, frame, routed_netns.ifindex[ingress])
+                result = libbpf.prog_test_run(lb_program.fd, frame, ingress_ifindex=routed_netns.ifindex[ingress])
         return result.retval, result.data_out
     return run_frame
 

@@ -36,7 +36,7 @@ class FakeController:
 
 
 class _FakeResult:
-    class plan:  # noqa: N801
+    class plan:
         @staticmethod
         def describe():
             return ["+ vip 10.0.0.10:80 (tcp)"]
