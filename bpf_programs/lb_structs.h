@@ -55,3 +55,18 @@ struct lb_counters {
     __u64 new_flows;
     __u64 drops;
 };
+
+/* XDP metadata that `lbctl explain` puts before a test-run frame; the program answers in it. */
+struct lb_explain {
+    __u32 magic;            /* LB_EXPLAIN_MAGIC, else the frame is an ordinary packet */
+    __u32 verdict;          /* enum lb_explain_verdict */
+    __u32 vip_id;
+    __u32 ring_generation;
+    __u32 slot;
+    __u32 backend_id;
+    __be32 backend_addr;
+    __be16 backend_port;
+    __u8 flow_state;
+    __u8 pad;
+    __u64 flow_age_ms;
+};

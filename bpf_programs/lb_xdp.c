@@ -88,13 +88,27 @@ static __always_inline int lb_entry_alive(const struct nat_entry *e, __u64 now, 
     return 1;
 }
 
+/* A tracked flow keeps its backend while alive; a backend marked down loses its flows, a
+ * deleted one keeps them until they end. */
+static __always_inline int lb_flow_usable(const struct nat_entry *flow, __u64 now, __u8 tcp_flags)
+{
+    if (!lb_entry_alive(flow, now, tcp_flags))
+        return 0;
+    __u32 id = flow->backend_id;
+    struct backend *be = backends.lookup(&id);
+    if (be && be->state == LB_BACKEND_DOWN && be->addr == flow->addr && be->port == flow->port)
+        return 0;
+    return 1;
+}
+
 /* Picks the backend for a new flow from the VIP's live ring; LB_NO_BACKEND when none. */
 static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct flow_key *key,
-                                     struct backend **out)
+                                     struct backend **out, __u32 *slot_out)
 {
     if (vip->vip_id >= LB_MAX_VIPS)
         return LB_NO_BACKEND;
     __u32 slot = lb_flow_hash(key) % LB_RING_SIZE;
+    *slot_out = slot;
     __u32 index = (vip->vip_id * 2 + (vip->ring_generation & 1)) * LB_RING_SIZE + slot;
     __u32 *backend_id = rings.lookup(&index);
     if (!backend_id || *backend_id >= LB_MAX_BACKENDS)
@@ -115,19 +129,13 @@ static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *
     struct nat_entry fresh = {};
     int new_flow = 0;
 
-    if (flow && lb_entry_alive(flow, now, pkt->tcp_flags)) {
-        /* A backend marked down loses its flows; a deleted one keeps them until they end. */
-        __u32 id = flow->backend_id;
-        struct backend *be = backends.lookup(&id);
-        if (be && be->state == LB_BACKEND_DOWN && be->addr == flow->addr && be->port == flow->port)
-            flow = NULL;
-    } else {
+    if (flow && !lb_flow_usable(flow, now, pkt->tcp_flags))
         flow = NULL;
-    }
 
     if (!flow) {
         struct backend *be = NULL;
-        __u32 id = lb_pick(vip, &pkt->key, &be);
+        __u32 slot = 0;
+        __u32 id = lb_pick(vip, &pkt->key, &be, &slot);
         if (id == LB_NO_BACKEND || !be) {
             __u32 vip_id = vip->vip_id;
             struct lb_counters *vc = stats_vip.lookup(&vip_id);
@@ -227,6 +235,40 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
     return lb_forward(ctx, pkt, bytes);
 }
 
+/* `lbctl explain`: the decision lb_from_client would take for this packet, written into the
+ * metadata instead of acted on: no flow is created, no counter moves, nothing is rewritten. */
+static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vip,
+                                      struct lb_explain *out)
+{
+    __u64 now = bpf_ktime_get_ns();
+    out->vip_id = vip->vip_id;
+    out->ring_generation = vip->ring_generation & 1;
+    struct nat_entry *flow = flows.lookup(&pkt->key);
+    if (flow && lb_flow_usable(flow, now, pkt->tcp_flags)) {
+        out->verdict = LB_EXPLAIN_FLOW_HIT;
+        out->backend_id = flow->backend_id;
+        out->backend_addr = flow->addr;
+        out->backend_port = flow->port;
+        out->flow_state = flow->state;
+        out->flow_age_ms = lb_age_ns(now, flow->created_ns) / 1000000;
+        return XDP_PASS;
+    }
+    struct backend *be = NULL;
+    __u32 slot = 0;
+    __u32 id = lb_pick(vip, &pkt->key, &be, &slot);
+    out->slot = slot;
+    if (id == LB_NO_BACKEND || !be) {
+        out->verdict = LB_EXPLAIN_NO_BACKEND;
+        out->backend_id = LB_NO_BACKEND;
+        return XDP_PASS;
+    }
+    out->verdict = LB_EXPLAIN_RING;
+    out->backend_id = id;
+    out->backend_addr = be->addr;
+    out->backend_port = be->port;
+    return XDP_PASS;
+}
+
 int xdp_lb(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -243,6 +285,17 @@ int xdp_lb(struct xdp_md *ctx)
     vk.port = pkt.key.dport;
     vk.proto = pkt.key.proto;
     struct vip_meta *vip = vips.lookup(&vk);
+
+    /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
+    struct lb_explain *explain = (void *)(long)ctx->data_meta;
+    if ((void *)(explain + 1) <= data && explain->magic == LB_EXPLAIN_MAGIC) {
+        if (!vip) {
+            explain->verdict = LB_EXPLAIN_NOT_VIP;
+            return XDP_PASS;
+        }
+        return lb_explain(&pkt, vip, explain);
+    }
+
     struct nat_entry *back = NULL;
     if (!vip) {
         back = rnat.lookup(&pkt.key);

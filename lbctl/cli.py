@@ -360,6 +360,37 @@ def stats(obj: Context, as_json: bool, watch: bool) -> None:
             return
 
 
+@main.command(epilog=examples(
+    "lbctl explain 10.0.2.5:40000 10.0.0.10:80          # which backend, and why",
+    "lbctl explain 10.0.2.5:5000 10.0.0.10:53 --proto udp --json",
+))
+@click.argument("client_addr", metavar="CLIENT:PORT")
+@click.argument("vip_addr", metavar="VIP:PORT")
+@proto_option
+@json_option
+@click.pass_obj
+def explain(obj: Context, client_addr: str, vip_addr: str, proto: str, as_json: bool) -> None:
+    """Which backend the running balancer picks for a flow, and why (changes nothing)."""
+    client = parsed(parse_endpoint, client_addr, proto, "client")
+    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    ans = obj.controller.explain(client, vip_ep)
+    if as_json:
+        echo_json(ans)
+        return
+    flow = f"{client} -> {vip_ep} ({proto})"
+    if ans["verdict"] == "not_vip":
+        click.echo(f"{flow}: {vip_ep} is not a VIP here; the packet passes to the kernel untouched")
+    elif ans["verdict"] == "no_backend":
+        click.echo(f"{flow}: no usable backend (ring slot {ans['slot']} of generation "
+                   f"{ans['ring_generation']} is empty); the packet is dropped")
+    elif ans["verdict"] == "flow_hit":
+        click.echo(f"{flow}: backend {ans['backend']} (id {ans['backend_id']}) by flow-table hit "
+                   f"({ans['flow_state']}, tracked for {ans['flow_age_ms'] / 1000:.1f} s)")
+    else:
+        click.echo(f"{flow}: backend {ans['backend']} (id {ans['backend_id']}) by ring slot "
+                   f"{ans['slot']} of generation {ans['ring_generation']} (new flow)")
+
+
 @main.group(epilog=examples("lbctl flows list --limit 20", "lbctl flows flush"))
 def flows() -> None:
     """Inspect or flush the connection-tracking table."""

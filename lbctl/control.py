@@ -170,6 +170,18 @@ class Controller:
                     break
         return out
 
+    def explain(self, client: Endpoint, vip: Endpoint) -> dict:
+        """Which backend the running program would pick for client -> vip, and why."""
+        from xdp.explain import explain  # noqa: PLC0415
+
+        require_root()
+        fd = self.balancer.program_fd()
+        try:
+            answer = explain(fd, client, vip)
+        finally:
+            self.balancer.close()
+        return {"client": str(client), "vip": str(vip), "proto": vip.proto, **answer.__dict__}
+
     def flows_flush(self) -> int:
         require_root()
         with self._locked(), self.balancer.maps() as maps:

@@ -188,6 +188,13 @@ class Balancer:
         except FileNotFoundError:
             pass
 
+    def program_fd(self) -> int:
+        """The pinned program, without compiling: explain and test runs use the live one."""
+        if not os.path.exists(self.prog_pin):
+            raise NotAttachedError(f"balancer not attached: no program pinned at {self.prog_pin}; "
+                                   "hint: run 'lbctl attach IFACE' first")
+        return self._program_fd(fresh=False)
+
     def maps(self) -> LbMaps:
         return LbMaps(self.pin_dir, self.limits)
 

@@ -23,6 +23,10 @@ FLOW_STATES: tuple[str, ...] = ("syn", "established", "closing", "udp")
 
 BACKEND_STATES: tuple[str, ...] = ("active", "drain", "down")
 
+# `lbctl explain` answers, written by the program into the test-run frame's metadata.
+EXPLAIN_VERDICTS: tuple[str, ...] = ("none", "not_vip", "flow_hit", "ring", "no_backend")
+EXPLAIN_MAGIC = 0x4C424558  # "LBEX"
+
 PIN_ROOT = "/sys/fs/bpf/lbctl"
 
 
@@ -43,6 +47,8 @@ class Limits:
     outcomes: tuple[str, ...] = field(default=OUTCOMES)
     flow_states: tuple[str, ...] = field(default=FLOW_STATES)
     backend_states: tuple[str, ...] = field(default=BACKEND_STATES)
+    explain_verdicts: tuple[str, ...] = field(default=EXPLAIN_VERDICTS)
+    explain_magic: int = EXPLAIN_MAGIC
 
     @property
     def ring_entries(self) -> int:

@@ -1,0 +1,39 @@
+"""Asks the live program, through BPF_PROG_TEST_RUN with explain metadata, which backend it
+would choose for a flow and why, without creating a flow or moving a counter."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from xdp import codec, libbpf
+from xdp.limits import EXPLAIN_MAGIC, EXPLAIN_VERDICTS, FLOW_STATES
+
+
+@dataclass(frozen=True)
+class Explanation:
+    verdict: str                # not_vip | flow_hit | ring | no_backend
+    vip_id: int
+    ring_generation: int
+    slot: int
+    backend_id: int | None
+    backend: str | None         # "addr:port"
+    flow_state: str | None
+    flow_age_ms: int | None
+
+
+def explain(prog_fd: int, client: codec.Endpoint, vip: codec.Endpoint) -> Explanation:
+    frame = codec.probe_frame(client.addr, client.port, vip.addr, vip.port, vip.proto)
+    ask = codec.ExplainMeta(magic=EXPLAIN_MAGIC)
+    result = libbpf.prog_test_run(prog_fd, frame, meta=bytes(ask))
+    answer = codec.ExplainMeta.from_buffer_copy(result.data_out[: ctypes.sizeof(codec.ExplainMeta)])
+    verdict = EXPLAIN_VERDICTS[answer.verdict] if answer.verdict < len(EXPLAIN_VERDICTS) else "none"
+    has_backend = verdict in ("flow_hit", "ring")
+    hit = verdict == "flow_hit"
+    return Explanation(
+        verdict=verdict, vip_id=answer.vip_id, ring_generation=answer.ring_generation,
+        slot=answer.slot, backend_id=answer.backend_id if has_backend else None,
+        backend=(f"{codec._addr(answer.backend_addr)}:{codec._port(answer.backend_port)}"
+                 if has_backend else None),
+        flow_state=FLOW_STATES[answer.flow_state] if hit and answer.flow_state < len(FLOW_STATES) else None,
+        flow_age_ms=answer.flow_age_ms if hit else None,
+    )
