@@ -54,6 +54,7 @@ fi
 
 if [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
     # The running kernel has no headers package: use the distribution's newest headers.
+    # shellcheck disable=SC2010  # module directory names are plain kernel versions
     hdr=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "^/lib/modules/$kver/" | sort -V | tail -n1 || true)
     [ -n "$hdr" ] || die "no kernel headers found for $kver; hint: apt-get install linux-headers-amd64"
     hdir=$(dirname "$hdr")
@@ -82,7 +83,7 @@ fi
 stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     say "installing lbctl and its Python dependencies into $venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[test]"
     rm -f "$venv"/.installed-*
     touch "$stamp"
 fi
