@@ -36,6 +36,7 @@ class Controller:
     # -- locking and the change pipeline ----------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        require_root()
         os.makedirs(LOCK_DIR, exist_ok=True)
         with open(os.path.join(LOCK_DIR, f"{self.instance}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
