@@ -93,6 +93,8 @@ class RoutedPort(Protocol):
     mac: str           # the interface's MAC: bpf_fib_lookup's smac for packets leaving here
     cidr: str          # its address, e.g. "10.10.1.1/24": the connected route
     neighbours: dict[str, str]  # address -> MAC, installed PERMANENT: bpf_fib_lookup's dmac
+    # Optional `mtu: int | None` (read with getattr): set on both ends of the veth, e.g. 9000
+    # for a jumbo link, where bpf_fib_lookup's MTU check then lets big packets through.
 
 
 @dataclass
@@ -136,6 +138,10 @@ def routed_netns(netns_ports: Sequence[RoutedPort]) -> Iterator[RoutedNetns]:
                 index = ipr.link_lookup(ifname=port.name)[0]
                 peer = ipr.link_lookup(ifname=f"{port.name}p")[0]
                 ipr.link("set", index=index, address=port.mac)
+                mtu = getattr(port, "mtu", None)
+                if mtu is not None:
+                    ipr.link("set", index=index, mtu=mtu)
+                    ipr.link("set", index=peer, mtu=mtu)
                 ipr.link("set", index=peer, state="up")
                 ipr.link("set", index=index, state="up")
                 addr, prefixlen = port.cidr.split("/")

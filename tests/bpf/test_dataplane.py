@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.l2 import ARP, LLC, Dot1AD, Dot1Q, Dot3, Ether
 from scapy.packet import Raw
 
 from lbctl import planner
@@ -55,6 +55,15 @@ UNROUTED = Endpoint("10.10.9.4", 80, "tcp")
 UNROUTED_BACKEND = Endpoint("192.0.2.77", 80, "tcp")    # TEST-NET-1: no route in the namespace
 UNRESOLVED = Endpoint("10.10.9.5", 80, "tcp")
 UNRESOLVED_BACKEND = Endpoint("10.10.2.99", 80, "tcp")  # on the subnet, but no neighbour entry
+QUIC = Endpoint("10.10.9.7", 443, "udp")
+QUIC_A = Endpoint("10.10.2.15", 4433, "udp")            # active at the start of each case
+QUIC_B = Endpoint("10.10.2.16", 4433, "udp")            # drain at the start of each case
+JUMBO = Endpoint("10.10.9.8", 80, "tcp")
+JUMBO_BACKEND = Endpoint("10.10.3.11", 80, "tcp")       # behind the 9000-byte-MTU arm
+JUMBO_ARM = "lbj"
+JUMBO_ARM_MAC = "02:00:0a:0a:03:01"
+JUMBO_MTU = 9000
+ROUTER, ROUTER_MAC = "10.10.1.254", "02:00:0a:0a:01:fe"  # a router on the client side
 
 
 def _mac_of(addr: str) -> str:
@@ -62,7 +71,8 @@ def _mac_of(addr: str) -> str:
 
 
 BACKEND_MACS = {b.addr: _mac_of(b.addr) for b in
-                (WEB_BACKEND, DNS_BACKEND, POOL_A, POOL_B, *TRIO_BACKENDS)}
+                (WEB_BACKEND, DNS_BACKEND, POOL_A, POOL_B, *TRIO_BACKENDS, QUIC_A, QUIC_B,
+                 JUMBO_BACKEND)}
 
 
 @dataclass(frozen=True)
@@ -71,12 +81,16 @@ class Port:
     mac: str
     cidr: str
     neighbours: dict[str, str]
+    mtu: int | None = None
 
 
 PORTS = (
     Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.10.1.1/24", {CLIENT: CLIENT_MAC}),
     Port(BACKEND_ARM, BACKEND_ARM_MAC, "10.10.2.1/24",
-         {**BACKEND_MACS, NEAR_CLIENT: NEAR_CLIENT_MAC}),
+         {**{a: m for a, m in BACKEND_MACS.items() if a != JUMBO_BACKEND.addr},
+          NEAR_CLIENT: NEAR_CLIENT_MAC}),
+    Port(JUMBO_ARM, JUMBO_ARM_MAC, "10.10.3.1/24",
+         {JUMBO_BACKEND.addr: BACKEND_MACS[JUMBO_BACKEND.addr]}, mtu=JUMBO_MTU),
 )
 
 
@@ -97,11 +111,13 @@ def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
     then hold, which every case starts from."""
     for vip, backends in ((WEB, [WEB_BACKEND]), (DNS, [DNS_BACKEND]), (EMPTY, []),
                           (POOL, [POOL_A, POOL_B]), (TRIO, list(TRIO_BACKENDS)),
-                          (UNROUTED, [UNROUTED_BACKEND]), (UNRESOLVED, [UNRESOLVED_BACKEND])):
+                          (UNROUTED, [UNROUTED_BACKEND]), (UNRESOLVED, [UNRESOLVED_BACKEND]),
+                          (QUIC, [QUIC_A, QUIC_B]), (JUMBO, [JUMBO_BACKEND])):
         controller.vip_add(vip)
         for backend in backends:
             controller.backend_add(vip, parse_endpoint(_backend_name(backend), vip.proto))
     controller.backend_set(POOL, POOL_B, weight=None, state="drain")
+    controller.backend_set(QUIC, QUIC_B, weight=None, state="drain")
     return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
 
 
@@ -117,8 +133,9 @@ def fresh_dataplane(controller: Controller, baseline: Config,
 
 def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: str = "S", *,
               eth: tuple[str, str] = (CLIENT_MAC, CLIENT_ARM_MAC), ttl: int = 64,
-              payload: bytes = b"", options: list[IPOption] | None = None) -> bytes:
-    ip = IP(src=src, dst=dst, ttl=ttl, id=4242, options=options or [])
+              payload: bytes = b"", options: list[IPOption] | None = None,
+              ip_flags: str = "") -> bytes:
+    ip = IP(src=src, dst=dst, ttl=ttl, id=4242, options=options or [], flags=ip_flags)
     return bytes(Ether(src=eth[0], dst=eth[1]) / ip /
                  TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 1,
                      window=64240) / payload)
@@ -196,6 +213,11 @@ class Send:
     action: int
     outcome: str
     expected: bytes | None = None
+    counted_bytes: int | None = None   # None: the whole frame (see the jumbo cases)
+
+    @property
+    def bytes_counted(self) -> int:
+        return len(self.frame) if self.counted_bytes is None else self.counted_bytes
 
 
 @dataclass(frozen=True)
@@ -284,6 +306,63 @@ def _raw_ip(version_ihl: int) -> bytes:
     frame = bytearray(SYN_TO_WEB)
     frame[14] = version_ihl
     return bytes(frame)
+
+
+def set_state(vip: Endpoint, backend: Endpoint, state: str) -> Do:
+    return Do(f"set {backend} {state}",
+              lambda c: c.backend_set(vip, backend, weight=None, state=state))
+
+
+def _with_tcp_data_offset(frame: bytes, words: int) -> bytes:
+    """A TCP frame (no IP options) whose data offset says `words` 32-bit words; the checksum
+    is left as it was: the program must reject the frame before it could matter."""
+    out = bytearray(frame)
+    out[14 + 20 + 12] = (words << 4) | (out[14 + 20 + 12] & 0x0F)
+    return bytes(out)
+
+
+def _reply(backend: Endpoint, flags: str, client_port: int = 40000, client: str = CLIENT,
+           **kw: object) -> bytes:
+    """A backend's TCP segment to a client, arriving on the backend arm, with IP keywords."""
+    return tcp_frame(backend.addr, client, backend.port, client_port, flags,
+                     eth=(BACKEND_MACS[backend.addr], BACKEND_ARM_MAC), **kw)  # type: ignore[arg-type]
+
+
+def _to_jumbo_arm(frame: bytes) -> bytes:
+    return rewritten(frame, eth=(JUMBO_ARM_MAC, BACKEND_MACS[JUMBO_BACKEND.addr]),
+                     dst=JUMBO_BACKEND)
+
+
+def _client_ip(dst: str, payload: object, *, eth_dst: str = CLIENT_ARM_MAC, **ip: Any) -> bytes:
+    """A frame from the client (or the router beside it) with any IP payload."""
+    return bytes(Ether(src=CLIENT_MAC, dst=eth_dst) / IP(src=CLIENT, dst=dst, **ip) / payload)
+
+
+def _ihl_4_with_plausible_tcp() -> bytes:
+    """IHL 4 puts the TCP header 4 bytes early: its data offset is then the high nibble of the
+    real header's ack field, here 5, so only the IHL check can tell this frame is a lie."""
+    frame = bytearray(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
+                            IP(src=CLIENT, dst=WEB.addr, id=4242) /
+                            TCP(sport=40000, dport=WEB.port, flags="A", ack=0x50000000)))
+    frame[14] = 0x44
+    return bytes(frame)
+
+
+IHL_4_WITH_PLAUSIBLE_TCP = _ihl_4_with_plausible_tcp()
+# The largest frame a single-buffer XDP program sees whole in a test run is a page less the
+# head- and tailroom: 3520 bytes on x86-64. The rest of a longer frame is in fragments.
+JUMBO_LINEAR_BYTES = 3520
+JUMBO_3K = to_vip(JUMBO, flags="PA", payload=bytes(3400))           # 3454 bytes: seen whole
+JUMBO_9K = to_vip(JUMBO, flags="PA", payload=bytes(9000 - 40))      # 9014 bytes: it is not
+# A router on the client side says a VIP reply was too big for its next link (PMTU discovery).
+FRAG_NEEDED_FOR_VIP_REPLY = bytes(
+    Ether(src=ROUTER_MAC, dst=CLIENT_ARM_MAC) / IP(src=ROUTER, dst=WEB.addr) /
+    ICMP(type=3, code=4, nexthopmtu=1400) /
+    IP(src=WEB.addr, dst=CLIENT, ttl=3) / TCP(sport=WEB.port, dport=40000, flags="A"))
+PORT_UNREACHABLE_FROM_BACKEND = bytes(
+    Ether(src=BACKEND_MACS[DNS_BACKEND.addr], dst=BACKEND_ARM_MAC) /
+    IP(src=DNS_BACKEND.addr, dst=CLIENT) / ICMP(type=3, code=3) /
+    IP(src=CLIENT, dst=DNS_BACKEND.addr) / UDP(sport=33000, dport=DNS_BACKEND.port) / b"query")
 
 
 CASES: list[Case] = [
@@ -463,6 +542,229 @@ CASES: list[Case] = [
         Send(to_vip(UNRESOLVED), CLIENT_ARM, XDP_PASS, "pass_no_route",
              rewritten(to_vip(UNRESOLVED), dst=UNRESOLVED_BACKEND, hops=0)),
     )),
+
+    # --- TCP state: SYN on a tracked tuple, FIN and RST from either side ---
+    Case("a SYN for an established tuple keeps its backend (only a closing flow re-picks)", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+    )),
+    Case("a client's RST closes the flow and the next SYN on the tuple re-picks the backend", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(to_vip(POOL, 41000, "R"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "R"), POOL_A)),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_B)),
+    )),
+    Case("a backend's RST closes the flow for the client too: its next SYN re-picks", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(from_backend(POOL_A, 41000, "R"), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(POOL_A, 41000, "R"), POOL)),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_B)),
+    )),
+    Case("a backend's FIN closes the flow for the client too: its next SYN re-picks", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(from_backend(POOL_A, 41000, "FA"), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(POOL_A, 41000, "FA"), POOL)),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_B)),
+    )),
+    Case("after a FIN the last ACKs still reach the backend and its reply still comes back", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        Send(to_vip(POOL, 41000, "FA"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "FA"), POOL_A)),
+        set_states(POOL, a="drain", b="active"),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_A)),
+        Send(from_backend(POOL_A, 41000, "A"), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(POOL_A, 41000, "A"), POOL)),
+    )),
+    Case("a stray RST to a VIP with no tracked flow goes to the backend the ring picks", (
+        Send(to_vip(WEB, flags="R"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(WEB, flags="R"), WEB_BACKEND)),
+    )),
+    # --- UDP flows ---
+    Case("a second UDP datagram on a tracked tuple keeps its backend after the ring changes", (
+        Send(to_vip(QUIC, 50000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(QUIC, 50000), QUIC_A)),
+        set_state(QUIC, QUIC_B, "active"),
+        set_state(QUIC, QUIC_A, "drain"),
+        Send(to_vip(QUIC, 50000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(QUIC, 50000), QUIC_A)),
+        Send(to_vip(QUIC, 50001), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(QUIC, 50001), QUIC_B)),
+    )),
+    Case("a UDP reply without a checksum (0) is reverse-NATed and keeps checksum 0", (
+        Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
+        Send(udp_frame(DNS_BACKEND.addr, CLIENT, DNS_BACKEND.port, 33000, b"answer", chksum=0,
+                       eth=(BACKEND_MACS[DNS_BACKEND.addr], BACKEND_ARM_MAC)),
+             BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(udp_frame(DNS_BACKEND.addr, CLIENT, DNS_BACKEND.port, 33000, b"answer",
+                            chksum=0, eth=(BACKEND_MACS[DNS_BACKEND.addr], BACKEND_ARM_MAC)),
+                  DNS)),
+    )),
+    # --- replies ---
+    Case("a reply from the backend's address but another port passes unchanged", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        passes(_reply(Endpoint(WEB_BACKEND.addr, 8081, "tcp"), "SA"), "pass_not_vip",
+               BACKEND_ARM),
+    )),
+    Case("a reply carrying IP options is reverse-NATed with both checksums right", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        Send(_reply(WEB_BACKEND, "SA", options=OPTIONS_4), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(_reply(WEB_BACKEND, "SA", options=OPTIONS_4), WEB)),
+    )),
+    Case("a reply with TTL 1 passes unchanged for the kernel's ICMP error", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        passes(_reply(WEB_BACKEND, "SA", ttl=1), "pass_ttl", BACKEND_ARM),
+    )),
+    Case("a reply to a client on the backends' side goes back out of its arm (XDP_TX)", (
+        Send(SYN_FROM_NEAR_CLIENT, BACKEND_ARM, XDP_TX, "tx",
+             dnat(SYN_FROM_NEAR_CLIENT, WEB_BACKEND)),
+        Send(_reply(WEB_BACKEND, "SA", client=NEAR_CLIENT), BACKEND_ARM, XDP_TX, "tx",
+             rewritten(_reply(WEB_BACKEND, "SA", client=NEAR_CLIENT),
+                       eth=(BACKEND_ARM_MAC, NEAR_CLIENT_MAC), src=WEB)),
+    )),
+    # --- backend states and empty VIPs ---
+    Case("a VIP whose backends all drain keeps its flows and drops new ones", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="drain"),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(POOL, 41000, "A"), POOL_A)),
+        Send(to_vip(POOL, 41001), CLIENT_ARM, XDP_DROP, "drop_no_backend", b""),
+    )),
+    Case("a flow whose backend goes down with no other active backend is dropped", (
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_A)),
+        set_states(POOL, a="down"),
+        Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_DROP, "drop_no_backend", b""),
+    )),
+    Case("TTL 1 to a VIP without backends passes for the kernel's ICMP error, not dropped", (
+        passes(to_vip(EMPTY, ttl=1), "pass_ttl"),
+    )),
+    # --- traffic that is not for a VIP ---
+    Case("non-VIP UDP passes unchanged", (
+        passes(udp_frame(CLIENT, "10.10.1.1", 40000, 53), "pass_not_vip"),
+    )),
+    Case("UDP to a VIP address on another port passes unchanged", (
+        passes(udp_frame(CLIENT, DNS.addr, 40000, 54), "pass_not_vip"),
+    )),
+    Case("SCTP to a VIP address passes unchanged", (
+        passes(_client_ip(WEB.addr, Raw(bytes(12)), proto=132), "pass_not_vip"),
+    )),
+    Case("a non-VIP packet with TTL 1 passes as not-VIP traffic: only ours is TTL-checked", (
+        passes(tcp_frame(CLIENT, "10.10.1.1", 40000, 22, ttl=1), "pass_not_vip"),
+    )),
+    # --- ICMP ---
+    Case("an ICMP echo reply from a backend to a client passes unchanged", (
+        passes(bytes(Ether(src=BACKEND_MACS[WEB_BACKEND.addr], dst=BACKEND_ARM_MAC) /
+                     IP(src=WEB_BACKEND.addr, dst=CLIENT) / ICMP(type=0)),
+               "pass_not_vip", BACKEND_ARM),
+    )),
+    Case("an ICMP fragmentation-needed about a VIP flow, sent to the VIP, passes unchanged", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        passes(FRAG_NEEDED_FOR_VIP_REPLY, "pass_not_vip"),
+    )),
+    Case("an ICMP port-unreachable from a backend about a VIP flow passes unchanged", (
+        Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
+        passes(PORT_UNREACHABLE_FROM_BACKEND, "pass_not_vip", BACKEND_ARM),
+    )),
+    # --- fragments, flags and options ---
+    Case("a VIP SYN with Don't Fragment set is balanced: DF is not a fragment", (
+        Send(to_vip(WEB, ip_flags="DF"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(WEB, ip_flags="DF"), WEB_BACKEND)),
+    )),
+    Case("a middle fragment (MF and an offset) to a VIP passes unchanged", (
+        passes(_client_ip(WEB.addr, Raw(b"x" * 24), flags="MF", frag=100, proto=6),
+               "pass_fragment"),
+    )),
+    Case("a fragment of a backend's UDP reply passes unchanged", (
+        Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
+        passes(bytes(Ether(src=BACKEND_MACS[DNS_BACKEND.addr], dst=BACKEND_ARM_MAC) /
+                     IP(src=DNS_BACKEND.addr, dst=CLIENT, flags="MF") /
+                     UDP(sport=DNS_BACKEND.port, dport=33000) / bytes(64)),
+               "pass_fragment", BACKEND_ARM),
+    )),
+    Case("an ICMP fragment to a VIP address counts as not-VIP traffic, not as a fragment", (
+        passes(_client_ip(WEB.addr, ICMP() / bytes(32), flags="MF"), "pass_not_vip"),
+    )),
+    # --- broadcast, multicast and other link layers ---
+    Case("UDP to the limited broadcast address passes unchanged", (
+        passes(_client_ip("255.255.255.255", UDP(sport=68, dport=67) / bytes(8),
+                          eth_dst="ff:ff:ff:ff:ff:ff"), "pass_not_vip"),
+    )),
+    Case("UDP to the client subnet's broadcast address passes unchanged", (
+        passes(_client_ip("10.10.1.255", UDP(sport=137, dport=137) / bytes(8),
+                          eth_dst="ff:ff:ff:ff:ff:ff"), "pass_not_vip"),
+    )),
+    Case("multicast UDP (mDNS) passes unchanged", (
+        passes(_client_ip("224.0.0.251", UDP(sport=5353, dport=5353) / bytes(8),
+                          eth_dst="01:00:5e:00:00:fb", ttl=255), "pass_not_vip"),
+    )),
+    Case("a VIP SYN sent to the broadcast MAC is balanced like any other: MACs are not checked", (
+        Send(to_vip(WEB, eth=(CLIENT_MAC, "ff:ff:ff:ff:ff:ff")), CLIENT_ARM, XDP_REDIRECT,
+             "redirect", dnat(to_vip(WEB, eth=(CLIENT_MAC, "ff:ff:ff:ff:ff:ff")), WEB_BACKEND)),
+    )),
+    Case("a double-tagged (802.1ad) frame to a VIP passes unchanged", (
+        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) / Dot1AD(vlan=5) / Dot1Q(vlan=7) /
+                     IP(src=CLIENT, dst=WEB.addr) / TCP(sport=40000, dport=80)),
+               "pass_not_ipv4"),
+    )),
+    Case("an 802.3 frame with a length field (LLC) passes unchanged", (
+        passes(bytes(Dot3(src=CLIENT_MAC, dst="01:80:c2:00:00:00") / LLC() / bytes(38)),
+               "pass_not_ipv4"),
+    )),
+    # --- jumbo frames ---
+    Case("a 3.5 KB jumbo frame to a VIP leaves by a 9000-byte-MTU backend link", (
+        Send(JUMBO_3K, CLIENT_ARM, XDP_REDIRECT, "redirect", _to_jumbo_arm(JUMBO_3K)),
+    )),
+    Case("a 9000-byte jumbo frame, longer than a single-buffer program sees, passes unchanged", (
+        Send(JUMBO_9K, CLIENT_ARM, XDP_PASS, "pass_malformed",
+             counted_bytes=JUMBO_LINEAR_BYTES),
+    )),
+    # --- headers that lie: never rewritten, never tracked ---
+    Case("IPv4 whose total length runs past the frame passes unchanged", (
+        passes(_with_ip_total_length(SYN_TO_WEB, 1000), "pass_malformed"),
+    )),
+    Case("IPv4 with IHL 0 passes unchanged", (
+        passes(_raw_ip(0x40), "pass_malformed"),
+    )),
+    Case("IPv4 with IHL 4, where a TCP header misread 4 bytes early looks valid, passes unchanged", (
+        passes(IHL_4_WITH_PLAUSIBLE_TCP, "pass_malformed"),
+    )),
+    Case("IPv4 with IHL 15 but no options (header longer than the packet) passes unchanged", (
+        passes(_raw_ip(0x4F), "pass_malformed"),
+    )),
+    Case("IPv4 whose IHL runs into the TCP header passes unchanged", (
+        passes(_raw_ip(0x47), "pass_malformed"),
+    )),
+    Case("TCP with data offset 0 passes unchanged", (
+        passes(_with_tcp_data_offset(SYN_TO_WEB, 0), "pass_malformed"),
+    )),
+    Case("TCP with data offset 4 passes unchanged", (
+        passes(_with_tcp_data_offset(SYN_TO_WEB, 4), "pass_malformed"),
+    )),
+    Case("TCP whose data offset runs past the packet passes unchanged", (
+        passes(_with_tcp_data_offset(SYN_TO_WEB, 15), "pass_malformed"),
+    )),
+    Case("a malformed VIP SYN creates no flow: the next valid SYN is balanced afresh", (
+        passes(_with_tcp_data_offset(SYN_TO_POOL, 4), "pass_malformed"),
+        set_states(POOL, a="drain", b="active"),
+        Send(SYN_TO_POOL, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_POOL, POOL_B)),
+    )),
+    Case("a reply with a lying data offset passes unchanged; the flow's next reply is NATed", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        passes(_with_tcp_data_offset(from_backend(WEB_BACKEND), 4), "pass_malformed",
+               BACKEND_ARM),
+        Send(from_backend(WEB_BACKEND), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(WEB_BACKEND), WEB)),
+    )),
+    Case("a reply truncated anywhere inside its TCP header passes unchanged", (
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        *_truncations(from_backend(WEB_BACKEND), range(34, 54), BACKEND_ARM),
+    )),
 ]
 
 
@@ -487,7 +789,7 @@ def send(step: Send, run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps) -> 
     counted = {name: (after[name]["packets"] - before[name]["packets"],
                       after[name]["bytes"] - before[name]["bytes"])
                for name in OUTCOMES if after[name] != before[name]}
-    assert counted == {step.outcome: (1, len(step.frame))}
+    assert counted == {step.outcome: (1, step.bytes_counted)}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
@@ -520,7 +822,7 @@ def test_every_frame_counts_in_exactly_one_outcome(
         run(step.frame, step.ingress)
     counters = lb_maps.global_counters()
     assert sum(c["packets"] for c in counters.values()) == len(frames)
-    assert sum(c["bytes"] for c in counters.values()) == sum(len(s.frame) for s in frames)
+    assert sum(c["bytes"] for c in counters.values()) == sum(s.bytes_counted for s in frames)
 
 
 def test_vip_without_backends_counts_the_drop_on_the_vip(
