@@ -1,5 +1,5 @@
 # The README's commands, for hosts that have make (lbctl/setup.sh installs it too).
-.PHONY: setup demo test test-unit test-bpf test-netns lint clean-lab
+.PHONY: setup demo test test-unit test-bpf test-netns lint clean-lab bench
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -28,3 +28,6 @@ lint: setup
 clean-lab: setup
 	-$(VENV)/bin/lbctl -n lbl-lb detach --all --purge
 	$(VENV)/bin/lbctl lab down
+
+bench: setup
+	$(PY) -m lbctl bench dataplane

@@ -422,6 +422,25 @@ def flows_flush(obj: Context) -> None:
     click.echo(f"flushed {obj.controller.flows_flush()} flows")
 
 
+# -- benchmarks -----------------------------------------------------------------------------
+@main.group(epilog=examples("lbctl bench dataplane   # ns per packet of each XDP path"))
+def bench() -> None:
+    """Measure the balancer (benchmarks report; they never assert)."""
+
+
+@bench.command("dataplane", epilog=examples(
+    "lbctl bench dataplane                                 # 1,000,000 packets per path",
+    "lbctl bench dataplane --repeat 200000 --json b.json   # quicker, with a record"))
+@click.option("--repeat", type=click.IntRange(min=5), default=1_000_000, show_default=True,
+              help="packets per path (new flows: at most 196,608)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures to FILE")
+def bench_dataplane(repeat: int, json_out: str | None) -> None:
+    """ns per packet of each XDP path (BPF_PROG_TEST_RUN) against a trivial baseline."""
+    from lbctl.bench_dataplane import run_bench  # noqa: PLC0415
+
+    run_bench(repeat=repeat, json_out=json_out)
+
+
 # -- the lab and the demo -------------------------------------------------------------------
 @main.group(epilog=examples("lbctl lab up", "lbctl lab status", "lbctl lab down"))
 def lab() -> None:

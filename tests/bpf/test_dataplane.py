@@ -322,10 +322,11 @@ def _with_tcp_data_offset(frame: bytes, words: int) -> bytes:
 
 
 def _reply(backend: Endpoint, flags: str, client_port: int = 40000, client: str = CLIENT,
-           **kw: object) -> bytes:
-    """A backend's TCP segment to a client, arriving on the backend arm, with IP keywords."""
+           **kw: Any) -> bytes:
+    """A backend's TCP segment to a client, arriving on the backend arm (tcp_frame keywords:
+    ttl, options)."""
     return tcp_frame(backend.addr, client, backend.port, client_port, flags,
-                     eth=(BACKEND_MACS[backend.addr], BACKEND_ARM_MAC), **kw)  # type: ignore[arg-type]
+                     eth=(BACKEND_MACS[backend.addr], BACKEND_ARM_MAC), **kw)
 
 
 def _to_jumbo_arm(frame: bytes) -> bytes:
@@ -334,7 +335,7 @@ def _to_jumbo_arm(frame: bytes) -> bytes:
 
 
 def _client_ip(dst: str, payload: object, *, eth_dst: str = CLIENT_ARM_MAC, **ip: Any) -> bytes:
-    """A frame from the client (or the router beside it) with any IP payload."""
+    """A frame from the client with any IP payload and IP header fields."""
     return bytes(Ether(src=CLIENT_MAC, dst=eth_dst) / IP(src=CLIENT, dst=dst, **ip) / payload)
 
 
@@ -349,6 +350,7 @@ def _ihl_4_with_plausible_tcp() -> bytes:
 
 
 IHL_4_WITH_PLAUSIBLE_TCP = _ihl_4_with_plausible_tcp()
+
 # The largest frame a single-buffer XDP program sees whole in a test run is a page less the
 # head- and tailroom: 3520 bytes on x86-64. The rest of a longer frame is in fragments.
 JUMBO_LINEAR_BYTES = 3520

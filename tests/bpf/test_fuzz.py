@@ -1,0 +1,596 @@
+"""Hostile input: 100,000 seeded random and mutated frames, and every header lie in turn, through
+BPF_PROG_TEST_RUN. Each frame is judged against a Python reading of the documented policy
+(docs/dataplane.md): no XDP_ABORTED, nothing but VIP traffic and tracked replies rewritten, every
+rewrite whole with its checksums as right as they came in, and every frame counted once."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from lbctl.control import Controller
+from lbctl.model import BackendSpec, VipSpec
+from xdp import libbpf
+from xdp.codec import Endpoint
+from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+from xdp.maps import LbMaps
+from xdp.program import LoadedProgram
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+
+# LBCTL_FUZZ_SEED=<n> replays a run; LBCTL_FUZZ_FRAMES=<n> changes its length.
+DEFAULT_SEED = 20240611
+FUZZ_SEED = int(os.environ.get("LBCTL_FUZZ_SEED", str(DEFAULT_SEED)))
+FUZZ_FRAMES = int(os.environ.get("LBCTL_FUZZ_FRAMES", "100000"))
+FUZZ_BUDGET_S_PER_100K = 60.0          # about 3 s on the 2-CPU test VM: room for a slow CI
+
+# --- the namespace and the configuration (addresses of their own: no other module's) ---
+
+CLIENT_ARM, CLIENT_ARM_MAC = "fzc", "02:00:0a:1e:01:01"
+BACKEND_ARM, BACKEND_ARM_MAC = "fzb", "02:00:0a:1e:02:01"
+CLIENTS = ("10.30.1.100", "10.30.1.101", "10.30.1.102", "10.30.1.103")
+UNRESOLVED_CLIENT = "10.30.1.199"      # on the client subnet, no neighbour: pass_no_route
+TCP_VIP = Endpoint("10.30.9.1", 80, "tcp")
+UDP_VIP = Endpoint("10.30.9.1", 53, "udp")
+EMPTY_VIP = Endpoint("10.30.9.2", 443, "tcp")
+UNRESOLVED_VIP = Endpoint("10.30.9.3", 80, "tcp")
+TCP_BACKENDS = (Endpoint("10.30.2.11", 8080, "tcp"), Endpoint("10.30.2.12", 8080, "tcp"),
+                Endpoint("10.30.2.13", 8080, "tcp"))
+DRAINING = TCP_BACKENDS[2]              # in the VIP, never in its ring: must never get a flow
+UDP_BACKENDS = (Endpoint("10.30.2.21", 5353, "udp"), Endpoint("10.30.2.22", 5353, "udp"))
+UNRESOLVED_BACKEND = Endpoint("10.30.2.99", 80, "tcp")
+VIPS = {TCP_VIP: TCP_BACKENDS, UDP_VIP: UDP_BACKENDS, EMPTY_VIP: (),
+        UNRESOLVED_VIP: (UNRESOLVED_BACKEND,)}
+ACTIVE = {vip: tuple(b for b in backends if b != DRAINING) for vip, backends in VIPS.items()}
+
+
+def _mac_of(addr: str) -> str:
+    return "02:00:" + ":".join(f"{int(octet):02x}" for octet in addr.split("."))
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    mac: str
+    cidr: str
+    neighbours: dict[str, str]
+
+
+PORTS = (
+    Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.30.1.1/24", {c: _mac_of(c) for c in CLIENTS}),
+    Port(BACKEND_ARM, BACKEND_ARM_MAC, "10.30.2.1/24",
+         {b.addr: _mac_of(b.addr) for b in (*TCP_BACKENDS, *UDP_BACKENDS)}),
+)
+ARM_MACS = {bytes.fromhex(p.mac.replace(":", "")) for p in PORTS}
+
+
+@pytest.fixture(scope="module")
+def netns_ports() -> tuple[Port, ...]:
+    return PORTS
+
+
+@pytest.fixture(scope="module")
+def fuzz_config(controller: Controller) -> None:
+    """Replaces whatever configuration the shared instance holds with this module's."""
+    config = {vip: VipSpec(vip, tuple(BackendSpec(b.addr, b.port,
+                                                  state="drain" if b == DRAINING else "active")
+                                      for b in backends))
+              for vip, backends in VIPS.items()}
+    controller.change(lambda _config: config)
+
+
+@pytest.fixture
+def fresh(fuzz_config: None, clean_dataplane: Callable[[], None]) -> None:
+    clean_dataplane()
+
+
+@contextmanager
+def inside(name: str) -> Iterator[None]:
+    """The whole run in the namespace: entering it per frame would cost more than the run."""
+    from pyroute2 import netns  # type: ignore[import-untyped]
+
+    netns.pushns(name)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+# --- checksums and the reference reading of a frame ---
+
+def ones_residual(data: bytes) -> int:
+    """The one's-complement sum of 16-bit words, mod 0xffff (2**16 is 1 mod 0xffff, so the
+    big-endian number mod 0xffff is that sum): 0 for a header whose checksum is right."""
+    if len(data) % 2:
+        data += b"\0"
+    return int.from_bytes(data, "big") % 0xFFFF
+
+
+def ones_checksum(data: bytes) -> int:
+    residual = ones_residual(data)
+    return 0xFFFF - residual if residual else 0xFFFF
+
+
+ETH_LEN = 14
+TCP, UDP = 6, 17
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """An IPv4 TCP/UDP frame the program must act on, and where its fields lie."""
+
+    ihl_bytes: int
+    tot_len: int
+    proto: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    ttl: int
+    check_at: int        # offset of the L4 checksum
+    l4_len: int          # bytes the L4 checksum covers (TCP: to the IP end; UDP: its length)
+
+    @property
+    def l4(self) -> int:
+        return ETH_LEN + self.ihl_bytes
+
+    @property
+    def proto_name(self) -> str:
+        return "tcp" if self.proto == TCP else "udp"
+
+
+def _addr(raw: bytes) -> str:
+    return ".".join(str(b) for b in raw)
+
+
+def read_frame(frame: bytes) -> str | Parsed:
+    """The policy of lb_parse, in Python: the outcome of a frame the program must pass
+    untouched, or the frame's fields. Same order of checks as the C, for the same counts."""
+    if frame[12:14] != b"\x08\x00":
+        return "pass_not_ipv4"
+    if len(frame) < ETH_LEN + 20:
+        return "pass_malformed"
+    version_ihl, _tos, tot_len, _id, frag, ttl, proto = struct.unpack_from("!BBHHHBB", frame, 14)
+    ihl_bytes = (version_ihl & 0x0F) * 4
+    if version_ihl >> 4 != 4 or ihl_bytes < 20:
+        return "pass_malformed"
+    if tot_len < ihl_bytes or ETH_LEN + tot_len > len(frame):
+        return "pass_malformed"
+    if proto not in (TCP, UDP):
+        return "pass_not_vip"
+    if frag & 0x3FFF:
+        return "pass_fragment"
+    l4 = ETH_LEN + ihl_bytes
+    payload_len = tot_len - ihl_bytes
+    if proto == TCP:
+        if l4 + 20 > len(frame):
+            return "pass_malformed"
+        data_offset = (frame[l4 + 12] >> 4) * 4
+        if data_offset < 20 or data_offset > payload_len:
+            return "pass_malformed"
+        check_at, l4_len = l4 + 16, payload_len
+    else:
+        if l4 + 8 > len(frame):
+            return "pass_malformed"
+        (udp_len,) = struct.unpack_from("!H", frame, l4 + 4)
+        if udp_len < 8 or udp_len > payload_len:
+            return "pass_malformed"
+        check_at, l4_len = l4 + 6, udp_len
+    sport, dport = struct.unpack_from("!HH", frame, l4)
+    return Parsed(ihl_bytes, tot_len, proto, _addr(frame[26:30]), _addr(frame[30:34]),
+                  sport, dport, ttl, check_at, l4_len)
+
+
+def ip_residual(frame: bytes, p: Parsed) -> int:
+    return ones_residual(frame[ETH_LEN:ETH_LEN + p.ihl_bytes])
+
+
+def l4_residual(frame: bytes, p: Parsed) -> int:
+    pseudo = frame[26:34] + struct.pack("!BBH", 0, p.proto, p.l4_len)
+    return ones_residual(pseudo + frame[p.l4:p.l4 + p.l4_len])
+
+
+# --- frames, built by hand (scapy takes ~1 ms a frame; 100,000 of them would take minutes) ---
+
+def _ip_bytes(addr: str) -> bytes:
+    return bytes(int(o) for o in addr.split("."))
+
+
+def build(src_mac: str, dst_mac: str, src: str, dst: str, proto: int, sport: int, dport: int,
+          *, tcp_flags: int = 0x02, payload: bytes = b"", ttl: int = 64, ip_options: bytes = b"",
+          tcp_options: bytes = b"", frag: int = 0, udp_checksum: bool = True) -> bytes:
+    """Ethernet + IPv4 + TCP or UDP with every length and checksum right."""
+    if proto == TCP:
+        header_len = 20 + len(tcp_options)
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 0x1000, 0x2000, (header_len // 4) << 4,
+                         tcp_flags, 64240, 0, 0) + tcp_options + payload
+        check_at = 16
+    else:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        check_at = 6
+    if proto == TCP or udp_checksum:
+        pseudo = _ip_bytes(src) + _ip_bytes(dst) + struct.pack("!BBH", 0, proto, len(l4))
+        l4 = l4[:check_at] + struct.pack("!H", ones_checksum(pseudo + l4)) + l4[check_at + 2:]
+    ihl = (20 + len(ip_options)) // 4
+    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(l4), 4242, frag, ttl, proto,
+                     0, _ip_bytes(src), _ip_bytes(dst)) + ip_options
+    ip = ip[:10] + struct.pack("!H", ones_checksum(ip)) + ip[12:]
+    return (bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
+            + b"\x08\x00" + ip + l4)
+
+
+TCP_FLAG_CHOICES = (0x02, 0x02, 0x10, 0x18, 0x11, 0x04, 0x14, 0x12, 0x01, 0x00, 0x3F)
+IP_OPTION_CHOICES = (b"", b"", b"", b"\x94\x04\x00\x00", b"\x01\x01\x01\x00",
+                     b"\x01" * 39 + b"\x00")
+TCP_OPTION_CHOICES = (b"", b"", b"\x02\x04\x05\xb4", b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07")
+TTL_CHOICES = (64, 64, 64, 255, 2, 1, 0)
+NON_VIP_DESTINATIONS = ("10.30.1.1", "10.30.2.1", "10.30.9.1", "10.30.9.2", "10.30.9.4",
+                        "255.255.255.255", "10.30.1.255", "224.0.0.251", "8.8.8.8",
+                        TCP_BACKENDS[0].addr)
+
+
+@dataclass
+class Sample:
+    frame: bytes
+    ingress: str
+
+
+class FrameSource:
+    """Seeded frames: realistic ones to VIPs and from backends (whose replies match flows the
+    program really tracks), other traffic, then mutations of any of them, and pure noise."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.replies: list[tuple[Endpoint, str, int, int]] = []  # backend, client, port, proto
+
+    def remember_reply(self, backend: Endpoint, client: str, client_port: int, proto: int) -> None:
+        if len(self.replies) < 4096:
+            self.replies.append((backend, client, client_port, proto))
+
+    def _client(self) -> str:
+        return self.rng.choice(CLIENTS) if self.rng.random() < 0.95 else UNRESOLVED_CLIENT
+
+    def to_vip(self) -> Sample:
+        r = self.rng
+        vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP))
+        client = self._client()
+        proto = TCP if vip.proto == "tcp" else UDP
+        frame = build(_mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
+                      r.randrange(40000, 40064), vip.port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
+                      payload=r.randbytes(r.choice((0, 0, 1, 17, 64, 300))),
+                      ttl=r.choice(TTL_CHOICES), ip_options=r.choice(IP_OPTION_CHOICES),
+                      tcp_options=r.choice(TCP_OPTION_CHOICES), udp_checksum=r.random() < 0.9)
+        return Sample(frame, CLIENT_ARM if r.random() < 0.9 else BACKEND_ARM)
+
+    def reply(self) -> Sample:
+        r = self.rng
+        if not self.replies:
+            return self.to_vip()
+        backend, client, client_port, proto = r.choice(self.replies)
+        frame = build(_mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, proto,
+                      backend.port, client_port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
+                      payload=r.randbytes(r.choice((0, 5, 100))), ttl=r.choice(TTL_CHOICES),
+                      ip_options=r.choice(IP_OPTION_CHOICES), udp_checksum=r.random() < 0.9)
+        return Sample(frame, BACKEND_ARM if r.random() < 0.9 else CLIENT_ARM)
+
+    def other(self) -> Sample:
+        r = self.rng
+        kind = r.randrange(6)
+        client = self._client()
+        eth = bytes.fromhex(CLIENT_ARM_MAC.replace(":", "") + _mac_of(client).replace(":", ""))
+        if kind == 0:     # TCP or UDP to something that is not a VIP
+            proto = r.choice((TCP, UDP))
+            frame = build(_mac_of(client), CLIENT_ARM_MAC, client,
+                          r.choice(NON_VIP_DESTINATIONS), proto, r.randrange(1024, 65536),
+                          r.choice((22, 53, 80, 81, 443, 8080, 5353)),
+                          tcp_flags=r.choice(TCP_FLAG_CHOICES), ttl=r.choice(TTL_CHOICES))
+        elif kind == 1:   # a fragment, first or later
+            frame = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP,
+                          40000, TCP_VIP.port, frag=r.choice((0x2000, 0x2010, 0x0010, 0x3FFF)))
+        elif kind == 2:   # ICMP, SCTP, GRE to a VIP address (no ports: not ours)
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, r.choice((1, 47, 132)), 0,
+                             _ip_bytes(client), _ip_bytes(TCP_VIP.addr)) + bytes(8)
+            frame = eth + b"\x08\x00" + ip
+        elif kind == 3:   # ARP
+            frame = eth + b"\x08\x06" + bytes(28)
+        elif kind == 4:   # IPv6
+            frame = eth + b"\x86\xdd" + b"\x60" + bytes(39) + bytes(20)
+        else:             # VLAN-tagged IPv4 to a VIP
+            inner = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, 40000, 80)
+            frame = inner[:12] + b"\x81\x00\x00\x07" + inner[12:]
+        return Sample(frame, CLIENT_ARM)
+
+    def mutate(self, sample: Sample) -> Sample:
+        r = self.rng
+        frame = bytearray(sample.frame)
+        ihl_bytes = (frame[14] & 0x0F) * 4 if len(frame) > 14 else 20
+        l4 = ETH_LEN + max(ihl_bytes, 20)
+        for _ in range(r.randint(1, 3)):
+            what = r.randrange(9)
+            if what == 0 and len(frame) > 14:      # IHL anything, version mostly 4
+                frame[14] = (0x40 if r.random() < 0.8 else r.randrange(16) << 4) | r.randrange(16)
+            elif what == 1 and len(frame) > 17:    # IPv4 total length
+                struct.pack_into("!H", frame, 16, r.choice(
+                    (0, 19, 20, len(frame) - 14 - 1, len(frame) - 14 + 1, r.randrange(65536))))
+            elif what == 2 and len(frame) > l4 + 12:   # TCP data offset (or whatever lies there)
+                frame[l4 + 12] = (r.randrange(16) << 4) | (frame[l4 + 12] & 0x0F)
+            elif what == 3 and len(frame) > l4 + 5:    # UDP length
+                struct.pack_into("!H", frame, l4 + 4, r.choice((0, 7, 8, r.randrange(65536))))
+            elif what == 4 and len(frame) > 23:        # fragment bits, protocol
+                frame[20] ^= r.choice((0x20, 0x40, 0x80, 0x01))
+                if r.random() < 0.3:
+                    frame[23] = r.choice((TCP, UDP, 1, 0, 255))
+            elif what == 5:                            # truncate, never below Ethernet
+                del frame[r.randint(14, len(frame)):]
+            elif what == 6:                            # trailing bytes (Ethernet padding)
+                frame += r.randbytes(r.randint(1, 64))
+            elif what == 7 and len(frame) > 14:        # a random byte in the headers
+                frame[r.randrange(14, min(len(frame), 80))] = r.randrange(256)
+            elif len(frame) > 14:                      # a bit flip anywhere
+                i = r.randrange(len(frame))
+                frame[i] ^= 1 << r.randrange(8)
+        return Sample(bytes(frame), sample.ingress)
+
+    def noise(self) -> Sample:
+        r = self.rng
+        frame = bytearray(r.randbytes(r.randint(14, 160)))
+        if r.random() < 0.7:
+            frame[12:14] = b"\x08\x00"
+            if len(frame) > 14 and r.random() < 0.7:
+                frame[14] = 0x45
+        return Sample(bytes(frame), r.choice((CLIENT_ARM, BACKEND_ARM)))
+
+    def __iter__(self) -> Iterator[Sample]:
+        makers = (self.to_vip, self.reply, self.other)
+        while True:
+            roll = self.rng.random()
+            if roll < 0.50:
+                yield self.rng.choice(makers)()
+            elif roll < 0.90:
+                yield self.mutate(self.rng.choice(makers)())
+            else:
+                yield self.noise()
+
+
+# --- judging one frame ---
+
+VIP_BY_KEY = {(v.addr, v.port, v.proto): v for v in VIPS}
+ACTIONS = {XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT}
+
+
+Outcomes = frozenset  # the outcomes one frame may count as: one, or a few when it cannot be known
+
+
+class Judge:
+    """Checks each frame's verdict and output against the policy, keeps the replies the program
+    now tracks, and tallies the outcome(s) each frame may count as."""
+
+    def __init__(self, source: FrameSource) -> None:
+        self.source = source
+        self.tracked: dict[tuple[str, str, int, int, int], Endpoint] = {}  # reply key -> VIP
+        # Reply keys the program may have forgotten: it deletes an entry it finds stale (a
+        # timeout ran out during the run), and a later client packet may or may not restore it.
+        self.maybe_forgotten: set[tuple[str, str, int, int, int]] = set()
+        self.expected: Counter[frozenset[str]] = Counter()
+        self.rewritten = 0
+
+    def count(self, *outcomes: str) -> None:
+        self.expected[Outcomes(outcomes)] += 1
+
+    def judge(self, frame: bytes, retval: int, out: bytes) -> None:
+        assert retval in ACTIONS, f"XDP action {retval} (XDP_ABORTED is 0)"
+        reading = read_frame(frame)
+        if isinstance(reading, str):
+            assert retval == XDP_PASS and out == frame, f"{reading} frame not passed untouched"
+            self.count(reading)
+            return
+        p = reading
+        vip = VIP_BY_KEY.get((p.dst, p.dport, p.proto_name))
+        reply_key = (p.src, p.dst, p.sport, p.dport, p.proto)
+        reply_to = self.tracked.get(reply_key)
+        if vip is None and reply_to is None:
+            assert retval == XDP_PASS and out == frame, "non-VIP traffic was not passed untouched"
+            self.count("pass_not_vip")
+            return
+        if p.ttl <= 1:
+            assert retval == XDP_PASS and out == frame, "TTL <= 1 was not passed untouched"
+            if reply_key in self.maybe_forgotten:
+                self.count("pass_ttl", "pass_not_vip")
+            else:
+                self.count("pass_ttl")
+            return
+        if retval == XDP_DROP:
+            assert vip is not None and not ACTIVE[vip], f"dropped, but {vip} has backends"
+            self.count("drop_no_backend")
+            return
+        if vip is not None:
+            assert out != frame, "VIP traffic passed without a rewrite"
+            backend = self._check_rewrite(frame, out, p, retval, dst=True)
+            assert backend in ACTIVE[vip], f"{vip} forwarded to {backend}, not an active backend"
+            key = (backend.addr, p.src, backend.port, p.sport, p.proto)
+            if key not in self.tracked:
+                self.tracked[key] = vip
+                self.source.remember_reply(backend, p.src, p.sport, p.proto)
+        elif out == frame:
+            # A tracked reply whose entry the program found stale (and forgot) just now, or
+            # had forgotten before.
+            assert retval == XDP_PASS, "a tracked reply was neither NATed nor passed"
+            self.maybe_forgotten.add(reply_key)
+            self.count("pass_stale_reply", "pass_not_vip")
+            return
+        else:
+            vip_as_source = self._check_rewrite(frame, out, p, retval, dst=False)
+            assert vip_as_source == reply_to, f"reply NATed to {vip_as_source}, not {reply_to}"
+        self.rewritten += 1
+        self.count({XDP_TX: "tx", XDP_REDIRECT: "redirect", XDP_PASS: "pass_no_route"}[retval])
+
+    def _check_rewrite(self, frame: bytes, out: bytes, p: Parsed, retval: int, dst: bool) -> Endpoint:
+        """A whole rewrite: one address and port, checksums, TTL and MACs; nothing else."""
+        assert len(out) == len(frame), "a rewrite changed the frame's length"
+        addr_at, port_at = (30, p.l4 + 2) if dst else (26, p.l4)
+        allowed = {*range(12), 22, 24, 25, *range(addr_at, addr_at + 4), port_at, port_at + 1,
+                   p.check_at, p.check_at + 1}
+        changed = {i for i in range(len(frame)) if frame[i] != out[i]}
+        assert changed <= allowed, f"bytes {sorted(changed - allowed)} changed outside the rewrite"
+        forwarded = retval in (XDP_TX, XDP_REDIRECT)
+        assert out[22] == frame[22] - (1 if forwarded else 0), "TTL not lowered by exactly 1"
+        if forwarded:
+            assert out[6:12] in ARM_MACS, "forwarded with a source MAC not of an arm"
+        else:
+            assert out[:12] == frame[:12], "passed to the kernel with MACs rewritten"
+        # Incremental updates keep each checksum exactly as right (or wrong) as it came in.
+        assert ip_residual(out, p) == ip_residual(frame, p), "IP header checksum went wrong"
+        (check_in,) = struct.unpack_from("!H", frame, p.check_at)
+        (check_out,) = struct.unpack_from("!H", out, p.check_at)
+        if p.proto == UDP and check_in == 0:
+            assert check_out == 0, "a UDP datagram without checksum got one"
+        else:
+            assert l4_residual(out, p) == l4_residual(frame, p), "L4 checksum went wrong"
+            assert p.proto == TCP or check_out != 0, "UDP checksum 0 sent for a computed 0"
+        new = read_frame(out)
+        assert isinstance(new, Parsed)
+        return Endpoint(new.dst, new.dport, p.proto_name) if dst else \
+            Endpoint(new.src, new.sport, p.proto_name)
+
+    def check_counts(self, counted: Counter[str]) -> None:
+        """Each outcome counted at least the frames that must count there, at most those plus
+        the frames that may; and every frame counted once."""
+        assert sum(counted.values()) == sum(self.expected.values()), (
+            f"{sum(counted.values())} counted for {sum(self.expected.values())} frames")
+        for outcome in set(counted) | {o for group in self.expected for o in group}:
+            least = sum(n for group, n in self.expected.items() if group == {outcome})
+            most = sum(n for group, n in self.expected.items() if outcome in group)
+            assert least <= counted[outcome] <= most, (
+                f"{outcome}: counted {counted[outcome]}, expected {least}-{most}")
+
+    def must(self, outcome: str) -> int:
+        return self.expected[Outcomes((outcome,))]
+
+
+def _counts(maps: LbMaps) -> tuple[Counter[str], int]:
+    counters = maps.global_counters()
+    return (Counter({name: c["packets"] for name, c in counters.items() if c["packets"]}),
+            sum(c["bytes"] for c in counters.values()))
+
+
+def test_random_and_mutated_frames_never_abort_and_never_half_rewrite(
+        fresh: None, lb_program: LoadedProgram, routed_netns: Any, lb_maps: LbMaps) -> None:
+    rng = random.Random(FUZZ_SEED)
+    source = FrameSource(rng)
+    judge = Judge(source)
+    ifindex = routed_netns.ifindex
+    started = time.monotonic()
+    sent_bytes = 0
+    with inside(routed_netns.name):
+        for n, sample in zip(range(FUZZ_FRAMES), source):
+            result = libbpf.prog_test_run(lb_program.fd, sample.frame,
+                                          ingress_ifindex=ifindex[sample.ingress])
+            sent_bytes += len(sample.frame)
+            try:
+                judge.judge(sample.frame, result.retval, result.data_out)
+            except AssertionError as exc:
+                pytest.fail(f"frame {n} of seed {FUZZ_SEED}: {exc}\n"
+                            f"  ingress {sample.ingress}, XDP action {result.retval}\n"
+                            f"  in  {sample.frame.hex()}\n  out {result.data_out.hex()}\n"
+                            f"  replay: LBCTL_FUZZ_SEED={FUZZ_SEED} LBCTL_FUZZ_FRAMES={n + 1} "
+                            f"pytest tests/bpf/test_fuzz.py", pytrace=False)
+    elapsed_s = time.monotonic() - started
+
+    counted, counted_bytes = _counts(lb_maps)
+    # Shown with the failure (or with -s): what the run covered, for the record.
+    print(f"seed {FUZZ_SEED}: {FUZZ_FRAMES} frames in {elapsed_s:.1f} s, "
+          f"{judge.rewritten} rewritten; counted {dict(sorted(counted.items()))}")
+    judge.check_counts(counted)
+    assert counted_bytes == sent_bytes
+    # The run must have reached the interesting places, or it proves little.
+    for outcome in ("pass_malformed", "pass_fragment", "pass_not_ipv4", "pass_not_vip",
+                    "pass_ttl", "redirect", "tx", "pass_no_route", "drop_no_backend"):
+        assert judge.must(outcome) > FUZZ_FRAMES // 1000, f"too few {outcome}: {dict(counted)}"
+    assert judge.rewritten > FUZZ_FRAMES // 10
+    budget_s = FUZZ_BUDGET_S_PER_100K * max(1.0, FUZZ_FRAMES / 100_000)
+    assert elapsed_s < budget_s, f"{FUZZ_FRAMES} frames took {elapsed_s:.0f} s"
+
+
+# --- headers that lie, one by one ---
+
+LIAR_PORT = 40000
+
+
+def _lies(backend: Endpoint) -> Iterator[tuple[str, bytes, str]]:
+    """(what, frame, ingress): every IHL, IPv4 total lengths around each boundary, every TCP data
+    offset and UDP lengths around each boundary, on a VIP SYN, a VIP datagram and an ACK from
+    `backend` to the client of a tracked flow."""
+    client = CLIENTS[0]
+    syn = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, LIAR_PORT + 1,
+                TCP_VIP.port)
+    query = build(_mac_of(client), CLIENT_ARM_MAC, client, UDP_VIP.addr, UDP, LIAR_PORT,
+                  UDP_VIP.port, payload=b"query")
+    reply = build(_mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, TCP,
+                  backend.port, LIAR_PORT, tcp_flags=0x10)
+    for name, frame, ingress in (("VIP SYN", syn, CLIENT_ARM), ("VIP datagram", query, CLIENT_ARM),
+                                 ("reply", reply, BACKEND_ARM)):
+        ip_len = len(frame) - ETH_LEN
+        for ihl in range(16):
+            lie = bytearray(frame)
+            lie[14] = 0x40 | ihl
+            yield f"{name} with IHL {ihl}", bytes(lie), ingress
+        for tot_len in (0, 1, 19, 20, 21, 39, ip_len - 1, ip_len + 1, ip_len + 100, 0xFFFF):
+            lie = bytearray(frame)
+            struct.pack_into("!H", lie, 16, tot_len)
+            yield f"{name} with total length {tot_len}", bytes(lie), ingress
+        if frame[23] == TCP:
+            lie = bytearray(frame)
+            lie[14], lie[42] = 0x44, 0x50  # read 4 bytes early, the ack's top byte is offset 5
+            yield f"{name} with IHL 4 and a TCP header that looks valid 4 bytes early", \
+                bytes(lie), ingress
+            for words in range(16):
+                lie = bytearray(frame)
+                lie[46] = (words << 4) | (lie[46] & 0x0F)
+                yield f"{name} with TCP data offset {words}", bytes(lie), ingress
+        else:
+            for udp_len in (0, 1, 7, 8, ip_len - 20 - 1, ip_len - 20 + 1, 0xFFFF):
+                lie = bytearray(frame)
+                struct.pack_into("!H", lie, 38, udp_len)
+                yield f"{name} with UDP length {udp_len}", bytes(lie), ingress
+
+
+def test_headers_that_lie_are_passed_untouched_counted_and_never_tracked(
+        fresh: None, lb_program: LoadedProgram, routed_netns: Any, lb_maps: LbMaps,
+        controller: Controller) -> None:
+    client = CLIENTS[0]
+    judge = Judge(FrameSource(random.Random(0)))
+    ifindex = routed_netns.ifindex
+    with inside(routed_netns.name):
+        # A real flow first, so the replies that lie belong to a tracked one.
+        syn = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, LIAR_PORT,
+                    TCP_VIP.port)
+        result = libbpf.prog_test_run(lb_program.fd, syn, ingress_ifindex=ifindex[CLIENT_ARM])
+        judge.judge(syn, result.retval, result.data_out)
+        (backend,) = {b for b in TCP_BACKENDS if (b.addr, client, b.port, LIAR_PORT, TCP)
+                      in judge.tracked}
+        malformed = 0
+        for what, frame, ingress in _lies(backend):
+            if read_frame(frame) != "pass_malformed":
+                continue  # the frame's own value, or a lie the policy accepts (padding)
+            malformed += 1
+            result = libbpf.prog_test_run(lb_program.fd, frame, ingress_ifindex=ifindex[ingress])
+            try:
+                judge.judge(frame, result.retval, result.data_out)
+            except AssertionError as exc:
+                pytest.fail(f"{what}: {exc}\n  in  {frame.hex()}\n  out "
+                            f"{result.data_out.hex()}", pytrace=False)
+    assert malformed > 60, "the lies did not reach the malformed checks"
+    assert _counts(lb_maps)[0] == Counter({"pass_malformed": malformed, "redirect": 1})
+    # Only the real SYN's flow, still half-open: no lying ACK moved it to established.
+    assert [(f["client_port"], f["backend"], f["state"]) for f in controller.flows()] == [
+        (LIAR_PORT, backend.addr, "syn")]
