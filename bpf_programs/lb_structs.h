@@ -47,6 +47,13 @@ struct nat_entry {
     __u32 vip_id;
     __u64 last_seen_ns;
     __u64 created_ns;       /* time of the packet that created or re-created the flow */
+    /* Next hop from bpf_fib_lookup, reused until the next refresh (at most
+     * LB_REFRESH_INTERVAL_NS): the FIB lookup is half the cost of a flow hit. */
+    __u32 nh_ifindex;       /* 0: nothing cached */
+    __u16 nh_len_ok;        /* largest IP total length the lookup has cleared for the MTU */
+    __u8 nh_dmac[6];
+    __u8 nh_smac[6];
+    __u8 nh_pad[2];
 };
 
 struct lb_counters {

@@ -16,6 +16,12 @@
 #include "lb_parse.h"
 #include "lb_nat.h"
 
+/* The coarse clock (a tick, a few ms) is ample for second-scale timeouts and cheaper. */
+static __always_inline __u64 lb_now_ns(void)
+{
+    return bpf_ktime_get_coarse_ns();
+}
+
 /* murmur3's finaliser; a fixed mix so every balancer with the same seed picks the same slot. */
 static __always_inline __u32 lb_mix32(__u32 h)
 {
@@ -124,10 +130,10 @@ static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct fl
 static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *pkt,
                                           struct vip_meta *vip, __u64 bytes)
 {
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = lb_now_ns();
     struct nat_entry *flow = flows.lookup(&pkt->key);
     struct nat_entry fresh = {};
-    int new_flow = 0;
+    int new_flow = 0, refreshed = 0;
 
     if (flow && !lb_flow_usable(flow, now, pkt->tcp_flags))
         flow = NULL;
@@ -169,6 +175,7 @@ static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *
     } else {
         __u8 next = lb_next_state(flow->state, pkt->tcp_flags, pkt->key.proto);
         if (next != flow->state || lb_age_ns(now, flow->last_seen_ns) > LB_REFRESH_INTERVAL_NS) {
+            refreshed = 1;
             flow->state = next;
             flow->last_seen_ns = now;
             /* Keep the reverse entry in step: an evicted or closing reply path follows us. */
@@ -182,6 +189,7 @@ static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *
                 struct nat_entry again = *flow;
                 again.addr = pkt->key.dst;
                 again.port = pkt->key.dport;
+                again.nh_ifindex = 0;   /* the other direction has its own next hop */
                 rnat.update(&reply, &again);
             }
         }
@@ -192,13 +200,14 @@ static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *
     lb_count(stats_vip.lookup(&vip_id), bytes, new_flow);
     lb_count(stats_backend.lookup(&backend_id), bytes, new_flow);
     lb_rewrite(pkt, 1, flow->addr, flow->port);
-    return lb_forward(ctx, pkt, bytes);
+    /* A new flow lives on the stack here: its next hop is cached by its first hit. */
+    return lb_forward(ctx, pkt, bytes, new_flow ? NULL : flow, refreshed);
 }
 
 static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet *pkt,
                                            struct nat_entry *back, __u64 bytes)
 {
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = lb_now_ns();
     /* An entry outlived by its connection must not catch traffic that merely reuses the
      * tuple (a direct client->backend connection): expired, or a SYN-ACK long after the SYN. */
     int stale = lb_age_ns(now, back->last_seen_ns) > lb_timeout_ns(back->state);
@@ -211,7 +220,9 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
     }
 
     __u8 next = lb_next_state(back->state, pkt->tcp_flags, pkt->key.proto);
+    int refreshed = 0;
     if (next != back->state || lb_age_ns(now, back->last_seen_ns) > LB_REFRESH_INTERVAL_NS) {
+        refreshed = 1;
         back->state = next;
         back->last_seen_ns = now;
         struct flow_key fwd = {};
@@ -232,7 +243,7 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
     lb_count(stats_vip.lookup(&vip_id), bytes, 0);
     lb_count(stats_backend.lookup(&backend_id), bytes, 0);
     lb_rewrite(pkt, 0, back->addr, back->port);
-    return lb_forward(ctx, pkt, bytes);
+    return lb_forward(ctx, pkt, bytes, back, refreshed);
 }
 
 /* `lbctl explain`: the decision lb_from_client would take for this packet, written into the
@@ -240,7 +251,7 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
 static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vip,
                                       struct lb_explain *out)
 {
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = lb_now_ns();
     out->vip_id = vip->vip_id;
     out->ring_generation = vip->ring_generation & 1;
     struct nat_entry *flow = flows.lookup(&pkt->key);

@@ -57,7 +57,10 @@ class FlowKey(ctypes.Structure):
 class NatEntry(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8), ("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
-                ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64)]
+                ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
+                ("nh_ifindex", ctypes.c_uint32), ("nh_len_ok", ctypes.c_uint16),
+                ("nh_dmac", ctypes.c_uint8 * 6), ("nh_smac", ctypes.c_uint8 * 6),
+                ("nh_pad", ctypes.c_uint8 * 2)]
 
 
 class Counters(ctypes.Structure):

@@ -986,3 +986,56 @@ def test_the_flow_table_follows_the_connection_state(
     assert state() == [(CLIENT, 40000, WEB_BACKEND.addr, WEB_BACKEND.port, "closing")]
     run(DNS_QUERY, CLIENT_ARM)
     assert (CLIENT, 33000, DNS_BACKEND.addr, DNS_BACKEND.port, "udp") in state()
+
+
+# --- the next-hop cache: a tracked flow reuses its FIB result until its next refresh ---
+
+def _neigh(netns: str, *args: str) -> None:
+    import subprocess  # noqa: PLC0415
+
+    subprocess.run(["ip", "-n", netns, "neigh", *args], check=True, capture_output=True)
+
+
+def test_a_tracked_flow_reuses_its_next_hop_until_the_refresh_looks_again(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, lb_program: LoadedProgram,
+        routed_netns: Any) -> None:
+    send(Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+         run, lb_maps)
+    # The first hit looks the route up and caches it in the flow entry.
+    send(Send(ACK_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(ACK_TO_WEB, WEB_BACKEND)),
+         run, lb_maps)
+    with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "flows")) as table:
+        entry = codec.NatEntry.from_buffer_copy(table.lookup(_flow_key(WEB, 40000)))
+    assert entry.nh_ifindex == routed_netns.ifindex[BACKEND_ARM]
+    assert bytes(entry.nh_dmac) == bytes.fromhex(BACKEND_MACS[WEB_BACKEND.addr].replace(":", ""))
+
+    mac = BACKEND_MACS[WEB_BACKEND.addr]
+    _neigh(routed_netns.name, "del", WEB_BACKEND.addr, "dev", BACKEND_ARM)
+    try:
+        # The neighbour is gone, but within the refresh interval the cached next hop serves.
+        send(Send(ACK_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(ACK_TO_WEB, WEB_BACKEND)),
+             run, lb_maps)
+        # Once the entry is due for its refresh, the FIB is asked again and finds no neighbour:
+        # the rewritten packet goes to the kernel, and the stale cache is dropped.
+        age(lb_program, "flows", _flow_key(WEB, 40000), last_seen_s=2)
+        retval, _ = run(ACK_TO_WEB, CLIENT_ARM)
+        assert retval == XDP_PASS
+        with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "flows")) as table:
+            assert codec.NatEntry.from_buffer_copy(table.lookup(_flow_key(WEB, 40000))).nh_ifindex == 0
+    finally:
+        _neigh(routed_netns.name, "replace", WEB_BACKEND.addr, "lladdr", mac, "dev", BACKEND_ARM,
+               "nud", "permanent")
+    send(Send(ACK_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(ACK_TO_WEB, WEB_BACKEND)),
+         run, lb_maps)
+
+
+def test_a_packet_larger_than_the_cached_clearance_asks_the_fib_again(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, lb_program: LoadedProgram) -> None:
+    run(SYN_TO_WEB, CLIENT_ARM)
+    run(ACK_TO_WEB, CLIENT_ARM)           # caches the next hop, cleared for a 40-byte packet
+    big = to_vip(WEB, flags="A", payload=b"x" * 1600)   # 1640 > the 1500-byte MTU of the arm
+    retval, _ = run(big, CLIENT_ARM)
+    assert retval == XDP_PASS              # the FIB's MTU check, not the cache, decided
+    with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "flows")) as table:
+        entry = codec.NatEntry.from_buffer_copy(table.lookup(_flow_key(WEB, 40000)))
+    assert entry.nh_ifindex == 0
