@@ -209,10 +209,13 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
 {
     __u64 now = lb_now_ns();
     /* An entry outlived by its connection must not catch traffic that merely reuses the
-     * tuple (a direct client->backend connection): expired, or a SYN-ACK long after the SYN. */
+     * tuple (a direct client->backend connection from the same client port): expired, or a
+     * SYN-ACK for a connection that has closed or whose SYN is long past. A new SYN through
+     * the VIP re-creates the entry in the SYN state, so its own SYN-ACK is never stale. */
     int stale = lb_age_ns(now, back->last_seen_ns) > lb_timeout_ns(back->state);
     if ((pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK) &&
-        lb_age_ns(now, back->created_ns) > LB_TCP_SYN_TIMEOUT_NS)
+        (back->state == LB_FLOW_CLOSING ||
+         lb_age_ns(now, back->created_ns) > LB_TCP_SYN_TIMEOUT_NS))
         stale = 1;
     if (stale) {
         rnat.delete(&pkt->key);

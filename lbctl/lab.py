@@ -319,7 +319,7 @@ class Lab:
         fails, everything is torn down again and the error re-raised.
         """
         _need_root("lab up")
-        with _run_lock():
+        with _run_lock(self.prefix):
             if self.status().up:
                 return
             self._down_locked()
@@ -335,7 +335,7 @@ class Lab:
         Safe to call from any process, any number of times, on a lab in any state.
         """
         _need_root("lab down")
-        with _run_lock():
+        with _run_lock(self.prefix):
             self._down_locked()
 
     def status(self) -> LabStatus:
@@ -781,10 +781,10 @@ def _need_root(what: str) -> None:
 
 
 @contextmanager
-def _run_lock() -> Iterator[None]:
-    """Serialise up/down across processes (a lock on the run directory itself)."""
+def _run_lock(prefix: str) -> Iterator[None]:
+    """Serialise up/down of one lab across processes; labs of other prefixes never wait."""
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RUN_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(RUN_ROOT / f"{prefix}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

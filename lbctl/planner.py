@@ -144,6 +144,7 @@ class MapsWriter:
     def clear_backend(self, backend_id: int) -> None: ...
     def write_ring(self, vip_id: int, generation: int, backend_ids: list[int]) -> None: ...
     def reset_counters(self, name: str, index: int) -> None: ...
+    def forget_flows(self, vip_id: int) -> int: ...
 
 
 def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
@@ -155,6 +156,7 @@ def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
             maps.delete_vip(c.vip)
             for bid in c.backend_ids.values():
                 maps.clear_backend(bid)
+            maps.forget_flows(c.vip_id)
             continue
         assert c.new is not None
         old = {b.name: b for b in c.old.backends} if c.old else {}

@@ -166,6 +166,19 @@ class LbMaps:
             if raw is not None:
                 yield codec.decode_flow(key, raw)
 
+    def forget_flows(self, vip_id: int) -> int:
+        """Deletes one VIP's entries from both flow tables (after the VIP itself is gone, so its
+        reverse entries cannot catch a later connection that reuses a tuple)."""
+        removed = 0
+        for name in ("flows", "rnat"):
+            m = self._m(name)
+            for key in list(libbpf.map_keys(m.fd, m.key_size)):
+                raw = libbpf.map_lookup(m.fd, key, m.value_size)
+                if raw is not None and codec.NatEntry.from_buffer_copy(raw).vip_id == vip_id:
+                    if libbpf.map_delete(m.fd, key) and name == "flows":
+                        removed += 1
+        return removed
+
     def flush_flows(self) -> int:
         removed = 0
         for name in ("flows", "rnat"):

@@ -1039,3 +1039,19 @@ def test_a_packet_larger_than_the_cached_clearance_asks_the_fib_again(
     with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "flows")) as table:
         entry = codec.NatEntry.from_buffer_copy(table.lookup(_flow_key(WEB, 40000)))
     assert entry.nh_ifindex == 0
+
+
+def test_a_syn_ack_on_a_closed_flows_reverse_entry_passes_unchanged(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, lb_program: LoadedProgram) -> None:
+    """A direct client->backend connection from the port a VIP connection just closed on must
+    get its SYN-ACK as the backend sent it, however young the closed entry is."""
+    run(SYN_TO_WEB, CLIENT_ARM)
+    fin = to_vip(WEB, flags="FA")
+    send(Send(fin, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(fin, WEB_BACKEND)), run, lb_maps)
+    send(passes(from_backend(WEB_BACKEND), "pass_stale_reply", BACKEND_ARM), run, lb_maps)
+    assert not has_entry(lb_program, "rnat", _reply_key(WEB_BACKEND, 40000))
+    # A new SYN through the VIP on the same tuple re-creates the entry, and its SYN-ACK is NATed.
+    send(Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+         run, lb_maps)
+    syn_ack = from_backend(WEB_BACKEND)
+    send(Send(syn_ack, BACKEND_ARM, XDP_REDIRECT, "redirect", snat(syn_ack, WEB)), run, lb_maps)
