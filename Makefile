@@ -30,4 +30,6 @@ clean-lab: setup
 	$(VENV)/bin/lbctl lab down
 
 bench: setup
+	bash lbctl/bench-setup.sh
 	$(PY) -m lbctl bench dataplane
+	$(PY) -m lbctl bench peers

@@ -423,9 +423,30 @@ def flows_flush(obj: Context) -> None:
 
 
 # -- benchmarks -----------------------------------------------------------------------------
-@main.group(epilog=examples("lbctl bench dataplane   # ns per packet of each XDP path"))
+@main.group(epilog=examples("lbctl bench dataplane   # ns per packet of each XDP path",
+                            "lbctl bench peers       # against nftables, HAProxy and direct"))
 def bench() -> None:
     """Measure the balancer (benchmarks report; they never assert)."""
+
+
+@bench.command("peers", epilog=examples(
+    "lbctl bench peers            # 3 rounds, ~6 min; bench/results/*.json and docs/benchmarks.md",
+    "lbctl bench peers --quick    # 1 short round; JSON only",
+    "lbctl bench peers --only xdp-native --only nftables"))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--quick", is_flag=True, help="1 short round; writes only the JSON record")
+@click.option("--only", multiple=True,
+              type=click.Choice(["xdp-native", "xdp-generic", "nftables", "haproxy", "direct"]))
+@click.pass_obj
+def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...]) -> None:
+    """Short connections, keep-alive, bulk and packet rate: lbctl XDP against nftables DNAT,
+    HAProxy mode tcp and no balancer, side by side in a lab of its own."""
+    if obj.instance != "host":
+        raise click.UsageError("the bench builds its own lab: run it without -n")
+    from lbctl.bench_peers import run_bench  # noqa: PLC0415
+
+    if not run_bench(repeats, quick, list(only) or None)["complete"]:
+        sys.exit(1)
 
 
 @bench.command("dataplane", epilog=examples(

@@ -660,6 +660,27 @@ def prog_test_run(
     )
 
 
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+
+
+def prog_test_run_live(prog_fd: int, frame: bytes, ingress_ifindex: int, repeat: int,
+                       batch_size: int = 64) -> int:
+    """BPF_PROG_TEST_RUN in live-frame mode: frames the program returns XDP_TX or
+    XDP_REDIRECT for really leave (a traffic generator). Returns 0, or the errno that ended
+    the run (EINTR when a signal stops a long one). No output buffer: the kernel refuses one
+    in this mode."""
+    data = ctypes.create_string_buffer(frame, len(frame))
+    ctx = XdpMd(data=0, data_end=len(frame), ingress_ifindex=ingress_ifindex)
+    opts = _TestRunOpts(
+        sz=ctypes.sizeof(_TestRunOpts),
+        data_in=ctypes.cast(data, ctypes.c_void_p), data_size_in=len(frame),
+        ctx_in=ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p), ctx_size_in=ctypes.sizeof(ctx),
+        repeat=repeat, flags=BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=batch_size,
+    )
+    _, err = _call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
+    return err
+
+
 # --- XDP attachment (netlink, through libbpf) ---
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
