@@ -13,7 +13,7 @@ from lbctl.errors import ConflictError
 from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint
-from xdp.limits import DEFAULT_LIMITS, OUTCOMES, Limits
+from xdp.limits import DEFAULT_LIMITS, Limits
 
 LOCK_DIR = "/run/lbctl"
 
@@ -204,5 +204,3 @@ def _need_backend(spec: VipSpec, backend: Endpoint) -> BackendSpec:
                             f"{spec.vip}' shows its backends")
     return b
 
-
-__all__ = ["OUTCOMES", "Controller", "Result"]

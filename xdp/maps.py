@@ -149,15 +149,6 @@ class LbMaps:
         values = array("I", backend_ids).tobytes()
         libbpf.map_update_batch(m.fd, keys, values, self.limits.ring_size, 4, 4)
 
-    def read_ring(self, vip_id: int, generation: int) -> list[int]:
-        m = self._m("rings")
-        base = self.ring_base(vip_id, generation)
-        out = []
-        for slot in range(self.limits.ring_size):
-            raw = libbpf.map_lookup(m.fd, codec.encode_u32(base + slot), 4)
-            out.append(int.from_bytes(raw or b"\xff\xff\xff\xff", "little"))
-        return out
-
     # -- flows ------------------------------------------------------------------------------
     def flows(self) -> Iterator[codec.FlowRecord]:
         m = self._m("flows")
