@@ -191,15 +191,13 @@ def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
 
 def read_live(maps) -> LiveState:
     """Rebuilds the configuration from the maps alone: they are the one source of truth."""
-    from lbctl.model import BackendSpec as _B
-
     by_vip_id: dict[int, list] = {}
     for rec in maps.backends():
         by_vip_id.setdefault(rec.vip_id, []).append(rec)
     live: LiveState = {}
     for vip, meta in maps.vips().items():
         recs = by_vip_id.get(meta.vip_id, [])
-        specs = tuple(sorted((_B(r.addr, r.port, r.weight, r.state) for r in recs),
+        specs = tuple(sorted((BackendSpec(r.addr, r.port, r.weight, r.state) for r in recs),
                              key=lambda b: (b.addr, b.port)))
         live[vip] = LiveVip(VipSpec(vip, specs), meta.vip_id, meta.ring_generation,
                             {f"{r.addr}:{r.port}": r.backend_id for r in recs})
