@@ -152,6 +152,11 @@ def attach(obj: Context, ifaces: tuple[str, ...], mode: str) -> None:
     """Load the balancer and attach it to IFACE... (compiles once; maps persist)."""
     for a in obj.controller.attach(list(ifaces), mode):
         click.echo(f"attached {a.ifname} ({a.mode}, prog {a.prog_id})")
+    from xdp.balancer import ipv4_forwarding  # noqa: PLC0415
+
+    if not ipv4_forwarding():
+        click.echo("lbctl: warning: net.ipv4.ip_forward is 0 here, so VIP traffic will not be "
+                   "forwarded; hint: sysctl -w net.ipv4.ip_forward=1", err=True)
 
 
 @main.command(epilog=examples(

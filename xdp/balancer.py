@@ -44,6 +44,16 @@ def ensure_bpffs(root: str = "/sys/fs/bpf") -> None:
                           f"hint: mount -t bpf bpf {root}")
 
 
+def ipv4_forwarding() -> bool:
+    """net.ipv4.ip_forward of the calling thread's network namespace: bpf_fib_lookup only
+    forwards with it on, and the kernel's own fallback path needs it too."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def ifindex_of(ifname: str) -> int:
     try:
         return socket.if_nametoindex(ifname)

@@ -1,0 +1,108 @@
+"""attach/detach edge cases on real interfaces: mode switches, foreign XDP programs, forwarding
+off, partial failures that must leave nothing attached."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from lbctl.lab import Lab
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces and attaches XDP")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    the_lab = Lab("ta" + secrets.token_hex(2))
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        lbctl(the_lab, "detach", "--all", "--purge", check=False)
+        the_lab.down()
+
+
+def lbctl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def attached(lab: Lab) -> dict[str, str]:
+    status = json.loads(lbctl(lab, "status", "--json").stdout)
+    return {a["ifname"]: a["mode"] for a in status["attached"]}
+
+
+@pytest.fixture
+def detached(lab: Lab) -> Lab:
+    lbctl(lab, "detach", "--all", check=False)
+    assert attached(lab) == {}
+    return lab
+
+
+def test_switching_mode_reattaches_in_the_new_mode(detached: Lab):
+    lbctl(detached, "attach", "eth0", "eth1")
+    assert attached(detached) == {"eth0": "native", "eth1": "native"}
+    lbctl(detached, "attach", "eth1", "--mode", "generic")
+    assert attached(detached) == {"eth0": "native", "eth1": "generic"}
+    assert len(detached.http_get(detached.backends[0].addr, count=5)) == 5
+
+
+def test_an_unknown_interface_attaches_nothing(detached: Lab):
+    proc = lbctl(detached, "attach", "eth0", "nosuch0", check=False)
+    assert proc.returncode == 3
+    assert proc.stderr.count("\n") == 1 and "unknown interface 'nosuch0'" in proc.stderr
+    assert attached(detached) == {}
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Another balancer instance's program (its own pins) stands in for a foreign XDP program.
+_ATTACH_OTHER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pyroute2 import netns
+netns.setns(sys.argv[2], flags=0)
+from xdp.balancer import Balancer
+balancer = Balancer(sys.argv[3])
+balancer.attach(["eth0"], "generic")
+balancer.close()
+"""
+
+
+def test_a_foreign_xdp_program_is_not_replaced(detached: Lab):
+    other = "tforeign" + secrets.token_hex(2)
+    subprocess.run([sys.executable, "-c", _ATTACH_OTHER, REPO, detached.lb.netns, other],
+                   check=True, capture_output=True, text=True, timeout=60)
+    try:
+        proc = lbctl(detached, "attach", "eth1", "eth0", check=False)
+        assert proc.returncode == 3
+        assert "another XDP program" in proc.stderr and "hint" in proc.stderr
+        assert attached(detached) == {}      # eth1, attached first, was undone
+    finally:
+        subprocess.run(["ip", "-n", detached.lb.netns, "link", "set", "dev", "eth0", "xdpgeneric",
+                        "off"], check=False)
+        subprocess.run(["rm", "-rf", f"/sys/fs/bpf/lbctl/{other}"], check=False)
+
+
+def test_detaching_an_interface_that_is_not_attached_is_refused(detached: Lab):
+    lbctl(detached, "attach", "eth0")
+    proc = lbctl(detached, "detach", "eth1", check=False)
+    assert proc.returncode == 4 and "not attached to 'eth1'" in proc.stderr
+    assert attached(detached) == {"eth0": "native"}
+
+
+def test_attach_warns_when_forwarding_is_off(detached: Lab):
+    sysctl = ["ip", "netns", "exec", detached.lb.netns, "sysctl", "-qw"]
+    subprocess.run([*sysctl, "net.ipv4.ip_forward=0"], check=True)
+    try:
+        proc = lbctl(detached, "attach", "eth0", "eth1")
+        assert "warning: net.ipv4.ip_forward is 0" in proc.stderr
+    finally:
+        subprocess.run([*sysctl, "net.ipv4.ip_forward=1"], check=True)
+    assert "warning" not in lbctl(detached, "attach", "eth0", "eth1").stderr
