@@ -16,7 +16,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "apt-get not found; this script supports Debian 12 and Ubuntu 22.04+"
 
 # Debian packages. python3-bpfcc is bcc for the system /usr/bin/python3.
-pkgs=(python3-bpfcc python3-venv python3-pip libbpf1 iproute2 ethtool make curl)
+pkgs=(python3-bpfcc python3-venv libbpf1 iproute2 ethtool make)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
