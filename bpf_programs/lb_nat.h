@@ -60,8 +60,10 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
     fib.family = AF_INET;
     fib.tos = ip->tos;
     fib.l4_protocol = ip->protocol;
-    fib.sport = *pkt->sport;
-    fib.dport = *pkt->dport;
+    if (pkt->sport && pkt->dport) {   /* ICMP has no ports; multipath hashes without them */
+        fib.sport = *pkt->sport;
+        fib.dport = *pkt->dport;
+    }
     fib.tot_len = tot_len;
     fib.ipv4_src = ip->saddr;
     fib.ipv4_dst = ip->daddr;

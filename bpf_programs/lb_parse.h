@@ -18,7 +18,11 @@ struct lb_packet {
 #define LB_TCP_RST 0x04
 #define LB_TCP_ACK 0x10
 
-/* Returns an outcome when the frame must pass untouched, or -1 when pkt is filled in. */
+/* lb_parse's answers besides an outcome (>= 0: pass untouched). */
+#define LB_PARSED_L4 (-1)       /* TCP or UDP: pkt is filled in */
+#define LB_PARSED_ICMP (-2)     /* unfragmented ICMP: eth, ip and l4 are set */
+
+/* Returns an outcome when the frame must pass untouched, or an LB_PARSED_* code. */
 static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet *pkt)
 {
     struct ethhdr *eth = data;
@@ -37,6 +41,13 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     /* A total length beyond the frame or shorter than the header is a lie. */
     if (tot_len < ip_len || (void *)ip + tot_len > data_end)
         return LB_PASS_MALFORMED;
+    if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(0x3fff))) {
+        /* Maybe an error about a tracked flow: lb_icmp.h decides. */
+        pkt->eth = eth;
+        pkt->ip = ip;
+        pkt->l4 = (void *)ip + ip_len;
+        return LB_PARSED_ICMP;
+    }
     if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
         return LB_PASS_NOT_VIP;
     /* MF set or a non-zero offset: only the first fragment has ports. */
@@ -73,5 +84,5 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     pkt->key.sport = *pkt->sport;
     pkt->key.dport = *pkt->dport;
     pkt->key.proto = ip->protocol;
-    return -1;
+    return LB_PARSED_L4;
 }

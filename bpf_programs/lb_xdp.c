@@ -6,6 +6,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
 #include <linux/socket.h>
 
 #include "lb_consts.h"
@@ -15,6 +16,7 @@
 #include "lb_csum.h"
 #include "lb_parse.h"
 #include "lb_nat.h"
+#include "lb_icmp.h"
 
 /* The coarse clock (a tick, a few ms) is ample for second-scale timeouts and cheaper. */
 static __always_inline __u64 lb_now_ns(void)
@@ -293,6 +295,8 @@ int xdp_lb(struct xdp_md *ctx)
     int verdict = lb_parse(data, data_end, &pkt);
     if (verdict >= 0)
         return lb_outcome(verdict, bytes, XDP_PASS);
+    if (verdict == LB_PARSED_ICMP)
+        return lb_icmp(ctx, &pkt, data_end, bytes);
 
     struct vip_key vk = {};
     vk.addr = pkt.key.dst;

@@ -365,6 +365,26 @@ PORT_UNREACHABLE_FROM_BACKEND = bytes(
     Ether(src=BACKEND_MACS[DNS_BACKEND.addr], dst=BACKEND_ARM_MAC) /
     IP(src=DNS_BACKEND.addr, dst=CLIENT) / ICMP(type=3, code=3) /
     IP(src=CLIENT, dst=DNS_BACKEND.addr) / UDP(sport=33000, dport=DNS_BACKEND.port) / b"query")
+# What each becomes: the quote names the other side of the balancer, checksums all fresh.
+FRAG_NEEDED_TO_BACKEND = bytes(
+    Ether(src=BACKEND_ARM_MAC, dst=BACKEND_MACS[WEB_BACKEND.addr]) /
+    IP(src=ROUTER, dst=WEB_BACKEND.addr, ttl=63) / ICMP(type=3, code=4, nexthopmtu=1400) /
+    IP(src=WEB_BACKEND.addr, dst=CLIENT, ttl=3) /
+    TCP(sport=WEB_BACKEND.port, dport=40000, flags="A"))
+PORT_UNREACHABLE_FROM_VIP = bytes(
+    Ether(src=CLIENT_ARM_MAC, dst=CLIENT_MAC) /
+    IP(src=DNS.addr, dst=CLIENT, ttl=63) / ICMP(type=3, code=3) /
+    IP(src=CLIENT, dst=DNS.addr) / UDP(sport=33000, dport=DNS.port) / b"query")
+# A router near the backends reports a forwarded packet expired: its own address stays.
+TIME_EXCEEDED_FROM_ROUTER = bytes(
+    Ether(src=BACKEND_MACS[DNS_BACKEND.addr], dst=BACKEND_ARM_MAC) /
+    IP(src="10.10.2.250", dst=CLIENT) / ICMP(type=11, code=0) /
+    IP(src=CLIENT, dst=DNS_BACKEND.addr, ttl=1) / UDP(sport=33000, dport=DNS_BACKEND.port) /
+    b"query")
+TIME_EXCEEDED_TO_CLIENT = bytes(
+    Ether(src=CLIENT_ARM_MAC, dst=CLIENT_MAC) /
+    IP(src="10.10.2.250", dst=CLIENT, ttl=63) / ICMP(type=11, code=0) /
+    IP(src=CLIENT, dst=DNS.addr, ttl=1) / UDP(sport=33000, dport=DNS.port) / b"query")
 
 
 CASES: list[Case] = [
@@ -665,13 +685,31 @@ CASES: list[Case] = [
                      IP(src=WEB_BACKEND.addr, dst=CLIENT) / ICMP(type=0)),
                "pass_not_vip", BACKEND_ARM),
     )),
-    Case("an ICMP fragmentation-needed about a VIP flow, sent to the VIP, passes unchanged", (
+    Case("an ICMP fragmentation-needed for a VIP reply goes to its backend, quoting the backend", (
         Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        Send(FRAG_NEEDED_FOR_VIP_REPLY, CLIENT_ARM, XDP_REDIRECT, "redirect",
+             FRAG_NEEDED_TO_BACKEND),
+    )),
+    Case("an ICMP port-unreachable from a backend reaches the client from the VIP, quoting it", (
+        Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
+        Send(PORT_UNREACHABLE_FROM_BACKEND, BACKEND_ARM, XDP_REDIRECT, "redirect",
+             PORT_UNREACHABLE_FROM_VIP),
+    )),
+    Case("an ICMP time-exceeded from a router past the balancer keeps its sender, quotes the VIP", (
+        Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
+        Send(TIME_EXCEEDED_FROM_ROUTER, BACKEND_ARM, XDP_REDIRECT, "redirect",
+             TIME_EXCEEDED_TO_CLIENT),
+    )),
+    Case("an ICMP error quoting an untracked flow passes unchanged", (
+        passes(PORT_UNREACHABLE_FROM_BACKEND, "pass_not_vip", BACKEND_ARM),
         passes(FRAG_NEEDED_FOR_VIP_REPLY, "pass_not_vip"),
     )),
-    Case("an ICMP port-unreachable from a backend about a VIP flow passes unchanged", (
+    Case("an ICMP error whose quote is cut inside the ports passes unchanged", (
         Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
-        passes(PORT_UNREACHABLE_FROM_BACKEND, "pass_not_vip", BACKEND_ARM),
+        passes(bytes(Ether(src=BACKEND_MACS[DNS_BACKEND.addr], dst=BACKEND_ARM_MAC) /
+                     IP(src=DNS_BACKEND.addr, dst=CLIENT) / ICMP(type=3, code=3) /
+                     Raw(PORT_UNREACHABLE_FROM_BACKEND[14 + 20 + 8:][:20 + 6])),
+               "pass_not_vip", BACKEND_ARM),
     )),
     # --- fragments, flags and options ---
     Case("a VIP SYN with Don't Fragment set is balanced: DF is not a fragment", (
