@@ -24,13 +24,19 @@ done
 
 # bcc compiles against kernel headers at /lib/modules/$(uname -r)/build.
 kver=$(uname -r)
+# The distribution's default headers: Debian names them by architecture, Ubuntu "generic".
+if grep -qi '^ID=ubuntu' /etc/os-release 2>/dev/null; then
+    default_headers=linux-headers-generic
+else
+    default_headers=linux-headers-$(dpkg --print-architecture)
+fi
 need_headers=0
 [ -e "/lib/modules/$kver/build/Makefile" ] || need_headers=1
 if [ "$need_headers" = 1 ]; then
     if apt-cache policy "linux-headers-$kver" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
         missing+=("linux-headers-$kver")
     else
-        missing+=(linux-headers-amd64)
+        missing+=("$default_headers")
     fi
 fi
 
@@ -47,8 +53,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     # Re-resolve: a kernel without its own headers package gets the distribution's.
     if [ "$need_headers" = 1 ] && [ ! -e "/lib/modules/$kver/build/Makefile" ] \
         && ! dpkg-query -W -f='${Status}' "linux-headers-$kver" 2>/dev/null | grep -q "install ok installed"; then
-        dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed" \
-            || apt-get install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
+        dpkg-query -W -f='${Status}' "$default_headers" 2>/dev/null | grep -q "install ok installed" \
+            || apt-get install -y -qq --no-install-recommends "$default_headers" >/dev/null
     fi
 fi
 
@@ -56,7 +62,7 @@ if [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
     # The running kernel has no headers package: use the distribution's newest headers.
     # shellcheck disable=SC2010  # module directory names are plain kernel versions
     hdr=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "^/lib/modules/$kver/" | sort -V | tail -n1 || true)
-    [ -n "$hdr" ] || die "no kernel headers found for $kver; hint: apt-get install linux-headers-amd64"
+    [ -n "$hdr" ] || die "no kernel headers found for $kver; hint: apt-get install $default_headers"
     hdir=$(dirname "$hdr")
     if [ -e "/lib/modules/$kver" ] && [ ! -L "/lib/modules/$kver" ]; then
         ln -sfn "$(readlink -f "$hdir/build")" "/lib/modules/$kver/build"
