@@ -35,7 +35,7 @@ need_headers=0
 if [ "$need_headers" = 1 ]; then
     if apt-cache policy "linux-headers-$kver" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
         missing+=("linux-headers-$kver")
-    else
+    elif ! dpkg-query -W -f='${Status}' "$default_headers" 2>/dev/null | grep -q "install ok installed"; then
         missing+=("$default_headers")
     fi
 fi
