@@ -215,11 +215,13 @@ def vip() -> None:
 @vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp"))
 @click.argument("vip_addr", metavar="VIP:PORT")
 @proto_option
+@click.option("--force", is_flag=True,
+              help="allow a VIP on an address and port where a local service listens")
 @click.pass_obj
-def vip_add(obj: Context, vip_addr: str, proto: str) -> None:
+def vip_add(obj: Context, vip_addr: str, proto: str, force: bool) -> None:
     """Add a VIP (no backends yet: its packets are dropped until one is added)."""
     endpoint = parsed(parse_endpoint, vip_addr, proto, "VIP")
-    echo_plan(obj.controller.vip_add(endpoint))
+    echo_plan(obj.controller.vip_add(endpoint, force))
 
 
 @vip.command("del", epilog=examples("lbctl vip del 10.0.0.10:80"))

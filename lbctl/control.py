@@ -55,7 +55,17 @@ class Controller:
             return Result(the_plan, applied=not dry_run and not the_plan.empty)
 
     # -- VIPs -------------------------------------------------------------------------------
-    def vip_add(self, vip: Endpoint) -> Result:
+    def vip_add(self, vip: Endpoint, force: bool = False) -> Result:
+        if not force:
+            from lbctl.safety import local_service_at  # noqa: PLC0415
+
+            taken = local_service_at(vip)
+            if taken is not None:
+                raise ConflictError(
+                    f"VIP {vip} ({vip.proto}) is an address of this host where a local service "
+                    f"listens ({taken.addr}:{taken.port}): the balancer would take its traffic; "
+                    "hint: use an address of no interface, or --force if that is the intent")
+
         def edit(config: Config) -> Config:
             if vip in config:
                 raise ConflictError(f"VIP {vip} ({vip.proto}) already exists; hint: 'lbctl vip list' shows it")
@@ -86,6 +96,9 @@ class Controller:
     def backend_add(self, vip: Endpoint, backend: Endpoint, weight: int = 1) -> Result:
         def edit(config: Config) -> Config:
             spec = _need_vip(config, vip)
+            if (backend.addr, backend.port) == (vip.addr, vip.port):
+                raise ConflictError(f"backend {backend} is the VIP itself; hint: name the address "
+                                    "and port of a real server")
             if spec.backend(str(backend)):
                 raise ConflictError(f"backend {backend} is already in VIP {vip}; hint: use "
                                     "'lbctl backend set' to change its weight or state")

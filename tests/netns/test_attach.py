@@ -106,3 +106,47 @@ def test_attach_warns_when_forwarding_is_off(detached: Lab):
     finally:
         subprocess.run([*sysctl, "net.ipv4.ip_forward=1"], check=True)
     assert "warning" not in lbctl(detached, "attach", "eth0", "eth1").stderr
+
+
+_LISTEN = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_vip_on_a_local_service_is_refused_unless_forced(detached: Lab):
+    lbctl(detached, "attach", "eth0", "eth1")
+    own = detached.lb.addr                     # the balancer's client-side address
+    server = subprocess.Popen(["ip", "netns", "exec", detached.lb.netns, sys.executable, "-c",
+                               _LISTEN, "8022"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        before = lbctl(detached, "vip", "list", "--json").stdout
+        proc = lbctl(detached, "vip", "add", f"{own}:8022", check=False)
+        assert proc.returncode == 2
+        assert "a local service listens (0.0.0.0:8022)" in proc.stderr and "--force" in proc.stderr
+        assert lbctl(detached, "vip", "list", "--json").stdout == before
+        # The same address on a port nothing listens on, or with --force, is accepted.
+        lbctl(detached, "vip", "add", f"{own}:8023")
+        lbctl(detached, "vip", "add", f"{own}:8022", "--force")
+    finally:
+        server.kill()
+        server.wait()
+        for port in (8022, 8023):
+            lbctl(detached, "vip", "del", f"{own}:{port}", check=False)
+
+
+def test_a_backend_that_is_the_vip_itself_is_refused(detached: Lab):
+    lbctl(detached, "attach", "eth0", "eth1")
+    vip = f"{detached.vip}:{detached.http_port}"
+    lbctl(detached, "vip", "add", vip)
+    try:
+        proc = lbctl(detached, "backend", "add", vip, vip, check=False)
+        assert proc.returncode == 2 and "is the VIP itself" in proc.stderr
+    finally:
+        lbctl(detached, "vip", "del", vip, check=False)

@@ -54,8 +54,9 @@ def run(fake: FakeController, *args: str):
 def test_vip_add_parses_address_and_default_proto(fake):
     result = run(fake, "vip", "add", "10.0.0.10:80")
     assert result.exit_code == 0, result.output
-    (name, vip), = fake.calls
+    (name, vip, force), = fake.calls
     assert name == "vip_add" and (vip.addr, vip.port, vip.proto) == ("10.0.0.10", 80, "tcp")
+    assert force is False
 
 
 def test_backend_add_passes_weight_and_udp_proto(fake):
