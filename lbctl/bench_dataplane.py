@@ -25,6 +25,7 @@ from rich.table import Table
 from lbctl.control import LOCK_DIR, Controller
 from lbctl.errors import LbctlError
 from lbctl.model import BackendSpec, VipSpec
+from lbctl.netns import inside
 from xdp import libbpf
 from xdp.balancer import require_root
 from xdp.codec import Endpoint
@@ -122,15 +123,6 @@ def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport:
 
 # --- the private namespace and the throw-away instance ---
 
-@contextmanager
-def _inside(name: str) -> Iterator[None]:
-    from pyroute2 import netns  # type: ignore[import-untyped]
-
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 @dataclass
@@ -177,7 +169,7 @@ def _build_netns(box: Sandbox) -> None:
                 raise BenchError(f"the veths of namespace {box.netns} did not come up within "
                                  f"{IFF_UP_TIMEOUT_S} s; hint: check 'ip -n {box.netns} link'")
             time.sleep(0.01)
-    with _inside(box.netns), open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+    with inside(box.netns), open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1\n")
 
 
@@ -195,7 +187,7 @@ def _hold_in_dispatcher(box: Sandbox) -> None:
     packet ever reaches them. An attached program sits in the kernel's XDP dispatcher: a test
     run with repeat > 1 then calls it the way a driver does without first rebuilding the
     dispatcher, which costs two RCU grace periods (25-45 ms here) per call."""
-    with _inside(box.netns):
+    with inside(box.netns):
         for name, fd in ((HOLDER, box.program.fd), (f"{HOLDER}p", box.baseline_fd)):  # type: ignore[union-attr]
             libbpf.xdp_attach(socket.if_nametoindex(name), fd, libbpf.XDP_FLAGS_SKB_MODE)
 
@@ -340,7 +332,7 @@ def _measure(box: Sandbox, maps: LbMaps, path: Path, packets: int, first_call: i
     ingress = box.ifindex[path.ingress]
     before = None if path.uses_baseline else _counters(maps)
     samples = []
-    with _inside(box.netns):
+    with inside(box.netns):
         for n in range(first_call, first_call + calls):
             result = libbpf.prog_test_run(fd, path.frame(n), repeat=path.batch,
                                           ingress_ifindex=ingress)
@@ -375,7 +367,7 @@ def _check(path: Path, runs: int, before: tuple[dict[str, int], int],
 def _warm(box: Sandbox) -> None:
     """Creates the chained flows the hit and reply paths find (established: the frame is an ACK)."""
     hit = next(p for p in _paths() if p.key == "flow_hit")
-    with _inside(box.netns):
+    with inside(box.netns):
         libbpf.prog_test_run(box.program.fd, hit.frame(0), repeat=CHAIN_LENGTH,  # type: ignore[union-attr]
                              ingress_ifindex=box.ifindex[CLIENT_ARM])
 

@@ -9,13 +9,13 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import pytest
 
 from lbctl.control import LOCK_DIR, Controller
+from lbctl.netns import inside
 from xdp import libbpf
 from xdp.limits import DEFAULT_LIMITS, OUTCOMES
 from xdp.maps import LbMaps, pin_dir_for
@@ -166,16 +166,6 @@ def routed_netns(netns_ports: Sequence[RoutedPort]) -> Iterator[RoutedNetns]:
         _remove_netns(name)
 
 
-@contextmanager
-def inside(name: str) -> Iterator[None]:
-    """Runs the block with the calling thread in a named network namespace."""
-    from pyroute2 import netns
-
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 from lbctl.control import Controller
 from lbctl.model import BackendSpec, VipSpec
+from lbctl.netns import inside
 from xdp import libbpf
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
@@ -94,16 +94,6 @@ def fresh(fuzz_config: None, clean_dataplane: Callable[[], None]) -> None:
     clean_dataplane()
 
 
-@contextmanager
-def inside(name: str) -> Iterator[None]:
-    """The whole run in the namespace: entering it per frame would cost more than the run."""
-    from pyroute2 import netns  # type: ignore[import-untyped]
-
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 # --- checksums and the reference reading of a frame ---
