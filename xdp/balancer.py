@@ -101,9 +101,12 @@ class Balancer:
         from xdp.program import compile_and_load
 
         ensure_bpffs()
-
+        # bcc reuses pinned maps as they are: maps of another build must be refused before a
+        # program is verified against them (their layout may not be the one it was built for).
+        if os.path.exists(os.path.join(self.pin_dir, "vips")):
+            LbMaps(self.pin_dir, self.limits).close()
         self._loaded = compile_and_load(self.pin_dir, self.limits)
-        # Maps are pinned by bcc; verify they match this build before anything uses them.
+        # Maps are pinned by bcc; verify the ones it just made match this build too.
         LbMaps(self.pin_dir, self.limits).close()
         if os.path.exists(self.prog_pin):
             os.unlink(self.prog_pin)

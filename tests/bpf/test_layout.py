@@ -47,3 +47,29 @@ def test_codec_mirror_matches_clang_layout(lb_program: LoadedProgram, map_name: 
 
 def test_every_map_the_program_pins_has_a_mirror(lb_program: LoadedProgram) -> None:
     assert set(os.listdir(lb_program.pin_dir)) == set(codec.MAP_LAYOUTS)
+
+
+def test_pinned_maps_of_another_build_are_refused_before_loading() -> None:
+    """An upgrade that changed a map must say so with a hint, not fail in the verifier or run
+    a program against maps laid out for another build."""
+    import secrets
+    import shutil
+
+    from xdp.balancer import Balancer
+    from xdp.errors import IncompatibleMapsError
+    from xdp.limits import Limits
+
+    instance = "tcompat-" + secrets.token_hex(3)
+    first = Balancer(instance)
+    try:
+        first._program_fd(fresh=True)
+        first.close()
+        pinned_before = sorted(os.listdir(first.pin_dir))
+        other_build = Balancer(instance, Limits(flow_table_size=1024))
+        with pytest.raises(IncompatibleMapsError, match="detach --all --purge"):
+            other_build._program_fd(fresh=True)
+        assert other_build._loaded is None                   # nothing was compiled or loaded
+        assert sorted(os.listdir(first.pin_dir)) == pinned_before
+    finally:
+        first.close()
+        shutil.rmtree(first.pin_dir, ignore_errors=True)
