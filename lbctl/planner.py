@@ -3,6 +3,7 @@ share of slots moved) -> apply in an order where a packet never sees a half-made
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lbctl.maglev import DEFAULT_RING_SIZE, MaglevBackend, build_ring
 from lbctl.model import BackendSpec, Config, VipSpec
@@ -46,9 +47,11 @@ class VipChange:
         if self.action == "add":
             lines = [f"+ vip {self.vip} ({self.vip.proto})"]
         elif self.action == "delete":
-            return [f"- vip {self.vip} ({self.vip.proto}) and its {len(self.old.backends)} backends"]
+            count = len(self.old.backends) if self.old else 0
+            return [f"- vip {self.vip} ({self.vip.proto}) and its {count} backends"]
         else:
             lines = [f"~ vip {self.vip} ({self.vip.proto})"]
+        assert self.new is not None  # add and update always carry the new spec
         old = {b.name: b for b in self.old.backends} if self.old else {}
         new = {b.name: b for b in self.new.backends}
         for name, b in new.items():
@@ -107,8 +110,8 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
 
     changes: list[VipChange] = []
     for vip in sorted(live.keys() - desired.keys()):
-        lv = live[vip]
-        changes.append(VipChange(vip, "delete", lv.vip_id, lv.spec, None, dict(lv.backend_ids)))
+        gone = live[vip]
+        changes.append(VipChange(vip, "delete", gone.vip_id, gone.spec, None, dict(gone.backend_ids)))
     for vip in sorted(desired):
         new = desired[vip]
         lv = live.get(vip)
@@ -135,7 +138,7 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
     return Plan(changes)
 
 
-class MapsWriter:
+class MapsWriter(Protocol):
     """What apply() needs from the maps (xdp.maps.LbMaps has it; tests may pass a recorder)."""
 
     def put_vip(self, vip: Endpoint, vip_id: int, ring_generation: int, backend_count: int) -> None: ...

@@ -8,11 +8,15 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xdp import libbpf
 from xdp.errors import AttachError, NeedRootError, NotAttachedError
 from xdp.limits import DEFAULT_LIMITS, Limits
 from xdp.maps import LbMaps, pin_dir_for
+
+if TYPE_CHECKING:
+    from xdp.program import LoadedProgram
 
 MODES = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
 PROG_PIN = "prog"
@@ -70,7 +74,7 @@ class Balancer:
         self.limits = limits
         self.pin_dir = pin_dir_for(instance)
         self._prog_fd: int | None = None
-        self._loaded = None  # keeps a bcc object alive while its fd is used
+        self._loaded: LoadedProgram | None = None  # keeps a bcc object alive while its fd is used
 
     # -- the program ------------------------------------------------------------------------
     @property
@@ -159,7 +163,7 @@ class Balancer:
                 except libbpf.BpfError as exc:
                     hint = "try --mode generic" if mode == "native" else "check the kernel supports XDP"
                     raise AttachError(
-                        f"cannot attach XDP on '{name}' in {mode} mode: {os.strerror(exc.errno)} "
+                        f"cannot attach XDP on '{name}' in {mode} mode: {os.strerror(exc.errno or 0)} "
                         f"({exc.errno}); {hint}"
                     ) from exc
                 done.append((ifindex, MODES[mode]))

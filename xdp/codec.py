@@ -177,7 +177,7 @@ def encode_u32(value: int) -> bytes:
 
 def decode_counters(per_cpu: list[bytes]) -> dict[str, int]:
     """Sums one per-CPU counters value over all CPUs."""
-    total = {name: 0 for name, _ in Counters._fields_}
+    total = {field[0]: 0 for field in Counters._fields_}
     for raw in per_cpu:
         c = Counters.from_buffer_copy(raw[: ctypes.sizeof(Counters)])
         for name in total:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -36,7 +37,7 @@ def render_source(limits: Limits, pin_dir: str) -> str:
 class LoadedProgram:
     """A compiled program; keeps the bcc object alive so its fd stays open."""
 
-    bpf: object
+    bpf: Any  # bcc.BPF; bcc ships no type information
     fd: int
     pin_dir: str
 
