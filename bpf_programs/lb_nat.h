@@ -23,6 +23,15 @@ static __always_inline void lb_rewrite(struct lb_packet *pkt, int dst, __be32 ad
     *port_field = port;
 }
 
+/* A later fragment: one address and the IP header checksum. The L4 checksum is in the first
+ * fragment, whose incremental update already covers the whole datagram. */
+static __always_inline void lb_rewrite_addr(struct iphdr *ip, int dst, __be32 addr)
+{
+    __be32 *ip_field = dst ? &ip->daddr : &ip->saddr;
+    lb_csum_replace4(&ip->check, *ip_field, addr);
+    *ip_field = addr;
+}
+
 static __always_inline void lb_set_macs_ttl(struct lb_packet *pkt, const __u8 *dmac, const __u8 *smac)
 {
     struct iphdr *ip = pkt->ip;

@@ -10,6 +10,7 @@ struct lb_packet {
     __be16 *sport;
     __be16 *dport;
     __u8 tcp_flags;         /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10; 0 for UDP */
+    __u8 more_fragments;    /* a first fragment: its NAT is recorded for the later ones */
     struct flow_key key;
 };
 
@@ -21,6 +22,7 @@ struct lb_packet {
 /* lb_parse's answers besides an outcome (>= 0: pass untouched). */
 #define LB_PARSED_L4 (-1)       /* TCP or UDP: pkt is filled in */
 #define LB_PARSED_ICMP (-2)     /* unfragmented ICMP: eth, ip and l4 are set */
+#define LB_PARSED_FRAGMENT (-3) /* a later TCP/UDP fragment (no L4 header): eth and ip are set */
 
 /* Returns an outcome when the frame must pass untouched, or an LB_PARSED_* code. */
 static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet *pkt)
@@ -50,9 +52,14 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     }
     if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
         return LB_PASS_NOT_VIP;
-    /* MF set or a non-zero offset: only the first fragment has ports. */
-    if (ip->frag_off & bpf_htons(0x3fff))
-        return LB_PASS_FRAGMENT;
+    /* A non-zero offset: no ports here; the datagram's first fragment decides (frags). */
+    if (ip->frag_off & bpf_htons(0x1fff)) {
+        pkt->eth = eth;
+        pkt->ip = ip;
+        return LB_PARSED_FRAGMENT;
+    }
+    /* MF with offset 0: a first fragment, whose L4 header is whole (checked below). */
+    int more_fragments = (ip->frag_off & bpf_htons(0x2000)) != 0;
 
     void *l4 = (void *)ip + ip_len;
     if (ip->protocol == IPPROTO_TCP) {
@@ -69,7 +76,9 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
         struct udphdr *udp = l4;
         if ((void *)(udp + 1) > data_end)
             return LB_PASS_MALFORMED;
-        if (bpf_ntohs(udp->len) < sizeof(*udp) || bpf_ntohs(udp->len) > tot_len - ip_len)
+        /* A first fragment's UDP length covers the whole datagram, beyond this packet. */
+        if (bpf_ntohs(udp->len) < sizeof(*udp) ||
+            (!more_fragments && bpf_ntohs(udp->len) > tot_len - ip_len))
             return LB_PASS_MALFORMED;
         pkt->l4_check = udp->check ? &udp->check : NULL;
         pkt->sport = &udp->source;
@@ -79,6 +88,7 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     pkt->eth = eth;
     pkt->ip = ip;
     pkt->l4 = l4;
+    pkt->more_fragments = more_fragments;
     pkt->key.src = ip->saddr;
     pkt->key.dst = ip->daddr;
     pkt->key.sport = *pkt->sport;

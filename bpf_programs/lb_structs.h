@@ -56,6 +56,25 @@ struct nat_entry {
     __u8 nh_pad[2];
 };
 
+/* frags: a fragmented datagram as it arrived (addresses before any rewrite, IP id). */
+struct frag_key {
+    __be32 src;
+    __be32 dst;
+    __be16 id;
+    __u8 proto;
+    __u8 pad;
+};
+
+/* What the first fragment's NAT did, for the later fragments (which carry no ports). */
+struct frag_entry {
+    __be32 addr;            /* the new address */
+    __u8 rewrite_dst;       /* 1: daddr (client->VIP); 0: saddr (a backend's reply) */
+    __u8 pad[3];
+    __u32 vip_id;
+    __u32 backend_id;
+    __u64 seen_ns;          /* when the first fragment went through */
+};
+
 struct lb_counters {
     __u64 packets;
     __u64 bytes;

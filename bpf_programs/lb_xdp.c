@@ -129,6 +129,49 @@ static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct fl
     return id;
 }
 
+/* A first fragment about to be forwarded: its later fragments, which carry no ports, follow
+ * it by (src, dst, IP id, proto) as the packet arrived, before the rewrite. */
+static __always_inline void lb_record_fragment(const struct lb_packet *pkt, int rewrite_dst,
+                                               __be32 addr, __u32 vip_id, __u32 backend_id,
+                                               __u64 now)
+{
+    struct frag_key fk = {};
+    fk.src = pkt->key.src;
+    fk.dst = pkt->key.dst;
+    fk.id = pkt->ip->id;
+    fk.proto = pkt->key.proto;
+    struct frag_entry fe = {};
+    fe.addr = addr;
+    fe.rewrite_dst = rewrite_dst;
+    fe.vip_id = vip_id;
+    fe.backend_id = backend_id;
+    fe.seen_ns = now;
+    frags.update(&fk, &fe);
+}
+
+/* A later fragment (no L4 header) goes where its datagram's first fragment went. */
+static __always_inline int lb_fragment(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes)
+{
+    struct iphdr *ip = pkt->ip;
+    struct frag_key fk = {};
+    fk.src = ip->saddr;
+    fk.dst = ip->daddr;
+    fk.id = ip->id;
+    fk.proto = ip->protocol;
+    struct frag_entry *fe = frags.lookup(&fk);
+    /* Before its first fragment (reordered) or long after it: the kernel gets it untouched. */
+    if (!fe || lb_age_ns(lb_now_ns(), fe->seen_ns) > LB_FRAG_TIMEOUT_NS)
+        return lb_outcome(LB_PASS_FRAGMENT, bytes, XDP_PASS);
+    if (ip->ttl <= 1)
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+    __u32 vip_id = fe->vip_id;
+    __u32 backend_id = fe->backend_id;
+    lb_count(stats_vip.lookup(&vip_id), bytes, 0);
+    lb_count(stats_backend.lookup(&backend_id), bytes, 0);
+    lb_rewrite_addr(ip, fe->rewrite_dst, fe->addr);
+    return lb_forward(ctx, pkt, bytes, NULL, 0);
+}
+
 static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *pkt,
                                           struct vip_meta *vip, __u64 bytes)
 {
@@ -201,6 +244,8 @@ static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *
     __u32 backend_id = flow->backend_id;
     lb_count(stats_vip.lookup(&vip_id), bytes, new_flow);
     lb_count(stats_backend.lookup(&backend_id), bytes, new_flow);
+    if (pkt->more_fragments)
+        lb_record_fragment(pkt, 1, flow->addr, vip_id, backend_id, now);
     lb_rewrite(pkt, 1, flow->addr, flow->port);
     /* A new flow lives on the stack here: its next hop is cached by its first hit. */
     return lb_forward(ctx, pkt, bytes, new_flow ? NULL : flow, refreshed);
@@ -247,6 +292,8 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
     __u32 backend_id = back->backend_id;
     lb_count(stats_vip.lookup(&vip_id), bytes, 0);
     lb_count(stats_backend.lookup(&backend_id), bytes, 0);
+    if (pkt->more_fragments)
+        lb_record_fragment(pkt, 0, back->addr, vip_id, backend_id, now);
     lb_rewrite(pkt, 0, back->addr, back->port);
     return lb_forward(ctx, pkt, bytes, back, refreshed);
 }
@@ -297,6 +344,8 @@ int xdp_lb(struct xdp_md *ctx)
         return lb_outcome(verdict, bytes, XDP_PASS);
     if (verdict == LB_PARSED_ICMP)
         return lb_icmp(ctx, &pkt, data_end, bytes);
+    if (verdict == LB_PARSED_FRAGMENT)
+        return lb_fragment(ctx, &pkt, bytes);
 
     struct vip_key vk = {};
     vk.addr = pkt.key.dst;

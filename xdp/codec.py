@@ -63,6 +63,17 @@ class NatEntry(ctypes.Structure):
                 ("nh_pad", ctypes.c_uint8 * 2)]
 
 
+class FragKey(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint32), ("dst", ctypes.c_uint32), ("id", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class FragEntry(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("rewrite_dst", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3), ("vip_id", ctypes.c_uint32),
+                ("backend_id", ctypes.c_uint32), ("seen_ns", ctypes.c_uint64)]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("new_flows", ctypes.c_uint64), ("drops", ctypes.c_uint64)]
@@ -75,6 +86,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     "rings": (ctypes.c_uint32, ctypes.c_uint32),
     "flows": (FlowKey, NatEntry),
     "rnat": (FlowKey, NatEntry),
+    "frags": (FragKey, FragEntry),
     "stats_vip": (ctypes.c_uint32, Counters),
     "stats_backend": (ctypes.c_uint32, Counters),
     "stats_global": (ctypes.c_uint32, Counters),
@@ -160,6 +172,11 @@ class FlowRecord:
 def encode_flow_key(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
     key = FlowKey(_be32(src), _be32(dst), _be16(sport), _be16(dport), PROTOS[proto])
     return bytes(key)
+
+
+def encode_frag_key(src: str, dst: str, ip_id: int, proto: str) -> bytes:
+    """A frags key: a fragmented datagram's addresses as it arrived and its IP id."""
+    return bytes(FragKey(_be32(src), _be32(dst), _be16(ip_id), PROTOS[proto], 0))
 
 
 def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:

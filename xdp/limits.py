@@ -9,7 +9,7 @@ OUTCOMES: tuple[str, ...] = (
     "pass_not_ipv4",     # ARP, IPv6, VLAN, anything not IPv4 over Ethernet
     "pass_not_vip",      # IPv4 that is neither for a VIP nor a tracked backend reply
     "pass_malformed",    # truncated frame or a header that lies (IHL < 5, bad lengths)
-    "pass_fragment",     # IPv4 fragments are left to the kernel
+    "pass_fragment",     # a later fragment whose first fragment was not forwarded (or too long ago)
     "pass_ttl",          # TTL would expire here: the kernel sends the ICMP error
     "pass_no_route",     # bpf_fib_lookup gave no route or no neighbour: kernel forwards
     "pass_stale_reply",  # a reply matched a tracking entry that had ended
@@ -43,6 +43,8 @@ class Limits:
     tcp_established_timeout_s: int = 900    # idle established flows
     tcp_closing_timeout_s: int = 15         # after FIN or RST: lets the last ACKs through
     udp_timeout_s: int = 60
+    frag_table_size: int = 16384            # LRU: fragmented datagrams in flight
+    frag_timeout_s: int = 30                # like the kernel's ipfrag_time
     refresh_interval_ms: int = 1000         # last-seen stamps are rewritten at most this often
     outcomes: tuple[str, ...] = field(default=OUTCOMES)
     flow_states: tuple[str, ...] = field(default=FLOW_STATES)

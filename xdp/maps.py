@@ -12,7 +12,7 @@ from xdp import codec, libbpf
 from xdp.errors import IncompatibleMapsError, MapFullError, NotAttachedError
 from xdp.limits import DEFAULT_LIMITS, OUTCOMES, PIN_ROOT, Limits
 
-BPF_MAP_TYPES = {"vips": 1, "backends": 2, "rings": 2, "flows": 9, "rnat": 9,
+BPF_MAP_TYPES = {"vips": 1, "backends": 2, "rings": 2, "flows": 9, "rnat": 9, "frags": 9,
                  "stats_vip": 6, "stats_backend": 6, "stats_global": 6}
 
 
@@ -25,6 +25,7 @@ def expected_entries(name: str, limits: Limits) -> int:
     return {
         "vips": limits.max_vips, "backends": limits.max_backends, "rings": limits.ring_entries,
         "flows": limits.flow_table_size, "rnat": limits.flow_table_size,
+        "frags": limits.frag_table_size,
         "stats_vip": limits.max_vips, "stats_backend": limits.max_backends,
         "stats_global": len(limits.outcomes),
     }[name]
@@ -57,6 +58,14 @@ class LbMaps:
         try:
             fd = libbpf.obj_get(path)
         except libbpf.BpfError as exc:
+            if exc.errno == errno.ENOENT and name != "vips" and \
+                    os.path.exists(os.path.join(self.pin_dir, "vips")):
+                # The others are there: pinned by an lbctl from before this map existed.
+                raise IncompatibleMapsError(
+                    f"pinned maps in {self.pin_dir} have no '{name}' map, which this lbctl "
+                    f"needs (made by an older version); hint: 'lbctl detach --all --purge' "
+                    f"removes the old maps (and their configuration)"
+                ) from exc
             if exc.errno == errno.ENOENT:
                 raise NotAttachedError(
                     f"balancer not set up: no pinned map at {path}; hint: run 'lbctl attach IFACE' first"
@@ -161,18 +170,19 @@ class LbMaps:
         """Deletes one VIP's entries from both flow tables (after the VIP itself is gone, so its
         reverse entries cannot catch a later connection that reuses a tuple)."""
         removed = 0
-        for name in ("flows", "rnat"):
+        for name, entry_type in (("flows", codec.NatEntry), ("rnat", codec.NatEntry),
+                                 ("frags", codec.FragEntry)):
             m = self._m(name)
             for key in list(libbpf.map_keys(m.fd, m.key_size)):
                 raw = libbpf.map_lookup(m.fd, key, m.value_size)
-                if raw is not None and codec.NatEntry.from_buffer_copy(raw).vip_id == vip_id:
+                if raw is not None and entry_type.from_buffer_copy(raw).vip_id == vip_id:
                     if libbpf.map_delete(m.fd, key) and name == "flows":
                         removed += 1
         return removed
 
     def flush_flows(self) -> int:
         removed = 0
-        for name in ("flows", "rnat"):
+        for name in ("flows", "rnat", "frags"):
             m = self._m(name)
             for key in list(libbpf.map_keys(m.fd, m.key_size)):
                 if libbpf.map_delete(m.fd, key) and name == "flows":

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, fragment
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, LLC, Dot1AD, Dot1Q, Dot3, Ether
 from scapy.packet import Raw
@@ -387,6 +387,53 @@ TIME_EXCEEDED_TO_CLIENT = bytes(
     IP(src=CLIENT, dst=DNS.addr, ttl=1) / UDP(sport=33000, dport=DNS.port) / b"query")
 
 
+# --- fragmented datagrams: built whole, then cut by scapy as a 1500-byte-MTU link would ---
+
+DATAGRAM_ID = 7777
+
+
+def datagram(src: str, dst: str, sport: int, dport: int, proto: str, payload: bytes, *,
+             eth: tuple[str, str] = (CLIENT_MAC, CLIENT_ARM_MAC), ip_id: int = DATAGRAM_ID,
+             ttl: int = 64) -> bytes:
+    """One whole (unfragmented) frame, however long; `split` cuts it."""
+    l4 = UDP(sport=sport, dport=dport) if proto == "udp" else \
+        TCP(sport=sport, dport=dport, flags="PA", seq=1000, ack=1, window=64240)
+    return bytes(Ether(src=eth[0], dst=eth[1]) / IP(src=src, dst=dst, ttl=ttl, id=ip_id) / l4 /
+                 payload)
+
+
+def split(frame: bytes) -> list[bytes]:
+    """The frame's datagram as IPv4 fragments of up to 1480 payload bytes, each behind the
+    frame's Ethernet header: the first carries the L4 header, checksummed over the whole."""
+    pkt = Ether(frame)
+    return [bytes(Ether(src=pkt.src, dst=pkt.dst) / piece)
+            for piece in fragment(pkt[IP], fragsize=1480)]
+
+
+def with_ttl(frame: bytes, ttl: int) -> bytes:
+    pkt = Ether(frame)
+    pkt[IP].ttl = ttl
+    del pkt[IP].chksum
+    return bytes(pkt)
+
+
+BIG_QUERY = datagram(CLIENT, DNS.addr, 33000, DNS.port, "udp", bytes(range(256)) * 12)
+BIG_QUERY_IN = split(BIG_QUERY)                                   # 1500 + 1500 + 106 bytes
+BIG_QUERY_OUT = split(dnat(BIG_QUERY, DNS_BACKEND))
+BIG_ANSWER = datagram(DNS_BACKEND.addr, CLIENT, DNS_BACKEND.port, 33000, "udp", b"a" * 4000,
+                      eth=(BACKEND_MACS[DNS_BACKEND.addr], BACKEND_ARM_MAC))
+BIG_ANSWER_IN = split(BIG_ANSWER)
+BIG_ANSWER_OUT = split(snat(BIG_ANSWER, DNS))
+BIG_SEGMENT = datagram(CLIENT, WEB.addr, 40000, WEB.port, "tcp", b"t" * 2000)
+BIG_SEGMENT_IN = split(BIG_SEGMENT)
+BIG_SEGMENT_OUT = split(dnat(BIG_SEGMENT, WEB_BACKEND))
+assert len(BIG_QUERY_IN) == 3 and len(BIG_ANSWER_IN) == 3 and len(BIG_SEGMENT_IN) == 2
+
+
+def forwarded(frames: list[bytes], expected: list[bytes], ingress: str = CLIENT_ARM) -> tuple[Send, ...]:
+    return tuple(Send(f, ingress, XDP_REDIRECT, "redirect", e) for f, e in zip(frames, expected))
+
+
 CASES: list[Case] = [
     Case("VIP TCP SYN is rewritten to a backend", (
         Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
@@ -480,14 +527,39 @@ CASES: list[Case] = [
     Case("an IPv6 version nibble in an IPv4 frame passes unchanged", (
         passes(_raw_ip(0x65), "pass_malformed"),
     )),
-    Case("a first fragment (MF) to a VIP passes unchanged", (
-        passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
-                     IP(src=CLIENT, dst=WEB.addr, flags="MF") / TCP(sport=40000, dport=80)),
-               "pass_fragment"),
+    Case("a fragmented UDP datagram to a VIP is DNATed: its later fragments follow the first", (
+        *forwarded(BIG_QUERY_IN, BIG_QUERY_OUT),
     )),
-    Case("a later fragment to a VIP passes unchanged", (
+    Case("a fragmented TCP segment to a VIP is DNATed, first fragment and the rest", (
+        *forwarded(BIG_SEGMENT_IN, BIG_SEGMENT_OUT),
+    )),
+    Case("a later fragment whose first fragment was not seen passes unchanged", (
+        passes(BIG_QUERY_IN[1], "pass_fragment"),
         passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
                      IP(src=CLIENT, dst=WEB.addr, frag=185, proto=6) / Raw(b"x" * 20)),
+               "pass_fragment"),
+    )),
+    Case("fragments arriving before their first pass unchanged; those after it are DNATed", (
+        passes(BIG_QUERY_IN[2], "pass_fragment"),
+        *forwarded(BIG_QUERY_IN[:2], BIG_QUERY_OUT[:2]),
+    )),
+    Case("a later fragment of another datagram (another IP id) does not follow a first", (
+        Send(BIG_QUERY_IN[0], CLIENT_ARM, XDP_REDIRECT, "redirect", BIG_QUERY_OUT[0]),
+        passes(split(datagram(CLIENT, DNS.addr, 33000, DNS.port, "udp", bytes(range(256)) * 12,
+                              ip_id=DATAGRAM_ID + 1))[1], "pass_fragment"),
+    )),
+    Case("a later fragment with TTL 1 passes unchanged for the kernel's ICMP error", (
+        Send(BIG_QUERY_IN[0], CLIENT_ARM, XDP_REDIRECT, "redirect", BIG_QUERY_OUT[0]),
+        passes(with_ttl(BIG_QUERY_IN[1], 1), "pass_ttl"),
+    )),
+    Case("a first fragment with TTL 1 passes unchanged, and its later fragments after it", (
+        passes(with_ttl(BIG_QUERY_IN[0], 1), "pass_ttl"),
+        passes(BIG_QUERY_IN[1], "pass_fragment"),
+    )),
+    Case("a first fragment to a VIP without backends is dropped; its later fragments pass", (
+        Send(split(datagram(CLIENT, EMPTY.addr, 40000, EMPTY.port, "tcp", bytes(2000)))[0],
+             CLIENT_ARM, XDP_DROP, "drop_no_backend", b""),
+        passes(split(datagram(CLIENT, EMPTY.addr, 40000, EMPTY.port, "tcp", bytes(2000)))[1],
                "pass_fragment"),
     )),
     Case("VIP with no backends is dropped", (
@@ -716,16 +788,17 @@ CASES: list[Case] = [
         Send(to_vip(WEB, ip_flags="DF"), CLIENT_ARM, XDP_REDIRECT, "redirect",
              dnat(to_vip(WEB, ip_flags="DF"), WEB_BACKEND)),
     )),
-    Case("a middle fragment (MF and an offset) to a VIP passes unchanged", (
+    Case("a middle fragment (MF and an offset) with no first fragment seen passes unchanged", (
         passes(_client_ip(WEB.addr, Raw(b"x" * 24), flags="MF", frag=100, proto=6),
                "pass_fragment"),
     )),
-    Case("a fragment of a backend's UDP reply passes unchanged", (
+    Case("a backend's fragmented UDP reply is SNATed to come from the VIP, every fragment", (
         Send(DNS_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(DNS_QUERY, DNS_BACKEND)),
-        passes(bytes(Ether(src=BACKEND_MACS[DNS_BACKEND.addr], dst=BACKEND_ARM_MAC) /
-                     IP(src=DNS_BACKEND.addr, dst=CLIENT, flags="MF") /
-                     UDP(sport=DNS_BACKEND.port, dport=33000) / bytes(64)),
-               "pass_fragment", BACKEND_ARM),
+        *forwarded(BIG_ANSWER_IN, BIG_ANSWER_OUT, BACKEND_ARM),
+    )),
+    Case("a backend's fragmented UDP with no tracked flow passes unchanged, every fragment", (
+        passes(BIG_ANSWER_IN[0], "pass_not_vip", BACKEND_ARM),
+        passes(BIG_ANSWER_IN[1], "pass_fragment", BACKEND_ARM),
     )),
     Case("an ICMP fragment to a VIP address counts as not-VIP traffic, not as a fragment", (
         passes(_client_ip(WEB.addr, ICMP() / bytes(32), flags="MF"), "pass_not_vip"),
@@ -1093,3 +1166,25 @@ def test_a_syn_ack_on_a_closed_flows_reverse_entry_passes_unchanged(
          run, lb_maps)
     syn_ack = from_backend(WEB_BACKEND)
     send(Send(syn_ack, BACKEND_ARM, XDP_REDIRECT, "redirect", snat(syn_ack, WEB)), run, lb_maps)
+
+
+def test_a_later_fragment_past_the_fragment_timeout_passes_unchanged(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, lb_program: LoadedProgram) -> None:
+    send(Send(BIG_QUERY_IN[0], CLIENT_ARM, XDP_REDIRECT, "redirect", BIG_QUERY_OUT[0]),
+         run, lb_maps)
+    key = codec.encode_frag_key(CLIENT, DNS.addr, DATAGRAM_ID, "udp")
+    timeout_s = DEFAULT_LIMITS.frag_timeout_s
+    with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "frags")) as table:
+        raw = table.lookup(key)
+        assert raw is not None, "the first fragment left no frags entry"
+        entry = codec.FragEntry.from_buffer_copy(raw)
+        assert entry.rewrite_dst == 1
+        first_seen_ns = entry.seen_ns
+        for age_s, step in ((timeout_s - 2, Send(BIG_QUERY_IN[1], CLIENT_ARM, XDP_REDIRECT,
+                                                 "redirect", BIG_QUERY_OUT[1])),
+                            (timeout_s + 1, passes(BIG_QUERY_IN[2], "pass_fragment"))):
+            if first_seen_ns < age_s * NS_PER_S:
+                pytest.skip(f"the kernel clock reads less than {age_s} s since boot")
+            entry.seen_ns = first_seen_ns - age_s * NS_PER_S
+            table.update(key, bytes(entry))
+            send(step, run, lb_maps)

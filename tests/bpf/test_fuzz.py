@@ -22,6 +22,7 @@ from lbctl.netns import inside
 from xdp import libbpf
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+from xdp.limits import DEFAULT_LIMITS
 from xdp.maps import LbMaps
 from xdp.program import LoadedProgram
 
@@ -129,6 +130,8 @@ class Parsed:
     ttl: int
     check_at: int        # offset of the L4 checksum
     l4_len: int          # bytes the L4 checksum covers (TCP: to the IP end; UDP: its length)
+    ip_id: int
+    more_fragments: bool  # a first fragment: the program records it for the later ones
 
     @property
     def l4(self) -> int:
@@ -139,18 +142,27 @@ class Parsed:
         return "tcp" if self.proto == TCP else "udp"
 
 
+@dataclass(frozen=True)
+class LaterFragment:
+    """A TCP/UDP fragment with an offset: no L4 header, it follows its datagram's first."""
+
+    ihl_bytes: int
+    key: tuple[str, str, int, int]   # src, dst, IP id, proto: the program's frags key
+    ttl: int
+
+
 def _addr(raw: bytes) -> str:
     return ".".join(str(b) for b in raw)
 
 
-def read_frame(frame: bytes) -> str | Parsed:
+def read_frame(frame: bytes) -> str | Parsed | LaterFragment:
     """The policy of lb_parse, in Python: the outcome of a frame the program must pass
     untouched, or the frame's fields. Same order of checks as the C, for the same counts."""
     if frame[12:14] != b"\x08\x00":
         return "pass_not_ipv4"
     if len(frame) < ETH_LEN + 20:
         return "pass_malformed"
-    version_ihl, _tos, tot_len, _id, frag, ttl, proto = struct.unpack_from("!BBHHHBB", frame, 14)
+    version_ihl, _tos, tot_len, ip_id, frag, ttl, proto = struct.unpack_from("!BBHHHBB", frame, 14)
     ihl_bytes = (version_ihl & 0x0F) * 4
     if version_ihl >> 4 != 4 or ihl_bytes < 20:
         return "pass_malformed"
@@ -158,8 +170,10 @@ def read_frame(frame: bytes) -> str | Parsed:
         return "pass_malformed"
     if proto not in (TCP, UDP):
         return "pass_not_vip"
-    if frag & 0x3FFF:
-        return "pass_fragment"
+    if frag & 0x1FFF:
+        return LaterFragment(ihl_bytes, (_addr(frame[26:30]), _addr(frame[30:34]), ip_id, proto),
+                             ttl)
+    more_fragments = bool(frag & 0x2000)
     l4 = ETH_LEN + ihl_bytes
     payload_len = tot_len - ihl_bytes
     if proto == TCP:
@@ -173,15 +187,16 @@ def read_frame(frame: bytes) -> str | Parsed:
         if l4 + 8 > len(frame):
             return "pass_malformed"
         (udp_len,) = struct.unpack_from("!H", frame, l4 + 4)
-        if udp_len < 8 or udp_len > payload_len:
+        # A first fragment's UDP length covers the whole datagram, beyond this packet.
+        if udp_len < 8 or (udp_len > payload_len and not more_fragments):
             return "pass_malformed"
         check_at, l4_len = l4 + 6, udp_len
     sport, dport = struct.unpack_from("!HH", frame, l4)
     return Parsed(ihl_bytes, tot_len, proto, _addr(frame[26:30]), _addr(frame[30:34]),
-                  sport, dport, ttl, check_at, l4_len)
+                  sport, dport, ttl, check_at, l4_len, ip_id, more_fragments)
 
 
-def ip_residual(frame: bytes, p: Parsed) -> int:
+def ip_residual(frame: bytes, p: Parsed | LaterFragment) -> int:
     return ones_residual(frame[ETH_LEN:ETH_LEN + p.ihl_bytes])
 
 
@@ -198,21 +213,23 @@ def _ip_bytes(addr: str) -> bytes:
 
 def build(src_mac: str, dst_mac: str, src: str, dst: str, proto: int, sport: int, dport: int,
           *, tcp_flags: int = 0x02, payload: bytes = b"", ttl: int = 64, ip_options: bytes = b"",
-          tcp_options: bytes = b"", frag: int = 0, udp_checksum: bool = True) -> bytes:
-    """Ethernet + IPv4 + TCP or UDP with every length and checksum right."""
+          tcp_options: bytes = b"", frag: int = 0, udp_checksum: bool = True, ip_id: int = 4242,
+          udp_len: int | None = None) -> bytes:
+    """Ethernet + IPv4 + TCP or UDP with every length and checksum right (`udp_len`: a first
+    fragment's, the whole datagram's, checksummed as if the datagram were this packet)."""
     if proto == TCP:
         header_len = 20 + len(tcp_options)
         l4 = struct.pack("!HHIIBBHHH", sport, dport, 0x1000, 0x2000, (header_len // 4) << 4,
                          tcp_flags, 64240, 0, 0) + tcp_options + payload
         check_at = 16
     else:
-        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        l4 = struct.pack("!HHHH", sport, dport, udp_len or 8 + len(payload), 0) + payload
         check_at = 6
     if proto == TCP or udp_checksum:
         pseudo = _ip_bytes(src) + _ip_bytes(dst) + struct.pack("!BBH", 0, proto, len(l4))
         l4 = l4[:check_at] + struct.pack("!H", ones_checksum(pseudo + l4)) + l4[check_at + 2:]
     ihl = (20 + len(ip_options)) // 4
-    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(l4), 4242, frag, ttl, proto,
+    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(l4), ip_id, frag, ttl, proto,
                      0, _ip_bytes(src), _ip_bytes(dst)) + ip_options
     ip = ip[:10] + struct.pack("!H", ones_checksum(ip)) + ip[12:]
     return (bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
@@ -227,6 +244,9 @@ TTL_CHOICES = (64, 64, 64, 255, 2, 1, 0)
 NON_VIP_DESTINATIONS = ("10.30.1.1", "10.30.2.1", "10.30.9.1", "10.30.9.2", "10.30.9.4",
                         "255.255.255.255", "10.30.1.255", "224.0.0.251", "8.8.8.8",
                         TCP_BACKENDS[0].addr)
+# Fragments share a few IP ids, so later fragments often belong to a first one seen before.
+FRAG_IDS = (4242, 4243, 4244)
+LATER_FRAG_BITS = (0x2010, 0x0010, 0x3FFF, 0x00B9, 0x20B9)   # offsets, with or without MF
 
 
 @dataclass
@@ -250,6 +270,29 @@ class FrameSource:
     def _client(self) -> str:
         return self.rng.choice(CLIENTS) if self.rng.random() < 0.95 else UNRESOLVED_CLIENT
 
+    def _fragment_bits(self, proto: int, payload: bytes) -> dict[str, Any]:
+        """build() keywords for a first fragment (MF, and a UDP length of the whole datagram)
+        or a later one, of a datagram with a shared IP id (mostly)."""
+        r = self.rng
+        ip_id = r.choice(FRAG_IDS) if r.random() < 0.9 else r.randrange(65536)
+        if r.random() < 0.4:
+            udp_len = 8 + len(payload) + r.randrange(8, 3000) if proto == UDP else None
+            return {"frag": 0x2000, "ip_id": ip_id, "udp_len": udp_len}
+        return {"frag": r.choice(LATER_FRAG_BITS), "ip_id": ip_id}
+
+    def fragment(self) -> Sample:
+        """A first or later fragment of a datagram to a VIP."""
+        r = self.rng
+        vip = r.choice((TCP_VIP, UDP_VIP))
+        client = self._client()
+        proto = TCP if vip.proto == "tcp" else UDP
+        payload = r.randbytes(r.choice((0, 16, 64)))
+        frame = build(_mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
+                      r.randrange(40000, 40064), vip.port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
+                      payload=payload, ttl=r.choice(TTL_CHOICES),
+                      **self._fragment_bits(proto, payload))
+        return Sample(frame, CLIENT_ARM)
+
     def to_vip(self) -> Sample:
         r = self.rng
         vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP))
@@ -267,10 +310,13 @@ class FrameSource:
         if not self.replies:
             return self.to_vip()
         backend, client, client_port, proto = r.choice(self.replies)
+        payload = r.randbytes(r.choice((0, 5, 100)))
+        fragmented = self._fragment_bits(proto, payload) if r.random() < 0.15 else {}
         frame = build(_mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, proto,
                       backend.port, client_port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
-                      payload=r.randbytes(r.choice((0, 5, 100))), ttl=r.choice(TTL_CHOICES),
-                      ip_options=r.choice(IP_OPTION_CHOICES), udp_checksum=r.random() < 0.9)
+                      payload=payload, ttl=r.choice(TTL_CHOICES),
+                      ip_options=r.choice(IP_OPTION_CHOICES), udp_checksum=r.random() < 0.9,
+                      **fragmented)
         return Sample(frame, BACKEND_ARM if r.random() < 0.9 else CLIENT_ARM)
 
     def other(self) -> Sample:
@@ -285,8 +331,7 @@ class FrameSource:
                           r.choice((22, 53, 80, 81, 443, 8080, 5353)),
                           tcp_flags=r.choice(TCP_FLAG_CHOICES), ttl=r.choice(TTL_CHOICES))
         elif kind == 1:   # a fragment, first or later
-            frame = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP,
-                          40000, TCP_VIP.port, frag=r.choice((0x2000, 0x2010, 0x0010, 0x3FFF)))
+            return self.fragment()
         elif kind == 2:   # ICMP, SCTP, GRE to a VIP address (no ports: not ours)
             ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, r.choice((1, 47, 132)), 0,
                              _ip_bytes(client), _ip_bytes(TCP_VIP.addr)) + bytes(8)
@@ -373,6 +418,10 @@ class Judge:
         self.maybe_forgotten: set[tuple[str, str, int, int, int]] = set()
         self.expected: Counter[frozenset[str]] = Counter()
         self.rewritten = 0
+        # frags, as the program must hold it: (src, dst, IP id, proto) of a forwarded first
+        # fragment -> (new address, rewrite_dst, when); a later record of the key replaces it.
+        self.frags: dict[tuple[str, str, int, int], tuple[str, bool, float]] = {}
+        self.fragments_followed = 0
 
     def count(self, *outcomes: str) -> None:
         self.expected[Outcomes(outcomes)] += 1
@@ -383,6 +432,9 @@ class Judge:
         if isinstance(reading, str):
             assert retval == XDP_PASS and out == frame, f"{reading} frame not passed untouched"
             self.count(reading)
+            return
+        if isinstance(reading, LaterFragment):
+            self._judge_later_fragment(frame, retval, out, reading)
             return
         p = reading
         vip = VIP_BY_KEY.get((p.dst, p.dport, p.proto_name))
@@ -411,6 +463,8 @@ class Judge:
             if key not in self.tracked:
                 self.tracked[key] = vip
                 self.source.remember_reply(backend, p.src, p.sport, p.proto)
+            if p.more_fragments:
+                self.frags[(p.src, p.dst, p.ip_id, p.proto)] = (backend.addr, True, time.monotonic())
         elif out == frame:
             # A tracked reply whose entry the program found stale (and forgot) just now, or
             # had forgotten before.
@@ -421,7 +475,48 @@ class Judge:
         else:
             vip_as_source = self._check_rewrite(frame, out, p, retval, dst=False)
             assert vip_as_source == reply_to, f"reply NATed to {vip_as_source}, not {reply_to}"
+            if p.more_fragments:
+                self.frags[(p.src, p.dst, p.ip_id, p.proto)] = (
+                    vip_as_source.addr, False, time.monotonic())
         self.rewritten += 1
+        self.count({XDP_TX: "tx", XDP_REDIRECT: "redirect", XDP_PASS: "pass_no_route"}[retval])
+
+    def _judge_later_fragment(self, frame: bytes, retval: int, out: bytes,
+                              f: LaterFragment) -> None:
+        """Where its datagram's first fragment went (address only), or to the kernel."""
+        entry = self.frags.get(f.key)
+        age_s = time.monotonic() - entry[2] if entry else 0.0
+        timeout_s = DEFAULT_LIMITS.frag_timeout_s
+        if entry is None or age_s > timeout_s + 1:
+            assert retval == XDP_PASS and out == frame, "an unmatched fragment was not passed untouched"
+            self.count("pass_fragment")
+            return
+        if out == frame and age_s > timeout_s - 1:   # the program's clock may read it stale
+            assert retval == XDP_PASS, "a fragment was neither forwarded nor passed"
+            self.count("pass_fragment", "pass_ttl")
+            return
+        if f.ttl <= 1:
+            assert retval == XDP_PASS and out == frame, "a fragment with TTL <= 1 was not passed untouched"
+            self.count("pass_ttl")
+            return
+        new_addr, rewrite_dst, _when = entry
+        assert len(out) == len(frame), "a fragment's rewrite changed its length"
+        addr_at = 30 if rewrite_dst else 26
+        allowed = {*range(12), 22, 24, 25, *range(addr_at, addr_at + 4)}
+        changed = {i for i in range(len(frame)) if frame[i] != out[i]}
+        assert changed <= allowed, f"bytes {sorted(changed - allowed)} of a fragment changed"
+        assert _addr(out[addr_at:addr_at + 4]) == new_addr, (
+            f"a fragment went to {_addr(out[addr_at:addr_at + 4])}, its first to {new_addr}")
+        forwarded = retval in (XDP_TX, XDP_REDIRECT)
+        assert retval != XDP_DROP, "a fragment was dropped"
+        assert out[22] == frame[22] - (1 if forwarded else 0), "TTL not lowered by exactly 1"
+        if forwarded:
+            assert out[6:12] in ARM_MACS, "forwarded with a source MAC not of an arm"
+        else:
+            assert out[:12] == frame[:12], "passed to the kernel with MACs rewritten"
+        assert ip_residual(out, f) == ip_residual(frame, f), "IP header checksum went wrong"
+        self.rewritten += 1
+        self.fragments_followed += 1
         self.count({XDP_TX: "tx", XDP_REDIRECT: "redirect", XDP_PASS: "pass_no_route"}[retval])
 
     def _check_rewrite(self, frame: bytes, out: bytes, p: Parsed, retval: int, dst: bool) -> Endpoint:
@@ -499,7 +594,7 @@ def test_random_and_mutated_frames_never_abort_and_never_half_rewrite(
     counted, counted_bytes = _counts(lb_maps)
     # Shown with the failure (or with -s): what the run covered, for the record.
     print(f"seed {FUZZ_SEED}: {FUZZ_FRAMES} frames in {elapsed_s:.1f} s, "
-          f"{judge.rewritten} rewritten; counted {dict(sorted(counted.items()))}")
+          f"{judge.rewritten} rewritten ({judge.fragments_followed} later fragments); counted {dict(sorted(counted.items()))}")
     judge.check_counts(counted)
     assert counted_bytes == sent_bytes
     # The run must have reached the interesting places, or it proves little.
@@ -507,6 +602,7 @@ def test_random_and_mutated_frames_never_abort_and_never_half_rewrite(
                     "pass_ttl", "redirect", "tx", "pass_no_route", "drop_no_backend"):
         assert judge.must(outcome) > FUZZ_FRAMES // 1000, f"too few {outcome}: {dict(counted)}"
     assert judge.rewritten > FUZZ_FRAMES // 10
+    assert judge.fragments_followed > FUZZ_FRAMES // 1000, "too few fragments followed their first"
     budget_s = FUZZ_BUDGET_S_PER_100K * max(1.0, FUZZ_FRAMES / 100_000)
     assert elapsed_s < budget_s, f"{FUZZ_FRAMES} frames took {elapsed_s:.0f} s"
 

@@ -73,3 +73,27 @@ def test_pinned_maps_of_another_build_are_refused_before_loading() -> None:
     finally:
         first.close()
         shutil.rmtree(first.pin_dir, ignore_errors=True)
+
+
+def test_pinned_maps_of_an_older_build_without_a_newer_map_are_refused() -> None:
+    """Maps pinned before a map was added (frags) are another build too: the same hint, not
+    "not set up"."""
+    import secrets
+    import shutil
+
+    from xdp.balancer import Balancer
+    from xdp.errors import IncompatibleMapsError
+
+    instance = "tcompat-" + secrets.token_hex(3)
+    first = Balancer(instance)
+    try:
+        first._program_fd(fresh=True)
+        first.close()
+        os.unlink(os.path.join(first.pin_dir, "frags"))
+        older = Balancer(instance)
+        with pytest.raises(IncompatibleMapsError, match="no 'frags' map.*detach --all --purge"):
+            older._program_fd(fresh=True)
+        assert older._loaded is None
+    finally:
+        first.close()
+        shutil.rmtree(first.pin_dir, ignore_errors=True)
