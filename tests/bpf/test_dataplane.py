@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import pytest
+from routed import Port, mac_of
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, fragment
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, LLC, Dot1AD, Dot1Q, Dot3, Ether
@@ -66,22 +67,11 @@ JUMBO_MTU = 9000
 ROUTER, ROUTER_MAC = "10.10.1.254", "02:00:0a:0a:01:fe"  # a router on the client side
 
 
-def _mac_of(addr: str) -> str:
-    return "02:00:" + ":".join(f"{int(octet):02x}" for octet in addr.split("."))
 
-
-BACKEND_MACS = {b.addr: _mac_of(b.addr) for b in
+BACKEND_MACS = {b.addr: mac_of(b.addr) for b in
                 (WEB_BACKEND, DNS_BACKEND, POOL_A, POOL_B, *TRIO_BACKENDS, QUIC_A, QUIC_B,
                  JUMBO_BACKEND)}
 
-
-@dataclass(frozen=True)
-class Port:
-    name: str
-    mac: str
-    cidr: str
-    neighbours: dict[str, str]
-    mtu: int | None = None
 
 
 PORTS = (

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from routed import Port, mac_of
 
 from lbctl.control import Controller
 from lbctl.model import BackendSpec, VipSpec
@@ -55,22 +56,12 @@ VIPS = {TCP_VIP: TCP_BACKENDS, UDP_VIP: UDP_BACKENDS, EMPTY_VIP: (),
 ACTIVE = {vip: tuple(b for b in backends if b != DRAINING) for vip, backends in VIPS.items()}
 
 
-def _mac_of(addr: str) -> str:
-    return "02:00:" + ":".join(f"{int(octet):02x}" for octet in addr.split("."))
-
-
-@dataclass(frozen=True)
-class Port:
-    name: str
-    mac: str
-    cidr: str
-    neighbours: dict[str, str]
 
 
 PORTS = (
-    Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.30.1.1/24", {c: _mac_of(c) for c in CLIENTS}),
+    Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.30.1.1/24", {c: mac_of(c) for c in CLIENTS}),
     Port(BACKEND_ARM, BACKEND_ARM_MAC, "10.30.2.1/24",
-         {b.addr: _mac_of(b.addr) for b in (*TCP_BACKENDS, *UDP_BACKENDS)}),
+         {b.addr: mac_of(b.addr) for b in (*TCP_BACKENDS, *UDP_BACKENDS)}),
 )
 ARM_MACS = {bytes.fromhex(p.mac.replace(":", "")) for p in PORTS}
 
@@ -287,7 +278,7 @@ class FrameSource:
         client = self._client()
         proto = TCP if vip.proto == "tcp" else UDP
         payload = r.randbytes(r.choice((0, 16, 64)))
-        frame = build(_mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
+        frame = build(mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
                       r.randrange(40000, 40064), vip.port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
                       payload=payload, ttl=r.choice(TTL_CHOICES),
                       **self._fragment_bits(proto, payload))
@@ -298,7 +289,7 @@ class FrameSource:
         vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP))
         client = self._client()
         proto = TCP if vip.proto == "tcp" else UDP
-        frame = build(_mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
+        frame = build(mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
                       r.randrange(40000, 40064), vip.port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
                       payload=r.randbytes(r.choice((0, 0, 1, 17, 64, 300))),
                       ttl=r.choice(TTL_CHOICES), ip_options=r.choice(IP_OPTION_CHOICES),
@@ -312,7 +303,7 @@ class FrameSource:
         backend, client, client_port, proto = r.choice(self.replies)
         payload = r.randbytes(r.choice((0, 5, 100)))
         fragmented = self._fragment_bits(proto, payload) if r.random() < 0.15 else {}
-        frame = build(_mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, proto,
+        frame = build(mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, proto,
                       backend.port, client_port, tcp_flags=r.choice(TCP_FLAG_CHOICES),
                       payload=payload, ttl=r.choice(TTL_CHOICES),
                       ip_options=r.choice(IP_OPTION_CHOICES), udp_checksum=r.random() < 0.9,
@@ -323,10 +314,10 @@ class FrameSource:
         r = self.rng
         kind = r.randrange(6)
         client = self._client()
-        eth = bytes.fromhex(CLIENT_ARM_MAC.replace(":", "") + _mac_of(client).replace(":", ""))
+        eth = bytes.fromhex(CLIENT_ARM_MAC.replace(":", "") + mac_of(client).replace(":", ""))
         if kind == 0:     # TCP or UDP to something that is not a VIP
             proto = r.choice((TCP, UDP))
-            frame = build(_mac_of(client), CLIENT_ARM_MAC, client,
+            frame = build(mac_of(client), CLIENT_ARM_MAC, client,
                           r.choice(NON_VIP_DESTINATIONS), proto, r.randrange(1024, 65536),
                           r.choice((22, 53, 80, 81, 443, 8080, 5353)),
                           tcp_flags=r.choice(TCP_FLAG_CHOICES), ttl=r.choice(TTL_CHOICES))
@@ -341,7 +332,7 @@ class FrameSource:
         elif kind == 4:   # IPv6
             frame = eth + b"\x86\xdd" + b"\x60" + bytes(39) + bytes(20)
         else:             # VLAN-tagged IPv4 to a VIP
-            inner = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, 40000, 80)
+            inner = build(mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, 40000, 80)
             frame = inner[:12] + b"\x81\x00\x00\x07" + inner[12:]
         return Sample(frame, CLIENT_ARM)
 
@@ -617,11 +608,11 @@ def _lies(backend: Endpoint) -> Iterator[tuple[str, bytes, str]]:
     offset and UDP lengths around each boundary, on a VIP SYN, a VIP datagram and an ACK from
     `backend` to the client of a tracked flow."""
     client = CLIENTS[0]
-    syn = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, LIAR_PORT + 1,
+    syn = build(mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, LIAR_PORT + 1,
                 TCP_VIP.port)
-    query = build(_mac_of(client), CLIENT_ARM_MAC, client, UDP_VIP.addr, UDP, LIAR_PORT,
+    query = build(mac_of(client), CLIENT_ARM_MAC, client, UDP_VIP.addr, UDP, LIAR_PORT,
                   UDP_VIP.port, payload=b"query")
-    reply = build(_mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, TCP,
+    reply = build(mac_of(backend.addr), BACKEND_ARM_MAC, backend.addr, client, TCP,
                   backend.port, LIAR_PORT, tcp_flags=0x10)
     for name, frame, ingress in (("VIP SYN", syn, CLIENT_ARM), ("VIP datagram", query, CLIENT_ARM),
                                  ("reply", reply, BACKEND_ARM)):
@@ -658,7 +649,7 @@ def test_headers_that_lie_are_passed_untouched_counted_and_never_tracked(
     ifindex = routed_netns.ifindex
     with inside(routed_netns.name):
         # A real flow first, so the replies that lie belong to a tracked one.
-        syn = build(_mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, LIAR_PORT,
+        syn = build(mac_of(client), CLIENT_ARM_MAC, client, TCP_VIP.addr, TCP, LIAR_PORT,
                     TCP_VIP.port)
         result = libbpf.prog_test_run(lb_program.fd, syn, ingress_ifindex=ifindex[CLIENT_ARM])
         judge.judge(syn, result.retval, result.data_out)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from labcli import lab_up, lbctl
 
 from lbctl.lab import Lab
 
@@ -17,21 +18,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds na
 
 @pytest.fixture(scope="module")
 def lab():
-    the_lab = Lab("ta" + secrets.token_hex(2))
-    try:
-        the_lab.up()
+    with lab_up("ta", attach=False) as the_lab:
         yield the_lab
-    finally:
-        lbctl(the_lab, "detach", "--all", "--purge", check=False)
-        the_lab.down()
-
-
-def lbctl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
-                          capture_output=True, text=True, timeout=60, check=False)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def attached(lab: Lab) -> dict[str, str]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
-import sys
 
 import pytest
+from labcli import lab_up, lbctl
 
 from lbctl.lab import Lab
 
@@ -17,27 +15,16 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds na
 
 @pytest.fixture(scope="module")
 def lab():
-    the_lab = Lab("tx" + secrets.token_hex(2))
-    try:
-        the_lab.up()
-        cli = lambda *a: lbctl(the_lab, *a)  # noqa: E731
-        cli("attach", *the_lab.lb_ifaces)
+    with lab_up("tx") as the_lab:
         vip = f"{the_lab.vip}:{the_lab.http_port}"
-        cli("vip", "add", vip)
+        lbctl(the_lab, "vip", "add", vip)
         for b in the_lab.backends:
-            cli("backend", "add", vip, f"{b.addr}:{the_lab.http_port}")
+            lbctl(the_lab, "backend", "add", vip, f"{b.addr}:{the_lab.http_port}")
         yield the_lab
-    finally:
-        subprocess.run([sys.executable, "-m", "lbctl", "-n", the_lab.lb.netns, "detach", "--all", "--purge"],
-                       capture_output=True, check=False)
-        the_lab.down()
 
 
-def lbctl(lab: Lab, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+def out(lab: Lab, *args: str) -> str:
+    return lbctl(lab, *args).stdout
 
 
 def test_explain_names_the_backend_that_served_each_connection(lab):
@@ -45,7 +32,7 @@ def test_explain_names_the_backend_that_served_each_connection(lab):
     results = lab.http_requests(lab.vip, count=30, new_connection=True)
     assert all(r.ok for r in results)
     for r in results:
-        answer = json.loads(lbctl(lab, "explain", r.client_addr, f"{lab.vip}:{lab.http_port}", "--json"))
+        answer = json.loads(out(lab, "explain", r.client_addr, f"{lab.vip}:{lab.http_port}", "--json"))
         assert answer["verdict"] == "flow_hit"
         assert by_addr[answer["backend"].split(":")[0]] == r.backend, r
 
@@ -57,23 +44,23 @@ def test_explain_of_a_new_flow_is_a_ring_pick_that_real_traffic_then_follows(lab
     by_addr = {b.addr: b.name for b in lab.backends}
     lbctl(lab, "flows", "flush")
     for r in results:
-        answer = json.loads(lbctl(lab, "explain", r.client_addr, f"{lab.vip}:{lab.http_port}", "--json"))
+        answer = json.loads(out(lab, "explain", r.client_addr, f"{lab.vip}:{lab.http_port}", "--json"))
         assert answer["verdict"] == "ring" and 0 <= answer["slot"] < 65537
         # With the flows gone, the ring alone must still lead to the backend that served it.
         assert by_addr[answer["backend"].split(":")[0]] == r.backend
 
 
 def test_explain_changes_no_flow_and_no_counter(lab):
-    before_stats = lbctl(lab, "stats", "--json")
-    before_flows = json.loads(lbctl(lab, "flows", "list", "--json", "--limit", "100000"))
+    before_stats = out(lab, "stats", "--json")
+    before_flows = json.loads(out(lab, "flows", "list", "--json", "--limit", "100000"))
     for port in range(40000, 40020):
-        lbctl(lab, "explain", f"{lab.client.addr}:{port}", f"{lab.vip}:{lab.http_port}")
-    assert lbctl(lab, "stats", "--json") == before_stats
-    after_flows = json.loads(lbctl(lab, "flows", "list", "--json", "--limit", "100000"))
+        out(lab, "explain", f"{lab.client.addr}:{port}", f"{lab.vip}:{lab.http_port}")
+    assert out(lab, "stats", "--json") == before_stats
+    after_flows = json.loads(out(lab, "flows", "list", "--json", "--limit", "100000"))
     assert {(f["client"], f["client_port"]) for f in after_flows} == \
         {(f["client"], f["client_port"]) for f in before_flows}
 
 
 def test_explain_of_a_non_vip_says_it_passes(lab):
-    out = lbctl(lab, "explain", f"{lab.client.addr}:1234", f"{lab.backends[0].addr}:80")
-    assert "is not a VIP here" in out
+    text = out(lab, "explain", f"{lab.client.addr}:1234", f"{lab.backends[0].addr}:80")
+    assert "is not a VIP here" in text

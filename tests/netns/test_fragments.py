@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
 import sys
 from typing import Any
 
 import pytest
+from labcli import lab_up, lbctl
 
 from lbctl.lab import Lab
 
@@ -34,24 +33,10 @@ print(peer[0], peer[1], len(data), data == prefix.encode() + b" " + payload)
 """
 
 
-def lbctl(lab: Lab, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def lab():
-    the_lab = Lab("tf" + secrets.token_hex(2))
-    try:
-        the_lab.up()
-        lbctl(the_lab, "attach", *the_lab.lb_ifaces)
+    with lab_up("tf") as the_lab:
         yield the_lab
-    finally:
-        subprocess.run([sys.executable, "-m", "lbctl", "-n", the_lab.lb.netns, "detach", "--all",
-                        "--purge"], capture_output=True, check=False)
-        the_lab.down()
 
 
 def test_a_fragmented_datagram_reaches_the_backend_whole_and_its_echo_comes_back_from_the_vip(
@@ -69,6 +54,6 @@ def test_a_fragmented_datagram_reaches_the_backend_whole_and_its_echo_comes_back
     # own address) and the client would wait out its timeout.
     assert proc.stdout.split() == [lab.vip, str(lab.udp_port), str(echo_bytes), "True"]
 
-    stats: dict[str, Any] = json.loads(lbctl(lab, "stats", "--json"))
+    stats: dict[str, Any] = json.loads(lbctl(lab, "stats", "--json").stdout)
     (vip_row,) = [v for v in stats["vips"] if v["vip"] == vip]
     assert vip_row["packets"] == 6, stats    # every fragment, both ways, by the data plane

@@ -3,11 +3,10 @@ reaches the client as if the VIP sent it, so a connected UDP socket sees ECONNRE
 from __future__ import annotations
 
 import os
-import secrets
-import subprocess
 import sys
 
 import pytest
+from labcli import lab_up, lbctl
 
 from lbctl.lab import Lab
 
@@ -31,23 +30,10 @@ except socket.timeout:
 """
 
 
-def lbctl(lab: Lab, *args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-
-
 @pytest.fixture(scope="module")
 def lab():
-    the_lab = Lab("ti" + secrets.token_hex(2))
-    try:
-        the_lab.up()
-        lbctl(the_lab, "attach", *the_lab.lb_ifaces)
+    with lab_up("ti") as the_lab:
         yield the_lab
-    finally:
-        subprocess.run([sys.executable, "-m", "lbctl", "-n", the_lab.lb.netns, "detach", "--all",
-                        "--purge"], capture_output=True, check=False)
-        the_lab.down()
 
 
 def udp_answer(lab: Lab, addr: str, port: int) -> str:
