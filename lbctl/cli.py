@@ -7,12 +7,23 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from lbctl.errors import ConfigError, NetnsError
-from lbctl.model import check_state, check_weight, parse_endpoint
+from lbctl.model import (
+    BACKEND_STATES,
+    PROTO_NAMES,
+    XDP_MODES,
+    HostPort,
+    check_weight,
+    parse_host_port,
+)
 from xdp.errors import XdpError
+
+if TYPE_CHECKING:
+    from lbctl.control import Controller
 
 try:
     __version__ = version("lbctl")
@@ -28,13 +39,13 @@ def examples(*lines: str) -> str:
 class Context:
     """What commands need: which instance, and a factory for its controller (tests inject one)."""
 
-    def __init__(self, instance: str, controller_factory: Callable[[str], object] | None = None):
+    def __init__(self, instance: str, controller_factory: Callable[[str], Controller] | None = None):
         self.instance = instance
         self._factory = controller_factory
-        self._controller = None
+        self._controller: Controller | None = None
 
     @property
-    def controller(self):
+    def controller(self) -> Controller:
         if self._controller is None:
             if self._factory is None:
                 from lbctl.control import Controller
@@ -83,9 +94,60 @@ def echo_plan(result) -> None:
         click.echo(line)
 
 
+# -- argument types: bad input is refused while click parses, before any command runs --------
+class InputError(click.BadParameter):
+    """Bad input on the command line: one line saying what was wrong, with a hint; exit 2
+    like every usage error (click's own form would add the usage block around it)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"lbctl: error: {self.message}", file=file, err=file is None)
+
+
+class HostPortType(click.ParamType):
+    """ADDR:PORT as the model parses it; the protocol comes from --proto (HostPort.on)."""
+
+    name = "ADDR:PORT"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> HostPort:
+        if isinstance(value, HostPort):
+            return value
+        try:
+            return parse_host_port(str(value), self.what)
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+
+
+class WeightType(click.ParamType):
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            weight = int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"weight '{value}' is not a whole number; hint: e.g. --weight 2",
+                             ctx=ctx, param=param) from None
+        try:
+            return check_weight(weight)
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+
+
+VIP = HostPortType("VIP")
+BACKEND = HostPortType("backend")
+CLIENT = HostPortType("client")
+
+
 def proto_option(f):
-    return click.option("--proto", default="tcp", show_default=True, type=click.Choice(["tcp", "udp"],
+    return click.option("--proto", default="tcp", show_default=True, type=click.Choice(PROTO_NAMES,
                         case_sensitive=False), help="VIP protocol")(f)
+
+
+def mode_option(f):
+    return click.option("--mode", type=click.Choice(XDP_MODES), default="native", show_default=True,
+                        help="XDP mode: native (in the driver) or generic (any interface, slower)")(f)
 
 
 def json_option(f):
@@ -131,28 +193,19 @@ def main(ctx: click.Context, netns: str | None) -> None:
     ctx.obj = Context(instance)
 
 
-def parsed(fn: Callable, *args):
-    """Runs a parser and turns ConfigError into a usage-style exit without a traceback."""
-    try:
-        return fn(*args)
-    except ConfigError as exc:
-        click.echo(f"lbctl: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-
-
 # -- attach / detach / status ---------------------------------------------------------------
 @main.command(epilog=examples(
     "lbctl attach eth0 eth1                  # native mode on both arms",
     "lbctl attach eth0 --mode generic        # when the driver has no native XDP",
 ))
 @click.argument("ifaces", nargs=-1, required=True)
-@click.option("--mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
+@mode_option
 @click.pass_obj
 def attach(obj: Context, ifaces: tuple[str, ...], mode: str) -> None:
     """Load the balancer and attach it to IFACE... (compiles once; maps persist)."""
     for a in obj.controller.attach(list(ifaces), mode):
         click.echo(f"attached {a.ifname} ({a.mode}, prog {a.prog_id})")
-    from xdp.balancer import ipv4_forwarding  # noqa: PLC0415
+    from xdp.balancer import ipv4_forwarding
 
     if not ipv4_forwarding():
         click.echo("lbctl: warning: net.ipv4.ip_forward is 0 here, so VIP traffic will not be "
@@ -213,25 +266,23 @@ def vip() -> None:
 
 
 @vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp"))
-@click.argument("vip_addr", metavar="VIP:PORT")
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
 @click.option("--force", is_flag=True,
               help="allow a VIP on an address and port where a local service listens")
 @click.pass_obj
-def vip_add(obj: Context, vip_addr: str, proto: str, force: bool) -> None:
+def vip_add(obj: Context, vip_addr: HostPort, proto: str, force: bool) -> None:
     """Add a VIP (no backends yet: its packets are dropped until one is added)."""
-    endpoint = parsed(parse_endpoint, vip_addr, proto, "VIP")
-    echo_plan(obj.controller.vip_add(endpoint, force))
+    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force))
 
 
 @vip.command("del", epilog=examples("lbctl vip del 10.0.0.10:80"))
-@click.argument("vip_addr", metavar="VIP:PORT")
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
 @click.pass_obj
-def vip_del(obj: Context, vip_addr: str, proto: str) -> None:
+def vip_del(obj: Context, vip_addr: HostPort, proto: str) -> None:
     """Delete a VIP and its backends."""
-    endpoint = parsed(parse_endpoint, vip_addr, proto, "VIP")
-    echo_plan(obj.controller.vip_del(endpoint))
+    echo_plan(obj.controller.vip_del(vip_addr.on(proto)))
 
 
 @vip.command("list", epilog=examples("lbctl vip list", "lbctl vip list --json"))
@@ -260,7 +311,7 @@ def backend() -> None:
 
 
 def weight_option(default):
-    return click.option("--weight", type=int, default=default, show_default=default is not None,
+    return click.option("--weight", type=WeightType(), default=default, show_default=default is not None,
                         help="share of new connections, 1-1000")
 
 
@@ -268,29 +319,24 @@ def weight_option(default):
     "lbctl backend add 10.0.0.10:80 10.0.1.11:8080              # weight 1",
     "lbctl backend add 10.0.0.10:80 10.0.1.12:8080 --weight 2   # twice the share",
 ))
-@click.argument("vip_addr", metavar="VIP:PORT")
-@click.argument("backend_addr", metavar="ADDR:PORT")
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
+@click.argument("backend_addr", metavar="ADDR:PORT", type=BACKEND)
 @proto_option
 @weight_option(1)
 @click.pass_obj
-def backend_add(obj: Context, vip_addr: str, backend_addr: str, proto: str, weight: int) -> None:
+def backend_add(obj: Context, vip_addr: HostPort, backend_addr: HostPort, proto: str, weight: int) -> None:
     """Add a backend to a VIP."""
-    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
-    be = parsed(parse_endpoint, backend_addr, proto, "backend")
-    parsed(check_weight, weight)
-    echo_plan(obj.controller.backend_add(vip_ep, be, weight))
+    echo_plan(obj.controller.backend_add(vip_addr.on(proto), backend_addr.on(proto), weight))
 
 
 @backend.command("del", epilog=examples("lbctl backend del 10.0.0.10:80 10.0.1.11:8080"))
-@click.argument("vip_addr", metavar="VIP:PORT")
-@click.argument("backend_addr", metavar="ADDR:PORT")
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
+@click.argument("backend_addr", metavar="ADDR:PORT", type=BACKEND)
 @proto_option
 @click.pass_obj
-def backend_del(obj: Context, vip_addr: str, backend_addr: str, proto: str) -> None:
+def backend_del(obj: Context, vip_addr: HostPort, backend_addr: HostPort, proto: str) -> None:
     """Remove a backend: new connections avoid it; established ones finish where they are."""
-    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
-    be = parsed(parse_endpoint, backend_addr, proto, "backend")
-    echo_plan(obj.controller.backend_del(vip_ep, be))
+    echo_plan(obj.controller.backend_del(vip_addr.on(proto), backend_addr.on(proto)))
 
 
 @backend.command("set", epilog=examples(
@@ -298,35 +344,28 @@ def backend_del(obj: Context, vip_addr: str, backend_addr: str, proto: str) -> N
     "lbctl backend set 10.0.0.10:80 10.0.1.12:8080 --state drain   # no new flows, old ones stay",
     "lbctl backend set 10.0.0.10:80 10.0.1.12:8080 --state down    # its flows move elsewhere",
 ))
-@click.argument("vip_addr", metavar="VIP:PORT")
-@click.argument("backend_addr", metavar="ADDR:PORT")
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
+@click.argument("backend_addr", metavar="ADDR:PORT", type=BACKEND)
 @proto_option
 @weight_option(None)
-@click.option("--state", type=click.Choice(["active", "drain", "down"]), help="backend state")
+@click.option("--state", type=click.Choice(BACKEND_STATES), help="backend state")
 @click.pass_obj
-def backend_set(obj: Context, vip_addr: str, backend_addr: str, proto: str, weight: int | None,
+def backend_set(obj: Context, vip_addr: HostPort, backend_addr: HostPort, proto: str, weight: int | None,
                 state: str | None) -> None:
     """Change a backend's weight or state."""
-    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
-    be = parsed(parse_endpoint, backend_addr, proto, "backend")
     if weight is None and state is None:
         raise click.UsageError("nothing to set: give --weight and/or --state")
-    if weight is not None:
-        parsed(check_weight, weight)
-    if state is not None:
-        parsed(check_state, state)
-    echo_plan(obj.controller.backend_set(vip_ep, be, weight, state))
+    echo_plan(obj.controller.backend_set(vip_addr.on(proto), backend_addr.on(proto), weight, state))
 
 
 @backend.command("list", epilog=examples("lbctl backend list", "lbctl backend list 10.0.0.10:80 --json"))
-@click.argument("vip_addr", metavar="[VIP:PORT]", required=False)
+@click.argument("vip_addr", metavar="[VIP:PORT]", required=False, type=VIP)
 @proto_option
 @json_option
 @click.pass_obj
-def backend_list(obj: Context, vip_addr: str | None, proto: str, as_json: bool) -> None:
+def backend_list(obj: Context, vip_addr: HostPort | None, proto: str, as_json: bool) -> None:
     """List backends (of one VIP, or all) with their counters."""
-    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP") if vip_addr else None
-    rows = obj.controller.backends(vip_ep)
+    rows = obj.controller.backends(vip_addr.on(proto) if vip_addr else None)
     if as_json:
         echo_json(rows)
         return
@@ -371,15 +410,14 @@ def stats(obj: Context, as_json: bool, watch: bool) -> None:
     "lbctl explain 10.0.2.5:40000 10.0.0.10:80          # which backend, and why",
     "lbctl explain 10.0.2.5:5000 10.0.0.10:53 --proto udp --json",
 ))
-@click.argument("client_addr", metavar="CLIENT:PORT")
-@click.argument("vip_addr", metavar="VIP:PORT")
+@click.argument("client_addr", metavar="CLIENT:PORT", type=CLIENT)
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
 @json_option
 @click.pass_obj
-def explain(obj: Context, client_addr: str, vip_addr: str, proto: str, as_json: bool) -> None:
+def explain(obj: Context, client_addr: HostPort, vip_addr: HostPort, proto: str, as_json: bool) -> None:
     """Which backend the running balancer picks for a flow, and why (changes nothing)."""
-    client = parsed(parse_endpoint, client_addr, proto, "client")
-    vip_ep = parsed(parse_endpoint, vip_addr, proto, "VIP")
+    client, vip_ep = client_addr.on(proto), vip_addr.on(proto)
     ans = obj.controller.explain(client, vip_ep)
     if as_json:
         echo_json(ans)
@@ -450,7 +488,7 @@ def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...]) 
     HAProxy mode tcp and no balancer, side by side in a lab of its own."""
     if obj.instance != "host":
         raise click.UsageError("the bench builds its own lab: run it without -n")
-    from lbctl.bench_peers import run_bench  # noqa: PLC0415
+    from lbctl.bench_peers import run_bench
 
     if not run_bench(repeats, quick, list(only) or None)["complete"]:
         sys.exit(1)
@@ -464,7 +502,7 @@ def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...]) 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures to FILE")
 def bench_dataplane(repeat: int, json_out: str | None) -> None:
     """ns per packet of each XDP path (BPF_PROG_TEST_RUN) against a trivial baseline."""
-    from lbctl.bench_dataplane import run_bench  # noqa: PLC0415
+    from lbctl.bench_dataplane import run_bench
 
     run_bench(repeat=repeat, json_out=json_out)
 
@@ -480,8 +518,9 @@ def lab() -> None:
 @click.option("--prefix", default="lbl", show_default=True, help="namespace name prefix")
 def lab_up(prefix: str) -> None:
     """Build the lab (idempotent)."""
-    from lbctl.lab import Lab
+    from lbctl.lab import Lab, need_root
 
+    need_root("lab up")
     lab_ = Lab(prefix)
     lab_.up()
     click.echo(f"lab '{prefix}' is up: client {lab_.client.netns}, balancer {lab_.lb.netns} "
@@ -493,8 +532,9 @@ def lab_up(prefix: str) -> None:
 @click.option("--prefix", default="lbl", show_default=True)
 def lab_down(prefix: str) -> None:
     """Remove the lab's namespaces, servers and balancer pins."""
-    from lbctl.lab import Lab
+    from lbctl.lab import Lab, need_root
 
+    need_root("lab down")
     Lab(prefix).down()
     click.echo(f"lab '{prefix}' is down")
 
@@ -518,7 +558,7 @@ def lab_status(prefix: str, as_json: bool) -> None:
                               "lbctl demo --keep     # leave the lab up afterwards"))
 @click.option("--keep", is_flag=True, help="leave the lab up (prints the command that removes it)")
 @click.option("--requests", "count", type=click.IntRange(10, 100000), default=300, show_default=True)
-@click.option("--mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
+@mode_option
 @click.option("--prefix", default="lbl", show_default=True, help="lab namespace name prefix")
 def demo(keep: bool, count: int, mode: str, prefix: str) -> None:
     """Run the namespace-lab demo: real HTTP through the XDP balancer."""

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lbctl.errors import LbctlError
-from lbctl.lab import Lab
+from lbctl.lab import Lab, need_root
 
 console = Console(highlight=False)
 
@@ -48,6 +48,7 @@ def distribution_table(title: str, counts: Counter, names: list[str], total: int
 
 def run_demo(keep: bool = False, count: int = 300, mode: str = "native", prefix: str = "lbl") -> bool:
     """Returns whether every check the demo shows held (spread over all, none to a removed one)."""
+    need_root("demo")  # before anything is built: a half-built lab would need root to remove
     lab = Lab(prefix)
     ns = lab.lb.netns
     vip = f"{lab.vip}:{lab.http_port}"

@@ -22,11 +22,13 @@ from typing import Any, Union
 import yaml  # type: ignore[import-untyped]
 from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 
+from lbctl.errors import LbctlError
+from xdp.errors import NeedRootError
+from xdp.maps import pin_dir_for
+
 TOPOLOGY_PATH = Path(__file__).with_name("lab_topology.yaml")
 # State a later process needs to take the lab down: pid files, server logs, the ready marker.
 RUN_ROOT = Path("/run/lbctl/lab")
-# The balancer pins its maps under BPF_PIN_ROOT/<netns>/ (see the xdp package).
-BPF_PIN_ROOT = Path("/sys/fs/bpf/lbctl")
 NETNS_DIR = Path(netns.NETNS_RUN_DIR)
 # Repository root, so servers started with another interpreter still import lbctl.
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +42,16 @@ PROCESS_EXIT_TIMEOUT_S = 3.0
 LINKS_UP_TIMEOUT_S = 5.0
 
 
-class LabError(Exception):
+class LabError(LbctlError):
     """The lab could not be built, inspected or used."""
+
+    exit_code = 7
+
+
+class LabNeedsRootError(LabError, NeedRootError):
+    """Building or removing a lab needs root; exits like every other command without it."""
+
+    exit_code = 77
 
 
 class LabTrafficError(LabError):
@@ -198,7 +208,7 @@ class Lab:
     def __init__(self, prefix: str = "lbl", topology_path: Path | str = TOPOLOGY_PATH) -> None:
         if not (_NAME_RE.match(prefix) and len(prefix) <= _PREFIX_MAX):
             raise LabError(
-                f"bad lab prefix '{prefix}': use up to {_PREFIX_MAX} letters, digits, '-' or '_'"
+                f"bad lab prefix '{prefix}'; hint: use up to {_PREFIX_MAX} letters, digits, '-' or '_'"
             )
         self.prefix = prefix
         self._topo = load_topology(topology_path)
@@ -242,7 +252,7 @@ class Lab:
         # What `lbctl -n <lb netns> attach` gets: client side first, then backend side.
         self.lb_ifaces: list[str] = [client_side[0].name, backend_side[0].name]
         self.run_dir = RUN_ROOT / prefix
-        self.bpf_pin_dir = BPF_PIN_ROOT / self.lb.netns
+        self.bpf_pin_dir = Path(pin_dir_for(self.lb.netns))
 
     # ---------------------------------------------------------------- names
 
@@ -318,7 +328,7 @@ class Lab:
         A partial lab (a crashed run, a killed server) is torn down and rebuilt. If building
         fails, everything is torn down again and the error re-raised.
         """
-        _need_root("lab up")
+        need_root("lab up")
         with _run_lock(self.prefix):
             if self.status().up:
                 return
@@ -334,7 +344,7 @@ class Lab:
 
         Safe to call from any process, any number of times, on a lab in any state.
         """
-        _need_root("lab down")
+        need_root("lab down")
         with _run_lock(self.prefix):
             self._down_locked()
 
@@ -775,9 +785,9 @@ class Lab:
 # ---------------------------------------------------------------- helpers
 
 
-def _need_root(what: str) -> None:
+def need_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise LabError(f"{what} needs root (network namespaces, veth, sysctls); hint: sudo lbctl")
+        raise LabNeedsRootError(f"{what} needs root (network namespaces, veth, sysctls); hint: sudo lbctl")
 
 
 @contextmanager

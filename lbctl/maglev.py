@@ -6,9 +6,11 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# 65537 is prime and matches Katran's default ring: large enough that a backend's share is
-# accurate to well under 1% for up to a few hundred backends (the paper wants M >> N).
-DEFAULT_RING_SIZE = 65537
+from xdp.limits import DEFAULT_LIMITS
+
+# The data plane's ring size (xdp/limits.py says why 65537): a ring built here must fill
+# exactly the slots the program indexes.
+DEFAULT_RING_SIZE = DEFAULT_LIMITS.ring_size
 
 # Caps the weight so that the sum of weights (turns per round) stays far below the ring
 # size for realistic pools; the shares are only as exact as rounds are many.

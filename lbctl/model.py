@@ -1,4 +1,5 @@
-"""The configuration model: VIPs and backends as the user names them, parsed and validated."""
+"""The configuration model: VIPs and backends as the user names them, parsed and validated,
+and the names the CLI and config files accept (protocols, backend states, XDP modes)."""
 from __future__ import annotations
 
 import ipaddress
@@ -6,19 +7,40 @@ from dataclasses import dataclass, field, replace
 
 from lbctl.errors import ConfigError
 from lbctl.maglev import MAX_WEIGHT
+from xdp.balancer import MODES
 from xdp.codec import PROTOS, Endpoint
 from xdp.limits import BACKEND_STATES
+
+# The spellings users type; each comes from the data plane's own table, so a name added
+# there is accepted here and nowhere else needs to change.
+PROTO_NAMES: tuple[str, ...] = tuple(PROTOS)
+XDP_MODES: tuple[str, ...] = tuple(MODES)
 
 
 def parse_proto(proto: str) -> str:
     value = proto.lower()
     if value not in PROTOS:
-        raise ConfigError(f"unknown protocol '{proto}'; hint: use tcp or udp")
+        raise ConfigError(f"unknown protocol '{proto}'; hint: use one of {', '.join(PROTO_NAMES)}")
     return value
 
 
-def parse_endpoint(text: str, proto: str = "tcp", what: str = "address") -> Endpoint:
-    """'10.0.0.10:80' -> Endpoint. IPv4 only for now; the port is required."""
+@dataclass(frozen=True, order=True)
+class HostPort:
+    """An address and port as typed, before a protocol makes it an Endpoint (on the command
+    line the protocol is a separate option, parsed independently)."""
+
+    addr: str
+    port: int
+
+    def on(self, proto: str) -> Endpoint:
+        return Endpoint(self.addr, self.port, parse_proto(proto))
+
+    def __str__(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+
+def parse_host_port(text: str, what: str = "address") -> HostPort:
+    """'10.0.0.10:80' -> HostPort. IPv4 only for now; the port is required."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"malformed {what} '{text}': expected ADDR:PORT; hint: e.g. 10.0.0.10:80")
@@ -33,7 +55,12 @@ def parse_endpoint(text: str, proto: str = "tcp", what: str = "address") -> Endp
     if addr.is_unspecified or addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
         raise ConfigError(f"{what} '{text}' cannot be used: {addr} is not a unicast address; "
                           "hint: use a host address")
-    return Endpoint(str(addr), int(port_text), parse_proto(proto))
+    return HostPort(str(addr), int(port_text))
+
+
+def parse_endpoint(text: str, proto: str = "tcp", what: str = "address") -> Endpoint:
+    """'10.0.0.10:80' and a protocol -> Endpoint."""
+    return parse_host_port(text, what).on(proto)
 
 
 def check_weight(weight: int) -> int:

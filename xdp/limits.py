@@ -36,7 +36,9 @@ class Limits:
 
     max_vips: int = 64
     max_backends: int = 4096
-    ring_size: int = 65537                  # prime, as Maglev requires
+    # Prime, as Maglev requires; 65537 is Katran's default too: large enough that a backend's
+    # share is accurate to well under 1% for up to a few hundred backends (the paper wants M >> N).
+    ring_size: int = 65537
     flow_table_size: int = 262144           # LRU: the oldest flow is evicted when full
     hash_seed: int = 0x1B5EED
     tcp_syn_timeout_s: int = 30             # half-open flows

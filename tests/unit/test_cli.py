@@ -2,68 +2,87 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+from unittest.mock import create_autospec
 
 import click
 import pytest
 from click.testing import CliRunner
 
 from lbctl.cli import Context, main
+from lbctl.control import Controller, Result
 from lbctl.errors import ConflictError
+from lbctl.model import BACKEND_STATES, XDP_MODES
+from lbctl.planner import Plan
+from xdp.codec import Endpoint
 from xdp.errors import AttachError, MapFullError, NotAttachedError
 
 
-class FakeController:
-    """Records what the CLI asked for; raises what a test tells it to."""
-
-    def __init__(self, instance: str):
-        self.instance = instance
-        self.calls: list[tuple] = []
-        self.raise_on: dict[str, Exception] = {}
-
-    def _do(self, name: str, *args):
-        self.calls.append((name, *args))
-        if name in self.raise_on:
-            raise self.raise_on[name]
-        return _FakeResult()
-
-    def __getattr__(self, name: str):
-        return lambda *args: self._do(name, *args)
-
-    def vips(self):
-        self.calls.append(("vips",))
-        return [{"vip": "10.0.0.10:80", "proto": "tcp", "backends": 1, "active_backends": 1,
-                 "packets": 5, "bytes": 300, "new_flows": 1, "drops": 0}]
-
-
-class _FakeResult:
-    class plan:
-        @staticmethod
-        def describe():
-            return ["+ vip 10.0.0.10:80 (tcp)"]
+def _fake_controller() -> Any:
+    """A Controller whose every method is a mock with the real signature: a call the real class
+    cannot take (a renamed method, a changed argument list) fails the test."""
+    fake = create_autospec(Controller, instance=True)
+    no_change = Result(Plan(changes=[]), applied=False)
+    for name in ("vip_add", "vip_del", "backend_add", "backend_del", "backend_set"):
+        getattr(fake, name).return_value = no_change
+    fake.vips.return_value = [{"vip": "10.0.0.10:80", "proto": "tcp", "backends": 1,
+                               "active_backends": 1, "packets": 5, "bytes": 300,
+                               "new_flows": 1, "drops": 0}]
+    fake.attach.return_value = []
+    return fake
 
 
 @pytest.fixture
-def fake():
-    return FakeController("host")
+def fake() -> Any:
+    return _fake_controller()
 
 
-def run(fake: FakeController, *args: str):
+def run(fake: Any, *args: str):
     return CliRunner().invoke(main, list(args), obj=Context("host", lambda _i: fake))
 
 
 def test_vip_add_parses_address_and_default_proto(fake):
     result = run(fake, "vip", "add", "10.0.0.10:80")
     assert result.exit_code == 0, result.output
-    (name, vip, force), = fake.calls
-    assert name == "vip_add" and (vip.addr, vip.port, vip.proto) == ("10.0.0.10", 80, "tcp")
-    assert force is False
+    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False)
 
 
 def test_backend_add_passes_weight_and_udp_proto(fake):
     result = run(fake, "backend", "add", "10.0.0.10:53", "10.0.1.11:5353", "--proto", "udp", "--weight", "7")
     assert result.exit_code == 0, result.output
-    name, vip, backend, weight = fake.calls[0]
-    assert (vip.proto, backend.port, weight) == ("udp", 5353, 7)
+    fake.backend_add.assert_called_once_with(Endpoint("10.0.0.10", 53, "udp"),
+                                             Endpoint("10.0.1.11", 5353, "udp"), 7)
+
+
+def test_proto_is_case_insensitive_and_applies_to_both_endpoints(fake):
+    result = run(fake, "backend", "del", "10.0.0.10:53", "10.0.1.11:53", "--proto", "UDP")
+    assert result.exit_code == 0, result.output
+    fake.backend_del.assert_called_once_with(Endpoint("10.0.0.10", 53, "udp"),
+                                             Endpoint("10.0.1.11", 53, "udp"))
+
+
+@pytest.mark.parametrize("state", BACKEND_STATES)
+def test_every_backend_state_of_the_model_is_accepted(fake, state):
+    result = run(fake, "backend", "set", "10.0.0.10:80", "10.0.1.11:80", "--state", state)
+    assert result.exit_code == 0, result.output
+    fake.backend_set.assert_called_once_with(Endpoint("10.0.0.10", 80), Endpoint("10.0.1.11", 80),
+                                             None, state)
+
+
+@pytest.mark.parametrize("mode", XDP_MODES)
+def test_every_xdp_mode_of_the_model_is_accepted(fake, mode, monkeypatch):
+    monkeypatch.setattr("xdp.balancer.ipv4_forwarding", lambda: True)
+    result = run(fake, "attach", "eth0", "--mode", mode)
+    assert result.exit_code == 0, result.output
+    fake.attach.assert_called_once_with(["eth0"], mode)
+
+
+def test_explain_parses_client_and_vip_with_one_proto(fake):
+    fake.explain.return_value = {"verdict": "not_vip"}
+    result = run(fake, "explain", "10.0.2.5:5000", "10.0.0.10:53", "--proto", "udp")
+    assert result.exit_code == 0, result.output
+    fake.explain.assert_called_once_with(Endpoint("10.0.2.5", 5000, "udp"), Endpoint("10.0.0.10", 53, "udp"))
+    assert "is not a VIP here" in result.output
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -79,13 +98,18 @@ def test_backend_add_passes_weight_and_udp_proto(fake):
     (["backend", "add", "10.0.0.10:80", "10.0.1.11:80", "--weight", "0"], "weight 0 is out of range"),
     (["backend", "add", "10.0.0.10:80", "10.0.1.11:80", "--weight", "1001"], "weight 1001 is out of range"),
     (["backend", "set", "10.0.0.10:80", "10.0.1.11:80", "--weight", "-3"], "weight -3 is out of range"),
+    (["backend", "set", "10.0.0.10:80", "10.0.1.11:80", "--weight", "two"], "weight 'two' is not a whole number"),
+    (["backend", "list", "10.0.0.10"], "malformed VIP"),
+    (["explain", "10.0.2.5", "10.0.0.10:80"], "malformed client"),
+    (["explain", "10.0.2.5:40000", "10.0.0.10:80:80"], "malformed VIP"),
 ])
 def test_bad_input_is_one_line_nonzero_and_calls_nothing(fake, args, needle):
     result = run(fake, *args)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "hint" in lines[0], result.output
-    assert fake.calls == []
+    assert lines[0].startswith("lbctl: error: ")
+    assert fake.mock_calls == []
 
 
 @pytest.mark.parametrize("args", [
@@ -100,7 +124,7 @@ def test_bad_input_is_one_line_nonzero_and_calls_nothing(fake, args, needle):
 def test_usage_errors_exit_2_and_call_nothing(fake, args):
     result = run(fake, *args)
     assert result.exit_code == 2, result.output
-    assert fake.calls == []
+    assert fake.mock_calls == []
 
 
 @pytest.mark.parametrize("command, exc, code", [
@@ -109,14 +133,21 @@ def test_usage_errors_exit_2_and_call_nothing(fake, args):
     ("vip_add", MapFullError("cannot add VIP: full; hint: delete"), 5),
 ])
 def test_library_errors_become_one_line_with_distinct_exit_codes(fake, command, exc, code):
-    fake.raise_on[command] = exc
+    getattr(fake, command).side_effect = exc
     result = run(fake, "vip", "add", "10.0.0.10:80")
     assert result.exit_code == code
     assert result.output.strip() == f"lbctl: error: {exc}"
 
 
+def test_lab_errors_are_one_line_with_their_own_exit_code(fake):
+    result = run(fake, "lab", "status", "--prefix", "bad/prefix")
+    assert result.exit_code == 7
+    assert result.output.strip().splitlines() == [
+        "lbctl: error: bad lab prefix 'bad/prefix'; hint: use up to 20 letters, digits, '-' or '_'"]
+
+
 def test_attach_refusal_names_interface_and_hint(fake):
-    fake.raise_on["attach"] = AttachError("cannot attach XDP on 'eth0' in native mode: Operation not "
+    fake.attach.side_effect = AttachError("cannot attach XDP on 'eth0' in native mode: Operation not "
                                           "supported (95); try --mode generic")
     result = run(fake, "attach", "eth0")
     assert result.exit_code == 3 and "try --mode generic" in result.output
