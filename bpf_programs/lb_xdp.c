@@ -117,7 +117,7 @@ static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct fl
         return LB_NO_BACKEND;
     __u32 slot = lb_flow_hash(key) % LB_RING_SIZE;
     *slot_out = slot;
-    __u32 index = (vip->vip_id * 2 + (vip->ring_generation & 1)) * LB_RING_SIZE + slot;
+    __u32 index = LB_RING_INDEX(vip->vip_id, vip->ring_generation, slot);
     __u32 *backend_id = rings.lookup(&index);
     if (!backend_id || *backend_id >= LB_MAX_BACKENDS)
         return LB_NO_BACKEND;

@@ -29,6 +29,11 @@ EXPLAIN_MAGIC = 0x4C424558  # "LBEX"
 
 PIN_ROOT = "/sys/fs/bpf/lbctl"
 
+# Each VIP owns this many rings side by side in the `rings` array: the live one and the one
+# being written. A change writes the idle ring, then flips vip_meta.ring_generation, whose
+# value modulo RINGS_PER_VIP picks the live ring: one atomic step for the data plane.
+RINGS_PER_VIP = 2
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -56,12 +61,18 @@ class Limits:
 
     @property
     def ring_entries(self) -> int:
-        # Two rings per VIP: the live one and the one being written (generation flip).
-        return self.max_vips * 2 * self.ring_size
+        return self.max_vips * RINGS_PER_VIP * self.ring_size
+
+    def ring_index(self, vip_id: int, ring_generation: int, slot: int = 0) -> int:
+        """Where slot `slot` of a VIP's ring of that generation lives in `rings`. The program
+        computes it with LB_RING_INDEX, the same formula rendered with the same constants;
+        tests/bpf/test_layout.py runs the C macro against this function."""
+        return (vip_id * RINGS_PER_VIP + ring_generation % RINGS_PER_VIP) * self.ring_size + slot
 
     def template_vars(self) -> dict[str, object]:
         values = asdict(self)
         values["ring_entries"] = self.ring_entries
+        values["rings_per_vip"] = RINGS_PER_VIP
         return values
 
 

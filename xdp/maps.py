@@ -146,7 +146,7 @@ class LbMaps:
 
     # -- rings ------------------------------------------------------------------------------
     def ring_base(self, vip_id: int, generation: int) -> int:
-        return (vip_id * 2 + (generation & 1)) * self.limits.ring_size
+        return self.limits.ring_index(vip_id, generation)
 
     def write_ring(self, vip_id: int, generation: int, backend_ids: list[int]) -> None:
         """Writes one whole ring in a single batch syscall."""

@@ -4,13 +4,16 @@ bcc builds each table's Key/Leaf types from clang's own record layout of lb_stru
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import struct
 from typing import Any
 
 import pytest
 
-from xdp import codec
-from xdp.program import LoadedProgram
+from xdp import codec, libbpf
+from xdp.limits import Limits
+from xdp.program import LoadedProgram, render_consts
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
@@ -97,3 +100,45 @@ def test_pinned_maps_of_an_older_build_without_a_newer_map_are_refused() -> None
     finally:
         first.close()
         shutil.rmtree(first.pin_dir, ignore_errors=True)
+
+
+# LB_RING_INDEX and LB_RING_ENTRIES run in the program with each case's inputs from the frame.
+RING_INDEX_PROGRAM = """
+#include <uapi/linux/bpf.h>
+{consts}
+int ring_index(struct xdp_md *ctx) {{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u32 *word = data + 14;
+
+    if ((void *)(word + 5) > data_end)
+        return XDP_ABORTED;
+    word[3] = LB_RING_INDEX(word[0], word[1], word[2]);
+    word[4] = LB_RING_ENTRIES;
+    return XDP_PASS;
+}}
+"""
+
+
+@pytest.mark.parametrize("limits", [Limits(), Limits(max_vips=5, ring_size=251)],
+                         ids=["shipped", "small"])
+def test_c_ring_index_is_the_python_one(limits: Limits) -> None:
+    """The program and the control plane must agree where each VIP's ring lives, or a ring
+    written by lbctl is read as another VIP's (or as empty)."""
+    from bcc import BPF  # type: ignore[import-untyped]
+
+    consts = render_consts(limits, "/sys/fs/bpf/unused")
+    bpf = BPF(text=RING_INDEX_PROGRAM.format(consts=consts).encode())
+    try:
+        fd = bpf.load_func(b"ring_index", BPF.XDP).fd
+        last_vip, last_slot = limits.max_vips - 1, limits.ring_size - 1
+        for vip_id, generation, slot in itertools.product(
+                (0, 1, last_vip), (0, 1, 2, 7, 0xFFFFFFFF), (0, 1, last_slot)):
+            frame = bytes(14) + struct.pack("=5I", vip_id, generation, slot, 0, 0)
+            out = libbpf.prog_test_run(fd, frame)
+            c_index, c_entries = struct.unpack("=2I", out.data_out[26:34])
+            assert c_index == limits.ring_index(vip_id, generation, slot), (vip_id, generation, slot)
+            assert c_entries == limits.ring_entries
+        assert limits.ring_index(last_vip, 1, last_slot) == limits.ring_entries - 1
+    finally:
+        bpf.cleanup()
