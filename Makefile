@@ -31,5 +31,6 @@ clean-lab: setup
 
 bench: setup
 	bash lbctl/bench-setup.sh
-	$(PY) -m lbctl bench dataplane
-	$(PY) -m lbctl bench peers
+	mkdir -p bench/results
+	$(PY) -m lbctl bench dataplane --json bench/results/dataplane-$$(date -u +%Y%m%dT%H%M%SZ).json
+	$(PY) -m lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md

@@ -69,4 +69,4 @@ if ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check 'matplotlib>=3.6'
 fi
 
-say "ready; run: $venv/bin/python -m lbctl bench peers   (--quick for a short run)"
+say "ready; run: make bench, or $venv/bin/python -m lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md   (--quick for a short run)"

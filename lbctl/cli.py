@@ -468,6 +468,12 @@ def flows_flush(obj: Context) -> None:
 
 
 # -- benchmarks -----------------------------------------------------------------------------
+# The harness lives in lbctl.bench, imported only inside these commands: the product never
+# loads it otherwise. The setup names are spelled here for the same reason (a unit test
+# holds them equal to lbctl.bench.spec.SETUPS).
+BENCH_SETUPS = ("xdp-native", "xdp-generic", "nftables", "haproxy", "direct")
+
+
 @main.group(epilog=examples("lbctl bench dataplane   # ns per packet of each XDP path",
                             "lbctl bench peers       # against nftables, HAProxy and direct"))
 def bench() -> None:
@@ -475,23 +481,46 @@ def bench() -> None:
 
 
 @bench.command("peers", epilog=examples(
-    "lbctl bench peers            # 3 rounds, ~6 min; bench/results/*.json and docs/benchmarks.md",
-    "lbctl bench peers --quick    # 1 short round; JSON only",
-    "lbctl bench peers --only xdp-native --only nftables"))
+    "lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md   # 3 rounds, ~8 min",
+    "lbctl bench peers --quick                    # 1 short round; JSON record in .",
+    "lbctl bench peers --only xdp-native --only direct   # two setups"))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
-@click.option("--quick", is_flag=True, help="1 short round; writes only the JSON record")
-@click.option("--only", multiple=True,
-              type=click.Choice(["xdp-native", "xdp-generic", "nftables", "haproxy", "direct"]))
+@click.option("--quick", is_flag=True, help="1 short round")
+@click.option("--only", multiple=True, type=click.Choice(BENCH_SETUPS))
+@click.option("--results-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="where the JSON record goes (created if missing)")
+@click.option("--doc", type=click.Path(dir_okay=False),
+              help="markdown page whose generated block is replaced, plots beside it")
 @click.pass_obj
-def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...]) -> None:
-    """Short connections, keep-alive, bulk and packet rate: lbctl XDP against nftables DNAT,
-    HAProxy mode tcp and no balancer, side by side in a lab of its own."""
+def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...],
+                results_dir: str, doc: str | None) -> None:
+    """Short connections, keep-alive, bulk and packet rate: lbctl XDP against nftables
+    DNAT, HAProxy mode tcp and no balancer, side by side in a lab of its own."""
     if obj.instance != "host":
         raise click.UsageError("the bench builds its own lab: run it without -n")
-    from lbctl.bench_peers import run_bench
+    from pathlib import Path
 
-    if not run_bench(repeats, quick, list(only) or None)["complete"]:
+    from lbctl.bench.runner import run_peers
+
+    results = run_peers(Path(results_dir), Path(doc) if doc else None, repeats, quick,
+                        list(only) or None)
+    if not results["complete"]:
         sys.exit(1)
+
+
+@bench.command("report", epilog=examples(
+    "lbctl bench report bench/results/20261201T220000Z.json --doc docs/benchmarks.md"))
+@click.argument("record", type=click.Path(exists=True, dir_okay=False))
+@click.option("--doc", type=click.Path(dir_okay=False), required=True,
+              help="markdown page whose generated block is replaced, plots beside it")
+def bench_report(record: str, doc: str) -> None:
+    """Redraw a benchmarks page and its plots from a `bench peers` JSON record."""
+    from pathlib import Path
+
+    from lbctl.bench.report import write_record_docs
+
+    plots = write_record_docs(Path(record), Path(doc))
+    click.echo(f"updated {doc} and {len(plots)} plot(s)")
 
 
 @bench.command("dataplane", epilog=examples(
@@ -502,7 +531,7 @@ def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...]) 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures to FILE")
 def bench_dataplane(repeat: int, json_out: str | None) -> None:
     """ns per packet of each XDP path (BPF_PROG_TEST_RUN) against a trivial baseline."""
-    from lbctl.bench_dataplane import run_bench
+    from lbctl.bench.dataplane import run_bench
 
     run_bench(repeat=repeat, json_out=json_out)
 

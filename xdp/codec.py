@@ -210,13 +210,3 @@ class ExplainMeta(ctypes.Structure):
                 ("backend_id", ctypes.c_uint32), ("backend_addr", ctypes.c_uint32),
                 ("backend_port", ctypes.c_uint16), ("flow_state", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8), ("flow_age_ms", ctypes.c_uint64)]
-
-
-def probe_frame(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
-    """A minimal Ethernet/IPv4 frame of an established flow (TCP: a bare ACK) for test runs.
-    Checksums are left zero: the program never verifies them."""
-    l4 = (struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, 0x10, 65535, 0, 0) if proto == "tcp"
-          else struct.pack("!HHHH", sport, dport, 8, 0))
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, PROTOS[proto], 0,
-                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    return bytes(12) + b"\x08\x00" + ip + l4

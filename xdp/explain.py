@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from xdp import codec, libbpf
+from xdp import codec, frames, libbpf
 from xdp.limits import EXPLAIN_MAGIC, EXPLAIN_VERDICTS, FLOW_STATES
 
 
@@ -21,8 +21,19 @@ class Explanation:
     flow_age_ms: int | None
 
 
+def probe_frame(client: codec.Endpoint, vip: codec.Endpoint) -> bytes:
+    """The packet of an established flow (TCP: a bare ACK) from client to vip. The MACs are
+    zero: with explain metadata the program answers before it reads them or forwards."""
+    if vip.proto == "tcp":
+        return frames.tcp_frame(frames.ZERO_MAC, frames.ZERO_MAC, client.addr, vip.addr,
+                                client.port, vip.port, flags=frames.TCP_ACK, seq=1, ack=1,
+                                window=65535, frag=frames.IP_DF)
+    return frames.udp_frame(frames.ZERO_MAC, frames.ZERO_MAC, client.addr, vip.addr,
+                            client.port, vip.port, frag=frames.IP_DF)
+
+
 def explain(prog_fd: int, client: codec.Endpoint, vip: codec.Endpoint) -> Explanation:
-    frame = codec.probe_frame(client.addr, client.port, vip.addr, vip.port, vip.proto)
+    frame = probe_frame(client, vip)
     ask = codec.ExplainMeta(magic=EXPLAIN_MAGIC)
     result = libbpf.prog_test_run(prog_fd, frame, meta=bytes(ask))
     answer = codec.ExplainMeta.from_buffer_copy(result.data_out[: ctypes.sizeof(codec.ExplainMeta)])

@@ -3,17 +3,15 @@ and maps, a routed network namespace, and BPF_PROG_TEST_RUN with a chosen ingres
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import pytest
 
+from lbctl.bench import routed
+from lbctl.bench.routed import Port, RoutedNetns
 from lbctl.control import LOCK_DIR, Controller
 from lbctl.netns import inside
 from xdp import libbpf
@@ -23,8 +21,6 @@ from xdp.program import LoadedProgram, compile_and_load
 
 INSTANCE_PREFIX = "tbpf-"
 NETNS_PREFIX = "tbpf-"
-NUD_PERMANENT = 0x80
-UP_TIMEOUT_S = 5.0
 
 
 # --- the balancer instance ---
@@ -86,86 +82,12 @@ def clean_dataplane(lb_maps: LbMaps) -> Callable[[], None]:
 
 # --- a routed network namespace ---
 
-class RoutedPort(Protocol):
-    """What routed_netns needs of each entry of the test module's `netns_ports` fixture."""
-
-    name: str          # the interface; its veth peer is `name + "p"`, up and without address
-    mac: str           # the interface's MAC: bpf_fib_lookup's smac for packets leaving here
-    cidr: str          # its address, e.g. "10.10.1.1/24": the connected route
-    neighbours: dict[str, str]  # address -> MAC, installed PERMANENT: bpf_fib_lookup's dmac
-    # Optional `mtu: int | None` (read with getattr): set on both ends of the veth, e.g. 9000
-    # for a jumbo link, where bpf_fib_lookup's MTU check then lets big packets through.
-
-
-@dataclass
-class RoutedNetns:
-    name: str
-    ifindex: dict[str, int] = field(default_factory=dict)
-
-
-def _wait_until(what: str, ready: Callable[[], bool], timeout_s: float = UP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def _remove_netns(name: str) -> None:
-    from pyroute2 import netns  # type: ignore[import-untyped]
-
-    try:
-        netns.remove(name)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
-
-
 @pytest.fixture(scope="module")
-def routed_netns(netns_ports: Sequence[RoutedPort]) -> Iterator[RoutedNetns]:
-    """A namespace that forwards IPv4 (bpf_fib_lookup answers FWD_DISABLED otherwise), with one
-    veth per port, its address, and permanent neighbours with fixed MACs, so the FIB answers
-    the same MACs every run. Deleted at teardown, which takes its veths with it."""
-    from pyroute2 import IPRoute, netns
-
-    name = f"{NETNS_PREFIX}{secrets.token_hex(4)}"
-    netns.create(name)
-    try:
-        routed = RoutedNetns(name)
-        with IPRoute(netns=name) as ipr:
-            for port in netns_ports:
-                ipr.link("add", ifname=port.name, kind="veth", peer=f"{port.name}p")
-                index = ipr.link_lookup(ifname=port.name)[0]
-                peer = ipr.link_lookup(ifname=f"{port.name}p")[0]
-                ipr.link("set", index=index, address=port.mac)
-                mtu = getattr(port, "mtu", None)
-                if mtu is not None:
-                    ipr.link("set", index=index, mtu=mtu)
-                    ipr.link("set", index=peer, mtu=mtu)
-                ipr.link("set", index=peer, state="up")
-                ipr.link("set", index=index, state="up")
-                addr, prefixlen = port.cidr.split("/")
-                ipr.addr("add", index=index, address=addr, prefixlen=int(prefixlen))
-                for neighbour, mac in port.neighbours.items():
-                    ipr.neigh("add", dst=neighbour, lladdr=mac, ifindex=index,
-                              state=NUD_PERMANENT)
-                routed.ifindex[port.name] = index
-
-            def all_up() -> bool:
-                return all(ipr.get_links(i)[0].get_attr("IFLA_OPERSTATE") == "UP"
-                           for i in routed.ifindex.values())
-
-            _wait_until(f"the veths of {name} to come up", all_up)
-        with inside(name):
-            with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
-                f.write("1\n")
-            with open("/proc/sys/net/ipv4/ip_forward") as f:
-                assert f.read().strip() == "1", f"cannot enable forwarding in {name}"
-        yield routed
-    finally:
-        _remove_netns(name)
-
-
+def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
+    """The bench's routed namespace (lbctl/bench/routed.py) with the test module's ports:
+    forwarding on, fixed MACs, permanent neighbours. Deleted at teardown, veths with it."""
+    with routed.routed_netns(f"{NETNS_PREFIX}{secrets.token_hex(4)}", netns_ports) as built:
+        yield built
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import pytest
-from routed import Port, mac_of
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, fragment
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, LLC, Dot1AD, Dot1Q, Dot3, Ether
 from scapy.packet import Raw
 
 from lbctl import planner
+from lbctl.bench.routed import Port, mac_of
 from lbctl.control import Controller
 from lbctl.model import Config, parse_endpoint
 from xdp import codec, libbpf
@@ -1092,7 +1092,7 @@ def test_the_flow_table_follows_the_connection_state(
 # --- the next-hop cache: a tracked flow reuses its FIB result until its next refresh ---
 
 def _neigh(netns: str, *args: str) -> None:
-    import subprocess  # noqa: PLC0415
+    import subprocess
 
     subprocess.run(["ip", "-n", netns, "neigh", *args], check=True, capture_output=True)
 

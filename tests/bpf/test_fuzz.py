@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from routed import Port, mac_of
 
+from lbctl.bench.routed import Port, mac_of
 from lbctl.control import Controller
 from lbctl.model import BackendSpec, VipSpec
 from lbctl.netns import inside
-from xdp import libbpf
+from xdp import frames, libbpf
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 from xdp.limits import DEFAULT_LIMITS
@@ -89,19 +89,6 @@ def fresh(fuzz_config: None, clean_dataplane: Callable[[], None]) -> None:
 
 
 # --- checksums and the reference reading of a frame ---
-
-def ones_residual(data: bytes) -> int:
-    """The one's-complement sum of 16-bit words, mod 0xffff (2**16 is 1 mod 0xffff, so the
-    big-endian number mod 0xffff is that sum): 0 for a header whose checksum is right."""
-    if len(data) % 2:
-        data += b"\0"
-    return int.from_bytes(data, "big") % 0xFFFF
-
-
-def ones_checksum(data: bytes) -> int:
-    residual = ones_residual(data)
-    return 0xFFFF - residual if residual else 0xFFFF
-
 
 ETH_LEN = 14
 TCP, UDP = 6, 17
@@ -188,19 +175,16 @@ def read_frame(frame: bytes) -> str | Parsed | LaterFragment:
 
 
 def ip_residual(frame: bytes, p: Parsed | LaterFragment) -> int:
-    return ones_residual(frame[ETH_LEN:ETH_LEN + p.ihl_bytes])
+    return frames.ones_sum(frame[ETH_LEN:ETH_LEN + p.ihl_bytes])
 
 
 def l4_residual(frame: bytes, p: Parsed) -> int:
+    # The frame's own addresses: `p` was read from the frame before its rewrite.
     pseudo = frame[26:34] + struct.pack("!BBH", 0, p.proto, p.l4_len)
-    return ones_residual(pseudo + frame[p.l4:p.l4 + p.l4_len])
+    return frames.ones_sum(pseudo + frame[p.l4:p.l4 + p.l4_len])
 
 
 # --- frames, built by hand (scapy takes ~1 ms a frame; 100,000 of them would take minutes) ---
-
-def _ip_bytes(addr: str) -> bytes:
-    return bytes(int(o) for o in addr.split("."))
-
 
 def build(src_mac: str, dst_mac: str, src: str, dst: str, proto: int, sport: int, dport: int,
           *, tcp_flags: int = 0x02, payload: bytes = b"", ttl: int = 64, ip_options: bytes = b"",
@@ -209,28 +193,18 @@ def build(src_mac: str, dst_mac: str, src: str, dst: str, proto: int, sport: int
     """Ethernet + IPv4 + TCP or UDP with every length and checksum right (`udp_len`: a first
     fragment's, the whole datagram's, checksummed as if the datagram were this packet)."""
     if proto == TCP:
-        header_len = 20 + len(tcp_options)
-        l4 = struct.pack("!HHIIBBHHH", sport, dport, 0x1000, 0x2000, (header_len // 4) << 4,
-                         tcp_flags, 64240, 0, 0) + tcp_options + payload
-        check_at = 16
-    else:
-        l4 = struct.pack("!HHHH", sport, dport, udp_len or 8 + len(payload), 0) + payload
-        check_at = 6
-    if proto == TCP or udp_checksum:
-        pseudo = _ip_bytes(src) + _ip_bytes(dst) + struct.pack("!BBH", 0, proto, len(l4))
-        l4 = l4[:check_at] + struct.pack("!H", ones_checksum(pseudo + l4)) + l4[check_at + 2:]
-    ihl = (20 + len(ip_options)) // 4
-    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(l4), ip_id, frag, ttl, proto,
-                     0, _ip_bytes(src), _ip_bytes(dst)) + ip_options
-    ip = ip[:10] + struct.pack("!H", ones_checksum(ip)) + ip[12:]
-    return (bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
-            + b"\x08\x00" + ip + l4)
+        return frames.tcp_frame(src_mac, dst_mac, src, dst, sport, dport, flags=tcp_flags,
+                                seq=0x1000, ack=0x2000, tcp_options=tcp_options, payload=payload,
+                                ttl=ttl, ident=ip_id, frag=frag, ip_options=ip_options)
+    return frames.udp_frame(src_mac, dst_mac, src, dst, sport, dport, payload,
+                            checksum=udp_checksum, length=udp_len, ttl=ttl, ident=ip_id,
+                            frag=frag, ip_options=ip_options)
 
 
 TCP_FLAG_CHOICES = (0x02, 0x02, 0x10, 0x18, 0x11, 0x04, 0x14, 0x12, 0x01, 0x00, 0x3F)
 IP_OPTION_CHOICES = (b"", b"", b"", b"\x94\x04\x00\x00", b"\x01\x01\x01\x00",
                      b"\x01" * 39 + b"\x00")
-TCP_OPTION_CHOICES = (b"", b"", b"\x02\x04\x05\xb4", b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07")
+TCP_OPTION_CHOICES = (b"", b"", b"\x02\x04\x05\xb4", b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07\x00\x00")
 TTL_CHOICES = (64, 64, 64, 255, 2, 1, 0)
 NON_VIP_DESTINATIONS = ("10.30.1.1", "10.30.2.1", "10.30.9.1", "10.30.9.2", "10.30.9.4",
                         "255.255.255.255", "10.30.1.255", "224.0.0.251", "8.8.8.8",
@@ -324,8 +298,8 @@ class FrameSource:
         elif kind == 1:   # a fragment, first or later
             return self.fragment()
         elif kind == 2:   # ICMP, SCTP, GRE to a VIP address (no ports: not ours)
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, r.choice((1, 47, 132)), 0,
-                             _ip_bytes(client), _ip_bytes(TCP_VIP.addr)) + bytes(8)
+            ip = frames.ipv4_packet(client, TCP_VIP.addr, r.choice((1, 47, 132)), bytes(8),
+                                    ident=1)
             frame = eth + b"\x08\x00" + ip
         elif kind == 3:   # ARP
             frame = eth + b"\x08\x06" + bytes(28)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from lbctl.lab import NETNS_DIR, Lab, LabHost
+from xdp import frames
 
 pytestmark = [
     pytest.mark.root,
@@ -382,24 +384,15 @@ def test_udp_echo_through_the_vip_answers_from_the_vip(lab: Lab) -> None:
 
 # ---------------------------------------------------------------- non-VIP traffic
 
-# An ICMP echo by raw socket (the lab has no ping binary).
+# ICMP echoes by raw socket (the lab has no ping binary); the requests come built, as hex.
 _ICMP_SNIPPET = r"""
-import json, os, socket, struct, sys, time
+import json, socket, struct, sys, time
 spec = json.loads(sys.argv[1])
-def csum(b):
-    if len(b) % 2: b += b"\0"
-    s = sum(struct.unpack(f"!{len(b)//2}H", b))
-    s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return ~s & 0xffff
-ident = os.getpid() & 0xffff
 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 sock.settimeout(spec["timeout_s"])
 answered = 0
-for seq in range(spec["count"]):
-    body = b"lbctl-test"
-    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    pkt = struct.pack("!BBHHH", 8, 0, csum(hdr + body), ident, seq) + body
-    sock.sendto(pkt, (spec["host"], 0))
+for seq, pkt in enumerate(spec["echoes"]):
+    sock.sendto(bytes.fromhex(pkt), (spec["host"], 0))
     deadline = time.monotonic() + spec["timeout_s"]
     while time.monotonic() < deadline:
         try:
@@ -408,11 +401,21 @@ for seq in range(spec["count"]):
             break
         ihl = (data[0] & 0x0F) * 4
         typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-        if typ == 0 and rid == ident and rseq == seq and peer[0] == spec["host"]:
+        if typ == 0 and rid == spec["ident"] and rseq == seq and peer[0] == spec["host"]:
             answered += 1
             break
 print(json.dumps({"answered": answered}))
 """
+
+
+def icmp_echoes(ident: int, count: int, body: bytes = b"lbctl-test") -> list[str]:
+    """ICMP echo requests 0..count-1 (type 8, code 0, checksummed), as hex."""
+    echoes = []
+    for seq in range(count):
+        unsummed = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + body
+        checksum = frames.internet_checksum(unsummed)
+        echoes.append((unsummed[:2] + struct.pack("!H", checksum) + unsummed[4:]).hex())
+    return echoes
 
 
 def test_balancer_own_address_stays_reachable(lab: Lab) -> None:
@@ -452,7 +455,9 @@ def test_balancer_own_address_stays_reachable(lab: Lab) -> None:
         assert bodies == ["balancer-itself"] * 20
         assert lab.udp_echo(lb_addr, server_port, "hi", count=3) == ["balancer-itself hi"] * 3
         ping = run_snippet(
-            lab, lab.client, _ICMP_SNIPPET, {"host": lb_addr, "count": 3, "timeout_s": 1.0}, 30
+            lab, lab.client, _ICMP_SNIPPET,
+            {"host": lb_addr, "ident": 0x1b5, "echoes": icmp_echoes(0x1b5, 3), "timeout_s": 1.0},
+            30,
         )
         assert ping == {"answered": 3}
         # And the VIP still balances alongside.

@@ -3,10 +3,16 @@ the generator-bound label, the generated doc block, and refusal when a tool is m
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from lbctl import bench_peers as bp
+from lbctl.bench import errors, helpers, parsers, report, spec, tools
+from xdp import frames
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 WRK_TEXT = """\
 Running 5s test @ http://10.77.0.10/
@@ -34,14 +40,14 @@ WRK_JSON_LINE = (
 
 
 def test_wrk_json_line_gives_rate_latency_and_errors():
-    res = bp.parse_wrk("Running 6s test @ http://x/\n" + WRK_JSON_LINE + "\n")
+    res = parsers.parse_wrk("Running 6s test @ http://x/\n" + WRK_JSON_LINE + "\n")
     assert res.rate == pytest.approx(50_000)
     assert (res.p50_ms, res.p99_ms) == (pytest.approx(0.392), pytest.approx(10.34))
     assert res.errors == 3
 
 
 def test_wrk_text_is_read_when_the_script_line_is_missing():
-    res = bp.parse_wrk(WRK_TEXT)
+    res = parsers.parse_wrk(WRK_TEXT)
     assert res.requests == 54758 and res.duration_s == pytest.approx(5.10)
     assert res.rate == pytest.approx(54758 / 5.10)
     assert res.p50_ms == pytest.approx(3.91)
@@ -50,20 +56,20 @@ def test_wrk_text_is_read_when_the_script_line_is_missing():
 
 
 def test_wrk_output_without_figures_is_an_error_not_a_zero():
-    with pytest.raises(bp.BenchError, match="cannot read wrk"):
-        bp.parse_wrk("unable to connect to 10.77.0.10:http Connection refused\n")
+    with pytest.raises(errors.BenchError, match="cannot read wrk"):
+        parsers.parse_wrk("unable to connect to 10.77.0.10:http Connection refused\n")
 
 
 def test_wrk_error_share_counts_failed_requests():
-    res = bp.WrkResult(requests=99, duration_s=1.0, p50_ms=1, p99_ms=2, errors=1)
+    res = parsers.WrkResult(requests=99, duration_s=1.0, p50_ms=1, p99_ms=2, errors=1)
     assert res.error_share == pytest.approx(0.01)
-    assert bp.WrkResult(requests=0, duration_s=1.0, p50_ms=0, p99_ms=0).error_share == 1.0
+    assert parsers.WrkResult(requests=0, duration_s=1.0, p50_ms=0, p99_ms=0).error_share == 1.0
 
 
 def test_iperf3_json_gives_receiver_throughput():
     out = json.dumps({"end": {"sum_received": {"bits_per_second": 4.2e9, "seconds": 5.0},
                               "sum_sent": {"retransmits": 7}}})
-    assert bp.parse_iperf3(out) == {"bits_per_second": 4.2e9, "seconds": 5.0,
+    assert parsers.parse_iperf3(out) == {"bits_per_second": 4.2e9, "seconds": 5.0,
                                     "retransmits": 7.0}
 
 
@@ -73,56 +79,56 @@ def test_iperf3_json_gives_receiver_throughput():
     (json.dumps({"end": {}}), "lacks end.sum_received"),
 ])
 def test_iperf3_failures_are_errors(text, match):
-    with pytest.raises(bp.BenchError, match=match):
-        bp.parse_iperf3(text)
+    with pytest.raises(errors.BenchError, match=match):
+        parsers.parse_iperf3(text)
 
 
 def test_summary_is_median_with_spread_over_median():
-    s = bp.summarize([100.0, 90.0, 120.0])
+    s = parsers.summarize([100.0, 90.0, 120.0])
     assert s["median"] == 100.0 and (s["min"], s["max"]) == (90.0, 120.0)
     assert s["spread_pct"] == pytest.approx(30.0)
-    assert bp.summarize([7.0])["spread_pct"] == 0.0
-    assert bp.summarize([])["median"] is None
+    assert parsers.summarize([7.0])["spread_pct"] == 0.0
+    assert parsers.summarize([])["median"] is None
 
 
 def test_pps_figure_is_generator_bound_when_everything_offered_got_through():
-    bound = bp.PpsVerdict(sent=1_000_000, forwarded=990_000, seconds=5.0)
+    bound = parsers.PpsVerdict(sent=1_000_000, forwarded=990_000, seconds=5.0)
     assert bound.generator_bound and bound.drop_share == pytest.approx(0.01)
-    limited = bp.PpsVerdict(sent=5_000_000, forwarded=1_000_000, seconds=5.0,
+    limited = parsers.PpsVerdict(sent=5_000_000, forwarded=1_000_000, seconds=5.0,
                             balancer_cpu_s=0.5)
     assert not limited.generator_bound
     assert limited.forwarded_pps == 200_000 and limited.drop_share == pytest.approx(0.8)
     assert limited.cpu_s_per_mpkt == pytest.approx(0.5)
-    assert not bp.PpsVerdict(sent=0, forwarded=0, seconds=5.0).generator_bound
+    assert not parsers.PpsVerdict(sent=0, forwarded=0, seconds=5.0).generator_bound
 
 
 def _runs(short: list[float], pps: list[tuple[int, int]] = ()) -> dict:
     return {
         "short": [{"ok": True, "rate": r, "p50_ms": 1.0, "p99_ms": 2.0} for r in short],
         "keepalive": [], "bulk": [],
-        "pps": [{"ok": True, **bp.PpsVerdict(sent=s, forwarded=f, seconds=1.0).as_dict()}
+        "pps": [{"ok": True, **parsers.PpsVerdict(sent=s, forwarded=f, seconds=1.0).as_dict()}
                 for s, f in pps],
     }
 
 
 def _summary() -> dict:
     return {
-        "xdp-native": bp.summarize_setup(_runs([12_000, 11_000, 13_000],
+        "xdp-native": report.summarize_setup(_runs([12_000, 11_000, 13_000],
                                                [(5_000_000, 1_200_000)])),
-        "nftables": bp.summarize_setup(_runs([9_000, 10_000, 11_000], [(5_000_000, 400_000)])),
-        "haproxy": bp.summarize_setup(_runs([6_000])),
-        "direct": bp.summarize_setup(_runs([12_500], [(500_000, 500_000)])),
+        "nftables": report.summarize_setup(_runs([9_000, 10_000, 11_000], [(5_000_000, 400_000)])),
+        "haproxy": report.summarize_setup(_runs([6_000])),
+        "direct": report.summarize_setup(_runs([12_500], [(500_000, 500_000)])),
     }
 
 
 def test_failed_runs_stay_out_of_the_median():
     runs = _runs([10_000, 20_000])
     runs["short"].append({"ok": False, "rate": 1.0, "error": "refused"})
-    assert bp.summarize_setup(runs)["short_rate"]["median"] == 15_000
+    assert report.summarize_setup(runs)["short_rate"]["median"] == 15_000
 
 
 def test_ratio_table_against_nftables_and_haproxy():
-    rows = {r["setup"]: r for r in bp.ratio_table(_summary(), ["xdp-native", "haproxy"])}
+    rows = {r["setup"]: r for r in report.ratio_table(_summary(), ["xdp-native", "haproxy"])}
     assert rows["xdp-native"]["short_rate/nftables"] == pytest.approx(1.2)
     assert rows["xdp-native"]["short_rate/haproxy"] == pytest.approx(2.0)
     assert rows["xdp-native"]["pps_forwarded/nftables"] == pytest.approx(3.0)
@@ -131,7 +137,7 @@ def test_ratio_table_against_nftables_and_haproxy():
 
 
 def test_goals_report_met_missed_and_generator_bound():
-    goals = {g["goal"]: g for g in bp.evaluate_goals(_summary())}
+    goals = {g["goal"]: g for g in report.evaluate_goals(_summary())}
     within = goals["short connections: XDP within 10% of direct"]
     assert within["ratio"] == pytest.approx(0.96) and within["met"] is True
     assert goals["short connections: XDP >= 1.2x nftables DNAT"]["met"] is True
@@ -141,8 +147,8 @@ def test_goals_report_met_missed_and_generator_bound():
     assert pps["met"] is True and pps["caveat"] == ""
 
     summary = _summary()
-    summary["xdp-native"] = bp.summarize_setup(_runs([12_000], [(1_000_000, 1_000_000)]))
-    pps = {g["goal"]: g for g in bp.evaluate_goals(summary)}[
+    summary["xdp-native"] = report.summarize_setup(_runs([12_000], [(1_000_000, 1_000_000)]))
+    pps = {g["goal"]: g for g in report.evaluate_goals(summary)}[
         "packet rate: XDP >= 3x nftables DNAT"]
     assert pps["met"] is False and "generator-bound" in pps["caveat"]
 
@@ -150,21 +156,21 @@ def test_goals_report_met_missed_and_generator_bound():
 def _results() -> dict:
     summary = _summary()
     setups = {
-        s: {"title": bp.SETUP_TITLES[s], "summary": summary[s],
-            "runs": {w: [] for w in bp.WORKLOADS}}
+        s: {"title": spec.SETUP_TITLES[s], "summary": summary[s],
+            "runs": {w: [] for w in spec.WORKLOADS}}
         for s in summary
     }
     setups["xdp-native"]["xdp_cost"] = {"live_ns_per_packet": 161.0,
                                         "test_run_ns_per_packet": 73}
     return {"started": "2026-11-29T01:50:04+00:00", "repeats": 3, "quick": False,
             "file": "x.json", "host": {"kernel": "6.18", "cpus": 2}, "setups": setups,
-            "goals": bp.evaluate_goals(summary),
+            "goals": report.evaluate_goals(summary),
             "l7": {"note": "not measured: lbctl has no L7 proxy yet"}}
 
 
 def test_markdown_block_has_tables_goals_costs_and_plots():
-    block = bp.render_markdown(_results(), ["benchmarks-short.png"])
-    assert block.startswith(bp.DOC_BEGIN) and block.rstrip().endswith(bp.DOC_END)
+    block = report.render_markdown(_results(), ["benchmarks-short.png"])
+    assert block.startswith(report.DOC_BEGIN) and block.rstrip().endswith(report.DOC_END)
     assert "| lbctl XDP (native) | 12.0k (±8%) |" in block
     assert "| HAProxy mode tcp | 6000 |" in block and "n/a (no UDP)" in block
     assert "| lbctl XDP (native) | 1.20x | 2.00x |" in block
@@ -176,20 +182,20 @@ def test_markdown_block_has_tables_goals_costs_and_plots():
 
 
 def test_doc_update_replaces_only_the_generated_block():
-    doc = f"# Benchmarks\n\nprose before\n\n{bp.DOC_BEGIN}\nold table\n{bp.DOC_END}\n\nprose after\n"
-    new = bp.update_doc(doc, f"{bp.DOC_BEGIN}\nnew table\n{bp.DOC_END}\n")
+    doc = f"# Benchmarks\n\nprose before\n\n{report.DOC_BEGIN}\nold table\n{report.DOC_END}\n\nprose after\n"
+    new = report.update_doc(doc, f"{report.DOC_BEGIN}\nnew table\n{report.DOC_END}\n")
     assert "old table" not in new and "new table" in new
     assert new.startswith("# Benchmarks\n\nprose before") and new.endswith("prose after\n")
-    appended = bp.update_doc("# Benchmarks\n", f"{bp.DOC_BEGIN}\nt\n{bp.DOC_END}\n")
-    assert appended.endswith(f"{bp.DOC_END}\n") and appended.startswith("# Benchmarks\n")
+    appended = report.update_doc("# Benchmarks\n", f"{report.DOC_BEGIN}\nt\n{report.DOC_END}\n")
+    assert appended.endswith(f"{report.DOC_END}\n") and appended.startswith("# Benchmarks\n")
 
 
 def test_missing_tool_refuses_to_run_and_names_the_package():
     def which(tool: str) -> str | None:
         return None if tool in ("haproxy", "wrk") else f"/usr/bin/{tool}"
 
-    with pytest.raises(bp.ToolMissingError) as err:
-        bp.check_tools(bp.SETUPS, which=which, has_module=lambda _m: True)
+    with pytest.raises(errors.ToolMissingError) as err:
+        tools.check_tools(spec.SETUPS, which=which, has_module=lambda _m: True)
     assert "wrk (wrk)" in str(err.value) and "haproxy (haproxy)" in str(err.value)
     assert "bench-setup.sh" in str(err.value)
     assert err.value.exit_code == 69
@@ -199,31 +205,85 @@ def test_tools_are_only_required_by_the_setups_that_use_them():
     def which(tool: str) -> str | None:
         return None if tool in ("haproxy", "nft") else f"/usr/bin/{tool}"
 
-    bp.check_tools(["xdp-native", "direct"], which=which, has_module=lambda _m: True)
-    assert bp.missing_tools(["nftables"], which=which, has_module=lambda _m: True) == [
+    tools.check_tools(["xdp-native", "direct"], which=which, has_module=lambda _m: True)
+    assert tools.missing_tools(["nftables"], which=which, has_module=lambda _m: True) == [
         "nft (nftables)"]
 
 
 def test_missing_python_module_refuses_too():
-    missing = bp.missing_tools(["direct"], which=lambda t: f"/usr/bin/{t}",
+    missing = tools.missing_tools(["direct"], which=lambda t: f"/usr/bin/{t}",
                                has_module=lambda m: m != "matplotlib")
     assert missing == ["python module matplotlib (pip install matplotlib (into the venv))"]
 
 
 def test_unknown_setup_is_refused():
-    with pytest.raises(bp.BenchError, match="unknown setup"):
-        bp.resolve_setups(["xdp-native", "ipvs"])
-    assert bp.resolve_setups(["direct", "xdp-native"]) == ["xdp-native", "direct"]
-    assert bp.resolve_setups(None) == list(bp.SETUPS)
+    with pytest.raises(errors.BenchError, match="unknown setup"):
+        tools.resolve_setups(["xdp-native", "ipvs"])
+    assert tools.resolve_setups(["direct", "xdp-native"]) == ["xdp-native", "direct"]
+    assert tools.resolve_setups(None) == list(spec.SETUPS)
 
 
-def test_generator_frame_is_valid_ipv4_udp():
-    frame = bp.build_udp_frame(b"\x02" * 6, b"\x04" * 6, "10.77.1.2", "10.77.0.10", 1024, 9999)
-    assert len(frame) == 60 and frame[12:14] == b"\x08\x00"
-    ip = frame[14:34]
-    words = [int.from_bytes(ip[i:i + 2], "big") for i in range(0, 20, 2)]
-    total = sum(words)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    assert total == 0xFFFF  # the header checksums to zero
+def test_generator_frame_is_a_60_byte_udp_frame_with_a_valid_ip_header():
+    frame = helpers.pps_frame("04:04:04:04:04:04", "02:02:02:02:02:02", "10.77.1.2",
+                              "10.77.0.10", 1024, 9999)
+    assert len(frame) == 60 and frame[:12] == b"\x02" * 6 + b"\x04" * 6
+    assert frame[12:14] == b"\x08\x00"
+    assert frames.ones_sum(frame[14:34]) == 0  # the IPv4 header checksums right
     assert frame[34:38] == (1024).to_bytes(2, "big") + (9999).to_bytes(2, "big")
+    # No UDP checksum: the generator changes the source port alone, per flow.
+    assert frame[40:42] == b"\0\0"
+
+
+def test_report_from_a_record_refuses_what_is_not_a_record(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(errors.BenchError, match="cannot read"):
+        report.write_record_docs(bad, doc)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"paths": {}}))  # a `bench dataplane` record, say
+    with pytest.raises(errors.BenchError, match="not a bench record"):
+        report.write_record_docs(other, doc)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_results()))
+    with pytest.raises(errors.BenchError, match="no directory"):
+        report.write_record_docs(good, tmp_path / "missing" / "benchmarks.md")
+    assert doc.read_text() == "# Benchmarks\n"  # nothing written on refusal
+
+
+def test_the_product_never_imports_the_bench_harness():
+    # A fresh interpreter: the CLI (every command but `bench`), the control plane and the
+    # data-plane driver load without one module of lbctl.bench.
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "import lbctl.cli, lbctl.control, lbctl.lab, lbctl.demo, xdp.explain, xdp.balancer\n"
+        "CliRunner().invoke(lbctl.cli.main, ['--help'])\n"
+        "CliRunner().invoke(lbctl.cli.main, ['bench', '--help'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lbctl.bench')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, cwd=REPO_ROOT).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_cli_offers_exactly_the_bench_setups():
+    from lbctl import cli
+
+    assert cli.BENCH_SETUPS == spec.SETUPS
+
+
+def test_bench_report_exits_with_one_line_on_a_bad_record(tmp_path):
+    from click.testing import CliRunner
+
+    from lbctl import cli
+
+    record = tmp_path / "r.json"
+    record.write_text("[]")
+    result = CliRunner().invoke(cli.main, ["bench", "report", str(record), "--doc",
+                                           str(tmp_path / "b.md")])
+    assert result.exit_code == 1
+    assert result.output.startswith("lbctl: error: ") and "not a bench record" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b.md").exists()

@@ -2,7 +2,6 @@
 BPF_PROG_TEST_RUN in a private namespace beside a trivial baseline program measured alike."""
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -11,7 +10,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,11 +20,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lbctl.bench.errors import BenchError
+from lbctl.bench.routed import Port, create_routed_netns, remove_netns
 from lbctl.control import LOCK_DIR, Controller
-from lbctl.errors import LbctlError
 from lbctl.model import BackendSpec, VipSpec
 from lbctl.netns import inside
-from xdp import libbpf
+from xdp import frames, libbpf
 from xdp.balancer import require_root
 from xdp.codec import Endpoint
 from xdp.limits import DEFAULT_LIMITS
@@ -70,10 +69,7 @@ NON_VIP = "10.20.1.1"                  # the balancer host's own address: its SS
 VIP_PORT = 80
 HIT_CLIENT_PORT = 60000
 NEW_FLOW_FIRST_PORT = 1024
-NUD_PERMANENT = 0x80
-IFF_UP_TIMEOUT_S = 5.0
-
-TCP_ACK, TCP_SYN = 0x10, 0x02
+TCP_ACK, TCP_SYN = frames.TCP_ACK, frames.TCP_SYN
 
 
 def chain_addr(i: int) -> str:
@@ -84,46 +80,14 @@ def chain_mac(i: int) -> str:
     return f"02:00:0a:14:00:{10 + i % CHAIN_LENGTH:02x}"
 
 
-class BenchError(LbctlError):
-    """The bench could not set up, or a path did not take the branch it is meant to measure."""
-
-    exit_code = 1
-
-
-# --- frames, built by hand: scapy is a test dependency, not a runtime one ---
-
-def _csum(data: bytes) -> int:
-    """Internet checksum: the one's-complement sum of 16-bit words is the number mod 0xffff."""
-    if len(data) % 2:
-        data += b"\0"
-    rest = int.from_bytes(data, "big") % 0xFFFF
-    return 0xFFFF - rest if rest else 0xFFFF
-
-
-def _mac(text: str) -> bytes:
-    return bytes.fromhex(text.replace(":", ""))
-
-
-def _addr(text: str) -> bytes:
-    return bytes(int(octet) for octet in text.split("."))
-
-
 def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
               flags: int, ttl: int = START_TTL) -> bytes:
-    """Ethernet + IPv4 + TCP (no options, no payload) with correct checksums."""
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1000, 1 if flags & TCP_ACK else 0, 5 << 4,
-                      flags, 64240, 0, 0)
-    pseudo = _addr(src) + _addr(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 4242, 0, ttl, 6, 0,
-                     _addr(src), _addr(dst))
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return _mac(dst_mac) + _mac(src_mac) + b"\x08\x00" + ip + tcp
+    """The bench's TCP frames: no options, no payload, starting at START_TTL."""
+    return frames.tcp_frame(src_mac, dst_mac, src, dst, sport, dport, flags=flags, ttl=ttl,
+                            ident=4242)
 
 
 # --- the private namespace and the throw-away instance ---
-
-
 
 @dataclass
 class Sandbox:
@@ -140,37 +104,17 @@ class Sandbox:
 
 
 def _build_netns(box: Sandbox) -> None:
-    """Two veths with addresses and permanent neighbours (fixed MACs, so the FIB answers the
-    same every run), forwarding on: bpf_fib_lookup then succeeds on every forwarding path."""
-    from pyroute2 import IPRoute, netns
+    """The routed namespace: a client arm and a chain arm with fixed MACs and permanent
+    neighbours, so the FIB answers the same every run and every forwarding path finds its
+    next hop; plus the holder veth, left down (see _hold_in_dispatcher)."""
+    from pyroute2 import IPRoute
 
-    netns.create(box.netns)
-    ports = ((CLIENT_ARM, CLIENT_ARM_MAC, CLIENT_ARM_CIDR, {CLIENT: CLIENT_MAC}),
-             (CHAIN_ARM, CHAIN_ARM_MAC, CHAIN_ARM_CIDR,
-              {chain_addr(i): chain_mac(i) for i in range(CHAIN_LENGTH)}))
+    ports = (Port(CLIENT_ARM, CLIENT_ARM_MAC, CLIENT_ARM_CIDR, {CLIENT: CLIENT_MAC}),
+             Port(CHAIN_ARM, CHAIN_ARM_MAC, CHAIN_ARM_CIDR,
+                  {chain_addr(i): chain_mac(i) for i in range(CHAIN_LENGTH)}))
+    box.ifindex.update(create_routed_netns(box.netns, ports).ifindex)
     with IPRoute(netns=box.netns) as ipr:
-        for name, mac, cidr, neighbours in ports:
-            ipr.link("add", ifname=name, kind="veth", peer=f"{name}p")
-            index = ipr.link_lookup(ifname=name)[0]
-            ipr.link("set", index=index, address=mac)
-            ipr.link("set", index=ipr.link_lookup(ifname=f"{name}p")[0], state="up")
-            ipr.link("set", index=index, state="up")
-            addr, prefixlen = cidr.split("/")
-            ipr.addr("add", index=index, address=addr, prefixlen=int(prefixlen))
-            for neighbour, neighbour_mac in neighbours.items():
-                ipr.neigh("add", dst=neighbour, lladdr=neighbour_mac, ifindex=index,
-                          state=NUD_PERMANENT)
-            box.ifindex[name] = index
-        ipr.link("add", ifname=HOLDER, kind="veth", peer=f"{HOLDER}p")  # left down: no traffic
-        deadline = time.monotonic() + IFF_UP_TIMEOUT_S
-        while not all(ipr.get_links(i)[0].get_attr("IFLA_OPERSTATE") == "UP"
-                      for i in box.ifindex.values()):
-            if time.monotonic() > deadline:
-                raise BenchError(f"the veths of namespace {box.netns} did not come up within "
-                                 f"{IFF_UP_TIMEOUT_S} s; hint: check 'ip -n {box.netns} link'")
-            time.sleep(0.01)
-    with inside(box.netns), open("/proc/sys/net/ipv4/ip_forward", "w") as f:
-        f.write("1\n")
+        ipr.link("add", ifname=HOLDER, kind="veth", peer=f"{HOLDER}p")  # down: no traffic
 
 
 def _load_baseline(box: Sandbox) -> None:
@@ -242,8 +186,6 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def _teardown(box: Sandbox) -> None:
-    from pyroute2 import netns
-
     if box.baseline_bpf is not None:
         box.baseline_bpf.cleanup()
     if box.program is not None:
@@ -253,11 +195,7 @@ def _teardown(box: Sandbox) -> None:
         os.unlink(os.path.join(LOCK_DIR, f"{box.instance}.lock"))
     except FileNotFoundError:
         pass
-    try:
-        netns.remove(box.netns)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    remove_netns(box.netns)
 
 
 # --- the paths ---

@@ -1,0 +1,723 @@
+"""`lbctl bench peers`: lbctl's XDP balancer against nftables DNAT, HAProxy and no balancer at
+all, measured in one run on one namespace lab of its own, with a JSON record, and on request
+the markdown block and plots of a benchmarks page."""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lbctl
+from lbctl.bench.configs import haproxy_conf, nft_ruleset, nginx_conf
+from lbctl.bench.errors import BenchError
+from lbctl.bench.parsers import WRK_LUA, PpsVerdict, parse_iperf3, parse_wrk
+from lbctl.bench.report import (
+    evaluate_goals,
+    print_summary,
+    ratio_table,
+    summarize_setup,
+    write_docs,
+)
+from lbctl.bench.spec import (
+    BULK_PORT,
+    GENERATOR_BOUND_SHARE,
+    HTTP_VIP_PORT,
+    MAX_ERROR_SHARE,
+    NGINX_PORT,
+    PPS_FLOWS,
+    PPS_PAYLOAD_BYTES,
+    PPS_PORT,
+    SETUP_TITLES,
+    WORKLOADS,
+    WRK_CONNECTIONS,
+    WRK_THREADS,
+)
+from lbctl.bench.tools import check_tools, resolve_setups, tool_versions
+from lbctl.errors import LbctlError
+from lbctl.lab import Lab, LabError
+
+# Where `python -m lbctl` finds this same lbctl: the helpers and lbctl commands the bench
+# starts in the lab's namespaces must run this code, installed or from a checkout.
+IMPORT_ROOT = Path(lbctl.__file__).resolve().parent.parent
+RUN_ROOT = Path("/run/lbctl/bench")
+BPF_PIN_ROOT = Path("/sys/fs/bpf/lbctl")
+NETNS_DIR = Path("/run/netns")
+
+
+@dataclass(frozen=True)
+class Durations:
+    http_s: int
+    bulk_s: int
+    pps_s: int
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Durations:
+        return cls(http_s=3, bulk_s=3, pps_s=3) if quick else cls(http_s=6, bulk_s=5, pps_s=5)
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[str]
+
+
+@dataclass
+class _State:
+    """What the run has started, so cleanup can undo exactly that."""
+
+    procs: list[_Proc] = field(default_factory=list)
+    xdp_attached: bool = False
+    haproxy: _Proc | None = None
+    vip_on_lo: bool = False
+    nft_table: bool = False
+    stats_fd: int | None = None
+
+
+class _Progress:
+    def __init__(self, total_steps: int, console: Any) -> None:
+        self.total = total_steps
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.console = console
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.t0
+        self.console.print(
+            f"[dim]{elapsed:6.0f}s[/] [bold][{self.done}/{self.total}][/] {text}",
+            highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        self.console.print(f"[dim]{elapsed:6.0f}s[/]        {text}", highlight=False,
+                           soft_wrap=True)
+
+
+class PeerBench:
+    """One benchmark run on its own lab (unique prefix); `close()` removes all it started."""
+
+    def __init__(self, setups: list[str], repeats: int, quick: bool, console: Any,
+                 prefix: str | None = None) -> None:
+        self.setups = setups
+        self.repeats = repeats
+        self.quick = quick
+        self.durations = Durations.for_run(quick)
+        self.console = console
+        self.lab = Lab(prefix or f"bn{os.urandom(3).hex()}")
+        self.run_dir = RUN_ROOT / self.lab.prefix
+        self.state = _State()
+        self.gen: _Proc | None = None
+        self.sink: _Proc | None = None
+        self.vip = self.lab.vip
+        self.backends = [b.addr for b in self.lab.backends]
+        self.lb_client_if, self.lb_backend_if = self.lab.lb_ifaces
+        self.sw_port = f"p-{self.lab.lb.name}"  # the switch's end of the balancer's link
+
+    # ------------------------------------------------------------ plumbing
+
+    def _ns(self, host: str) -> str:
+        return self.lab.switch_netns if host == "sw" else self.lab.host(host).netns
+
+    def _must(self, host: str, argv: list[str], timeout_s: float = 60.0) -> str:
+        proc = self.lab.run(host, argv, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise BenchError(f"in netns {self._ns(host)}: '{' '.join(argv)}' exited "
+                             f"{proc.returncode}: {(proc.stderr or proc.stdout).strip()[-400:]}")
+        return proc.stdout
+
+    def _lbctl(self, *args: str) -> str:
+        argv = [sys.executable, "-m", "lbctl", "-n", self.lab.lb.netns, *args]
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=180,
+                              env=self._env())
+        if proc.returncode != 0:
+            raise BenchError(f"'lbctl {' '.join(args)}' failed: "
+                             f"{(proc.stderr or proc.stdout).strip()[-400:]}")
+        return proc.stdout
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = f"{IMPORT_ROOT}{os.pathsep}{path}" if path else str(IMPORT_ROOT)
+        return env
+
+    def _spawn(self, name: str, host: str, argv: list[str], *, pipe: bool = False,
+               keep_mounts: bool = False) -> _Proc:
+        ns = self._ns(host)
+        prefix = (["nsenter", f"--net={NETNS_DIR / ns}", "--"] if keep_mounts
+                  else ["ip", "netns", "exec", ns])
+        log = open(self.run_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        popen = subprocess.Popen(
+            [*prefix, *argv], env=self._env(), text=True,
+            stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe else log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        proc = _Proc(name, popen)
+        self.state.procs.append(proc)
+        return proc
+
+    def _stop(self, proc: _Proc | None, timeout_s: float = 5.0) -> None:
+        if proc is None:
+            return
+        p = proc.popen
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=timeout_s)
+        for stream in (p.stdin, p.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if proc in self.state.procs:
+            self.state.procs.remove(proc)
+
+    def _helper(self, proc: _Proc, command: str | None, timeout_s: float) -> str:
+        """Send one line to a helper (None: just read) and return its answer line."""
+        p = proc.popen
+        assert p.stdin is not None and p.stdout is not None
+        if command is not None:
+            p.stdin.write(command + "\n")
+            p.stdin.flush()
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(p.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout_s):
+                raise BenchError(f"{proc.name} helper did not answer {command!r} in "
+                                 f"{timeout_s:.0f} s; log: {self._log_tail(proc.name)}")
+        line = p.stdout.readline()
+        if not line:
+            raise BenchError(f"{proc.name} helper exited (code {p.poll()}); "
+                             f"log: {self._log_tail(proc.name)}")
+        return line.strip()
+
+    def _log_tail(self, name: str) -> str:
+        try:
+            return (self.run_dir / f"{name}.log").read_text()[-400:].strip() or "(empty)"
+        except FileNotFoundError:
+            return "(no log)"
+
+    def _wait_port(self, host: str, addr: str, port: int, timeout_s: float = 10.0) -> None:
+        code = (
+            "import socket,sys,time\n"
+            "d=time.monotonic()+float(sys.argv[3])\n"
+            "while True:\n"
+            "  try:\n"
+            "    socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1).close();break\n"
+            "  except OSError as e:\n"
+            "    if time.monotonic()>d: print(e); sys.exit(1)\n"
+            "    time.sleep(0.05)\n"
+        )
+        proc = self.lab.run(host, [sys.executable, "-I", "-S", "-c", code, addr, str(port),
+                                   str(timeout_s)], timeout=timeout_s + 10)
+        if proc.returncode != 0:
+            raise BenchError(f"nothing answers on {addr}:{port} from {host}: "
+                             f"{proc.stdout.strip()}")
+
+    def _link_stats(self, host: str, ifname: str) -> dict[str, int]:
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self._ns(host), flags=0) as ipr:
+            s = ipr.link("get", ifname=ifname)[0].get("IFLA_STATS64")
+            return {k: int(s[k]) for k in ("rx_packets", "tx_packets", "rx_dropped",
+                                           "tx_dropped")}
+
+    def _sysfs_write(self, host: str, path: str, value: str) -> None:
+        # `ip netns exec` mounts the namespace's own /sys, where its interfaces are.
+        self._must(host, ["sh", "-c", f"echo {value} > {path}"])
+
+    # ------------------------------------------------------------ lab-wide set-up
+
+    def prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lab.up()
+        client, lb = self.lab.client.name, self.lab.lb.name
+        # Short connections use a source port each: wide range, and reuse TIME_WAIT ports.
+        for host in (client, lb):
+            self._must(host, ["sysctl", "-q", "-w",
+                              "net.ipv4.ip_local_port_range=1024 65000",
+                              "net.ipv4.tcp_tw_reuse=1"])
+        (self.run_dir / "wrk.lua").write_text(WRK_LUA)
+        for b in self.lab.backends:
+            conf = self.run_dir / f"nginx-{b.name}.conf"
+            conf.write_text(nginx_conf(b.name, self.run_dir))
+            self._spawn(f"nginx-{b.name}", b.name,
+                        ["nginx", "-c", str(conf), "-p", str(self.run_dir),
+                         "-e", str(self.run_dir / f"nginx-{b.name}.err")])
+        first = self.lab.backends[0]
+        self._spawn("iperf3", first.name, ["iperf3", "-s", "-p", str(BULK_PORT)])
+        for b in self.lab.backends:
+            self._wait_port(client, b.addr, NGINX_PORT)
+        self._wait_port(client, first.addr, BULK_PORT)
+        lb_mac = self._link_mac(lb, self.lb_client_if)
+        self.gen = self._spawn("gen", client, [sys.executable, "-m", "lbctl.bench.helpers",
+                                               "gen", self.lab.client.ifname, lb_mac,
+                                               self.lab.client.addr],
+                               pipe=True, keep_mounts=True)
+        self.sink = self._spawn("sink", "sw", [sys.executable, "-m", "lbctl.bench.helpers",
+                                               "sink", self.sw_port],
+                                pipe=True, keep_mounts=True)
+        for helper in (self.gen, self.sink):
+            answer = self._helper(helper, None, 120)
+            if answer != "ready":
+                raise BenchError(f"{helper.name} helper said {answer!r}")
+
+    def _link_mac(self, host: str, ifname: str) -> str:
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self._ns(host), flags=0) as ipr:
+            return str(ipr.link("get", ifname=ifname)[0].get("IFLA_ADDRESS"))
+
+    # ------------------------------------------------------------ setups
+
+    def setup(self, name: str) -> None:
+        if name in ("xdp-native", "xdp-generic"):
+            mode = name.split("-")[1]
+            self._lbctl("attach", self.lb_client_if, self.lb_backend_if, "--mode", mode)
+            self.state.xdp_attached = True
+            http_vip = f"{self.vip}:{HTTP_VIP_PORT}"
+            bulk_vip = f"{self.vip}:{BULK_PORT}"
+            pps_vip = f"{self.vip}:{PPS_PORT}"
+            self._lbctl("vip", "add", http_vip)
+            self._lbctl("vip", "add", bulk_vip)
+            self._lbctl("vip", "add", pps_vip, "--proto", "udp")
+            for addr in self.backends:
+                self._lbctl("backend", "add", http_vip, f"{addr}:{NGINX_PORT}")
+                self._lbctl("backend", "add", pps_vip, f"{addr}:{PPS_PORT}", "--proto", "udp")
+            # iperf3's control and data connections must meet the same server: one backend.
+            self._lbctl("backend", "add", bulk_vip, f"{self.backends[0]}:{BULK_PORT}")
+        elif name == "nftables":
+            # TIME_WAIT entries would otherwise fill the conntrack table over the short runs.
+            self._must("lb", ["sysctl", "-q", "-w",
+                              "net.netfilter.nf_conntrack_tcp_timeout_time_wait=10"])
+            self.state.nft_table = True
+            self._must("lb", ["nft", "-f", str(self._write_nft())])
+        elif name == "haproxy":
+            self._must("lb", ["ip", "addr", "add", f"{self.vip}/32", "dev", "lo"])
+            self.state.vip_on_lo = True
+            conf = self.run_dir / "haproxy.cfg"
+            conf.write_text(haproxy_conf(self.vip, self.backends))
+            self.state.haproxy = self._spawn("haproxy", "lb", ["haproxy", "-db", "-f", str(conf)])
+            self._wait_port("client", self.vip, HTTP_VIP_PORT)
+            self._wait_port("client", self.vip, BULK_PORT)
+        elif name != "direct":
+            raise BenchError(f"unknown setup {name!r}")
+        if name != "direct":
+            # The balancer's first packets resolve its neighbours; do it outside the timing.
+            self.lab.http_get(self.vip, HTTP_VIP_PORT, count=3)
+
+    def teardown(self, name: str) -> None:
+        if self.state.xdp_attached:
+            self._lbctl("detach", "--all", "--purge")
+            self.state.xdp_attached = False
+        if self.state.nft_table:
+            self.lab.run("lb", ["nft", "delete", "table", "ip", "lbbench"])
+            self.state.nft_table = False
+        if self.state.haproxy is not None:
+            self._stop(self.state.haproxy)
+            self.state.haproxy = None
+        if self.state.vip_on_lo:
+            self.lab.run("lb", ["ip", "addr", "del", f"{self.vip}/32", "dev", "lo"])
+            self.state.vip_on_lo = False
+
+    def _write_nft(self) -> Path:
+        path = self.run_dir / "lbbench.nft"
+        path.write_text(nft_ruleset(self.vip, self.backends))
+        return path
+
+    # ------------------------------------------------------------ workloads
+
+    def run_wrk(self, setup: str, close: bool) -> dict[str, Any]:
+        env = dict(os.environ)
+        if setup == "direct":
+            url = f"http://{self.backends[0]}:{NGINX_PORT}/"
+            env["BENCH_WRK_ADDRS"] = ",".join(f"{a}:{NGINX_PORT}" for a in self.backends)
+        else:
+            url = f"http://{self.vip}:{HTTP_VIP_PORT}/"
+            env.pop("BENCH_WRK_ADDRS", None)
+        argv = ["ip", "netns", "exec", self.lab.client.netns, "wrk", f"-t{WRK_THREADS}",
+                f"-c{WRK_CONNECTIONS}", f"-d{self.durations.http_s}s", "--latency",
+                "-s", str(self.run_dir / "wrk.lua")]
+        if close:
+            argv += ["-H", "Connection: close"]
+        proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True, env=env)
+        try:
+            out, _ = proc.communicate(timeout=self.durations.http_s + 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        try:
+            res = parse_wrk(out)
+        except BenchError as exc:
+            return {"ok": False, "error": str(exc)}
+        ok = res.requests > 0 and res.error_share <= MAX_ERROR_SHARE
+        rec = {"ok": ok, "rate": res.rate, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
+               "requests": res.requests, "errors": res.errors, "seconds": res.duration_s,
+               "url": url, "spread_over": env.get("BENCH_WRK_ADDRS", "")}
+        if not ok:
+            rec["error"] = f"{res.errors} errors for {res.requests} requests"
+        return rec
+
+    def run_bulk(self, setup: str) -> dict[str, Any]:
+        target = self.backends[0] if setup == "direct" else self.vip
+        proc = self.lab.run("client", ["iperf3", "-c", target, "-p", str(BULK_PORT),
+                                       "-t", str(self.durations.bulk_s), "-J"],
+                            timeout=self.durations.bulk_s + 60)
+        try:
+            res = parse_iperf3(proc.stdout)
+        except BenchError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "gbps": res["bits_per_second"] / 1e9, **res}
+
+    @contextlib.contextmanager
+    def pps_path(self) -> Iterator[int | None]:
+        """Set the path up for the packet-rate run; yield the balancer's NAPI thread pid.
+
+        GRO on the balancer's client-side veth gives it a NAPI context even with no XDP
+        program (the generator's XDP_TX frames need one to be accepted), and threaded NAPI
+        moves that context into a kernel thread: the balancer then runs beside the
+        generator instead of inside its system call, and its CPU time can be read.
+        """
+        assert self.sink is not None
+        path = f"/sys/class/net/{self.lb_client_if}/threaded"
+        self._must("lb", ["ethtool", "-K", self.lb_client_if, "gro", "on"])
+        before = _napi_threads(self.lb_client_if)
+        self._sysfs_write("lb", path, "1")
+        new = _napi_threads(self.lb_client_if) - before
+        napi_pid = next(iter(new)) if len(new) == 1 else None
+        self._helper(self.sink, "attach", 30)
+        try:
+            yield napi_pid
+        finally:
+            self._helper(self.sink, "detach", 30)
+            self.lab.run("lb", ["sh", "-c", f"echo 0 > {path}"])
+            self.lab.run("lb", ["ethtool", "-K", self.lb_client_if, "gro", "off"])
+
+    def run_pps(self, setup: str, napi_pid: int | None) -> dict[str, Any]:
+        assert self.gen is not None
+        dst = self.backends[0] if setup == "direct" else self.vip
+        client_if, sw = self.lab.client.ifname, "sw"
+        c0 = self._link_stats("client", client_if)
+        f0 = self._link_stats(sw, self.sw_port)
+        cpu0 = _thread_cpu_s(napi_pid) if napi_pid else None
+        answer = json.loads(self._helper(
+            self.gen, f"run {dst} {PPS_PORT} {self.durations.pps_s}",
+            self.durations.pps_s + 60))
+        cpu1 = _thread_cpu_s(napi_pid) if napi_pid else None
+        c1 = self._link_stats("client", client_if)
+        f1 = self._link_stats(sw, self.sw_port)
+        # The client's veth counts what the peer accepted as tx and what its full ring
+        # refused as tx_dropped: together, everything the generator sent.
+        sent = (c1["tx_packets"] - c0["tx_packets"]) + (c1["tx_dropped"] - c0["tx_dropped"])
+        verdict = PpsVerdict(
+            sent=sent, forwarded=f1["rx_packets"] - f0["rx_packets"],
+            seconds=float(answer["seconds"]),
+            balancer_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        )
+        ok = verdict.sent > 0 and verdict.forwarded > 0
+        rec = {"ok": ok, **verdict.as_dict()}
+        if not ok:
+            rec["error"] = f"nothing forwarded (sent {verdict.sent}; errno {answer['errno']})"
+        return rec
+
+    def xdp_cost(self, napi_pid: int | None) -> dict[str, Any]:
+        """Run-time statistics of the attached program under one packet-rate load, and its
+        BPF_PROG_TEST_RUN figure."""
+        from xdp import libbpf
+
+        pin = BPF_PIN_ROOT / self.lab.lb.netns / "prog"
+        out: dict[str, Any] = {}
+        fd = libbpf.obj_get(str(pin))
+        try:
+            self.state.stats_fd = libbpf.enable_run_time_stats()
+            try:
+                i0 = libbpf.prog_info(fd)
+                rec = self.run_pps("xdp", napi_pid)
+                i1 = libbpf.prog_info(fd)
+            finally:
+                os.close(self.state.stats_fd)
+                self.state.stats_fd = None
+            runs = i1.run_cnt - i0.run_cnt
+            out["live_runs"] = runs
+            out["live_ns_per_packet"] = (i1.run_time_ns - i0.run_time_ns) / runs if runs else None
+            out["live_forwarded_pps_with_stats"] = rec.get("forwarded_pps")
+        finally:
+            libbpf.close(fd)
+        proc = self.lab.run("lb", [sys.executable, "-m", "lbctl.bench.helpers",
+                                   "testrun", str(pin), self.lb_client_if,
+                                   self.lab.client.addr, self.vip, str(PPS_PORT)],
+                            keep_mounts=True, timeout=120, env=self._env())
+        if proc.returncode == 0:
+            data = json.loads(proc.stdout.strip().splitlines()[-1])
+            out["test_run_ns_per_packet"] = data["ns_per_packet"]
+            out["test_run_retval"] = data["retval"]
+            out["test_run_verdicts"] = data["verdicts"]
+            if data["retval"] not in (3, 4):  # XDP_TX, XDP_REDIRECT: the forwarding path
+                out["test_run_error"] = f"verdict {data['retval']}, not a forward"
+                out["test_run_ns_per_packet"] = None
+        else:
+            out["test_run_error"] = (proc.stderr or proc.stdout).strip()[-300:]
+        return out
+
+    # ------------------------------------------------------------ cleanup
+
+    def close(self) -> None:
+        """Undo everything, in any state, ignoring only what is already gone."""
+        errors = []
+        if self.state.stats_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.state.stats_fd)
+            self.state.stats_fd = None
+        for helper in (self.gen, self.sink):
+            if helper is not None and helper.popen.poll() is None:
+                with contextlib.suppress(OSError, subprocess.SubprocessError, AssertionError):
+                    assert helper.popen.stdin is not None
+                    helper.popen.stdin.write("quit\n")
+                    helper.popen.stdin.flush()
+                    helper.popen.wait(timeout=5)
+        for proc in list(self.state.procs):
+            try:
+                self._stop(proc)
+            except (OSError, subprocess.SubprocessError) as exc:  # keep cleaning; report later
+                errors.append(f"{proc.name}: {exc}")
+        if self.state.xdp_attached and (NETNS_DIR / self.lab.lb.netns).exists():
+            try:
+                self._lbctl("detach", "--all", "--purge")
+            except (LbctlError, OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"detach: {exc}")
+        try:
+            self.lab.down()  # namespaces (and with them nft tables, addresses), pins
+        except (LabError, OSError) as exc:
+            errors.append(f"lab down: {exc}")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if errors:
+            raise BenchError("cleanup incomplete: " + "; ".join(errors))
+
+
+def _napi_threads(ifname: str) -> set[int]:
+    """Pids of the kernel's threaded-NAPI threads for interfaces named ifname (any netns)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(f"napi/{ifname}-"):
+            pids.add(int(entry))
+    return pids
+
+
+def _thread_cpu_s(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    # utime and stime are fields 14 and 15 of the whole line (11, 12 after the state).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the cleanup in `finally` runs."""
+    main_pid = os.getpid()
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            # A forked child (pyroute2 forks one per namespace) must die as it would have,
+            # not unwind our stack into a second cleanup that deletes the lab under us.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def check_outputs(results_dir: Path, doc_path: Path | None) -> None:
+    """Refuse, before anything is built, outputs the run could not write at its end."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise BenchError(f"--results-dir {results_dir} is not a directory; hint: name a "
+                         "directory (created if missing), e.g. bench/results")
+    if doc_path is not None:
+        if doc_path.exists() and not doc_path.is_file():
+            raise BenchError(f"--doc {doc_path} is not a file; hint: name the markdown page, "
+                             "e.g. docs/benchmarks.md")
+        if not doc_path.parent.is_dir():
+            raise BenchError(f"--doc {doc_path}: no directory {doc_path.parent}; hint: the "
+                             "plots go beside the page, so its directory must exist")
+
+
+def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
+              quick: bool = False, only: Sequence[str] | None = None, *,
+              console: Any = None) -> dict[str, Any]:
+    """Measure every setup on every workload, `repeats` rounds (1 when quick), and record it.
+
+    Writes results_dir/<timestamp>.json; with doc_path, a complete run (no failed run) also
+    replaces that page's generated block and draws its plots beside it. Refuses to start
+    when a tool is missing or an output cannot be written; cleans up whatever happens,
+    Ctrl-C and SIGTERM included.
+    """
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    if os.geteuid() != 0:
+        raise BenchError("the benchmark needs root (namespaces, XDP, nftables); hint: sudo")
+    setups = resolve_setups(only)
+    check_tools(setups)
+    check_outputs(results_dir, doc_path)
+    repeats = 1 if quick else max(1, repeats)
+    xdp_setups = [s for s in setups if s.startswith("xdp-")]
+    per_round = sum(4 if s != "haproxy" else 3 for s in setups)
+    progress = _Progress(repeats * per_round + len(xdp_setups) + 2, console)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "started": started.isoformat(timespec="seconds"),
+        "quick": quick,
+        "repeats": repeats,
+        "host": {"kernel": os.uname().release, "cpus": os.cpu_count(),
+                 "loadavg_before": list(os.getloadavg()), "tools": tool_versions()},
+        "config": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
+                   "pps_flows": PPS_FLOWS, "pps_frame_bytes": 42 + PPS_PAYLOAD_BYTES,
+                   "generator_bound_share": GENERATOR_BOUND_SHARE,
+                   **asdict(Durations.for_run(quick))},
+        "setups": {s: {"title": SETUP_TITLES[s], "runs": {w: [] for w in WORKLOADS}}
+                   for s in setups},
+        "l7": {"status": "not implemented",
+               "note": "not measured: lbctl has no L7 proxy yet, so there is nothing to set "
+                       "beside HAProxy `mode http`."},
+    }
+    bench = PeerBench(setups, repeats, quick, console)
+    interrupted = False
+    with _signals_raise_interrupt():
+        try:
+            console.print(f"[bold]lbctl bench peers[/]: {', '.join(setups)}; {repeats} round(s); "
+                          f"lab prefix {bench.lab.prefix}")
+            bench.prepare()
+            progress.step(f"lab {bench.lab.prefix} up: nginx on 3 backends, iperf3 on "
+                          f"{bench.lab.backends[0].name}, generator and sink loaded")
+            for rnd in range(1, repeats + 1):
+                for setup in setups:
+                    _measure_setup(bench, setup, rnd, results, progress)
+            for setup in xdp_setups:
+                bench.setup(setup)
+                try:
+                    with bench.pps_path() as napi_pid:
+                        cost = bench.xdp_cost(napi_pid)
+                finally:
+                    bench.teardown(setup)
+                results["setups"][setup]["xdp_cost"] = cost
+                live, test = cost.get("live_ns_per_packet"), cost.get("test_run_ns_per_packet")
+                progress.step(
+                    f"{SETUP_TITLES[setup]}: program cost "
+                    f"{'-' if live is None else f'{live:.0f}'} ns/packet under load "
+                    f"(run-time stats), {'-' if test is None else test} ns in BPF_PROG_TEST_RUN")
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]interrupted: cleaning up[/]")
+            raise
+        finally:
+            # A second Ctrl-C must not cut the cleanup short.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                bench.close()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                if not interrupted:
+                    progress.step("cleaned up: lab, processes, XDP, nft tables removed")
+
+    for setup in setups:
+        results["setups"][setup]["summary"] = summarize_setup(results["setups"][setup]["runs"])
+    summary = {s: results["setups"][s]["summary"] for s in setups}
+    results["ratios"] = ratio_table(summary, setups)
+    results["goals"] = evaluate_goals(summary) if "xdp-native" in setups else []
+    results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results["host"]["loadavg_after"] = list(os.getloadavg())
+    failed = [(s, w) for s in setups for w in WORKLOADS
+              for r in results["setups"][s]["runs"][w] if not r.get("ok")]
+    results["complete"] = not failed
+    results["failed_runs"] = [f"{s}/{w}" for s, w in failed]
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    name = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "") + ".json"
+    results["file"] = str(results_dir / name)
+    (results_dir / name).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    console.print(f"results: {results_dir / name}")
+    if doc_path is not None and failed:
+        console.print(f"[yellow]{doc_path} left as it was: the run is incomplete[/]")
+    elif doc_path is not None:
+        plots = write_docs(results, doc_path)
+        console.print(f"updated {doc_path} and {len(plots)} plot(s)")
+    print_summary(results, console)
+    if failed:
+        console.print(f"[red]incomplete: {len(failed)} run(s) failed: "
+                      f"{', '.join(results['failed_runs'])}[/]")
+    return results
+
+
+def _measure_setup(bench: PeerBench, setup: str, rnd: int, results: dict[str, Any],
+                   progress: _Progress) -> None:
+    runs = results["setups"][setup]["runs"]
+    title = f"round {rnd}/{bench.repeats} {SETUP_TITLES[setup]}"
+    bench.setup(setup)
+    try:
+        rec = bench.run_wrk(setup, close=True)
+        runs["short"].append(rec)
+        progress.step(f"{title}: short connections " + _describe_http(rec, "conn/s"))
+        rec = bench.run_wrk(setup, close=False)
+        runs["keepalive"].append(rec)
+        progress.step(f"{title}: keep-alive " + _describe_http(rec, "req/s"))
+        rec = bench.run_bulk(setup)
+        runs["bulk"].append(rec)
+        progress.step(f"{title}: bulk " + (f"{rec['gbps']:.2f} Gbit/s" if rec["ok"]
+                                           else f"[red]failed[/]: {rec['error']}"))
+        if setup != "haproxy":  # HAProxy balances no UDP
+            with bench.pps_path() as napi_pid:
+                rec = bench.run_pps(setup, napi_pid)
+            runs["pps"].append(rec)
+            if rec["ok"]:
+                text = (f"{rec['forwarded_pps'] / 1e3:.0f} kpps forwarded of "
+                        f"{rec['sent_pps'] / 1e3:.0f} kpps sent ({rec['drop_share']:.0%} dropped)")
+                if rec["generator_bound"]:
+                    text += " [yellow]generator-bound[/]"
+                if rec["cpu_s_per_mpkt"] is not None:
+                    text += f", {rec['cpu_s_per_mpkt']:.2f} CPU-s/Mpkt"
+            else:
+                text = f"[red]failed[/]: {rec['error']}"
+            progress.step(f"{title}: packet rate {text}")
+    finally:
+        bench.teardown(setup)
+
+
+def _describe_http(rec: dict[str, Any], unit: str) -> str:
+    if not rec.get("ok") and "rate" not in rec:
+        return f"[red]failed[/]: {rec.get('error')}"
+    text = f"{rec['rate']:,.0f} {unit}, p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms"
+    if not rec["ok"]:
+        text += f" [red]({rec['error']})[/]"
+    return text

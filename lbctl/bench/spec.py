@@ -1,0 +1,39 @@
+"""What the peer bench measures: the setups, the workloads, the lab's ports and the run sizes."""
+from __future__ import annotations
+
+# The order the issue lists them in; each is measured in turn, round after round.
+SETUPS: tuple[str, ...] = ("xdp-native", "xdp-generic", "nftables", "haproxy", "direct")
+SETUP_TITLES = {
+    "xdp-native": "lbctl XDP (native)",
+    "xdp-generic": "lbctl XDP (generic)",
+    "nftables": "nftables DNAT",
+    "haproxy": "HAProxy mode tcp",
+    "direct": "direct (no balancer)",
+}
+WORKLOADS: tuple[str, ...] = ("short", "keepalive", "bulk", "pps")
+WORKLOAD_TITLES = {
+    "short": "short connections (new TCP connection per request)",
+    "keepalive": "keep-alive requests",
+    "bulk": "bulk TCP (iperf3, one stream)",
+    "pps": "packet rate (60-byte UDP, 4096 flows)",
+}
+
+# Ports inside the lab. nginx listens beside the lab's own Python server (port 80), which
+# stays up so the lab's readiness checks keep holding.
+HTTP_VIP_PORT = 80
+NGINX_PORT = 8080
+BULK_PORT = 5201
+PPS_PORT = 9999  # nothing listens: packets are dropped by the sink past the balancer
+PPS_FLOWS = 4096
+PPS_FLOW_BASE = 1024  # the generator's first source port
+PPS_PAYLOAD_BYTES = 18  # 14 + 20 + 8 + 18 = 60-byte frames, the Ethernet minimum sans FCS
+
+# One thread per backend, so a direct run gives each backend one thread's connections.
+WRK_THREADS = 3
+WRK_CONNECTIONS = 63
+# The balancer kept up with the generator if it forwarded this share of what was offered;
+# the figure is then the generator's limit, not the balancer's.
+GENERATOR_BOUND_SHARE = 0.95
+# Above this share of failed requests a run is reported as failed, not averaged in.
+MAX_ERROR_SHARE = 0.01
+TEST_RUN_CALLS = 20_000
