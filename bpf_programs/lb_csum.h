@@ -1,6 +1,8 @@
 /* lb_csum.h: incremental Internet checksum updates (RFC 1624) for rewritten fields. */
 #pragma once
 
+#include <linux/types.h>
+
 /* Fields are summed exactly as they lie in memory: one's complement addition commutes with
  * the byte swap, so network-order values need no conversion. */
 static __always_inline __u16 lb_csum_fold(__u32 sum)

@@ -3,34 +3,49 @@
  * balancer and no backend address leaks to a client. */
 #pragma once
 
-#define LB_ICMP_DEST_UNREACH 3
-#define LB_ICMP_TIME_EXCEEDED 11
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "lb_csum.h"
+#include "lb_fib.h"
+#include "lb_flow.h"
+#include "lb_nat.h"
+#include "lb_parse.h"
+#include "lb_stats.h"
+
+/* RFC 792: an error quotes the IP header and at least the first 8 bytes past it: the ports
+ * (and, for UDP, the checksum). These are the only L4 fields known to be there. */
+struct lb_quoted_ports {
+    __be16 src;
+    __be16 dst;
+    __be32 next;            /* UDP length and checksum, or TCP's sequence number */
+};
 
 /* Rewrites the quoted packet's address and port (`src` picks which pair), keeping the quoted
  * IP and TCP/UDP checksums and the ICMP checksum (which covers all of the quote) right. */
 static __always_inline void lb_icmp_rewrite_quote(__u16 *icmp_check, struct iphdr *inner,
-                                                  __be16 *ports, __u16 *l4_check, int src,
-                                                  __be32 addr, __be16 port)
+                                                  struct lb_quoted_ports *ports, __u16 *l4_check,
+                                                  int src, __be32 addr, __be16 port)
 {
     __be32 *addr_field = src ? &inner->saddr : &inner->daddr;
-    __be16 *port_field = src ? &ports[0] : &ports[1];
+    __be16 *port_field = src ? &ports->src : &ports->dst;
     __be32 old_addr = *addr_field;
     __be16 old_port = *port_field;
     __u16 old_ip_check = inner->check;
 
-    lb_csum_replace4(&inner->check, old_addr, addr);
+    lb_set_ip_addr(inner, addr_field, addr);
     if (l4_check) {
         __u16 old_l4_check = *l4_check;
-        lb_csum_replace4(l4_check, old_addr, addr);
-        lb_csum_replace2(l4_check, old_port, port);
-        if (inner->protocol == IPPROTO_UDP && *l4_check == 0)
-            *l4_check = 0xffff;
+        lb_l4_csum_update(l4_check, inner->protocol, old_addr, addr, old_port, port);
         lb_csum_replace2(icmp_check, old_l4_check, *l4_check);
     }
     lb_csum_replace4(icmp_check, old_addr, addr);
     lb_csum_replace2(icmp_check, old_port, port);
     lb_csum_replace2(icmp_check, old_ip_check, inner->check);
-    *addr_field = addr;
     *port_field = port;
 }
 
@@ -41,34 +56,36 @@ static __always_inline void lb_icmp_rewrite_quote(__u16 *icmp_check, struct iphd
 static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, void *data_end,
                                    __u64 bytes)
 {
-    __u8 *icmp = pkt->l4;
-    if ((void *)(icmp + 8) > data_end)
+    struct icmphdr *icmp = pkt->l4;
+    if ((void *)(icmp + 1) > data_end)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
-    if (icmp[0] != LB_ICMP_DEST_UNREACH && icmp[0] != LB_ICMP_TIME_EXCEEDED)
+    if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
 
-    struct iphdr *inner = (void *)(icmp + 8);
+    struct iphdr *inner = (void *)(icmp + 1);
     if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5 ||
         (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
-    /* RFC 792: the quote holds at least the first 8 bytes past the IP header: the ports. */
-    __be16 *ports = (void *)inner + inner->ihl * 4;
-    if ((void *)(ports + 4) > data_end || pkt->ip->daddr != inner->saddr)
+    struct lb_quoted_ports *ports = (void *)inner + inner->ihl * 4;
+    if ((void *)(ports + 1) > data_end || pkt->ip->daddr != inner->saddr)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
 
-    /* The tuple the quoted packet answers to: a reverse entry for client->backend quotes,
-     * a flow entry for VIP->client quotes. */
-    struct flow_key key = {};
-    key.src = inner->daddr;
-    key.dst = inner->saddr;
-    key.sport = ports[1];
-    key.dport = ports[0];
-    key.proto = inner->protocol;
-    int to_client = 1;
-    struct nat_entry *e = rnat.lookup(&key);
+    /* The quoted packet went the other way: its reverse is the tuple of the packets the
+     * error answers for; a reply entry for client->backend quotes, a flow entry for
+     * VIP->client quotes. */
+    struct flow_key quoted = {};
+    quoted.src = inner->saddr;
+    quoted.dst = inner->daddr;
+    quoted.sport = ports->src;
+    quoted.dport = ports->dst;
+    quoted.proto = inner->protocol;
+    struct flow_key key;
+    lb_flow_reverse(&key, &quoted);
+    enum lb_dir dir = LB_DIR_REPLY;
+    struct nat_entry *e = lb_flow_lookup(&key, LB_DIR_REPLY);
     if (!e) {
-        e = flows.lookup(&key);
-        to_client = 0;
+        dir = LB_DIR_ORIGINAL;
+        e = lb_flow_lookup(&key, LB_DIR_ORIGINAL);
     }
     if (!e)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
@@ -76,23 +93,22 @@ static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, vo
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
 
     /* The quoted L4 checksum is rewritten when the quote reaches it (UDP: always). */
-    __u16 *l4_check = inner->protocol == IPPROTO_TCP ? (__u16 *)&ports[8] : (__u16 *)&ports[3];
+    __u16 *l4_check = inner->protocol == IPPROTO_TCP
+        ? (void *)ports + __builtin_offsetof(struct tcphdr, check)
+        : (void *)ports + __builtin_offsetof(struct udphdr, check);
     if ((void *)(l4_check + 1) > data_end)
         l4_check = NULL;
     else if (inner->protocol == IPPROTO_UDP && *l4_check == 0)
         l4_check = NULL;
-    __u16 *icmp_check = (__u16 *)(icmp + 2);
+    __u16 *icmp_check = &icmp->checksum;
     __be32 addr = e->addr;
     __be16 port = e->port;
-    if (to_client) {
-        if (pkt->ip->saddr == inner->daddr) {
-            lb_csum_replace4(&pkt->ip->check, pkt->ip->saddr, addr);
-            pkt->ip->saddr = addr;
-        }
+    if (dir == LB_DIR_REPLY) {
+        if (pkt->ip->saddr == inner->daddr)
+            lb_set_ip_addr(pkt->ip, &pkt->ip->saddr, addr);
         lb_icmp_rewrite_quote(icmp_check, inner, ports, l4_check, 0, addr, port);
     } else {
-        lb_csum_replace4(&pkt->ip->check, pkt->ip->daddr, addr);
-        pkt->ip->daddr = addr;
+        lb_set_ip_addr(pkt->ip, &pkt->ip->daddr, addr);
         lb_icmp_rewrite_quote(icmp_check, inner, ports, l4_check, 1, addr, port);
     }
     return lb_forward(ctx, pkt, bytes, NULL, 0);

@@ -1,6 +1,9 @@
 /* lb_maps.h: the maps, pinned under LB_PIN_DIR so separate lbctl commands change a running balancer. */
 #pragma once
 
+#include "lb_consts.h"
+#include "lb_structs.h"
+
 BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, vips, LB_MAX_VIPS, LB_PIN_DIR "vips");
 BPF_TABLE_PINNED("array", u32, struct backend, backends, LB_MAX_BACKENDS, LB_PIN_DIR "backends");
 /* Value: backend id or LB_NO_BACKEND. */

@@ -1,25 +1,40 @@
-/* lb_nat.h: address/port rewrites with checksum updates, and forwarding by the kernel FIB. */
+/* lb_nat.h: address and port rewrites, each with its incremental checksum updates. */
 #pragma once
+
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+
+#include "lb_csum.h"
+#include "lb_parse.h"
+
+/* One address of an IPv4 header, with that header's checksum. */
+static __always_inline void lb_set_ip_addr(struct iphdr *ip, __be32 *field, __be32 addr)
+{
+    lb_csum_replace4(&ip->check, *field, addr);
+    *field = addr;
+}
+
+/* A TCP/UDP checksum after one address of its pseudo-header and one port changed. */
+static __always_inline void lb_l4_csum_update(__u16 *check, __u8 proto, __be32 old_addr,
+                                              __be32 addr, __be16 old_port, __be16 port)
+{
+    lb_csum_replace4(check, old_addr, addr);
+    lb_csum_replace2(check, old_port, port);
+    /* For UDP 0 means "no checksum": a computed 0 is sent as 0xffff (RFC 768). */
+    if (proto == IPPROTO_UDP && *check == 0)
+        *check = 0xffff;
+}
 
 /* Rewrites one address and one port of the packet; which pair is chosen by `dst`. */
 static __always_inline void lb_rewrite(struct lb_packet *pkt, int dst, __be32 addr, __be16 port)
 {
     struct iphdr *ip = pkt->ip;
-    __be32 *ip_field = dst ? &ip->daddr : &ip->saddr;
+    __be32 *addr_field = dst ? &ip->daddr : &ip->saddr;
     __be16 *port_field = dst ? pkt->dport : pkt->sport;
-    __be32 old_addr = *ip_field;
-    __be16 old_port = *port_field;
 
-    lb_csum_replace4(&ip->check, old_addr, addr);
-    if (pkt->l4_check) {
-        /* The L4 checksum covers the pseudo-header addresses and the port. */
-        lb_csum_replace4(pkt->l4_check, old_addr, addr);
-        lb_csum_replace2(pkt->l4_check, old_port, port);
-        /* For UDP 0 means "no checksum": a computed 0 is sent as 0xffff (RFC 768). */
-        if (ip->protocol == IPPROTO_UDP && *pkt->l4_check == 0)
-            *pkt->l4_check = 0xffff;
-    }
-    *ip_field = addr;
+    if (pkt->l4_check)
+        lb_l4_csum_update(pkt->l4_check, ip->protocol, *addr_field, addr, *port_field, port);
+    lb_set_ip_addr(ip, addr_field, addr);
     *port_field = port;
 }
 
@@ -27,71 +42,5 @@ static __always_inline void lb_rewrite(struct lb_packet *pkt, int dst, __be32 ad
  * fragment, whose incremental update already covers the whole datagram. */
 static __always_inline void lb_rewrite_addr(struct iphdr *ip, int dst, __be32 addr)
 {
-    __be32 *ip_field = dst ? &ip->daddr : &ip->saddr;
-    lb_csum_replace4(&ip->check, *ip_field, addr);
-    *ip_field = addr;
-}
-
-static __always_inline void lb_set_macs_ttl(struct lb_packet *pkt, const __u8 *dmac, const __u8 *smac)
-{
-    struct iphdr *ip = pkt->ip;
-    /* TTL: like a router; the TTL-1 case was passed to the kernel before any rewrite. */
-    __u16 old_ttl_word = *(__u16 *)&ip->ttl;
-    ip->ttl--;
-    lb_csum_replace2(&ip->check, old_ttl_word, *(__u16 *)&ip->ttl);
-    __builtin_memcpy(pkt->eth->h_dest, dmac, ETH_ALEN);
-    __builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
-}
-
-static __always_inline int lb_send(struct xdp_md *ctx, __u32 ifindex, __u64 bytes)
-{
-    if (ifindex == ctx->ingress_ifindex)
-        return lb_outcome(LB_TX, bytes, XDP_TX);
-    return lb_outcome(LB_REDIRECT, bytes, bpf_redirect(ifindex, 0));
-}
-
-/* Routes the rewritten packet like the kernel would, decrementing the TTL. Returns the XDP
- * action; on no route or no neighbour the rewritten packet goes to the kernel, which forwards
- * it and resolves the neighbour for the next one. `nh` (a tracked entry, or NULL) caches the
- * next hop: used while fresh, looked up again when `relookup` (the entry's refresh) is set. */
-static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes,
-                                      struct nat_entry *nh, int relookup)
-{
-    struct iphdr *ip = pkt->ip;
-    __u16 tot_len = bpf_ntohs(ip->tot_len);
-
-    if (nh && !relookup && nh->nh_ifindex && tot_len <= nh->nh_len_ok) {
-        lb_set_macs_ttl(pkt, nh->nh_dmac, nh->nh_smac);
-        return lb_send(ctx, nh->nh_ifindex, bytes);
-    }
-
-    struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET;
-    fib.tos = ip->tos;
-    fib.l4_protocol = ip->protocol;
-    if (pkt->sport && pkt->dport) {   /* ICMP has no ports; multipath hashes without them */
-        fib.sport = *pkt->sport;
-        fib.dport = *pkt->dport;
-    }
-    fib.tot_len = tot_len;
-    fib.ipv4_src = ip->saddr;
-    fib.ipv4_dst = ip->daddr;
-    fib.ifindex = ctx->ingress_ifindex;
-
-    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-        if (nh)
-            nh->nh_ifindex = 0;
-        return lb_outcome(LB_PASS_NO_ROUTE, bytes, XDP_PASS);
-    }
-    if (nh) {
-        /* A fresh lookup restarts the MTU clearance at this packet's size. */
-        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
-            nh->nh_len_ok = tot_len;
-        nh->nh_ifindex = fib.ifindex;
-        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
-        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
-    }
-    lb_set_macs_ttl(pkt, fib.dmac, fib.smac);
-    return lb_send(ctx, fib.ifindex, bytes);
+    lb_set_ip_addr(ip, dst ? &ip->daddr : &ip->saddr, addr);
 }

@@ -2,6 +2,27 @@
  * packet view or says why the frame is not ours to touch. */
 #pragma once
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "lb_consts.h"
+#include "lb_structs.h"
+
+/* frag_off bits, by the kernel's names (include/net/ip.h, which is not UAPI). */
+#ifndef IP_MF
+#define IP_MF 0x2000            /* more fragments follow */
+#endif
+#ifndef IP_OFFSET
+#define IP_OFFSET 0x1fff        /* the fragment's offset, in 8-byte units */
+#endif
+
+/* The TCP flags flow tracking reads, as they lie in tcp_flag_word() (network order). */
+#define LB_TCP_TRACKED_FLAGS (TCP_FLAG_FIN | TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_ACK)
+
 struct lb_packet {
     struct ethhdr *eth;
     struct iphdr *ip;
@@ -9,15 +30,10 @@ struct lb_packet {
     __u16 *l4_check;        /* NULL: UDP without checksum */
     __be16 *sport;
     __be16 *dport;
-    __u8 tcp_flags;         /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10; 0 for UDP */
+    __be32 tcp_flags;       /* tcp_flag_word() & LB_TCP_TRACKED_FLAGS; 0 for UDP */
     __u8 more_fragments;    /* a first fragment: its NAT is recorded for the later ones */
     struct flow_key key;
 };
-
-#define LB_TCP_FIN 0x01
-#define LB_TCP_SYN 0x02
-#define LB_TCP_RST 0x04
-#define LB_TCP_ACK 0x10
 
 /* lb_parse's answers besides an outcome (>= 0: pass untouched). */
 #define LB_PARSED_L4 (-1)       /* TCP or UDP: pkt is filled in */
@@ -43,7 +59,7 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     /* A total length beyond the frame or shorter than the header is a lie. */
     if (tot_len < ip_len || (void *)ip + tot_len > data_end)
         return LB_PASS_MALFORMED;
-    if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(0x3fff))) {
+    if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))) {
         /* Maybe an error about a tracked flow: lb_icmp.h decides. */
         pkt->eth = eth;
         pkt->ip = ip;
@@ -53,13 +69,13 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
         return LB_PASS_NOT_VIP;
     /* A non-zero offset: no ports here; the datagram's first fragment decides (frags). */
-    if (ip->frag_off & bpf_htons(0x1fff)) {
+    if (ip->frag_off & bpf_htons(IP_OFFSET)) {
         pkt->eth = eth;
         pkt->ip = ip;
         return LB_PARSED_FRAGMENT;
     }
     /* MF with offset 0: a first fragment, whose L4 header is whole (checked below). */
-    int more_fragments = (ip->frag_off & bpf_htons(0x2000)) != 0;
+    int more_fragments = (ip->frag_off & bpf_htons(IP_MF)) != 0;
 
     void *l4 = (void *)ip + ip_len;
     if (ip->protocol == IPPROTO_TCP) {
@@ -71,7 +87,7 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
         pkt->l4_check = &tcp->check;
         pkt->sport = &tcp->source;
         pkt->dport = &tcp->dest;
-        pkt->tcp_flags = ((__u8 *)tcp)[13];
+        pkt->tcp_flags = tcp_flag_word(tcp) & LB_TCP_TRACKED_FLAGS;
     } else {
         struct udphdr *udp = l4;
         if ((void *)(udp + 1) > data_end)

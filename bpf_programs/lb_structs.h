@@ -1,6 +1,8 @@
 /* lb_structs.h: map keys and values; xdp/codec.py mirrors them and a test compares both layouts. */
 #pragma once
 
+#include <linux/types.h>
+
 /* A VIP is (address, port, protocol); all network-order fields stay as on the wire. */
 struct vip_key {
     __be32 addr;

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,45 @@ def render_consts(limits: Limits, pin_dir: str) -> str:
     return env.get_template("lb_consts.h.j2").render(pin_dir=pin_dir.rstrip("/"), **limits.template_vars())
 
 
+CONSTS_HEADER = "lb_consts.h"
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
+_PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*\n?", re.MULTILINE)
+
+
+def expand_includes(text: str, headers: dict[str, str], seen: set[str] | None = None) -> str:
+    """`text` with each `#include "NAME"` replaced by the header's own expansion, the first
+    time NAME appears and by nothing after (as `#pragma once` would have it). System includes
+    (`<...>`) stay for clang. Raises CompileError for a header that is not there."""
+    seen = set() if seen is None else seen
+
+    def inline(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        if name not in headers:
+            raise CompileError(f"#include \"{name}\": no such header in {BPF_DIR}; "
+                               "hint: a header of the program must sit in bpf_programs/")
+        seen.add(name)
+        return expand_includes(_PRAGMA_ONCE.sub("", headers[name], count=1), headers, seen)
+
+    return _LOCAL_INCLUDE.sub(inline, text)
+
+
+def program_headers(limits: Limits, pin_dir: str) -> dict[str, str]:
+    """Every header the program may include, by name, the constants header rendered."""
+    headers = {path.name: path.read_text() for path in sorted(BPF_DIR.glob("*.h"))}
+    headers[CONSTS_HEADER] = render_consts(limits, pin_dir)
+    return headers
+
+
+def render_unit(text: str, limits: Limits, pin_dir: str) -> str:
+    """A C unit with its local includes inlined, as bcc compiles it."""
+    return expand_includes(text, program_headers(limits, pin_dir))
+
+
 def render_source(limits: Limits, pin_dir: str) -> str:
     """The whole program as one C text (headers inlined), as bcc would see it: for --print-c."""
-    text = (BPF_DIR / ENTRY_FILE).read_text()
-    for header in sorted(BPF_DIR.glob("*.h")):
-        text = text.replace(f'#include "{header.name}"', header.read_text())
-    return text.replace('#include "lb_consts.h"', render_consts(limits, pin_dir))
+    return render_unit((BPF_DIR / ENTRY_FILE).read_text(), limits, pin_dir)
 
 
 @dataclass

@@ -1,0 +1,77 @@
+/* lb_fib.h: forwarding a rewritten packet by the kernel's FIB, with the next hop cached in
+ * the flow's entry between refreshes. */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <linux/socket.h>
+
+#include "lb_csum.h"
+#include "lb_parse.h"
+#include "lb_stats.h"
+#include "lb_structs.h"
+
+static __always_inline void lb_set_macs_ttl(struct lb_packet *pkt, const __u8 *dmac, const __u8 *smac)
+{
+    struct iphdr *ip = pkt->ip;
+    /* TTL: like a router; the TTL-1 case was passed to the kernel before any rewrite. */
+    __u16 old_ttl_word = *(__u16 *)&ip->ttl;
+    ip->ttl--;
+    lb_csum_replace2(&ip->check, old_ttl_word, *(__u16 *)&ip->ttl);
+    __builtin_memcpy(pkt->eth->h_dest, dmac, ETH_ALEN);
+    __builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
+}
+
+static __always_inline int lb_send(struct xdp_md *ctx, __u32 ifindex, __u64 bytes)
+{
+    if (ifindex == ctx->ingress_ifindex)
+        return lb_outcome(LB_TX, bytes, XDP_TX);
+    return lb_outcome(LB_REDIRECT, bytes, bpf_redirect(ifindex, 0));
+}
+
+/* Routes the rewritten packet like the kernel would, decrementing the TTL. Returns the XDP
+ * action; on no route or no neighbour the rewritten packet goes to the kernel, which forwards
+ * it and resolves the neighbour for the next one. `nh` (a tracked entry, or NULL) caches the
+ * next hop: used while fresh, looked up again when `relookup` (the entry's refresh) is set. */
+static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes,
+                                      struct nat_entry *nh, int relookup)
+{
+    struct iphdr *ip = pkt->ip;
+    __u16 tot_len = bpf_ntohs(ip->tot_len);
+
+    if (nh && !relookup && nh->nh_ifindex && tot_len <= nh->nh_len_ok) {
+        lb_set_macs_ttl(pkt, nh->nh_dmac, nh->nh_smac);
+        return lb_send(ctx, nh->nh_ifindex, bytes);
+    }
+
+    struct bpf_fib_lookup fib = {};
+    fib.family = AF_INET;
+    fib.tos = ip->tos;
+    fib.l4_protocol = ip->protocol;
+    if (pkt->sport && pkt->dport) {   /* ICMP has no ports; multipath hashes without them */
+        fib.sport = *pkt->sport;
+        fib.dport = *pkt->dport;
+    }
+    fib.tot_len = tot_len;
+    fib.ipv4_src = ip->saddr;
+    fib.ipv4_dst = ip->daddr;
+    fib.ifindex = ctx->ingress_ifindex;
+
+    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+        if (nh)
+            nh->nh_ifindex = 0;
+        return lb_outcome(LB_PASS_NO_ROUTE, bytes, XDP_PASS);
+    }
+    if (nh) {
+        /* A fresh lookup restarts the MTU clearance at this packet's size. */
+        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
+            nh->nh_len_ok = tot_len;
+        nh->nh_ifindex = fib.ifindex;
+        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
+        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
+    }
+    lb_set_macs_ttl(pkt, fib.dmac, fib.smac);
+    return lb_send(ctx, fib.ifindex, bytes);
+}
