@@ -481,7 +481,7 @@ def bench() -> None:
 
 
 @bench.command("peers", epilog=examples(
-    "lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md   # 3 rounds, ~8 min",
+    "lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md   # 3 rounds, ~12 min",
     "lbctl bench peers --quick                    # 1 short round; JSON record in .",
     "lbctl bench peers --only xdp-native --only direct   # two setups"))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
@@ -494,8 +494,9 @@ def bench() -> None:
 @click.pass_obj
 def bench_peers(obj: Context, repeats: int, quick: bool, only: tuple[str, ...],
                 results_dir: str, doc: str | None) -> None:
-    """Short connections, keep-alive, bulk and packet rate: lbctl XDP against nftables
-    DNAT, HAProxy mode tcp and no balancer, side by side in a lab of its own."""
+    """Short connections (three backends, and one against direct to it), keep-alive, bulk and
+    packet rate, with the balancer's CPU per connection: lbctl XDP against nftables DNAT,
+    HAProxy mode tcp and no balancer, side by side in a lab of its own."""
     if obj.instance != "host":
         raise click.UsageError("the bench builds its own lab: run it without -n")
     from pathlib import Path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lbctl.bench.spec import BULK_PORT, HTTP_VIP_PORT, NGINX_PORT, PPS_PORT
+from lbctl.bench.spec import BULK_PORT, HTTP_VIP_PORT, NGINX_PORT, PPS_PORT, SINGLE_VIP_PORT
 
 
 def nginx_conf(name: str, run_dir: Path) -> str:
@@ -47,6 +47,9 @@ frontend web
 backend web
     balance roundrobin
 {servers}
+listen single
+    bind {vip}:{SINGLE_VIP_PORT}
+    server be1 {backends[0]}:{NGINX_PORT}
 listen bulk
     bind {vip}:{BULK_PORT}
     server be1 {backends[0]}:{BULK_PORT}
@@ -62,6 +65,7 @@ table ip lbbench {{
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         ip daddr {vip} tcp dport {HTTP_VIP_PORT} dnat ip to numgen inc mod {n} map {{ {http_map} }}
+        ip daddr {vip} tcp dport {SINGLE_VIP_PORT} dnat ip to {backends[0]}:{NGINX_PORT}
         ip daddr {vip} tcp dport {BULK_PORT} dnat ip to {backends[0]}:{BULK_PORT}
         ip daddr {vip} udp dport {PPS_PORT} dnat ip to numgen inc mod {n} map {{ {udp_map} }}
     }}

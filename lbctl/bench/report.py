@@ -17,6 +17,11 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "short_rate": ("short", "rate", "conn/s", True),
     "short_p50_ms": ("short", "p50_ms", "ms", False),
     "short_p99_ms": ("short", "p99_ms", "ms", False),
+    "short_cpu_ms_per_1k": ("short", "cpu_ms_per_1k", "CPU-ms per 1k conn", False),
+    "short1_rate": ("short1", "rate", "conn/s", True),
+    "short1_p50_ms": ("short1", "p50_ms", "ms", False),
+    "short1_p99_ms": ("short1", "p99_ms", "ms", False),
+    "short1_cpu_ms_per_1k": ("short1", "cpu_ms_per_1k", "CPU-ms per 1k conn", False),
     "keepalive_rate": ("keepalive", "rate", "req/s", True),
     "keepalive_p50_ms": ("keepalive", "p50_ms", "ms", False),
     "keepalive_p99_ms": ("keepalive", "p99_ms", "ms", False),
@@ -67,6 +72,10 @@ def ratio_table(summary: dict[str, Any], setups: Sequence[str]) -> list[dict[str
     return rows
 
 
+NATIVE_ONLY = ("xdp-native",)
+BOTH_MODES = ("xdp-native", "xdp-generic")
+
+
 @dataclass(frozen=True)
 class Goal:
     name: str
@@ -74,6 +83,8 @@ class Goal:
     against: str
     target: float  # the ratio to reach (>=), or the largest gap allowed when `within`
     within: bool = False  # "within X% of": ratio >= 1 - target
+    at_most: bool = False  # lower is better: the ratio must stay <= target
+    setups: tuple[str, ...] = NATIVE_ONLY  # the XDP setups it is judged for
 
 
 GOALS: tuple[Goal, ...] = (
@@ -82,16 +93,25 @@ GOALS: tuple[Goal, ...] = (
     Goal("short connections: XDP vs HAProxy tcp (reported)", "short_rate", "haproxy", 0.0),
     Goal("keep-alive: XDP >= 0.95x direct", "keepalive_rate", "direct", 0.95),
     Goal("packet rate: XDP >= 3x nftables DNAT", "pps_forwarded", "nftables", 3.0),
+    # Issue 15: with one backend nothing but the balancer differs from going direct.
+    Goal("one backend: short connections >= 0.9x direct", "short1_rate", "direct", 0.9,
+         setups=BOTH_MODES),
+    Goal("one backend: p99 latency <= 1.5x direct's", "short1_p99_ms", "direct", 1.5,
+         at_most=True, setups=BOTH_MODES),
+    # Issue 8: the balancer's own CPU per new connection.
+    Goal("balancer CPU per new connection <= 0.25x nftables DNAT", "short_cpu_ms_per_1k",
+         "nftables", 0.25, at_most=True, setups=BOTH_MODES),
 )
 
 
-def evaluate_goals(summary: dict[str, Any], setup: str = "xdp-native") -> list[dict[str, Any]]:
-    """Each goal with the measured ratio and whether it was met (None: not measured)."""
+def evaluate_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal, for each of its XDP setups in the summary, with the measured ratio and
+    whether it was met (None: not measured, or only reported)."""
     out = []
-    for goal in GOALS:
+    for goal, setup in ((g, s) for g in GOALS for s in g.setups if s in summary):
         r = ratio(summary, setup, goal.against, goal.metric)
         threshold = 1.0 - goal.target if goal.within else goal.target
-        met = None if r is None else r >= threshold
+        met = None if r is None else (r <= threshold if goal.at_most else r >= threshold)
         caveat = ""
         if goal.metric == "pps_forwarded" and (
             summary.get(setup, {}).get("pps_generator_bound")
@@ -101,7 +121,7 @@ def evaluate_goals(summary: dict[str, Any], setup: str = "xdp-native") -> list[d
         out.append({
             "goal": goal.name, "setup": setup, "against": goal.against, "metric": goal.metric,
             "ratio": r, "threshold": threshold, "met": met if goal.target else None,
-            "caveat": caveat,
+            "at_most": goal.at_most, "caveat": caveat,
         })
     return out
 
@@ -203,14 +223,18 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             f"{_ratio_cell(row['bulk_gbps/nftables'])} | {_ratio_cell(row['bulk_gbps/haproxy'])} | "
             f"{_ratio_cell(row['pps_forwarded/nftables'])} |"
         )
-    lines += ["", "Goals (reported, not asserted), lbctl XDP native against each peer:", "",
-              "| goal | ratio | target | met |", "|---|---|---|---|"]
+    lines += _single_backend_lines(results, setups, summary)
+    lines += ["", "Goals (reported, not asserted), lbctl XDP against each peer:", "",
+              "| goal | setup | ratio | target | met |", "|---|---|---|---|---|"]
     for g in results.get("goals", []):
-        target = "-" if not g["threshold"] else f">= {g['threshold']:.2f}x"
+        sign = "<=" if g.get("at_most") else ">="
+        target = "-" if not g["threshold"] else f"{sign} {g['threshold']:.2f}x"
         met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
         if g["caveat"]:
             met += f" ({g['caveat']})"
-        lines.append(f"| {g['goal']} | {_ratio_cell(g['ratio'])} | {target} | {met} |")
+        title = SETUP_TITLES.get(g.get("setup", "xdp-native"), "?")
+        lines.append(f"| {g['goal']} | {title} | {_ratio_cell(g['ratio'])} | {target} | "
+                     f"{met} |")
     xdp_cost = [
         (s, results["setups"][s].get("xdp_cost")) for s in setups
         if results["setups"][s].get("xdp_cost")
@@ -235,6 +259,42 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
     return "\n".join(lines) + "\n"
 
 
+def _med(s: dict[str, Any], metric: str) -> float | None:
+    # Records from before a metric existed lack it: shown as "-".
+    return s.get(metric, {}).get("median")
+
+
+def _single_backend_lines(results: dict[str, Any], setups: Sequence[str],
+                          summary: dict[str, Any]) -> list[str]:
+    """One backend behind the balancer against direct to that server, with latency, and
+    the balancer's own CPU per 1,000 new connections for every setup."""
+    if not any(_med(summary[s], "short1_rate") or _med(summary[s], "short_cpu_ms_per_1k")
+               for s in setups):
+        return []
+    lines = [
+        "",
+        ("Short connections to **one backend** (the balancer against direct to the same "
+         "server), and the **balancer's own CPU per 1,000 new connections** (its NAPI "
+         "threads, plus HAProxy's process; lower is better):"),
+        "",
+        ("| setup | 1 backend conn/s | vs direct | p50 ms | p99 ms | p99 vs direct | "
+         "CPU-ms per 1k conn, 3 backends | CPU-ms per 1k conn, 1 backend | CPU vs nftables |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setup in setups:
+        s = summary[setup]
+        lines.append(
+            f"| {SETUP_TITLES[setup]} | {_cell(s.get('short1_rate'))} | "
+            f"{_ratio_cell(ratio(summary, setup, 'direct', 'short1_rate'))} | "
+            f"{_fmt_num(_med(s, 'short1_p50_ms'), 'ms')} | "
+            f"{_fmt_num(_med(s, 'short1_p99_ms'), 'ms')} | "
+            f"{_ratio_cell(ratio(summary, setup, 'direct', 'short1_p99_ms'))} | "
+            f"{_fmt_num(_med(s, 'short_cpu_ms_per_1k'), 'ms')} | "
+            f"{_fmt_num(_med(s, 'short1_cpu_ms_per_1k'), 'ms')} | "
+            f"{_ratio_cell(ratio(summary, setup, 'nftables', 'short_cpu_ms_per_1k'))} |")
+    return lines
+
+
 def update_doc(doc_text: str, block: str) -> str:
     """Replace the generated block in the document (or append one): prose around it stays."""
     start, end = doc_text.find(DOC_BEGIN), doc_text.find(DOC_END)
@@ -253,6 +313,14 @@ PLOTS = (
      "packets forwarded/s"),
     ("pps_cpu_s_per_mpkt", "benchmarks-cpu.png",
      "Balancer CPU per million packets forwarded (lower is better)", "CPU-seconds / Mpkt"),
+    ("short1_rate", "benchmarks-single.png",
+     "One backend: short connections (the balancer against direct to that server)",
+     "connections/s"),
+    ("short1_p99_ms", "benchmarks-single-p99.png",
+     "One backend: p99 latency of short connections (lower is better)", "ms"),
+    ("short_cpu_ms_per_1k", "benchmarks-conn-cpu.png",
+     "Balancer CPU per 1,000 new connections, 3 backends (lower is better)",
+     "CPU-milliseconds / 1k connections"),
 )
 
 
@@ -270,7 +338,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
     colors = {"xdp-native": "#1f77b4", "xdp-generic": "#6baed6", "nftables": "#ff7f0e",
               "haproxy": "#2ca02c", "direct": "#7f7f7f"}
     for metric, name, title, ylabel in PLOTS:
-        rows = [(s, results["setups"][s]["summary"][metric]) for s in setups]
+        rows = [(s, results["setups"][s]["summary"].get(metric, {})) for s in setups]
         rows = [(s, m) for s, m in rows if m.get("median") is not None]
         if not rows:
             continue
@@ -285,7 +353,9 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
             if metric == "pps_forwarded" and results["setups"][s]["summary"].get(
                     "pps_generator_bound"):
                 bar.set_hatch("//")
+        # Two decimals for these (the formatter's "Gbit/s" and "ms" units both mean that).
         unit = "Gbit/s" if metric in ("bulk_gbps", "pps_cpu_s_per_mpkt") else ""
+        unit = "ms" if metric in ("short1_p99_ms", "short_cpu_ms_per_1k") else unit
         # Labels sit above the whisker, where they cannot be crossed out by it.
         for x, med, (_s, m) in zip(xs, meds, rows):
             ax.annotate(_fmt_num(med, unit),
@@ -322,19 +392,23 @@ def print_summary(results: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     table = Table(title=None)
-    for col in ("setup", "short conn/s", "keep-alive req/s", "bulk Gbit/s", "fwd pkt/s"):
+    for col in ("setup", "short conn/s", "CPU-ms/1k conn", "1 backend conn/s",
+                "1 backend p99 ms", "keep-alive req/s", "bulk Gbit/s", "fwd pkt/s"):
         table.add_column(col, justify="right" if col != "setup" else "left")
     for setup, data in results["setups"].items():
         s = data["summary"]
         pps = _cell(s["pps_forwarded"]) + (" gen-bound" if s.get("pps_generator_bound") else "")
-        table.add_row(SETUP_TITLES[setup], _cell(s["short_rate"]), _cell(s["keepalive_rate"]),
+        table.add_row(SETUP_TITLES[setup], _cell(s["short_rate"]),
+                      _fmt_num(_med(s, "short_cpu_ms_per_1k"), "ms"), _cell(s.get("short1_rate")),
+                      _fmt_num(_med(s, "short1_p99_ms"), "ms"), _cell(s["keepalive_rate"]),
                       _cell(s["bulk_gbps"], "Gbit/s"), pps)
     console.print(table)
     for g in results.get("goals", []):
         met = {True: "[green]met[/]", False: "[red]missed[/]", None: "reported"}[g["met"]]
         if g["ratio"] is None:
             met = "not measured"
-        console.print(f"  {g['goal']}: {_ratio_cell(g['ratio'])} {met}"
+        console.print(f"  {g['goal']} ({g.get('setup', 'xdp-native')}): "
+                      f"{_ratio_cell(g['ratio'])} {met}"
                       + (f" ({g['caveat']})" if g["caveat"] else ""))
 
 

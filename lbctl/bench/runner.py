@@ -38,6 +38,7 @@ from lbctl.bench.spec import (
     PPS_PAYLOAD_BYTES,
     PPS_PORT,
     SETUP_TITLES,
+    SINGLE_VIP_PORT,
     WORKLOADS,
     WRK_CONNECTIONS,
     WRK_THREADS,
@@ -122,6 +123,9 @@ class PeerBench:
         self.backends = [b.addr for b in self.lab.backends]
         self.lb_client_if, self.lb_backend_if = self.lab.lb_ifaces
         self.sw_port = f"p-{self.lab.lb.name}"  # the switch's end of the balancer's link
+        # (host, interface) -> the comm of its threaded-NAPI kernel thread, "napi/eth0-8195":
+        # the NAPI id makes it unique across namespaces whose interfaces share names.
+        self.napi_threads: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -252,6 +256,7 @@ class PeerBench:
             self._must(host, ["sysctl", "-q", "-w",
                               "net.ipv4.ip_local_port_range=1024 65000",
                               "net.ipv4.tcp_tw_reuse=1"])
+        self._thread_napi()
         (self.run_dir / "wrk.lua").write_text(WRK_LUA)
         for b in self.lab.backends:
             conf = self.run_dir / f"nginx-{b.name}.conf"
@@ -277,6 +282,62 @@ class PeerBench:
             if answer != "ready":
                 raise BenchError(f"{helper.name} helper said {answer!r}")
 
+    def _veths(self, host: str) -> list[str]:
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self._ns(host), flags=0) as ipr:
+            return sorted(str(link.get("IFLA_IFNAME")) for link in ipr.get_links()
+                          if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth")
+
+    def _thread_napi(self) -> None:
+        """GRO and threaded NAPI on every veth end: client, balancer, switch and backends.
+
+        Each end's receive work then runs in its own kernel thread, `napi/IF-N`, instead of
+        in the softirq of whoever sent to it, so the balancer's two threads hold only the
+        balancer's work (its forwarding, NAT, XDP program, or HAProxy's receive path) and
+        their CPU time is the balancer's cost. GRO gives a veth the NAPI context that
+        threaded NAPI moves into a thread (and XDP_REDIRECT into a veth needs). Each
+        thread's name is found as the one that appears when its interface turns threaded.
+        """
+        hosts = ["sw", self.lab.client.name, self.lab.lb.name,
+                 *(b.name for b in self.lab.backends)]
+        for host in hosts:
+            for ifname in self._veths(host):
+                self._must(host, ["ethtool", "-K", ifname, "gro", "on"])
+                path = f"/sys/class/net/{ifname}/threaded"
+                for _attempt in range(3):
+                    before = _napi_threads(ifname)
+                    self._sysfs_write(host, path, "1")
+                    new = {pid: comm for pid, comm in _napi_threads(ifname).items()
+                           if pid not in before}
+                    if len(new) == 1:
+                        self.napi_threads[(host, ifname)] = next(iter(new.values()))
+                        break
+                    # Another lab's interface of the same name turned threaded meanwhile.
+                    self._sysfs_write(host, path, "0")
+                else:
+                    raise BenchError(f"cannot tell the NAPI thread of {ifname} in "
+                                     f"{self._ns(host)} from other namespaces'; hint: run "
+                                     "the bench again when other labs are idle")
+
+    def balancer_cpu_s(self, setup: str) -> float | None:
+        """CPU seconds the balancer has used so far: its NAPI threads, plus HAProxy's
+        process (its sockets' work runs in its own system calls). None if one is gone."""
+        names = {comm for (host, _if), comm in self.napi_threads.items()
+                 if host == self.lab.lb.name}
+        pids = {pid for pid, comm in _napi_threads("").items() if comm in names}
+        if len(pids) != len(names) or not names:
+            return None
+        if setup == "haproxy" and self.state.haproxy is not None:
+            pids.add(self.state.haproxy.popen.pid)
+        total = 0.0
+        for pid in pids:
+            cpu = _thread_cpu_s(pid)
+            if cpu is None:
+                return None
+            total += cpu
+        return total
+
     def _link_mac(self, host: str, ifname: str) -> str:
         from pyroute2 import IPRoute
 
@@ -296,6 +357,9 @@ class PeerBench:
             self._lbctl("vip", "add", http_vip)
             self._lbctl("vip", "add", bulk_vip)
             self._lbctl("vip", "add", pps_vip, "--proto", "udp")
+            single_vip = f"{self.vip}:{SINGLE_VIP_PORT}"
+            self._lbctl("vip", "add", single_vip)
+            self._lbctl("backend", "add", single_vip, f"{self.backends[0]}:{NGINX_PORT}")
             for addr in self.backends:
                 self._lbctl("backend", "add", http_vip, f"{addr}:{NGINX_PORT}")
                 self._lbctl("backend", "add", pps_vip, f"{addr}:{PPS_PORT}", "--proto", "udp")
@@ -314,12 +378,14 @@ class PeerBench:
             conf.write_text(haproxy_conf(self.vip, self.backends))
             self.state.haproxy = self._spawn("haproxy", "lb", ["haproxy", "-db", "-f", str(conf)])
             self._wait_port("client", self.vip, HTTP_VIP_PORT)
+            self._wait_port("client", self.vip, SINGLE_VIP_PORT)
             self._wait_port("client", self.vip, BULK_PORT)
         elif name != "direct":
             raise BenchError(f"unknown setup {name!r}")
         if name != "direct":
             # The balancer's first packets resolve its neighbours; do it outside the timing.
             self.lab.http_get(self.vip, HTTP_VIP_PORT, count=3)
+            self.lab.http_get(self.vip, SINGLE_VIP_PORT, count=1)
 
     def teardown(self, name: str) -> None:
         if self.state.xdp_attached:
@@ -342,19 +408,25 @@ class PeerBench:
 
     # ------------------------------------------------------------ workloads
 
-    def run_wrk(self, setup: str, close: bool) -> dict[str, Any]:
+    def run_wrk(self, setup: str, close: bool, single: bool = False) -> dict[str, Any]:
+        """One wrk run against the setup: Connection: close or keep-alive, three backends
+        or (single) the first one alone. Records the balancer's CPU time over the run."""
         env = dict(os.environ)
-        if setup == "direct":
+        env.pop("BENCH_WRK_ADDRS", None)
+        if single:
+            url = (f"http://{self.backends[0]}:{NGINX_PORT}/" if setup == "direct"
+                   else f"http://{self.vip}:{SINGLE_VIP_PORT}/")
+        elif setup == "direct":
             url = f"http://{self.backends[0]}:{NGINX_PORT}/"
             env["BENCH_WRK_ADDRS"] = ",".join(f"{a}:{NGINX_PORT}" for a in self.backends)
         else:
             url = f"http://{self.vip}:{HTTP_VIP_PORT}/"
-            env.pop("BENCH_WRK_ADDRS", None)
         argv = ["ip", "netns", "exec", self.lab.client.netns, "wrk", f"-t{WRK_THREADS}",
                 f"-c{WRK_CONNECTIONS}", f"-d{self.durations.http_s}s", "--latency",
                 "-s", str(self.run_dir / "wrk.lua")]
         if close:
             argv += ["-H", "Connection: close"]
+        cpu0 = self.balancer_cpu_s(setup)
         proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True, env=env)
         try:
@@ -362,6 +434,7 @@ class PeerBench:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
+        cpu1 = self.balancer_cpu_s(setup)
         try:
             res = parse_wrk(out)
         except BenchError as exc:
@@ -369,7 +442,8 @@ class PeerBench:
         ok = res.requests > 0 and res.error_share <= MAX_ERROR_SHARE
         rec = {"ok": ok, "rate": res.rate, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
                "requests": res.requests, "errors": res.errors, "seconds": res.duration_s,
-               "url": url, "spread_over": env.get("BENCH_WRK_ADDRS", "")}
+               "url": url, "spread_over": env.get("BENCH_WRK_ADDRS", ""),
+               **balancer_cpu(cpu0, cpu1, res.requests)}
         if not ok:
             rec["error"] = f"{res.errors} errors for {res.requests} requests"
         return rec
@@ -386,40 +460,29 @@ class PeerBench:
         return {"ok": True, "gbps": res["bits_per_second"] / 1e9, **res}
 
     @contextlib.contextmanager
-    def pps_path(self) -> Iterator[int | None]:
-        """Set the path up for the packet-rate run; yield the balancer's NAPI thread pid.
-
-        GRO on the balancer's client-side veth gives it a NAPI context even with no XDP
-        program (the generator's XDP_TX frames need one to be accepted), and threaded NAPI
-        moves that context into a kernel thread: the balancer then runs beside the
-        generator instead of inside its system call, and its CPU time can be read.
-        """
+    def pps_path(self) -> Iterator[None]:
+        """The sink attached past the balancer for the packet-rate runs. (The generator's
+        XDP_TX frames need a NAPI context at the balancer's veth: GRO, on lab-wide, gives
+        one, and threaded NAPI runs the balancer beside the generator, not inside its
+        system call.)"""
         assert self.sink is not None
-        path = f"/sys/class/net/{self.lb_client_if}/threaded"
-        self._must("lb", ["ethtool", "-K", self.lb_client_if, "gro", "on"])
-        before = _napi_threads(self.lb_client_if)
-        self._sysfs_write("lb", path, "1")
-        new = _napi_threads(self.lb_client_if) - before
-        napi_pid = next(iter(new)) if len(new) == 1 else None
         self._helper(self.sink, "attach", 30)
         try:
-            yield napi_pid
+            yield
         finally:
             self._helper(self.sink, "detach", 30)
-            self.lab.run("lb", ["sh", "-c", f"echo 0 > {path}"])
-            self.lab.run("lb", ["ethtool", "-K", self.lb_client_if, "gro", "off"])
 
-    def run_pps(self, setup: str, napi_pid: int | None) -> dict[str, Any]:
+    def run_pps(self, setup: str) -> dict[str, Any]:
         assert self.gen is not None
         dst = self.backends[0] if setup == "direct" else self.vip
         client_if, sw = self.lab.client.ifname, "sw"
         c0 = self._link_stats("client", client_if)
         f0 = self._link_stats(sw, self.sw_port)
-        cpu0 = _thread_cpu_s(napi_pid) if napi_pid else None
+        cpu0 = self.balancer_cpu_s(setup)
         answer = json.loads(self._helper(
             self.gen, f"run {dst} {PPS_PORT} {self.durations.pps_s}",
             self.durations.pps_s + 60))
-        cpu1 = _thread_cpu_s(napi_pid) if napi_pid else None
+        cpu1 = self.balancer_cpu_s(setup)
         c1 = self._link_stats("client", client_if)
         f1 = self._link_stats(sw, self.sw_port)
         # The client's veth counts what the peer accepted as tx and what its full ring
@@ -436,7 +499,7 @@ class PeerBench:
             rec["error"] = f"nothing forwarded (sent {verdict.sent}; errno {answer['errno']})"
         return rec
 
-    def xdp_cost(self, napi_pid: int | None) -> dict[str, Any]:
+    def xdp_cost(self) -> dict[str, Any]:
         """Run-time statistics of the attached program under one packet-rate load, and its
         BPF_PROG_TEST_RUN figure."""
         from xdp import libbpf
@@ -448,7 +511,7 @@ class PeerBench:
             self.state.stats_fd = libbpf.enable_run_time_stats()
             try:
                 i0 = libbpf.prog_info(fd)
-                rec = self.run_pps("xdp", napi_pid)
+                rec = self.run_pps("xdp")
                 i1 = libbpf.prog_info(fd)
             finally:
                 os.close(self.state.stats_fd)
@@ -510,9 +573,18 @@ class PeerBench:
             raise BenchError("cleanup incomplete: " + "; ".join(errors))
 
 
-def _napi_threads(ifname: str) -> set[int]:
-    """Pids of the kernel's threaded-NAPI threads for interfaces named ifname (any netns)."""
-    pids = set()
+def balancer_cpu(cpu0: float | None, cpu1: float | None, connections: int) -> dict[str, Any]:
+    """The balancer's CPU seconds over a run, and per 1,000 connections (or requests) in
+    milliseconds; None where the threads could not be read."""
+    cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    per_1k = cpu * 1e6 / connections if cpu is not None and connections > 0 else None
+    return {"balancer_cpu_s": cpu, "cpu_ms_per_1k": per_1k}
+
+
+def _napi_threads(ifname: str) -> dict[int, str]:
+    """Pid -> comm of the kernel's threaded-NAPI threads of interfaces named ifname, in any
+    namespace ("": of every interface)."""
+    pids = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -520,8 +592,8 @@ def _napi_threads(ifname: str) -> set[int]:
             comm = Path(f"/proc/{entry}/comm").read_text().strip()
         except OSError:
             continue
-        if comm.startswith(f"napi/{ifname}-"):
-            pids.add(int(entry))
+        if comm.startswith(f"napi/{ifname}-" if ifname else "napi/"):
+            pids[int(entry)] = comm
     return pids
 
 
@@ -591,12 +663,12 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
     check_outputs(results_dir, doc_path)
     repeats = 1 if quick else max(1, repeats)
     xdp_setups = [s for s in setups if s.startswith("xdp-")]
-    per_round = sum(4 if s != "haproxy" else 3 for s in setups)
+    per_round = sum(5 if s != "haproxy" else 4 for s in setups)
     progress = _Progress(repeats * per_round + len(xdp_setups) + 2, console)
 
     started = dt.datetime.now(dt.timezone.utc)
     results: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,
         "started": started.isoformat(timespec="seconds"),
         "quick": quick,
         "repeats": repeats,
@@ -605,6 +677,10 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
         "config": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
                    "pps_flows": PPS_FLOWS, "pps_frame_bytes": 42 + PPS_PAYLOAD_BYTES,
                    "generator_bound_share": GENERATOR_BOUND_SHARE,
+                   "single_backend": "the first backend's nginx, behind VIP port "
+                                     f"{SINGLE_VIP_PORT} or direct",
+                   "napi": "GRO and threaded NAPI on every veth end; balancer CPU is its "
+                           "napi/IF-N threads (plus HAProxy's process)",
                    **asdict(Durations.for_run(quick))},
         "setups": {s: {"title": SETUP_TITLES[s], "runs": {w: [] for w in WORKLOADS}}
                    for s in setups},
@@ -627,8 +703,8 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
             for setup in xdp_setups:
                 bench.setup(setup)
                 try:
-                    with bench.pps_path() as napi_pid:
-                        cost = bench.xdp_cost(napi_pid)
+                    with bench.pps_path():
+                        cost = bench.xdp_cost()
                 finally:
                     bench.teardown(setup)
                 results["setups"][setup]["xdp_cost"] = cost
@@ -655,7 +731,7 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
         results["setups"][setup]["summary"] = summarize_setup(results["setups"][setup]["runs"])
     summary = {s: results["setups"][s]["summary"] for s in setups}
     results["ratios"] = ratio_table(summary, setups)
-    results["goals"] = evaluate_goals(summary) if "xdp-native" in setups else []
+    results["goals"] = evaluate_goals(summary)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["host"]["loadavg_after"] = list(os.getloadavg())
     failed = [(s, w) for s in setups for w in WORKLOADS
@@ -689,6 +765,10 @@ def _measure_setup(bench: PeerBench, setup: str, rnd: int, results: dict[str, An
         rec = bench.run_wrk(setup, close=True)
         runs["short"].append(rec)
         progress.step(f"{title}: short connections " + _describe_http(rec, "conn/s"))
+        rec = bench.run_wrk(setup, close=True, single=True)
+        runs["short1"].append(rec)
+        progress.step(f"{title}: short connections, one backend "
+                      + _describe_http(rec, "conn/s"))
         rec = bench.run_wrk(setup, close=False)
         runs["keepalive"].append(rec)
         progress.step(f"{title}: keep-alive " + _describe_http(rec, "req/s"))
@@ -697,8 +777,8 @@ def _measure_setup(bench: PeerBench, setup: str, rnd: int, results: dict[str, An
         progress.step(f"{title}: bulk " + (f"{rec['gbps']:.2f} Gbit/s" if rec["ok"]
                                            else f"[red]failed[/]: {rec['error']}"))
         if setup != "haproxy":  # HAProxy balances no UDP
-            with bench.pps_path() as napi_pid:
-                rec = bench.run_pps(setup, napi_pid)
+            with bench.pps_path():
+                rec = bench.run_pps(setup)
             runs["pps"].append(rec)
             if rec["ok"]:
                 text = (f"{rec['forwarded_pps'] / 1e3:.0f} kpps forwarded of "
@@ -718,6 +798,8 @@ def _describe_http(rec: dict[str, Any], unit: str) -> str:
     if not rec.get("ok") and "rate" not in rec:
         return f"[red]failed[/]: {rec.get('error')}"
     text = f"{rec['rate']:,.0f} {unit}, p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms"
+    if rec.get("cpu_ms_per_1k") is not None and unit == "conn/s":
+        text += f", balancer {rec['cpu_ms_per_1k']:.1f} CPU-ms per 1k"
     if not rec["ok"]:
         text += f" [red]({rec['error']})[/]"
     return text

@@ -10,9 +10,10 @@ SETUP_TITLES = {
     "haproxy": "HAProxy mode tcp",
     "direct": "direct (no balancer)",
 }
-WORKLOADS: tuple[str, ...] = ("short", "keepalive", "bulk", "pps")
+WORKLOADS: tuple[str, ...] = ("short", "short1", "keepalive", "bulk", "pps")
 WORKLOAD_TITLES = {
     "short": "short connections (new TCP connection per request)",
+    "short1": "short connections to one backend (the balancer against direct to that server)",
     "keepalive": "keep-alive requests",
     "bulk": "bulk TCP (iperf3, one stream)",
     "pps": "packet rate (60-byte UDP, 4096 flows)",
@@ -21,6 +22,7 @@ WORKLOAD_TITLES = {
 # Ports inside the lab. nginx listens beside the lab's own Python server (port 80), which
 # stays up so the lab's readiness checks keep holding.
 HTTP_VIP_PORT = 80
+SINGLE_VIP_PORT = 81  # a VIP with one backend (the first one's nginx): nothing else differs
 NGINX_PORT = 8080
 BULK_PORT = 5201
 PPS_PORT = 9999  # nothing listens: packets are dropped by the sink past the balancer
