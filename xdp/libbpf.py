@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno as errno_codes
 import functools
 import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Union
@@ -62,17 +63,54 @@ XDP_REDIRECT = 4
 BPF_PROG_TYPE_XDP = 6
 BPF_STATS_RUN_TIME = 0
 
-# enum bpf_map_type in UAPI order: the index is the kernel's number.
-MAP_TYPE_NAMES = (
-    "unspec", "hash", "array", "prog_array", "perf_event_array", "percpu_hash",
-    "percpu_array", "stack_trace", "cgroup_array", "lru_hash", "lru_percpu_hash",
-    "lpm_trie", "array_of_maps", "hash_of_maps", "devmap", "sockmap", "cpumap", "xskmap",
-    "sockhash", "cgroup_storage", "reuseport_sockarray", "percpu_cgroup_storage", "queue",
-    "stack", "sk_storage", "devmap_hash", "struct_ops", "ringbuf", "inode_storage",
-    "task_storage", "bloom_filter", "user_ringbuf", "cgrp_storage",
-)
+
+class MapType(enum.IntEnum):
+    """enum bpf_map_type (UAPI linux/bpf.h): the kernel's numbers, by name."""
+
+    UNSPEC = 0
+    HASH = 1
+    ARRAY = 2
+    PROG_ARRAY = 3
+    PERF_EVENT_ARRAY = 4
+    PERCPU_HASH = 5
+    PERCPU_ARRAY = 6
+    STACK_TRACE = 7
+    CGROUP_ARRAY = 8
+    LRU_HASH = 9
+    LRU_PERCPU_HASH = 10
+    LPM_TRIE = 11
+    ARRAY_OF_MAPS = 12
+    HASH_OF_MAPS = 13
+    DEVMAP = 14
+    SOCKMAP = 15
+    CPUMAP = 16
+    XSKMAP = 17
+    SOCKHASH = 18
+    CGROUP_STORAGE = 19
+    REUSEPORT_SOCKARRAY = 20
+    PERCPU_CGROUP_STORAGE = 21
+    QUEUE = 22
+    STACK = 23
+    SK_STORAGE = 24
+    DEVMAP_HASH = 25
+    STRUCT_OPS = 26
+    RINGBUF = 27
+    INODE_STORAGE = 28
+    TASK_STORAGE = 29
+    BLOOM_FILTER = 30
+    USER_RINGBUF = 31
+    CGRP_STORAGE = 32
+
+
+# bpftool's spelling of each type, by the kernel's number.
+MAP_TYPE_NAMES = tuple(t.name.lower() for t in MapType)
 # Per-CPU maps hold one value per possible CPU, each padded to 8 bytes, in every syscall.
-PERCPU_MAP_TYPES = frozenset({5, 6, 10, 21})
+PERCPU_MAP_TYPES = frozenset({MapType.PERCPU_HASH, MapType.PERCPU_ARRAY,
+                              MapType.LRU_PERCPU_HASH, MapType.PERCPU_CGROUP_STORAGE})
+# What a batch call fails with on a map type that has no batch operations: the kernel's
+# internal ENOTSUPP (524) leaks to user space from BPF_DO_BATCH; EOPNOTSUPP to be safe.
+ENOTSUPP = 524
+BATCH_UNSUPPORTED = frozenset({ENOTSUPP, errno_codes.EOPNOTSUPP})
 
 BPF_OBJ_NAME_LEN = 16
 BPF_TAG_SIZE = 8
@@ -251,6 +289,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map_lookup_batch": (ctypes.c_int, [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         _u32p, ctypes.POINTER(_MapBatchOpts)]),
+    "bpf_map_lookup_and_delete_batch": (ctypes.c_int, [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        _u32p, ctypes.POINTER(_MapBatchOpts)]),
+    "bpf_map_delete_batch": (ctypes.c_int, [
+        ctypes.c_int, ctypes.c_void_p, _u32p, ctypes.POINTER(_MapBatchOpts)]),
     "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, _u32p]),
     "bpf_prog_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
     "bpf_map_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
@@ -308,6 +351,8 @@ def _describe_fd(fd: int, kind: str) -> str:
 
 def _raise(code: int, operation: str, target: str, detail: str = "") -> NoReturn:
     hint = "needs root (CAP_BPF, CAP_NET_ADMIN)" if code == errno_codes.EPERM else ""
+    if code in BATCH_UNSUPPORTED:
+        hint = "this map type has no batch operations in this kernel"
     raise BpfError(code, operation, target, detail=detail, hint=hint)
 
 
@@ -363,6 +408,11 @@ class MapInfo:
     @property
     def type_name(self) -> str:
         return MAP_TYPE_NAMES[self.type] if self.type < len(MAP_TYPE_NAMES) else str(self.type)
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes one value takes in a syscall: per-CPU maps pass every possible CPU's slot."""
+        return percpu_value_size(self.value_size) if self.percpu else self.value_size
 
     @property
     def percpu(self) -> bool:
@@ -484,6 +534,20 @@ def map_lookup_batch(
     fd: int, key_size: int, value_size: int, batch_entries: int = 4096
 ) -> Iterator[tuple[bytes, bytes]]:
     """Every (key, value), read batch_entries at a time with bpf_map_lookup_batch."""
+    return _read_batches("bpf_map_lookup_batch", fd, key_size, value_size, batch_entries)
+
+
+def map_lookup_and_delete_batch(
+    fd: int, key_size: int, value_size: int, batch_entries: int = 4096
+) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value), each removed as it is read (hash maps only; arrays cannot delete)."""
+    return _read_batches("bpf_map_lookup_and_delete_batch", fd, key_size, value_size,
+                         batch_entries)
+
+
+def _read_batches(
+    func_name: str, fd: int, key_size: int, value_size: int, batch_entries: int
+) -> Iterator[tuple[bytes, bytes]]:
     # The resume token is opaque: a u32 bucket index for hash maps, a key for arrays.
     token_size = max(key_size, 8)
     in_token: ctypes.Array[ctypes.c_char] | None = None
@@ -493,14 +557,14 @@ def map_lookup_batch(
         values = ctypes.create_string_buffer(value_size * batch_entries)
         count = ctypes.c_uint32(batch_entries)
         opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
-        _, err = _call("bpf_map_lookup_batch", fd, in_token, out_token, keys, values,
+        _, err = _call(func_name, fd, in_token, out_token, keys, values,
                        ctypes.byref(count), ctypes.byref(opts))
         if err == errno_codes.ENOSPC and count.value == 0:
             # One hash bucket holds more entries than fit in a batch: retry bigger.
             batch_entries *= 2
             continue
         if err and err != errno_codes.ENOENT:
-            _raise(err, "bpf_map_lookup_batch", _describe_fd(fd, "map"))
+            _raise(err, func_name, _describe_fd(fd, "map"))
         key_bytes, value_bytes = keys.raw, values.raw
         for i in range(count.value):
             yield (key_bytes[i * key_size:(i + 1) * key_size],
@@ -508,6 +572,29 @@ def map_lookup_batch(
         if err == errno_codes.ENOENT:
             return  # ENOENT marks the last batch, which may still carry entries
         in_token = out_token
+
+
+def map_delete_batch(fd: int, keys: bytes, count: int, key_size: int) -> int:
+    """Delete count packed keys in as few syscalls as the map allows; returns how many were
+    there. A key already gone (an LRU map evicts on its own) is skipped, not an error."""
+    if len(keys) != count * key_size:
+        raise ValueError(f"map_delete_batch: {count} keys need {count * key_size} bytes, "
+                         f"got {len(keys)}")
+    buffer = ctypes.create_string_buffer(keys, len(keys))
+    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    deleted = start = 0
+    while start < count:
+        done = ctypes.c_uint32(count - start)
+        _, err = _call("bpf_map_delete_batch", fd, ctypes.byref(buffer, start * key_size),
+                       ctypes.byref(done), ctypes.byref(opts))
+        deleted += done.value
+        start += done.value
+        if err == errno_codes.ENOENT:
+            start += 1  # the kernel stops at the first missing key: step over it
+        elif err:
+            _raise(err, "bpf_map_delete_batch", _describe_fd(fd, "map"),
+                   detail=f"{deleted} of {count} keys deleted")
+    return deleted
 
 
 @functools.cache
@@ -537,7 +624,9 @@ def percpu_lookup(fd: int, key: bytes, value_size: int) -> list[bytes] | None:
 
 
 class MapHandle:
-    """An open map whose key and value sizes come from the kernel, so buffers always fit."""
+    """An open map whose key and value sizes come from the kernel, so buffers always fit.
+    Whole-map reads and deletes use batch syscalls where the kernel has them for the map's
+    type, and fall back to one syscall per key where it has not."""
 
     def __init__(self, fd: int, path: str | None = None) -> None:
         self.fd = fd
@@ -553,32 +642,95 @@ class MapHandle:
             close(fd)
             raise
 
+    @property
+    def key_size(self) -> int:
+        return self.info.key_size
+
+    @property
+    def value_bytes(self) -> int:
+        """One value as syscalls carry it: value_size, or every CPU's padded slot (per-CPU)."""
+        return self.info.value_bytes
+
     def _check(self, what: str, data: bytes, size: int) -> None:
         if len(data) != size:
             raise ValueError(
                 f"map {self.info.name!r}: {what} is {len(data)} bytes, the map's is {size}")
 
     def lookup(self, key: bytes) -> bytes | None:
-        self._check("key", key, self.info.key_size)
-        size = percpu_value_size(self.info.value_size) if self.info.percpu else self.info.value_size
-        return map_lookup(self.fd, key, size)
+        self._check("key", key, self.key_size)
+        return map_lookup(self.fd, key, self.value_bytes)
 
     def lookup_percpu(self, key: bytes) -> list[bytes] | None:
-        self._check("key", key, self.info.key_size)
+        self._check("key", key, self.key_size)
         return percpu_lookup(self.fd, key, self.info.value_size)
 
+    def split_percpu(self, value: bytes) -> list[bytes]:
+        """A per-CPU value as syscalls carry it -> one value per possible CPU."""
+        self._check("value", value, self.value_bytes)
+        slot = (self.info.value_size + 7) // 8 * 8
+        return [value[cpu * slot:cpu * slot + self.info.value_size]
+                for cpu in range(num_possible_cpus())]
+
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-        self._check("key", key, self.info.key_size)
-        size = percpu_value_size(self.info.value_size) if self.info.percpu else self.info.value_size
-        self._check("value", value, size)
+        self._check("key", key, self.key_size)
+        self._check("value", value, self.value_bytes)
         map_update(self.fd, key, value, flags)
 
+    def update_batch(self, keys: bytes, values: bytes, count: int, flags: int = BPF_ANY) -> None:
+        """count packed keys and values in one syscall."""
+        map_update_batch(self.fd, keys, values, count, self.key_size, self.value_bytes, flags)
+
     def delete(self, key: bytes) -> bool:
-        self._check("key", key, self.info.key_size)
+        self._check("key", key, self.key_size)
         return map_delete(self.fd, key)
 
     def keys(self) -> Iterator[bytes]:
-        return map_keys(self.fd, self.info.key_size)
+        return map_keys(self.fd, self.key_size)
+
+    def items(self, batch_entries: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value): one syscall per batch_entries entries where the kernel can."""
+        batches = map_lookup_batch(self.fd, self.key_size, self.value_bytes, batch_entries)
+        try:
+            first = next(batches, None)
+        except BpfError as exc:
+            if exc.errno not in BATCH_UNSUPPORTED:
+                raise
+            yield from self._items_one_by_one()
+            return
+        if first is not None:
+            yield first
+            yield from batches
+
+    def _items_one_by_one(self) -> Iterator[tuple[bytes, bytes]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:  # deleted since the walk
+                yield key, value
+
+    def delete_keys(self, keys: Iterable[bytes]) -> int:
+        """Deletes the keys that are there; returns how many were."""
+        wanted = list(keys)
+        for key in wanted:
+            self._check("key", key, self.key_size)
+        if not wanted:
+            return 0
+        try:
+            return map_delete_batch(self.fd, b"".join(wanted), len(wanted), self.key_size)
+        except BpfError as exc:
+            if exc.errno not in BATCH_UNSUPPORTED:
+                raise
+        return sum(1 for key in wanted if map_delete(self.fd, key))
+
+    def clear(self, batch_entries: int = 4096) -> int:
+        """Deletes every entry of a hash map; returns how many there were."""
+        batches = map_lookup_and_delete_batch(self.fd, self.key_size, self.value_bytes,
+                                              batch_entries)
+        try:
+            return sum(1 for _ in batches)
+        except BpfError as exc:
+            if exc.errno not in BATCH_UNSUPPORTED:
+                raise
+        return self.delete_keys(list(self.keys()))
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,19 +1,23 @@
-"""Opens the balancer's pinned maps (no compile) and reads and writes them through the codecs."""
+"""The balancer's pinned maps: one table of what each holds (key, value, type, size), opened as
+libbpf.MapHandles and read and written through the codecs (no compile, no bcc)."""
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from xdp import codec, libbpf
 from xdp.errors import IncompatibleMapsError, MapFullError, NotAttachedError
+from xdp.libbpf import MapType
 from xdp.limits import DEFAULT_LIMITS, OUTCOMES, PIN_ROOT, Limits
 
-BPF_MAP_TYPES = {"vips": 1, "backends": 2, "rings": 2, "flows": 9, "rnat": 9, "frags": 9,
-                 "stats_vip": 6, "stats_backend": 6, "stats_global": 6}
+if TYPE_CHECKING:  # typing.Self is 3.11+; the project still runs on 3.9
+    from typing_extensions import Self
 
 
 def pin_dir_for(instance: str) -> str:
@@ -21,22 +25,62 @@ def pin_dir_for(instance: str) -> str:
     return os.path.join(PIN_ROOT, instance)
 
 
-def expected_entries(name: str, limits: Limits) -> int:
-    return {
-        "vips": limits.max_vips, "backends": limits.max_backends, "rings": limits.ring_entries,
-        "flows": limits.flow_table_size, "rnat": limits.flow_table_size,
-        "frags": limits.frag_table_size,
-        "stats_vip": limits.max_vips, "stats_backend": limits.max_backends,
-        "stats_global": len(limits.outcomes),
-    }[name]
+@dataclass(frozen=True)
+class MapSpec:
+    """One map as bpf_programs/lb_maps.h declares it. tests/bpf/test_layout.py compares each
+    entry with what clang and the kernel made of the C declaration."""
+
+    key_type: type
+    value_type: type
+    map_type: MapType
+    entries: Callable[[Limits], int]
+
+    def shape(self, limits: Limits) -> MapShape:
+        return MapShape(self.map_type, ctypes.sizeof(self.key_type),
+                        ctypes.sizeof(self.value_type), self.entries(limits))
 
 
-@dataclass
-class PinnedMap:
-    name: str
-    fd: int
+@dataclass(frozen=True)
+class MapShape:
+    """What the kernel knows of a map, and all that must match for this build to use it."""
+
+    map_type: int
     key_size: int
     value_size: int
+    max_entries: int
+
+    @classmethod
+    def of(cls, info: libbpf.MapInfo) -> MapShape:
+        return cls(info.type, info.key_size, info.value_size, info.max_entries)
+
+    def __str__(self) -> str:
+        names = libbpf.MAP_TYPE_NAMES
+        kind = names[self.map_type] if self.map_type < len(names) else f"type {self.map_type}"
+        return (f"{kind}, key {self.key_size} B, value {self.value_size} B, "
+                f"{self.max_entries} entries")
+
+
+# Every map the program pins, by its pin name.
+MAPS: dict[str, MapSpec] = {
+    "vips": MapSpec(codec.VipKey, codec.VipMeta, MapType.HASH, attrgetter("max_vips")),
+    "backends": MapSpec(ctypes.c_uint32, codec.BackendEntry, MapType.ARRAY, attrgetter("max_backends")),
+    # Value: a backend id, or codec.NO_BACKEND.
+    "rings": MapSpec(ctypes.c_uint32, ctypes.c_uint32, MapType.ARRAY, attrgetter("ring_entries")),
+    "flows": MapSpec(codec.FlowKey, codec.NatEntry, MapType.LRU_HASH, attrgetter("flow_table_size")),
+    "rnat": MapSpec(codec.FlowKey, codec.NatEntry, MapType.LRU_HASH, attrgetter("flow_table_size")),
+    "frags": MapSpec(codec.FragKey, codec.FragEntry, MapType.LRU_HASH, attrgetter("frag_table_size")),
+    "stats_vip": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY, attrgetter("max_vips")),
+    "stats_backend": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
+                             attrgetter("max_backends")),
+    "stats_global": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
+                            lambda limits: len(limits.outcomes)),
+}
+
+# The tracking tables, each with the entry type that names its VIP.
+_TRACKING: tuple[tuple[str, type[ctypes.Structure]], ...] = (
+    ("flows", codec.NatEntry), ("rnat", codec.NatEntry), ("frags", codec.FragEntry))
+
+_PURGE_HINT = "hint: 'lbctl detach --all --purge' removes the old maps (and their configuration)"
 
 
 class LbMaps:
@@ -45,73 +89,61 @@ class LbMaps:
     def __init__(self, pin_dir: str, limits: Limits = DEFAULT_LIMITS):
         self.pin_dir = pin_dir
         self.limits = limits
-        self._maps: dict[str, PinnedMap] = {}
+        self._maps: dict[str, libbpf.MapHandle] = {}
         try:
-            for name, (key_type, value_type) in codec.MAP_LAYOUTS.items():
-                self._maps[name] = self._open(name, key_type, value_type)
+            for name, spec in MAPS.items():
+                self._maps[name] = self._open(name, spec)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, name: str, key_type: type, value_type: type) -> PinnedMap:
+    def _open(self, name: str, spec: MapSpec) -> libbpf.MapHandle:
         path = os.path.join(self.pin_dir, name)
         try:
-            fd = libbpf.obj_get(path)
+            handle = libbpf.MapHandle.open(path)
         except libbpf.BpfError as exc:
             if exc.errno == errno.ENOENT and name != "vips" and \
                     os.path.exists(os.path.join(self.pin_dir, "vips")):
                 # The others are there: pinned by an lbctl from before this map existed.
                 raise IncompatibleMapsError(
                     f"pinned maps in {self.pin_dir} have no '{name}' map, which this lbctl "
-                    f"needs (made by an older version); hint: 'lbctl detach --all --purge' "
-                    f"removes the old maps (and their configuration)"
+                    f"needs (made by an older version); {_PURGE_HINT}"
                 ) from exc
             if exc.errno == errno.ENOENT:
                 raise NotAttachedError(
                     f"balancer not set up: no pinned map at {path}; hint: run 'lbctl attach IFACE' first"
                 ) from exc
             raise
-        info = libbpf.map_info(fd)
-        key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
-        want = (BPF_MAP_TYPES[name], key_size, value_size, expected_entries(name, self.limits))
-        got = (info.type, info.key_size, info.value_size, info.max_entries)
+        want, got = spec.shape(self.limits), MapShape.of(handle.info)
         if got != want:
-            libbpf.close(fd)
+            handle.close()
             raise IncompatibleMapsError(
-                f"pinned map {path} has type/key/value/entries {got}, this lbctl expects {want}; "
-                f"hint: 'lbctl detach --all --purge' removes the old maps (and their configuration)"
-            )
-        return PinnedMap(name, fd, key_size, value_size)
+                f"pinned map {path} is {got}; this lbctl expects {want}; {_PURGE_HINT}")
+        return handle
 
     def close(self) -> None:
         for m in self._maps.values():
-            libbpf.close(m.fd)
+            m.close()
         self._maps.clear()
 
-    def __enter__(self) -> LbMaps:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _m(self, name: str) -> PinnedMap:
+    def __getitem__(self, name: str) -> libbpf.MapHandle:
         return self._maps[name]
 
     # -- VIPs -------------------------------------------------------------------------------
     def vips(self) -> dict[codec.Endpoint, codec.VipMeta]:
-        m = self._m("vips")
-        out = {}
-        for key in libbpf.map_keys(m.fd, m.key_size):
-            raw = libbpf.map_lookup(m.fd, key, m.value_size)
-            if raw is not None:
-                out[codec.decode_vip_key(key)] = codec.decode_vip_meta(raw)
-        return out
+        return {codec.decode_vip_key(key): codec.decode_vip_meta(raw)
+                for key, raw in self["vips"].items()}
 
     def put_vip(self, vip: codec.Endpoint, vip_id: int, ring_generation: int, backend_count: int) -> None:
-        m = self._m("vips")
         try:
-            libbpf.map_update(m.fd, codec.encode_vip_key(vip),
-                              codec.encode_vip_meta(vip_id, ring_generation, backend_count))
+            self["vips"].update(codec.encode_vip_key(vip),
+                                codec.encode_vip_meta(vip_id, ring_generation, backend_count))
         except libbpf.BpfError as exc:
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise MapFullError(
@@ -121,28 +153,23 @@ class LbMaps:
             raise
 
     def delete_vip(self, vip: codec.Endpoint) -> bool:
-        m = self._m("vips")
-        return libbpf.map_delete(m.fd, codec.encode_vip_key(vip))
+        return self["vips"].delete(codec.encode_vip_key(vip))
 
     # -- backends ---------------------------------------------------------------------------
     def backends(self) -> list[codec.BackendRecord]:
-        m = self._m("backends")
         out = []
-        # One batch syscall per 4096 entries instead of one lookup per slot.
-        for key, raw in libbpf.map_lookup_batch(m.fd, m.key_size, m.value_size):
+        for key, raw in self["backends"].items():
             rec = codec.decode_backend(int.from_bytes(key, "little"), raw)
             if rec is not None:
                 out.append(rec)
         return out
 
     def put_backend(self, backend_id: int, addr: str, port: int, state: str, vip_id: int, weight: int) -> None:
-        m = self._m("backends")
-        libbpf.map_update(m.fd, codec.encode_u32(backend_id),
-                          codec.encode_backend(addr, port, state, vip_id, weight))
+        self["backends"].update(codec.encode_u32(backend_id),
+                                codec.encode_backend(addr, port, state, vip_id, weight))
 
     def clear_backend(self, backend_id: int) -> None:
-        m = self._m("backends")
-        libbpf.map_update(m.fd, codec.encode_u32(backend_id), codec.EMPTY_BACKEND)
+        self["backends"].update(codec.encode_u32(backend_id), codec.EMPTY_BACKEND)
 
     # -- rings ------------------------------------------------------------------------------
     def ring_base(self, vip_id: int, generation: int) -> int:
@@ -150,49 +177,44 @@ class LbMaps:
 
     def write_ring(self, vip_id: int, generation: int, backend_ids: list[int]) -> None:
         """Writes one whole ring in a single batch syscall."""
-        if len(backend_ids) != self.limits.ring_size:
-            raise ValueError(f"ring has {len(backend_ids)} slots, expected {self.limits.ring_size}")
-        m = self._m("rings")
+        size = self.limits.ring_size
+        if len(backend_ids) != size:
+            raise ValueError(f"ring has {len(backend_ids)} slots, expected {size}")
         base = self.ring_base(vip_id, generation)
-        keys = array("I", range(base, base + self.limits.ring_size)).tobytes()
-        values = array("I", backend_ids).tobytes()
-        libbpf.map_update_batch(m.fd, keys, values, self.limits.ring_size, 4, 4)
+        keys = array("I", range(base, base + size)).tobytes()
+        self["rings"].update_batch(keys, array("I", backend_ids).tobytes(), size)
 
     # -- flows ------------------------------------------------------------------------------
     def flows(self) -> Iterator[codec.FlowRecord]:
-        m = self._m("flows")
-        for key in libbpf.map_keys(m.fd, m.key_size):
-            raw = libbpf.map_lookup(m.fd, key, m.value_size)
-            if raw is not None:
-                yield codec.decode_flow(key, raw)
+        for key, raw in self["flows"].items():
+            yield codec.decode_flow(key, raw)
 
     def forget_flows(self, vip_id: int) -> int:
-        """Deletes one VIP's entries from both flow tables (after the VIP itself is gone, so its
-        reverse entries cannot catch a later connection that reuses a tuple)."""
+        """Deletes one VIP's entries from the tracking tables (after the VIP itself is gone, so
+        its reverse entries cannot catch a later connection that reuses a tuple); returns how
+        many flows it had."""
         removed = 0
-        for name, entry_type in (("flows", codec.NatEntry), ("rnat", codec.NatEntry),
-                                 ("frags", codec.FragEntry)):
-            m = self._m(name)
-            for key in list(libbpf.map_keys(m.fd, m.key_size)):
-                raw = libbpf.map_lookup(m.fd, key, m.value_size)
-                if raw is not None and entry_type.from_buffer_copy(raw).vip_id == vip_id:
-                    if libbpf.map_delete(m.fd, key) and name == "flows":
-                        removed += 1
+        for name, entry_type in _TRACKING:
+            table = self[name]
+            keys = [key for key, raw in table.items()
+                    if entry_type.from_buffer_copy(raw).vip_id == vip_id]  # type: ignore[attr-defined]
+            deleted = table.delete_keys(keys)
+            if name == "flows":
+                removed = deleted
         return removed
 
     def flush_flows(self) -> int:
+        """Empties the tracking tables; returns how many flows there were."""
         removed = 0
-        for name in ("flows", "rnat", "frags"):
-            m = self._m(name)
-            for key in list(libbpf.map_keys(m.fd, m.key_size)):
-                if libbpf.map_delete(m.fd, key) and name == "flows":
-                    removed += 1
+        for name, _ in _TRACKING:
+            deleted = self[name].clear()
+            if name == "flows":
+                removed = deleted
         return removed
 
     # -- counters ---------------------------------------------------------------------------
     def _counters(self, name: str, index: int) -> dict[str, int]:
-        m = self._m(name)
-        return codec.decode_counters(libbpf.percpu_lookup(m.fd, codec.encode_u32(index), m.value_size) or [])
+        return codec.decode_counters(self[name].lookup_percpu(codec.encode_u32(index)) or [])
 
     def vip_counters(self, vip_id: int) -> dict[str, int]:
         return self._counters("stats_vip", vip_id)
@@ -201,11 +223,12 @@ class LbMaps:
         return self._counters("stats_backend", backend_id)
 
     def global_counters(self) -> dict[str, dict[str, int]]:
-        return {name: self._counters("stats_global", i) for i, name in enumerate(OUTCOMES)}
+        table = self["stats_global"]
+        by_index = {int.from_bytes(key, "little"): codec.decode_counters(table.split_percpu(raw))
+                    for key, raw in table.items()}
+        return {name: by_index[i] for i, name in enumerate(OUTCOMES)}
 
     def reset_counters(self, name: str, index: int) -> None:
         """Zeroes one per-CPU entry, e.g. before a reused backend id starts counting again."""
-        m = self._m(name)
-        ncpu = libbpf.num_possible_cpus()
-        stride = (m.value_size + 7) // 8 * 8
-        libbpf.map_update(m.fd, codec.encode_u32(index), bytes(stride * ncpu))
+        table = self[name]
+        table.update(codec.encode_u32(index), bytes(table.value_bytes))

@@ -1,5 +1,7 @@
-"""Proves xdp/codec.py's ctypes mirrors lay out every map key and value exactly as clang did:
-bcc builds each table's Key/Leaf types from clang's own record layout of lb_structs.h."""
+"""Proves the Python side describes the program's maps as the C side made them: xdp/codec.py's
+ctypes mirrors lay out every key and value exactly as clang did (bcc builds each table's
+Key/Leaf types from clang's own record layout of lb_structs.h), xdp/maps.py's table has each
+map's type and size, and the ring index is computed alike."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from xdp import codec, libbpf
-from xdp.limits import Limits
+from xdp import libbpf
+from xdp.limits import DEFAULT_LIMITS, Limits
+from xdp.maps import MAPS, MapShape
 from xdp.program import LoadedProgram, render_consts
 
 pytestmark = pytest.mark.skipif(
@@ -39,17 +42,24 @@ def _clang_types(table: Any) -> tuple[Any, Any]:
     return table.Key, getattr(table, "sLeaf", table.Leaf)
 
 
-@pytest.mark.parametrize("map_name", sorted(codec.MAP_LAYOUTS))
+@pytest.mark.parametrize("map_name", sorted(MAPS))
 def test_codec_mirror_matches_clang_layout(lb_program: LoadedProgram, map_name: str) -> None:
-    key_type, value_type = codec.MAP_LAYOUTS[map_name]
+    spec = MAPS[map_name]
     clang_key, clang_value = _clang_types(lb_program.bpf[map_name.encode()])  # type: ignore[index]
 
-    assert _layout(key_type) == _layout(clang_key), f"{map_name} key"
-    assert _layout(value_type) == _layout(clang_value), f"{map_name} value"
+    assert _layout(spec.key_type) == _layout(clang_key), f"{map_name} key"
+    assert _layout(spec.value_type) == _layout(clang_value), f"{map_name} value"
+
+
+@pytest.mark.parametrize("map_name", sorted(MAPS))
+def test_map_table_has_the_type_and_size_the_program_declared(lb_program: LoadedProgram,
+                                                               map_name: str) -> None:
+    fd = lb_program.bpf[map_name.encode()].map_fd  # type: ignore[index]
+    assert MapShape.of(libbpf.map_info(fd)) == MAPS[map_name].shape(DEFAULT_LIMITS)
 
 
 def test_every_map_the_program_pins_has_a_mirror(lb_program: LoadedProgram) -> None:
-    assert set(os.listdir(lb_program.pin_dir)) == set(codec.MAP_LAYOUTS)
+    assert set(os.listdir(lb_program.pin_dir)) == set(MAPS)
 
 
 def test_pinned_maps_of_another_build_are_refused_before_loading() -> None:

@@ -393,3 +393,100 @@ def test_xdp_query_of_a_missing_interface_is_enodev(inside_netns: str) -> None:
     with pytest.raises(libbpf.BpfError) as caught:
         libbpf.xdp_query(999_999)
     assert caught.value.errno == errno.ENODEV
+
+
+# --- MapHandle: whole-map reads and deletes (batch syscalls, or one per key) ---
+
+BATCH_PROGRAM = b"""
+BPF_TABLE("lru_hash", u32, u64, lru_flows, 20000);
+BPF_PERCPU_ARRAY(percpu_slots, u64, 8);
+BPF_DEVMAP(ports, 4);
+"""
+
+
+@pytest.fixture(scope="module")
+def batch_maps() -> Iterator[Any]:
+    from bcc import BPF
+
+    program = BPF(text=BATCH_PROGRAM)
+    try:
+        yield program
+    finally:
+        program.cleanup()
+
+
+def _handle(batch_maps: Any, name: bytes) -> libbpf.MapHandle:
+    return libbpf.MapHandle(os.dup(batch_maps[name].map_fd))
+
+
+@pytest.fixture
+def lru(batch_maps: Any) -> Iterator[libbpf.MapHandle]:
+    with _handle(batch_maps, b"lru_flows") as handle:
+        try:
+            yield handle
+        finally:
+            for key in list(handle.keys()):
+                handle.delete(key)
+
+
+def _fill(handle: libbpf.MapHandle, count: int) -> dict[bytes, bytes]:
+    entries = {u32(k * 7 + 1): u64(k * 1000) for k in range(count)}
+    handle.update_batch(b"".join(entries), b"".join(entries.values()), count)
+    return entries
+
+
+def test_items_reads_every_entry_across_many_batches(lru: libbpf.MapHandle) -> None:
+    entries = _fill(lru, 3000)
+    read = list(lru.items(batch_entries=64))
+    assert len(read) == 3000 and dict(read) == entries
+
+
+def test_delete_keys_deletes_those_present_and_steps_over_missing_ones(lru: libbpf.MapHandle) -> None:
+    entries = _fill(lru, 100)
+    present = list(entries)[:50]
+    missing = [u32(k * 7 + 2) for k in range(10)]  # never written: the kernel stops at each
+    # Missing keys between present ones, and at the end keys deleted earlier in this call.
+    mixed = [key for pair in zip(present[:10], missing) for key in pair] + present[10:] + present[:5]
+
+    assert lru.delete_keys(mixed) == 50
+
+    assert dict(lru.items()) == {k: v for k, v in entries.items() if k not in present}
+    assert lru.delete_keys([]) == 0
+
+
+def test_clear_empties_a_hash_map_and_counts_what_it_held(lru: libbpf.MapHandle) -> None:
+    _fill(lru, 2500)
+    assert lru.clear(batch_entries=128) == 2500
+    assert list(lru.items()) == []
+    assert lru.clear() == 0
+
+
+def test_percpu_values_are_every_cpus_slot_and_split_per_cpu(batch_maps: Any) -> None:
+    cpus = libbpf.num_possible_cpus()
+    with _handle(batch_maps, b"percpu_slots") as slots:
+        assert slots.value_bytes == 8 * cpus
+        slots.update(u32(3), b"".join(u64(10 + cpu) for cpu in range(cpus)))
+        with pytest.raises(ValueError, match=f"value is 8 bytes, the map's is {8 * cpus}"):
+            slots.update(u32(3), u64(1))
+
+        read = dict(slots.items())
+
+        assert len(read) == 8
+        assert slots.split_percpu(read[u32(3)]) == [u64(10 + cpu) for cpu in range(cpus)]
+        assert slots.split_percpu(read[u32(2)]) == [u64(0)] * cpus
+
+
+def test_a_map_type_without_batch_operations_is_read_and_deleted_key_by_key(batch_maps: Any) -> None:
+    with _handle(batch_maps, b"ports") as ports:
+        with pytest.raises(libbpf.BpfError) as caught:
+            list(libbpf.map_lookup_batch(ports.fd, ports.key_size, ports.value_bytes))
+        assert caught.value.errno in libbpf.BATCH_UNSUPPORTED
+        assert "no batch operations" in str(caught.value)
+        loopback = u32(socket.if_nametoindex("lo"))
+        ports.update(u32(0), loopback)
+        ports.update(u32(2), loopback)
+
+        assert dict(ports.items()) == {u32(0): loopback, u32(2): loopback}
+
+        assert ports.delete_keys([u32(0), u32(2)]) == 2
+        assert list(ports.items()) == []
