@@ -51,7 +51,6 @@ from lbctl.lab import Lab, LabError
 # starts in the lab's namespaces must run this code, installed or from a checkout.
 IMPORT_ROOT = Path(lbctl.__file__).resolve().parent.parent
 RUN_ROOT = Path("/run/lbctl/bench")
-BPF_PIN_ROOT = Path("/sys/fs/bpf/lbctl")
 NETNS_DIR = Path("/run/netns")
 
 
@@ -504,7 +503,7 @@ class PeerBench:
         BPF_PROG_TEST_RUN figure."""
         from xdp import libbpf
 
-        pin = BPF_PIN_ROOT / self.lab.lb.netns / "prog"
+        pin = self.lab.bpf_pin_dir / "prog"
         out: dict[str, Any] = {}
         fd = libbpf.obj_get(str(pin))
         try:
