@@ -1,0 +1,195 @@
+"""The config file: what loads, what each broken file says (file, line, field, hint), and the
+export format loading back to the same state."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from lbctl.config import DesiredState, HealthSpec, dump, load_file, load_text
+from lbctl.errors import ConfigError
+from lbctl.model import BackendSpec
+from xdp.codec import Endpoint
+
+GOOD = """\
+interfaces: [eth0, eth1]
+xdp_mode: generic
+vips:
+  - vip: 10.0.0.10:80
+    proto: tcp
+    mode: l4
+    forwarding: nat
+    affinity: flow
+    health: {check: http, path: /healthz, expect: 200-399, interval: 1s, timeout: 500ms, rise: 2, fall: 2}
+    backends:
+      - {addr: 10.0.1.11:8080, weight: 1, state: active}
+      - addr: 10.0.1.12:8080
+        weight: 3
+        state: drain
+  - vip: 10.0.0.10:53
+    proto: udp
+    backends:
+      - addr: 10.0.1.11:53
+"""
+
+KNOWN_IFACES = {"eth0", "eth1"}
+
+
+def load(text: str) -> DesiredState:
+    return load_text(textwrap.dedent(text), "lb.yaml", lambda name: name in KNOWN_IFACES)
+
+
+def refused(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    message = str(info.value)
+    assert "\n" not in message, "an error is one line"
+    assert "hint: " in message
+    return message
+
+
+def test_the_contract_example_loads_with_every_key():
+    state = load(GOOD)
+    assert state.interfaces == ("eth0", "eth1") and state.xdp_mode == "generic"
+    web = state.vips[Endpoint("10.0.0.10", 80, "tcp")]
+    assert web.spec.backends == (BackendSpec("10.0.1.11", 8080, 1, "active"),
+                                 BackendSpec("10.0.1.12", 8080, 3, "drain"))
+    assert web.health == HealthSpec("http", "/healthz", (200, 399), 1000, 500, 2, 2)
+    dns = state.vips[Endpoint("10.0.0.10", 53, "udp")]
+    assert dns.health is None and dns.spec.backends == (BackendSpec("10.0.1.11", 53),)
+
+
+def test_defaults_proto_tcp_weight_1_state_active_mode_native():
+    state = load("vips: [{vip: 10.0.0.10:80, backends: [{addr: 10.0.1.11:80}]}]")
+    assert state.xdp_mode == "native" and state.interfaces == ()
+    (entry,) = state.vips.values()
+    assert entry.spec.vip.proto == "tcp"
+    assert entry.spec.backends == (BackendSpec("10.0.1.11", 80, 1, "active"),)
+
+
+def test_an_empty_file_is_an_empty_state():
+    assert load("").vips == {}
+
+
+def test_bad_yaml_names_the_line():
+    msg = refused("vips:\n  - vip: 10.0.0.10:80\n   backends: []\n")
+    assert msg.startswith("lb.yaml:3: not valid YAML")
+
+
+def test_unknown_key_is_an_error_not_ignored():
+    msg = refused(GOOD.replace("        weight: 3", "        wieght: 3"))
+    assert msg.startswith("lb.yaml:13: vips[0].backends[1].wieght: unknown key 'wieght'")
+
+
+def test_unknown_top_level_key():
+    msg = refused(GOOD + "bgpp: {}\n")
+    assert msg.startswith("lb.yaml:19: bgpp: unknown key")
+
+
+def test_bad_vip_address():
+    msg = refused(GOOD.replace("10.0.0.10:80", "10.0.0.300:80"))
+    assert msg.startswith("lb.yaml:4: vips[0].vip: malformed VIP '10.0.0.300:80'")
+
+
+def test_bad_backend_port():
+    msg = refused(GOOD.replace("10.0.1.12:8080", "10.0.1.12:80800"))
+    assert msg.startswith("lb.yaml:12: vips[0].backends[1].addr: malformed backend")
+
+
+def test_duplicate_vip_same_proto():
+    msg = refused(GOOD.replace("10.0.0.10:53\n    proto: udp", "10.0.0.10:80\n    proto: tcp"))
+    assert msg.startswith("lb.yaml:15: vips[1].vip: duplicate VIP 10.0.0.10:80 (tcp), also vips[0]")
+
+
+def test_same_address_and_port_in_two_protocols_is_two_vips():
+    state = load(GOOD.replace("10.0.0.10:53", "10.0.0.10:80"))
+    assert len(state.vips) == 2
+
+
+def test_duplicate_backend():
+    msg = refused(GOOD.replace("10.0.1.12:8080", "10.0.1.11:8080"))
+    assert msg.startswith("lb.yaml:12: vips[0].backends[1].addr: duplicate backend 10.0.1.11:8080")
+
+
+@pytest.mark.parametrize("weight", [0, 1001, -1])
+def test_weight_out_of_range(weight: int):
+    msg = refused(GOOD.replace("weight: 3", f"weight: {weight}"))
+    assert msg.startswith(f"lb.yaml:13: vips[0].backends[1].weight: {weight} is out of range")
+    assert "1-1000" in msg
+
+
+def test_weight_as_a_string_is_refused():
+    msg = refused(GOOD.replace("weight: 3", "weight: '3'"))
+    assert msg.startswith("lb.yaml:13: vips[0].backends[1].weight: '3' is the wrong type")
+
+
+def test_unknown_interface():
+    msg = refused(GOOD.replace("[eth0, eth1]", "[eth0, eth9]"))
+    assert msg.startswith("lb.yaml:1: interfaces[1]: unknown interface 'eth9'")
+
+
+@pytest.mark.parametrize("interval, says", [("0s", "must be more than 0"), ("0", "has no unit"),
+                                            ("1h", "is not a duration")])
+def test_interval_zero_or_unitless(interval: str, says: str):
+    msg = refused(GOOD.replace("interval: 1s", f"interval: {interval}"))
+    assert msg.startswith("lb.yaml:9: vips[0].health.interval: ") and says in msg
+
+
+def test_unknown_state():
+    msg = refused(GOOD.replace("state: drain", "state: sleeping"))
+    assert msg.startswith("lb.yaml:14: vips[0].backends[1].state: 'sleeping' is not one of")
+
+
+def test_missing_vip_key():
+    msg = refused("vips:\n  - proto: tcp\n    backends: []\n")
+    assert msg.startswith("lb.yaml:2: vips[0].vip: required key missing; hint: add 'vip'")
+
+
+@pytest.mark.parametrize("key, value", [("mode", "l7"), ("forwarding", "dsr"), ("forwarding", "fullnat"),
+                                        ("affinity", "client")])
+def test_planned_values_are_refused_as_not_supported_yet(key: str, value: str):
+    base = {"mode": "l4", "forwarding": "nat", "affinity": "flow"}[key]
+    msg = refused(GOOD.replace(f"{key}: {base}", f"{key}: {value}"))
+    assert f"vips[0].{key}: {key} '{value}' is not supported yet" in msg
+
+
+def test_unknown_mode_value():
+    msg = refused(GOOD.replace("mode: l4", "mode: l3"))
+    assert "unknown mode 'l3'" in msg
+
+
+def test_http_keys_on_a_tcp_check():
+    msg = refused(GOOD.replace("check: http", "check: tcp"))
+    assert msg.startswith("lb.yaml:9: vips[0].health: 'path' is for http checks only")
+
+
+@pytest.mark.parametrize("expect", ["99", "200-100", "abc", "2xx"])
+def test_bad_expect(expect: str):
+    msg = refused(GOOD.replace("expect: 200-399", f"expect: '{expect}'"))
+    assert "vips[0].health.expect" in msg
+
+
+def test_a_key_written_twice_is_refused():
+    msg = refused(GOOD.replace("        weight: 3\n", "        weight: 3\n        weight: 4\n"))
+    assert msg.startswith("lb.yaml:14: vips[0].backends[1].weight: key written twice (first on line 13)")
+
+
+def test_backend_that_is_the_vip():
+    msg = refused("vips: [{vip: 10.0.0.10:80, backends: [{addr: 10.0.0.10:80}]}]")
+    assert "is the VIP itself" in msg
+
+
+def test_not_a_mapping():
+    assert refused("- a\n- b\n").startswith("lb.yaml:1: (top): the document is a list")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_file(str(tmp_path / "nope.yaml"))
+
+
+def test_dump_loads_back_to_the_same_state():
+    state = load(GOOD)
+    again = load(dump(list(state.interfaces), state.xdp_mode, state.vips))
+    assert again.vips == state.vips
+    assert (again.interfaces, again.xdp_mode) == (state.interfaces, state.xdp_mode)
