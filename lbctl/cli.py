@@ -374,6 +374,40 @@ def backend_list(obj: Context, vip_addr: HostPort | None, proto: str, as_json: b
                        ("BYTES", "bytes"), ("FLOWS", "new_flows")], "no backends")
 
 
+# -- the config file ------------------------------------------------------------------------
+@main.command("apply", epilog=examples(
+    "lbctl apply -f /etc/lbctl/lbctl.yaml --dry-run   # what would change, ring share moved, flows touched",
+    "lbctl apply -f /etc/lbctl/lbctl.yaml             # attach, then change the maps in one step",
+    "lbctl -n lbl-lb apply -f lab.yaml                # inside the lab's balancer namespace",
+))
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False),
+              help="the config file (YAML): the whole desired state")
+@click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
+@click.pass_obj
+def apply_cmd(obj: Context, path: str, dry_run: bool) -> None:
+    """Make the balancer hold what FILE says: interfaces, VIPs, backends (all or nothing)."""
+    from lbctl.apply import apply_state
+    from lbctl.config import load_file
+
+    result = apply_state(obj.controller, load_file(path), dry_run)
+    for line in result.describe():
+        click.echo(line)
+    if dry_run and not result.empty:
+        click.echo("(dry run: nothing changed)")
+
+
+@main.command("export", epilog=examples(
+    "lbctl export > lbctl.yaml                        # the live state as a file",
+    "lbctl export | lbctl apply -f /dev/stdin --dry-run   # a round trip: no changes",
+))
+@click.pass_obj
+def export_cmd(obj: Context) -> None:
+    """Print the live state (interfaces, VIPs, backends) as a file that `lbctl apply` accepts."""
+    from lbctl.apply import export_text
+
+    click.echo(export_text(obj.controller), nl=False)
+
+
 # -- stats and flows ------------------------------------------------------------------------
 @main.command(epilog=examples("lbctl stats", "lbctl stats --json", "lbctl stats --watch   # every second"))
 @json_option

@@ -1,0 +1,157 @@
+"""`lbctl apply` and `lbctl export`: a whole config file against the running balancer, through
+the same planner as the map commands (attach what the file lists, then one plan for the maps,
+with the ring share moved and the live flows touched per VIP); and the live state as a file."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from lbctl import planner
+from lbctl.config import DesiredState, VipEntry, dump
+from lbctl.control import Controller
+from lbctl.model import Config, VipSpec
+from xdp.balancer import require_root
+from xdp.codec import Endpoint
+from xdp.errors import NotAttachedError
+from xdp.limits import Limits
+
+
+@dataclass
+class ApplyResult:
+    plan: planner.Plan
+    attach: list[str]                      # interfaces the file adds (or switches mode on)
+    left_attached: list[str]               # attached here, not in the file: left alone
+    xdp_mode: str
+    flows_touched: dict[Endpoint, int] = field(default_factory=dict)
+    applied: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self.plan.empty and not self.attach
+
+    def describe(self) -> list[str]:
+        lines = [f"+ attach {name} ({self.xdp_mode})" for name in self.attach]
+        if not self.plan.empty:
+            for change in self.plan.changes:
+                lines.extend(change.describe())
+                touched = self.flows_touched.get(change.vip, 0)
+                if touched:
+                    what = "are forgotten" if change.action == "delete" else "are on backends that leave the ring"
+                    lines.append(f"  flows: {touched} live flows {what}")
+        if not lines:
+            lines.append("no changes")
+        lines.extend(f"note: {name} is attached but not in the file; left attached "
+                     f"('lbctl detach {name}' removes it)" for name in self.left_attached)
+        return lines
+
+
+def _flow_timeouts_ns(limits: Limits) -> dict[str, int]:
+    s = 1_000_000_000
+    return {"syn": limits.tcp_syn_timeout_s * s, "established": limits.tcp_established_timeout_s * s,
+            "closing": limits.tcp_closing_timeout_s * s, "udp": limits.udp_timeout_s * s}
+
+
+def leaving_ids(change: planner.VipChange, live: planner.LiveState) -> set[int]:
+    """Backend ids whose flows the change touches: a deleted VIP's, and those of backends
+    that are removed or leave the ring (drain, down)."""
+    if change.action == "add" or change.old is None:
+        return set()
+    ids = live[change.vip].backend_ids
+    if change.action == "delete" or change.new is None:
+        return set(ids.values())
+    out = set()
+    for b in change.old.backends:
+        new = change.new.backend(b.name)
+        if new is None or (b.in_ring and not new.in_ring) or (new.state == "down" and b.state != "down"):
+            out.add(ids[b.name])
+    return out
+
+
+def count_flows_touched(the_plan: planner.Plan, live: planner.LiveState, maps, limits: Limits) -> dict[Endpoint, int]:
+    """Live (not timed out) tracked flows per VIP that the plan touches."""
+    by_vip = {c.vip: (live[c.vip].vip_id, leaving_ids(c, live)) for c in the_plan.changes if c.vip in live}
+    wanted = {vip_id: (vip, ids) for vip, (vip_id, ids) in by_vip.items() if ids}
+    counts: dict[Endpoint, int] = {}
+    if not wanted:
+        return counts
+    timeouts = _flow_timeouts_ns(limits)
+    now = time.monotonic_ns()   # the data plane stamps flows with bpf_ktime_get_ns, CLOCK_MONOTONIC
+    for rec in maps.flows():
+        hit = wanted.get(rec.vip_id)
+        if hit is None or rec.backend_id not in hit[1]:
+            continue
+        if now - rec.last_seen_ns > timeouts.get(rec.state, timeouts["established"]):
+            continue
+        counts[hit[0]] = counts.get(hit[0], 0) + 1
+    return counts
+
+
+def _maps_exist(controller: Controller) -> bool:
+    return os.path.exists(os.path.join(controller.balancer.pin_dir, "vips"))
+
+
+def apply_config(controller: Controller, desired: Config, interfaces: tuple[str, ...], xdp_mode: str,
+                 dry_run: bool = False, count_flows: bool = True) -> ApplyResult:
+    """Brings the balancer to `desired`: attaches the listed interfaces, then plans and writes
+    the maps in one step. Everything is checked (ids, map room) before the first write."""
+    require_root()
+    bal = controller.balancer
+    # The same lock as the map commands: an apply never interleaves with them.
+    with controller._locked():
+        current = {a.ifname: a for a in bal.attachments()}
+        to_attach = [n for n in interfaces if n not in current or current[n].mode != xdp_mode]
+        left = [n for n in current if n not in interfaces]
+        if not interfaces and not current and not _maps_exist(controller):
+            raise NotAttachedError("the file lists no interfaces and the balancer is not attached here; "
+                                   "hint: add 'interfaces: [IFACE, ...]' to the file, or run 'lbctl attach'")
+        live: planner.LiveState = {}
+        if _maps_exist(controller):
+            with bal.maps() as maps:
+                live = planner.read_live(maps)
+                the_plan = planner.plan(live, desired, controller.limits, controller.maglev_seed)
+                touched = count_flows_touched(the_plan, live, maps, controller.limits) if count_flows else {}
+        else:
+            # Fresh host (after a boot): plan against empty maps, so a file that cannot fit
+            # is refused before anything is compiled or attached.
+            the_plan = planner.plan({}, desired, controller.limits, controller.maglev_seed)
+            touched = {}
+        result = ApplyResult(the_plan, to_attach, left, xdp_mode, touched)
+        if dry_run or result.empty:
+            return result
+        if to_attach:
+            try:
+                bal.attach(list(to_attach), xdp_mode)
+            finally:
+                bal.close()
+        with bal.maps() as maps:
+            if not the_plan.empty:
+                # Re-read under the same lock: attach may just have created the maps.
+                live = planner.read_live(maps)
+                the_plan = planner.plan(live, desired, controller.limits, controller.maglev_seed)
+                planner.apply(the_plan, live, maps)
+        result.plan = the_plan
+        result.applied = True
+        return result
+
+
+def apply_state(controller: Controller, state: DesiredState, dry_run: bool = False) -> ApplyResult:
+    return apply_config(controller, state.config(), state.interfaces, state.xdp_mode, dry_run)
+
+
+def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, VipEntry]]:
+    """What the balancer runs: attached interfaces, their mode, and the VIPs the maps hold."""
+    require_root()
+    attachments = controller.balancer.attachments()
+    modes = sorted({a.mode for a in attachments})
+    vips: dict[Endpoint, VipEntry] = {}
+    if _maps_exist(controller):
+        with controller.balancer.maps() as maps:
+            for vip, lv in planner.read_live(maps).items():
+                vips[vip] = VipEntry(VipSpec(vip, lv.spec.backends), None)
+    return [a.ifname for a in attachments], modes[0] if modes else "native", vips
+
+
+def export_text(controller: Controller) -> str:
+    interfaces, mode, vips = live_state(controller)
+    return dump(interfaces, mode, vips)
