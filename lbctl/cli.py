@@ -250,6 +250,10 @@ def status(obj: Context, as_json: bool) -> None:
     click.echo(f"maps      {st['pin_dir'] if st['maps'] else 'none'}")
     click.echo(f"vips      {st['vips']}")
     click.echo(f"backends  {st['backends']}")
+    agent = st.get("agent")
+    click.echo(f"agent     {'pid ' + str(agent['pid']) + ', ' + agent['config'] if agent else 'not running'}")
+    if agent and agent["all_failing"]:
+        click.echo(f"WARNING   every backend fails its checks, last healthy set kept: {', '.join(agent['all_failing'])}")
     click.echo("")
     print_table(st["attached"], [("IFACE", "ifname"), ("MODE", "mode"), ("PROG", "prog_id")],
                 "not attached to any interface")
@@ -370,7 +374,7 @@ def backend_list(obj: Context, vip_addr: HostPort | None, proto: str, as_json: b
         echo_json(rows)
         return
     print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("BACKEND", "backend"), ("WEIGHT", "weight"),
-                       ("STATE", "state"), ("SHARE", "ring_share"), ("PACKETS", "packets"),
+                       ("STATE", "state"), ("HEALTH", "health"), ("SHARE", "ring_share"), ("PACKETS", "packets"),
                        ("BYTES", "bytes"), ("FLOWS", "new_flows")], "no backends")
 
 
@@ -406,6 +410,31 @@ def export_cmd(obj: Context) -> None:
     from lbctl.apply import export_text
 
     click.echo(export_text(obj.controller), nl=False)
+
+
+@main.command("agent", epilog=examples(
+    "lbctl agent -f /etc/lbctl/lbctl.yaml                      # foreground; systemd runs it so",
+    "lbctl -n lbl-lb agent -f lab.yaml --metrics-addr 127.0.0.1:9811   # inside a namespace",
+    "kill -HUP $(pidof -s lbctl)                               # re-read the file, apply the difference",
+))
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False),
+              help="the config file (YAML): the whole desired state")
+@click.option("--metrics-addr", default="127.0.0.1:9810", show_default=True,
+              help="ADDR:PORT for Prometheus /metrics (localhost by default)")
+@click.option("--detach-on-exit", is_flag=True,
+              help="detach from every interface when stopped (default: keep forwarding)")
+@click.pass_obj
+def agent_cmd(obj: Context, path: str, metrics_addr: str, detach_on_exit: bool) -> None:
+    """Run the balancer from FILE: attach and apply, health checks, metrics, SIGHUP re-reads.
+
+    SIGTERM stops the agent and leaves the data plane forwarding on the last applied state;
+    a restarted agent finds the maps equal to the file and moves nothing."""
+    from lbctl.agent import Agent, setup_logging
+    from lbctl.metrics import parse_listen
+
+    parsed(parse_listen, metrics_addr)
+    setup_logging()
+    sys.exit(Agent(obj.controller, path, metrics_addr, detach_on_exit, __version__).run())
 
 
 # -- stats and flows ------------------------------------------------------------------------

@@ -140,7 +140,7 @@ class Controller:
                                 "port": b.port, "weight": b.weight, "state": b.state, "backend_id": bid,
                                 "ring_share": (b.weight / total_weight) if b.in_ring else 0.0,
                                 **maps.backend_counters(bid)})
-            return out
+        return _with_agent_health(self.instance, out)
 
     # -- data plane -------------------------------------------------------------------------
     def attach(self, ifnames: list[str], mode: str) -> list[Attachment]:
@@ -167,6 +167,11 @@ class Controller:
                 live = planner.read_live(maps)
                 out["vips"] = len(live)
                 out["backends"] = sum(len(lv.spec.backends) for lv in live.values())
+        from lbctl.agent import read_published  # noqa: PLC0415
+
+        agent = read_published(self.instance)
+        out["agent"] = None if agent is None else {k: agent.get(k) for k in ("pid", "config", "metrics_addr",
+                                                                             "all_failing")}
         return out
 
     def stats(self) -> dict:
@@ -200,6 +205,18 @@ class Controller:
         require_root()
         with self._locked(), self.balancer.maps() as maps:
             return maps.flush_flows()
+
+
+def _with_agent_health(instance: str, rows: list[dict]) -> list[dict]:
+    """Adds the agent's health view (up, down, unchecked; '-' when no agent runs)."""
+    from lbctl.agent import health_by_backend  # noqa: PLC0415
+
+    health = health_by_backend(instance)
+    for row in rows:
+        h = health.get((row["vip"], row["proto"], row["backend"]))
+        row["health"] = h["health"] if h else "-"
+        row["last_check"] = h["last_check"] if h else None
+    return rows
 
 
 def _need_vip(config: Config, vip: Endpoint) -> VipSpec:

@@ -1,0 +1,392 @@
+"""`lbctl agent`: the long-running daemon of one instance. Attaches and applies the config file,
+runs health checks and moves failing backends out of the rings, serves Prometheus metrics,
+re-reads the file on SIGHUP, and leaves the data plane forwarding when it stops."""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from lbctl import planner
+from lbctl.apply import apply_config
+from lbctl.config import DesiredState, HealthSpec, load_file
+from lbctl.control import LOCK_DIR, Controller
+from lbctl.errors import ConflictError
+from lbctl.health import BackendHealth, CheckResult, HealthChecker
+from lbctl.metrics import AgentView, BackendHealthView, LbCollector, MetricsServer
+from lbctl.model import Config, VipSpec
+from xdp.codec import Endpoint
+from xdp.errors import XdpError
+
+log = logging.getLogger("lbctl.agent")
+
+STATE_FILE = "agent.json"
+LOCK_FILE = "agent.lock"
+# How often the state file is refreshed with the latest check results (transitions and
+# applies are written at once).
+PUBLISH_INTERVAL_S = 2.0
+
+HealthKey = tuple[Endpoint, str]          # (VIP, backend name)
+
+
+def state_dir(instance: str) -> str:
+    """/run/lbctl/<instance>/: the agent's lock and the health it publishes (tmpfs: a boot
+    clears it, as it clears the maps)."""
+    return os.path.join(LOCK_DIR, instance)
+
+
+def read_published(instance: str) -> dict[str, Any] | None:
+    """What a running agent of this instance publishes, or None when no agent runs."""
+    path = os.path.join(state_dir(instance), STATE_FILE)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    pid = data.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return None
+    return data
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def health_by_backend(instance: str) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(vip 'addr:port', proto, backend 'addr:port') -> the agent's view of it; {} without an agent."""
+    data = read_published(instance)
+    if data is None:
+        return {}
+    return {(b["vip"], b["proto"], b["backend"]): b for b in data.get("backends", [])}
+
+
+class Agent:
+    def __init__(self, controller: Controller, config_path: str, metrics_addr: str,
+                 detach_on_exit: bool = False, version: str = "0"):
+        self.controller = controller
+        self.instance = controller.instance
+        self.config_path = config_path
+        self.metrics_addr = metrics_addr
+        self.detach_on_exit = detach_on_exit
+        self.version = version
+        self.state: DesiredState | None = None
+        self.checker = HealthChecker(self._on_transition, self._on_result)
+        self.last_in_ring: dict[Endpoint, set[str]] = {}
+        self.all_failing: set[Endpoint] = set()
+        self.view = AgentView(config_path=os.path.abspath(config_path))
+        self._view_lock = threading.Lock()
+        self._dirty: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._apply_lock: asyncio.Lock | None = None
+        self._lock_fd: int | None = None
+        self._publish_due = False
+
+    # -- life cycle -------------------------------------------------------------------------
+    def run(self) -> int:
+        """Runs in the foreground until SIGTERM/SIGINT; returns the exit status."""
+        self._take_instance_lock()
+        try:
+            state = load_file(self.config_path)
+            log.info("lbctl agent %s starting for instance '%s' with %s (%d VIPs)", self.version,
+                     self.instance, self.config_path, len(state.vips))
+            return asyncio.run(self._main(state))
+        finally:
+            self._remove_published()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+
+    def _take_instance_lock(self) -> None:
+        os.makedirs(state_dir(self.instance), exist_ok=True)
+        fd = os.open(os.path.join(state_dir(self.instance), LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = read_published(self.instance)
+            pid = f" (pid {other['pid']})" if other else ""
+            raise ConflictError(f"an agent already runs for instance '{self.instance}'{pid}; hint: "
+                                "send it SIGHUP to re-read its file, or stop it first") from None
+        self._lock_fd = fd
+
+    async def _main(self, state: DesiredState) -> int:
+        loop = asyncio.get_running_loop()
+        self._dirty, self._stop, self._apply_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
+        self.state = state
+        initially_down = self._drained_by_checks(state)
+        if initially_down:
+            log.info("%d backends were out of the ring by a previous agent's checks; they rejoin "
+                     "after passing 'rise' checks", len(initially_down))
+        self.checker.sync(self._targets(state), initially_down)
+        # The first apply attaches and fills the maps; failing here stops the agent (exit code
+        # of the error), before any metrics port or signal handler exists.
+        await self._apply(reason="start", raise_errors=True)
+        collector = LbCollector(self.instance, self.controller.balancer.pin_dir, self.controller.limits,
+                                self._snapshot, self.version)
+        metrics = MetricsServer(self.metrics_addr, collector)
+        metrics.start()
+        log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
+        with self._view_lock:
+            self.view.last_reload_ok = time.time()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
+        workers = [loop.create_task(self._reconciler()), loop.create_task(self._publisher())]
+        self._publish()
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await self.checker.stop()
+            metrics.stop()
+        if self.detach_on_exit:
+            done = self.controller.detach(None)
+            log.info("stopped; detached from %s (--detach-on-exit); the maps stay pinned",
+                     ", ".join(a.ifname for a in done) or "nothing")
+        else:
+            log.info("stopped; the data plane keeps forwarding on the last applied state")
+        return 0
+
+    # -- desired state: the file, less the backends failing their checks -------------------
+    @staticmethod
+    def _checked(health: HealthSpec | None) -> bool:
+        return health is not None and health.check != "none"
+
+    def _targets(self, state: DesiredState) -> dict[HealthKey, tuple[HealthSpec, str, int]]:
+        out: dict[HealthKey, tuple[HealthSpec, str, int]] = {}
+        for vip, entry in state.vips.items():
+            if entry.health is not None and self._checked(entry.health):
+                for b in entry.spec.backends:
+                    out[(vip, b.name)] = (entry.health, b.addr, b.port)
+        return out
+
+    def _drained_by_checks(self, state: DesiredState) -> set[HealthKey]:
+        """Backends the file wants active but the maps hold drained: a previous agent's checks
+        took them out. They start down, so a restart moves nothing."""
+        pin = self.controller.balancer.pin_dir
+        if not os.path.exists(os.path.join(pin, "vips")):
+            return set()
+        with self.controller.balancer.maps() as maps:
+            live = planner.read_live(maps)
+        out = set()
+        for vip, entry in state.vips.items():
+            lv = live.get(vip)
+            if lv is None or not self._checked(entry.health):
+                continue
+            for b in entry.spec.backends:
+                have = lv.spec.backend(b.name)
+                if b.state == "active" and have is not None and have.state == "drain":
+                    out.add((vip, b.name))
+        return out
+
+    def effective(self) -> Config:
+        """What the maps should hold now. A backend failing its checks is drained (no new flows;
+        established ones finish where the server still answers). The operator's drain/down in
+        the file always wins. When every active backend of a VIP fails, the last healthy set
+        stays in the ring: a monitoring glitch must not black-hole the whole service."""
+        assert self.state is not None
+        out: Config = {}
+        for vip, entry in self.state.vips.items():
+            active = [b for b in entry.spec.backends if b.state == "active"]
+            if self._checked(entry.health):
+                healthy = {b.name for b in active if self._health(vip, b.name).up}
+            else:
+                healthy = {b.name for b in active}
+            if active and not healthy:
+                keep = self.last_in_ring.get(vip, set()) & {b.name for b in active}
+                healthy = keep or {b.name for b in active}
+                if vip not in self.all_failing:
+                    self.all_failing.add(vip)
+                    log.error("VIP %s (%s): ALL %d backends fail their checks; keeping the last "
+                              "healthy set in the ring (%s) instead of dropping the service",
+                              vip, vip.proto, len(active), ", ".join(sorted(healthy)))
+            else:
+                if vip in self.all_failing:
+                    self.all_failing.discard(vip)
+                    log.warning("VIP %s (%s): %d backends pass their checks again; the all-failing "
+                                "fallback ends", vip, vip.proto, len(healthy))
+                self.last_in_ring[vip] = healthy
+            backends = tuple(b if b.state != "active" or b.name in healthy else replace(b, state="drain")
+                             for b in entry.spec.backends)
+            out[vip] = VipSpec(vip, backends)
+        return out
+
+    def _health(self, vip: Endpoint, name: str) -> BackendHealth:
+        return self.checker.states.get((vip, name)) or BackendHealth()
+
+    # -- applying ---------------------------------------------------------------------------
+    async def _apply(self, reason: str, raise_errors: bool = False) -> bool:
+        assert self.state is not None and self._apply_lock is not None
+        async with self._apply_lock:
+            desired = self.effective()
+            state = self.state
+            try:
+                result = await asyncio.to_thread(apply_config, self.controller, desired, state.interfaces,
+                                                 state.xdp_mode, False, reason != "check")
+            except XdpError as exc:
+                if raise_errors:
+                    raise
+                log.error("apply (%s) failed, the maps keep their previous state: %s", reason, exc)
+                return False
+            if result.applied:
+                for line in result.describe():
+                    log.info("apply (%s): %s", reason, line)
+                with self._view_lock:
+                    self.view.plans_applied += 1
+                    for c in result.plan.changes:
+                        if c.ring_changed:
+                            self.view.ring_changes += 1
+                            self.view.slots_moved += c.moved_slots
+            elif reason == "start":
+                log.info("apply (start): the maps already hold this state; nothing moved")
+            self._publish()
+            return True
+
+    async def _reconciler(self) -> None:
+        assert self._dirty is not None
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if not await self._apply(reason="check"):
+                await asyncio.sleep(1.0)
+                self._dirty.set()
+
+    async def _reload(self) -> None:
+        """SIGHUP: a broken file leaves the running state untouched and says so in one line."""
+        log.info("SIGHUP: re-reading %s", self.config_path)
+        try:
+            new = await asyncio.to_thread(load_file, self.config_path)
+        except XdpError as exc:
+            self._reload_failed(str(exc))
+            return
+        old = self.state
+        self.state = new
+        self.checker.sync(self._targets(new), set())
+        if not await self._apply(reason="reload"):
+            self.state = old
+            if old is not None:
+                self.checker.sync(self._targets(old), set())
+            self._reload_failed("its changes could not be applied (see the line above)")
+            return
+        with self._view_lock:
+            self.view.reloads["ok"] += 1
+            self.view.last_reload_ok = time.time()
+
+    def _reload_failed(self, why: str) -> None:
+        log.error("reload refused, the running configuration stays: %s", why)
+        with self._view_lock:
+            self.view.reloads["error"] += 1
+
+    # -- health events ----------------------------------------------------------------------
+    def _on_transition(self, key: HealthKey, state: BackendHealth, result: CheckResult) -> None:
+        vip, name = key
+        assert self.state is not None
+        entry = self.state.vips.get(vip)
+        total = len(entry.spec.backends) if entry else 0
+        up = sum(1 for b in (entry.spec.backends if entry else ()) if self._health(vip, b.name).up)
+        log.warning("backend %s of VIP %s (%s) is %s, reason: %s, check duration: %dms, was %s for "
+                    "%.1fs; %d of %d backends up", name, vip, vip.proto, "UP" if state.up else "DOWN",
+                    result.reason, round(result.duration_s * 1000), "DOWN" if state.up else "UP",
+                    state.previous_state_s, up, total)
+        self._publish_due = True
+        assert self._dirty is not None
+        self._dirty.set()
+
+    def _on_result(self, key: HealthKey, state: BackendHealth) -> None:
+        self._publish_due = True
+
+    # -- what others read: metrics and the state file ---------------------------------------
+    def _snapshot(self) -> AgentView:
+        with self._view_lock:
+            return replace(self.view, backends=dict(self.view.backends), all_failing=dict(self.view.all_failing),
+                           reloads=dict(self.view.reloads))
+
+    def _rows(self) -> list[dict[str, Any]]:
+        rows = []
+        assert self.state is not None
+        for vip, entry in sorted(self.state.vips.items()):
+            checked = self._checked(entry.health)
+            for b in entry.spec.backends:
+                h = self.checker.states.get((vip, b.name)) if checked else None
+                rows.append({
+                    "vip": f"{vip.addr}:{vip.port}", "proto": vip.proto, "backend": b.name,
+                    "operator_state": b.state,
+                    "health": "unchecked" if h is None else ("up" if h.up else "down"),
+                    "since": h.since if h else None, "checks": h.checks if h else 0,
+                    "last_check": h.last.reason if h and h.last else None,
+                    "check_ms": round(h.last.duration_s * 1000, 3) if h and h.last else None,
+                    "failures": h.failures if h else 0,
+                })
+        return rows
+
+    def _publish(self) -> None:
+        self._publish_due = False
+        if self.state is None:
+            return
+        rows = self._rows()
+        with self._view_lock:
+            self.view.backends = {
+                (r["vip"], r["proto"], r["backend"]): BackendHealthView(
+                    r["health"], r["operator_state"],
+                    None if r["check_ms"] is None else r["check_ms"] / 1000,
+                    "" if r["health"] == "unchecked" or (r["last_check"] or "").find("passed") >= 0
+                    else (r["last_check"] or ""), r["checks"], r["failures"])
+                for r in rows}
+            self.view.all_failing = {(f"{v.addr}:{v.port}", v.proto): True for v in self.all_failing}
+        data = {"pid": os.getpid(), "instance": self.instance, "config": os.path.abspath(self.config_path),
+                "updated": time.time(), "metrics_addr": self.metrics_addr,
+                "all_failing": sorted(f"{v} ({v.proto})" for v in self.all_failing), "backends": rows,
+                "health": {f"{v.addr}:{v.port}/{v.proto}": _health_dict(e.health)
+                           for v, e in self.state.vips.items() if e.health is not None}}
+        path = os.path.join(state_dir(self.instance), STATE_FILE)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)   # readers see the old file or the new one, never half of one
+
+    async def _publisher(self) -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            if self._publish_due:
+                self._publish()
+
+    def _remove_published(self) -> None:
+        try:
+            os.unlink(os.path.join(state_dir(self.instance), STATE_FILE))
+        except FileNotFoundError:
+            pass
+
+
+def _health_dict(h: HealthSpec | None) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    return {"check": h.check, "path": h.path, "expect": list(h.expect), "interval_ms": h.interval_ms,
+            "timeout_ms": h.timeout_ms, "rise": h.rise, "fall": h.fall, "port": h.port}
+
+
+def setup_logging() -> None:
+    """One line per event on stderr (the journal under systemd adds its own timestamps, but a
+    foreground run needs them)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s lbctl-agent %(levelname)s: %(message)s"))
+    root = logging.getLogger("lbctl")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
