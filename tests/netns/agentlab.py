@@ -176,7 +176,10 @@ print(json.dumps(results), flush=True)
 
 
 class KeepAliveLoad:
-    def __init__(self, lab: Lab, connections: int = 64):
+    """Runs at least min_duration_s (the issue's proofs hold a load of 10 s or more)."""
+
+    def __init__(self, lab: Lab, connections: int = 64, min_duration_s: float = 10.0):
+        self.until = time.monotonic() + min_duration_s
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.client.netns, sys.executable, "-I", "-S", "-c", _LOAD_SNIPPET,
              lab.vip, str(lab.http_port), str(connections)],
@@ -185,6 +188,7 @@ class KeepAliveLoad:
         assert self.proc.stdout.readline().strip() == "started"
 
     def finish(self) -> list[dict[str, Any]]:
+        time.sleep(max(0.0, self.until - time.monotonic()))
         out, err = self.proc.communicate("stop\n", timeout=60)
         assert self.proc.returncode == 0, err
         return json.loads(out.strip().splitlines()[-1])

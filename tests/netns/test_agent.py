@@ -4,10 +4,14 @@ SIGHUP applies a good file and refuses a broken one, SIGTERM and kill -9 leave f
 a restarted agent moves nothing."""
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import secrets
+import shlex
 import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +28,7 @@ from agentlab import (
 )
 from labcli import lab_up, lbctl
 
-from lbctl.lab import Lab
+from lbctl.lab import Lab, LabTrafficError
 
 pytestmark = [
     pytest.mark.root,
@@ -161,7 +165,7 @@ def test_stop_and_kill_leave_forwarding_and_a_restart_moves_nothing(lab, agent_f
     wait_for(lambda: backend_rows(lab)["be3"]["state"] == "drain", "be3 out of the ring")
     ring_before = backend_rows(lab)
 
-    load = KeepAliveLoad(lab, connections=16)
+    load = KeepAliveLoad(lab, connections=64)
     try:
         assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
         assert set(served_by(lab)) == {"be1", "be2"}, "forwarding goes on without the agent"
@@ -189,3 +193,45 @@ def test_detach_on_exit_and_one_agent_per_instance(lab, agent_factory, tmp_path)
     assert f"an agent already runs for instance '{lab.lb.netns}'" in second.log()
     assert agent.stop(signal.SIGTERM) == 0
     assert json.loads(lbctl(lab, "status", "--json").stdout)["attached"] == []
+
+
+def unit_command_lines(lab: Lab, config: Path, metrics_port: int) -> tuple[list[str], list[str]]:
+    """ExecStartPre and ExecStart of packaging/lbctl.service, pointed at this lab: the
+    installed lbctl becomes this checkout's, run inside the lab's balancer namespace."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(Path(__file__).resolve().parents[2] / "packaging" / "lbctl.service")
+    service = parser["Service"]
+    start = shlex.split(service["ExecStart"])
+    assert start[0].endswith("/lbctl") and start[1] == "agent"
+    argv = [sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *start[1:]]
+    argv[argv.index("/etc/lbctl/lbctl.yaml")] = str(config)
+    argv[argv.index("--metrics-addr") + 1] = f"127.0.0.1:{metrics_port}"
+    return shlex.split(service["ExecStartPre"]), argv
+
+
+def test_simulated_reboot_the_unit_brings_the_vips_back(lab, tmp_path):
+    config = write_config(tmp_path / "lb.yaml", lab, ALL, HEALTH)
+    lbctl(lab, "apply", "-f", str(config), timeout_s=180.0)
+    assert set(served_by(lab)) == {"be1", "be2", "be3"}
+    # A boot: no program, no maps, nothing attached.
+    lbctl(lab, "detach", "--all", "--purge")
+    assert json.loads(lbctl(lab, "status", "--json").stdout)["maps"] is False
+    with pytest.raises(LabTrafficError):
+        lab.http_get(lab.vip, lab.http_port, count=1, timeout_s=1.0)
+
+    pre, start = unit_command_lines(lab, config, 9800 + secrets.randbelow(150))
+    assert subprocess.run(pre, check=False).returncode == 0
+    log = tmp_path / "unit.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(start, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "metrics on http://" in log.read_text() or proc.poll() is not None, "the agent",
+                 timeout_s=180.0)
+        assert proc.poll() is None, log.read_text()
+        assert set(served_by(lab)) == {"be1", "be2", "be3"}
+        rows = json.loads(lbctl(lab, "vip", "list", "--json").stdout)
+        assert [r["vip"] for r in rows] == [f"{lab.vip}:{lab.http_port}"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
