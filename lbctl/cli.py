@@ -236,6 +236,18 @@ def detach(obj: Context, ifaces: tuple[str, ...], all_: bool, purge: bool) -> No
         click.echo("removed pinned maps")
 
 
+@main.command("reload", epilog=examples(
+    "lbctl reload                            # after an upgrade: the new program, same maps and flows",
+    "lbctl -n lbl-lb reload",
+))
+@click.pass_obj
+def reload_cmd(obj: Context) -> None:
+    """Swap in a freshly built XDP program on every attached interface, atomically, keeping the
+    pinned maps: established connections keep their backends."""
+    for a in obj.controller.reload():
+        click.echo(f"reloaded {a.ifname} ({a.mode}, prog {a.prog_id})")
+
+
 @main.command(epilog=examples("lbctl status", "lbctl status --json"))
 @json_option
 @click.pass_obj

@@ -154,6 +154,13 @@ class Controller:
         with self._locked():
             return self.balancer.detach(ifnames, purge)
 
+    def reload(self) -> list[Attachment]:
+        """A fresh program on every attached interface, maps and flows kept (hitless)."""
+        from xdp.balancer import reload_program  # noqa: PLC0415
+
+        with self._locked():
+            return reload_program(self.balancer)
+
     def status(self) -> dict:
         require_root()
         attachments = self.balancer.attachments()

@@ -229,3 +229,49 @@ def _detach_quietly(ifindex: int, flags: int) -> None:
         libbpf.xdp_detach(ifindex, flags)
     except libbpf.BpfError:
         pass
+
+
+def reload_program(balancer: Balancer) -> list[Attachment]:
+    """Hitless program swap: compiles a fresh program against the pinned maps and replaces the
+    running one on every attached interface with XDP_FLAGS_REPLACE (one atomic swap per
+    interface; packets see the old program or the new one). The maps, and so the flows, stay.
+    Maps of another layout are refused before anything is compiled."""
+    require_root()
+    current = balancer.attachments()
+    if not current:
+        raise NotAttachedError(f"nothing to reload: instance '{balancer.instance}' is attached to no "
+                               "interface; hint: 'lbctl attach IFACE' loads a fresh program")
+    # The layout check of attach: maps of another build get IncompatibleMapsError (the purge hint).
+    LbMaps(balancer.pin_dir, balancer.limits).close()
+    from xdp.program import compile_and_load
+
+    old_fd = libbpf.obj_get(balancer.prog_pin)
+    loaded = compile_and_load(balancer.pin_dir, balancer.limits)
+    # Pinned before the swap (bpffs names take no dot), renamed over `prog` after it: the pin
+    # names a running program at every moment, and attachments() always finds it.
+    staging = os.path.join(balancer.pin_dir, "prog_next")
+    try:
+        if os.path.exists(staging):
+            os.unlink(staging)
+        libbpf.obj_pin(loaded.fd, staging)
+        done: list[Attachment] = []
+        for a in current:
+            try:
+                libbpf.xdp_attach(a.ifindex, loaded.fd, MODES[a.mode], old_prog_fd=old_fd)
+            except libbpf.BpfError as exc:
+                for back in done:   # every interface runs the same program, old or new
+                    try:
+                        libbpf.xdp_attach(back.ifindex, old_fd, MODES[back.mode], old_prog_fd=loaded.fd)
+                    except libbpf.BpfError:
+                        pass
+                os.unlink(staging)
+                raise AttachError(
+                    f"cannot swap the XDP program on '{a.ifname}' ({a.mode}): {os.strerror(exc.errno or 0)} "
+                    f"({exc.errno}); the old program still runs everywhere; hint: 'lbctl status' shows "
+                    "what is attached (another tool may have replaced it)") from exc
+            done.append(a)
+        os.replace(staging, balancer.prog_pin)
+    finally:
+        loaded.bpf.cleanup()
+        libbpf.close(old_fd)
+    return balancer.attachments()
