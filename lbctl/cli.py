@@ -135,6 +135,21 @@ class WeightType(click.ParamType):
             raise InputError(str(exc), ctx=ctx, param=param) from None
 
 
+class ListenType(click.ParamType):
+    """ADDR:PORT to listen on (the agent's metrics)."""
+
+    name = "ADDR:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from lbctl.metrics import parse_listen  # noqa: PLC0415
+
+        try:
+            parse_listen(str(value))
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+        return str(value)
+
+
 VIP = HostPortType("VIP")
 BACKEND = HostPortType("backend")
 CLIENT = HostPortType("client")
@@ -405,7 +420,8 @@ def apply_cmd(obj: Context, path: str, dry_run: bool) -> None:
     from lbctl.apply import apply_state
     from lbctl.config import load_file
 
-    result = apply_state(obj.controller, load_file(path), dry_run)
+    state = load_file(path)   # a broken file stops here, before the balancer is touched
+    result = apply_state(obj.controller, state, dry_run)
     for line in result.describe():
         click.echo(line)
     if dry_run and not result.empty:
@@ -431,7 +447,7 @@ def export_cmd(obj: Context) -> None:
 ))
 @click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False),
               help="the config file (YAML): the whole desired state")
-@click.option("--metrics-addr", default="127.0.0.1:9810", show_default=True,
+@click.option("--metrics-addr", type=ListenType(), default="127.0.0.1:9810", show_default=True,
               help="ADDR:PORT for Prometheus /metrics (localhost by default)")
 @click.option("--detach-on-exit", is_flag=True,
               help="detach from every interface when stopped (default: keep forwarding)")
@@ -442,9 +458,7 @@ def agent_cmd(obj: Context, path: str, metrics_addr: str, detach_on_exit: bool) 
     SIGTERM stops the agent and leaves the data plane forwarding on the last applied state;
     a restarted agent finds the maps equal to the file and moves nothing."""
     from lbctl.agent import Agent, setup_logging
-    from lbctl.metrics import parse_listen
 
-    parsed(parse_listen, metrics_addr)
     setup_logging()
     sys.exit(Agent(obj.controller, path, metrics_addr, detach_on_exit, __version__).run())
 

@@ -193,3 +193,25 @@ def test_dump_loads_back_to_the_same_state():
     again = load(dump(list(state.interfaces), state.xdp_mode, state.vips))
     assert again.vips == state.vips
     assert (again.interfaces, again.xdp_mode) == (state.interfaces, state.xdp_mode)
+
+
+def test_cli_apply_of_a_broken_file_exits_2_with_one_line_and_never_reaches_the_balancer(tmp_path):
+    from click.testing import CliRunner
+
+    from lbctl.cli import Context, main
+
+    path = tmp_path / "lb.yaml"
+    path.write_text(GOOD.replace("weight: 3", "weight: 1001"))
+    made: list[str] = []
+
+    def factory(instance: str):
+        made.append(instance)
+        raise AssertionError("a broken file must not reach the controller")
+
+    result = CliRunner().invoke(main, ["apply", "-f", str(path)], obj=Context("host", factory))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"lbctl: error: {path}:13: vips[0].backends[1].weight: 1001 is out of range "
+        "(input should be less than or equal to 1000); hint: a weight is 1-1000; use state: drain "
+        "to stop new connections"]
+    assert made == []
