@@ -210,8 +210,8 @@ def test_cli_apply_of_a_broken_file_exits_2_with_one_line_and_never_reaches_the_
 
     result = CliRunner().invoke(main, ["apply", "-f", str(path)], obj=Context("host", factory))
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [
-        f"lbctl: error: {path}:13: vips[0].backends[1].weight: 1001 is out of range "
-        "(input should be less than or equal to 1000); hint: a weight is 1-1000; use state: drain "
-        "to stop new connections"]
+    expected = (f"lbctl: error: {path}:13: vips[0].backends[1].weight: 1001 is out of range "
+                "(input should be less than or equal to 1000); hint: a weight is 1-1000; use state: drain "
+                "to stop new connections")
+    assert result.output.strip().splitlines() == [expected]
     assert made == []
