@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lbctl import planner
-from lbctl.config import DesiredState, VipEntry, dump
+from lbctl.config import DesiredState, HealthSpec, VipEntry, dump
 from lbctl.control import Controller
 from lbctl.model import Config, VipSpec
 from xdp.balancer import require_root
@@ -140,15 +140,29 @@ def apply_state(controller: Controller, state: DesiredState, dry_run: bool = Fal
 
 
 def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, VipEntry]]:
-    """What the balancer runs: attached interfaces, their mode, and the VIPs the maps hold."""
+    """What the balancer runs: attached interfaces, their mode, and the VIPs the maps hold.
+    When an agent runs, a backend its checks drained is shown in the file's state and each
+    VIP gets its health block back, so the export is the agent's file, not a health snapshot."""
+    from lbctl.agent import read_published  # noqa: PLC0415 (the agent imports this module)
+
     require_root()
     attachments = controller.balancer.attachments()
     modes = sorted({a.mode for a in attachments})
+    agent = read_published(controller.instance) or {}
+    operator = {(r["vip"], r["proto"], r["backend"]): r["operator_state"] for r in agent.get("backends", [])}
+    health = agent.get("health", {})
     vips: dict[Endpoint, VipEntry] = {}
     if _maps_exist(controller):
         with controller.balancer.maps() as maps:
             for vip, lv in planner.read_live(maps).items():
-                vips[vip] = VipEntry(VipSpec(vip, lv.spec.backends), None)
+                key = f"{vip.addr}:{vip.port}"
+                backends = tuple(replace(b, state=operator.get((key, vip.proto, b.name), b.state))
+                                 for b in lv.spec.backends)
+                h = health.get(f"{key}/{vip.proto}")
+                spec = None if h is None else HealthSpec(h["check"], h["path"], tuple(h["expect"]),
+                                                         h["interval_ms"], h["timeout_ms"], h["rise"],
+                                                         h["fall"], h["port"])
+                vips[vip] = VipEntry(VipSpec(vip, backends), spec)
     return [a.ifname for a in attachments], modes[0] if modes else "native", vips
 
 

@@ -626,6 +626,20 @@ def bench_dataplane(repeat: int, json_out: str | None) -> None:
     run_bench(repeat=repeat, json_out=json_out)
 
 
+@bench.command("agent", epilog=examples(
+    "lbctl bench agent                         # plan+apply at 10/100/1000 backends, agent CPU",
+    "lbctl bench agent --json agent.json       # and a record"))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures to FILE")
+@click.option("--measure-s", type=click.FloatRange(5, 600), default=30.0, show_default=True,
+              help="seconds of agent CPU measured per check type")
+def bench_agent(json_out: str | None, measure_s: float) -> None:
+    """The control plane: one change at 10/100/1000 backends, and the agent's CPU with 1000
+    backends checked every second."""
+    from lbctl.bench_agent import run_bench  # noqa: PLC0415
+
+    run_bench(json_out=json_out, measure_s=measure_s)
+
+
 # -- the lab and the demo -------------------------------------------------------------------
 @main.group(epilog=examples("lbctl lab up", "lbctl lab status", "lbctl lab down"))
 def lab() -> None:

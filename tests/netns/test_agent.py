@@ -28,6 +28,7 @@ from agentlab import (
 )
 from labcli import lab_up, lbctl
 
+from lbctl.config import load_text
 from lbctl.lab import Lab, LabTrafficError
 
 pytestmark = [
@@ -81,7 +82,8 @@ def backend_rows(lab: Lab) -> dict[str, dict]:
 
 
 def test_a_dead_backend_leaves_the_ring_a_500_keeps_it_out_and_it_comes_back(lab, agent_factory, tmp_path):
-    agent = agent_factory(write_config(tmp_path / "lb.yaml", lab, ALL, HEALTH))
+    config = write_config(tmp_path / "lb.yaml", lab, ALL, HEALTH)
+    agent = agent_factory(config)
     assert set(served_by(lab)) == {"be1", "be2", "be3"}
 
     stop_server(lab, "be2")
@@ -91,6 +93,10 @@ def test_a_dead_backend_leaves_the_ring_a_500_keeps_it_out_and_it_comes_back(lab
     assert "is DOWN, reason: Layer4 connection problem (Connection refused)" in agent.log()
     # Every new connection succeeds, so none reached the dead server.
     assert set(served_by(lab)) == {"be1", "be3"}
+    # Export while the agent runs gives its file back (be2 active, the health block), not the
+    # drained snapshot the checks made.
+    exported = load_text(lbctl(lab, "export").stdout)
+    assert exported.vips == load_text(config.read_text()).vips
 
     # The port answers again, but the service says 500: still down.
     broken = start_server(lab, "be2", status_500=True)
