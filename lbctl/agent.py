@@ -368,10 +368,17 @@ class Agent:
                 self._publish()
 
     def _remove_published(self) -> None:
+        """Removes the state file and (still holding it) the lock: nothing of the agent's is
+        left in /run. A second agent opening the lock meanwhile fails its non-blocking flock."""
+        for name in (STATE_FILE, LOCK_FILE) if self._lock_fd is not None else (STATE_FILE,):
+            try:
+                os.unlink(os.path.join(state_dir(self.instance), name))
+            except FileNotFoundError:
+                pass
         try:
-            os.unlink(os.path.join(state_dir(self.instance), STATE_FILE))
-        except FileNotFoundError:
-            pass
+            os.rmdir(state_dir(self.instance))
+        except OSError:
+            pass   # not empty (someone else's file) or already gone
 
 
 def _health_dict(h: HealthSpec | None) -> dict[str, Any] | None:
