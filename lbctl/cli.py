@@ -635,7 +635,7 @@ def bench_dataplane(repeat: int, json_out: str | None) -> None:
 def bench_agent(json_out: str | None, measure_s: float) -> None:
     """The control plane: one change at 10/100/1000 backends, and the agent's CPU with 1000
     backends checked every second."""
-    from lbctl.bench_agent import run_bench  # noqa: PLC0415
+    from lbctl.bench.agent import run_bench
 
     run_bench(json_out=json_out, measure_s=measure_s)
 
