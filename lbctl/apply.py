@@ -143,7 +143,7 @@ def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, V
     """What the balancer runs: attached interfaces, their mode, and the VIPs the maps hold.
     When an agent runs, a backend its checks drained is shown in the file's state and each
     VIP gets its health block back, so the export is the agent's file, not a health snapshot."""
-    from lbctl.agent import read_published  # noqa: PLC0415 (the agent imports this module)
+    from lbctl.agent import read_published  # here, not at the top: the agent imports this module
 
     require_root()
     attachments = controller.balancer.attachments()
