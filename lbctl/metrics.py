@@ -2,7 +2,6 @@
 maps are the truth; nothing is cached) plus the agent's health and change counters."""
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -16,7 +15,6 @@ from prometheus_client.registry import Collector
 
 from lbctl import planner
 from lbctl.errors import ConfigError
-from xdp import codec, libbpf
 from xdp.limits import Limits
 from xdp.maps import LbMaps
 
@@ -59,23 +57,16 @@ class AgentView:
     last_reload_ok: float = 0.0
 
 
-def live_flows(pin_dir: str, limits: Limits) -> dict[tuple[int, int], int]:
-    """(vip_id, backend_id) -> tracked flows not past their state's timeout."""
-    key_type, value_type = codec.MAP_LAYOUTS["flows"]
-    entry_type: Any = value_type
-    fd = libbpf.obj_get(os.path.join(pin_dir, "flows"))
-    timeouts = {0: limits.tcp_syn_timeout_s, 1: limits.tcp_established_timeout_s,
-                2: limits.tcp_closing_timeout_s, 3: limits.udp_timeout_s}
+def live_flows(maps: LbMaps, limits: Limits) -> dict[tuple[int, int], int]:
+    """(vip_id, backend_id) -> tracked flows not past their state's timeout (one batch read)."""
+    timeouts = {"syn": limits.tcp_syn_timeout_s, "established": limits.tcp_established_timeout_s,
+                "closing": limits.tcp_closing_timeout_s, "udp": limits.udp_timeout_s}
     now = time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
     out: dict[tuple[int, int], int] = {}
-    try:
-        for _, raw in libbpf.map_lookup_batch(fd, ctypes.sizeof(key_type), ctypes.sizeof(value_type)):
-            e = entry_type.from_buffer_copy(raw)
-            if now - e.last_seen_ns <= timeouts.get(e.state, limits.tcp_established_timeout_s) * 1_000_000_000:
-                key = (e.vip_id, e.backend_id)
-                out[key] = out.get(key, 0) + 1
-    finally:
-        libbpf.close(fd)
+    for rec in maps.flows():
+        if now - rec.last_seen_ns <= timeouts.get(rec.state, limits.tcp_established_timeout_s) * 1_000_000_000:
+            key = (rec.vip_id, rec.backend_id)
+            out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -120,7 +111,7 @@ class LbCollector(Collector):
         with LbMaps(self.pin_dir, self.limits) as maps:
             live = planner.read_live(maps)
             outcomes = maps.global_counters()
-            flows = live_flows(self.pin_dir, self.limits)
+            flows = live_flows(maps, self.limits)
             vip_c = {vip: maps.vip_counters(lv.vip_id) for vip, lv in live.items()}
             be_c = {(vip, name): maps.backend_counters(bid)
                     for vip, lv in live.items() for name, bid in lv.backend_ids.items()}
