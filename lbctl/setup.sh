@@ -2,7 +2,8 @@
 # One-shot, idempotent host set-up for lbctl, then optionally the demo or the tests.
 #   bash lbctl/setup.sh          install what is missing
 #   bash lbctl/setup.sh demo     ... then run the demo in the namespace lab
-#   bash lbctl/setup.sh test     ... then run the whole test suite
+#   bash lbctl/setup.sh test     ... then run the whole test suite (installs its tools too)
+#   bash lbctl/setup.sh packages list the Debian packages it installs, "demo|test PACKAGE"
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,13 +13,42 @@ action=${1:-}
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
+# Debian packages for every program lbctl, the lab and the demo run (a minimal Debian, such
+# as a container image, has none of them); tests/unit/test_setup_packages.py proves the list
+# complete against what the code executes.
+pkgs=(
+    python3 python3-venv  # the interpreter bcc is built for, and its venv
+    python3-bpfcc         # bcc: compiles and loads the XDP program
+    libbpf1               # BPF_PROG_TEST_RUN (lbctl explain, the bpf tests)
+    iproute2              # ip netns exec: the lab's servers and commands in namespaces
+    procps                # sysctl: forwarding, rp_filter and IPv6 in the lab's namespaces
+    ethtool               # veth offloads the lab needs for XDP_REDIRECT
+    make                  # the README's make targets
+)
+# Only for `setup.sh test`: programs the tests run themselves.
+test_pkgs=(
+    shellcheck                     # checks the provisioning scripts and this one
+    ruby vagrant vagrant-libvirt   # evaluate and validate vagrant/Vagrantfile
+)
+
+case "$action" in
+    ""|demo|test|packages) ;;
+    # Before anything is installed: bad input changes nothing.
+    *) die "unknown action '$action'; hint: use 'demo', 'test', 'packages' or nothing" ;;
+esac
+if [ "$action" = packages ]; then
+    printf 'demo %s\n' "${pkgs[@]}"
+    printf 'test %s\n' "${test_pkgs[@]}"
+    exit 0
+fi
+
 [ "$(id -u)" -eq 0 ] || die "must run as root (XDP, bpffs and namespaces need it); hint: sudo bash lbctl/setup.sh $action"
 command -v apt-get >/dev/null || die "apt-get not found; this script supports Debian 12 and Ubuntu 22.04+"
 
-# Debian packages. python3-bpfcc is bcc for the system /usr/bin/python3.
-pkgs=(python3-bpfcc python3-venv libbpf1 iproute2 ethtool make)
+wanted=("${pkgs[@]}")
+[ "$action" = test ] && wanted+=("${test_pkgs[@]}")
 missing=()
-for p in "${pkgs[@]}"; do
+for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
@@ -102,5 +132,4 @@ case "$action" in
     "") say "ready; try: lbctl demo   (or: $venv/bin/lbctl demo)" ;;
     demo) exec "$venv/bin/lbctl" demo ;;
     test) cd "$repo" && exec "$venv/bin/python" -m pytest tests -ra ;;
-    *) die "unknown action '$action'; hint: use 'demo', 'test' or nothing" ;;
 esac

@@ -1,8 +1,8 @@
 """The Vagrant lab: validates, passes shellcheck, provisions with the README's set-up, and
 mirrors lbctl/lab_topology.yaml; run-demo.sh against a stand-in `vagrant`, without VMs.
 
-Needs Debian's vagrant, vagrant-libvirt and shellcheck; when missing they are installed with
-apt-get (as root), otherwise the tests that need them skip with the reason.
+Needs Debian's ruby, vagrant, vagrant-libvirt and shellcheck, which `bash lbctl/setup.sh test`
+installs; without them the tests that need them skip and say so. Nothing here needs root.
 """
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ import yaml  # type: ignore[import-untyped]
 
 from lbctl.lab import load_topology
 
-# The first run may install packages: allow for a slow mirror.
-pytestmark = pytest.mark.timeout(1800)
-
 REPO = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = REPO / "vagrant"
 VAGRANTFILE = VAGRANT_DIR / "Vagrantfile"
@@ -40,8 +37,9 @@ BOX = "debian/bookworm64"
 MAX_VM_MEMORY_MB = 1024
 MAX_LAB_MEMORY_MB = 3072
 
-DEBIAN_PACKAGES = {"vagrant": "vagrant", "shellcheck": "shellcheck", "vagrant-libvirt": None}
-APT_TIMEOUT_S = 600
+# lbctl/setup.sh's test_pkgs: Debian package -> the command it brings (None: a plugin).
+DEBIAN_TOOLS = {"ruby": "ruby", "vagrant": "vagrant", "vagrant-libvirt": None,
+                "shellcheck": "shellcheck"}
 
 
 # ------------------------------------------------------------------ tools
@@ -52,52 +50,16 @@ def _dpkg_installed(pkg: str) -> bool:
     return proc.returncode == 0 and "install ok installed" in proc.stdout
 
 
-def _missing_packages() -> list[str]:
-    if shutil.which("dpkg-query") is None:
-        return [p for p, cmd in DEBIAN_PACKAGES.items() if cmd and shutil.which(cmd) is None]
-    return [p for p in DEBIAN_PACKAGES if not _dpkg_installed(p)]
-
-
-def _apt_install(pkgs: list[str]) -> str | None:
-    """Install Debian packages; None on success, else why not (the last lines apt printed)."""
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=120", "install", "-y", "-q",
-               "--no-install-recommends", *pkgs]
-    try:
-        proc = subprocess.run(install, capture_output=True, text=True, env=env,
-                              timeout=APT_TIMEOUT_S, check=False)
-        if proc.returncode != 0:
-            # A stale package list is the usual cause on a long-lived host.
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env,
-                           timeout=APT_TIMEOUT_S, check=False)
-            proc = subprocess.run(install, capture_output=True, text=True, env=env,
-                                  timeout=APT_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as exc:
-        return f"'{' '.join(exc.cmd)}' took over {APT_TIMEOUT_S} s"
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        return f"apt-get install {' '.join(pkgs)} exited {proc.returncode}: {tail}"
-    return None
-
-
 @pytest.fixture(scope="session")
 def debian_tools() -> None:
-    """vagrant (with ruby), vagrant-libvirt and shellcheck, installed with apt-get if missing."""
-    missing = _missing_packages()
-    if not missing:
-        return
-    hint = f"hint: apt-get install {' '.join(missing)}"
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"{', '.join(missing)} missing and apt-get not available; {hint}")
-    if os.geteuid() != 0:
-        pytest.skip(f"{', '.join(missing)} missing and installing needs root; {hint}")
-    print(f"installing Debian packages for the Vagrant checks: {' '.join(missing)}")
-    why_not = _apt_install(missing)
-    if why_not:
-        pytest.skip(f"cannot install {', '.join(missing)}: {why_not}")
-    still = _missing_packages()
-    if still:
-        pytest.skip(f"apt-get succeeded but {', '.join(still)} still missing")
+    """ruby, vagrant, vagrant-libvirt and shellcheck, as `bash lbctl/setup.sh test` installs."""
+    if shutil.which("dpkg-query") is None:
+        missing = [p for p, cmd in DEBIAN_TOOLS.items() if cmd and shutil.which(cmd) is None]
+    else:
+        missing = [p for p in DEBIAN_TOOLS if not _dpkg_installed(p)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed; hint: bash lbctl/setup.sh test "
+                    "installs them")
 
 
 # ------------------------------------------------------------------ the Vagrantfile, recorded
