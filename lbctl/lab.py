@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -326,18 +326,29 @@ class Lab:
         """Build the lab and start its servers; no-op if it is fully up already.
 
         A partial lab (a crashed run, a killed server) is torn down and rebuilt. If building
-        fails, everything is torn down again and the error re-raised.
+        fails (or is interrupted), everything built so far is removed again (namespaces with
+        their links, servers, pins, run state) and the error raised as a LabError.
         """
         need_root("lab up")
-        with _run_lock(self.prefix):
+        with _run_lock(self.prefix) as lock:
             if self.status().up:
                 return
             self._down_locked()
             try:
                 self._build()
-            except BaseException:
-                self._down_locked()
-                raise
+            except BaseException as exc:
+                try:
+                    self._down_locked()
+                except LabError as cleanup_exc:
+                    raise LabError(
+                        f"cannot build lab '{self.prefix}': {_one_line(exc)}; and cleaning up "
+                        f"failed too: {cleanup_exc}"
+                    ) from exc
+                lock.remove = True  # nothing of this lab is left, not even its lock file
+                if isinstance(exc, LabError) or not isinstance(exc, Exception):
+                    raise
+                # A kernel refusal (netlink, a file) mid-build: one line, not a traceback.
+                raise LabError(f"cannot build lab '{self.prefix}': {_one_line(exc)}") from exc
 
     def down(self) -> None:
         """Stop the lab's processes, delete its namespaces and the balancer's pins.
@@ -345,8 +356,9 @@ class Lab:
         Safe to call from any process, any number of times, on a lab in any state.
         """
         need_root("lab down")
-        with _run_lock(self.prefix):
+        with _run_lock(self.prefix) as lock:
             self._down_locked()
+            lock.remove = True
 
     def status(self) -> LabStatus:
         """Look at the system: which namespaces exist, which servers live, what addresses."""
@@ -658,14 +670,33 @@ class Lab:
             for b in self.backends
         }
         failed = []
-        for name, probe in probes.items():
-            try:
-                out, _ = probe.communicate(timeout=SERVER_READY_TIMEOUT_S + 10)
-            except subprocess.TimeoutExpired:
-                probe.kill()
-                out, _ = probe.communicate()
-            if probe.returncode != 0:
-                failed.append(f"{name}: {out.strip()}; log: {self._log_tail(name)}")
+        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S + 10
+        pending = dict(probes)
+        try:
+            while pending:
+                for b in self.backends:
+                    probe = pending.get(b.name)
+                    if probe is None:
+                        continue
+                    if probe.poll() is not None:
+                        del pending[b.name]
+                        if probe.returncode != 0:
+                            out = probe.communicate()[0]
+                            failed.append(f"{b.name}: {out.strip()}; log: {self._log_tail(b.name)}")
+                    elif self._live_server_pid(b) is None:
+                        # The server exited (a port taken, a bad argument): say why now
+                        # instead of waiting out the probe.
+                        del pending[b.name]
+                        failed.append(f"{b.name}: server exited; log: {self._log_tail(b.name)}")
+                    elif time.monotonic() >= deadline:
+                        del pending[b.name]
+                        failed.append(f"{b.name}: readiness probe hung")
+                time.sleep(0.05)
+        finally:
+            for probe in probes.values():
+                if probe.poll() is None:
+                    probe.kill()
+                probe.communicate()
         if failed:
             raise LabError("lab servers did not start: " + " | ".join(failed))
 
@@ -706,28 +737,39 @@ class Lab:
                 raise LabError(f"client reached {b.addr} but got {bodies!r}, not {b.name!r}")
 
     def _log_tail(self, backend: str) -> str:
+        """The last line a server wrote (for a crash: the exception), for a one-line error."""
         try:
-            return (self.run_dir / f"{backend}.log").read_text()[-400:].strip() or "(empty)"
+            lines = (self.run_dir / f"{backend}.log").read_text().strip().splitlines()
         except FileNotFoundError:
             return "(no log)"
+        return lines[-1].strip()[-300:] if lines else "(empty)"
 
     # ---------------------------------------------------------------- teardown
 
     def _down_locked(self) -> None:
-        self._stop_processes()
+        """Remove every part of the lab, each step tried even if an earlier one failed."""
+        failures: list[str] = []
+        try:
+            self._stop_processes()
+        except (LabError, OSError) as exc:
+            failures.append(str(exc))
         for ns in self.namespaces:
+            # Deleting a namespace deletes its links: veth pairs and the bridge go with it.
             try:
                 netns.remove(ns)
             except FileNotFoundError:
                 pass  # already gone
-        try:
-            shutil.rmtree(self.bpf_pin_dir)
-        except FileNotFoundError:
-            pass
-        try:
-            shutil.rmtree(self.run_dir)
-        except FileNotFoundError:
-            pass
+            except OSError as exc:
+                failures.append(f"cannot remove netns {ns}: {exc}")
+        for directory in (self.bpf_pin_dir, self.run_dir):
+            try:
+                shutil.rmtree(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failures.append(f"cannot remove {directory}: {exc}")
+        if failures:
+            raise LabError(f"lab '{self.prefix}' not fully removed: " + "; ".join(failures))
 
     def _stop_processes(self) -> None:
         """End the servers from the pid files and anything else living in the lab's netns."""
@@ -790,16 +832,41 @@ def need_root(what: str) -> None:
         raise LabNeedsRootError(f"{what} needs root (network namespaces, veth, sysctls); hint: sudo lbctl")
 
 
+class _LockHandle:
+    """Set `remove` to delete the lock file on release (the lab is gone)."""
+
+    remove = False
+
+
 @contextmanager
-def _run_lock(prefix: str) -> Iterator[None]:
+def _run_lock(prefix: str) -> Iterator[_LockHandle]:
     """Serialise up/down of one lab across processes; labs of other prefixes never wait."""
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RUN_ROOT / f"{prefix}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    path = RUN_ROOT / f"{prefix}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
+        # A holder may have removed the file while we waited: our lock is then on a dead
+        # inode that a newcomer no longer sees, so take the lock again on the live file.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
+    handle = _LockHandle()
+    try:
+        yield handle
+    finally:
+        if handle.remove:
+            with suppress(FileNotFoundError):
+                path.unlink()
+        os.close(fd)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, LabError) else f"{type(exc).__name__}: {text}"
 
 
 def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from lbctl import lab as lab_module
 from lbctl.lab import Lab, LabError
@@ -46,13 +49,19 @@ def _assert_gone(lab: Lab) -> None:
     assert not set(lab.namespaces) & _netns_names()
     assert _pids_mentioning(lab.prefix) == []
     assert not lab.run_dir.exists()
+    assert not lab.bpf_pin_dir.exists()
+    assert not (lab_module.RUN_ROOT / f"{lab.prefix}.lock").exists()
     assert lab.status().down
+
+
+def _prefix() -> str:
+    return f"tlab{secrets.token_hex(2)}"
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     """A lab with a unique prefix, taken down whatever the test did."""
-    the_lab = Lab(prefix=f"tlab{secrets.token_hex(2)}")
+    the_lab = Lab(prefix=_prefix())
     try:
         yield the_lab
     finally:
@@ -115,8 +124,14 @@ def test_udp_echo_answers_with_the_backend_name(lab_up: Lab) -> None:
 
 
 def test_vip_is_unreachable_without_a_balancer(lab_up: Lab) -> None:
+    # Nothing claims the VIP until XDP does: the balancer's kernel has no route to it and
+    # answers the client's SYN with ICMP net unreachable, while the backends stay reachable.
+    route = lab_up.run("lb", ["ip", "route", "get", lab_up.vip])
+    assert route.returncode != 0 and "Network is unreachable" in route.stderr
     results = lab_up.http_requests(lab_up.vip, count=1, timeout_s=2.0)
-    assert not results[0].ok
+    assert [(r.status, r.backend) for r in results] == [(None, None)]
+    assert "[Errno 101] Network is unreachable" in (results[0].error or "")
+    assert lab_up.http_get(lab_up.backends[0].addr) == ["be1"]
 
 
 def test_lb_namespace_forwards_and_does_not_filter(lab_up: Lab) -> None:
@@ -177,22 +192,77 @@ def test_down_removes_everything(lab_up: Lab) -> None:
     lab_up.down()  # again: nothing left to remove is not an error
 
 
-def test_failure_while_building_cleans_up(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_servers(self: Lab) -> None:
-        raise LabError("injected failure while starting servers")
+class _LabWithSquatter(Lab):
+    """A lab whose be2 namespace gets a process holding the UDP echo port before the servers
+    start: be2's server really fails to bind, after namespaces, links and be1's server exist."""
 
-    monkeypatch.setattr(lab_module.Lab, "_start_servers", broken_servers)
-    with pytest.raises(LabError, match="injected failure"):
-        lab.up()
-    _assert_gone(lab)
+    def _start_servers(self) -> None:
+        squat = ("import socket, time\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 f"s.bind(('0.0.0.0', {self.udp_port}))\nprint('bound', flush=True)\n"
+                 "time.sleep(600)\n")
+        self.squatter = subprocess.Popen(
+            ["ip", "netns", "exec", self.hosts["be2"].netns, sys.executable, "-c", squat],
+            stdout=subprocess.PIPE, text=True)
+        assert self.squatter.stdout is not None
+        assert self.squatter.stdout.readline() == "bound\n"
+        super()._start_servers()
 
 
-def test_failure_after_servers_started_cleans_up(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_check(self: Lab) -> None:
-        raise LabError("injected failure after servers started")
+class _LabWithTakenPortName(Lab):
+    """A lab whose switch namespace already holds a link named like be2's switch port: the
+    kernel refuses that veth (EEXIST) after the bridge and the first ports exist."""
 
-    monkeypatch.setattr(lab_module.Lab, "_check_paths", broken_check)
-    with pytest.raises(LabError, match="injected failure"):
+    def _wire(self) -> dict[str, tuple[str, str]]:
+        with IPRoute(netns=self.switch_netns, flags=0) as ipr:
+            ipr.link("add", ifname="p-be2", kind="bridge")
+        return super()._wire()
+
+
+@contextmanager
+def _lab_of(lab_class: type[Lab]) -> Iterator[Lab]:
+    the_lab = lab_class(prefix=_prefix())
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+def test_a_server_that_cannot_start_fails_the_build_and_nothing_is_left() -> None:
+    with _lab_of(_LabWithSquatter) as lab:
+        with pytest.raises(LabError) as raised:
+            lab.up()
+        message = str(raised.value)
+        assert message.startswith("lab servers did not start: be2: server exited")
+        assert "Address already in use" in message and "be1" not in message
+        assert "\n" not in message
+        # The squatter lived in be2's namespace: the cleanup ended it with everything else.
+        assert lab.squatter.wait(timeout=10) is not None
+        _assert_gone(lab)
+
+
+def test_a_taken_link_name_fails_the_build_and_nothing_is_left() -> None:
+    with _lab_of(_LabWithTakenPortName) as lab:
+        with pytest.raises(LabError, match=r"^cannot build lab 'tlab[0-9a-f]{4}': NetlinkError: "
+                                           r"\(17, 'File exists'\)$"):
+            lab.up()
+        _assert_gone(lab)
+        # Nothing half-built blocks the next attempt.
+        Lab(prefix=lab.prefix).up()
+        assert Lab(prefix=lab.prefix).status().up
+
+
+def test_interrupted_build_cleans_up(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while the servers come up: everything built so far goes, and the
+    # KeyboardInterrupt itself reaches the caller.
+    real_wait = Lab._wait_servers_ready
+
+    def interrupted(self: Lab) -> None:
+        real_wait(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab_module.Lab, "_wait_servers_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
         lab.up()
     _assert_gone(lab)
 
