@@ -672,6 +672,11 @@ class Lab:
         failed = []
         deadline = time.monotonic() + SERVER_READY_TIMEOUT_S + 10
         pending = dict(probes)
+        # The pids _start_servers just wrote. Only liveness is checked: the command line
+        # check of _live_server_pid can read empty while a server is mid-exec.
+        server_pids = {
+            b.name: int((self.run_dir / f"{b.name}.pid").read_text()) for b in self.backends
+        }
         try:
             while pending:
                 for b in self.backends:
@@ -683,7 +688,7 @@ class Lab:
                         if probe.returncode != 0:
                             out = probe.communicate()[0]
                             failed.append(f"{b.name}: {out.strip()}; log: {self._log_tail(b.name)}")
-                    elif self._live_server_pid(b) is None:
+                    elif not _alive(server_pids[b.name]):
                         # The server exited (a port taken, a bad argument): say why now
                         # instead of waiting out the probe.
                         del pending[b.name]
