@@ -161,8 +161,10 @@ def proto_option(f):
 
 
 def mode_option(f):
-    return click.option("--mode", type=click.Choice(XDP_MODES), default="native", show_default=True,
-                        help="XDP mode: native (in the driver) or generic (any interface, slower)")(f)
+    return click.option("--mode", type=click.Choice(XDP_MODES), default=None,
+                        help="XDP mode for every interface: native (in the driver) or generic "
+                             "(on the socket buffer) [default: by driver: generic on veth, native "
+                             "on NICs; 'lbctl status' says why]")(f)
 
 
 def json_option(f):
@@ -210,16 +212,17 @@ def main(ctx: click.Context, netns: str | None) -> None:
 
 # -- attach / detach / status ---------------------------------------------------------------
 @main.command(epilog=examples(
-    "lbctl attach eth0 eth1                  # native mode on both arms",
+    "lbctl attach eth0 eth1                  # both arms, each in its driver's faster mode",
     "lbctl attach eth0 --mode generic        # when the driver has no native XDP",
+    "lbctl attach eth0 eth1 --mode native    # force one mode on both",
 ))
 @click.argument("ifaces", nargs=-1, required=True)
 @mode_option
 @click.pass_obj
-def attach(obj: Context, ifaces: tuple[str, ...], mode: str) -> None:
+def attach(obj: Context, ifaces: tuple[str, ...], mode: str | None) -> None:
     """Load the balancer and attach it to IFACE... (compiles once; maps persist)."""
     for a in obj.controller.attach(list(ifaces), mode):
-        click.echo(f"attached {a.ifname} ({a.mode}, prog {a.prog_id})")
+        click.echo(f"attached {a.ifname} ({a.mode}, prog {a.prog_id}): {a.reason}")
     from xdp.balancer import ipv4_forwarding
 
     if not ipv4_forwarding():
@@ -282,7 +285,8 @@ def status(obj: Context, as_json: bool) -> None:
     if agent and agent["all_failing"]:
         click.echo(f"WARNING   every backend fails its checks, last healthy set kept: {', '.join(agent['all_failing'])}")
     click.echo("")
-    print_table(st["attached"], [("IFACE", "ifname"), ("MODE", "mode"), ("PROG", "prog_id")],
+    print_table(st["attached"], [("IFACE", "ifname"), ("MODE", "mode"), ("PROG", "prog_id"),
+                                 ("WHY", "why")],
                 "not attached to any interface")
 
 
@@ -693,7 +697,7 @@ def lab_status(prefix: str, as_json: bool) -> None:
 @click.option("--requests", "count", type=click.IntRange(10, 100000), default=300, show_default=True)
 @mode_option
 @click.option("--prefix", default="lbl", show_default=True, help="lab namespace name prefix")
-def demo(keep: bool, count: int, mode: str, prefix: str) -> None:
+def demo(keep: bool, count: int, mode: str | None, prefix: str) -> None:
     """Run the namespace-lab demo: real HTTP through the XDP balancer."""
     from lbctl.demo import run_demo
 

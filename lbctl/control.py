@@ -143,7 +143,8 @@ class Controller:
         return _with_agent_health(self.instance, out)
 
     # -- data plane -------------------------------------------------------------------------
-    def attach(self, ifnames: list[str], mode: str) -> list[Attachment]:
+    def attach(self, ifnames: list[str], mode: str | None = None) -> list[Attachment]:
+        """mode None: each interface gets its driver's default (xdp/modes.py)."""
         with self._locked():
             try:
                 return self.balancer.attach(ifnames, mode)
@@ -166,7 +167,8 @@ class Controller:
         attachments = self.balancer.attachments()
         out: dict = {"instance": self.instance, "pin_dir": self.balancer.pin_dir,
                      "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
-                                   "prog_id": a.prog_id} for a in attachments],
+                                   "prog_id": a.prog_id, "driver": a.driver, "why": a.reason}
+                                  for a in attachments],
                      "prog_id": self.balancer.pinned_prog_id(), "vips": 0, "backends": 0,
                      "maps": os.path.isdir(self.balancer.pin_dir)}
         if out["maps"]:

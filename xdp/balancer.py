@@ -14,6 +14,7 @@ from xdp import libbpf
 from xdp.errors import AttachError, NeedRootError, NotAttachedError
 from xdp.limits import DEFAULT_LIMITS, Limits
 from xdp.maps import LbMaps, pin_dir_for
+from xdp.modes import default_mode, driver_of, mode_reason
 
 if TYPE_CHECKING:
     from xdp.program import LoadedProgram
@@ -28,6 +29,8 @@ class Attachment:
     ifindex: int
     mode: str          # native | generic
     prog_id: int
+    driver: str | None = None
+    reason: str = ""   # why this mode: the driver's default, or --mode
 
 
 def require_root() -> None:
@@ -127,18 +130,22 @@ class Balancer:
         out = []
         for ifindex, ifname in socket.if_nameindex():
             q = libbpf.xdp_query(ifindex)
-            if q.drv_prog_id == prog_id:
-                out.append(Attachment(ifname, ifindex, "native", prog_id))
-            elif q.skb_prog_id == prog_id:
-                out.append(Attachment(ifname, ifindex, "generic", prog_id))
+            mode = "native" if q.drv_prog_id == prog_id else "generic" if q.skb_prog_id == prog_id else None
+            if mode is not None:
+                driver = driver_of(ifname)
+                out.append(Attachment(ifname, ifindex, mode, prog_id, driver, mode_reason(driver, mode)))
         return out
 
-    def attach(self, ifnames: list[str], mode: str = "native") -> list[Attachment]:
-        """Attaches to every interface or to none: a refusal undoes the ones already done."""
+    def attach(self, ifnames: list[str], mode: str | None = None) -> list[Attachment]:
+        """Attaches to every interface or to none: a refusal undoes the ones already done.
+
+        Without a mode each interface gets its driver's default (xdp/modes.py), and one that
+        runs the program already keeps its mode; a mode given applies to every interface."""
         require_root()
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             raise AttachError(f"unknown XDP mode '{mode}'; hint: use native or generic")
         targets = [(name, ifindex_of(name)) for name in dict.fromkeys(ifnames)]
+        wanted = {ifindex: mode or default_mode(driver_of(name)).mode for name, ifindex in targets}
         current = {a.ifindex: a for a in self.attachments()}
         # A new program build is only loaded when nothing runs the old one.
         fd = self._program_fd(fresh=not current)
@@ -147,8 +154,9 @@ class Balancer:
         try:
             for name, ifindex in targets:
                 have = current.get(ifindex)
-                if have and have.mode == mode:
+                if have and (mode is None or have.mode == mode):
                     continue
+                if_mode = wanted[ifindex]
                 q = libbpf.xdp_query(ifindex)
                 other = q.drv_prog_id or q.skb_prog_id or q.hw_prog_id
                 if other and other != prog_id:
@@ -159,14 +167,14 @@ class Balancer:
                 if have:  # switching mode: the old attachment must go first
                     libbpf.xdp_detach(ifindex, MODES[have.mode])
                 try:
-                    libbpf.xdp_attach(ifindex, fd, MODES[mode] | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
+                    libbpf.xdp_attach(ifindex, fd, MODES[if_mode] | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
                 except libbpf.BpfError as exc:
-                    hint = "try --mode generic" if mode == "native" else "check the kernel supports XDP"
+                    hint = "try --mode generic" if if_mode == "native" else "check the kernel supports XDP"
                     raise AttachError(
-                        f"cannot attach XDP on '{name}' in {mode} mode: {os.strerror(exc.errno or 0)} "
+                        f"cannot attach XDP on '{name}' in {if_mode} mode: {os.strerror(exc.errno or 0)} "
                         f"({exc.errno}); {hint}"
                     ) from exc
-                done.append((ifindex, MODES[mode]))
+                done.append((ifindex, MODES[if_mode]))
         except BaseException:
             for ifindex, flags in done:
                 _detach_quietly(ifindex, flags)

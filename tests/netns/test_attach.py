@@ -35,7 +35,7 @@ def detached(lab: Lab) -> Lab:
 
 
 def test_switching_mode_reattaches_in_the_new_mode(detached: Lab):
-    lbctl(detached, "attach", "eth0", "eth1")
+    lbctl(detached, "attach", "eth0", "eth1", "--mode", "native")
     assert attached(detached) == {"eth0": "native", "eth1": "native"}
     lbctl(detached, "attach", "eth1", "--mode", "generic")
     assert attached(detached) == {"eth0": "native", "eth1": "generic"}
@@ -82,7 +82,7 @@ def test_detaching_an_interface_that_is_not_attached_is_refused(detached: Lab):
     lbctl(detached, "attach", "eth0")
     proc = lbctl(detached, "detach", "eth1", check=False)
     assert proc.returncode == 4 and "not attached to 'eth1'" in proc.stderr
-    assert attached(detached) == {"eth0": "native"}
+    assert attached(detached) == {"eth0": "generic"}
 
 
 def test_attach_warns_when_forwarding_is_off(detached: Lab):

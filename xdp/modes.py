@@ -1,0 +1,78 @@
+"""The XDP mode lbctl gives an interface when the user names none: one table keyed by the
+interface's driver, each row with the reason `lbctl status` shows (figures in docs/real-hosts.md)."""
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import socket
+import struct
+from dataclasses import dataclass
+
+from xdp.errors import AttachError
+
+NATIVE = "native"
+GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    mode: str      # native | generic
+    reason: str    # why, as `lbctl status` prints it
+
+
+# Drivers whose default is not native. Anything not listed gets native: that is where XDP
+# runs before the kernel builds a socket buffer, and every real NIC driver with XDP support
+# is faster there. A row belongs here only with a measurement (veth) or a refusal of native
+# attach seen on this kernel (the rest); tests/netns/test_modes.py re-checks each on real
+# interfaces.
+MODE_BY_DRIVER: dict[str, ModeChoice] = {
+    # Native veth XDP must copy every skb a local socket sent (cloned, paged, short of the
+    # 256-byte XDP headroom) into a page-pool page, and the peer builds a new skb from the
+    # redirected frame; generic mode runs on the skb the stack already has.
+    "veth": ModeChoice(GENERIC, "veth: native costs an extra copy per packet, see docs/real-hosts.md"),
+    # These drivers refuse native attach (EOPNOTSUPP: no ndo_bpf) on this kernel; macvtap
+    # devices report the macvlan driver too.
+    **{driver: ModeChoice(GENERIC, f"{driver}: the driver has no native XDP")
+       for driver in ("bridge", "vxlan", "macvlan", "ifb")},
+}
+
+# ethtool's ioctl (linux/sockios.h, linux/ethtool.h): the driver name, as `ethtool -i` shows it.
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GDRVINFO = 0x00000003
+_DRVINFO_SIZE = 196     # struct ethtool_drvinfo
+_DRIVER_OFFSET, _DRIVER_LEN = 4, 32
+_IFREQ_SIZE = 40
+
+
+def driver_of(ifname: str) -> str | None:
+    """The interface's driver in the calling thread's network namespace, or None when the
+    device reports none (loopback, some tunnels)."""
+    drvinfo = array.array("B", struct.pack("=I", _ETHTOOL_GDRVINFO) + bytes(_DRVINFO_SIZE - 4))
+    address, _ = drvinfo.buffer_info()
+    ifreq = struct.pack("16sP", ifname.encode()[:15], address).ljust(_IFREQ_SIZE, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifreq)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise AttachError(f"unknown interface '{ifname}'; hint: 'ip link' lists the "
+                                  "interfaces here") from None
+            return None
+    raw = drvinfo[_DRIVER_OFFSET:_DRIVER_OFFSET + _DRIVER_LEN].tobytes()
+    return raw.split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+def default_mode(driver: str | None) -> ModeChoice:
+    """The mode an interface of this driver gets without --mode."""
+    if driver is None:
+        return ModeChoice(NATIVE, "driver unknown: native, XDP's own mode")
+    return MODE_BY_DRIVER.get(driver, ModeChoice(NATIVE, f"{driver}: native runs in the driver"))
+
+
+def mode_reason(driver: str | None, mode: str) -> str:
+    """Why an interface runs in `mode`: the driver's default, or the user's --mode."""
+    choice = default_mode(driver)
+    if choice.mode == mode:
+        return choice.reason
+    return f"set by --mode {mode} ({driver or 'this driver'} defaults to {choice.mode})"
