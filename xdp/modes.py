@@ -24,7 +24,7 @@ class ModeChoice:
 # Drivers whose default is not native. Anything not listed gets native: that is where XDP
 # runs before the kernel builds a socket buffer, and every real NIC driver with XDP support
 # is faster there. A row belongs here only with a measurement (veth) or a refusal of native
-# attach seen on this kernel (the rest); tests/netns/test_modes.py re-checks each on real
+# attach seen on this kernel (the rest); tests/netns/test_mode_by_driver.py re-checks each on real
 # interfaces.
 MODE_BY_DRIVER: dict[str, ModeChoice] = {
     # Native veth XDP must copy every skb a local socket sent (cloned, paged, short of the
