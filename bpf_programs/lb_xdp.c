@@ -16,46 +16,45 @@
 #include "lb_frag.h"
 #include "lb_icmp.h"
 
-static __always_inline int lb_from_client(struct xdp_md *ctx, struct lb_packet *pkt,
-                                          struct vip_meta *vip, __u64 bytes)
+/* A client's packet of a live tracked flow: it goes to the flow's backend. */
+static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet *pkt,
+                                           struct nat_entry *flow, __u64 now, __u64 bytes)
 {
-    __u64 now = lb_now_ns();
-    struct nat_entry *flow = lb_flow_lookup(&pkt->key, LB_DIR_ORIGINAL);
-    struct nat_entry fresh = {};
-    int new_flow = 0, refreshed = 0;
-
-    if (flow && !lb_flow_usable(flow, now, pkt->tcp_flags))
-        flow = NULL;
-
-    if (!flow) {
-        struct backend *be = NULL;
-        __u32 slot = 0;
-        __u32 id = lb_pick(vip, &pkt->key, &be, &slot);
-        if (id == LB_NO_BACKEND || !be)
-            return lb_drop_no_backend(vip->vip_id, bytes);
-        fresh.addr = be->addr;
-        fresh.port = be->port;
-        fresh.backend_id = id;
-        fresh.vip_id = vip->vip_id;
-        lb_flow_create(&pkt->key, &fresh, pkt->tcp_flags, now);
-        flow = &fresh;
-        new_flow = 1;
-    } else {
-        refreshed = lb_flow_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
-    }
-
-    lb_count_flow(flow->vip_id, flow->backend_id, bytes, new_flow);
+    int refreshed = lb_flow_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
+    lb_count_flow(flow->vip_id, flow->backend_id, bytes, 0);
     if (pkt->more_fragments)
         lb_record_fragment(pkt, LB_DIR_ORIGINAL, flow->addr, flow->vip_id, flow->backend_id, now);
     lb_rewrite(pkt, 1, flow->addr, flow->port);
-    /* A new flow lives on the stack here: its next hop is cached by its first hit. */
-    return lb_forward(ctx, pkt, bytes, new_flow ? NULL : flow, refreshed);
+    return lb_forward(ctx, pkt, bytes, flow, refreshed);
+}
+
+/* A client's packet to a VIP with no live flow: the VIP's ring picks the backend. */
+static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_packet *pkt,
+                                       struct vip_meta *vip, __u64 now, __u64 bytes)
+{
+    struct backend *be = NULL;
+    __u32 slot = 0;
+    __u32 id = lb_pick(vip, &pkt->key, &be, &slot);
+    if (id == LB_NO_BACKEND || !be)
+        return lb_drop_no_backend(vip->vip_id, bytes);
+    struct nat_entry fresh = {};
+    fresh.addr = be->addr;
+    fresh.port = be->port;
+    fresh.backend_id = id;
+    fresh.vip_id = vip->vip_id;
+    lb_flow_create(&pkt->key, &fresh, pkt->tcp_flags, now);
+
+    lb_count_flow(fresh.vip_id, fresh.backend_id, bytes, 1);
+    if (pkt->more_fragments)
+        lb_record_fragment(pkt, LB_DIR_ORIGINAL, fresh.addr, fresh.vip_id, fresh.backend_id, now);
+    lb_rewrite(pkt, 1, fresh.addr, fresh.port);
+    /* The entry is on the stack here: its next hop is cached by the flow's first hit. */
+    return lb_forward(ctx, pkt, bytes, NULL, 0);
 }
 
 static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet *pkt,
-                                           struct nat_entry *back, __u64 bytes)
+                                           struct nat_entry *back, __u64 now, __u64 bytes)
 {
-    __u64 now = lb_now_ns();
     if (!lb_entry_live(back, now, pkt->tcp_flags, LB_DIR_REPLY)) {
         lb_flow_forget(&pkt->key, LB_DIR_REPLY);
         return lb_outcome(LB_PASS_STALE_REPLY, bytes, XDP_PASS);
@@ -103,6 +102,15 @@ static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vi
     return XDP_PASS;
 }
 
+static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *key)
+{
+    struct vip_key vk = {};
+    vk.addr = key->dst;
+    vk.port = key->dport;
+    vk.proto = key->proto;
+    return vips.lookup(&vk);
+}
+
 int xdp_lb(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -118,15 +126,10 @@ int xdp_lb(struct xdp_md *ctx)
     if (verdict == LB_PARSED_FRAGMENT)
         return lb_fragment(ctx, &pkt, bytes);
 
-    struct vip_key vk = {};
-    vk.addr = pkt.key.dst;
-    vk.port = pkt.key.dport;
-    vk.proto = pkt.key.proto;
-    struct vip_meta *vip = vips.lookup(&vk);
-
     /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
     struct lb_explain *explain = (void *)(long)ctx->data_meta;
     if ((void *)(explain + 1) <= data && explain->magic == LB_EXPLAIN_MAGIC) {
+        struct vip_meta *vip = lb_vip_lookup(&pkt.key);
         if (!vip) {
             explain->verdict = LB_EXPLAIN_NOT_VIP;
             return XDP_PASS;
@@ -134,16 +137,33 @@ int xdp_lb(struct xdp_md *ctx)
         return lb_explain(&pkt, vip, explain);
     }
 
+    /* Tracked traffic is looked up first, so that a flow hit, the common packet, needs no
+     * other lookup: a client's packet of a flow, else a backend's reply, else maybe a VIP's
+     * new flow. No key is in two of these tables: a flow's key ends at a VIP, a reply's at a
+     * client. A flow outlives its VIP only while `vip del` forgets the VIP's flows. */
+    struct nat_entry *flow = lb_flow_lookup(&pkt.key, LB_DIR_ORIGINAL);
     struct nat_entry *back = NULL;
-    if (!vip) {
+    struct vip_meta *vip = NULL;
+    if (!flow) {
         back = lb_flow_lookup(&pkt.key, LB_DIR_REPLY);
-        if (!back)
-            return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        if (!back) {
+            vip = lb_vip_lookup(&pkt.key);
+            if (!vip)
+                return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        }
     }
     /* The kernel must see TTL expiry to send its ICMP error; nothing was rewritten yet. */
     if (pkt.ip->ttl <= 1)
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
-    if (vip)
-        return lb_from_client(ctx, &pkt, vip, bytes);
-    return lb_from_backend(ctx, &pkt, back, bytes);
+    __u64 now = lb_now_ns();
+    if (back)
+        return lb_from_backend(ctx, &pkt, back, now, bytes);
+    if (flow && lb_flow_usable(flow, now, pkt.tcp_flags))
+        return lb_flow_forward(ctx, &pkt, flow, now, bytes);
+    /* No flow, or one that ended: the VIP's ring decides, if the VIP is still there. */
+    if (!vip)
+        vip = lb_vip_lookup(&pkt.key);
+    if (!vip)
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    return lb_new_flow(ctx, &pkt, vip, now, bytes);
 }
