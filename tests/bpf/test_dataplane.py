@@ -622,6 +622,15 @@ CASES: list[Case] = [
         Send(to_vip(POOL, 41000, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
              dnat(to_vip(POOL, 41000, "A"), POOL_A)),
     )),
+    Case("after vip_del the VIP's tracked flow and its backend's replies pass unchanged", (
+        # Tracked flows are looked up before the VIP: deleting the VIP must end them too.
+        Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+        Send(from_backend(WEB_BACKEND), BACKEND_ARM, XDP_REDIRECT, "redirect",
+             snat(from_backend(WEB_BACKEND), WEB)),
+        Do("delete the VIP", lambda c: c.vip_del(WEB)),
+        passes(ACK_TO_WEB, "pass_not_vip"),
+        passes(from_backend(WEB_BACKEND, flags="A"), "pass_not_vip", BACKEND_ARM),
+    )),
     Case("a backend without a resolved neighbour gets the rewritten packet via the kernel", (
         Send(to_vip(UNRESOLVED), CLIENT_ARM, XDP_PASS, "pass_no_route",
              rewritten(to_vip(UNRESOLVED), dst=UNRESOLVED_BACKEND, hops=0)),
