@@ -204,6 +204,8 @@ class Agent:
         assert self.state is not None
         out: Config = {}
         for vip, entry in self.state.vips.items():
+            if entry.mode != "l4":
+                continue   # an L7 VIP stays out of the maps: XDP passes its packets to the proxy
             active = [b for b in entry.spec.backends if b.state == "active"]
             if self._checked(entry.health):
                 healthy = {b.name for b in active if self._health(vip, b.name).up}

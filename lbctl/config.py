@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from lbctl.model import BackendSpec, Config, VipSpec, parse_endpoint
 from xdp.codec import Endpoint
 
 # Values the contract names for later work: refused with "not supported yet", never ignored.
-SUPPORTED_NOW = {"mode": ("l4",), "forwarding": ("nat",), "affinity": ("flow",)}
-PLANNED = {"mode": ("l7",), "forwarding": ("fullnat", "dsr"), "affinity": ("client",)}
+SUPPORTED_NOW = {"mode": ("l4", "l7"), "forwarding": ("nat",), "affinity": ("flow",)}
+PLANNED: dict[str, tuple[str, ...]] = {"mode": (), "forwarding": ("fullnat", "dsr"), "affinity": ("client",)}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000}
@@ -124,6 +125,130 @@ class BackendFile(_Strict):
     state: Literal["active", "drain", "down"] = "active"
 
 
+# -- the L7 proxy's block (mode: l7 VIPs); every default works, so `mode: l7` alone runs ----
+def _check_duration(v: Any) -> Any:
+    parse_duration_ms(v)
+    return v
+
+
+class L7PoolFile(_Strict):
+    """Upstream keep-alive connections, one pool per backend per worker."""
+
+    max_size: int = Field(64, ge=1, le=10_000)
+    min_idle: int = Field(0, ge=0, le=10_000)
+    idle_timeout: Any = "60s"
+    warmup: Literal["eager", "lazy"] = "lazy"
+
+    _d = field_validator("idle_timeout")(classmethod(lambda cls, v: _check_duration(v)))
+
+    @model_validator(mode="after")
+    def _sizes(self) -> L7PoolFile:
+        if self.min_idle > self.max_size:
+            raise ValueError(f"min_idle {self.min_idle} is more than max_size {self.max_size}")
+        if self.warmup == "eager" and self.min_idle == 0:
+            raise ValueError("warmup eager opens min_idle connections at start, and min_idle is 0; "
+                             "set min_idle: 1 or more, or warmup: lazy")
+        return self
+
+
+class L7LimitsFile(_Strict):
+    """What bad or slow clients and backends meet (docs/l7.md has the table)."""
+
+    header_timeout: Any = "10s"        # request headers complete within this, or the connection closes
+    keepalive_timeout: Any = "60s"     # an idle client connection closes after this
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    max_headers: int = Field(100, ge=1, le=10_000)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    connect_timeout: Any = "2s"        # to a backend; past it the request retries or gets 502
+    read_timeout: Any = "30s"          # a backend's response head; past it 504
+    drain_timeout: Any = "10s"         # shutdown waits this long for requests in flight
+
+    _d = field_validator("header_timeout", "keepalive_timeout", "connect_timeout", "read_timeout",
+                         "drain_timeout")(classmethod(lambda cls, v: _check_duration(v)))
+
+
+class L7EjectionFile(_Strict):
+    """Passive health: consecutive connect failures or 5xx answers take a backend out."""
+
+    failures: int = Field(5, ge=1, le=1000)
+    cooldown: Any = "10s"
+
+    _d = field_validator("cooldown")(classmethod(lambda cls, v: _check_duration(v)))
+
+
+class L7RouteFile(_Strict):
+    host: str | None = None            # exact, or '*.example.com' for any subdomain
+    path_prefix: str = "/"
+    group: str | None = None
+    split: dict[str, int] | None = None   # group -> weight, e.g. {stable: 90, canary: 10}
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or any(c.isspace() for c in v):
+            raise ValueError(f"path_prefix '{v}' must start with / and hold no spaces, e.g. /api/")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(\*\.)?[A-Za-z0-9.-]+", v):
+            raise ValueError(f"host '{v}' is not a host name; write it like api.example.com or "
+                             "*.example.com")
+        return v.lower() if v is not None else v
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("split is empty; name at least one group with its weight")
+            for name, weight in v.items():
+                if not 0 <= weight <= 10_000:
+                    raise ValueError(f"split weight {weight} of '{name}' is out of range 0-10000")
+            if sum(v.values()) == 0:
+                raise ValueError("split weights add up to 0; give a group a weight above 0")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> L7RouteFile:
+        if (self.group is None) == (self.split is None):
+            raise ValueError("a route names exactly one of 'group' or 'split'")
+        return self
+
+
+class L7TlsFile(_Strict):
+    cert: str
+    key: str
+
+
+class L7File(_Strict):
+    workers: int = Field(0, ge=0, le=256)        # 0: one per core
+    balancing: Literal["round_robin", "least_outstanding", "hash"] = "round_robin"
+    hash_on: str | None = None                   # 'header:X-User' or 'cookie:session'
+    pool: L7PoolFile = L7PoolFile()
+    limits: L7LimitsFile = L7LimitsFile()
+    ejection: L7EjectionFile = L7EjectionFile()
+    groups: dict[str, list[str]] = {}            # name -> backend addrs of this VIP
+    routes: list[L7RouteFile] = []
+    tls: L7TlsFile | None = None
+
+    @field_validator("hash_on")
+    @classmethod
+    def _hash_on(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+", v):
+            raise ValueError(f"hash_on '{v}' is not 'header:NAME' or 'cookie:NAME'")
+        return v
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> L7File:
+        if self.balancing == "hash" and self.hash_on is None:
+            raise ValueError("balancing hash needs hash_on: header:NAME or cookie:NAME")
+        if self.balancing != "hash" and self.hash_on is not None:
+            raise ValueError(f"hash_on is for balancing: hash (this is {self.balancing})")
+        return self
+
+
 class VipFile(_Strict):
     vip: str
     proto: Literal["tcp", "udp"] = "tcp"
@@ -131,6 +256,7 @@ class VipFile(_Strict):
     forwarding: str = "nat"
     affinity: str = "flow"
     health: HealthFile | None = None
+    l7: L7File | None = None
     backends: list[BackendFile] = []
 
     @field_validator("mode", "forwarding", "affinity")
@@ -141,8 +267,18 @@ class VipFile(_Strict):
             return v
         if v in PLANNED[key]:
             raise ValueError(f"{key} '{v}' is not supported yet; use {key}: {SUPPORTED_NOW[key][0]}")
-        raise ValueError(f"unknown {key} '{v}'; use {' or '.join(SUPPORTED_NOW[key] + PLANNED[key])} "
-                         f"({', '.join(PLANNED[key])} not supported yet)")
+        later = f" ({', '.join(PLANNED[key])} not supported yet)" if PLANNED[key] else ""
+        raise ValueError(f"unknown {key} '{v}'; use {' or '.join(SUPPORTED_NOW[key] + PLANNED[key])}"
+                         f"{later}")
+
+    @model_validator(mode="after")
+    def _l7_only(self) -> VipFile:
+        if self.l7 is not None and self.mode != "l7":
+            raise ValueError("an 'l7' block is for mode: l7 VIPs only (this one is l4); "
+                             "add mode: l7 or remove the block")
+        if self.mode == "l7" and self.proto != "tcp":
+            raise ValueError(f"mode l7 serves HTTP over tcp; this VIP is {self.proto}")
+        return self
 
 
 class ConfigFile(_Strict):
@@ -165,9 +301,45 @@ class HealthSpec:
 
 
 @dataclass(frozen=True)
+class L7Route:
+    host: str | None                         # lower case; '*.example.com' matches subdomains
+    path_prefix: str
+    split: tuple[tuple[str, int], ...]       # (group, weight); one entry for a plain group
+
+
+@dataclass(frozen=True)
+class L7Spec:
+    """A mode: l7 VIP's proxy settings, durations in ms, groups resolved to backend names."""
+
+    workers: int = 0
+    balancing: str = "round_robin"
+    hash_on: tuple[str, str] | None = None   # ('header'|'cookie', name)
+    pool_max_size: int = 64
+    pool_min_idle: int = 0
+    pool_idle_timeout_ms: int = 60_000
+    warmup: str = "lazy"
+    header_timeout_ms: int = 10_000
+    keepalive_timeout_ms: int = 60_000
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 10 * 1024 * 1024
+    connect_timeout_ms: int = 2000
+    read_timeout_ms: int = 30_000
+    drain_timeout_ms: int = 10_000
+    eject_failures: int = 5
+    eject_cooldown_ms: int = 10_000
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    routes: tuple[L7Route, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
 class VipEntry:
     spec: VipSpec
     health: HealthSpec | None
+    mode: str = "l4"
+    l7: L7Spec | None = None                  # set (defaults filled) for every mode: l7 VIP
 
 
 @dataclass(frozen=True)
@@ -180,8 +352,12 @@ class DesiredState:
     vips: dict[Endpoint, VipEntry]
 
     def config(self) -> Config:
-        """The part the planner compares with the maps."""
-        return {vip: entry.spec for vip, entry in self.vips.items()}
+        """The part the planner compares with the maps: L4 VIPs only. A mode: l7 VIP is never
+        in the maps, so the XDP program passes its packets up to the proxy untouched."""
+        return {vip: entry.spec for vip, entry in self.vips.items() if entry.mode == "l4"}
+
+    def l7_vips(self) -> dict[Endpoint, VipEntry]:
+        return {vip: entry for vip, entry in self.vips.items() if entry.mode == "l7"}
 
 
 # -- loading with line numbers -------------------------------------------------------------
@@ -243,19 +419,26 @@ def _describe(err: Any, loc: Loc) -> str:
 
 
 def _hint(loc: Loc, kind: str) -> str:
+    field = next((p for p in reversed(loc) if isinstance(p, str)), "")
     hints = {
         "weight": f"a weight is 1-{MAX_WEIGHT}; use state: drain to stop new connections",
         "rise": "rise and fall count checks: 1-100", "fall": "rise and fall count checks: 1-100",
         "check": "check is tcp, http or none", "state": "state is active, drain or down",
         "proto": "proto is tcp or udp", "interval": "write a duration like 1s or 500ms",
         "timeout": "write a duration like 1s or 500ms", "xdp_mode": "xdp_mode is native or generic",
+        "balancing": "balancing is round_robin, least_outstanding or hash",
+        "warmup": "warmup is eager or lazy", "hash_on": "write it like header:X-User or cookie:session",
+        "idle_timeout": "write a duration like 60s", "cooldown": "write a duration like 10s",
+        "mode": "mode is l4 (XDP) or l7 (the HTTP proxy)",
     }
+    doc = "docs/l7.md" if "l7" in loc else "docs/operations.md"
     if kind == "extra_forbidden":
-        return "check the spelling; docs/operations.md lists every key"
+        return f"check the spelling; {doc} lists every key"
     if kind == "missing":
         return f"add '{loc[-1]}'"
-    field = next((p for p in reversed(loc) if isinstance(p, str)), "")
-    return hints.get(field, "docs/operations.md shows a complete example")
+    if field.endswith("_timeout"):
+        return "write a duration like 10s or 500ms"
+    return hints.get(field, f"{doc} shows a complete example")
 
 
 def _fail(source: str, lines: dict[Loc, int], loc: Loc, message: str, hint: str) -> ConfigError:
@@ -336,8 +519,63 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
                             "list each backend once; weight sets its share")
             backends[str(ep)] = BackendSpec(ep.addr, ep.port, b.weight, b.state)
         spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))))
-        vips[vip] = VipEntry(spec, _health(v.health))
+        l7 = _l7(v.l7 or L7File(), spec, source, lines, ("vips", i, "l7")) if v.mode == "l7" else None
+        vips[vip] = VipEntry(spec, _health(v.health), v.mode, l7)
     return DesiredState(source, tuple(model.interfaces), model.xdp_mode, vips)
+
+
+def _l7(f: L7File, spec: VipSpec, source: str, lines: dict[Loc, int], at: Loc) -> L7Spec:
+    """Cross-checks of an l7 block: groups name this VIP's backends, routes name known groups,
+    and the TLS files load as a certificate and its key."""
+    names = {b.name for b in spec.backends}
+    groups: dict[str, tuple[str, ...]] = {}
+    for gname, members in f.groups.items():
+        out = []
+        for k, addr in enumerate(members):
+            try:
+                ep = parse_endpoint(addr, "tcp", "backend")
+            except ConfigError as exc:
+                raise _fail(source, lines, at + ("groups", gname, k), *_split(exc)) from None
+            if str(ep) not in names:
+                raise _fail(source, lines, at + ("groups", gname, k), f"group '{gname}' names {ep}, "
+                            "which is not a backend of this VIP", "list it under backends first")
+            out.append(str(ep))
+        if not out:
+            raise _fail(source, lines, at + ("groups", gname), f"group '{gname}' is empty",
+                        "name at least one backend")
+        groups[gname] = tuple(out)
+    routes = []
+    for r_i, r in enumerate(f.routes):
+        split = ((r.group, 1),) if r.group is not None else tuple((r.split or {}).items())
+        for gname, _ in split:
+            if gname not in groups:
+                key = "group" if r.group is not None else "split"
+                raise _fail(source, lines, at + ("routes", r_i, key), f"unknown group '{gname}'",
+                            f"groups here are: {', '.join(groups) or 'none (add an l7.groups block)'}")
+        routes.append(L7Route(r.host, r.path_prefix, split))
+    if f.tls is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(f.tls.cert, f.tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise _fail(source, lines, at + ("tls",), f"cannot load the certificate {f.tls.cert} with "
+                        f"key {f.tls.key}: {getattr(exc, 'strerror', None) or exc}",
+                        "give PEM files readable here, the key matching the certificate") from None
+    kind, _, name = (f.hash_on or "").partition(":")
+    lim = f.limits
+    return L7Spec(
+        workers=f.workers, balancing=f.balancing,
+        hash_on=(kind, name.lower() if kind == "header" else name) if f.hash_on else None,
+        pool_max_size=f.pool.max_size, pool_min_idle=f.pool.min_idle,
+        pool_idle_timeout_ms=parse_duration_ms(f.pool.idle_timeout), warmup=f.pool.warmup,
+        header_timeout_ms=parse_duration_ms(lim.header_timeout),
+        keepalive_timeout_ms=parse_duration_ms(lim.keepalive_timeout),
+        max_header_bytes=lim.max_header_bytes, max_headers=lim.max_headers,
+        max_body_bytes=lim.max_body_bytes, connect_timeout_ms=parse_duration_ms(lim.connect_timeout),
+        read_timeout_ms=parse_duration_ms(lim.read_timeout),
+        drain_timeout_ms=parse_duration_ms(lim.drain_timeout),
+        eject_failures=f.ejection.failures, eject_cooldown_ms=parse_duration_ms(f.ejection.cooldown),
+        groups=tuple(groups.items()), routes=tuple(routes),
+        tls_cert=f.tls.cert if f.tls else None, tls_key=f.tls.key if f.tls else None)
 
 
 def _split(exc: ConfigError) -> tuple[str, str]:

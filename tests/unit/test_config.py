@@ -145,7 +145,7 @@ def test_missing_vip_key():
     assert msg.startswith("lb.yaml:2: vips[0].vip: required key missing; hint: add 'vip'")
 
 
-@pytest.mark.parametrize("key, value", [("mode", "l7"), ("forwarding", "dsr"), ("forwarding", "fullnat"),
+@pytest.mark.parametrize("key, value", [("forwarding", "dsr"), ("forwarding", "fullnat"),
                                         ("affinity", "client")])
 def test_planned_values_are_refused_as_not_supported_yet(key: str, value: str):
     base = {"mode": "l4", "forwarding": "nat", "affinity": "flow"}[key]
