@@ -92,6 +92,8 @@ def echo_json(data: object) -> None:
 def echo_plan(result) -> None:
     for line in result.plan.describe():
         click.echo(line)
+    for warning in result.plan.warnings:
+        click.echo(f"lbctl: warning: {warning}", err=True)
 
 
 # -- argument types: bad input is refused while click parses, before any command runs --------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,8 +13,9 @@ from xdp.limits import DEFAULT_LIMITS
 # exactly the slots the program indexes.
 DEFAULT_RING_SIZE = DEFAULT_LIMITS.ring_size
 
-# Caps the weight so that the sum of weights (turns per round) stays far below the ring
-# size for realistic pools; the shares are only as exact as rounds are many.
+# Caps the weight so exact turn keys stay distinct as floats (see _turn_order). Weights are
+# relative: when their sum exceeds the ring size the ring fills within one round of turns and
+# each backend still gets its share within about one slot.
 MAX_WEIGHT = 1000
 
 # The slot value for "no backend", seen only when the ring is built from no backends.
@@ -77,12 +79,6 @@ def _check_inputs(backends: Sequence[MaglevBackend], ring_size: int, seed: int) 
         if backend.name in seen_names:
             raise MaglevError(f"backend {backend.name!r} is listed twice; names must be unique")
         seen_names.add(backend.name)
-    total_weight = sum(backend.weight for backend in backends)
-    if total_weight > ring_size:
-        raise MaglevError(
-            f"total weight {total_weight} exceeds ring size {ring_size}; lower the weights "
-            f"or use a larger prime ring size"
-        )
 
 
 def _offset_and_skip(name: str, ring_size: int, seed_key: bytes) -> tuple[int, int]:
@@ -99,7 +95,7 @@ def _offset_and_skip(name: str, ring_size: int, seed_key: bytes) -> tuple[int, i
     return offset, skip
 
 
-def _turn_order(backends: Sequence[MaglevBackend]) -> list[int]:
+def _turn_order(backends: Sequence[MaglevBackend], ring_size: int) -> list[int]:
     """One round of turns: backend i appears weight_i times, its turns spread evenly.
 
     Each turn claims exactly one slot, so a backend's slot count equals its turn count.
@@ -107,13 +103,29 @@ def _turn_order(backends: Sequence[MaglevBackend]) -> list[int]:
     Spreading each backend's turns over the round (turn k of a weight-w backend sits at
     (k + 1/2) / w) makes any prefix of a round hold about its fair part of every backend's
     turns, so the partial round costs each backend at most about one slot, not `weight`.
+    That is also what scales weights to the ring: when the weights sum to more than the
+    ring has slots, the ring fills within the first round, and each backend's turns in that
+    prefix are its weight times the fraction of the round used, rounded.
     Ordering by name, not by list position, is what makes the ring independent of the
     order the caller lists backends in.
     """
+    # Weights sharing a factor give the same sequence (each round of the divided weights is
+    # a stretch of the undivided round), so divide it out: 200 backends of weight 1000 cost
+    # 200 turns, not 200,000.
+    divisor = math.gcd(*(backend.weight for backend in backends))
+    weights = [backend.weight // divisor for backend in backends]
+    total_weight = sum(weights)
+    # A round longer than the ring is only walked up to slot ring_size. Keys up to
+    # (ring_size + n/2) / total_weight are enough: at that point every backend has at least
+    # weight * x - 1/2 turns, ring_size in all. Integers keep the bound exact.
+    bound_numerator = 2 * ring_size + len(backends)
     turn_keys: list[tuple[float, str, int]] = []
-    for index, backend in enumerate(backends):
-        weight = backend.weight
-        for turn in range(weight):
+    for index, (backend, weight) in enumerate(zip(backends, weights)):
+        turns = weight
+        if total_weight > ring_size:
+            # (2k + 1) / (2 weight) <= bound_numerator / (2 total_weight)
+            turns = min(weight, (weight * bound_numerator // total_weight + 1) // 2)
+        for turn in range(turns):
             # Exact rationals with denominators <= 2 * MAX_WEIGHT are distinct by more than
             # float rounding, and IEEE division is correctly rounded, so these floats order
             # identically on every machine; equal fractions tie-break on the name.
@@ -129,8 +141,9 @@ def build_ring(
 
     The backend NAME in each slot depends only on the set of (name, weight) pairs, the
     ring size and the seed, never on the order of `backends`. With no backends every slot
-    is EMPTY_SLOT (-1). Raises MaglevError on a non-prime ring size, a weight outside
-    1..MAX_WEIGHT, a repeated name, or a total weight above the ring size.
+    is EMPTY_SLOT (-1). Weights are relative, whatever their sum; a backend whose share
+    rounds to no slot gets none (see unplaced_backends). Raises MaglevError on a non-prime
+    ring size, a weight outside 1..MAX_WEIGHT, or a repeated name.
     """
     _check_inputs(backends, ring_size, seed)
     ring: list[int] = [EMPTY_SLOT] * ring_size
@@ -147,7 +160,7 @@ def build_ring(
         next_slot.append(offset)
         skips.append(skip)
 
-    turns = _turn_order(backends)
+    turns = _turn_order(backends, ring_size)
     slots_left = ring_size
     # Hot loop: about 2 probes per slot with few backends, about 10 with a hundred; locals
     # only, and a conditional subtract instead of % keeps CPython's cost per probe low.
@@ -191,3 +204,10 @@ def slot_moves(
         for old_name, new_name in zip(slot_names(old, old_names), slot_names(new, new_names))
         if old_name != new_name
     )
+
+
+def unplaced_backends(backends: Sequence[MaglevBackend], ring: Sequence[int]) -> list[str]:
+    """Names of backends that own no slot of `ring`: their share of the total weight rounds
+    to zero slots, so they receive no new connections."""
+    placed = set(ring)
+    return [b.name for index, b in enumerate(backends) if index not in placed]

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lbctl.maglev import DEFAULT_RING_SIZE, MaglevBackend, build_ring
+from lbctl.errors import ConfigError
+from lbctl.maglev import (
+    DEFAULT_RING_SIZE,
+    MaglevBackend,
+    MaglevError,
+    build_ring,
+    unplaced_backends,
+)
 from lbctl.model import BackendSpec, Config, VipSpec
 from xdp.codec import NO_BACKEND, Endpoint
 from xdp.errors import MapFullError
@@ -38,6 +45,7 @@ class VipChange:
     moved_slots: int = 0
     ring_size: int = DEFAULT_RING_SIZE
     ring_changed: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def moved_share(self) -> float:
@@ -77,17 +85,28 @@ class Plan:
     def empty(self) -> bool:
         return not self.changes
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the plan does that the user may not expect (printed apart from the plan)."""
+        return [w for c in self.changes for w in c.warnings]
+
     def describe(self) -> list[str]:
         if self.empty:
             return ["no changes"]
         return [line for c in self.changes for line in c.describe()]
 
 
-def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> list[str | None]:
-    """The VIP's Maglev ring by backend name (None: empty slot); only active backends take slots."""
+def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> tuple[list[str | None], list[str]]:
+    """The VIP's Maglev ring by backend name (None: empty slot), and the active backends whose
+    share rounded to no slot. Only active backends take slots."""
     members = [b for b in (spec.backends if spec else ()) if b.in_ring]
-    ring = build_ring([MaglevBackend(b.name, b.weight) for b in members], ring_size, seed)
-    return [members[i].name if i >= 0 else None for i in ring]
+    ring_members = [MaglevBackend(b.name, b.weight) for b in members]
+    try:
+        ring = build_ring(ring_members, ring_size, seed)
+    except MaglevError as exc:
+        where = f" of VIP {spec.vip}" if spec else ""
+        raise ConfigError(f"cannot build the ring{where}: {exc}") from exc
+    return [members[i].name if i >= 0 else None for i in ring], unplaced_backends(ring_members, ring)
 
 
 def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0) -> Plan:
@@ -129,8 +148,15 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
                 bid = take(limits.max_backends, used_backend_ids, reserved_backend_ids, f"backend {b.name}")
                 change.backend_ids[b.name] = bid
                 change.new_backend_ids[b.name] = bid
-        new_ring = _ring_names(new, limits.ring_size, seed)
-        old_ring = _ring_names(lv.spec if lv else None, limits.ring_size, seed)
+        new_ring, unplaced = _ring_names(new, limits.ring_size, seed)
+        old_ring, _ = _ring_names(lv.spec if lv else None, limits.ring_size, seed)
+        total_weight = sum(b.weight for b in new.backends if b.in_ring)
+        for name in unplaced:
+            weight = next(b.weight for b in new.backends if b.name == name)
+            change.warnings.append(
+                f"backend {name} of VIP {vip} gets no ring slot (weight {weight} of {total_weight} "
+                f"is {limits.ring_size * weight / total_weight:.2f} of {limits.ring_size} slots), so "
+                f"it receives no new connections; hint: raise its weight or lower the others'")
         change.ring_changed = lv is None or new_ring != old_ring
         change.moved_slots = sum(1 for a, b in zip(old_ring, new_ring) if a != b) if lv else 0
         change.ring = [change.backend_ids[n] if n is not None else NO_BACKEND for n in new_ring]

@@ -187,3 +187,15 @@ def test_unknown_netns_is_one_line_error():
     result = CliRunner().invoke(main, ["-n", "no-such-ns-xyz", "status"])
     assert result.exit_code == 2
     assert "network namespace 'no-such-ns-xyz' not found" in result.output
+
+
+def test_plan_warnings_are_printed_after_the_plan(fake):
+    class WarnedPlan(Plan):
+        @property
+        def warnings(self) -> list[str]:
+            return ["backend 10.0.1.9:80 of VIP 10.0.0.10:80 gets no ring slot"]
+
+    fake.backend_set.return_value = Result(WarnedPlan(changes=[]), applied=False)
+    result = run(fake, "backend", "set", "10.0.0.10:80", "10.0.1.1:80", "--weight", "1000")
+    assert result.exit_code == 0, result.output
+    assert "lbctl: warning: backend 10.0.1.9:80 of VIP 10.0.0.10:80 gets no ring slot" in result.output

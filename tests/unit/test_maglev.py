@@ -19,6 +19,7 @@ from lbctl.maglev import (
     build_ring,
     is_prime,
     slot_moves,
+    unplaced_backends,
 )
 
 SMALL_PRIME_RING_SIZE = 251
@@ -32,6 +33,10 @@ def weighted_backends(weights: Sequence[int]) -> list[MaglevBackend]:
     return [
         MaglevBackend(f"10.0.2.{host}:8080", weight) for host, weight in enumerate(weights, start=1)
     ]
+
+
+def weighted_backends_many(weights: Sequence[int]) -> list[MaglevBackend]:
+    return [MaglevBackend(f"10.0.{i // 250}.{i % 250 + 1}:8080", w) for i, w in enumerate(weights)]
 
 
 def names_per_slot(ring: Sequence[int], backends: Sequence[MaglevBackend]) -> list[str]:
@@ -189,9 +194,42 @@ def test_duplicate_backend_name_is_refused() -> None:
         build_ring(backends)
 
 
-def test_total_weight_above_ring_size_is_refused() -> None:
-    with pytest.raises(MaglevError, match="exceeds ring size"):
-        build_ring(weighted_backends([7, 7]), 13)
+def test_total_weight_above_ring_size_scales_the_weights_to_the_ring() -> None:
+    # Weights are relative: 200 backends of weight 1000 share the ring like 200 of weight 1.
+    backends = [MaglevBackend(f"10.0.{i // 250}.{i % 250 + 1}:80", MAX_WEIGHT) for i in range(200)]
+    slot_counts = Counter(build_ring(backends))
+    ideal_slots = DEFAULT_RING_SIZE / 200
+    assert len(slot_counts) == 200
+    assert all(abs(n - ideal_slots) <= 2 for n in slot_counts.values()), slot_counts
+
+
+def test_total_weight_above_ring_size_keeps_weights_proportional() -> None:
+    weights = [MAX_WEIGHT] * 150 + [500] * 49 + [1]
+    backends = weighted_backends_many(weights)
+    slot_counts = Counter(build_ring(backends))
+    assert sum(slot_counts.values()) == DEFAULT_RING_SIZE
+    for index, weight in enumerate(weights):
+        ideal_slots = DEFAULT_RING_SIZE * weight / sum(weights)
+        assert abs(slot_counts[index] - ideal_slots) <= 1.5, (index, weight, slot_counts[index])
+
+
+def test_scaling_all_weights_by_a_common_factor_keeps_the_ring() -> None:
+    small = weighted_backends([1, 2, 3])
+    scaled = weighted_backends([100, 200, 300])
+    assert build_ring(small, 13) == build_ring(scaled, 13)
+    assert build_ring(small) == build_ring(scaled)
+
+
+def test_tiny_ring_with_more_weight_than_slots_fills_every_slot() -> None:
+    ring = build_ring(weighted_backends([7, 7]), 13)
+    assert sorted(Counter(ring).values()) == [6, 7]
+
+
+def test_backends_without_slots_are_named() -> None:
+    backends = weighted_backends([MAX_WEIGHT, MAX_WEIGHT, 1])
+    ring = build_ring(backends, 13)
+    assert unplaced_backends(backends, ring) == ["10.0.2.3:8080"]
+    assert unplaced_backends(backends[:2], build_ring(backends[:2], 13)) == []
 
 
 def test_maglev_error_is_a_value_error() -> None:

@@ -180,3 +180,30 @@ def test_plan_description_names_what_moves():
     assert lines[0] == "~ vip 10.0.0.10:80 (tcp)"
     assert "  ~ backend 10.0.1.2:80 state active->drain" in lines
     assert any(line.startswith("  ring: ") for line in lines)
+
+
+def test_weights_summing_past_the_ring_size_plan_and_apply():
+    maps = Recorder()
+    backends = [(f"10.0.1.{i}", 80, 1000, "active") for i in range(1, 8)]
+    p = change(maps, {VIP: spec(*backends)})
+    assert p.warnings == []
+    counts = Counter(maps.rings[(0, 0)])
+    assert len(counts) == 7 and all(abs(n - 251 / 7) <= 1 for n in counts.values())
+
+
+def test_a_backend_whose_share_rounds_to_no_slot_is_warned_about():
+    maps = Recorder()
+    backends = [(f"10.0.1.{i}", 80, 1000, "active") for i in range(1, 8)] + [("10.0.1.9", 80, 1, "active")]
+    p = change(maps, {VIP: spec(*backends)})
+    assert len(p.warnings) == 1
+    assert "10.0.1.9:80" in p.warnings[0] and "no ring slot" in p.warnings[0]
+    # A drained backend takes no slots by design: no warning for it.
+    p = change(maps, {VIP: spec(*backends[:7], ("10.0.1.9", 80, 1, "drain"))})
+    assert p.warnings == []
+
+
+def test_a_ring_that_cannot_be_built_is_a_config_error_not_a_traceback():
+    from lbctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ring"):
+        planner.plan({}, {VIP: spec(("10.0.1.1", 80, 1, "active"))}, Limits(max_vips=4, max_backends=8, ring_size=250))
