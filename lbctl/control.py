@@ -49,7 +49,8 @@ class Controller:
         with self._locked(), self.balancer.maps() as maps:
             live = planner.read_live(maps)
             desired = edit({vip: lv.spec for vip, lv in live.items()})
-            the_plan = planner.plan(live, desired, self.limits, self.maglev_seed)
+            the_plan = planner.plan(live, desired, self.limits, self.maglev_seed,
+                                    busy_backend_ids=maps.tracked_backend_ids)
             if not dry_run and not the_plan.empty:
                 planner.apply(the_plan, live, maps)
             return Result(the_plan, applied=not dry_run and not the_plan.empty)

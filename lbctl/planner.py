@@ -2,6 +2,7 @@
 share of slots moved) -> apply in an order where a packet never sees a half-made change."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -109,23 +110,49 @@ def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> tuple[list[s
     return [members[i].name if i >= 0 else None for i in ring], unplaced_backends(ring_members, ring)
 
 
-def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0) -> Plan:
+def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0,
+         busy_backend_ids: Callable[[], set[int]] | None = None) -> Plan:
     """A pure function: what must change for the maps to hold `desired`. Raises MapFullError
-    before anything is written when ids run out."""
+    before anything is written when ids run out.
+
+    `busy_backend_ids` gives the ids that tracked flows still point at (a deleted backend's
+    established connections go on, counted under its id); it is asked at most once, and only
+    when a new backend needs an id."""
     used_vip_ids = {lv.vip_id for v, lv in live.items() if v in desired}
     used_backend_ids = {i for v, lv in live.items() if v in desired for i in lv.backend_ids.values()}
     # Ids of removed VIPs and backends are freed only after this plan: never reused within it,
     # so no packet meets a new owner of an id while the old one is being taken out.
     reserved_backend_ids = {i for lv in live.values() for i in lv.backend_ids.values()}
     reserved_vip_ids = {lv.vip_id for lv in live.values()}
+    flows_asked = busy_backend_ids is None
+    busy_count = 0
 
-    def take(pool_size: int, taken: set[int], reserved: set[int], what: str) -> int:
-        for i in range(pool_size):
-            if i not in taken and i not in reserved:
-                taken.add(i)
+    def take_backend_id(name: str) -> int:
+        nonlocal flows_asked, busy_count
+        if not flows_asked:
+            flows_asked = True
+            # A new backend under an id that flows still use would inherit their packets in
+            # its counters (and show traffic it never carried): skip those ids until they end.
+            assert busy_backend_ids is not None
+            busy = busy_backend_ids() - used_backend_ids - reserved_backend_ids
+            busy_count = len(busy)
+            reserved_backend_ids.update(busy)
+        for i in range(limits.max_backends):
+            if i not in used_backend_ids and i not in reserved_backend_ids:
+                used_backend_ids.add(i)
                 return i
-        raise MapFullError(f"cannot add {what}: all {pool_size} slots are in use; hint: delete unused "
-                           f"{'VIPs' if what.startswith('VIP') else 'backends'} first")
+        held = (f" ({busy_count} are held by live flows of deleted backends until those end; "
+                "'lbctl flows list' shows them)") if busy_count else ""
+        raise MapFullError(f"cannot add backend {name}: all {limits.max_backends} slots are in "
+                           f"use{held}; hint: delete unused backends first")
+
+    def take_vip_id(vip: Endpoint) -> int:
+        for i in range(limits.max_vips):
+            if i not in used_vip_ids and i not in reserved_vip_ids:
+                used_vip_ids.add(i)
+                return i
+        raise MapFullError(f"cannot add VIP {vip}: all {limits.max_vips} slots are in use; "
+                           "hint: delete unused VIPs first")
 
     changes: list[VipChange] = []
     for vip in sorted(live.keys() - desired.keys()):
@@ -137,15 +164,14 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
         if lv is not None and lv.spec == new:
             continue
         if lv is None:
-            change = VipChange(vip, "add", take(limits.max_vips, used_vip_ids, reserved_vip_ids, f"VIP {vip}"),
-                               None, new, ring_size=limits.ring_size)
+            change = VipChange(vip, "add", take_vip_id(vip), None, new, ring_size=limits.ring_size)
         else:
             change = VipChange(vip, "update", lv.vip_id, lv.spec, new, ring_size=limits.ring_size)
         for b in new.backends:
             if lv is not None and b.name in lv.backend_ids:
                 change.backend_ids[b.name] = lv.backend_ids[b.name]
             else:
-                bid = take(limits.max_backends, used_backend_ids, reserved_backend_ids, f"backend {b.name}")
+                bid = take_backend_id(b.name)
                 change.backend_ids[b.name] = bid
                 change.new_backend_ids[b.name] = bid
         new_ring, unplaced = _ring_names(new, limits.ring_size, seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -188,6 +189,32 @@ class LbMaps:
     def flows(self) -> Iterator[codec.FlowRecord]:
         for key, raw in self["flows"].items():
             yield codec.decode_flow(key, raw)
+
+    def tracked_backend_ids(self, now_ns: int | None = None) -> set[int]:
+        """Backend ids that entries still alive in the flow tables point at: the data plane
+        counts their packets under that id, whether or not the backend still exists."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        # The program stamps last_seen at most once per refresh interval and reads a coarse
+        # clock: an entry is alive a little past its timeout rather than a little before.
+        slack_ns = (self.limits.refresh_interval_ms + 1000) * 1_000_000
+        timeouts_ns = [s * 1_000_000_000 + slack_ns for s in (
+            self.limits.tcp_syn_timeout_s, self.limits.tcp_established_timeout_s,
+            self.limits.tcp_closing_timeout_s, self.limits.udp_timeout_s)]
+        ids: set[int] = set()
+        for name in ("flows", "rnat"):
+            m = self._m(name)
+            for _, raw in libbpf.map_lookup_batch(m.fd, m.key_size, m.value_size):
+                e = codec.NatEntry.from_buffer_copy(raw)
+                timeout = timeouts_ns[e.state] if e.state < len(timeouts_ns) else max(timeouts_ns)
+                if now - e.last_seen_ns <= timeout:
+                    ids.add(e.backend_id)
+        m = self._m("frags")
+        frag_timeout_ns = self.limits.frag_timeout_s * 1_000_000_000 + slack_ns
+        for _, raw in libbpf.map_lookup_batch(m.fd, m.key_size, m.value_size):
+            f = codec.FragEntry.from_buffer_copy(raw)
+            if now - f.seen_ns <= frag_timeout_ns:
+                ids.add(f.backend_id)
+        return ids
 
     def forget_flows(self, vip_id: int) -> int:
         """Deletes one VIP's entries from the tracking tables (after the VIP itself is gone, so

@@ -1,12 +1,15 @@
-"""Shared by the netns tests: the real lbctl CLI run against a lab's balancer, and a lab that
-is always torn down (namespaces, servers, XDP and pins), even after a failure or Ctrl-C."""
+"""Shared by the netns tests: the real lbctl CLI run against a lab's balancer, a lab that is
+always torn down (namespaces, servers, XDP and pins), even after a failure or Ctrl-C, and a
+long-lived keep-alive HTTP client stepped from the test."""
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from lbctl.lab import Lab
 
@@ -32,3 +35,87 @@ def lab_up(letters: str, attach: bool = True) -> Iterator[Lab]:
     finally:
         lbctl(lab, "detach", "--all", "--purge", check=False)
         lab.down()
+
+
+# A keep-alive HTTP client driven over stdin: each line "N" makes N requests on the one
+# connection, a pause apart; one JSON line out per request, then {"done": N}. No reconnects.
+_KEEPALIVE_SNIPPET = r"""
+import http.client, json, sys, time
+host, port, pause_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+conn = http.client.HTTPConnection(host, port, timeout=2.0)
+conn.auto_open = 0
+conn.connect()
+print(json.dumps({"local": "%s:%d" % conn.sock.getsockname()}), flush=True)
+for line in sys.stdin:
+    n = int(line)
+    for _ in range(n):
+        rec = {}
+        try:
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            rec.update(status=resp.status, backend=resp.getheader("X-Backend"),
+                       client_addr=resp.getheader("X-Client-Addr"))
+        except Exception as exc:
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+        print(json.dumps(rec), flush=True)
+        time.sleep(pause_s)
+    print(json.dumps({"done": n}), flush=True)
+"""
+
+
+class KeepAliveClient:
+    """One long-lived HTTP connection from the lab client, stepped from the test."""
+
+    def __init__(self, lab: Lab, host: str, port: int, pause_s: float) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lab.client.netns,
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _KEEPALIVE_SNIPPET,
+                host,
+                str(port),
+                str(pause_s),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        first = self._line()
+        self.local: str = first["local"]
+        self.results: list[dict[str, Any]] = []
+
+    def _line(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=5)
+            assert self.proc.stderr is not None
+            raise AssertionError(f"keep-alive client ended: {self.proc.stderr.read()[-800:]}")
+        return json.loads(line)
+
+    def requests(self, count: int) -> list[dict[str, Any]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.flush()
+        batch = []
+        while True:
+            rec = self._line()
+            if "done" in rec:
+                break
+            batch.append(rec)
+        self.results.extend(batch)
+        return batch
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=5)

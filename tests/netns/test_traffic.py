@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labcli import KeepAliveClient
 
 from lbctl.lab import NETNS_DIR, Lab, LabHost
 from xdp import frames
@@ -162,90 +163,6 @@ def test_backends_see_the_real_client_address(lab: Lab) -> None:
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     # Two-arm NAT rewrites only the destination: no SNAT to the balancer.
     assert all((r.client_addr or "").startswith(f"{lab.client.addr}:") for r in results)
-
-
-# A keep-alive HTTP client driven over stdin: each line "N" makes N requests on the one
-# connection, a pause apart; one JSON line out per request, then {"done": N}. No reconnects.
-_KEEPALIVE_SNIPPET = r"""
-import http.client, json, sys, time
-host, port, pause_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-conn = http.client.HTTPConnection(host, port, timeout=2.0)
-conn.auto_open = 0
-conn.connect()
-print(json.dumps({"local": "%s:%d" % conn.sock.getsockname()}), flush=True)
-for line in sys.stdin:
-    n = int(line)
-    for _ in range(n):
-        rec = {}
-        try:
-            conn.request("GET", "/")
-            resp = conn.getresponse()
-            resp.read()
-            rec.update(status=resp.status, backend=resp.getheader("X-Backend"),
-                       client_addr=resp.getheader("X-Client-Addr"))
-        except Exception as exc:
-            rec["error"] = f"{type(exc).__name__}: {exc}"
-        print(json.dumps(rec), flush=True)
-        time.sleep(pause_s)
-    print(json.dumps({"done": n}), flush=True)
-"""
-
-
-class KeepAliveClient:
-    """One long-lived HTTP connection from the lab client, stepped from the test."""
-
-    def __init__(self, lab: Lab, host: str, port: int, pause_s: float) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                lab.client.netns,
-                sys.executable,
-                "-I",
-                "-S",
-                "-c",
-                _KEEPALIVE_SNIPPET,
-                host,
-                str(port),
-                str(pause_s),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        first = self._line()
-        self.local: str = first["local"]
-        self.results: list[dict[str, Any]] = []
-
-    def _line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=5)
-            assert self.proc.stderr is not None
-            raise AssertionError(f"keep-alive client ended: {self.proc.stderr.read()[-800:]}")
-        return json.loads(line)
-
-    def requests(self, count: int) -> list[dict[str, Any]]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{count}\n")
-        self.proc.stdin.flush()
-        batch = []
-        while True:
-            rec = self._line()
-            if "done" in rec:
-                break
-            batch.append(rec)
-        self.results.extend(batch)
-        return batch
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate(timeout=5)
 
 
 def test_long_lived_connection_keeps_its_backend_through_changes(lab: Lab) -> None:

@@ -207,3 +207,47 @@ def test_a_ring_that_cannot_be_built_is_a_config_error_not_a_traceback():
 
     with pytest.raises(ConfigError, match="ring"):
         planner.plan({}, {VIP: spec(("10.0.1.1", 80, 1, "active"))}, Limits(max_vips=4, max_backends=8, ring_size=250))
+
+
+def test_a_backend_id_that_live_flows_still_use_is_not_given_to_a_new_backend():
+    maps = Recorder()
+    change(maps, {VIP: spec(("10.0.1.1", 80, 1, "active"))})
+    old_id = next(iter(maps.backend_entries))
+    change(maps, {VIP: VipSpec(VIP)})           # deleted: its established flows go on
+    live = planner.read_live(maps)
+    asked = []
+
+    def still_tracked() -> set[int]:
+        asked.append(1)
+        return {old_id}
+
+    p = planner.plan(live, {VIP: spec(("10.0.1.9", 80, 1, "active"))}, SMALL, busy_backend_ids=still_tracked)
+    assert old_id not in p.changes[0].backend_ids.values()
+    assert asked == [1]
+    # Without flows pinning it, the lowest free id is taken again.
+    p = planner.plan(live, {VIP: spec(("10.0.1.9", 80, 1, "active"))}, SMALL, busy_backend_ids=set)
+    assert old_id in p.changes[0].backend_ids.values()
+
+
+def test_flows_are_only_read_when_a_backend_id_is_allocated():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    live = planner.read_live(maps)
+
+    def must_not_be_called() -> set[int]:
+        raise AssertionError("flow tables read for a change that allocates no id")
+
+    planner.plan(live, {VIP: three("drain")}, SMALL, busy_backend_ids=must_not_be_called)
+
+
+def test_running_out_of_ids_because_flows_hold_them_says_so():
+    maps = Recorder()
+    change(maps, {VIP: spec(*[(f"10.0.1.{i}", 80, 1, "active") for i in range(1, 9)])})
+    live = planner.read_live(maps)
+    ids = set(live[VIP].backend_ids.values())
+    keep = spec(*[(f"10.0.1.{i}", 80, 1, "active") for i in range(1, 8)])
+    change(maps, {VIP: keep})
+    live = planner.read_live(maps)
+    with pytest.raises(MapFullError, match="live flows"):
+        planner.plan(live, {VIP: with_backend(keep, BackendSpec("10.0.2.1", 80))}, SMALL,
+                     busy_backend_ids=lambda: ids)
