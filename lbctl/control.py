@@ -49,6 +49,7 @@ class Controller:
         with self._locked(), self.balancer.maps() as maps:
             live = planner.read_live(maps)
             desired = edit({vip: lv.spec for vip, lv in live.items()})
+            _check_new_addresses(live, desired)
             the_plan = planner.plan(live, desired, self.limits, self.maglev_seed,
                                     busy_backend_ids=maps.tracked_backend_ids)
             if not dry_run and not the_plan.empty:
@@ -227,6 +228,24 @@ def _with_agent_health(instance: str, rows: list[dict]) -> list[dict]:
         row["health"] = h["health"] if h else "-"
         row["last_check"] = h["last_check"] if h else None
     return rows
+
+
+def _check_new_addresses(live: planner.LiveState, desired: Config) -> None:
+    """Refuses a new VIP or backend on an address no balanced connection can reach (loopback,
+    broadcast, multicast, unspecified); what the maps already hold is left as it is."""
+    from lbctl.safety import check_usable, local_networks  # noqa: PLC0415
+
+    networks = None
+    for vip, spec in desired.items():
+        lv = live.get(vip)
+        known = set(lv.backend_ids) if lv else set()
+        fresh = [] if lv else [(vip, "VIP")]
+        fresh += [(Endpoint(b.addr, b.port, vip.proto), "backend") for b in spec.backends
+                  if b.name not in known]
+        for endpoint, what in fresh:
+            if networks is None:
+                networks = local_networks()
+            check_usable(endpoint, what, networks)
 
 
 def _need_vip(config: Config, vip: Endpoint) -> VipSpec:

@@ -3,6 +3,7 @@ real CLI: backend ids and their counters, explain's two answers, orphaned state,
 addresses, the flow listing."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Iterator
@@ -61,3 +62,24 @@ def test_a_new_backend_never_inherits_the_id_and_counters_of_a_deleted_one_with_
         assert (fresh["packets"], fresh["bytes"], fresh["new_flows"]) == (0, 0, 0)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (("vip", "add", "127.0.0.1:81"), "loopback"),
+    (("vip", "add", "224.0.0.251:5353", "--proto", "udp"), "unicast"),
+    (("backend", "add", "{vip}", "127.0.0.1:80"), "loopback"),
+    (("backend", "add", "{vip}", "{broadcast}:80"), "broadcast address of"),
+    (("backend", "add", "{vip}", "0.0.0.0:80"), "unicast"),
+])
+def test_addresses_that_cannot_work_are_refused_in_one_line_and_change_nothing(clean, args, why):
+    lab = clean
+    vip = f"{lab.vip}:{lab.http_port}"
+    lbctl(lab, "vip", "add", vip)
+    backend_net = next(i for i in lab.lb.ifaces if i.network != lab.client.ifaces[0].network)
+    broadcast = ipaddress.IPv4Interface(f"{backend_net.addr}/{backend_net.prefixlen}").network.broadcast_address
+    before = (lbctl(lab, "vip", "list", "--json").stdout, lbctl(lab, "backend", "list", "--json").stdout)
+    proc = lbctl(lab, *(a.format(vip=vip, broadcast=broadcast) for a in args), check=False)
+    assert proc.returncode == 2, proc
+    assert why in proc.stderr and "hint:" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert (lbctl(lab, "vip", "list", "--json").stdout, lbctl(lab, "backend", "list", "--json").stdout) == before
