@@ -1,12 +1,13 @@
 """The `lbctl` command line: parse, call one library function, print. Errors become one line."""
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import IO, TYPE_CHECKING, Any
 
 import click
@@ -25,10 +26,20 @@ from xdp.errors import XdpError
 if TYPE_CHECKING:
     from lbctl.control import Controller
 
-try:
-    __version__ = version("lbctl")
-except PackageNotFoundError:  # running from a checkout without install
-    __version__ = "0.0.0+checkout"
+def package_version() -> str:
+    """Looked up only for --version: importing importlib.metadata cost every command 0.1-0.2 s."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lbctl")
+    except PackageNotFoundError:  # running from a checkout without install
+        return "0.0.0+checkout"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"lbctl, version {package_version()}")
+        ctx.exit()
 
 
 def examples(*lines: str) -> str:
@@ -37,12 +48,16 @@ def examples(*lines: str) -> str:
 
 
 class Context:
-    """What commands need: which instance, and a factory for its controller (tests inject one)."""
+    """What commands need: which instance, and a factory for its controller (tests inject one).
+    `namespace_gone`: -n named a namespace that no longer exists but whose pins remain, so the
+    process stays where it is and only commands that work on pins alone may run."""
 
-    def __init__(self, instance: str, controller_factory: Callable[[str], Controller] | None = None):
+    def __init__(self, instance: str, controller_factory: Callable[[str], Controller] | None = None,
+                 namespace_gone: bool = False):
         self.instance = instance
         self._factory = controller_factory
         self._controller: Controller | None = None
+        self.namespace_gone = namespace_gone
 
     @property
     def controller(self) -> Controller:
@@ -57,13 +72,12 @@ class Context:
 
 def enter_netns(name: str) -> None:
     """Switches only the network namespace (like `ip -n`), keeping the host's /sys/fs/bpf."""
-    path = os.path.join("/var/run/netns", name)
-    if "/" in name or not os.path.exists(path):
-        raise NetnsError(f"network namespace '{name}' not found; hint: 'ip netns list' shows them")
-    from pyroute2 import netns
+    from lbctl.netns import NETNS_DIR, enter
 
+    if "/" in name or not os.path.exists(os.path.join(NETNS_DIR, name)):
+        raise NetnsError(f"network namespace '{name}' not found; hint: 'ip netns list' shows them")
     try:
-        netns.setns(name, flags=0)
+        enter(name)
     except OSError as exc:
         raise NetnsError(f"cannot enter network namespace '{name}': {exc.strerror}; hint: run as root") from exc
 
@@ -81,8 +95,17 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], empty:
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:.1%}"
+        return percent(value)
     return "-" if value is None else str(value)
+
+
+def percent(share: float) -> str:
+    """A share as a percentage with one decimal, or with as many as it takes to show two
+    significant digits: a backend with 0.0098% of the ring must not read as 0.0%."""
+    if share <= 0 or share >= 0.001:
+        return f"{share:.1%}"
+    digits = -math.floor(math.log10(share * 100)) + 1
+    return f"{share * 100:.{digits}f}%"
 
 
 def echo_json(data: object) -> None:
@@ -152,6 +175,31 @@ class ListenType(click.ParamType):
         return str(value)
 
 
+class AddrOrHostPortType(click.ParamType):
+    """ADDR or ADDR:PORT, for filters: (address, port or None)."""
+
+    name = "ADDR[:PORT]"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int | None]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value)
+        if ":" not in text:
+            try:
+                return str(ipaddress.IPv4Address(text)), None
+            except ValueError:
+                raise InputError(f"malformed {self.what} '{text}': not an IPv4 address; hint: e.g. "
+                                 "10.0.0.10 or 10.0.0.10:80", ctx=ctx, param=param) from None
+        try:
+            hp = parse_host_port(text, self.what)
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+        return hp.addr, hp.port
+
+
 VIP = HostPortType("VIP")
 BACKEND = HostPortType("backend")
 CLIENT = HostPortType("client")
@@ -195,7 +243,8 @@ class LbctlGroup(click.Group):
     "lbctl -n lbl-lb status                            # the lab's balancer",
 ))
 @click.option("-n", "--netns", metavar="NETNS", help="act inside a named network namespace, like `ip -n`")
-@click.version_option(__version__, prog_name="lbctl")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 @click.pass_context
 def main(ctx: click.Context, netns: str | None) -> None:
     """XDP/eBPF L4 load balancer (two-arm NAT) control."""
@@ -203,28 +252,53 @@ def main(ctx: click.Context, netns: str | None) -> None:
         return
     instance = "host"
     if netns:
+        from xdp.maps import pin_dir_for
+
         try:
             enter_netns(netns)
-        except XdpError as exc:
-            click.echo(f"lbctl: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+        except NetnsError as exc:
+            # The namespace went (ip netns del) and left its pins: status and purge still work.
+            gone_with_pins = "/" not in netns and os.path.isdir(pin_dir_for(netns))
+            if not gone_with_pins:
+                click.echo(f"lbctl: error: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            if ctx.invoked_subcommand not in ("status", "detach"):
+                click.echo(f"lbctl: error: network namespace '{netns}' no longer exists; its pinned "
+                           f"state remains in {pin_dir_for(netns)}; hint: 'lbctl -n {netns} detach "
+                           "--all --purge' removes it, 'lbctl status' lists such instances", err=True)
+                sys.exit(exc.exit_code)
+            ctx.obj = Context(netns, namespace_gone=True)
+            return
         instance = netns
     ctx.obj = Context(instance)
 
 
 # -- attach / detach / status ---------------------------------------------------------------
+def _counted(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 @main.command(epilog=examples(
     "lbctl attach eth0 eth1                  # both arms, each in its driver's faster mode",
     "lbctl attach eth0 --mode generic        # when the driver has no native XDP",
     "lbctl attach eth0 eth1 --mode native    # force one mode on both",
+    "lbctl attach eth0 eth1 --fresh          # drop VIPs and backends left pinned by an earlier run",
 ))
 @click.argument("ifaces", nargs=-1, required=True)
 @mode_option
+@click.option("--fresh", is_flag=True, help="start empty: remove pinned maps left by an earlier run")
 @click.pass_obj
-def attach(obj: Context, ifaces: tuple[str, ...], mode: str | None) -> None:
+def attach(obj: Context, ifaces: tuple[str, ...], mode: str | None, fresh: bool) -> None:
     """Load the balancer and attach it to IFACE... (compiles once; maps persist)."""
-    for a in obj.controller.attach(list(ifaces), mode):
+    result = obj.controller.attach(list(ifaces), mode, fresh)
+    for a in result.attachments:
         click.echo(f"attached {a.ifname} ({a.mode}, prog {a.prog_id}): {a.reason}")
+    if result.restored is not None:
+        r = result.restored
+        click.echo(f"restored {_counted(r['vips'], 'VIP')}, {_counted(r['backends'], 'backend')} and "
+                   f"{_counted(r['flows'], 'live flow')} from the pinned maps (--fresh starts empty)")
+    for warning in result.warnings:
+        click.echo(f"lbctl: warning: {warning}", err=True)
     from xdp.balancer import ipv4_forwarding
 
     if not ipv4_forwarding():
@@ -240,14 +314,27 @@ def attach(obj: Context, ifaces: tuple[str, ...], mode: str | None) -> None:
 @click.argument("ifaces", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="detach from every interface")
 @click.option("--purge", is_flag=True, help="with --all: also remove the pinned maps")
+@click.option("--force", is_flag=True, help="detach even though live flows will break")
 @click.pass_obj
-def detach(obj: Context, ifaces: tuple[str, ...], all_: bool, purge: bool) -> None:
-    """Detach the balancer from IFACE... or --all."""
-    if bool(ifaces) == all_:
-        raise click.UsageError("name interfaces or give --all (not both)")
+def detach(obj: Context, ifaces: tuple[str, ...], all_: bool, purge: bool, force: bool) -> None:
+    """Detach the balancer from IFACE... or --all (refused while flows are live, unless --force)."""
     if purge and not all_:
-        raise click.UsageError("--purge goes with --all")
-    done = obj.controller.detach(None if all_ else list(ifaces), purge)
+        raise InputError("--purge removes the whole configuration, so it goes with --all, not with "
+                         "interfaces; hint: lbctl detach --all --purge")
+    if ifaces and all_:
+        raise InputError(f"give interfaces or --all, not both; hint: lbctl detach {' '.join(ifaces)} "
+                         "or lbctl detach --all")
+    if not ifaces and not all_:
+        raise InputError("nothing to detach from; hint: lbctl detach IFACE... or lbctl detach --all")
+    if obj.namespace_gone:
+        if not purge:
+            raise InputError(f"network namespace '{obj.instance}' no longer exists, so nothing is "
+                             f"attached; hint: lbctl -n {obj.instance} detach --all --purge removes "
+                             "its pinned state")
+        obj.controller.purge_orphaned()
+        click.echo(f"removed pinned maps of '{obj.instance}' (its namespace is gone)")
+        return
+    done = obj.controller.detach(None if all_ else list(ifaces), purge, force)
     for a in done:
         click.echo(f"detached {a.ifname}")
     if not done:
@@ -277,7 +364,8 @@ def status(obj: Context, as_json: bool) -> None:
     if as_json:
         echo_json(st)
         return
-    click.echo(f"instance  {st['instance']}")
+    gone = " (its network namespace is gone)" if st.get("namespace_gone") else ""
+    click.echo(f"instance  {st['instance']}{gone}")
     click.echo(f"program   {'prog ' + str(st['prog_id']) if st['prog_id'] else 'not loaded'}")
     click.echo(f"maps      {st['pin_dir'] if st['maps'] else 'none'}")
     click.echo(f"vips      {st['vips']}")
@@ -290,6 +378,11 @@ def status(obj: Context, as_json: bool) -> None:
     print_table(st["attached"], [("IFACE", "ifname"), ("MODE", "mode"), ("PROG", "prog_id"),
                                  ("WHY", "why")],
                 "not attached to any interface")
+    for warning in st.get("warnings", []):
+        click.echo(f"warning: {warning}")
+    for name in st.get("orphaned_instances", []):
+        click.echo(f"orphaned: instance '{name}' keeps pinned state but its network namespace is gone; "
+                   f"hint: lbctl -n {name} detach --all --purge")
 
 
 # -- VIPs -----------------------------------------------------------------------------------
@@ -355,15 +448,19 @@ def weight_option(default):
 @backend.command("add", epilog=examples(
     "lbctl backend add 10.0.0.10:80 10.0.1.11:8080              # weight 1",
     "lbctl backend add 10.0.0.10:80 10.0.1.12:8080 --weight 2   # twice the share",
+    "lbctl backend add 10.0.0.10:80 10.0.1.13:80 10.0.1.14:80   # several in one change",
 ))
 @click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
-@click.argument("backend_addr", metavar="ADDR:PORT", type=BACKEND)
+@click.argument("backend_addrs", metavar="ADDR:PORT...", type=BACKEND, nargs=-1, required=True)
 @proto_option
 @weight_option(1)
 @click.pass_obj
-def backend_add(obj: Context, vip_addr: HostPort, backend_addr: HostPort, proto: str, weight: int) -> None:
-    """Add a backend to a VIP."""
-    echo_plan(obj.controller.backend_add(vip_addr.on(proto), backend_addr.on(proto), weight))
+def backend_add(obj: Context, vip_addr: HostPort, backend_addrs: tuple[HostPort, ...], proto: str,
+                weight: int) -> None:
+    """Add one or more backends to a VIP (several: one change, one ring rebuild)."""
+    backends = [b.on(proto) for b in backend_addrs]
+    echo_plan(obj.controller.backend_add(vip_addr.on(proto), backends[0] if len(backends) == 1 else backends,
+                                         weight))
 
 
 @backend.command("del", epilog=examples("lbctl backend del 10.0.0.10:80 10.0.1.11:8080"))
@@ -466,26 +563,37 @@ def agent_cmd(obj: Context, path: str, metrics_addr: str, detach_on_exit: bool) 
     from lbctl.agent import Agent, setup_logging
 
     setup_logging()
-    sys.exit(Agent(obj.controller, path, metrics_addr, detach_on_exit, __version__).run())
+    sys.exit(Agent(obj.controller, path, metrics_addr, detach_on_exit, package_version()).run())
 
 
 # -- stats and flows ------------------------------------------------------------------------
-@main.command(epilog=examples("lbctl stats", "lbctl stats --json", "lbctl stats --watch   # every second"))
+@main.command(epilog=examples("lbctl stats", "lbctl stats --json", "lbctl stats --watch   # every second",
+                              "lbctl stats 10.0.0.10:80          # one VIP and its backends",
+                              "lbctl stats --top 5               # the 5 busiest VIPs and backends"))
+@click.argument("vip_addr", metavar="[VIP:PORT]", required=False, type=VIP)
+@proto_option
 @json_option
 @click.option("--watch", is_flag=True, help="repeat every second until Ctrl-C")
+@click.option("--top", type=click.IntRange(min=1), metavar="N",
+              help="only the N VIPs and N backends with the most packets")
 @click.pass_obj
-def stats(obj: Context, as_json: bool, watch: bool) -> None:
+def stats(obj: Context, vip_addr: HostPort | None, proto: str, as_json: bool, watch: bool,
+          top: int | None) -> None:
     """Counters: by outcome, per VIP and per backend."""
     while True:
-        data = obj.controller.stats()
+        data = obj.controller.stats(vip_addr.on(proto) if vip_addr else None)
+        if top is not None:
+            for key in ("vips", "backends"):
+                data[key] = sorted(data[key], key=lambda r: r["packets"], reverse=True)[:top]
         if as_json:
             echo_json(data)
         else:
             if watch:
                 click.clear()
-            outcomes = [{"outcome": k, **v} for k, v in data["outcomes"].items()]
-            print_table(outcomes, [("OUTCOME", "outcome"), ("PACKETS", "packets"), ("BYTES", "bytes")], "")
-            click.echo("")
+            if vip_addr is None:     # outcomes count every packet, not one VIP's
+                outcomes = [{"outcome": k, **v} for k, v in data["outcomes"].items()]
+                print_table(outcomes, [("OUTCOME", "outcome"), ("PACKETS", "packets"), ("BYTES", "bytes")], "")
+                click.echo("")
             print_table(data["vips"], [("VIP", "vip"), ("PROTO", "proto"), ("PACKETS", "packets"),
                                        ("BYTES", "bytes"), ("FLOWS", "new_flows"), ("DROPS", "drops")],
                         "no VIPs")
@@ -511,24 +619,39 @@ def stats(obj: Context, as_json: bool, watch: bool) -> None:
 @json_option
 @click.pass_obj
 def explain(obj: Context, client_addr: HostPort, vip_addr: HostPort, proto: str, as_json: bool) -> None:
-    """Which backend the running balancer picks for a flow, and why (changes nothing)."""
+    """Which backend the running balancer picks for a new connection from CLIENT:PORT, and
+    where the next packet of a flow already tracked for it goes (changes nothing)."""
     client, vip_ep = client_addr.on(proto), vip_addr.on(proto)
     ans = obj.controller.explain(client, vip_ep)
     if as_json:
         echo_json(ans)
         return
-    flow = f"{client} -> {vip_ep} ({proto})"
+    click.echo(f"{client} -> {vip_ep} ({proto})")
     if ans["verdict"] == "not_vip":
-        click.echo(f"{flow}: {vip_ep} is not a VIP here; the packet passes to the kernel untouched")
-    elif ans["verdict"] == "no_backend":
-        click.echo(f"{flow}: no usable backend (ring slot {ans['slot']} of generation "
-                   f"{ans['ring_generation']} is empty); the packet is dropped")
-    elif ans["verdict"] == "flow_hit":
-        click.echo(f"{flow}: backend {ans['backend']} (id {ans['backend_id']}) by flow-table hit "
-                   f"({ans['flow_state']}, tracked for {ans['flow_age_ms'] / 1000:.1f} s)")
+        click.echo(f"  {vip_ep} is not a VIP here: the packet passes to the kernel untouched")
     else:
-        click.echo(f"{flow}: backend {ans['backend']} (id {ans['backend_id']}) by ring slot "
-                   f"{ans['slot']} of generation {ans['ring_generation']} (new flow)")
+        label = "new connection (SYN)" if proto == "tcp" else "a datagram"
+        click.echo(f"  {label}: {_explained(ans)}")
+        tracked = ans.get("tracked_flow")
+        if tracked is not None and proto == "tcp":
+            click.echo(f"  tracked flow ({tracked['flow_state']}, {tracked['flow_age_ms'] / 1000:.1f} s old), "
+                       f"its next packet: {_explained(tracked)}")
+        elif proto == "tcp":
+            click.echo("  tracked flow: none live for this tuple")
+    if not ans.get("attached_to"):
+        click.echo("  note: the program is attached to no interface, so no packet is balanced now; "
+                   "this is what it would do once attached (lbctl attach IFACE)")
+
+
+def _explained(ans: dict) -> str:
+    if ans["verdict"] == "no_backend":
+        return (f"no usable backend (ring slot {ans['slot']} of generation {ans['ring_generation']} "
+                "is empty): dropped")
+    if ans["verdict"] == "flow_hit":
+        return (f"backend {ans['backend']} (id {ans['backend_id']}) by flow-table hit "
+                f"({ans['flow_state']}, tracked for {ans['flow_age_ms'] / 1000:.1f} s)")
+    return (f"backend {ans['backend']} (id {ans['backend_id']}) by ring slot {ans['slot']} "
+            f"of generation {ans['ring_generation']}")
 
 
 @main.group(epilog=examples("lbctl flows list --limit 20", "lbctl flows flush"))
@@ -536,14 +659,27 @@ def flows() -> None:
     """Inspect or flush the connection-tracking table."""
 
 
-@flows.command("list", epilog=examples("lbctl flows list              # first 100 flows",
-                                         "lbctl flows list --json --limit 5"))
+@flows.command("list", epilog=examples(
+    "lbctl flows list                          # first 100 live flows",
+    "lbctl flows list --all                    # with expired entries the table still holds",
+    "lbctl flows list --vip 10.0.0.10:80 --client 10.0.2.5",
+    "lbctl flows list --backend 10.0.1.11:8080 --json --limit 5"))
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--all", "include_expired", is_flag=True,
+              help="include entries past their timeout (kept until reused or evicted; marked expired)")
+@click.option("--vip", "vip_addr", metavar="VIP:PORT", type=VIP, help="only flows to this VIP")
+@click.option("--backend", "backend_addr", metavar="ADDR:PORT", type=BACKEND, help="only flows to this backend")
+@click.option("--client", "client_addr", type=AddrOrHostPortType("client"), help="only flows from ADDR[:PORT]")
+@proto_option
 @json_option
 @click.pass_obj
-def flows_list(obj: Context, limit: int, as_json: bool) -> None:
-    """List tracked flows (client -> VIP -> backend)."""
-    rows = obj.controller.flows(limit)
+def flows_list(obj: Context, limit: int, include_expired: bool, vip_addr: HostPort | None,
+               backend_addr: HostPort | None, client_addr: tuple[str, int | None] | None, proto: str,
+               as_json: bool) -> None:
+    """List tracked flows (client -> VIP -> backend) with their age and idle time."""
+    rows = obj.controller.flows(limit, include_expired, vip_addr.on(proto) if vip_addr else None,
+                                backend_addr.on(proto) if backend_addr else None,
+                                *(client_addr if client_addr else (None, None)))
     if as_json:
         echo_json(rows)
         return
@@ -551,8 +687,12 @@ def flows_list(obj: Context, limit: int, as_json: bool) -> None:
         r["client_ep"] = f"{r['client']}:{r['client_port']}"
         r["vip_ep"] = f"{r['vip']}:{r['vip_port']}"
         r["backend_ep"] = f"{r['backend']}:{r['backend_port']}"
+        r["state_shown"] = f"{r['state']} (expired)" if r["expired"] else r["state"]
+        r["age"] = f"{r['age_s']:.1f}s"
+        r["idle"] = f"{r['idle_s']:.1f}s"
     print_table(rows, [("CLIENT", "client_ep"), ("VIP", "vip_ep"), ("PROTO", "proto"),
-                       ("BACKEND", "backend_ep"), ("STATE", "state")], "no flows")
+                       ("BACKEND", "backend_ep"), ("STATE", "state_shown"), ("AGE", "age"),
+                       ("IDLE", "idle")], "no live flows" if not include_expired else "no flows")
 
 
 @flows.command("flush", epilog=examples("lbctl flows flush             # connections re-pick by the ring"))

@@ -3,19 +3,23 @@ planned and applied under a lock so concurrent lbctl commands never interleave."
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
-from collections.abc import Callable, Iterator
+import shutil
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from lbctl import planner
-from lbctl.errors import ConflictError
+from lbctl.errors import ConflictError, NetnsError
 from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint
-from xdp.limits import DEFAULT_LIMITS, Limits
+from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, Limits
 
 LOCK_DIR = "/run/lbctl"
+NETNS_DIR = "/var/run/netns"   # where `ip netns add` names namespaces
 
 
 @dataclass
@@ -26,12 +30,54 @@ class Result:
     applied: bool
 
 
+@dataclass
+class AttachResult:
+    """Where the program now runs, and what pinned state it took up (None: it started empty
+    or was already running)."""
+
+    attachments: list[Attachment]
+    restored: dict[str, int] | None
+    warnings: list[str]
+
+
+def orphaned_instances() -> list[str]:
+    """Instances whose network namespace is gone while their pinned maps remain."""
+    try:
+        names = sorted(os.listdir(PIN_ROOT))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if n != "host" and not os.path.exists(os.path.join(NETNS_DIR, n))]
+
+
 class Controller:
     def __init__(self, instance: str = "host", limits: Limits = DEFAULT_LIMITS, maglev_seed: int = 0):
         self.instance = instance
         self.limits = limits
         self.maglev_seed = maglev_seed
         self.balancer = Balancer(instance, limits)
+
+    @property
+    def namespace_gone(self) -> bool:
+        """The instance names a network namespace that no longer exists (its pins outlive it)."""
+        return self.instance != "host" and not os.path.exists(os.path.join(NETNS_DIR, self.instance))
+
+    def _need_namespace(self, action: str) -> None:
+        if self.namespace_gone:
+            raise NetnsError(
+                f"cannot {action}: network namespace '{self.instance}' no longer exists"
+                + (f" (its pinned state remains in {self.balancer.pin_dir})"
+                   if os.path.isdir(self.balancer.pin_dir) else "")
+                + f"; hint: 'lbctl -n {self.instance} detach --all --purge' removes that state, "
+                "or create the namespace again")
+
+    def purge_orphaned(self) -> bool:
+        """Removes the pinned state of an instance whose namespace is gone: nothing can be
+        attached there any more, so only the pins are left to remove."""
+        with self._locked():
+            if not os.path.isdir(self.balancer.pin_dir):
+                return False
+            shutil.rmtree(self.balancer.pin_dir)
+            return True
 
     # -- locking and the change pipeline ----------------------------------------------------
     @contextmanager
@@ -59,7 +105,7 @@ class Controller:
     # -- VIPs -------------------------------------------------------------------------------
     def vip_add(self, vip: Endpoint, force: bool = False) -> Result:
         if not force:
-            from lbctl.safety import local_service_at  # noqa: PLC0415
+            from lbctl.safety import local_service_at
 
             taken = local_service_at(vip)
             if taken is not None:
@@ -85,7 +131,7 @@ class Controller:
         with self.balancer.maps() as maps:
             live = planner.read_live(maps)
             out = []
-            for vip in sorted(live):
+            for vip in sorted(live, key=_endpoint_key):
                 lv = live[vip]
                 out.append({"vip": str(vip), "addr": vip.addr, "port": vip.port, "proto": vip.proto,
                             "vip_id": lv.vip_id, "ring_generation": lv.ring_generation,
@@ -95,16 +141,25 @@ class Controller:
             return out
 
     # -- backends ---------------------------------------------------------------------------
-    def backend_add(self, vip: Endpoint, backend: Endpoint, weight: int = 1) -> Result:
+    def backend_add(self, vip: Endpoint, backend: Endpoint | Sequence[Endpoint], weight: int = 1) -> Result:
+        """Adds one backend, or several in one plan (one ring rebuild, one commit)."""
+        new = [backend] if isinstance(backend, Endpoint) else list(backend)
+
         def edit(config: Config) -> Config:
-            spec = _need_vip(config, vip)
-            if (backend.addr, backend.port) == (vip.addr, vip.port):
-                raise ConflictError(f"backend {backend} is the VIP itself; hint: name the address "
-                                    "and port of a real server")
-            if spec.backend(str(backend)):
-                raise ConflictError(f"backend {backend} is already in VIP {vip}; hint: use "
-                                    "'lbctl backend set' to change its weight or state")
-            return {**config, vip: with_backend(spec, BackendSpec(backend.addr, backend.port, weight))}
+            spec = _need_vip(config, vip, adding_backend=True)
+            seen: set[Endpoint] = set()
+            for b in new:
+                if (b.addr, b.port) == (vip.addr, vip.port):
+                    raise ConflictError(f"backend {b} is the VIP itself; hint: name the address "
+                                        "and port of a real server")
+                if b in seen:
+                    raise ConflictError(f"backend {b} is listed twice; hint: name each backend once")
+                seen.add(b)
+                if spec.backend(str(b)):
+                    raise ConflictError(f"backend {b} is already in VIP {vip}; hint: use "
+                                        "'lbctl backend set' to change its weight or state")
+                spec = with_backend(spec, BackendSpec(b.addr, b.port, weight))
+            return {**config, vip: spec}
         return self.change(edit)
 
     def backend_del(self, vip: Endpoint, backend: Endpoint) -> Result:
@@ -130,13 +185,13 @@ class Controller:
             if vip is not None:
                 _need_vip({v: lv.spec for v, lv in live.items()}, vip)
             out = []
-            for v in sorted(live):
+            for v in sorted(live, key=_endpoint_key):
                 if vip is not None and v != vip:
                     continue
                 lv = live[v]
                 in_ring = [b for b in lv.spec.backends if b.in_ring]
                 total_weight = sum(b.weight for b in in_ring) or 1
-                for b in lv.spec.backends:
+                for b in sorted(lv.spec.backends, key=lambda b: (_addr_key(b.addr), b.port)):
                     bid = lv.backend_ids[b.name]
                     out.append({"vip": str(v), "proto": v.proto, "backend": b.name, "addr": b.addr,
                                 "port": b.port, "weight": b.weight, "state": b.state, "backend_id": bid,
@@ -145,16 +200,48 @@ class Controller:
         return _with_agent_health(self.instance, out)
 
     # -- data plane -------------------------------------------------------------------------
-    def attach(self, ifnames: list[str], mode: str | None = None) -> list[Attachment]:
-        """mode None: each interface gets its driver's default (xdp/modes.py)."""
+    def attach(self, ifnames: list[str], mode: str | None = None, fresh: bool = False) -> AttachResult:
+        """Attaches to `ifnames` (mode None: each interface gets its driver's default,
+        xdp/modes.py). Pinned maps left by an earlier run (a detach without --purge, or a
+        namespace that was deleted and made again) are reused: the result says what they
+        restore, and `fresh` removes them first so the balancer starts empty."""
+        self._need_namespace("attach")
         with self._locked():
+            running = self.balancer.attachments()
+            restored = None
+            if running and fresh:
+                raise ConflictError(
+                    f"--fresh would drop the configuration of the balancer running on "
+                    f"{', '.join(a.ifname for a in running)}; hint: 'lbctl detach --all --purge' "
+                    "first, or attach without --fresh")
+            if not running and os.path.isdir(self.balancer.pin_dir):
+                if fresh:
+                    shutil.rmtree(self.balancer.pin_dir)
+                elif os.path.exists(os.path.join(self.balancer.pin_dir, "vips")):
+                    with self.balancer.maps() as maps:
+                        live = planner.read_live(maps)
+                        restored = {"vips": len(live),
+                                    "backends": sum(len(lv.spec.backends) for lv in live.values()),
+                                    "flows": maps.live_flow_count()}
             try:
-                return self.balancer.attach(ifnames, mode)
+                done = self.balancer.attach(ifnames, mode)
             finally:
                 self.balancer.close()
+            return AttachResult(done, restored, self.one_sided_warnings())
 
-    def detach(self, ifnames: list[str] | None, purge: bool = False) -> list[Attachment]:
+    def detach(self, ifnames: list[str] | None, purge: bool = False, force: bool = False) -> list[Attachment]:
+        """Detaches; refuses (unless force) while tracked flows are live: the kernel cannot
+        continue a NATed connection, so every one of them would break."""
         with self._locked():
+            if not force and self.balancer.attachments() and os.path.isdir(self.balancer.pin_dir):
+                with self.balancer.maps() as maps:
+                    live = maps.live_flow_count()
+                if live:
+                    what = ("--all" if ifnames is None else " ".join(ifnames)) + (" --purge" if purge else "")
+                    raise ConflictError(
+                        f"detaching would break {live} live flow{'s' if live != 1 else ''}: the kernel "
+                        "cannot continue connections NATed by the balancer; hint: drain the backends "
+                        f"and wait, or 'lbctl detach {what} --force' to break them")
             return self.balancer.detach(ifnames, purge)
 
     def reload(self) -> list[Attachment]:
@@ -164,10 +251,42 @@ class Controller:
         with self._locked():
             return reload_program(self.balancer)
 
+    def one_sided_warnings(self) -> list[str]:
+        """VIPs whose backends this namespace reaches through an interface that does not run
+        the program: their replies would pass un-NATed, so no connection to them completes."""
+        from lbctl.safety import egress_ifindex
+
+        attached = {a.ifindex for a in self.balancer.attachments()}
+        if not attached or not os.path.exists(os.path.join(self.balancer.pin_dir, "vips")):
+            return []
+        names = dict(socket.if_nameindex())
+        out = []
+        with self.balancer.maps() as maps:
+            live = planner.read_live(maps)
+        egress: dict[str, int | None] = {}
+        for vip in sorted(live, key=_endpoint_key):
+            by_iface: dict[str, list[str]] = {}
+            for b in live[vip].spec.backends:
+                if b.addr not in egress:
+                    egress[b.addr] = egress_ifindex(b.addr)
+                ifindex = egress[b.addr]
+                if ifindex is not None and ifindex not in attached:
+                    by_iface.setdefault(names.get(ifindex, f"ifindex {ifindex}"), []).append(b.name)
+            for ifname, backends in sorted(by_iface.items()):
+                shown = ", ".join(backends[:3]) + (f" and {len(backends) - 3} more" if len(backends) > 3 else "")
+                out.append(f"VIP {vip} ({vip.proto}): backend{'s' if len(backends) > 1 else ''} {shown} "
+                           f"{'are' if len(backends) > 1 else 'is'} reached through {ifname}, which does "
+                           "not run the balancer, so their replies cannot be translated back and "
+                           f"connections to them fail; hint: lbctl attach {ifname}")
+        return out
+
     def status(self) -> dict:
         require_root()
-        attachments = self.balancer.attachments()
+        gone = self.namespace_gone
+        # In a namespace that is gone there is nothing to look at but the pins.
+        attachments = [] if gone else self.balancer.attachments()
         out: dict = {"instance": self.instance, "pin_dir": self.balancer.pin_dir,
+                     "namespace_gone": gone, "orphaned_instances": orphaned_instances(),
                      "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
                                    "prog_id": a.prog_id, "driver": a.driver, "why": a.reason}
                                   for a in attachments],
@@ -183,34 +302,68 @@ class Controller:
         agent = read_published(self.instance)
         out["agent"] = None if agent is None else {k: agent.get(k) for k in ("pid", "config", "metrics_addr",
                                                                              "all_failing")}
+        out["warnings"] = [] if gone else self.one_sided_warnings()
         return out
 
-    def stats(self) -> dict:
+    def stats(self, vip: Endpoint | None = None) -> dict:
+        """Counters by outcome, per VIP and per backend; with `vip`, only that VIP's rows."""
         require_root()
         with self.balancer.maps() as maps:
-            return {"outcomes": maps.global_counters(), "vips": self.vips(), "backends": self.backends()}
+            outcomes = maps.global_counters()
+        backends = self.backends(vip)       # checks the VIP exists
+        vips = [v for v in self.vips() if vip is None or (v["vip"], v["proto"]) == (str(vip), vip.proto)]
+        return {"outcomes": outcomes, "vips": vips, "backends": backends}
 
-    def flows(self, limit: int | None = None) -> list[dict]:
+    def flows(self, limit: int | None = None, include_expired: bool = False,
+              vip: Endpoint | None = None, backend: Endpoint | None = None,
+              client_addr: str | None = None, client_port: int | None = None) -> list[dict]:
+        """Tracked flows with their age and idle time, sorted by VIP then client (numerically).
+        Entries past their state's timeout stay in the LRU table until reused or evicted, but
+        forward nothing: they are left out unless include_expired (then marked expired)."""
+        from xdp.maps import entry_alive, monotonic_ns
+
         require_root()
         out = []
         with self.balancer.maps() as maps:
+            now = monotonic_ns()
             for rec in maps.flows():
-                out.append(rec.__dict__)
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
+                if vip is not None and (rec.vip, rec.vip_port, rec.proto) != (vip.addr, vip.port, vip.proto):
+                    continue
+                if backend is not None and (rec.backend, rec.backend_port) != (backend.addr, backend.port):
+                    continue
+                if client_addr is not None and rec.client != client_addr:
+                    continue
+                if client_port is not None and rec.client_port != client_port:
+                    continue
+                expired = not entry_alive(self.limits, rec.state, rec.last_seen_ns, now)
+                if expired and not include_expired:
+                    continue
+                out.append({**rec.__dict__, "expired": expired,
+                            "age_s": round(max(0, now - rec.created_ns) / 1e9, 1),
+                            "idle_s": round(max(0, now - rec.last_seen_ns) / 1e9, 1)})
+        out.sort(key=lambda r: (_addr_key(r["vip"]), r["vip_port"], r["proto"],
+                                _addr_key(r["client"]), r["client_port"]))
+        return out if limit is None else out[:limit]
 
     def explain(self, client: Endpoint, vip: Endpoint) -> dict:
-        """Which backend the running program would pick for client -> vip, and why."""
-        from xdp.explain import explain  # noqa: PLC0415
+        """What the running program does with client -> vip, asked twice: a new connection
+        from that port (TCP: a SYN, which a closing flow does not keep) at the top level, and,
+        when a flow is tracked for the tuple, the next packet of that flow (`tracked_flow`).
+        Also where the program is attached: nowhere means no packet is balanced now."""
+        from xdp.explain import explain
 
         require_root()
+        attached = [] if self.namespace_gone else [a.ifname for a in self.balancer.attachments()]
         fd = self.balancer.program_fd()
         try:
-            answer = explain(fd, client, vip)
+            first = explain(fd, client, vip, new_connection=True)
+            # A UDP datagram is the same question either way.
+            then = explain(fd, client, vip, new_connection=False) if vip.proto == "tcp" else first
         finally:
             self.balancer.close()
-        return {"client": str(client), "vip": str(vip), "proto": vip.proto, **answer.__dict__}
+        return {"client": str(client), "vip": str(vip), "proto": vip.proto, "attached_to": attached,
+                **_explained(first),
+                "tracked_flow": _explained(then) if then.verdict == "flow_hit" else None}
 
     def flows_flush(self) -> int:
         require_root()
@@ -230,10 +383,35 @@ def _with_agent_health(instance: str, rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _explained(answer) -> dict:
+    """One explain answer with only the fields that mean something for its verdict: a slot and
+    ring generation for a ring pick, a flow state and age for a flow-table hit."""
+    out = {"verdict": answer.verdict}
+    if answer.verdict == "not_vip":
+        return out
+    out["vip_id"] = answer.vip_id
+    if answer.verdict == "flow_hit":
+        out.update(flow_state=answer.flow_state, flow_age_ms=answer.flow_age_ms)
+    else:
+        out.update(slot=answer.slot, ring_generation=answer.ring_generation)
+    if answer.verdict in ("flow_hit", "ring"):
+        out.update(backend=answer.backend, backend_id=answer.backend_id)
+    return out
+
+
+def _addr_key(addr: str) -> int:
+    """Sorts IPv4 addresses by value: 10.0.0.2 before 10.0.0.10."""
+    return int(ipaddress.IPv4Address(addr))
+
+
+def _endpoint_key(endpoint: Endpoint) -> tuple[int, int, str]:
+    return (_addr_key(endpoint.addr), endpoint.port, endpoint.proto)
+
+
 def _check_new_addresses(live: planner.LiveState, desired: Config) -> None:
     """Refuses a new VIP or backend on an address no balanced connection can reach (loopback,
     broadcast, multicast, unspecified); what the maps already hold is left as it is."""
-    from lbctl.safety import check_usable, local_networks  # noqa: PLC0415
+    from lbctl.safety import check_usable, local_networks
 
     networks = None
     for vip, spec in desired.items():
@@ -248,12 +426,19 @@ def _check_new_addresses(live: planner.LiveState, desired: Config) -> None:
             check_usable(endpoint, what, networks)
 
 
-def _need_vip(config: Config, vip: Endpoint) -> VipSpec:
+def _need_vip(config: Config, vip: Endpoint, adding_backend: bool = False) -> VipSpec:
+    """The VIP's spec; a missing VIP raises a message whose hint fits what was being done."""
     spec = config.get(vip)
-    if spec is None:
-        raise ConflictError(f"no VIP {vip} ({vip.proto}); hint: add it first with 'lbctl vip add {vip}"
-                            f"{'' if vip.proto == 'tcp' else ' --proto ' + vip.proto}'")
-    return spec
+    if spec is not None:
+        return spec
+    other = next((v for v in config if (v.addr, v.port) == (vip.addr, vip.port)), None)
+    if other is not None:
+        hint = f"{vip} is a VIP for {other.proto}: add '--proto {other.proto}'"
+    elif adding_backend:
+        hint = f"add it first with 'lbctl vip add {vip}{'' if vip.proto == 'tcp' else ' --proto ' + vip.proto}'"
+    else:
+        hint = "'lbctl vip list' shows the VIPs"
+    raise ConflictError(f"no VIP {vip} ({vip.proto}); hint: {hint}")
 
 
 def _need_backend(spec: VipSpec, backend: Endpoint) -> BackendSpec:

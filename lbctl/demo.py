@@ -100,7 +100,7 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
         else:
             with console.status("cleaning up..."):
                 try:
-                    lbctl(ns, "detach", "--all", "--purge", show=False)
+                    lbctl(ns, "detach", "--all", "--purge", "--force", show=False)
                 except (DemoError, subprocess.SubprocessError):
                     pass
                 lab.down()

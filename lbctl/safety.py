@@ -4,10 +4,11 @@ on addresses no packet can be balanced to (loopback, broadcast, multicast, unspe
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-from collections.abc import Iterable
 
 from lbctl.errors import ConfigError
 from xdp.codec import Endpoint
@@ -41,10 +42,7 @@ def parse_proc_net(text: str, proto: str) -> list[Listener]:
 
 def local_addresses() -> set[str]:
     """IPv4 addresses of this network namespace's interfaces."""
-    from pyroute2 import IPRoute  # noqa: PLC0415
-
-    with IPRoute() as ipr:
-        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+    return {str(i.ip) for i in local_networks()}
 
 
 def local_service_at(vip: Endpoint) -> Listener | None:
@@ -57,13 +55,100 @@ def local_service_at(vip: Endpoint) -> Listener | None:
                 None)
 
 
+# rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h). A plain netlink
+# socket instead of pyroute2: importing pyroute2 cost each command 0.15-0.5 s.
+_RTM_NEWROUTE, _RTM_GETADDR, _RTM_GETROUTE = 24, 22, 26
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RTA_DST, _RTA_OIF = 1, 4
+_NLMSG_HDR = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_RTATTR = struct.Struct("=HH")
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink message in one recv; an error message raises OSError."""
+    offset = 0
+    while offset + _NLMSG_HDR.size <= len(data):
+        length, msg_type, _, _, _ = _NLMSG_HDR.unpack_from(data, offset)
+        if length < _NLMSG_HDR.size:
+            return
+        payload = data[offset + _NLMSG_HDR.size:offset + length]
+        if msg_type == _NLMSG_ERROR:
+            code = -struct.unpack_from("=i", payload)[0]
+            if code:
+                raise OSError(code, os.strerror(code))
+        yield msg_type, payload
+        offset += _align4(length)
+
+
+def _attrs(payload: bytes, offset: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + _RTATTR.size <= len(payload):
+        attr_len, attr_type = _RTATTR.unpack_from(payload, offset)
+        if attr_len < _RTATTR.size:
+            break
+        out[attr_type] = payload[offset + _RTATTR.size:offset + attr_len]
+        offset += _align4(attr_len)
+    return out
+
+
+def parse_addr_dump(data: bytes) -> tuple[list[ipaddress.IPv4Interface], bool]:
+    """IPv4 interface addresses in one recv of an RTM_GETADDR dump, and whether it ended."""
+    out = []
+    for msg_type, payload in _messages(data):
+        if msg_type == _NLMSG_DONE:
+            return out, True
+        family, prefixlen, _, _, _ = _IFADDRMSG.unpack_from(payload)
+        attrs = _attrs(payload, _IFADDRMSG.size)
+        # On a point-to-point link IFA_ADDRESS is the peer; IFA_LOCAL is always our own.
+        raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+        if family == socket.AF_INET and raw is not None and len(raw) == 4:
+            out.append(ipaddress.IPv4Interface((raw, prefixlen)))
+    return out, False
+
+
+def _rtnl() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
 def local_networks() -> list[ipaddress.IPv4Interface]:
     """This network namespace's IPv4 addresses with their prefixes: its connected subnets."""
-    from pyroute2 import IPRoute  # noqa: PLC0415
+    with _rtnl() as sock:
+        request = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(request), _RTM_GETADDR,
+                                  _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + request)
+        out: list[ipaddress.IPv4Interface] = []
+        while True:
+            found, done = parse_addr_dump(sock.recv(65536))
+            out.extend(found)
+            if done:
+                return out
 
-    with IPRoute() as ipr:
-        return [ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-                for a in ipr.get_addr(family=socket.AF_INET)]
+
+def egress_ifindex(addr: str) -> int | None:
+    """The interface this namespace's routing sends packets for `addr` out of (`ip route get`),
+    or None when it has no route."""
+    dst = ipaddress.IPv4Address(addr).packed
+    request = (_RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0)
+               + _RTATTR.pack(_RTATTR.size + 4, _RTA_DST) + dst)
+    with _rtnl() as sock:
+        sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(request), _RTM_GETROUTE, _NLM_F_REQUEST, 1, 0)
+                  + request)
+        try:
+            for msg_type, payload in _messages(sock.recv(65536)):
+                if msg_type == _RTM_NEWROUTE:
+                    oif = _attrs(payload, _RTMSG.size).get(_RTA_OIF)
+                    return struct.unpack("=I", oif)[0] if oif else None
+        except OSError:
+            return None      # ENETUNREACH and friends: no route
+    return None
 
 
 def unusable_reason(addr: str, networks: Iterable[ipaddress.IPv4Interface]) -> str | None:

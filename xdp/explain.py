@@ -21,10 +21,16 @@ class Explanation:
     flow_age_ms: int | None
 
 
-def probe_frame(client: codec.Endpoint, vip: codec.Endpoint) -> bytes:
-    """The packet of an established flow (TCP: a bare ACK) from client to vip. The MACs are
-    zero: with explain metadata the program answers before it reads them or forwards."""
+def probe_frame(client: codec.Endpoint, vip: codec.Endpoint, new_connection: bool = False) -> bytes:
+    """client -> vip as the program would meet it: TCP's SYN opening a new connection, or a
+    bare ACK of an established one (a closing flow keeps an ACK but not a SYN); UDP has only
+    datagrams. The MACs are zero: with explain metadata the program answers before it reads
+    them or forwards."""
     if vip.proto == "tcp":
+        if new_connection:
+            return frames.tcp_frame(frames.ZERO_MAC, frames.ZERO_MAC, client.addr, vip.addr,
+                                    client.port, vip.port, flags=frames.TCP_SYN, seq=1,
+                                    frag=frames.IP_DF)
         return frames.tcp_frame(frames.ZERO_MAC, frames.ZERO_MAC, client.addr, vip.addr,
                                 client.port, vip.port, flags=frames.TCP_ACK, seq=1, ack=1,
                                 window=65535, frag=frames.IP_DF)
@@ -32,8 +38,10 @@ def probe_frame(client: codec.Endpoint, vip: codec.Endpoint) -> bytes:
                             client.port, vip.port, frag=frames.IP_DF)
 
 
-def explain(prog_fd: int, client: codec.Endpoint, vip: codec.Endpoint) -> Explanation:
-    frame = probe_frame(client, vip)
+def explain(prog_fd: int, client: codec.Endpoint, vip: codec.Endpoint,
+            new_connection: bool = False) -> Explanation:
+    """The program's answer for one probe packet (see probe_frame)."""
+    frame = probe_frame(client, vip, new_connection)
     ask = codec.ExplainMeta(magic=EXPLAIN_MAGIC)
     result = libbpf.prog_test_run(prog_fd, frame, meta=bytes(ask))
     answer = codec.ExplainMeta.from_buffer_copy(result.data_out[: ctypes.sizeof(codec.ExplainMeta)])

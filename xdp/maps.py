@@ -15,10 +15,31 @@ from typing import TYPE_CHECKING
 from xdp import codec, libbpf
 from xdp.errors import IncompatibleMapsError, MapFullError, NotAttachedError
 from xdp.libbpf import MapType
-from xdp.limits import DEFAULT_LIMITS, OUTCOMES, PIN_ROOT, Limits
+from xdp.limits import DEFAULT_LIMITS, FLOW_STATES, OUTCOMES, PIN_ROOT, Limits
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; the project still runs on 3.9
     from typing_extensions import Self
+
+
+# The program stamps last_seen at most once per refresh interval (1 s) and reads a coarse
+# clock: an entry counts as alive a little past its timeout rather than a little before.
+_ALIVE_SLACK_NS = 2_000_000_000
+
+
+def monotonic_ns() -> int:
+    """The clock of the program's time stamps (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def flow_timeout_s(limits: Limits, state: str) -> int:
+    """How long a flow-table entry in `state` lives without a packet (lb_timeout_ns in C)."""
+    return {"syn": limits.tcp_syn_timeout_s, "established": limits.tcp_established_timeout_s,
+            "closing": limits.tcp_closing_timeout_s}.get(state, limits.udp_timeout_s)
+
+
+def entry_alive(limits: Limits, state: str, last_seen_ns: int, now_ns: int) -> bool:
+    """Whether the program would still forward by this entry (lb_entry_alive in C)."""
+    return now_ns - last_seen_ns <= flow_timeout_s(limits, state) * 1_000_000_000 + _ALIVE_SLACK_NS
 
 
 def pin_dir_for(instance: str) -> str:
@@ -193,28 +214,26 @@ class LbMaps:
     def tracked_backend_ids(self, now_ns: int | None = None) -> set[int]:
         """Backend ids that entries still alive in the flow tables point at: the data plane
         counts their packets under that id, whether or not the backend still exists."""
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
-        # The program stamps last_seen at most once per refresh interval and reads a coarse
-        # clock: an entry is alive a little past its timeout rather than a little before.
-        slack_ns = (self.limits.refresh_interval_ms + 1000) * 1_000_000
-        timeouts_ns = [s * 1_000_000_000 + slack_ns for s in (
-            self.limits.tcp_syn_timeout_s, self.limits.tcp_established_timeout_s,
-            self.limits.tcp_closing_timeout_s, self.limits.udp_timeout_s)]
+        now = monotonic_ns() if now_ns is None else now_ns
         ids: set[int] = set()
         for name in ("flows", "rnat"):
-            m = self._m(name)
-            for _, raw in libbpf.map_lookup_batch(m.fd, m.key_size, m.value_size):
+            for _key, raw in self[name].items():  # noqa: PERF102 (a map handle, not a dict)
                 e = codec.NatEntry.from_buffer_copy(raw)
-                timeout = timeouts_ns[e.state] if e.state < len(timeouts_ns) else max(timeouts_ns)
-                if now - e.last_seen_ns <= timeout:
+                state = FLOW_STATES[e.state] if e.state < len(FLOW_STATES) else "established"
+                if entry_alive(self.limits, state, e.last_seen_ns, now):
                     ids.add(e.backend_id)
-        m = self._m("frags")
-        frag_timeout_ns = self.limits.frag_timeout_s * 1_000_000_000 + slack_ns
-        for _, raw in libbpf.map_lookup_batch(m.fd, m.key_size, m.value_size):
+        for _key, raw in self["frags"].items():  # noqa: PERF102 (a map handle, not a dict)
             f = codec.FragEntry.from_buffer_copy(raw)
-            if now - f.seen_ns <= frag_timeout_ns:
+            if now - f.seen_ns <= self.limits.frag_timeout_s * 1_000_000_000 + _ALIVE_SLACK_NS:
                 ids.add(f.backend_id)
         return ids
+
+    def live_flow_count(self, now_ns: int | None = None) -> int:
+        """Tracked client->VIP flows that are open and not timed out: connections that would
+        break if the program stopped rewriting them (a closing one has only its last ACKs left)."""
+        now = monotonic_ns() if now_ns is None else now_ns
+        return sum(1 for rec in self.flows()
+                   if rec.state != "closing" and entry_alive(self.limits, rec.state, rec.last_seen_ns, now))
 
     def forget_flows(self, vip_id: int) -> int:
         """Deletes one VIP's entries from the tracking tables (after the VIP itself is gone, so

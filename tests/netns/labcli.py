@@ -33,7 +33,7 @@ def lab_up(letters: str, attach: bool = True) -> Iterator[Lab]:
             lbctl(lab, "attach", *lab.lb_ifaces)
         yield lab
     finally:
-        lbctl(lab, "detach", "--all", "--purge", check=False)
+        lbctl(lab, "detach", "--all", "--purge", "--force", check=False)
         lab.down()
 
 

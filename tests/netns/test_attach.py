@@ -29,7 +29,7 @@ def attached(lab: Lab) -> dict[str, str]:
 
 @pytest.fixture
 def detached(lab: Lab) -> Lab:
-    lbctl(lab, "detach", "--all", check=False)
+    lbctl(lab, "detach", "--all", "--force", check=False)
     assert attached(lab) == {}
     return lab
 

@@ -74,7 +74,8 @@ def test_explain_names_the_backend_that_served_each_connection(lab):
         for client_addr, backend in conns:
             answer = json.loads(out(lab, "explain", client_addr, f"{lab.vip}:{lab.http_port}",
                                     "--json"))
-            assert answer["verdict"] == "flow_hit"
+            # An open flow keeps even a SYN from its tuple, and its next packet alike.
+            assert answer["verdict"] == "flow_hit" and answer["tracked_flow"]["backend"] == answer["backend"]
             assert by_addr[answer["backend"].split(":")[0]] == backend, client_addr
 
 

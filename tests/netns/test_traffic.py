@@ -77,7 +77,7 @@ def attached_lab() -> Iterator[Lab]:
         # BaseException too (Ctrl-C): the namespaces and pins must not outlive the run.
         try:
             if (NETNS_DIR / the_lab.lb.netns).exists():
-                lbctl(the_lab, "detach", "--all", "--purge", check=False, timeout_s=30.0)
+                lbctl(the_lab, "detach", "--all", "--purge", "--force", check=False, timeout_s=30.0)
         finally:
             the_lab.down()
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from lbctl.cli import Context, main
-from lbctl.control import Controller, Result
+from lbctl.control import AttachResult, Controller, Result
 from lbctl.errors import ConflictError
 from lbctl.model import BACKEND_STATES, XDP_MODES
 from lbctl.planner import Plan
@@ -28,7 +28,7 @@ def _fake_controller() -> Any:
     fake.vips.return_value = [{"vip": "10.0.0.10:80", "proto": "tcp", "backends": 1,
                                "active_backends": 1, "packets": 5, "bytes": 300,
                                "new_flows": 1, "drops": 0}]
-    fake.attach.return_value = []
+    fake.attach.return_value = AttachResult([], None, [])
     return fake
 
 
@@ -74,7 +74,7 @@ def test_every_xdp_mode_of_the_model_is_accepted(fake, mode, monkeypatch):
     monkeypatch.setattr("xdp.balancer.ipv4_forwarding", lambda: True)
     result = run(fake, "attach", "eth0", "--mode", mode)
     assert result.exit_code == 0, result.output
-    fake.attach.assert_called_once_with(["eth0"], mode)
+    fake.attach.assert_called_once_with(["eth0"], mode, False)
 
 
 def test_explain_parses_client_and_vip_with_one_proto(fake):
@@ -199,3 +199,35 @@ def test_plan_warnings_are_printed_after_the_plan(fake):
     result = run(fake, "backend", "set", "10.0.0.10:80", "10.0.1.1:80", "--weight", "1000")
     assert result.exit_code == 0, result.output
     assert "lbctl: warning: backend 10.0.1.9:80 of VIP 10.0.0.10:80 gets no ring slot" in result.output
+
+
+@pytest.mark.parametrize(("share", "shown"), [
+    (0.0, "0.0%"), (0.25, "25.0%"), (1 / 3, "33.3%"), (0.001, "0.1%"),
+    (0.000098, "0.0098%"), (1 / 200001, "0.00050%"), (1 / 4096000, "0.000024%"),
+])
+def test_a_share_is_shown_with_enough_digits_never_as_zero(share, shown):
+    from lbctl.cli import percent
+
+    assert percent(share) == shown
+
+
+def test_backend_add_takes_several_backends_in_one_change(fake):
+    result = run(fake, "backend", "add", "10.0.0.10:80", "10.0.1.1:80", "10.0.1.2:80", "--weight", "3")
+    assert result.exit_code == 0, result.output
+    fake.backend_add.assert_called_once_with(
+        Endpoint("10.0.0.10", 80, "tcp"), [Endpoint("10.0.1.1", 80, "tcp"), Endpoint("10.0.1.2", 80, "tcp")], 3)
+
+
+def test_flows_list_filters_are_parsed(fake):
+    fake.flows.return_value = []
+    result = run(fake, "flows", "list", "--all", "--vip", "10.0.0.10:80", "--client", "10.0.2.5")
+    assert result.exit_code == 0, result.output
+    fake.flows.assert_called_once_with(100, True, Endpoint("10.0.0.10", 80, "tcp"), None, "10.0.2.5", None)
+    result = run(fake, "flows", "list", "--client", "10.0.2.x")
+    assert result.exit_code == 2 and "10.0.2.x" in result.output
+
+
+def test_detach_purge_without_all_says_what_to_type(fake):
+    result = run(fake, "detach", "--purge")
+    assert result.exit_code == 2 and "hint: lbctl detach --all --purge" in result.output
+    assert result.output.count("\n") == 1

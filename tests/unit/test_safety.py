@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import socket
+import subprocess
 
 import pytest
 
-from lbctl.safety import Listener, parse_proc_net, unusable_reason
+from lbctl.safety import Listener, egress_ifindex, local_networks, parse_proc_net, unusable_reason
 
 TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1151 1
@@ -51,3 +54,18 @@ def test_ordinary_addresses_are_usable(addr):
     # 10.77.3.255 and 192.168.1.255 are on no connected subnet: they may be hosts elsewhere;
     # a /31 has no broadcast address.
     assert unusable_reason(addr, NETWORKS) is None
+
+
+def test_local_networks_are_the_addresses_ip_shows():
+    shown = json.loads(subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True,
+                                      check=True).stdout)
+    expected = {ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+                for link in shown for a in link.get("addr_info", [])}
+    assert set(local_networks()) == expected and expected
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "10.77.2.11", "192.0.2.1", "240.0.0.1"])
+def test_egress_interface_is_the_one_ip_route_get_names(addr):
+    proc = subprocess.run(["ip", "-j", "route", "get", addr], capture_output=True, text=True, check=False)
+    expected = socket.if_nametoindex(json.loads(proc.stdout)[0]["dev"]) if proc.returncode == 0 else None
+    assert egress_ifindex(addr) == expected
