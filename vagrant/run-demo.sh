@@ -134,15 +134,15 @@ say "client $client_addr -> lb ($client_if $lb_client_addr | $backend_if $lb_bac
 attached=0
 cleanup() {
     if [ "$attached" = 1 ] && [ "$keep" = 0 ]; then
-        if on lb "sudo lbctl detach --all --purge" >/dev/null 2>&1; then
+        if on lb "sudo lbctl detach --all --purge --force" >/dev/null 2>&1; then
             say "cleaned up: balancer detached, maps removed"
         else
-            say "clean-up failed; run: vagrant ssh lb -c 'sudo lbctl detach --all --purge'"
+            say "clean-up failed; run: vagrant ssh lb -c 'sudo lbctl detach --all --purge --force'"
         fi
     fi
 }
 trap cleanup EXIT
-on lb "sudo lbctl detach --all --purge >/dev/null 2>&1 || true"
+on lb "sudo lbctl detach --all --purge --force >/dev/null 2>&1 || true"
 attached=1
 rc=0
 lb_lbctl "attach $client_if $backend_if --mode ${mode:-native}" || rc=$?

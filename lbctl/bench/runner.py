@@ -388,7 +388,7 @@ class PeerBench:
 
     def teardown(self, name: str) -> None:
         if self.state.xdp_attached:
-            self._lbctl("detach", "--all", "--purge")
+            self._lbctl("detach", "--all", "--purge", "--force")
             self.state.xdp_attached = False
         if self.state.nft_table:
             self.lab.run("lb", ["nft", "delete", "table", "ip", "lbbench"])
@@ -560,7 +560,7 @@ class PeerBench:
                 errors.append(f"{proc.name}: {exc}")
         if self.state.xdp_attached and (NETNS_DIR / self.lab.lb.netns).exists():
             try:
-                self._lbctl("detach", "--all", "--purge")
+                self._lbctl("detach", "--all", "--purge", "--force")
             except (LbctlError, OSError, subprocess.SubprocessError) as exc:
                 errors.append(f"detach: {exc}")
         try:

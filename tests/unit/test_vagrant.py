@@ -670,7 +670,7 @@ def test_run_demo_attaches_on_the_lab_nics_and_prints_the_distribution(tmp_path:
     assert re.search(r"^ be2 +0 +0\.0%$", proc.stdout, re.MULTILINE), out
     assert "be2: no new connection reached it" in proc.stdout
     # Cleaned up at the end.
-    assert state["lbctl"][-1] == ["detach", "--all", "--purge"] and state["attached"] == []
+    assert state["lbctl"][-1] == ["detach", "--all", "--purge", "--force"] and state["attached"] == []
 
 
 def test_run_demo_falls_back_to_generic_mode_when_native_is_refused(tmp_path: Path) -> None:
