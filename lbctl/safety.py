@@ -101,7 +101,7 @@ def _attrs(payload: bytes, offset: int) -> dict[int, bytes]:
 
 def parse_addr_dump(data: bytes) -> tuple[list[ipaddress.IPv4Interface], bool]:
     """IPv4 interface addresses in one recv of an RTM_GETADDR dump, and whether it ended."""
-    out = []
+    out: list[ipaddress.IPv4Interface] = []
     for msg_type, payload in _messages(data):
         if msg_type == _NLMSG_DONE:
             return out, True
