@@ -286,7 +286,10 @@ class Controller:
         # In a namespace that is gone there is nothing to look at but the pins.
         attachments = [] if gone else self.balancer.attachments()
         out: dict = {"instance": self.instance, "pin_dir": self.balancer.pin_dir,
-                     "namespace_gone": gone, "orphaned_instances": orphaned_instances(),
+                     "namespace_gone": gone,
+                     # The host's status is where the other instances are looked over; a
+                     # namespace's own status stays about that namespace.
+                     "orphaned_instances": orphaned_instances() if self.instance == "host" else [],
                      "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
                                    "prog_id": a.prog_id, "driver": a.driver, "why": a.reason}
                                   for a in attachments],
