@@ -157,7 +157,7 @@ class Agent:
             await self.checker.stop()
             metrics.stop()
         if self.detach_on_exit:
-            done = self.controller.detach(None)
+            done = self.controller.detach(None, force=True)   # the operator asked for it
             log.info("stopped; detached from %s (--detach-on-exit); the maps stay pinned",
                      ", ".join(a.ifname for a in done) or "nothing")
         else:

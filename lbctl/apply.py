@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from lbctl import planner
 from lbctl.config import DesiredState, HealthSpec, VipEntry, dump
-from lbctl.control import Controller
+from lbctl.control import Controller, check_new_addresses
 from lbctl.model import Config, VipSpec
 from xdp.balancer import require_root
 from xdp.codec import Endpoint
@@ -109,11 +109,13 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
         if _maps_exist(controller):
             with bal.maps() as maps:
                 live = planner.read_live(maps)
+                check_new_addresses(live, desired)
                 the_plan = planner.plan(live, desired, controller.limits, controller.maglev_seed)
                 touched = count_flows_touched(the_plan, live, maps, controller.limits) if count_flows else {}
         else:
             # Fresh host (after a boot): plan against empty maps, so a file that cannot fit
             # is refused before anything is compiled or attached.
+            check_new_addresses({}, desired)
             the_plan = planner.plan({}, desired, controller.limits, controller.maglev_seed)
             touched = {}
         result = ApplyResult(the_plan, to_attach, left, xdp_mode, touched)
@@ -128,7 +130,8 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
             if not the_plan.empty:
                 # Re-read under the same lock: attach may just have created the maps.
                 live = planner.read_live(maps)
-                the_plan = planner.plan(live, desired, controller.limits, controller.maglev_seed)
+                the_plan = planner.plan(live, desired, controller.limits, controller.maglev_seed,
+                                        busy_backend_ids=maps.tracked_backend_ids)
                 planner.apply(the_plan, live, maps)
         result.plan = the_plan
         result.applied = True

@@ -95,7 +95,7 @@ class Controller:
         with self._locked(), self.balancer.maps() as maps:
             live = planner.read_live(maps)
             desired = edit({vip: lv.spec for vip, lv in live.items()})
-            _check_new_addresses(live, desired)
+            check_new_addresses(live, desired)
             the_plan = planner.plan(live, desired, self.limits, self.maglev_seed,
                                     busy_backend_ids=maps.tracked_backend_ids)
             if not dry_run and not the_plan.empty:
@@ -411,7 +411,7 @@ def _endpoint_key(endpoint: Endpoint) -> tuple[int, int, str]:
     return (_addr_key(endpoint.addr), endpoint.port, endpoint.proto)
 
 
-def _check_new_addresses(live: planner.LiveState, desired: Config) -> None:
+def check_new_addresses(live: planner.LiveState, desired: Config) -> None:
     """Refuses a new VIP or backend on an address no balanced connection can reach (loopback,
     broadcast, multicast, unspecified); what the maps already hold is left as it is."""
     from lbctl.safety import check_usable, local_networks
