@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from lbctl.cli import Context, main
+from lbctl.control import AttachResult
 from xdp.balancer import Attachment
 from xdp.errors import AttachError
 from xdp.modes import GENERIC, MODE_BY_DRIVER, NATIVE, default_mode, driver_of, mode_reason
@@ -61,11 +62,11 @@ class _Controller:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def attach(self, ifnames: list[str], mode: str | None) -> list[Attachment]:
+    def attach(self, ifnames: list[str], mode: str | None, fresh: bool = False) -> AttachResult:
         self.calls.append(("attach", ifnames, mode))
         chosen = mode or default_mode("veth").mode
-        return [Attachment(n, i + 2, chosen, 7, "veth", mode_reason("veth", chosen))
-                for i, n in enumerate(ifnames)]
+        return AttachResult([Attachment(n, i + 2, chosen, 7, "veth", mode_reason("veth", chosen))
+                             for i, n in enumerate(ifnames)], None, [])
 
     def status(self) -> dict:
         return {"instance": "host", "pin_dir": "/sys/fs/bpf/lbctl/host", "prog_id": 7, "vips": 0,
