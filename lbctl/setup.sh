@@ -29,6 +29,7 @@ pkgs=(
 test_pkgs=(
     shellcheck                     # checks the provisioning scripts and this one
     ruby vagrant vagrant-libvirt   # evaluate and validate vagrant/Vagrantfile
+    openssl                        # a throwaway certificate for the L7 proxy's TLS tests
 )
 
 case "$action" in
