@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lbctl.config import HealthSpec
 
@@ -28,22 +31,49 @@ class CheckResult:
     duration_s: float
 
 
+def _closed_with_reset(sock: socket.socket) -> None:
+    # Close with RST, as HAProxy's checks do: at 1000 checks a second, FIN would leave tens of
+    # thousands of TIME_WAIT sockets on the balancer and use up its ephemeral ports.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+async def _within(coro: Any, timeout_s: float) -> Any:
+    """The coroutine's result, or TimeoutError after timeout_s. asyncio.timeout (3.11+) runs it in
+    the calling task; wait_for would make a task per check."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout_s):
+            return await coro
+    return await asyncio.wait_for(coro, timeout_s)
+
+
+async def _connect(addr: str, port: int) -> socket.socket:
+    """A connected non-blocking socket: the event loop's own sock_* calls, without the stream
+    objects of open_connection, cost a fraction of the CPU per check."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (addr, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def check_tcp(addr: str, port: int, timeout_s: float) -> CheckResult:
     """Passes when a TCP connection to addr:port completes within the timeout."""
     start = time.monotonic()
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), timeout_s)
-    except asyncio.TimeoutError:
+        sock = await _within(_connect(addr, port), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
         return CheckResult(False, "Layer4 timeout", time.monotonic() - start)
     except OSError as exc:
-        return CheckResult(False, f"Layer4 connection problem ({_os_text(exc)})",
-                           time.monotonic() - start)
+        return CheckResult(False, f"Layer4 connection problem ({_os_text(exc)})", time.monotonic() - start)
     took = time.monotonic() - start
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
+    _closed_with_reset(sock)
     return CheckResult(True, "Layer4 check passed", took)
 
 
@@ -55,23 +85,27 @@ async def check_http(addr: str, port: int, path: str, expect: tuple[int, int], t
 
     async def probe() -> CheckResult:
         nonlocal connected
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_connection(addr, port)
+            sock = await _connect(addr, port)
         except OSError as exc:
-            return CheckResult(False, f"Layer4 connection problem ({_os_text(exc)})",
-                               time.monotonic() - start)
+            return CheckResult(False, f"Layer4 connection problem ({_os_text(exc)})", time.monotonic() - start)
         connected = True
+        line = b""
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\nUser-Agent: lbctl-health\r\n"
-                         "Connection: close\r\n\r\n".encode())
-            await writer.drain()
-            line = await reader.readline()
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\n"
+                                          "User-Agent: lbctl-health\r\nConnection: close\r\n\r\n".encode())
+            while b"\n" not in line and len(line) < MAX_STATUS_LINE:
+                chunk = await loop.sock_recv(sock, MAX_STATUS_LINE)
+                if not chunk:
+                    break
+                line += chunk
         except OSError as exc:
-            return CheckResult(False, f"Layer7 connection problem ({_os_text(exc)})",
-                               time.monotonic() - start)
+            return CheckResult(False, f"Layer7 connection problem ({_os_text(exc)})", time.monotonic() - start)
         finally:
-            writer.close()
+            _closed_with_reset(sock)
         took = time.monotonic() - start
+        line = line.split(b"\n", 1)[0]
         parts = line[:MAX_STATUS_LINE].decode("latin-1").split()
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             what = "empty response" if not line else f"not an HTTP status line: {line[:40]!r}"
@@ -82,8 +116,8 @@ async def check_http(addr: str, port: int, path: str, expect: tuple[int, int], t
         return CheckResult(False, f"Layer7 wrong status ({status})", took)
 
     try:
-        return await asyncio.wait_for(probe(), timeout_s)
-    except asyncio.TimeoutError:
+        return await _within(probe(), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
         return CheckResult(False, "Layer7 timeout" if connected else "Layer4 timeout", time.monotonic() - start)
 
 

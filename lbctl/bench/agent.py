@@ -142,12 +142,20 @@ def bench_agent_cpu(backends: int = 1000, check: str = "http", interval: str = "
         a0, s0, t0 = _cpu_s(agent.pid), _cpu_s(server.pid), time.monotonic()
         time.sleep(measure_s)
         a1, s1, t1 = _cpu_s(agent.pid), _cpu_s(server.pid), time.monotonic()
-        downs = log.read_text().count(" is DOWN")
+        text = log.read_text()
+        downs = text.count(" is DOWN")
+        reasons: dict[str, int] = {}
+        for line in text.splitlines():
+            if " is DOWN, reason: " in line:
+                why = line.split(" is DOWN, reason: ", 1)[1].split(", check duration")[0]
+                reasons[why] = reasons.get(why, 0) + 1
+        applies = text.count("apply (check): ~ vip")
         result = {"backends": backends, "check": check, "interval": interval, "measured_s": round(t1 - t0, 1),
                   "agent_cpu_share": (a1 - a0) / (t1 - t0), "server_cpu_share": (s1 - s0) / (t1 - t0),
-                  "false_downs": downs, "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+                  "false_downs": downs, "down_reasons": reasons, "applies": applies, "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
         console.print(f"  agent: {result['agent_cpu_share']:.1%} of a core for {backends} {check} checks every "
-                      f"{interval} (server {result['server_cpu_share']:.1%}; {downs} backends went DOWN)")
+                      f"{interval} (server {result['server_cpu_share']:.1%}; {downs} false DOWNs {reasons}, "
+                      f"{applies} applies)")
         return result
     finally:
         for p in (agent, server):
