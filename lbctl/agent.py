@@ -352,6 +352,8 @@ class Agent:
                     else (r["last_check"] or ""), r["checks"], r["failures"])
                 for r in rows}
             self.view.all_failing = {(f"{v.addr}:{v.port}", v.proto): True for v in self.all_failing}
+            self.view.checks_inconclusive = self.checker.inconclusive
+            self.view.checker_stalls = self.checker.stalls
         data = {"pid": os.getpid(), "instance": self.instance, "config": os.path.abspath(self.config_path),
                 "updated": time.time(), "metrics_addr": self.metrics_addr,
                 "all_failing": sorted(f"{v} ({v.proto})" for v in self.all_failing), "backends": rows,

@@ -166,7 +166,7 @@ class ListenType(click.ParamType):
     name = "ADDR:PORT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from lbctl.metrics import parse_listen  # noqa: PLC0415
+        from lbctl.metrics import parse_listen
 
         try:
             parse_listen(str(value))

@@ -246,7 +246,7 @@ class Controller:
 
     def reload(self) -> list[Attachment]:
         """A fresh program on every attached interface, maps and flows kept (hitless)."""
-        from xdp.balancer import reload_program  # noqa: PLC0415
+        from xdp.balancer import reload_program
 
         with self._locked():
             return reload_program(self.balancer)
@@ -300,7 +300,7 @@ class Controller:
                 live = planner.read_live(maps)
                 out["vips"] = len(live)
                 out["backends"] = sum(len(lv.spec.backends) for lv in live.values())
-        from lbctl.agent import read_published  # noqa: PLC0415
+        from lbctl.agent import read_published
 
         agent = read_published(self.instance)
         out["agent"] = None if agent is None else {k: agent.get(k) for k in ("pid", "config", "metrics_addr",
@@ -376,7 +376,7 @@ class Controller:
 
 def _with_agent_health(instance: str, rows: list[dict]) -> list[dict]:
     """Adds the agent's health view (up, down, unchecked; '-' when no agent runs)."""
-    from lbctl.agent import health_by_backend  # noqa: PLC0415
+    from lbctl.agent import health_by_backend
 
     health = health_by_backend(instance)
     for row in rows:

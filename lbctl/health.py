@@ -17,6 +17,9 @@ from lbctl.config import HealthSpec
 # Each wait is the interval +/- this share, so checks of many backends do not fire in step.
 JITTER = 0.1
 MAX_STATUS_LINE = 4096
+# The loop watchdog ticks this often; a tick this much late counts as a stall of the checker.
+STALL_TICK_S = 0.1
+STALL_LATE_S = 0.1
 
 
 def _os_text(exc: OSError) -> str:
@@ -173,8 +176,14 @@ class HealthChecker:
         self.states: dict[tuple, BackendHealth] = {}
         self._tasks: dict[tuple, asyncio.Task] = {}
         self._specs: dict[tuple, tuple[HealthSpec, str, int]] = {}
+        self._watchdog: asyncio.Task | None = None
+        self.last_stall = 0.0          # monotonic time the event loop last ran late
+        self.stalls = 0
+        self.inconclusive = 0          # timeouts not counted because the loop itself was late
 
     def sync(self, targets: dict[tuple, tuple[HealthSpec, str, int]], initially_down: set[tuple]) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         for key in list(self._tasks):
             if key not in targets or self._specs[key] != targets[key]:
                 self._tasks.pop(key).cancel()
@@ -195,6 +204,13 @@ class HealthChecker:
         while True:
             started = time.monotonic()
             result = await run_check(spec, addr, port)
+            late = result.duration_s > spec.timeout_ms / 1000 + STALL_LATE_S
+            if not result.ok and result.reason.endswith("timeout") and (late or self.last_stall >= started):
+                # The loop ran late while this check waited (the host or this process was
+                # starved, e.g. by a big apply): its timeout says nothing about the backend.
+                self.inconclusive += 1
+                await asyncio.sleep(interval_s * random.uniform(1 - JITTER, 1 + JITTER))
+                continue
             state = self.states[key]
             if state.record(result, spec.rise, spec.fall):
                 self.on_transition(key, state, result)
@@ -202,7 +218,20 @@ class HealthChecker:
             wait = interval_s * random.uniform(1 - JITTER, 1 + JITTER) - (time.monotonic() - started)
             await asyncio.sleep(max(wait, 0.0))
 
+    async def _watch(self) -> None:
+        """Notes when the event loop runs late, so a check's timeout can be told apart from a
+        pause of the checker itself."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(STALL_TICK_S)
+            if time.monotonic() - before > STALL_TICK_S + STALL_LATE_S:
+                self.stalls += 1
+                self.last_stall = time.monotonic()
+
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()

@@ -55,6 +55,8 @@ class AgentView:
     slots_moved: int = 0
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
     last_reload_ok: float = 0.0
+    checks_inconclusive: int = 0
+    checker_stalls: int = 0
 
 
 def live_flows(maps: LbMaps, limits: Limits) -> dict[tuple[int, int], int]:
@@ -100,6 +102,15 @@ class LbCollector(Collector):
         for result, n in sorted(view.reloads.items()):
             reloads.add_metric([result], n)
         yield reloads
+        inconclusive = CounterMetricFamily(
+            f"{PREFIX}_health_checks_inconclusive",
+            "Check timeouts not counted because the agent itself ran late (a starved process)")
+        inconclusive.add_metric([], view.checks_inconclusive)
+        yield inconclusive
+        stalls = CounterMetricFamily(f"{PREFIX}_health_checker_stalls",
+                                     "Times the checker's event loop ran 100 ms or more late")
+        stalls.add_metric([], view.checker_stalls)
+        yield stalls
         yield GaugeMetricFamily(f"{PREFIX}_config_last_reload_success_timestamp_seconds",
                                 "When the config file was last loaded and applied (unix time)",
                                 value=view.last_reload_ok)

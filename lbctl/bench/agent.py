@@ -100,6 +100,16 @@ asyncio.run(main())
 """
 
 
+def _scrape(ns: str, port: int) -> dict[str, float]:
+    """Unlabelled samples of the agent's /metrics, read inside its namespace."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-I", "-S", "-c", code],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    return {s.name: s.value for fam in text_string_to_metric_families(out) for s in fam.samples if not s.labels}
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -150,12 +160,16 @@ def bench_agent_cpu(backends: int = 1000, check: str = "http", interval: str = "
                 why = line.split(" is DOWN, reason: ", 1)[1].split(", check duration")[0]
                 reasons[why] = reasons.get(why, 0) + 1
         applies = text.count("apply (check): ~ vip")
+        metrics = _scrape(ns, 9899)
+        inconclusive = metrics.get("lbctl_health_checks_inconclusive_total", 0)
+        stalls = metrics.get("lbctl_health_checker_stalls_total", 0)
         result = {"backends": backends, "check": check, "interval": interval, "measured_s": round(t1 - t0, 1),
                   "agent_cpu_share": (a1 - a0) / (t1 - t0), "server_cpu_share": (s1 - s0) / (t1 - t0),
-                  "false_downs": downs, "down_reasons": reasons, "applies": applies, "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+                  "false_downs": downs, "down_reasons": reasons, "applies": applies,
+                  "inconclusive_timeouts": inconclusive, "checker_stalls": stalls, "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
         console.print(f"  agent: {result['agent_cpu_share']:.1%} of a core for {backends} {check} checks every "
                       f"{interval} (server {result['server_cpu_share']:.1%}; {downs} false DOWNs {reasons}, "
-                      f"{applies} applies)")
+                      f"{applies} applies; {inconclusive:.0f} timeouts not counted, {stalls:.0f} checker stalls)")
         return result
     finally:
         for p in (agent, server):
