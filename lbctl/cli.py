@@ -774,16 +774,17 @@ def bench_dataplane(repeat: int, json_out: str | None) -> None:
 
 @bench.command("agent", epilog=examples(
     "lbctl bench agent                         # plan+apply at 10/100/1000 backends, agent CPU",
-    "lbctl bench agent --json agent.json       # and a record"))
+    "lbctl bench agent --json agent.json --plot docs/agent-bench.png   # a record and a plot"))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the figures to FILE")
+@click.option("--plot", "png", type=click.Path(dir_okay=False), help="also draw them into FILE.png (matplotlib)")
 @click.option("--measure-s", type=click.FloatRange(5, 600), default=30.0, show_default=True,
               help="seconds of agent CPU measured per check type")
-def bench_agent(json_out: str | None, measure_s: float) -> None:
+def bench_agent(json_out: str | None, measure_s: float, png: str | None) -> None:
     """The control plane: one change at 10/100/1000 backends, and the agent's CPU with 1000
     backends checked every second."""
     from lbctl.bench.agent import run_bench
 
-    run_bench(json_out=json_out, measure_s=measure_s)
+    run_bench(json_out=json_out, measure_s=measure_s, png=png)
 
 
 # -- the lab and the demo -------------------------------------------------------------------

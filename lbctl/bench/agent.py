@@ -189,7 +189,32 @@ def bench_agent_cpu(backends: int = 1000, check: str = "http", interval: str = "
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_bench(json_out: str | None = None, measure_s: float = 30.0) -> dict[str, Any]:
+def plot(record: dict[str, Any], png: str) -> None:
+    """One figure: a change's cost by backend count, and the share of slots it moved against 1/N."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["changes"]
+    n = [r["backends"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(n, [r["change_ms_median"] for r in rows], "o-", label="read + plan + apply")
+    left.plot(n, [r["plan_ms_median"] for r in rows], "s--", label="plan alone (2 Maglev rings)")
+    left.axhline(50, color="grey", lw=0.8, ls=":", label="target at 100 backends")
+    left.set(xscale="log", xlabel="backends on the VIP", ylabel="ms, median", title="one backend change")
+    left.legend(fontsize=8)
+    right.plot(n, [100 * r["moved_share_median"] for r in rows], "o-", label="Maglev (measured)")
+    right.plot(n, [100 * r["ideal_share"] for r in rows], "s--", label="ideal 1/N")
+    right.set(xscale="log", yscale="log", xlabel="backends on the VIP", ylabel="% of 65537 slots",
+              title="slots moved by adding one backend")
+    right.legend(fontsize=8)
+    fig.suptitle(f"lbctl control plane, {record['when']} (loadavg {record['loadavg']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(json_out: str | None = None, measure_s: float = 30.0, png: str | None = None) -> dict[str, Any]:
     require_root()
     console.print("[bold]plan + apply of one backend change (ring 65537)[/]")
     changes = bench_changes()
@@ -202,7 +227,10 @@ def run_bench(json_out: str | None = None, measure_s: float = 30.0) -> dict[str,
         table.add_row(str(r["backends"]), f"{r['change_ms_median']:.1f}", f"{r['plan_ms_median']:.1f}",
                       f"{r['moved_share_median']:.2%}", f"{r['ideal_share']:.2%}")
     console.print(table)
-    record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changes": changes, "agent_cpu": cpu}
+    record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changes": changes, "agent_cpu": cpu,
+              "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
     if json_out:
         Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
+    if png:
+        plot(record, png)
     return record
