@@ -100,7 +100,9 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
     # The same lock as the map commands: an apply never interleaves with them.
     with controller._locked():
         current = {a.ifname: a for a in bal.attachments()}
-        to_attach = [n for n in interfaces if n not in current or current[n].mode != xdp_mode]
+        # auto leaves an attached interface in whatever mode its driver's default gave it.
+        to_attach = [n for n in interfaces
+                     if n not in current or (xdp_mode != "auto" and current[n].mode != xdp_mode)]
         left = [n for n in current if n not in interfaces]
         if not interfaces and not current and not _maps_exist(controller):
             raise NotAttachedError("the file lists no interfaces and the balancer is not attached here; "
@@ -123,7 +125,7 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
             return result
         if to_attach:
             try:
-                bal.attach(list(to_attach), xdp_mode)
+                bal.attach(list(to_attach), None if xdp_mode == "auto" else xdp_mode)
             finally:
                 bal.close()
         with bal.maps() as maps:
@@ -166,7 +168,9 @@ def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, V
                                                          h["interval_ms"], h["timeout_ms"], h["rise"],
                                                          h["fall"], h["port"])
                 vips[vip] = VipEntry(VipSpec(vip, backends), spec)
-    return [a.ifname for a in attachments], modes[0] if modes else "native", vips
+    # Interfaces in different modes were attached by driver default: export says auto.
+    mode = "native" if not modes else modes[0] if len(modes) == 1 else "auto"
+    return [a.ifname for a in attachments], mode, vips
 
 
 def export_text(controller: Controller) -> str:

@@ -283,7 +283,8 @@ class VipFile(_Strict):
 
 class ConfigFile(_Strict):
     interfaces: list[str] = []
-    xdp_mode: Literal["native", "generic"] = "native"
+    # auto: each interface gets its driver's default, as `lbctl attach` without --mode.
+    xdp_mode: Literal["native", "generic", "auto"] = "native"
     vips: list[VipFile] = []
 
 
@@ -425,7 +426,7 @@ def _hint(loc: Loc, kind: str) -> str:
         "rise": "rise and fall count checks: 1-100", "fall": "rise and fall count checks: 1-100",
         "check": "check is tcp, http or none", "state": "state is active, drain or down",
         "proto": "proto is tcp or udp", "interval": "write a duration like 1s or 500ms",
-        "timeout": "write a duration like 1s or 500ms", "xdp_mode": "xdp_mode is native or generic",
+        "timeout": "write a duration like 1s or 500ms", "xdp_mode": "xdp_mode is native, generic or auto",
         "balancing": "balancing is round_robin, least_outstanding or hash",
         "warmup": "warmup is eager or lazy", "hash_on": "write it like header:X-User or cookie:session",
         "idle_timeout": "write a duration like 60s", "cooldown": "write a duration like 10s",

@@ -127,3 +127,14 @@ def test_a_broken_file_says_where_exits_2_and_changes_nothing(lab: Lab, tmp_path
     assert len(lines) == 1 and lines[0].startswith(f"lbctl: error: {path}{says}"), proc.stderr
     assert "hint: " in lines[0]
     assert maps_dump(lab) == before
+
+
+def test_xdp_mode_auto_takes_the_drivers_default_and_then_changes_nothing(lab: Lab, tmp_path: Path) -> None:
+    lbctl(lab, "detach", "--all")
+    path = write(tmp_path, config_text(lab, {"be1": (1, "active")}).replace("xdp_mode: native",
+                                                                             "xdp_mode: auto"))
+    lbctl(lab, "apply", "-f", path, timeout_s=180.0)
+    attached = json.loads(lbctl(lab, "status", "--json").stdout)["attached"]
+    assert sorted(a["ifname"] for a in attached) == sorted(lab.lb_ifaces)
+    assert lbctl(lab, "apply", "-f", path).stdout.strip() == "no changes"
+    assert set(lab.http_get(lab.vip, lab.http_port, count=10, timeout_s=3.0)) == {"be1"}
