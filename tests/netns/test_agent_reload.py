@@ -36,8 +36,12 @@ def attached(lab: Lab) -> dict[str, int]:
     return {a["ifname"]: a["prog_id"] for a in json.loads(lbctl(lab, "status", "--json").stdout)["attached"]}
 
 
+def modes(lab: Lab) -> dict[str, str]:
+    return {a["ifname"]: a["mode"] for a in json.loads(lbctl(lab, "status", "--json").stdout)["attached"]}
+
+
 def test_reload_swaps_the_program_everywhere_and_no_connection_notices(lab: Lab) -> None:
-    before = attached(lab)
+    before, modes_before = attached(lab), modes(lab)
     vips_before = [{k: v[k] for k in ("vip", "vip_id", "ring_generation")}
                    for v in json.loads(lbctl(lab, "vip", "list", "--json").stdout)]
     load = KeepAliveLoad(lab, connections=64)
@@ -49,7 +53,8 @@ def test_reload_swaps_the_program_everywhere_and_no_connection_notices(lab: Lab)
         load.close()
     assert sorted(after) == sorted(lab.lb_ifaces) and len(set(after.values())) == 1
     assert not set(after.values()) & set(before.values()), "a new program runs on every interface"
-    assert all(f"reloaded {name} (native, prog {after[name]})" in out for name in after)
+    assert all(f"reloaded {name} ({modes_before[name]}, prog {after[name]})" in out for name in after)
+    assert modes(lab) == modes_before, "each interface keeps its mode"
     assert [{k: v[k] for k in ("vip", "vip_id", "ring_generation")}
             for v in json.loads(lbctl(lab, "vip", "list", "--json").stdout)] == vips_before
     assert verdict["errors"] == [] and verdict["non2xx"] == 0 and verdict["idle_connections"] == 0
