@@ -221,7 +221,7 @@ def test_simulated_reboot_the_unit_brings_the_vips_back(lab, tmp_path):
     lbctl(lab, "apply", "-f", str(config), timeout_s=180.0)
     assert set(served_by(lab)) == {"be1", "be2", "be3"}
     # A boot: no program, no maps, nothing attached.
-    lbctl(lab, "detach", "--all", "--purge")
+    lbctl(lab, "detach", "--all", "--purge", "--force")   # as a reboot would: flows and all
     assert json.loads(lbctl(lab, "status", "--json").stdout)["maps"] is False
     with pytest.raises(LabTrafficError):
         lab.http_get(lab.vip, lab.http_port, count=1, timeout_s=1.0)

@@ -130,7 +130,7 @@ def test_a_broken_file_says_where_exits_2_and_changes_nothing(lab: Lab, tmp_path
 
 
 def test_xdp_mode_auto_takes_the_drivers_default_and_then_changes_nothing(lab: Lab, tmp_path: Path) -> None:
-    lbctl(lab, "detach", "--all")
+    lbctl(lab, "detach", "--all", "--force")
     path = write(tmp_path, config_text(lab, {"be1": (1, "active")}).replace("xdp_mode: native",
                                                                              "xdp_mode: auto"))
     lbctl(lab, "apply", "-f", path, timeout_s=180.0)

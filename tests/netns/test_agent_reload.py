@@ -73,7 +73,7 @@ def test_reload_against_maps_of_another_layout_is_refused_and_changes_nothing(la
 
 
 def test_reload_without_an_attachment_says_so(lab: Lab) -> None:
-    proc = lbctl(lab, "detach", "--all")
+    proc = lbctl(lab, "detach", "--all", "--force")
     assert proc.returncode == 0
     try:
         failed = lbctl(lab, "reload", check=False)
