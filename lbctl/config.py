@@ -283,8 +283,10 @@ class VipFile(_Strict):
 
 class ConfigFile(_Strict):
     interfaces: list[str] = []
-    # auto: each interface gets its driver's default, as `lbctl attach` without --mode.
-    xdp_mode: Literal["native", "generic", "auto"] = "native"
+    # auto: each interface gets its driver's default, as `lbctl attach` without --mode (native
+    # on NIC drivers, generic on veth where native copies every socket-made packet: #15). It
+    # is the default for the same reason `attach` picks by driver when --mode is not given.
+    xdp_mode: Literal["native", "generic", "auto"] = "auto"
     vips: list[VipFile] = []
 
 

@@ -59,9 +59,9 @@ def test_the_contract_example_loads_with_every_key():
     assert dns.health is None and dns.spec.backends == (BackendSpec("10.0.1.11", 53),)
 
 
-def test_defaults_proto_tcp_weight_1_state_active_mode_native():
+def test_defaults_proto_tcp_weight_1_state_active_xdp_mode_by_driver():
     state = load("vips: [{vip: 10.0.0.10:80, backends: [{addr: 10.0.1.11:80}]}]")
-    assert state.xdp_mode == "native" and state.interfaces == ()
+    assert state.xdp_mode == "auto" and state.interfaces == ()
     (entry,) = state.vips.values()
     assert entry.spec.vip.proto == "tcp"
     assert entry.spec.backends == (BackendSpec("10.0.1.11", 80, 1, "active"),)
