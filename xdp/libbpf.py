@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Union
 
+from xdp.errors import XdpError
+
 if TYPE_CHECKING:  # typing.Self is 3.11+; the project still runs on 3.9
     from typing_extensions import Self
 
@@ -116,8 +118,9 @@ BPF_OBJ_NAME_LEN = 16
 BPF_TAG_SIZE = 8
 
 
-class BpfError(OSError):
-    """A libbpf call failed; str() names the call and the object it acted on."""
+class BpfError(XdpError, OSError):
+    """A libbpf call failed; str() names the call and the object it acted on. An XdpError, so
+    the CLI's one translation point reports it in one line, and an OSError with its errno."""
 
     def __init__(
         self, code: int, operation: str, target: str = "", detail: str = "", hint: str = ""
@@ -141,9 +144,15 @@ class BpfError(OSError):
         # OSError pickles as (errno, strerror); keep our fields across processes.
         return (type(self), (self.errno, self.operation, self.target, self.detail, self.hint))
 
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]  # by errno, not by class
+        return 77 if self.errno in (errno_codes.EPERM, errno_codes.EACCES) else 1
+
 
 class LibbpfMissingError(BpfError):
     """libbpf.so.1 cannot be loaded, or lacks a function this module needs."""
+
+    exit_code = 69  # type: ignore[assignment]  # like bcc missing: install something
 
     def __init__(self, reason: str = f"{LIBBPF_SONAME} not found") -> None:
         super().__init__(

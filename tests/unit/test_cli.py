@@ -1,6 +1,7 @@
 """CLI contract through CliRunner with an injected fake controller: parsing, errors, help."""
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 from unittest.mock import create_autospec
@@ -14,6 +15,7 @@ from lbctl.control import AttachResult, Controller, Result
 from lbctl.errors import ConflictError
 from lbctl.model import BACKEND_STATES, XDP_MODES
 from lbctl.planner import Plan
+from xdp import libbpf
 from xdp.codec import Endpoint
 from xdp.errors import AttachError, MapFullError, NotAttachedError
 
@@ -137,6 +139,18 @@ def test_library_errors_become_one_line_with_distinct_exit_codes(fake, command, 
     result = run(fake, "vip", "add", "10.0.0.10:80")
     assert result.exit_code == code
     assert result.output.strip() == f"lbctl: error: {exc}"
+
+
+@pytest.mark.parametrize("exc, code", [
+    (libbpf.BpfError(errno.EBUSY, "bpf_xdp_attach", "'eth0' ifindex 2, native"), 1),
+    (libbpf.BpfError(errno.EPERM, "bpf_obj_get", "'/sys/fs/bpf/lbctl/host/vips'"), 77),
+    (libbpf.LibbpfMissingError(), 69),
+])
+def test_a_failed_bpf_syscall_is_one_line_not_a_traceback(fake, exc, code):
+    fake.attach.side_effect = exc
+    result = run(fake, "attach", "eth0")
+    assert result.exit_code == code
+    assert result.output.strip().splitlines() == [f"lbctl: error: {exc}"]
 
 
 def test_lab_errors_are_one_line_with_their_own_exit_code(fake):
