@@ -25,7 +25,7 @@ def lbctl(netns: str, *args: str, show: bool = True) -> str:
     argv = [sys.executable, "-m", "lbctl", "-n", netns, *args]
     if show:
         console.print(f"[bold cyan]$ lbctl -n {netns} {shlex.join(args)}[/]")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise DemoError(f"'lbctl {' '.join(args)}' failed: {proc.stderr.strip() or proc.stdout.strip()}")
     if show and proc.stdout.strip():

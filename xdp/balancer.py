@@ -45,7 +45,7 @@ def ensure_bpffs(root: str = "/sys/fs/bpf") -> None:
         if any(line.split()[1:3] == [root, "bpf"] for line in mounts):
             return
     os.makedirs(root, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "bpf", "bpf", root], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", root], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AttachError(f"cannot mount bpffs at {root}: {proc.stderr.strip()}; "
                           f"hint: mount -t bpf bpf {root}")
