@@ -654,6 +654,36 @@ def _explained(ans: dict) -> str:
             f"of generation {ans['ring_generation']}")
 
 
+@main.command(epilog=examples(
+    "lbctl doctor                                  # every check, each with its evidence",
+    "lbctl doctor 10.0.0.10:80                     # only this VIP's backends",
+    "lbctl doctor -f /etc/lbctl/lbctl.yaml         # attached where the agent's config says",
+    "lbctl doctor --json                           # for scripts: exit 1 when a check fails",
+))
+@click.argument("vip_addr", metavar="[VIP:PORT]", type=VIP, required=False)
+@proto_option
+@click.option("-f", "--file", "config_path", type=click.Path(dir_okay=False),
+              help="agent config file: check the interfaces and xdp_mode it names")
+@json_option
+@click.pass_obj
+def doctor(obj: Context, vip_addr: HostPort | None, proto: str, config_path: str | None,
+           as_json: bool) -> None:
+    """Why the balancer does not forward: each check ✓ or ✗ with evidence and a fix; exit 1
+    when any fails."""
+    from lbctl import doctor as doc
+
+    checks = doc.diagnose(obj.instance, None if vip_addr is None else vip_addr.on(proto), config_path)
+    if as_json:
+        echo_json(doc.as_json(checks))
+    else:
+        for line in doc.render(checks):
+            click.echo(line)
+        failed = sum(1 for c in checks if not c.ok)
+        click.echo(f"{len(checks) - failed} of {len(checks)} checks pass" +
+                   (f"; {failed} fail" if failed else ""))
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
 @main.group(epilog=examples("lbctl flows list --limit 20", "lbctl flows flush"))
 def flows() -> None:
     """Inspect or flush the connection-tracking table."""

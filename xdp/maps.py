@@ -206,6 +206,13 @@ class LbMaps:
         keys = array("I", range(base, base + size)).tobytes()
         self["rings"].update_batch(keys, array("I", backend_ids).tobytes(), size)
 
+    def ring(self, vip_id: int, generation: int) -> list[int]:
+        """One whole ring as the program reads it: a backend id (or codec.NO_BACKEND) a slot."""
+        base = self.ring_base(vip_id, generation)
+        table = self["rings"]
+        return [int.from_bytes(table.lookup(codec.encode_u32(i)) or bytes(4), "little")
+                for i in range(base, base + self.limits.ring_size)]
+
     # -- flows ------------------------------------------------------------------------------
     def flows(self) -> Iterator[codec.FlowRecord]:
         for key, raw in self["flows"].items():
