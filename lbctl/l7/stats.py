@@ -1,0 +1,140 @@
+"""L7 proxy metrics: each worker process counts in memory and writes its totals to one JSON
+file per worker (atomically, once a second and at exit); the agent's Prometheus endpoint sums
+the files. Files rather than prometheus_client's multiprocess mode: that mode needs its
+environment set before the agent imports prometheus_client and a directory wiped between runs,
+while a worker's file is self-describing and removed by the supervisor that started it."""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+# Request latency (head in to response head out), seconds.
+BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COUNTERS = {
+    "requests": ("lbctl_l7_requests_total", "Requests received by the L7 proxy", ("vip",)),
+    "upstream_connects": ("lbctl_l7_upstream_connects_total",
+                          "New TCP connections opened to a backend", ("vip", "backend")),
+    "upstream_reuses": ("lbctl_l7_upstream_reuses_total",
+                        "Requests sent on a pooled keep-alive connection", ("vip", "backend")),
+    "ejections": ("lbctl_l7_ejections_total", "Passive ejections of a backend", ("vip", "backend")),
+    "retries": ("lbctl_l7_retries_total", "Requests retried on another backend after this one failed",
+                ("vip", "backend")),
+}
+
+
+class Stats:
+    def __init__(self, path: str | None = None):
+        self.path = path
+        self.counters: dict[str, dict[tuple[str, ...], int]] = defaultdict(lambda: defaultdict(int))
+        self.responses: dict[tuple[str, str], int] = defaultdict(int)
+        self.gauges: dict[tuple[str, str], int] = defaultdict(int)
+        self.latency: dict[str, list[int]] = {}
+        self.latency_sum: dict[str, float] = defaultdict(float)
+
+    def count(self, what: str, *labels: str) -> None:
+        self.counters[what][labels] += 1
+
+    def count_response(self, vip: str, status: int) -> None:
+        self.responses[(vip, str(status))] += 1
+
+    def gauge_add(self, what: str, vip: str, delta: int) -> None:
+        self.gauges[(what, vip)] += delta
+
+    def observe_latency(self, vip: str, seconds: float) -> None:
+        buckets = self.latency.setdefault(vip, [0] * (len(BUCKETS_S) + 1))
+        buckets[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        self.latency_sum[vip] += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(), "written": time.time(),
+            "counters": {k: [[list(lab), n] for lab, n in v.items()] for k, v in self.counters.items()},
+            "responses": [[vip, code, n] for (vip, code), n in self.responses.items()],
+            "gauges": [[what, vip, n] for (what, vip), n in self.gauges.items()],
+            "latency": {vip: [b, self.latency_sum[vip]] for vip, b in self.latency.items()},
+        }
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(), f)
+        os.replace(tmp, self.path)
+
+
+def read_all(stats_dir: str) -> list[dict[str, Any]]:
+    out = []
+    try:
+        names = sorted(os.listdir(stats_dir))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith("worker-") and name.endswith(".json"):
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(stats_dir, name)) as f:
+                out.append(json.load(f))
+    return out
+
+
+def totals(stats_dir: str) -> dict[str, Any]:
+    """All workers' figures summed: {'requests': {(vip,): n}, 'responses': {(vip, code): n}, ...}."""
+    summed: dict[str, Any] = defaultdict(lambda: defaultdict(int))
+    latency: dict[str, list[float]] = {}
+    for snap in read_all(stats_dir):
+        for what, rows in snap.get("counters", {}).items():
+            for labels, n in rows:
+                summed[what][tuple(labels)] += n
+        for vip, code, n in snap.get("responses", []):
+            summed["responses"][(vip, code)] += n
+        for what, vip, n in snap.get("gauges", []):
+            summed[what][(vip,)] += n
+        for vip, (buckets, total) in snap.get("latency", {}).items():
+            acc = latency.setdefault(vip, [0.0] * (len(BUCKETS_S) + 2))
+            for i, n in enumerate(buckets):
+                acc[i] += n
+            acc[-1] += total
+    summed["latency"] = latency
+    return summed
+
+
+class L7Collector:
+    """A prometheus_client collector over the workers' files (registered by the agent)."""
+
+    def __init__(self, stats_dir: str):
+        self.stats_dir = stats_dir
+
+    def collect(self) -> Iterator[Any]:
+        t = totals(self.stats_dir)
+        for key, (name, doc, labels) in COUNTERS.items():
+            fam = CounterMetricFamily(name, doc, labels=list(labels))
+            for lab, n in sorted(t.get(key, {}).items()):
+                fam.add_metric(list(lab), n)
+            yield fam
+        fam = CounterMetricFamily("lbctl_l7_responses_total", "Responses sent, by status code",
+                                  labels=["vip", "code"])
+        for lab, n in sorted(t.get("responses", {}).items()):
+            fam.add_metric(list(lab), n)
+        yield fam
+        gauge = GaugeMetricFamily("lbctl_l7_client_connections", "Open client connections",
+                                  labels=["vip"])
+        for lab, n in sorted(t.get("client_connections", {}).items()):
+            gauge.add_metric(list(lab), n)
+        yield gauge
+        hist = HistogramMetricFamily("lbctl_l7_request_duration_seconds",
+                                     "From a request's head in to its response head out",
+                                     labels=["vip"])
+        for vip, acc in sorted(t["latency"].items()):
+            cumulative, buckets = 0.0, []
+            for bound, n in zip((*BUCKETS_S, float("inf")), acc[:-1]):
+                cumulative += n
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+            hist.add_metric([vip], buckets, acc[-1])
+        yield hist

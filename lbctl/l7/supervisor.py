@@ -1,0 +1,113 @@
+"""Starts, reconfigures and stops the L7 proxy's worker processes (one per core by default):
+writes the spec they read, SIGHUPs them on a change, SIGTERMs them (they drain) on stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from lbctl.config import L7Spec, VipEntry
+from lbctl.errors import LbctlError
+from lbctl.l7.stats import totals
+from xdp.codec import Endpoint
+
+
+class L7StartError(LbctlError):
+    exit_code = 1
+
+
+def settings_dict(spec: L7Spec) -> dict[str, Any]:
+    raw = asdict(spec)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.endswith("_ms"):
+            out[key[:-3] + "_s"] = value / 1000
+        elif key == "groups":
+            out[key] = {name: list(members) for name, members in spec.groups}
+        elif key == "routes":
+            out[key] = [[r.host, r.path_prefix, [list(s) for s in r.split]] for r in spec.routes]
+        elif key != "workers":
+            out[key] = value
+    return out
+
+
+def worker_spec(vips: dict[Endpoint, VipEntry], is_up: Callable[[Endpoint, str], bool]) -> dict[str, Any]:
+    """What the workers serve: each L7 VIP, its settings and its backends with the agent's
+    view of their health."""
+    out = []
+    for vip, entry in sorted(vips.items()):
+        if entry.mode != "l7" or entry.l7 is None:
+            continue
+        out.append({"vip": f"{vip.addr}:{vip.port}", "host": vip.addr, "port": vip.port,
+                    "settings": settings_dict(entry.l7),
+                    "backends": [{"name": b.name, "addr": b.addr, "port": b.port, "weight": b.weight,
+                                  "state": b.state, "up": is_up(vip, b.name)}
+                                 for b in entry.spec.backends]})
+    return {"vips": out}
+
+
+class L7Supervisor:
+    def __init__(self, run_dir: str, workers: int = 0):
+        self.run_dir = run_dir
+        self.count = workers or os.cpu_count() or 1
+        self.spec_path = os.path.join(run_dir, "l7-spec.json")
+        self.stats_dir = os.path.join(run_dir, "l7-stats")
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _write(self, spec: dict[str, Any]) -> None:
+        os.makedirs(self.stats_dir, exist_ok=True)
+        tmp = f"{self.spec_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(spec, f)
+        os.replace(tmp, self.spec_path)
+
+    def start(self, spec: dict[str, Any]) -> None:
+        """Starts the workers and waits until each listens; a worker that cannot (address not
+        here, port taken) stops them all and raises with its message."""
+        self._write(spec)
+        for i in range(self.count):
+            # The log goes to a file, not a pipe: an unread pipe would block a chatty worker.
+            with open(os.path.join(self.run_dir, f"l7-worker-{i}.log"), "ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "lbctl.l7.worker", "--spec", self.spec_path,
+                     "--stats", os.path.join(self.stats_dir, f"worker-{i}.json")],
+                    stdout=subprocess.PIPE, stderr=logf)
+            self.procs.append(proc)
+        for i, proc in enumerate(self.procs):
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"ready":
+                with open(os.path.join(self.run_dir, f"l7-worker-{i}.log"), "rb") as f:
+                    err = f.read().decode(errors="replace").strip()
+                self.stop()
+                last = err.splitlines()[-1] if err else f"exit status {proc.wait()}"
+                raise L7StartError(f"the L7 proxy did not start: {last}; hint: is the VIP address "
+                                   "on a local interface and its port free?")
+
+    def reload(self, spec: dict[str, Any]) -> None:
+        self._write(spec)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM: each worker stops accepting, finishes what is in flight, exits."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.procs = []
+
+    def totals(self) -> dict[str, Any]:
+        return totals(self.stats_dir)

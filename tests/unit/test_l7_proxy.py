@@ -1,0 +1,344 @@
+"""The L7 proxy against real HTTP servers on loopback (no root): per-request balancing on one
+keep-alive client connection, pooled upstream connections counted at the servers, eager
+warm-up, forwarded headers, streamed bodies, the limits table, retries and canary splits."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbctl.config import load_text
+from lbctl.l7.supervisor import L7Supervisor, worker_spec
+
+
+class CountingServer(ThreadingHTTPServer):
+    """A backend that names itself, counts the TCP connections it accepts, echoes what it saw."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, name: str):
+        self.name = name
+        self.connections = 0
+        self.seen: list[dict[str, str]] = []
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        pair = super().get_request()
+        self.connections += 1
+        return pair
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Head and body are separate writes; with Nagle each answer would wait for a delayed ACK.
+    disable_nagle_algorithm = True
+    server: CountingServer
+
+    def _reply(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Backend", self.server.name)
+        self.send_header("Keep-Alive", "timeout=30")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
+        if self.path.startswith("/status/"):
+            self._reply(b"x", int(self.path.rsplit("/", 1)[1]))
+            return
+        self._reply(f"{self.server.name} {self.path}\n".encode())
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
+        digest, size = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(self.rfile.readline().strip(), 16)
+                if n == 0:
+                    self.rfile.readline()
+                    break
+                chunk = self.rfile.read(n)
+                self.rfile.readline()
+                digest.update(chunk)
+                size += n
+        else:
+            remaining = int(self.headers.get("Content-Length", "0"))
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 65536))
+                digest.update(chunk)
+                size += len(chunk)
+                remaining -= len(chunk)
+        self._reply(f"{size} {digest.hexdigest()}".encode())
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Rig:
+    def __init__(self, tmp: Path, names: list[str]):
+        self.tmp = tmp
+        self.servers = {n: CountingServer(n) for n in names}
+        for srv in self.servers.values():
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.port = free_port()
+        self.sup: L7Supervisor | None = None
+
+    def addr(self, name: str) -> str:
+        return f"127.0.0.1:{self.servers[name].server_address[1]}"
+
+    def start(self, yaml_text: str, workers: int = 1) -> None:
+        text = yaml_text
+        for n in self.servers:
+            text = text.replace(f"@{n}", self.addr(n))
+        text = text.replace("@VIP", f"127.0.0.1:{self.port}")
+        state = load_text(textwrap.dedent(text), "lb.yaml")
+        self.sup = L7Supervisor(str(self.tmp), workers)
+        self.sup.start(worker_spec(state.vips, lambda vip, name: True))
+
+    def totals_when(self, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The workers' counters once they show what the test did (written once a second)."""
+        assert self.sup is not None
+        deadline = time.monotonic() + 30
+        while True:
+            t = self.sup.totals()
+            if ready(t) or time.monotonic() > deadline:
+                return t
+            time.sleep(0.1)
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def close(self) -> None:
+        if self.sup is not None:
+            self.sup.stop()
+        for srv in self.servers.values():
+            srv.shutdown()
+            srv.server_close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path, ["a", "b", "c"])
+    yield r
+    r.close()
+
+
+THREE = """\
+vips:
+  - vip: "@VIP"
+    mode: l7
+    l7: {L7}
+    backends:
+      - {addr: "@a", weight: 3}
+      - {addr: "@b", weight: 2}
+      - {addr: "@c", weight: 1}
+"""
+
+
+def get(conn: http.client.HTTPConnection, path: str = "/", headers: dict[str, str] | None = None,
+        method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    conn.request(method, path, headers=headers or {})
+    resp = conn.getresponse()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+
+def test_300_requests_on_one_connection_spread_by_weight_over_few_upstream_connections(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    conn = rig.conn()
+    seen = Counter(get(conn)[1]["x-backend"] for _ in range(300))
+    assert seen == {"a": 150, "b": 100, "c": 50}, "weighted round robin per request, not per connection"
+    assert sum(s.connections for s in rig.servers.values()) <= 3, \
+        "each backend should see one pooled connection, not one per request"
+    t = rig.totals_when(lambda t: sum(t["requests"].values()) >= 300)
+    assert sum(t["upstream_reuses"].values()) >= 297 and sum(t["upstream_connects"].values()) <= 3
+
+
+def test_eager_pool_is_open_before_the_first_request(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{pool: {warmup: eager, min_idle: 2}}"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(s.connections < 2 for s in rig.servers.values()):
+        time.sleep(0.05)
+    assert [s.connections for s in rig.servers.values()] == [2, 2, 2]
+    conn = rig.conn()
+    for _ in range(30):
+        assert get(conn)[0] == 200
+    assert [s.connections for s in rig.servers.values()] == [2, 2, 2], "requests used the warm pool"
+
+
+def test_lazy_pool_opens_nothing_until_asked(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    time.sleep(1.0)
+    assert sum(s.connections for s in rig.servers.values()) == 0
+
+
+def test_forwarded_headers_added_host_kept_hop_by_hop_stripped(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    conn = rig.conn()
+    status, _, _ = get(conn, "/x", {"Host": "shop.example", "X-Forwarded-For": "192.0.2.7",
+                                    "Connection": "keep-alive, X-Secret", "X-Secret": "1",
+                                    "Proxy-Authorization": "Basic eA=="})
+    assert status == 200
+    seen = next(s.seen[-1] for s in rig.servers.values() if s.seen)
+    assert seen["host"] == "shop.example"
+    assert seen["x-forwarded-for"] == "192.0.2.7, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["forwarded"] == "for=127.0.0.1;proto=http;host=shop.example"
+    assert "x-secret" not in seen and "proxy-authorization" not in seen
+
+
+def test_bodies_stream_with_length_and_chunked(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    conn = rig.conn()
+    body = bytes(range(256)) * 8192          # 2 MiB
+    conn.request("POST", "/up", body=body, headers={"Content-Length": str(len(body))})
+    resp = conn.getresponse()
+    assert resp.read().decode() == f"{len(body)} {hashlib.sha256(body).hexdigest()}"
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield body[:16384]
+    conn.request("POST", "/up", body=chunks(), encode_chunked=True,
+                 headers={"Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    expect = hashlib.sha256(body[:16384] * 64).hexdigest()
+    assert resp.read().decode() == f"{16384 * 64} {expect}"
+
+
+def raw(rig: Rig, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+     431),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n", 413),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     400),
+    (b"GARBAGE\r\n\r\n", 400),
+])
+def test_bad_requests_get_their_status(rig: Rig, request_bytes: bytes, status: int):
+    rig.start(THREE.replace("{L7}", "{}"))
+    assert raw(rig, request_bytes).startswith(f"HTTP/1.1 {status} ".encode())
+
+
+def test_connect_failure_retries_on_another_backend(rig: Rig):
+    dead = free_port()
+    rig.start(THREE.replace("{L7}", "{}").replace('"@c"', f'"127.0.0.1:{dead}"'))
+    conn = rig.conn()
+    statuses = Counter(get(conn)[0] for _ in range(60))
+    assert statuses == {200: 60}
+
+
+def test_a_backend_killed_mid_run_fails_no_idempotent_request(tmp_path: Path):
+    # Real processes (the lab's server): killing one closes its pooled connections mid-run,
+    # as a crashed backend would.
+    ports = {n: free_port() for n in "abc"}
+    procs = {n: subprocess.Popen([sys.executable, "-m", "lbctl.labserver", "--name", n, "--bind",
+                                  "127.0.0.1", "--http-port", str(p), "--udp-port", str(free_port())],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+             for n, p in ports.items()}
+    rig = Rig(tmp_path, [])
+    try:
+        for proc in procs.values():
+            assert proc.stdout is not None and proc.stdout.readline().startswith(b"labserver")
+        text = THREE.replace("{L7}", "{}")
+        for n, p in ports.items():
+            text = text.replace(f"@{n}", f"127.0.0.1:{p}")
+        rig.start(text)
+        conn = rig.conn()
+        failures, after = 0, Counter()
+        for i in range(300):
+            if i == 100:
+                procs["a"].kill()
+                procs["a"].wait()
+            status, headers, _ = get(conn)
+            failures += status != 200
+            if i > 100:
+                after[headers.get("x-backend")] += 1
+        assert failures == 0
+        assert set(after) == {"b", "c"}
+    finally:
+        rig.close()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def test_all_backends_down_gives_502(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}").replace('"@a"', f'"127.0.0.1:{free_port()}"')
+              .replace('"@b"', f'"127.0.0.1:{free_port()}"').replace('"@c"', f'"127.0.0.1:{free_port()}"'))
+    assert get(rig.conn())[0] == 502
+
+
+def test_routes_and_a_10_percent_canary_split(rig: Rig):
+    l7 = ('{groups: {stable: ["@a", "@b"], canary: ["@c"]}, routes: ['
+          '{host: admin.example, group: stable}, {path_prefix: /api/, split: {stable: 90, canary: 10}}]}')
+    rig.start(THREE.replace("{L7}", l7))
+    conn = rig.conn()
+    assert {get(conn, "/", {"Host": "admin.example"})[1]["x-backend"] for _ in range(30)} == {"a", "b"}
+    seen = Counter(get(conn, "/api/x")[1]["x-backend"] for _ in range(10_000))
+    assert abs(seen["c"] / 10_000 - 0.10) <= 0.02
+
+
+def test_hash_on_a_header_sticks(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{balancing: hash, hash_on: 'header:X-User'}"))
+    conn = rig.conn()
+    for user in ("ann", "bob", "cid", "dan"):
+        assert len({get(conn, "/", {"X-User": user})[1]["x-backend"] for _ in range(10)}) == 1
+
+
+def test_5xx_answers_eject_a_backend(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{ejection: {failures: 2, cooldown: 60s}}"))
+    conn = rig.conn()
+    for _ in range(12):
+        get(conn, "/status/503")
+    t = rig.totals_when(lambda t: sum(t["requests"].values()) >= 12)
+    assert sum(t["ejections"].values()) >= 1
+    assert t["responses"][(f"127.0.0.1:{rig.port}", "503")] == 12
+
+
+def test_slowloris_clients_do_not_stop_others(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{limits: {header_timeout: 2s}}"))
+    slow = []
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", rig.port))
+        s.sendall(b"GET / HTTP/1.1\r\n")
+        slow.append(s)
+    try:
+        conn = rig.conn()
+        assert all(get(conn)[0] == 200 for _ in range(20))
+        slow[0].settimeout(10)
+        assert slow[0].recv(100) == b"", "a client that does not finish its headers is closed"
+    finally:
+        for s in slow:
+            s.close()
