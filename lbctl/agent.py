@@ -20,6 +20,9 @@ from lbctl.config import DesiredState, HealthSpec, load_file
 from lbctl.control import LOCK_DIR, Controller
 from lbctl.errors import ConflictError
 from lbctl.health import BackendHealth, CheckResult, HealthChecker
+from lbctl.l7.host import add_vip_address, remove_vip_address
+from lbctl.l7.stats import L7Collector
+from lbctl.l7.supervisor import L7Supervisor, worker_spec
 from lbctl.metrics import AgentView, BackendHealthView, LbCollector, MetricsServer
 from lbctl.model import Config, VipSpec
 from xdp.codec import Endpoint
@@ -94,6 +97,8 @@ class Agent:
         self._apply_lock: asyncio.Lock | None = None
         self._lock_fd: int | None = None
         self._publish_due = False
+        self.l7: L7Supervisor | None = None
+        self.l7_addrs: set[str] = set()       # VIP addresses this agent put on lo (and removes)
 
     # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -133,10 +138,15 @@ class Agent:
         self.checker.sync(self._targets(state), initially_down)
         # The first apply attaches and fills the maps; failing here stops the agent (exit code
         # of the error), before any metrics port or signal handler exists.
-        await self._apply(reason="start", raise_errors=True)
+        try:
+            await self._apply(reason="start", raise_errors=True)
+        except XdpError:
+            await asyncio.to_thread(self._stop_l7)
+            raise
         collector = LbCollector(self.instance, self.controller.balancer.pin_dir, self.controller.limits,
                                 self._snapshot, self.version)
         metrics = MetricsServer(self.metrics_addr, collector)
+        metrics.registry.register(L7Collector(os.path.join(state_dir(self.instance), "l7-stats")))
         metrics.start()
         log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         with self._view_lock:
@@ -156,6 +166,7 @@ class Agent:
             await asyncio.gather(*workers, return_exceptions=True)
             await self.checker.stop()
             metrics.stop()
+            await asyncio.to_thread(self._stop_l7)
         if self.detach_on_exit:
             done = self.controller.detach(None, force=True)   # the operator asked for it
             log.info("stopped; detached from %s (--detach-on-exit); the maps stay pinned",
@@ -240,14 +251,19 @@ class Agent:
             desired = self.effective()
             state = self.state
             try:
-                result = await asyncio.to_thread(apply_config, self.controller, desired, state.interfaces,
-                                                 state.xdp_mode, False, reason != "check")
+                if self._xdp_needed(state):
+                    result = await asyncio.to_thread(apply_config, self.controller, desired,
+                                                     state.interfaces, state.xdp_mode, False,
+                                                     reason != "check")
+                else:
+                    result = None
+                await asyncio.to_thread(self._sync_l7)
             except XdpError as exc:
                 if raise_errors:
                     raise
                 log.error("apply (%s) failed, the maps keep their previous state: %s", reason, exc)
                 return False
-            if result.applied:
+            if result is not None and result.applied:
                 for line in result.describe():
                     log.info("apply (%s): %s", reason, line)
                 with self._view_lock:
@@ -260,6 +276,59 @@ class Agent:
                 log.info("apply (start): the maps already hold this state; nothing moved")
             self._publish()
             return True
+
+    def _xdp_needed(self, state: DesiredState) -> bool:
+        """`interfaces: []` with only L7 VIPs runs no XDP at all (unless maps from an earlier
+        file still exist and must follow the file)."""
+        return bool(state.interfaces or state.config()
+                    or os.path.exists(os.path.join(self.controller.balancer.pin_dir, "vips")))
+
+    # -- the L7 proxy: addresses on lo, worker processes -------------------------------------
+    def _sync_l7(self) -> None:
+        """Brings the L7 proxy to the file: VIP addresses local, workers running with the
+        current backends and health; nothing of it when the file has no L7 VIP."""
+        assert self.state is not None
+        l7 = self.state.l7_vips()
+        wanted = {vip.addr for vip in l7}
+        for addr in sorted(wanted - self.l7_addrs):
+            if add_vip_address(addr):
+                self.l7_addrs.add(addr)
+                log.info("L7: VIP address %s added to lo", addr)
+        spec = worker_spec(self.state.vips, self._l7_up)
+        workers = max((e.l7.workers for e in l7.values() if e.l7 is not None), default=0)
+        if not l7:
+            if self.l7 is not None:
+                self.l7.stop()
+                self.l7 = None
+                log.info("L7: no mode: l7 VIP left; the proxy stopped")
+        elif self.l7 is None or self.l7.count != (workers or os.cpu_count() or 1):
+            if self.l7 is not None:
+                self.l7.stop()
+            self.l7 = L7Supervisor(state_dir(self.instance), workers)
+            self.l7.start(spec)
+            log.info("L7: %d proxy workers serve %s", self.l7.count,
+                     ", ".join(f"{v.addr}:{v.port}" for v in sorted(l7)))
+        else:
+            self.l7.reload(spec)
+        for addr in sorted(self.l7_addrs - wanted):
+            remove_vip_address(addr)
+            self.l7_addrs.discard(addr)
+            log.info("L7: VIP address %s removed from lo", addr)
+
+    def _l7_up(self, vip: Endpoint, name: str) -> bool:
+        entry = self.state.vips.get(vip) if self.state else None
+        return entry is None or not self._checked(entry.health) or self._health(vip, name).up
+
+    def _stop_l7(self) -> None:
+        """Drains and stops the workers, then takes the addresses this agent added off lo."""
+        if self.l7 is not None:
+            self.l7.stop()
+            self.l7.cleanup()
+            self.l7 = None
+        for addr in sorted(self.l7_addrs):
+            remove_vip_address(addr)
+            log.info("L7: VIP address %s removed from lo", addr)
+        self.l7_addrs.clear()
 
     async def _reconciler(self) -> None:
         assert self._dirty is not None

@@ -2,6 +2,7 @@
 writes the spec they read, SIGHUPs them on a change, SIGTERMs them (they drain) on stop."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,22 +72,21 @@ class L7Supervisor:
         here, port taken) stops them all and raises with its message."""
         self._write(spec)
         for i in range(self.count):
-            # The log goes to a file, not a pipe: an unread pipe would block a chatty worker.
-            with open(os.path.join(self.run_dir, f"l7-worker-{i}.log"), "ab") as logf:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "lbctl.l7.worker", "--spec", self.spec_path,
-                     "--stats", os.path.join(self.stats_dir, f"worker-{i}.json")],
-                    stdout=subprocess.PIPE, stderr=logf)
+            # stderr is the caller's (the agent's journal), never an unread pipe that would
+            # block a worker that logs.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lbctl.l7.worker", "--spec", self.spec_path,
+                 "--stats", os.path.join(self.stats_dir, f"worker-{i}.json")],
+                stdout=subprocess.PIPE)
             self.procs.append(proc)
-        for i, proc in enumerate(self.procs):
+        for proc in self.procs:
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != b"ready":
-                with open(os.path.join(self.run_dir, f"l7-worker-{i}.log"), "rb") as f:
-                    err = f.read().decode(errors="replace").strip()
+                status = proc.wait()
                 self.stop()
-                last = err.splitlines()[-1] if err else f"exit status {proc.wait()}"
-                raise L7StartError(f"the L7 proxy did not start: {last}; hint: is the VIP address "
-                                   "on a local interface and its port free?")
+                self.cleanup()
+                raise L7StartError(f"the L7 proxy did not start (worker exit status {status}, its "
+                                   "error is logged above); hint: is the VIP's port free?")
 
     def reload(self, spec: dict[str, Any]) -> None:
         self._write(spec)
@@ -108,6 +108,16 @@ class L7Supervisor:
             if proc.stdout is not None:
                 proc.stdout.close()
         self.procs = []
+
+    def cleanup(self) -> None:
+        """Removes the spec and the workers' counters (after stop)."""
+        for path in [self.spec_path] + [os.path.join(self.stats_dir, n)
+                                        for n in (os.listdir(self.stats_dir)
+                                                  if os.path.isdir(self.stats_dir) else [])]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.stats_dir)
 
     def totals(self) -> dict[str, Any]:
         return totals(self.stats_dir)
