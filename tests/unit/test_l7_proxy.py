@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -342,3 +343,19 @@ def test_slowloris_clients_do_not_stop_others(rig: Rig):
     finally:
         for s in slow:
             s.close()
+
+
+def test_tls_is_terminated_with_a_certificate_made_now(rig: Rig, tmp_path: Path):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    rig.start(THREE.replace("{L7}", f"{{tls: {{cert: {cert}, key: {key}}}}}"))
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["http/1.1"])
+    conn = http.client.HTTPSConnection("127.0.0.1", rig.port, timeout=10, context=ctx)
+    assert get(conn)[0] == 200
+    assert conn.sock.selected_alpn_protocol() == "http/1.1"
+    seen = next(s.seen[-1] for s in rig.servers.values() if s.seen)
+    assert seen["x-forwarded-proto"] == "https" and "proto=https" in seen["forwarded"]
