@@ -34,6 +34,7 @@ class CountingServer(ThreadingHTTPServer):
         self.name = name
         self.connections = 0
         self.seen: list[dict[str, str]] = []
+        self.slow_started = threading.Event()
         super().__init__(("127.0.0.1", 0), Handler)
 
     def get_request(self):  # type: ignore[no-untyped-def]
@@ -59,6 +60,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
+        if self.path == "/slow":
+            self.server.slow_started.set()
+            time.sleep(1.0)
         if self.path.startswith("/status/"):
             self._reply(b"x", int(self.path.rsplit("/", 1)[1]))
             return
@@ -359,3 +363,23 @@ def test_tls_is_terminated_with_a_certificate_made_now(rig: Rig, tmp_path: Path)
     assert conn.sock.selected_alpn_protocol() == "http/1.1"
     seen = next(s.seen[-1] for s in rig.servers.values() if s.seen)
     assert seen["x-forwarded-proto"] == "https" and "proto=https" in seen["forwarded"]
+
+
+def test_shutdown_drains_a_request_in_flight(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    result: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            result["answer"] = get(rig.conn(), "/slow")
+        except OSError as exc:
+            result["error"] = exc
+    t = threading.Thread(target=slow_request)
+    t.start()
+    assert any(s.slow_started.wait(10) for s in rig.servers.values())
+    assert rig.sup is not None
+    rig.sup.stop()           # SIGTERM while the backend is still answering
+    t.join(10)
+    assert "error" not in result and result["answer"][0] == 200  # type: ignore[index]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", rig.port), timeout=2).close()
