@@ -78,6 +78,7 @@ class _UpstreamFailed(Exception):
     def __init__(self, why: str, connect: bool):
         super().__init__(why)
         self.connect = connect
+        self.stale = False      # on a pooled connection: the server closed it as we sent
 
 
 # -- upstream connections and their pools ---------------------------------------------------
@@ -562,8 +563,11 @@ class ClientConnection:
         upstream_head = self._upstream_head(method, url, raw_headers, headers, body_kind, length)
         tried: set[str] = set()
         retryable_send = method in IDEMPOTENT and body_kind == "none"
+        same: Backend | None = None
+        stale_retries = 0
         while True:
-            backend = self.vip.pick(members, key, headers, tried)
+            backend = same or self.vip.pick(members, key, headers, tried)
+            same = None
             if backend is None:
                 await self._answer_error(HttpError(503, "no backend available for this request",
                                                    close=False), keep=client_keep)
@@ -576,6 +580,12 @@ class ClientConnection:
                                             client_11, started)
                 return keep
             except _UpstreamFailed as exc:
+                if exc.stale and retryable_send and stale_retries < 3:
+                    # A keep-alive connection the backend closed just as the request went out
+                    # says nothing about the backend: try it again on a fresh connection.
+                    stale_retries += 1
+                    same = backend
+                    continue
                 self.vip.note_result(backend, failed=True)
                 again = (exc.connect or retryable_send) and len(tried) < min(len(members), 3)
                 if again:
@@ -680,6 +690,9 @@ class ClientConnection:
             reusable, keep = await self._relay_response(conn, backend, method, client_keep, client_11,
                                                         started)
             return keep
+        except _UpstreamFailed as exc:
+            exc.stale = reused and not exc.connect and "timeout" not in str(exc)
+            raise
         finally:
             pool.release(conn, reusable)
 

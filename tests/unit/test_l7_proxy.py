@@ -383,3 +383,37 @@ def test_shutdown_drains_a_request_in_flight(rig: Rig):
     assert "error" not in result and result["answer"][0] == 200  # type: ignore[index]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", rig.port), timeout=2).close()
+
+
+def test_a_backend_closing_pooled_connections_fails_no_get(tmp_path: Path):
+    # Answers one request per connection, then reads the next and closes without answering
+    # (a server whose keep-alive timeout fires as the request arrives): the request met a
+    # dead pooled connection and must go out again on a fresh one. One backend only, so no
+    # other backend can hide the failure.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            with c:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    data = c.recv(65536)
+                    if not data:
+                        break
+                    buf += data
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Backend: only\r\n\r\nok\n")
+                c.recv(65536)
+    threading.Thread(target=serve, daemon=True).start()
+    rig = Rig(tmp_path, [])
+    try:
+        rig.start(f'vips:\n  - vip: "@VIP"\n    mode: l7\n    backends: [{{addr: "127.0.0.1:{port}"}}]\n')
+        conn = rig.conn()
+        assert Counter(get(conn)[0] for _ in range(200)) == {200: 200}
+    finally:
+        rig.close()
+        listener.close()
