@@ -30,12 +30,12 @@ class CountingServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, handler: type[BaseHTTPRequestHandler] | None = None):
         self.name = name
         self.connections = 0
         self.seen: list[dict[str, str]] = []
         self.slow_started = threading.Event()
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(("127.0.0.1", 0), handler or Handler)
 
     def get_request(self):  # type: ignore[no-untyped-def]
         pair = super().get_request()
@@ -417,3 +417,24 @@ def test_a_backend_closing_pooled_connections_fails_no_get(tmp_path: Path):
     finally:
         rig.close()
         listener.close()
+
+
+class ShortIdleHandler(Handler):
+    timeout = 0.5     # the server closes a keep-alive connection idle for half a second
+
+
+def test_eager_pool_reopens_connections_the_backend_closes(tmp_path: Path):
+    rig = Rig(tmp_path, [])
+    rig.servers = {n: CountingServer(n, ShortIdleHandler) for n in "abc"}
+    for srv in rig.servers.values():
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rig.start(THREE.replace("{L7}", "{pool: {warmup: eager, min_idle: 1}}"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(s.connections < 3 for s in rig.servers.values()):
+            time.sleep(0.1)
+        assert all(s.connections >= 3 for s in rig.servers.values()), \
+            "each closed warm connection is re-opened without a request asking for it"
+        assert get(rig.conn())[0] == 200
+    finally:
+        rig.close()
