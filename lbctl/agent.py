@@ -304,8 +304,10 @@ class Agent:
         elif self.l7 is None or self.l7.count != (workers or os.cpu_count() or 1):
             if self.l7 is not None:
                 self.l7.stop()
-            self.l7 = L7Supervisor(state_dir(self.instance), workers)
-            self.l7.start(spec)
+                self.l7 = None
+            sup = L7Supervisor(state_dir(self.instance), workers)
+            sup.start(spec)     # raises (having stopped what it started) when a worker cannot serve
+            self.l7 = sup
             log.info("L7: %d proxy workers serve %s", self.l7.count,
                      ", ".join(f"{v.addr}:{v.port}" for v in sorted(l7)))
         else:
