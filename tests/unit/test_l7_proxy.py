@@ -438,3 +438,20 @@ def test_eager_pool_reopens_connections_the_backend_closes(tmp_path: Path):
         assert get(rig.conn())[0] == 200
     finally:
         rig.close()
+
+
+def test_head_answers_keep_both_connections_usable(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    conn = rig.conn()
+    for _ in range(12):
+        status, headers, body = get(conn, "/", method="HEAD")
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+        assert get(conn)[0] == 200
+    assert sum(s.connections for s in rig.servers.values()) <= 3, "HEAD answers left the pool usable"
+
+
+def test_http_1_0_client_gets_its_answer_and_a_close(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    out = raw(rig, b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b" /x\n")
+    assert b"\r\nConnection: close\r\n" in out
