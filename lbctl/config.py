@@ -217,6 +217,13 @@ class L7RouteFile(_Strict):
         return self
 
 
+class L7CacheFile(_Strict):
+    """The optional GET/HEAD response cache, per worker; max_bytes 0 turns it off."""
+
+    max_bytes: int = Field(0, ge=0, le=16 * 1024**3)
+    max_entry_bytes: int = Field(1024 * 1024, ge=1, le=1024**3)
+
+
 class L7TlsFile(_Strict):
     cert: str
     key: str
@@ -232,6 +239,7 @@ class L7File(_Strict):
     groups: dict[str, list[str]] = {}            # name -> backend addrs of this VIP
     routes: list[L7RouteFile] = []
     tls: L7TlsFile | None = None
+    cache: L7CacheFile = L7CacheFile()
 
     @field_validator("hash_on")
     @classmethod
@@ -335,6 +343,8 @@ class L7Spec:
     routes: tuple[L7Route, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
+    cache_max_bytes: int = 0
+    cache_max_entry_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -578,7 +588,8 @@ def _l7(f: L7File, spec: VipSpec, source: str, lines: dict[Loc, int], at: Loc) -
         drain_timeout_ms=parse_duration_ms(lim.drain_timeout),
         eject_failures=f.ejection.failures, eject_cooldown_ms=parse_duration_ms(f.ejection.cooldown),
         groups=tuple(groups.items()), routes=tuple(routes),
-        tls_cert=f.tls.cert if f.tls else None, tls_key=f.tls.key if f.tls else None)
+        tls_cert=f.tls.cert if f.tls else None, tls_key=f.tls.key if f.tls else None,
+        cache_max_bytes=f.cache.max_bytes, cache_max_entry_bytes=f.cache.max_entry_bytes)
 
 
 def _split(exc: ConfigError) -> tuple[str, str]:

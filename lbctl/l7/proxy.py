@@ -23,6 +23,7 @@ from lbctl.l7.balance import (
     least_outstanding,
     rendezvous,
 )
+from lbctl.l7.cache import ResponseCache, freshness_s, request_may_use
 from lbctl.l7.stats import Stats
 
 log = logging.getLogger("lbctl.l7")
@@ -62,6 +63,8 @@ class L7Settings:
     routes: list[tuple[str | None, str, list[tuple[str, int]]]] = field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
+    cache_max_bytes: int = 0
+    cache_max_entry_bytes: int = 1024 * 1024
 
 
 class HttpError(Exception):
@@ -219,7 +222,8 @@ class VipProxy:
 
     def __init__(self, vip: str, host: str, port: int, settings: L7Settings,
                  backends: list[dict[str, Any]], stats: Stats):
-        self.vip, self.host, self.port, self.settings, self.stats = vip, host, port, settings, stats
+        self.vip, self.host, self.port, self.stats = vip, host, port, stats
+        self.cache: ResponseCache | None = None
         self.backends: dict[str, Backend] = {}
         self.rotations: dict[str, Rotation] = {}
         self.routes: list[Route] = []
@@ -233,7 +237,12 @@ class VipProxy:
     def update(self, settings: L7Settings, backends: list[dict[str, Any]]) -> None:
         """New weights, states, health or routes without dropping a connection; pools of
         backends that stay are kept (their warm connections are the point)."""
+        old_settings = getattr(self, "settings", None)
         self.settings = settings
+        if old_settings is None or (old_settings.cache_max_bytes, old_settings.cache_max_entry_bytes) != \
+                (settings.cache_max_bytes, settings.cache_max_entry_bytes) or not hasattr(self, "cache"):
+            self.cache = ResponseCache(settings.cache_max_bytes, settings.cache_max_entry_bytes) \
+                if settings.cache_max_bytes else None
         keep: dict[str, Backend] = {}
         for b in backends:
             old = self.backends.get(b["name"])
@@ -558,6 +567,15 @@ class ClientConnection:
             parsed = httptools.parse_url(url)
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             path = (parsed.path or b"/").decode("latin-1")
+        cache_key = None
+        if self.vip.cache is not None and request_may_use(method, headers):
+            cache_key = (host, url)
+            entry = self.vip.cache.get(cache_key)
+            if entry is not None:
+                stats.count("cache_hits", vipname)
+                await self._answer_cached(entry, method, client_keep, started)
+                return client_keep
+            stats.count("cache_misses", vipname)
         members = self.vip.candidates(host, path)
         key = self.vip._current_key
         upstream_head = self._upstream_head(method, url, raw_headers, headers, body_kind, length)
@@ -577,7 +595,7 @@ class ClientConnection:
             backend.outstanding += 1
             try:
                 keep = await self._exchange(backend, method, upstream_head, body_kind, client_keep,
-                                            client_11, started)
+                                            client_11, started, cache_key)
                 return keep
             except _UpstreamFailed as exc:
                 if exc.stale and retryable_send and stale_retries < 3:
@@ -655,8 +673,21 @@ class ClientConnection:
             if ev[0] == "end":
                 return
 
+    async def _answer_cached(self, entry: Any, method: str, client_keep: bool, started: float) -> None:
+        age = int(time.monotonic() - entry.stored)
+        lines = [b"HTTP/1.1 200 OK\r\n"] + [n + b": " + v + b"\r\n" for n, v in entry.headers]
+        lines.append(f"Age: {age}\r\nContent-Length: {len(entry.body)}\r\n".encode())
+        if not client_keep:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.writer.write(b"".join(lines) + (entry.body if method != "HEAD" else b""))
+        await self.writer.drain()
+        self.vip.stats.count_response(self.vip.vip, 200)
+        self.vip.stats.observe_latency(self.vip.vip, time.monotonic() - started)
+
     async def _exchange(self, backend: Backend, method: str, upstream_head: bytes, body_kind: str,
-                        client_keep: bool, client_11: bool, started: float) -> bool:
+                        client_keep: bool, client_11: bool, started: float,
+                        cache_key: tuple[str, bytes] | None = None) -> bool:
         pool = backend.pool
         stats, vipname, s = self.vip.stats, self.vip.vip, self.settings
         conn, reused = await pool.acquire()
@@ -688,7 +719,7 @@ class ClientConnection:
             except ConnectionError as exc:
                 raise _UpstreamFailed(f"send: {exc}", connect=False) from None
             reusable, keep = await self._relay_response(conn, backend, method, client_keep, client_11,
-                                                        started)
+                                                        started, cache_key)
             return keep
         except _UpstreamFailed as exc:
             exc.stale = reused and not exc.connect and "timeout" not in str(exc)
@@ -697,8 +728,14 @@ class ClientConnection:
             pool.release(conn, reusable)
 
     async def _relay_response(self, conn: UpstreamConn, backend: Backend, method: str,
-                              client_keep: bool, client_11: bool, started: float) -> tuple[bool, bool]:
-        """(upstream reusable, client keep-alive)."""
+                              client_keep: bool, client_11: bool, started: float,
+                              cache_key: tuple[str, bytes] | None = None) -> tuple[bool, bool]:
+        """(upstream reusable, client keep-alive). A cacheable GET answer is kept (up to the
+        entry limit) while it streams, and stored once complete."""
+        keep_body: list[bytes] | None = None
+        kept = 0
+        fresh_s = 0
+        cache_headers: list[tuple[bytes, bytes]] = []
         stats, vipname, s = self.vip.stats, self.vip.vip, self.settings
         events = _Events(response=True)
         parser = httptools.HttpResponseParser(events)
@@ -768,6 +805,11 @@ class ClientConnection:
                     if low in HOP_BY_HOP or low in named:
                         continue
                     lines.append(name + b": " + value + b"\r\n")
+                    if low not in (b"content-length", b"age"):
+                        cache_headers.append((name, value))
+                if cache_key is not None and method == "GET" and self.vip.cache is not None:
+                    fresh_s = freshness_s(status, hdrs)
+                    keep_body = [] if fresh_s > 0 else None
                 chunked_up = any(n.lower() == b"transfer-encoding" for n, _ in hdrs)
                 if not no_body and (chunked_up or not resp_has_length):
                     if client_11:
@@ -782,6 +824,12 @@ class ClientConnection:
                 stats.count_response(vipname, status)
                 stats.observe_latency(vipname, time.monotonic() - started)
             elif ev[0] == "body":
+                if keep_body is not None:
+                    kept += len(ev[1])
+                    if kept > self.settings.cache_max_entry_bytes:
+                        keep_body = None      # too large to cache; it still streams
+                    else:
+                        keep_body.append(ev[1])
                 if out_chunked:
                     self.writer.write(f"{len(ev[1]):x}\r\n".encode() + ev[1] + b"\r\n")
                 else:
@@ -791,6 +839,8 @@ class ClientConnection:
                 if out_chunked:
                     self.writer.write(b"0\r\n\r\n")
                 await self.writer.drain()
+                if keep_body is not None and self.vip.cache is not None and cache_key is not None:
+                    self.vip.cache.put(cache_key, cache_headers, b"".join(keep_body), fresh_s)
                 if method != "HEAD":
                     upstream_keep = resp_has_length and head_keep and \
                         not len(conn.reader._buffer)

@@ -25,6 +25,9 @@ COUNTERS = {
     "upstream_reuses": ("lbctl_l7_upstream_reuses_total",
                         "Requests sent on a pooled keep-alive connection", ("vip", "backend")),
     "ejections": ("lbctl_l7_ejections_total", "Passive ejections of a backend", ("vip", "backend")),
+    "cache_hits": ("lbctl_l7_cache_hits_total", "GET/HEAD requests answered from the cache", ("vip",)),
+    "cache_misses": ("lbctl_l7_cache_misses_total", "Cacheable requests the cache could not answer",
+                     ("vip",)),
     "retries": ("lbctl_l7_retries_total", "Requests retried on another backend after this one failed",
                 ("vip", "backend")),
 }

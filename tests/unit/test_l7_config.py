@@ -27,6 +27,7 @@ vips:
       limits: {header_timeout: 5s, keepalive_timeout: 20s, max_header_bytes: 16384, max_headers: 50,
                max_body_bytes: 1048576, connect_timeout: 500ms, read_timeout: 3s, drain_timeout: 2s}
       ejection: {failures: 3, cooldown: 5s}
+      cache: {max_bytes: 1048576, max_entry_bytes: 65536}
       groups:
         stable: [10.0.1.11:8080, 10.0.1.12:8080]
         canary: [10.0.1.13:8080]
@@ -71,7 +72,7 @@ def test_mode_l7_alone_has_working_defaults():
     assert entry.l7.balancing == "round_robin" and entry.l7.warmup == "lazy"
     assert entry.l7.header_timeout_ms == 10_000 and entry.l7.max_header_bytes == 32 * 1024
     assert entry.l7.max_headers == 100 and entry.l7.max_body_bytes == 10 * 1024 * 1024
-    assert entry.l7.routes == () and entry.l7.workers == 0
+    assert entry.l7.routes == () and entry.l7.workers == 0 and entry.l7.cache_max_bytes == 0
 
 
 def test_l7_vips_stay_out_of_the_maps():
@@ -91,6 +92,7 @@ def test_every_key_loads():
             spec.read_timeout_ms, spec.drain_timeout_ms) == (5000, 20_000, 500, 3000, 2000)
     assert (spec.max_header_bytes, spec.max_headers, spec.max_body_bytes) == (16384, 50, 1048576)
     assert (spec.eject_failures, spec.eject_cooldown_ms) == (3, 5000)
+    assert (spec.cache_max_bytes, spec.cache_max_entry_bytes) == (1048576, 65536)
     assert dict(spec.groups) == {"stable": ("10.0.1.11:8080", "10.0.1.12:8080"),
                                  "canary": ("10.0.1.13:8080",)}
     assert spec.routes == (L7Route("api.example.com", "/v2/", (("canary", 1),)),
@@ -106,6 +108,7 @@ def test_hash_on_header_or_cookie():
 
 @pytest.mark.parametrize("block, where, what", [
     ("{bogus: 1}", "vips[0].l7.bogus", "unknown key 'bogus'"),
+    ("{cache: {max_bytes: -1}}", "vips[0].l7.cache.max_bytes", "out of range"),
     ("{pool: {max_sise: 3}}", "vips[0].l7.pool.max_sise", "unknown key"),
     ("{balancing: random}", "vips[0].l7.balancing", "'random' is not one of"),
     ("{balancing: hash}", "vips[0].l7", "balancing hash needs hash_on"),

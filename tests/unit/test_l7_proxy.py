@@ -63,6 +63,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/slow":
             self.server.slow_started.set()
             time.sleep(1.0)
+        if self.path.startswith("/cc/"):
+            body = f"{self.server.name} {time.monotonic()}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            if self.path != "/cc/none":
+                self.send_header("Cache-Control", self.path[4:])
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return
         if self.path.startswith("/status/"):
             self._reply(b"x", int(self.path.rsplit("/", 1)[1]))
             return
@@ -455,3 +465,36 @@ def test_http_1_0_client_gets_its_answer_and_a_close(rig: Rig):
     out = raw(rig, b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b" /x\n")
     assert b"\r\nConnection: close\r\n" in out
+
+
+CACHED = "{cache: {max_bytes: 1048576}}"
+
+
+def test_cache_answers_fresh_gets_and_honours_no_store_and_private(rig: Rig):
+    rig.start(THREE.replace("{L7}", CACHED).replace("weight: 3", "weight: 1").replace("weight: 2", "weight: 1"))
+    conn = rig.conn()
+    def hits() -> int:
+        return sum(len(s.seen) for s in rig.servers.values())
+    for path, cacheable in (("/cc/max-age=60", True), ("/cc/no-store,max-age=60", False),
+                            ("/cc/private,max-age=60", False), ("/cc/none", False)):
+        before = hits()
+        bodies = {get(conn, path)[2] for _ in range(5)}
+        assert (len(bodies) == 1) == cacheable, path
+        assert hits() - before == (1 if cacheable else 5), path
+    status, headers, body = get(conn, "/cc/max-age=60", method="HEAD")
+    assert status == 200 and body == b"" and "age" in headers
+    assert hits() == 1 + 5 + 5 + 5, "HEAD is answered from the cached GET"
+    t = rig.totals_when(lambda t: sum(t["cache_hits"].values()) >= 5)
+    assert sum(t["cache_hits"].values()) == 5 and sum(t["cache_misses"].values()) == 16
+
+
+def test_cache_entries_expire_with_max_age(rig: Rig):
+    rig.start(THREE.replace("{L7}", CACHED))
+    conn = rig.conn()
+    get(conn, "/cc/max-age=1")
+    before = sum(len(s.seen) for s in rig.servers.values())
+    get(conn, "/cc/max-age=1")
+    assert sum(len(s.seen) for s in rig.servers.values()) == before
+    time.sleep(1.2)     # max-age is in seconds: the entry must be stale now
+    get(conn, "/cc/max-age=1")
+    assert sum(len(s.seen) for s in rig.servers.values()) == before + 1
