@@ -16,9 +16,13 @@ static __always_inline __u32 lb_mix32(__u32 h)
     return h;
 }
 
-static __always_inline __u32 lb_flow_hash(const struct flow_key *key)
+/* `flow` affinity hashes the 5-tuple; `client` the source address alone, so that every
+ * connection of one client lands on one backend (only a new flow hashes: no flow-hit cost). */
+static __always_inline __u32 lb_flow_hash(const struct flow_key *key, __u32 vip_flags)
 {
     __u32 h = lb_mix32(key->src ^ LB_HASH_SEED);
+    if (vip_flags & LB_VIP_F_CLIENT_AFFINITY)
+        return h;
     h = lb_mix32(h ^ key->dst);
     h = lb_mix32(h ^ (((__u32)key->sport << 16) | key->dport));
     return lb_mix32(h ^ key->proto);
@@ -30,7 +34,7 @@ static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct fl
 {
     if (vip->vip_id >= LB_MAX_VIPS)
         return LB_NO_BACKEND;
-    __u32 slot = lb_flow_hash(key) % LB_RING_SIZE;
+    __u32 slot = lb_flow_hash(key, vip->flags) % LB_RING_SIZE;
     *slot_out = slot;
     __u32 index = LB_RING_INDEX(vip->vip_id, vip->ring_generation, slot);
     __u32 *backend_id = rings.lookup(&index);

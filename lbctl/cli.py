@@ -14,6 +14,7 @@ import click
 
 from lbctl.errors import ConfigError, NetnsError
 from lbctl.model import (
+    AFFINITY_NAMES,
     BACKEND_STATES,
     PROTO_NAMES,
     XDP_MODES,
@@ -383,6 +384,9 @@ def status(obj: Context, as_json: bool) -> None:
     for name in st.get("orphaned_instances", []):
         click.echo(f"orphaned: instance '{name}' keeps pinned state but its network namespace is gone; "
                    f"hint: lbctl -n {name} detach --all --purge")
+    if st.get("vip_modes"):
+        click.echo("")
+        print_table(st.get("vip_modes", []), [("VIP", "vip"), ("PROTO", "proto"), ("AFFINITY", "affinity")], "")
 
 
 # -- VIPs -----------------------------------------------------------------------------------
@@ -395,15 +399,19 @@ def vip() -> None:
     """Add, delete and list VIPs."""
 
 
-@vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp"))
+@vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp",
+                                    "lbctl vip add 10.0.0.10:443 --affinity client"))
 @click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
+@click.option("--affinity", default=AFFINITY_NAMES[0], show_default=True, type=click.Choice(AFFINITY_NAMES),
+              help="what picks a new flow's backend: flow (the 5-tuple) or client (the source "
+                   "address alone: one client stays on one backend)")
 @click.option("--force", is_flag=True,
               help="allow a VIP on an address and port where a local service listens")
 @click.pass_obj
-def vip_add(obj: Context, vip_addr: HostPort, proto: str, force: bool) -> None:
+def vip_add(obj: Context, vip_addr: HostPort, proto: str, affinity: str, force: bool) -> None:
     """Add a VIP (no backends yet: its packets are dropped until one is added)."""
-    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force))
+    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force, affinity))
 
 
 @vip.command("del", epilog=examples("lbctl vip del 10.0.0.10:80"))
@@ -424,7 +432,7 @@ def vip_list(obj: Context, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("BACKENDS", "backends"),
+    print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("AFFINITY", "affinity"), ("BACKENDS", "backends"),
                        ("ACTIVE", "active_backends"), ("PACKETS", "packets"), ("BYTES", "bytes"),
                        ("FLOWS", "new_flows"), ("DROPS", "drops")], "no VIPs")
 

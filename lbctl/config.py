@@ -20,8 +20,8 @@ from lbctl.model import BackendSpec, Config, VipSpec, parse_endpoint
 from xdp.codec import Endpoint
 
 # Values the contract names for later work: refused with "not supported yet", never ignored.
-SUPPORTED_NOW = {"mode": ("l4", "l7"), "forwarding": ("nat",), "affinity": ("flow",)}
-PLANNED: dict[str, tuple[str, ...]] = {"mode": (), "forwarding": ("fullnat", "dsr"), "affinity": ("client",)}
+SUPPORTED_NOW = {"mode": ("l4", "l7"), "forwarding": ("nat",), "affinity": ("flow", "client")}
+PLANNED: dict[str, tuple[str, ...]] = {"mode": (), "forwarding": ("fullnat", "dsr"), "affinity": ()}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000}
@@ -531,7 +531,7 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
                 raise _fail(source, lines, where, f"duplicate backend {ep} in VIP {vip}",
                             "list each backend once; weight sets its share")
             backends[str(ep)] = BackendSpec(ep.addr, ep.port, b.weight, b.state)
-        spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))))
+        spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))), v.affinity)
         l7 = _l7(v.l7 or L7File(), spec, source, lines, ("vips", i, "l7")) if v.mode == "l7" else None
         vips[vip] = VipEntry(spec, _health(v.health), v.mode, l7)
     return DesiredState(source, tuple(model.interfaces), model.xdp_mode, vips)
@@ -633,6 +633,8 @@ def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -
     for vip in sorted(vips):
         entry = vips[vip]
         item: dict[str, Any] = {"vip": f"{vip.addr}:{vip.port}", "proto": vip.proto}
+        if entry.spec.affinity != "flow":
+            item["affinity"] = entry.spec.affinity
         if entry.health is not None:
             h = entry.health
             block: dict[str, Any] = {"check": h.check}

@@ -103,7 +103,7 @@ class Controller:
             return Result(the_plan, applied=not dry_run and not the_plan.empty)
 
     # -- VIPs -------------------------------------------------------------------------------
-    def vip_add(self, vip: Endpoint, force: bool = False) -> Result:
+    def vip_add(self, vip: Endpoint, force: bool = False, affinity: str = "flow") -> Result:
         if not force:
             from lbctl.safety import local_service_at
 
@@ -117,7 +117,7 @@ class Controller:
         def edit(config: Config) -> Config:
             if vip in config:
                 raise ConflictError(f"VIP {vip} ({vip.proto}) already exists; hint: 'lbctl vip list' shows it")
-            return {**config, vip: VipSpec(vip)}
+            return {**config, vip: VipSpec(vip, affinity=affinity)}
         return self.change(edit)
 
     def vip_del(self, vip: Endpoint) -> Result:
@@ -135,6 +135,7 @@ class Controller:
                 lv = live[vip]
                 out.append({"vip": str(vip), "addr": vip.addr, "port": vip.port, "proto": vip.proto,
                             "vip_id": lv.vip_id, "ring_generation": lv.ring_generation,
+                            "affinity": lv.spec.affinity,
                             "backends": len(lv.spec.backends),
                             "active_backends": sum(1 for b in lv.spec.backends if b.in_ring),
                             **maps.vip_counters(lv.vip_id)})
@@ -293,13 +294,15 @@ class Controller:
                      "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
                                    "prog_id": a.prog_id, "driver": a.driver, "why": a.reason}
                                   for a in attachments],
-                     "prog_id": self.balancer.pinned_prog_id(), "vips": 0, "backends": 0,
+                     "prog_id": self.balancer.pinned_prog_id(), "vips": 0, "backends": 0, "vip_modes": [],
                      "maps": os.path.isdir(self.balancer.pin_dir)}
         if out["maps"]:
             with self.balancer.maps() as maps:
                 live = planner.read_live(maps)
                 out["vips"] = len(live)
                 out["backends"] = sum(len(lv.spec.backends) for lv in live.values())
+                out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "affinity": live[v].spec.affinity}
+                                    for v in sorted(live)]
         from lbctl.agent import read_published
 
         agent = read_published(self.instance)

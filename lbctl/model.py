@@ -8,13 +8,14 @@ from dataclasses import dataclass, field, replace
 from lbctl.errors import ConfigError
 from lbctl.maglev import MAX_WEIGHT
 from xdp.balancer import MODES
-from xdp.codec import PROTOS, Endpoint
+from xdp.codec import AFFINITIES, PROTOS, Endpoint
 from xdp.limits import BACKEND_STATES
 
 # The spellings users type; each comes from the data plane's own table, so a name added
 # there is accepted here and nowhere else needs to change.
 PROTO_NAMES: tuple[str, ...] = tuple(PROTOS)
 XDP_MODES: tuple[str, ...] = tuple(MODES)
+AFFINITY_NAMES: tuple[str, ...] = AFFINITIES
 
 
 def parse_proto(proto: str) -> str:
@@ -96,6 +97,7 @@ class BackendSpec:
 class VipSpec:
     vip: Endpoint
     backends: tuple[BackendSpec, ...] = field(default=())
+    affinity: str = "flow"              # flow: the 5-tuple picks the backend; client: the source address
 
     def backend(self, name: str) -> BackendSpec | None:
         return next((b for b in self.backends if b.name == name), None)

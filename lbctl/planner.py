@@ -15,7 +15,7 @@ from lbctl.maglev import (
     unplaced_backends,
 )
 from lbctl.model import BackendSpec, Config, VipSpec
-from xdp.codec import NO_BACKEND, Endpoint
+from xdp.codec import NO_BACKEND, Endpoint, affinity_of, vip_flags
 from xdp.errors import MapFullError
 from xdp.limits import DEFAULT_LIMITS, Limits
 
@@ -61,6 +61,10 @@ class VipChange:
         else:
             lines = [f"~ vip {self.vip} ({self.vip.proto})"]
         assert self.new is not None  # add and update always carry the new spec
+        if self.old is not None and self.old.affinity != self.new.affinity:
+            lines.append(f"  affinity {self.old.affinity}->{self.new.affinity}")
+        elif self.old is None and self.new.affinity != "flow":
+            lines[0] += f" affinity {self.new.affinity}"
         old = {b.name: b for b in self.old.backends} if self.old else {}
         new = {b.name: b for b in self.new.backends}
         for name, b in new.items():
@@ -196,7 +200,8 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
 class MapsWriter(Protocol):
     """What apply() needs from the maps (xdp.maps.LbMaps has it; tests may pass a recorder)."""
 
-    def put_vip(self, vip: Endpoint, vip_id: int, ring_generation: int, backend_count: int) -> None: ...
+    def put_vip(self, vip: Endpoint, vip_id: int, ring_generation: int, backend_count: int,
+                flags: int = 0) -> None: ...
     def delete_vip(self, vip: Endpoint) -> bool: ...
     def put_backend(self, backend_id: int, addr: str, port: int, state: str, vip_id: int, weight: int) -> None: ...
     def clear_backend(self, backend_id: int) -> None: ...
@@ -234,13 +239,13 @@ def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
         if c.action == "add":
             maps.reset_counters("stats_vip", c.vip_id)
             maps.write_ring(c.vip_id, 0, c.ring)
-            maps.put_vip(c.vip, c.vip_id, 0, in_ring)
+            maps.put_vip(c.vip, c.vip_id, 0, in_ring, vip_flags(c.new.affinity))
         else:
             generation = live[c.vip].ring_generation
             if c.ring_changed:
                 generation ^= 1
                 maps.write_ring(c.vip_id, generation, c.ring)
-            maps.put_vip(c.vip, c.vip_id, generation, in_ring)
+            maps.put_vip(c.vip, c.vip_id, generation, in_ring, vip_flags(c.new.affinity))
         for b in late:
             maps.put_backend(c.backend_ids[b.name], b.addr, b.port, b.state, c.vip_id, b.weight)
         for bid in removed:
@@ -257,6 +262,6 @@ def read_live(maps) -> LiveState:
         recs = by_vip_id.get(meta.vip_id, [])
         specs = tuple(sorted((BackendSpec(r.addr, r.port, r.weight, r.state) for r in recs),
                              key=lambda b: (b.addr, b.port)))
-        live[vip] = LiveVip(VipSpec(vip, specs), meta.vip_id, meta.ring_generation,
+        live[vip] = LiveVip(VipSpec(vip, specs, affinity_of(meta.flags)), meta.vip_id, meta.ring_generation,
                             {f"{r.addr}:{r.port}": r.backend_id for r in recs})
     return live

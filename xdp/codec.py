@@ -15,6 +15,20 @@ PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 NO_BACKEND = 0xFFFFFFFF
 BACKEND_F_IN_USE = 0x1
+# vip_meta.flags, as LB_VIP_F_* in lb_consts.h.j2.
+VIP_F_CLIENT_AFFINITY = 0x1
+AFFINITIES = ("flow", "client")     # the first is the default
+
+
+def vip_flags(affinity: str) -> int:
+    """vip_meta.flags for a VIP's options; ValueError for a value the program has no flag for."""
+    if affinity not in AFFINITIES:
+        raise ValueError(f"unknown affinity {affinity!r}")
+    return VIP_F_CLIENT_AFFINITY if affinity == "client" else 0
+
+
+def affinity_of(flags: int) -> str:
+    return "client" if flags & VIP_F_CLIENT_AFFINITY else "flow"
 
 
 def _be32(addr: str) -> int:

@@ -162,10 +162,11 @@ class LbMaps:
         return {codec.decode_vip_key(key): codec.decode_vip_meta(raw)
                 for key, raw in self["vips"].items()}
 
-    def put_vip(self, vip: codec.Endpoint, vip_id: int, ring_generation: int, backend_count: int) -> None:
+    def put_vip(self, vip: codec.Endpoint, vip_id: int, ring_generation: int, backend_count: int,
+                flags: int = 0) -> None:
         try:
             self["vips"].update(codec.encode_vip_key(vip),
-                                codec.encode_vip_meta(vip_id, ring_generation, backend_count))
+                                codec.encode_vip_meta(vip_id, ring_generation, backend_count, flags))
         except libbpf.BpfError as exc:
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise MapFullError(

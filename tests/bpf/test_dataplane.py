@@ -4,9 +4,11 @@ control-plane changes between them, run through BPF_PROG_TEST_RUN in a routed na
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import pytest
@@ -18,6 +20,7 @@ from scapy.packet import Raw
 from lbctl import planner
 from lbctl.bench.routed import Port, mac_of
 from lbctl.control import Controller
+from lbctl.maglev import MaglevBackend, build_ring
 from lbctl.model import Config, parse_endpoint
 from xdp import codec, libbpf
 from xdp.codec import Endpoint
@@ -65,6 +68,8 @@ JUMBO_ARM = "lbj"
 JUMBO_ARM_MAC = "02:00:0a:0a:03:01"
 JUMBO_MTU = 9000
 ROUTER, ROUTER_MAC = "10.10.1.254", "02:00:0a:0a:01:fe"  # a router on the client side
+STICKY = Endpoint("10.10.9.9", 80, "tcp")               # --affinity client, TRIO's backends
+OTHER_CLIENTS = tuple(f"10.10.1.{i}" for i in range(101, 121))
 
 
 
@@ -75,7 +80,8 @@ BACKEND_MACS = {b.addr: mac_of(b.addr) for b in
 
 
 PORTS = (
-    Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.10.1.1/24", {CLIENT: CLIENT_MAC}),
+    Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.10.1.1/24",
+         {CLIENT: CLIENT_MAC, **{c: mac_of(c) for c in OTHER_CLIENTS}}),
     Port(BACKEND_ARM, BACKEND_ARM_MAC, "10.10.2.1/24",
          {**{a: m for a, m in BACKEND_MACS.items() if a != JUMBO_BACKEND.addr},
           NEAR_CLIENT: NEAR_CLIENT_MAC}),
@@ -102,8 +108,9 @@ def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
     for vip, backends in ((WEB, [WEB_BACKEND]), (DNS, [DNS_BACKEND]), (EMPTY, []),
                           (POOL, [POOL_A, POOL_B]), (TRIO, list(TRIO_BACKENDS)),
                           (UNROUTED, [UNROUTED_BACKEND]), (UNRESOLVED, [UNRESOLVED_BACKEND]),
-                          (QUIC, [QUIC_A, QUIC_B]), (JUMBO, [JUMBO_BACKEND])):
-        controller.vip_add(vip)
+                          (QUIC, [QUIC_A, QUIC_B]), (JUMBO, [JUMBO_BACKEND]),
+                          (STICKY, list(TRIO_BACKENDS))):
+        controller.vip_add(vip, affinity="client" if vip == STICKY else "flow")
         for backend in backends:
             controller.backend_add(vip, parse_endpoint(_backend_name(backend), vip.proto))
     controller.backend_set(POOL, POOL_B, weight=None, state="drain")
@@ -190,6 +197,54 @@ def dnat(frame: bytes, backend: Endpoint) -> bytes:
 def snat(frame: bytes, vip: Endpoint) -> bytes:
     """A backend's reply, as forwarded to the client from the VIP."""
     return rewritten(frame, eth=TO_CLIENT_ARM, src=vip)
+
+
+# --- which backend a new flow gets: lb_maglev.h's hash and the planner's ring, in Python ---
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _wire32(addr: str) -> int:
+    """A __be32 address as the program loads it (little-endian host)."""
+    return int.from_bytes(socket.inet_aton(addr), "little")
+
+
+def _wire16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def expected_hash(src: str, dst: str, sport: int, dport: int, proto: int, affinity: str) -> int:
+    h = _mix32(_wire32(src) ^ DEFAULT_LIMITS.hash_seed)
+    if affinity == "client":
+        return h
+    h = _mix32(h ^ _wire32(dst))
+    h = _mix32(h ^ ((_wire16(sport) << 16) | _wire16(dport)))
+    return _mix32(h ^ proto)
+
+
+@functools.cache
+def _trio_ring() -> tuple[int, ...]:
+    return tuple(build_ring([MaglevBackend(_backend_name(b), 1) for b in TRIO_BACKENDS],
+                            DEFAULT_LIMITS.ring_size, 0))
+
+
+def picked(vip: Endpoint, src: str, sport: int, affinity: str) -> Endpoint:
+    """The backend TRIO's ring (which STICKY shares) gives a new TCP flow from src:sport."""
+    h = expected_hash(src, vip.addr, sport, vip.port, 6, affinity)
+    return TRIO_BACKENDS[_trio_ring()[h % DEFAULT_LIMITS.ring_size]]
+
+
+def set_affinity(vip: Endpoint, affinity: str) -> Do:
+    return Do(f"affinity {affinity}", lambda c: c.change(
+        lambda config: {**config, vip: replace(config[vip], affinity=affinity)}))
 
 
 # --- the table ---
@@ -422,6 +477,60 @@ assert len(BIG_QUERY_IN) == 3 and len(BIG_ANSWER_IN) == 3 and len(BIG_SEGMENT_IN
 
 def forwarded(frames: list[bytes], expected: list[bytes], ingress: str = CLIENT_ARM) -> tuple[Send, ...]:
     return tuple(Send(f, ingress, XDP_REDIRECT, "redirect", e) for f, e in zip(frames, expected))
+
+
+def from_client(client: str, vip: Endpoint, sport: int, flags: str = "S") -> bytes:
+    """A TCP frame to a VIP from one of the client arm's other clients."""
+    return tcp_frame(client, vip.addr, sport, vip.port, flags, eth=(mac_of(client), CLIENT_ARM_MAC))
+
+
+def _sticky_cases() -> list[Case]:
+    mine = picked(STICKY, CLIENT, 0, "client")
+    other = next(c for c in OTHER_CLIENTS if picked(STICKY, c, 0, "client") != mine)
+    theirs = picked(STICKY, other, 0, "client")
+    # A port whose 5-tuple hash picks another backend than the client's address does.
+    moved = next(p for p in range(41000, 42000) if picked(STICKY, CLIENT, p, "flow") != mine)
+    spread = next(p for p in range(41000, 42000)
+                  if picked(TRIO, CLIENT, p, "flow") != picked(TRIO, CLIENT, 40000, "flow"))
+    return [
+        Case("client affinity: a client's connections from any port go to the backend of its address", tuple(
+            Send(to_vip(STICKY, sport), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(STICKY, sport), mine)) for sport in (40000, 40001, 51234, 65535))),
+        Case("client affinity: another client gets the backend of its own address", (
+            Send(to_vip(STICKY), CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(to_vip(STICKY), mine)),
+            Send(from_client(other, STICKY, 40000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(from_client(other, STICKY, 40000), theirs)),
+            Send(from_client(other, STICKY, 50000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(from_client(other, STICKY, 50000), theirs)),
+        )),
+        Case("client affinity: the backend's reply is reverse-NATed from the VIP", (
+            Send(to_vip(STICKY), CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(to_vip(STICKY), mine)),
+            Send(from_backend(mine), BACKEND_ARM, XDP_REDIRECT, "redirect",
+                 snat(from_backend(mine), STICKY)),
+        )),
+        Case("flow affinity (the default) picks by the 5-tuple: one client's ports spread", (
+            Send(to_vip(TRIO), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(TRIO), picked(TRIO, CLIENT, 40000, "flow"))),
+            Send(to_vip(TRIO, spread), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(TRIO, spread), picked(TRIO, CLIENT, spread, "flow"))),
+        )),
+        Case("an affinity change picks new flows its way; a tracked flow keeps its backend", (
+            Send(to_vip(STICKY, moved), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(STICKY, moved), mine)),
+            set_affinity(STICKY, "flow"),
+            Send(to_vip(STICKY, moved, "A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(STICKY, moved, "A"), mine)),
+            Send(to_vip(STICKY, moved + 1000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(STICKY, moved + 1000), picked(STICKY, CLIENT, moved + 1000, "flow"))),
+            set_affinity(STICKY, "client"),
+            Send(to_vip(STICKY, moved + 2000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(STICKY, moved + 2000), mine)),
+        )),
+        Case("a client-affinity VIP's ports and protocol still count: another port is not a VIP", (
+            passes(tcp_frame(CLIENT, STICKY.addr, 40000, 81), "pass_not_vip"),
+            passes(udp_frame(CLIENT, STICKY.addr, 40000, STICKY.port), "pass_not_vip"),
+        )),
+    ]
 
 
 CASES: list[Case] = [
@@ -878,6 +987,7 @@ CASES: list[Case] = [
         *_truncations(from_backend(WEB_BACKEND), range(34, 54), BACKEND_ARM),
     )),
 ]
+CASES += _sticky_cases()
 
 
 def _describe(frame: bytes) -> str:
@@ -991,6 +1101,22 @@ def test_deleted_backend_gets_no_new_flows_while_its_flows_finish(
         assert _trio_backend(out) in TRIO_BACKENDS[1:]
     for sport, backend in before.items():
         assert _trio_backend(run(to_vip(TRIO, sport, "A"), CLIENT_ARM)[1]) == backend
+
+
+def test_client_affinity_keeps_a_client_on_one_backend_over_100_ports_and_spreads_clients(
+        run: Callable[..., tuple[int, bytes]]) -> None:
+    ports = {_trio_backend(run(to_vip(STICKY, sport), CLIENT_ARM)[1]) for sport in range(45000, 45100)}
+    assert len(ports) == 1
+    flows = {_trio_backend(run(to_vip(TRIO, sport), CLIENT_ARM)[1]) for sport in range(45000, 45100)}
+    assert flows == set(TRIO_BACKENDS)     # the same ports on a flow-affinity VIP spread
+    clients = {}
+    for client in OTHER_CLIENTS:
+        retval, out = run(from_client(client, STICKY, 45000), CLIENT_ARM)
+        assert retval == XDP_REDIRECT
+        clients[client] = _trio_backend(out)
+        for sport in (45001, 60000):
+            assert _trio_backend(run(from_client(client, STICKY, sport), CLIENT_ARM)[1]) == clients[client]
+    assert set(clients.values()) == set(TRIO_BACKENDS)
 
 
 # --- time: entries are aged by rewriting their timestamps, not by waiting ---

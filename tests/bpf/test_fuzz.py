@@ -51,8 +51,11 @@ TCP_BACKENDS = (Endpoint("10.30.2.11", 8080, "tcp"), Endpoint("10.30.2.12", 8080
 DRAINING = TCP_BACKENDS[2]              # in the VIP, never in its ring: must never get a flow
 UDP_BACKENDS = (Endpoint("10.30.2.21", 5353, "udp"), Endpoint("10.30.2.22", 5353, "udp"))
 UNRESOLVED_BACKEND = Endpoint("10.30.2.99", 80, "tcp")
+STICKY_VIP = Endpoint("10.30.9.4", 80, "tcp")         # --affinity client
+STICKY_BACKENDS = (Endpoint("10.30.2.11", 8081, "tcp"), Endpoint("10.30.2.12", 8081, "tcp"))
 VIPS = {TCP_VIP: TCP_BACKENDS, UDP_VIP: UDP_BACKENDS, EMPTY_VIP: (),
-        UNRESOLVED_VIP: (UNRESOLVED_BACKEND,)}
+        UNRESOLVED_VIP: (UNRESOLVED_BACKEND,), STICKY_VIP: STICKY_BACKENDS}
+AFFINITY = {STICKY_VIP: "client"}
 ACTIVE = {vip: tuple(b for b in backends if b != DRAINING) for vip, backends in VIPS.items()}
 
 
@@ -76,7 +79,7 @@ def fuzz_config(controller: Controller) -> None:
     """Replaces whatever configuration the shared instance holds with this module's."""
     config = {vip: VipSpec(vip, tuple(BackendSpec(b.addr, b.port,
                                                   state="drain" if b == DRAINING else "active")
-                                      for b in backends))
+                                      for b in backends), AFFINITY.get(vip, "flow"))
               for vip, backends in VIPS.items()}
     controller.change(lambda _config: config)
 
@@ -260,7 +263,7 @@ class FrameSource:
 
     def to_vip(self) -> Sample:
         r = self.rng
-        vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP))
+        vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP, STICKY_VIP))
         client = self._client()
         proto = TCP if vip.proto == "tcp" else UDP
         frame = build(mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
@@ -387,6 +390,9 @@ class Judge:
         # fragment -> (new address, rewrite_dst, when); a later record of the key replaces it.
         self.frags: dict[tuple[str, str, int, int], tuple[str, bool, float]] = {}
         self.fragments_followed = 0
+        # Client-affinity VIPs: (client, VIP) -> the one backend every flow of that client gets.
+        self.sticky: dict[tuple[str, Endpoint], Endpoint] = {}
+        self.sticky_checked = 0
 
     def count(self, *outcomes: str) -> None:
         self.expected[Outcomes(outcomes)] += 1
@@ -424,6 +430,10 @@ class Judge:
             assert out != frame, "VIP traffic passed without a rewrite"
             backend = self._check_rewrite(frame, out, p, retval, dst=True)
             assert backend in ACTIVE[vip], f"{vip} forwarded to {backend}, not an active backend"
+            if AFFINITY.get(vip) == "client":
+                first = self.sticky.setdefault((p.src, vip), backend)
+                self.sticky_checked += 1
+                assert backend == first, f"client {p.src} of {vip} sent to {backend}, before to {first}"
             key = (backend.addr, p.src, backend.port, p.sport, p.proto)
             if key not in self.tracked:
                 self.tracked[key] = vip
@@ -568,6 +578,8 @@ def test_random_and_mutated_frames_never_abort_and_never_half_rewrite(
         assert judge.must(outcome) > FUZZ_FRAMES // 1000, f"too few {outcome}: {dict(counted)}"
     assert judge.rewritten > FUZZ_FRAMES // 10
     assert judge.fragments_followed > FUZZ_FRAMES // 1000, "too few fragments followed their first"
+    assert judge.sticky_checked > FUZZ_FRAMES // 100, "too few frames to the client-affinity VIP"
+    assert len(set(judge.sticky.values())) == len(STICKY_BACKENDS), "clients did not spread"
     budget_s = FUZZ_BUDGET_S_PER_100K * max(1.0, FUZZ_FRAMES / 100_000)
     assert elapsed_s < budget_s, f"{FUZZ_FRAMES} frames took {elapsed_s:.0f} s"
 

@@ -157,6 +157,31 @@ def test_new_connections_spread_over_backends_and_stats_agree(lab: Lab) -> None:
     assert flows_by_backend == {n: counts.get(n, 0) for n in names}
 
 
+AFFINITY_CONNECTIONS = 100
+
+
+def test_client_affinity_keeps_one_client_on_one_backend_while_flow_spreads(lab: Lab) -> None:
+    vip = http_vip(lab)
+    lbctl(lab, "vip", "add", vip, "--affinity", "client")
+    for b in lab.backends:
+        lbctl(lab, "backend", "add", vip, endpoint(b, lab.http_port))
+    (row,) = lbctl_json(lab, "vip", "list")
+    assert row["affinity"] == "client"
+    assert [v["affinity"] for v in lbctl_json(lab, "status")["vip_modes"]] == ["client"]
+    assert "client" in lbctl(lab, "vip", "list").stdout.splitlines()[1].split()
+
+    sticky = Counter(lab.http_get(lab.vip, lab.http_port, count=AFFINITY_CONNECTIONS, timeout_s=3.0))
+    assert len(sticky) == 1 and sum(sticky.values()) == AFFINITY_CONNECTIONS, sticky
+    stats = lbctl_json(lab, "stats")
+    assert sum(r["new_flows"] for r in stats["backends"] if r["vip"] == vip) >= AFFINITY_CONNECTIONS
+
+    lbctl(lab, "vip", "del", vip)
+    add_http_vip(lab, lab.backends)             # the default: flow
+    assert lbctl_json(lab, "vip", "list")[0]["affinity"] == "flow"
+    spread = Counter(lab.http_get(lab.vip, lab.http_port, count=AFFINITY_CONNECTIONS, timeout_s=3.0))
+    assert set(spread) == {b.name for b in lab.backends}, spread
+
+
 def test_backends_see_the_real_client_address(lab: Lab) -> None:
     add_http_vip(lab, lab.backends)
     results = lab.http_requests(lab.vip, lab.http_port, count=20, timeout_s=3.0)

@@ -46,7 +46,20 @@ def run(fake: Any, *args: str):
 def test_vip_add_parses_address_and_default_proto(fake):
     result = run(fake, "vip", "add", "10.0.0.10:80")
     assert result.exit_code == 0, result.output
-    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False)
+    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "flow")
+
+
+def test_vip_add_passes_client_affinity(fake):
+    result = run(fake, "vip", "add", "10.0.0.10:80", "--affinity", "client")
+    assert result.exit_code == 0, result.output
+    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "client")
+
+
+def test_vip_add_refuses_an_unknown_affinity_before_the_balancer(fake):
+    result = run(fake, "vip", "add", "10.0.0.10:80", "--affinity", "source")
+    assert result.exit_code == 2
+    assert "'source' is not one of 'flow', 'client'" in result.output
+    fake.vip_add.assert_not_called()
 
 
 def test_backend_add_passes_weight_and_udp_proto(fake):

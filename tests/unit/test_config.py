@@ -145,12 +145,22 @@ def test_missing_vip_key():
     assert msg.startswith("lb.yaml:2: vips[0].vip: required key missing; hint: add 'vip'")
 
 
-@pytest.mark.parametrize("key, value", [("forwarding", "dsr"), ("forwarding", "fullnat"),
-                                        ("affinity", "client")])
+@pytest.mark.parametrize("key, value", [("forwarding", "dsr"), ("forwarding", "fullnat")])
 def test_planned_values_are_refused_as_not_supported_yet(key: str, value: str):
     base = {"mode": "l4", "forwarding": "nat", "affinity": "flow"}[key]
     msg = refused(GOOD.replace(f"{key}: {base}", f"{key}: {value}"))
     assert f"vips[0].{key}: {key} '{value}' is not supported yet" in msg
+
+
+def test_affinity_client_reaches_the_vips_spec_and_flow_is_the_default():
+    state = load(GOOD.replace("affinity: flow", "affinity: client"))
+    assert state.vips[Endpoint("10.0.0.10", 80, "tcp")].spec.affinity == "client"
+    assert state.vips[Endpoint("10.0.0.10", 53, "udp")].spec.affinity == "flow"
+
+
+def test_unknown_affinity_value_names_both_choices():
+    msg = refused(GOOD.replace("affinity: flow", "affinity: source"))
+    assert "vips[0].affinity: unknown affinity 'source'; use flow or client" in msg
 
 
 def test_unknown_mode_value():
@@ -188,8 +198,9 @@ def test_missing_file(tmp_path):
         load_file(str(tmp_path / "nope.yaml"))
 
 
-def test_dump_loads_back_to_the_same_state():
-    state = load(GOOD)
+@pytest.mark.parametrize("affinity", ["flow", "client"])
+def test_dump_loads_back_to_the_same_state(affinity: str):
+    state = load(GOOD.replace("affinity: flow", f"affinity: {affinity}"))
     again = load(dump(list(state.interfaces), state.xdp_mode, state.vips))
     assert again.vips == state.vips
     assert (again.interfaces, again.xdp_mode) == (state.interfaces, state.xdp_mode)

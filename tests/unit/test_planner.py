@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
 from lbctl import planner
 from lbctl.model import BackendSpec, VipSpec, parse_endpoint, with_backend
-from xdp.codec import NO_BACKEND
+from xdp.codec import NO_BACKEND, VIP_F_CLIENT_AFFINITY
 from xdp.errors import MapFullError
 from xdp.limits import Limits
 
@@ -24,9 +25,9 @@ class Recorder:
         self.backend_entries: dict = {}
         self.rings: dict = {}
 
-    def put_vip(self, vip, vip_id, gen, count):
+    def put_vip(self, vip, vip_id, gen, count, flags=0):
         self.log.append(("put_vip", vip_id, gen))
-        self.vip_entries[vip] = (vip_id, gen, count)
+        self.vip_entries[vip] = (vip_id, gen, count, flags)
 
     def delete_vip(self, vip):
         self.log.append(("delete_vip", vip))
@@ -54,8 +55,8 @@ class Recorder:
     # read side, as LbMaps offers it
     def vips(self):
         class Meta:
-            def __init__(self, vid, gen, cnt):
-                self.vip_id, self.ring_generation, self.backend_count = vid, gen, cnt
+            def __init__(self, vid, gen, cnt, flags):
+                self.vip_id, self.ring_generation, self.backend_count, self.flags = vid, gen, cnt, flags
         return {v: Meta(*e) for v, e in self.vip_entries.items()}
 
     def backends(self):
@@ -251,3 +252,21 @@ def test_running_out_of_ids_because_flows_hold_them_says_so():
     with pytest.raises(MapFullError, match="live flows"):
         planner.plan(live, {VIP: with_backend(keep, BackendSpec("10.0.2.1", 80))}, SMALL,
                      busy_backend_ids=lambda: ids)
+
+
+def test_affinity_is_written_in_the_vip_entry_and_read_back():
+    maps = Recorder()
+    change(maps, {VIP: replace(three(), affinity="client")})
+    assert maps.vip_entries[VIP][3] == VIP_F_CLIENT_AFFINITY
+    assert planner.read_live(maps)[VIP].spec.affinity == "client"
+
+
+def test_an_affinity_change_rewrites_only_the_vip_entry_and_says_so():
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    maps.log.clear()
+    p = change(maps, {VIP: replace(three(), affinity="client")})
+    assert p.describe() == [f"~ vip {VIP} (tcp)", "  affinity flow->client"]
+    assert maps.log == [("put_vip", 0, 0)]         # same ring, same backends: one write
+    assert maps.vip_entries[VIP][3] == VIP_F_CLIENT_AFFINITY
+    assert change(maps, {VIP: replace(three(), affinity="client")}).empty
