@@ -2,7 +2,9 @@
 share of slots moved) -> apply in an order where a packet never sees a half-made change."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +30,9 @@ class LiveVip:
     vip_id: int
     ring_generation: int
     backend_ids: dict[str, int]        # backend name -> id in backends[]
+    # Reads the live ring (backend id per slot) from the maps when a plan needs it; without
+    # it the planner rebuilds the ring from `spec`, which costs as much as the new ring.
+    read_ring: Callable[[], Sequence[int]] | None = field(default=None, compare=False, repr=False)
 
 
 LiveState = dict[Endpoint, LiveVip]
@@ -101,9 +106,10 @@ class Plan:
         return [line for c in self.changes for line in c.describe()]
 
 
-def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> tuple[list[str | None], list[str]]:
-    """The VIP's Maglev ring by backend name (None: empty slot), and the active backends whose
-    share rounded to no slot. Only active backends take slots."""
+def _ring_ids(spec: VipSpec | None, backend_ids: dict[str, int], ring_size: int,
+              seed: int) -> tuple[list[int], list[str]]:
+    """The VIP's Maglev ring by backend id (NO_BACKEND: empty slot), and the active backends
+    whose share rounded to no slot. Only active backends take slots."""
     members = [b for b in (spec.backends if spec else ()) if b.in_ring]
     ring_members = [MaglevBackend(b.name, b.weight) for b in members]
     try:
@@ -111,10 +117,24 @@ def _ring_names(spec: VipSpec | None, ring_size: int, seed: int) -> tuple[list[s
     except MaglevError as exc:
         where = f" of VIP {spec.vip}" if spec else ""
         raise ConfigError(f"cannot build the ring{where}: {exc}") from exc
-    # Names looked up per slot, not formatted per slot: 65537 f-strings were half a change's cost.
-    names: list[str | None] = [m.name for m in ring_members]
-    names.append(None)       # index -1 (EMPTY_SLOT) lands here
-    return [names[i] for i in ring], unplaced_backends(ring_members, ring)
+    # One lookup per slot into a list indexed like the ring: 65537 names looked up in a dict,
+    # or formatted, were a quarter of a change's cost.
+    ids = [backend_ids[m.name] for m in ring_members]
+    ids.append(NO_BACKEND)       # index -1 (EMPTY_SLOT) lands here
+    return list(map(ids.__getitem__, ring)), unplaced_backends(ring_members, ring)
+
+
+def _live_ring(lv: LiveVip, ring_size: int, seed: int) -> Sequence[int]:
+    """The ring the data plane uses for `lv`: read from the maps when the live state can, or
+    rebuilt from its spec (the same ring, as every node computes the same one)."""
+    if lv.read_ring is not None:
+        try:
+            ring = lv.read_ring()
+        except (OSError, KeyError):
+            ring = ()      # maps closed or unreadable: rebuild instead
+        if len(ring) == ring_size:
+            return ring
+    return _ring_ids(lv.spec, lv.backend_ids, ring_size, seed)[0]
 
 
 def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0,
@@ -181,8 +201,9 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
                 bid = take_backend_id(b.name)
                 change.backend_ids[b.name] = bid
                 change.new_backend_ids[b.name] = bid
-        new_ring, unplaced = _ring_names(new, limits.ring_size, seed)
-        old_ring, _ = _ring_names(lv.spec if lv else None, limits.ring_size, seed)
+        # Ids, not names, compare rings: a kept backend keeps its id, and no id freed by this
+        # plan is handed out in it, so a slot's id changes exactly when its backend does.
+        new_ring, unplaced = _ring_ids(new, change.backend_ids, limits.ring_size, seed)
         total_weight = sum(b.weight for b in new.backends if b.in_ring)
         for name in unplaced:
             weight = next(b.weight for b in new.backends if b.name == name)
@@ -190,9 +211,11 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
                 f"backend {name} of VIP {vip} gets no ring slot (weight {weight} of {total_weight} "
                 f"is {limits.ring_size * weight / total_weight:.2f} of {limits.ring_size} slots), so "
                 f"it receives no new connections; hint: raise its weight or lower the others'")
-        change.ring_changed = lv is None or new_ring != old_ring
-        change.moved_slots = sum(1 for a, b in zip(old_ring, new_ring) if a != b) if lv else 0
-        change.ring = [change.backend_ids[n] if n is not None else NO_BACKEND for n in new_ring]
+        if lv is not None:
+            old_ring = _live_ring(lv, limits.ring_size, seed)
+            change.moved_slots = sum(map(operator.ne, old_ring, new_ring))
+        change.ring_changed = lv is None or change.moved_slots > 0
+        change.ring = new_ring
         changes.append(change)
     return Plan(changes)
 
@@ -262,6 +285,9 @@ def read_live(maps) -> LiveState:
         recs = by_vip_id.get(meta.vip_id, [])
         specs = tuple(sorted((BackendSpec(r.addr, r.port, r.weight, r.state) for r in recs),
                              key=lambda b: (b.addr, b.port)))
+        reader = getattr(maps, "read_ring", None)
         live[vip] = LiveVip(VipSpec(vip, specs, affinity_of(meta.flags)), meta.vip_id, meta.ring_generation,
-                            {f"{r.addr}:{r.port}": r.backend_id for r in recs})
+                            {f"{r.addr}:{r.port}": r.backend_id for r in recs},
+                            functools.partial(reader, meta.vip_id, meta.ring_generation)
+                            if reader is not None else None)
     return live

@@ -546,6 +546,26 @@ def map_lookup_batch(
     return _read_batches("bpf_map_lookup_batch", fd, key_size, value_size, batch_entries)
 
 
+def map_lookup_array_range(fd: int, first: int, count: int, value_size: int) -> bytes:
+    """Values of array-map entries first .. first + count - 1, packed, in one
+    bpf_map_lookup_batch: an array's resume token is the key before the first one wanted."""
+    token = None if first == 0 else ctypes.create_string_buffer(
+        (first - 1).to_bytes(4, sys.byteorder), 8)
+    out_token = ctypes.create_string_buffer(8)
+    keys = ctypes.create_string_buffer(4 * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    done = ctypes.c_uint32(count)
+    opts = _MapBatchOpts(sz=ctypes.sizeof(_MapBatchOpts))
+    _, err = _call("bpf_map_lookup_batch", fd, token, out_token, keys, values,
+                   ctypes.byref(done), ctypes.byref(opts))
+    if err and err != errno_codes.ENOENT:
+        _raise(err, "bpf_map_lookup_batch", _describe_fd(fd, "map"))
+    if done.value != count:
+        raise BpfError(errno_codes.ENOENT, "bpf_map_lookup_batch", _describe_fd(fd, "map"),
+                       f"read {done.value} of {count} entries from key {first}")
+    return values.raw
+
+
 def map_lookup_and_delete_batch(
     fd: int, key_size: int, value_size: int, batch_entries: int = 4096
 ) -> Iterator[tuple[bytes, bytes]]:

@@ -214,6 +214,16 @@ class LbMaps:
         return [int.from_bytes(table.lookup(codec.encode_u32(i)) or bytes(4), "little")
                 for i in range(base, base + self.limits.ring_size)]
 
+    def read_ring(self, vip_id: int, generation: int) -> array[int]:
+        """One whole ring (backend id per slot) in a single batch syscall: what the data plane
+        uses now, so a plan need not rebuild the old ring to count the slots a change moves."""
+        size = self.limits.ring_size
+        raw = libbpf.map_lookup_array_range(self["rings"].fd, self.ring_base(vip_id, generation),
+                                            size, 4)
+        ring = array("I")
+        ring.frombytes(raw)
+        return ring
+
     # -- flows ------------------------------------------------------------------------------
     def flows(self) -> Iterator[codec.FlowRecord]:
         for key, raw in self["flows"].items():

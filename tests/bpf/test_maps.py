@@ -89,3 +89,14 @@ def test_flush_flows_empties_every_tracking_table_and_counts_the_flows(maps: LbM
     for name in ("flows", "rnat", "frags"):
         assert list(maps[name].items()) == [], name
     assert maps.flush_flows() == 0
+
+
+def test_read_ring_returns_the_ring_written_to_that_vip_and_generation(maps: LbMaps) -> None:
+    # The planner counts the slots a change moves against this read: a ring read from the
+    # wrong offset (another VIP's, the idle generation) would misreport every change.
+    size = maps.limits.ring_size
+    rings = {(0, 0): [7] * size, (0, 1): list(range(size)), (1, 0): [(i * 3) % 11 for i in range(size)]}
+    for (vip_id, generation), ring in rings.items():
+        maps.write_ring(vip_id, generation, ring)
+    for (vip_id, generation), ring in rings.items():
+        assert list(maps.read_ring(vip_id, generation)) == ring

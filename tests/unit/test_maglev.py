@@ -24,6 +24,10 @@ from lbctl.maglev import (
 
 SMALL_PRIME_RING_SIZE = 251
 
+# blake2b-128 of the rings of _random_weighted_sets(), slot by slot by backend name, as the
+# builder of 2026-12-01 (commit 176a8d0) made them.
+PINNED_RANDOM_SETS_DIGEST = "9d0809af68f5e972a80064accd2710c5"
+
 
 def equal_backends(count: int) -> list[MaglevBackend]:
     return [MaglevBackend(f"10.0.1.{host}:8080") for host in range(1, count + 1)]
@@ -293,3 +297,33 @@ def test_is_prime_agrees_with_a_sieve() -> None:
 def test_seed_outside_64_bits_is_refused(seed: int) -> None:
     with pytest.raises(MaglevError, match="seed"):
         build_ring(equal_backends(3), seed=seed)
+
+
+def _random_weighted_sets() -> list[tuple[list[MaglevBackend], int]]:
+    """Weighted backend sets of every shape a VIP can have: 1 to 400 backends, weights 1 to
+    MAX_WEIGHT (sums past the ring included), a few seeds; fixed by the RNG's own seed."""
+    rng = random.Random(20261201)
+    sets = []
+    for case in range(24):
+        count = rng.choice([1, 2, 3, 7, 10, 31, 100, 257, 400])
+        top = rng.choice([1, 3, 10, MAX_WEIGHT])
+        backends = [MaglevBackend(f"10.{case}.{i // 250}.{i % 250 + 1}:{rng.randint(1, 65535)}",
+                                  rng.randint(1, top)) for i in range(count)]
+        sets.append((backends, rng.randint(0, 3)))
+    return sets
+
+
+def test_rings_of_random_weighted_sets_match_their_pinned_fingerprint() -> None:
+    # Every node, and every lbctl version, must compute the same ring for the same backends:
+    # a faster builder has to reproduce these rings slot for slot (a changed slot remaps
+    # flows on upgrade and makes mixed-version nodes disagree). The digest covers each slot's
+    # backend NAME, so it also pins the independence from list order.
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for backends, seed in _random_weighted_sets():
+        ring = build_ring(backends, DEFAULT_RING_SIZE, seed)
+        names = [b.name for b in backends]
+        digest.update("\n".join(names[i] for i in ring).encode())
+        digest.update(b"\0")
+    assert digest.hexdigest() == PINNED_RANDOM_SETS_DIGEST

@@ -270,3 +270,39 @@ def test_an_affinity_change_rewrites_only_the_vip_entry_and_says_so():
     assert maps.log == [("put_vip", 0, 0)]         # same ring, same backends: one write
     assert maps.vip_entries[VIP][3] == VIP_F_CLIENT_AFFINITY
     assert change(maps, {VIP: replace(three(), affinity="client")}).empty
+
+
+class RingRecorder(Recorder):
+    """A Recorder that, as LbMaps does, lets the plan read the live ring back."""
+
+    def read_ring(self, vip_id, gen):
+        return self.rings[(vip_id, gen)]
+
+
+def test_slots_moved_are_counted_against_the_ring_the_maps_hold() -> None:
+    maps = RingRecorder()
+    backends = tuple(BackendSpec(f"10.0.1.{i}", 80) for i in range(1, 5))
+    change(maps, {VIP: VipSpec(VIP, backends)})
+    vip_id, gen = maps.vip_entries[VIP][:2]
+    # A ring unlike the one the spec gives (as an older lbctl, or another seed, may have
+    # written): every slot on the first backend. The plan must report what really moves.
+    first_id = min(maps.backend_entries)
+    maps.rings[(vip_id, gen)] = [first_id] * SMALL.ring_size
+    grown = with_backend(VipSpec(VIP, backends), BackendSpec("10.0.1.9", 80))
+    p = change(maps, {VIP: grown})
+    new_ring = maps.rings[(vip_id, gen ^ 1)]
+    assert p.changes[0].moved_slots == sum(1 for slot in new_ring if slot != first_id)
+    assert p.changes[0].moved_slots > SMALL.ring_size // 2
+
+
+def test_slots_moved_read_from_the_maps_equal_those_of_rebuilt_rings() -> None:
+    # With and without a live ring to read, the same change reports the same slots moved.
+    backends = tuple(BackendSpec(f"10.0.1.{i}", 80, weight=i) for i in range(1, 7))
+    counts = []
+    for maps in (Recorder(), RingRecorder()):
+        change(maps, {VIP: VipSpec(VIP, backends)})
+        p = change(maps, {VIP: VipSpec(VIP, backends[1:])})
+        counts.append(p.changes[0].moved_slots)
+    assert counts[0] == counts[1] > 0
+    # Removing the weight-1 backend of 21 moves about its share of the ring.
+    assert counts[0] >= SMALL.ring_size // 21 - 2
