@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ DEFAULT_RING_SIZE = DEFAULT_LIMITS.ring_size
 # relative: when their sum exceeds the ring size the ring fills within one round of turns and
 # each backend still gets its share within about one slot.
 MAX_WEIGHT = 1000
+
+# The fill's last _TAIL_SLOTS slots are found by a search over the free slots instead of by
+# walking: there a walk tries hundreds of taken slots per turn, more than the search costs.
+_TAIL_SLOTS = 128
 
 # The slot value for "no backend", seen only when the ring is built from no backends.
 EMPTY_SLOT = -1
@@ -153,6 +158,7 @@ def build_ring(
     seed_key = seed.to_bytes(_SEED_BYTES, "little")
     # next_slot[i] is the next slot backend i would try: its permutation entry for the
     # current j, kept as a running position so the hot loop adds instead of multiplying.
+    # Every slot backend i's walk passed before next_slot[i] is taken, and stays taken.
     next_slot: list[int] = []
     skips: list[int] = []
     for backend in backends:
@@ -160,26 +166,52 @@ def build_ring(
         next_slot.append(offset)
         skips.append(skip)
 
-    turns = _turn_order(backends, ring_size)
+    turns = itertools.cycle(_turn_order(backends, ring_size))
+    taken = bytearray(ring_size)
     slots_left = ring_size
-    # Hot loop: about 2 probes per slot with few backends, about 10 with a hundred; locals
-    # only, and a conditional subtract instead of % keeps CPython's cost per probe low.
-    while True:
+    # The walk tries about ring_size / slots_left slots per turn, so most of its probes fall
+    # at the very end (100 backends, 65537 slots: 348,000 of 576,000 in the last 1%). Until then, slot by slot: locals only, and a conditional subtract instead of %.
+    tail_from = min(_TAIL_SLOTS, ring_size)
+    if slots_left > tail_from:
         for index in turns:
             slot = next_slot[index]
             skip = skips[index]
-            while ring[slot] != EMPTY_SLOT:
+            while taken[slot]:
                 slot += skip
                 if slot >= ring_size:
                     slot -= ring_size
+            taken[slot] = 1
             ring[slot] = index
             slot += skip
-            if slot >= ring_size:
-                slot -= ring_size
-            next_slot[index] = slot
+            next_slot[index] = slot - ring_size if slot >= ring_size else slot
             slots_left -= 1
-            if not slots_left:
-                return ring
+            if slots_left == tail_from:
+                break
+
+    # The tail: backend i's walk reaches slot s after (s - next_slot[i]) / skip_i steps
+    # (mod ring_size; skip_i is invertible as ring_size is prime), so the first free slot it
+    # would find is the free slot with the fewest steps: one pass over the few free slots
+    # instead of hundreds of probes. Same slot as the walk, so the same ring.
+    free: list[int] = []
+    slot = taken.find(0)
+    while slot != -1:
+        free.append(slot)
+        slot = taken.find(0, slot + 1)
+    inverse_skips: dict[int, int] = {}
+    for index in turns:
+        inverse = inverse_skips.get(index)
+        if inverse is None:
+            inverse = inverse_skips[index] = pow(skips[index], -1, ring_size)
+        start = next_slot[index]
+        slot = min(free, key=lambda s, start=start, inverse=inverse: (s - start) * inverse % ring_size)
+        free.remove(slot)
+        ring[slot] = index
+        slot += skips[index]
+        next_slot[index] = slot - ring_size if slot >= ring_size else slot
+        slots_left -= 1
+        if not slots_left:
+            return ring
+    raise AssertionError("unreachable: the turns cycle forever")
 
 
 def slot_moves(

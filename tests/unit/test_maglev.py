@@ -24,9 +24,10 @@ from lbctl.maglev import (
 
 SMALL_PRIME_RING_SIZE = 251
 
-# blake2b-128 of the rings of _random_weighted_sets(), slot by slot by backend name, as the
-# builder of 2026-12-01 (commit 176a8d0) made them.
+# blake2b-128 of rings of random weighted sets, slot by slot by backend name, as the
+# slot-by-slot walk of 2026-12-01 (commit 176a8d0) made them.
 PINNED_RANDOM_SETS_DIGEST = "9d0809af68f5e972a80064accd2710c5"
+PINNED_SMALL_RINGS_DIGEST = "843c068bd48294e9dc30ad5ca1dc0732"
 
 
 def equal_backends(count: int) -> list[MaglevBackend]:
@@ -311,6 +312,30 @@ def _random_weighted_sets() -> list[tuple[list[MaglevBackend], int]]:
                                   rng.randint(1, top)) for i in range(count)]
         sets.append((backends, rng.randint(0, 3)))
     return sets
+
+
+def _ring_digest(sets: list[tuple[list[MaglevBackend], int, int]]) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for backends, ring_size, seed in sets:
+        names = [b.name for b in backends]
+        digest.update("\n".join(names[i] for i in build_ring(backends, ring_size, seed)).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def test_small_rings_of_random_weighted_sets_match_their_pinned_fingerprint() -> None:
+    # Small prime rings, often with more weight than slots: the end of the fill, where the
+    # builder searches the free slots instead of walking, is all of such a ring.
+    rng = random.Random(1201)
+    sets = []
+    for case in range(60):
+        ring_size = rng.choice([2, 3, 7, 13, 127, 131, 251, 1009])
+        backends = [MaglevBackend(f"b{case}-{i}", rng.randint(1, rng.choice([1, 4, MAX_WEIGHT])))
+                    for i in range(rng.randint(1, 40))]
+        sets.append((backends, ring_size, rng.randint(0, 3)))
+    assert _ring_digest(sets) == PINNED_SMALL_RINGS_DIGEST
 
 
 def test_rings_of_random_weighted_sets_match_their_pinned_fingerprint() -> None:
