@@ -15,6 +15,7 @@
 #include "lb_fib.h"
 #include "lb_frag.h"
 #include "lb_icmp.h"
+#include "lb_trace.h"
 
 /* A client's packet of a live tracked flow: it goes to the flow's backend. */
 static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet *pkt,
@@ -111,7 +112,7 @@ static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *key
     return vips.lookup(&vk);
 }
 
-int xdp_lb(struct xdp_md *ctx)
+static __always_inline int lb_handle(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
@@ -166,4 +167,14 @@ int xdp_lb(struct xdp_md *ctx)
     if (!vip)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
     return lb_new_flow(ctx, &pkt, vip, now, bytes);
+}
+
+int xdp_lb(struct xdp_md *ctx)
+{
+    struct lb_trace_ctl *trace = lb_trace_on();
+    struct lb_trace_scratch *traced = trace ? lb_trace_begin(ctx, trace) : NULL;
+    int action = lb_handle(ctx);
+    if (traced)
+        lb_trace_end(ctx, trace, traced, action);
+    return action;
 }

@@ -692,6 +692,101 @@ def doctor(obj: Context, vip_addr: HostPort | None, proto: str, config_path: str
     sys.exit(0 if all(c.ok for c in checks) else 1)
 
 
+class AddrType(click.ParamType):
+    """An IPv4 address, or ADDR:PORT where a port is allowed."""
+
+    name = "ADDR"
+
+    def __init__(self, what: str, port: bool):
+        self.what, self.port = what, port
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int]:
+        import ipaddress  # noqa: PLC0415
+
+        text = str(value)
+        addr, sep, port = text.rpartition(":") if self.port and ":" in text else (text, "", "0")
+        try:
+            ipaddress.IPv4Address(addr)
+            number = int(port)
+            if not 0 <= number <= 65535 or (sep and number == 0):
+                raise ValueError
+        except ValueError:
+            form = "ADDR or ADDR:PORT" if self.port else "an IPv4 address"
+            raise InputError(f"{self.what} '{text}' is not {form}; hint: e.g. "
+                             f"{'10.0.1.11:8080' if self.port else '10.0.2.5'}", ctx=ctx, param=param) from None
+        return addr, number
+
+
+def trace_filter(vip_addr: HostPort | None, proto: str, client: tuple[str, int] | None,
+                 backend_addr: tuple[str, int] | None):
+    from xdp.tracing import Filter  # noqa: PLC0415
+
+    vip_ep = None if vip_addr is None else vip_addr.on(proto)
+    return Filter(vip=None if vip_ep is None else (vip_ep.addr, vip_ep.port, vip_ep.proto),
+                  client=None if client is None else client[0], backend=backend_addr)
+
+
+def _stale_note(run) -> None:
+    if run.stale_pid is not None:
+        click.echo(f"lbctl: note: tracing was left on by pid {run.stale_pid}, which is gone; "
+                   "turned it off", err=True)
+
+
+@main.command("trace", epilog=examples(
+    "lbctl trace                                   # every packet, until Ctrl-C",
+    "lbctl trace --vip 10.0.0.10:80 --count 20     # this VIP's next 20 packets",
+    "lbctl trace --client 10.0.2.5                 # one client, both directions",
+    "lbctl trace --backend 10.0.1.11:8080 --json   # one JSON object a line",
+))
+@click.option("--vip", "vip_addr", metavar="VIP:PORT", type=VIP, help="only this VIP's packets")
+@proto_option
+@click.option("--client", type=AddrType("client", port=False), help="only this client's packets")
+@click.option("--backend", "backend_addr", type=AddrType("backend", port=True),
+              help="only packets to or from this backend (ADDR or ADDR:PORT)")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="stop after N packets")
+@json_option
+@click.pass_obj
+def trace_cmd(obj: Context, vip_addr: HostPort | None, proto: str, client: tuple[str, int] | None,
+              backend_addr: tuple[str, int] | None, count: int | None, as_json: bool) -> None:
+    """The program's decisions live, one line a packet: interface, tuple in, outcome, tuple
+    out, backend. Tracing is off again when it stops (Ctrl-C or --count)."""
+    from lbctl import trace as tracemod  # noqa: PLC0415
+
+    def emit(event, backends) -> None:
+        if as_json:
+            click.echo(json.dumps(tracemod.as_dict(event, backends), sort_keys=True))
+        else:
+            click.echo(tracemod.line(event, backends))
+        sys.stdout.flush()
+
+    run = tracemod.run(obj.instance, trace_filter(vip_addr, proto, client, backend_addr), count, emit)
+    _stale_note(run)
+
+
+@main.command("capture", epilog=examples(
+    "lbctl capture -w lb.pcapng --count 100        # 100 packets, before and after the rewrite",
+    "lbctl capture -w web.pcapng --vip 10.0.0.10:80 # until Ctrl-C",
+    "tcpdump -r lb.pcapng -n                       # read it back",
+))
+@click.option("-w", "path", required=True, type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE", help="pcapng file to write (interface 'before' and 'after')")
+@click.option("--vip", "vip_addr", metavar="VIP:PORT", type=VIP, help="only this VIP's packets")
+@proto_option
+@click.option("--count", type=click.IntRange(min=1), default=None, help="stop after N packets")
+@click.pass_obj
+def capture_cmd(obj: Context, path: str, vip_addr: HostPort | None, proto: str, count: int | None) -> None:
+    """Writes the frames the XDP program sees, before and after its rewrite, as pcapng (the
+    first 128 bytes of each)."""
+    from lbctl import capture as capmod  # noqa: PLC0415
+    from xdp.balancer import Balancer, require_root  # noqa: PLC0415
+
+    require_root()
+    Balancer(obj.instance).maps().close()   # refused before the file is created
+    run = capmod.capture(obj.instance, path, trace_filter(vip_addr, proto, None, None), count)
+    _stale_note(run)
+    click.echo(f"{run.events} packets written to {path}", err=True)
+
+
 @main.group(epilog=examples("lbctl flows list --limit 20", "lbctl flows flush"))
 def flows() -> None:
     """Inspect or flush the connection-tracking table."""

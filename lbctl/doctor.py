@@ -18,6 +18,7 @@ from xdp.codec import Endpoint
 from xdp.errors import IncompatibleMapsError, NotAttachedError
 from xdp.limits import DEFAULT_LIMITS, Limits
 from xdp.modes import default_mode
+from xdp.tracing import TraceSwitch
 
 NETNS_DIR = "/var/run/netns"
 BPFFS = "/sys/fs/bpf"
@@ -69,6 +70,7 @@ def diagnose(instance: str, vip: Endpoint | None = None, config_path: str | None
     if vip is not None and vip not in live:
         raise ConflictError(f"no VIP {vip} ({vip.proto}); hint: 'lbctl vip list' shows the VIPs")
     chosen = {v: lv for v, lv in live.items() if vip is None or v == vip}
+    checks.append(_trace_flag(probe))
     checks += _tables(fill, limits)
     checks += _vip_backends(chosen)
     checks += _ring_shares(probe, chosen)
@@ -167,11 +169,13 @@ def _maps(probe: _Probe) -> tuple[Check, dict | None, list, dict[str, tuple[int,
             flows = list(maps.flows())
             frags = sum(1 for _ in maps["frags"].items())
             rings = {v: maps.ring(lv.vip_id, lv.ring_generation) for v, lv in live.items()}
+            stale_tracer = TraceSwitch(maps["trace_ctl"]).clear_stale()
     except (NotAttachedError, IncompatibleMapsError) as exc:
         text = str(exc)
         evidence, _, hint = text.partition("; hint: ")
         return Check("maps", "-", False, evidence, hint or "lbctl attach IFACE..."), None, [], {}
     probe.rings = rings  # type: ignore[attr-defined]
+    probe.stale_tracer = stale_tracer  # type: ignore[attr-defined]
     fill = {"flows": (len(flows), probe.limits.flow_table_size),
             "frags": (frags, probe.limits.frag_table_size)}
     return (Check("maps", "-", True, f"{probe.balancer.pin_dir}: every map has this build's layout"),
@@ -333,6 +337,15 @@ def _features(netns: str | None, ifname: str) -> dict[str, str]:
 
 def _xdp_on(netns: str | None, ifname: str) -> bool:
     return any("xdp" in link for link in _ip_json(["link", "show", "dev", ifname], netns))
+
+
+def _trace_flag(probe: _Probe) -> Check:
+    pid = getattr(probe, "stale_tracer", None)
+    if pid is None:
+        return Check("trace_off", "-", True, "tracing is off, or on for a tracer that runs")
+    return Check("trace_off", "-", False, f"tracing was left on by pid {pid}, which is gone (killed?): "
+                 "every packet paid for an event nobody read; doctor has turned it off",
+                 "nothing more: tracing is off now")
 
 
 # -- tables, VIPs and backends -----------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from xdp import codec, libbpf
+from xdp import codec, libbpf, tracing
 from xdp.errors import IncompatibleMapsError, MapFullError, NotAttachedError
 from xdp.libbpf import MapType
 from xdp.limits import DEFAULT_LIMITS, FLOW_STATES, OUTCOMES, PIN_ROOT, Limits
@@ -96,6 +96,10 @@ MAPS: dict[str, MapSpec] = {
                              attrgetter("max_backends")),
     "stats_global": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
                             lambda limits: len(limits.outcomes)),
+    # `lbctl trace` / `capture` (bpf_programs/lb_trace.h): the switch and filter, and the events.
+    "trace_ctl": MapSpec(ctypes.c_uint32, tracing.TraceCtl, MapType.ARRAY, lambda limits: 1),
+    "trace_events": MapSpec(tracing.NoValue, tracing.NoValue, MapType.RINGBUF,
+                            lambda limits: tracing.RING_BYTES),
 }
 
 # The tracking tables, each with the entry type that names its VIP.

@@ -42,7 +42,11 @@ def _clang_types(table: Any) -> tuple[Any, Any]:
     return table.Key, getattr(table, "sLeaf", table.Leaf)
 
 
-@pytest.mark.parametrize("map_name", sorted(MAPS))
+# A ring buffer has no keys or values (the kernel reports size 0); its events are checked below.
+KEYED_MAPS = sorted(name for name, spec in MAPS.items() if spec.map_type != libbpf.MapType.RINGBUF)
+
+
+@pytest.mark.parametrize("map_name", KEYED_MAPS)
 def test_codec_mirror_matches_clang_layout(lb_program: LoadedProgram, map_name: str) -> None:
     spec = MAPS[map_name]
     clang_key, clang_value = _clang_types(lb_program.bpf[map_name.encode()])  # type: ignore[index]
@@ -56,6 +60,20 @@ def test_map_table_has_the_type_and_size_the_program_declared(lb_program: Loaded
                                                                map_name: str) -> None:
     fd = lb_program.bpf[map_name.encode()].map_fd  # type: ignore[index]
     assert MapShape.of(libbpf.map_info(fd)) == MAPS[map_name].shape(DEFAULT_LIMITS)
+
+
+def test_trace_event_mirror_matches_clang_layout(lb_program: LoadedProgram) -> None:
+    """The events `lbctl trace` decodes are laid out as the program writes them (the per-CPU
+    scratch entry holds the event the program sends)."""
+    from xdp.tracing import TraceEvent, TraceTuple
+
+    scratch = _clang_types(lb_program.bpf[b"trace_scratch"])[1]  # type: ignore[index]
+    clang_event = dict((f[0], f[1]) for f in scratch._fields_)["ev"]
+    clang_tuple = dict((f[0], f[1]) for f in clang_event._fields_)["out"]
+    assert _layout(TraceTuple) == _layout(clang_tuple)
+    ours = _layout(TraceEvent)
+    # The mirror spells the C member `in` as `in_` (a Python keyword).
+    assert (ours[0], [(n.rstrip("_"), o, sz) for n, o, sz in ours[1]]) == _layout(clang_event)
 
 
 def test_every_map_the_program_pins_has_a_mirror(lb_program: LoadedProgram) -> None:

@@ -1,0 +1,275 @@
+/* lb_trace.h: `lbctl trace` and `lbctl capture`: while a tracer has switched it on, one event
+ * a packet (tuple in and out, outcome, backend, the frame's first bytes before and after the
+ * rewrite) into a ring buffer. Off, it costs the packet one array lookup and a branch. */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+
+#include "lb_consts.h"
+#include "lb_structs.h"
+#include "lb_maps.h"
+
+/* Bytes of each frame an event carries, before and after the rewrite: Ethernet, IPv4 with
+ * options and a TCP header with options fit, and the start of the payload. A power of two. */
+#ifndef LB_TRACE_SNAP_BYTES
+#define LB_TRACE_SNAP_BYTES 128
+#endif
+/* The ring buffer's size (a power of two pages): ~1500 events before a slow reader loses some. */
+#ifndef LB_TRACE_RING_BYTES
+#define LB_TRACE_RING_BYTES (512 * 1024)
+#endif
+
+/* What trace_ctl's one entry says. Written by the tracer; a zero `enabled` is off. */
+#define LB_TRACE_F_FRAMES 0x1   /* copy the frames' first bytes (capture) */
+
+/* What the event says happened, beyond the outcome counter it moved. */
+enum lb_trace_kind {
+    LB_TRACE_PASS = 0,          /* to the kernel untouched: the outcome says why */
+    LB_TRACE_NEW_FLOW = 1,      /* client -> VIP, backend picked by the ring */
+    LB_TRACE_FLOW_HIT = 2,      /* client -> VIP, backend from the flow table */
+    LB_TRACE_REVERSE_NAT = 3,   /* backend -> client, source rewritten to the VIP */
+    LB_TRACE_DROP = 4,          /* dropped: the outcome says why */
+    LB_TRACE_OTHER = 5,         /* rewritten another way (ICMP errors, later fragments) */
+};
+
+/* The outcome field when no outcome counter moved (cannot happen unless a path forgets). */
+#define LB_TRACE_NO_OUTCOME 0xffffffffU
+
+struct lb_trace_tuple {
+    __be32 src;
+    __be32 dst;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;             /* 0: not IPv4 */
+    __u8 pad[3];
+};
+
+struct lb_trace_ctl {
+    __u32 enabled;          /* the tracer's pid: `lbctl trace` clears it when that pid is gone */
+    __u32 flags;            /* LB_TRACE_F_* */
+    /* Filters; 0 matches anything. A VIP matches the destination a client's packet arrives
+     * with or the source a reply leaves with; a client either end of the original tuple; a
+     * backend the rewritten destination or a reply's source. */
+    __be32 vip_addr;
+    __be16 vip_port;
+    __u8 vip_proto;
+    __u8 pad0;
+    __be32 client_addr;
+    __be32 backend_addr;
+    __be16 backend_port;
+    __u16 pad1;
+};
+
+struct lb_trace_event {
+    __u64 ts_ns;            /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u32 ifindex;          /* where the frame arrived */
+    __u32 action;           /* XDP_* the program returned */
+    __u32 outcome;          /* enum lb_outcome, or LB_TRACE_NO_OUTCOME */
+    __u32 kind;             /* enum lb_trace_kind */
+    __u32 backend_id;       /* LB_NO_BACKEND when none */
+    __u32 frame_len;        /* the frame's length as it arrived */
+    struct lb_trace_tuple in;
+    struct lb_trace_tuple out;
+    __u16 before_len;       /* bytes valid in before[] (0: frames not asked for) */
+    __u16 after_len;
+    __u32 pad;
+    __u8 before[LB_TRACE_SNAP_BYTES];
+    __u8 after[LB_TRACE_SNAP_BYTES];
+};
+
+/* The packet being traced: the event in the making, each outcome counter's value before the
+ * program ran (the one that moved is the outcome), and the new-flow count of the VIP the
+ * packet is addressed to (moved: the ring picked a backend). */
+struct lb_trace_scratch {
+    struct lb_trace_event ev;
+    __u64 outcome_packets[LB_OUTCOME_MAX];
+    __u64 vip_new_flows;
+    __u32 vip_id;           /* LB_NO_BACKEND: not addressed to a VIP */
+    __u32 pad;
+};
+
+BPF_TABLE_PINNED("array", u32, struct lb_trace_ctl, trace_ctl, 1, LB_PIN_DIR "trace_ctl");
+/* bcc's BPF_RINGBUF_OUTPUT, pinned (bcc has no pinned form of it): the tracer is another
+ * process and finds the ring by its path. */
+struct trace_events_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" LB_PIN_DIR "trace_events")))
+struct trace_events_table_t trace_events = { .max_entries = LB_TRACE_RING_BYTES };
+/* Per-CPU, not pinned: an event is built and sent within one run of the program. */
+BPF_PERCPU_ARRAY(trace_scratch, struct lb_trace_scratch, 1);
+
+/* The tracer's settings when tracing is on, else NULL: the only cost while off. */
+static __always_inline struct lb_trace_ctl *lb_trace_on(void)
+{
+    __u32 zero = 0;
+    struct lb_trace_ctl *tc = trace_ctl.lookup(&zero);
+    if (tc && tc->enabled)
+        return tc;
+    return NULL;
+}
+
+static __always_inline void lb_trace_tuple_of(struct xdp_md *ctx, struct lb_trace_tuple *t)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    __builtin_memset(t, 0, sizeof(*t));
+    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+        return;
+    t->src = ip->saddr;
+    t->dst = ip->daddr;
+    t->proto = ip->protocol;
+    /* Ports only where the L4 header is there: not in a later fragment. */
+    if (ip->frag_off & bpf_htons(0x1fff))
+        return;
+    if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+        return;
+    __be16 *ports = (void *)ip + ip->ihl * 4;
+    if ((void *)(ports + 2) > data_end)
+        return;
+    t->sport = ports[0];
+    t->dport = ports[1];
+}
+
+static __always_inline __u16 lb_trace_copy(struct xdp_md *ctx, __u8 *buf)
+{
+    __u64 len = ctx->data_end - ctx->data;
+    if (len >= LB_TRACE_SNAP_BYTES)
+        return bpf_xdp_load_bytes(ctx, 0, buf, LB_TRACE_SNAP_BYTES) < 0 ? 0 : LB_TRACE_SNAP_BYTES;
+    /* The verifier needs the length bounded in the register the call reads; the mask (a
+     * power of two less one) keeps a shorter frame's length, and the asm keeps clang from
+     * dropping it as redundant. */
+    asm volatile("%0 &= %1" : "+r"(len) : "i"(LB_TRACE_SNAP_BYTES - 1));
+    if (len < 1)
+        return 0;
+    return bpf_xdp_load_bytes(ctx, 0, buf, len) < 0 ? 0 : len;
+}
+
+/* Before the program decides: the tuple and frame as they arrived, the counters as they were. */
+static __always_inline struct lb_trace_scratch *lb_trace_begin(struct xdp_md *ctx,
+                                                                struct lb_trace_ctl *tc)
+{
+    /* `lbctl explain` asks with metadata in a test run: not traffic, not traced. */
+    if (ctx->data_meta != ctx->data)
+        return NULL;
+    __u32 zero = 0;
+    struct lb_trace_scratch *s = trace_scratch.lookup(&zero);
+    if (!s)
+        return NULL;
+    s->ev.ts_ns = bpf_ktime_get_ns();
+    s->ev.ifindex = ctx->ingress_ifindex;
+    s->ev.frame_len = ctx->data_end - ctx->data;
+    lb_trace_tuple_of(ctx, &s->ev.in);
+    s->ev.before_len = 0;
+    s->ev.after_len = 0;
+    if (tc->flags & LB_TRACE_F_FRAMES)
+        s->ev.before_len = lb_trace_copy(ctx, s->ev.before);
+#pragma unroll
+    for (__u32 i = 0; i < LB_OUTCOME_MAX; i++) {
+        __u32 key = i;
+        struct lb_counters *c = stats_global.lookup(&key);
+        s->outcome_packets[i] = c ? c->packets : 0;
+    }
+    s->vip_id = LB_NO_BACKEND;
+    s->vip_new_flows = 0;
+    struct vip_key vk = {};
+    vk.addr = s->ev.in.dst;
+    vk.port = s->ev.in.dport;
+    vk.proto = s->ev.in.proto;
+    struct vip_meta *vip = vips.lookup(&vk);
+    if (vip) {
+        __u32 vip_id = vip->vip_id;
+        struct lb_counters *c = stats_vip.lookup(&vip_id);
+        s->vip_id = vip_id;
+        s->vip_new_flows = c ? c->new_flows : 0;
+    }
+    return s;
+}
+
+static __always_inline int lb_trace_match(struct lb_trace_ctl *tc, struct lb_trace_event *ev,
+                                          int reply)
+{
+    if (tc->vip_addr) {
+        __be32 addr = reply ? ev->out.src : ev->in.dst;
+        __be16 port = reply ? ev->out.sport : ev->in.dport;
+        __u8 proto = reply ? ev->out.proto : ev->in.proto;
+        if (addr != tc->vip_addr || (tc->vip_port && port != tc->vip_port) ||
+            (tc->vip_proto && proto != tc->vip_proto))
+            return 0;
+    }
+    if (tc->client_addr && ev->in.src != tc->client_addr && ev->in.dst != tc->client_addr)
+        return 0;
+    if (tc->backend_addr) {
+        __be32 addr = reply ? ev->in.src : ev->out.dst;
+        __be16 port = reply ? ev->in.sport : ev->out.dport;
+        if (addr != tc->backend_addr || (tc->backend_port && port != tc->backend_port))
+            return 0;
+    }
+    return 1;
+}
+
+/* After the program decided: what it did, filtered, sent to the tracer. */
+static __always_inline void lb_trace_end(struct xdp_md *ctx, struct lb_trace_ctl *tc,
+                                         struct lb_trace_scratch *s, int action)
+{
+    struct lb_trace_event *ev = &s->ev;
+    ev->action = action;
+    ev->outcome = LB_TRACE_NO_OUTCOME;
+#pragma unroll
+    for (__u32 i = 0; i < LB_OUTCOME_MAX; i++) {
+        __u32 key = i;
+        struct lb_counters *c = stats_global.lookup(&key);
+        if (c && c->packets != s->outcome_packets[i])
+            ev->outcome = i;
+    }
+    if (action == XDP_TX || action == XDP_REDIRECT)
+        lb_trace_tuple_of(ctx, &ev->out);
+    else
+        ev->out = ev->in;
+
+    ev->backend_id = LB_NO_BACKEND;
+    int reply = 0;
+    if (action == XDP_DROP || action == XDP_ABORTED) {
+        ev->kind = LB_TRACE_DROP;
+    } else if (action == XDP_PASS) {
+        ev->kind = LB_TRACE_PASS;
+    } else {
+        struct flow_key key = {};
+        key.src = ev->in.src;
+        key.dst = ev->in.dst;
+        key.sport = ev->in.sport;
+        key.dport = ev->in.dport;
+        key.proto = ev->in.proto;
+        struct nat_entry *e = flows.lookup(&key);
+        if (e && ev->out.dst != ev->in.dst) {
+            __u32 vip_id = s->vip_id;
+            struct lb_counters *c = stats_vip.lookup(&vip_id);
+            ev->backend_id = e->backend_id;
+            ev->kind = c && c->new_flows != s->vip_new_flows ? LB_TRACE_NEW_FLOW : LB_TRACE_FLOW_HIT;
+        } else if (ev->out.src != ev->in.src && (e = rnat.lookup(&key))) {
+            ev->backend_id = e->backend_id;
+            ev->kind = LB_TRACE_REVERSE_NAT;
+            reply = 1;
+        } else {
+            ev->kind = LB_TRACE_OTHER;
+        }
+    }
+    if (!lb_trace_match(tc, ev, reply))
+        return;
+    if (tc->flags & LB_TRACE_F_FRAMES)
+        ev->after_len = action == XDP_TX || action == XDP_REDIRECT ? lb_trace_copy(ctx, ev->after) : 0;
+    trace_events.ringbuf_output(ev, sizeof(*ev), 0);
+}

@@ -1,0 +1,111 @@
+"""The program's trace switch, frame by frame through BPF_PROG_TEST_RUN: no event while off,
+one event a packet while on (tuple, outcome, the frame's first bytes when asked), and the
+filters (VIP, client, backend) applied in the program."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from lbctl.control import Controller
+from xdp import libbpf
+from xdp.codec import Endpoint
+from xdp.maps import LbMaps
+from xdp.program import LoadedProgram
+from xdp.tracing import SNAP_BYTES, Event, Filter, RingReader, TraceSwitch
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+
+EMPTY_VIP = Endpoint("10.10.7.1", 80, "tcp")      # a VIP without backends: its packets drop
+CLIENT = "10.10.1.100"
+
+
+def frame(src: str, dst: str, sport: int, dport: int, payload: bytes = b"") -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                 / IP(src=src, dst=dst, ttl=64) / TCP(sport=sport, dport=dport, flags="S") / payload)
+
+
+TO_VIP = frame(CLIENT, EMPTY_VIP.addr, 40000, 80, b"x" * 300)
+NOT_VIP = frame(CLIENT, "10.10.6.6", 40001, 80)
+OTHER_CLIENT_TO_VIP = frame("10.10.1.200", EMPTY_VIP.addr, 40002, 80)
+
+
+@dataclass(frozen=True)
+class Case:
+    description: str
+    filter: Filter | None          # None: tracing off
+    frames: tuple[bytes, ...]
+    expected: tuple[tuple[str, str, str], ...]   # (kind, counter, tuple in) an event
+
+
+CASES = [
+    Case("no event while tracing is off", None, (TO_VIP, NOT_VIP), ()),
+    Case("every packet while on without a filter", Filter(), (TO_VIP, NOT_VIP),
+         (("drop", "drop_no_backend", f"{CLIENT}:40000 -> 10.10.7.1:80 tcp"),
+          ("pass", "pass_not_vip", f"{CLIENT}:40001 -> 10.10.6.6:80 tcp"))),
+    Case("a VIP filter lets only that VIP's packets through", Filter(vip=("10.10.7.1", 80, "tcp")),
+         (NOT_VIP, TO_VIP), (("drop", "drop_no_backend", f"{CLIENT}:40000 -> 10.10.7.1:80 tcp"),)),
+    Case("a VIP filter with another port matches nothing", Filter(vip=("10.10.7.1", 81, "tcp")),
+         (NOT_VIP, TO_VIP), ()),
+    Case("a client filter drops other clients' packets", Filter(client="10.10.1.200"),
+         (TO_VIP, OTHER_CLIENT_TO_VIP, NOT_VIP),
+         (("drop", "drop_no_backend", "10.10.1.200:40002 -> 10.10.7.1:80 tcp"),)),
+    Case("a backend filter matches no dropped packet (none was sent to a backend)",
+         Filter(backend=("10.10.2.11", 0)), (TO_VIP, NOT_VIP), ()),
+]
+
+
+@pytest.fixture(scope="module")
+def traced(lb_program: LoadedProgram, lb_instance: str) -> Iterator[tuple[TraceSwitch, RingReader, list[Event]]]:
+    controller = Controller(lb_instance)
+    controller.vip_add(EMPTY_VIP, force=True)
+    events: list[Event] = []
+    maps = LbMaps(lb_program.pin_dir)
+    reader = RingReader(os.path.join(lb_program.pin_dir, "trace_events"),
+                        lambda raw: events.append(Event.decode(raw)))
+    switch = TraceSwitch(maps["trace_ctl"])
+    try:
+        yield switch, reader, events
+    finally:
+        switch.off()
+        reader.close()
+        maps.close()
+        controller.vip_del(EMPTY_VIP)
+
+
+def run_case(lb_program: LoadedProgram, traced, case: Case) -> list[Event]:
+    switch, reader, events = traced
+    reader.poll(0)
+    events.clear()
+    if case.filter is None:
+        switch.off()
+    else:
+        switch.on(case.filter)
+    try:
+        for f in case.frames:
+            libbpf.prog_test_run(lb_program.fd, f)
+    finally:
+        switch.off()
+    reader.poll(0)
+    return list(events)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
+def test_trace_case(lb_program: LoadedProgram, traced, case: Case) -> None:
+    events = run_case(lb_program, traced, case)
+    assert [(e.kind, e.outcome, str(e.tuple_in)) for e in events] == list(case.expected)
+
+
+def test_frames_carry_the_first_bytes_only_when_asked(lb_program: LoadedProgram, traced) -> None:
+    plain = run_case(lb_program, traced, Case("", Filter(), (TO_VIP,), ()))
+    assert [e.before for e in plain] == [b""]
+    framed = run_case(lb_program, traced, Case("", Filter(frames=True), (TO_VIP, NOT_VIP), ()))
+    assert [e.before for e in framed] == [TO_VIP[:SNAP_BYTES], NOT_VIP]
+    assert framed[0].frame_len == len(TO_VIP)
+    # Dropped and passed frames were not sent anywhere: nothing after.
+    assert [e.after for e in framed] == [b"", b""]
