@@ -68,8 +68,8 @@ def test_trace_event_mirror_matches_clang_layout(lb_program: LoadedProgram) -> N
     from xdp.tracing import TraceEvent, TraceTuple
 
     scratch = _clang_types(lb_program.bpf[b"trace_scratch"])[1]  # type: ignore[index]
-    clang_event = dict((f[0], f[1]) for f in scratch._fields_)["ev"]
-    clang_tuple = dict((f[0], f[1]) for f in clang_event._fields_)["out"]
+    clang_event = {f[0]: f[1] for f in scratch._fields_}["ev"]
+    clang_tuple = {f[0]: f[1] for f in clang_event._fields_}["out"]
     assert _layout(TraceTuple) == _layout(clang_tuple)
     ours = _layout(TraceEvent)
     # The mirror spells the C member `in` as `in_` (a Python keyword).
