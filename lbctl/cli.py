@@ -701,7 +701,7 @@ class AddrType(click.ParamType):
         self.what, self.port = what, port
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int]:
-        import ipaddress  # noqa: PLC0415
+        import ipaddress
 
         text = str(value)
         addr, sep, port = text.rpartition(":") if self.port and ":" in text else (text, "", "0")
@@ -719,7 +719,7 @@ class AddrType(click.ParamType):
 
 def trace_filter(vip_addr: HostPort | None, proto: str, client: tuple[str, int] | None,
                  backend_addr: tuple[str, int] | None):
-    from xdp.tracing import Filter  # noqa: PLC0415
+    from xdp.tracing import Filter
 
     vip_ep = None if vip_addr is None else vip_addr.on(proto)
     return Filter(vip=None if vip_ep is None else (vip_ep.addr, vip_ep.port, vip_ep.proto),
@@ -750,7 +750,7 @@ def trace_cmd(obj: Context, vip_addr: HostPort | None, proto: str, client: tuple
               backend_addr: tuple[str, int] | None, count: int | None, as_json: bool) -> None:
     """The program's decisions live, one line a packet: interface, tuple in, outcome, tuple
     out, backend. Tracing is off again when it stops (Ctrl-C or --count)."""
-    from lbctl import trace as tracemod  # noqa: PLC0415
+    from lbctl import trace as tracemod
 
     def emit(event, backends) -> None:
         if as_json:
@@ -777,8 +777,8 @@ def trace_cmd(obj: Context, vip_addr: HostPort | None, proto: str, client: tuple
 def capture_cmd(obj: Context, path: str, vip_addr: HostPort | None, proto: str, count: int | None) -> None:
     """Writes the frames the XDP program sees, before and after its rewrite, as pcapng (the
     first 128 bytes of each)."""
-    from lbctl import capture as capmod  # noqa: PLC0415
-    from xdp.balancer import Balancer, require_root  # noqa: PLC0415
+    from lbctl import capture as capmod
+    from xdp.balancer import Balancer, require_root
 
     require_root()
     Balancer(obj.instance).maps().close()   # refused before the file is created
