@@ -24,13 +24,18 @@ def lbctl(lab: Lab, *args: str, check: bool = True, timeout_s: float = 60.0) -> 
 
 
 @contextmanager
-def lab_up(letters: str, attach: bool = True) -> Iterator[Lab]:
-    """A lab with a unique prefix (letters + 4 hex digits), the balancer attached on both arms."""
+def lab_up(letters: str, attach: bool = True, http_vip: bool = False) -> Iterator[Lab]:
+    """A lab with a unique prefix (letters + 4 hex digits), the balancer attached on both arms;
+    with http_vip, also the lab's HTTP VIP with every backend (one change)."""
     lab = Lab(letters + secrets.token_hex(2))
     try:
         lab.up()
         if attach:
             lbctl(lab, "attach", *lab.lb_ifaces)
+        if http_vip:
+            vip = f"{lab.vip}:{lab.http_port}"
+            lbctl(lab, "vip", "add", vip)
+            lbctl(lab, "backend", "add", vip, *(f"{b.addr}:{lab.http_port}" for b in lab.backends))
         yield lab
     finally:
         lbctl(lab, "detach", "--all", "--purge", "--force", check=False)

@@ -23,11 +23,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds na
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with lab_up("dr") as the_lab:
-        vip = f"{the_lab.vip}:{the_lab.http_port}"
-        lbctl(the_lab, "vip", "add", vip)
-        for b in the_lab.backends:
-            lbctl(the_lab, "backend", "add", vip, f"{b.addr}:{the_lab.http_port}")
+    with lab_up("dr", http_vip=True) as the_lab:
         yield the_lab
 
 
