@@ -126,6 +126,16 @@ class Controller:
             return {v: s for v, s in config.items() if v != vip}
         return self.change(edit)
 
+    def ring_fingerprints(self) -> dict[str, str]:
+        """'VIP:PORT/proto' -> the fingerprint of the ring the data plane uses ({} without maps):
+        nodes holding the same backends show the same value."""
+        require_root()
+        if not os.path.isdir(self.balancer.pin_dir):
+            return {}
+        with self.balancer.maps() as maps:
+            fps = planner.ring_fingerprints(planner.read_live(maps), self.limits.ring_size, self.maglev_seed)
+        return {f"{vip}/{vip.proto}": fp for vip, fp in sorted(fps.items())}
+
     def vips(self) -> list[dict]:
         require_root()
         with self.balancer.maps() as maps:

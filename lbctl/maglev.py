@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -243,3 +244,24 @@ def unplaced_backends(backends: Sequence[MaglevBackend], ring: Sequence[int]) ->
     to zero slots, so they receive no new connections."""
     placed = set(ring)
     return [b.name for index, b in enumerate(backends) if index not in placed]
+
+
+def ring_fingerprint(slots: Sequence[int], names: Sequence[str]) -> str:
+    """A short digest of a ring as backend NAMES per slot: `slots[i]` indexes `names` (EMPTY_SLOT:
+    no backend). Two nodes whose rings send every slot to the same backend show the same
+    fingerprint whatever order or ids they hold their backends by, so a mismatch between
+    nodes (another weight, a backend missing, another seed) is visible at a glance.
+
+    The one function for it: `lbctl status`, `lbctl cluster status` and the node records in
+    etcd all show this value."""
+    ordered = sorted(names)
+    if len(set(ordered)) != len(ordered):
+        raise MaglevError("cannot fingerprint a ring whose backend names repeat")
+    rank_of = {name: rank for rank, name in enumerate(ordered)}
+    # Index -1 (EMPTY_SLOT) lands on the last entry: a value no rank can take.
+    ranks = [rank_of[name] for name in names] + [0xFFFFFFFF]
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update("\n".join(ordered).encode())
+    digest.update(b"\0")
+    digest.update(array("I", map(ranks.__getitem__, slots)).tobytes())
+    return digest.hexdigest()

@@ -11,9 +11,11 @@ from typing import Protocol
 from lbctl.errors import ConfigError
 from lbctl.maglev import (
     DEFAULT_RING_SIZE,
+    EMPTY_SLOT,
     MaglevBackend,
     MaglevError,
     build_ring,
+    ring_fingerprint,
     unplaced_backends,
 )
 from lbctl.model import BackendSpec, Config, VipSpec
@@ -291,3 +293,22 @@ def read_live(maps) -> LiveState:
                             functools.partial(reader, meta.vip_id, meta.ring_generation)
                             if reader is not None else None)
     return live
+
+
+def ring_fingerprints(live: LiveState, ring_size: int = DEFAULT_RING_SIZE, seed: int = 0) -> dict[Endpoint, str]:
+    """Each VIP's ring fingerprint (maglev.ring_fingerprint) from the ring the data plane uses:
+    backend ids are this node's own numbering, so slots are translated to backend names."""
+    out = {}
+    for vip, lv in live.items():
+        names = list(lv.backend_ids)
+        index_of = {bid: i for i, bid in enumerate(lv.backend_ids.values())}
+        index_of[NO_BACKEND] = EMPTY_SLOT
+        ring = _live_ring(lv, ring_size, seed)
+        try:
+            slots = list(map(index_of.__getitem__, ring))
+        except KeyError:
+            # A slot naming a backend id the VIP does not hold: not a ring any node can match.
+            out[vip] = "corrupt"
+            continue
+        out[vip] = ring_fingerprint(slots, names)
+    return out

@@ -18,6 +18,7 @@ from lbctl.maglev import (
     MaglevError,
     build_ring,
     is_prime,
+    ring_fingerprint,
     slot_moves,
     unplaced_backends,
 )
@@ -352,3 +353,18 @@ def test_rings_of_random_weighted_sets_match_their_pinned_fingerprint() -> None:
         digest.update("\n".join(names[i] for i in ring).encode())
         digest.update(b"\0")
     assert digest.hexdigest() == PINNED_RANDOM_SETS_DIGEST
+
+
+def test_ring_fingerprint_names_the_backend_per_slot_not_the_order_given():
+    names = ["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80"]
+    ring = build_ring([MaglevBackend(n) for n in names], SMALL_PRIME_RING_SIZE)
+    shuffled = [names[2], names[0], names[1]]
+    ring2 = build_ring([MaglevBackend(n) for n in shuffled], SMALL_PRIME_RING_SIZE)
+    assert ring != ring2   # other indices ...
+    assert ring_fingerprint(ring, names) == ring_fingerprint(ring2, shuffled)   # ... same ring
+    moved = list(ring)
+    moved[0] = (moved[0] + 1) % 3
+    assert ring_fingerprint(moved, names) != ring_fingerprint(ring, names)
+    assert len(ring_fingerprint(ring, names)) == 16
+    empty = build_ring([], SMALL_PRIME_RING_SIZE)
+    assert ring_fingerprint(empty, []) != ring_fingerprint(ring, names)

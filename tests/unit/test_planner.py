@@ -306,3 +306,39 @@ def test_slots_moved_read_from_the_maps_equal_those_of_rebuilt_rings() -> None:
     assert counts[0] == counts[1] > 0
     # Removing the weight-1 backend of 21 moves about its share of the ring.
     assert counts[0] >= SMALL.ring_size // 21 - 2
+
+
+class RingReader(Recorder):
+    """Also reads rings back, as LbMaps.read_ring does: the fingerprint sees the written ring."""
+
+    def read_ring(self, vip_id, gen):
+        return self.rings[(vip_id, gen)]
+
+
+def test_nodes_with_the_same_backends_show_one_ring_fingerprint_whatever_their_ids():
+    # Node b met another VIP and the backends in another order first: other ids, same rings.
+    a, b = RingReader(), RingReader()
+    change(a, {VIP: three()})
+    other = parse_endpoint("10.0.0.20:80")
+    change(b, {other: VipSpec(other, (BackendSpec("10.0.9.9", 80, 1, "active"),)),
+               VIP: spec(("10.0.1.3", 80, 1, "active"))})
+    change(b, {VIP: three()})
+    assert planner.read_live(a)[VIP].backend_ids != planner.read_live(b)[VIP].backend_ids
+    fp_a = planner.ring_fingerprints(planner.read_live(a), SMALL.ring_size)[VIP]
+    assert fp_a == planner.ring_fingerprints(planner.read_live(b), SMALL.ring_size)[VIP]
+    # A node with another weight, or a backend drained, shows another value.
+    change(b, {VIP: spec(("10.0.1.1", 80, 2, "active"), ("10.0.1.2", 80, 1, "active"),
+                         ("10.0.1.3", 80, 1, "active"))})
+    assert planner.ring_fingerprints(planner.read_live(b), SMALL.ring_size)[VIP] != fp_a
+    change(b, {VIP: three("drain")})
+    assert planner.ring_fingerprints(planner.read_live(b), SMALL.ring_size)[VIP] != fp_a
+
+
+def test_a_ring_slot_naming_an_unknown_backend_is_shown_as_corrupt():
+    maps = RingReader()
+    change(maps, {VIP: three()})
+    ring = next(iter(maps.rings.values()))
+    ring[7] = 6   # an id no backend of the VIP has
+    for r in maps.rings.values():
+        r[7] = 6
+    assert planner.ring_fingerprints(planner.read_live(maps), SMALL.ring_size)[VIP] == "corrupt"
