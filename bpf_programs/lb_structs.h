@@ -19,7 +19,9 @@ struct vip_meta {
 };
 
 /* backends[] entry; the control plane also keeps weight and owner here so the maps alone
- * hold the whole configuration. */
+ * hold the whole configuration. One id space for both families: an IPv4 backend has its
+ * address in `addr` (addr6 zero), an IPv6 one (flags & LB_BACKEND_F_IPV6) in `addr6` (addr
+ * zero), so the IPv4 path reads the same field at the same offset as before. */
 struct backend {
     __be32 addr;
     __be16 port;
@@ -27,6 +29,7 @@ struct backend {
     __u8 flags;             /* LB_BACKEND_F_* */
     __u32 vip_id;
     __u32 weight;
+    __be32 addr6[4];        /* network order, as in struct ipv6hdr */
 };
 
 /* A 5-tuple as seen on the wire, in the packet's own direction. */

@@ -15,6 +15,7 @@ PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 NO_BACKEND = 0xFFFFFFFF
 BACKEND_F_IN_USE = 0x1
+BACKEND_F_IPV6 = 0x2    # the address is in addr6 (LB_BACKEND_F_IPV6)
 # vip_meta.flags, as LB_VIP_F_* in lb_consts.h.j2.
 VIP_F_CLIENT_AFFINITY = 0x1
 AFFINITIES = ("flow", "client")     # the first is the default
@@ -41,6 +42,25 @@ def _addr(value: int) -> str:
     return socket.inet_ntoa(value.to_bytes(4, "little"))
 
 
+def is_ipv6(addr: str) -> bool:
+    """Whether an address (as the control plane spells it, canonical) is IPv6."""
+    return ":" in addr
+
+
+def format_endpoint(addr: str, port: int) -> str:
+    """ADDR:PORT as users type it: an IPv6 address in brackets, [2001:db8::10]:80."""
+    return f"[{addr}]:{port}" if is_ipv6(addr) else f"{addr}:{port}"
+
+
+def _addr6_bytes(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, addr)
+
+
+def _addr6(raw: bytes) -> str:
+    # inet_ntop gives RFC 5952's canonical text, as ipaddress.IPv6Address does.
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
 def _be16(port: int) -> int:
     return socket.htons(port)
 
@@ -61,7 +81,8 @@ class VipMeta(ctypes.Structure):
 
 class BackendEntry(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
-                ("flags", ctypes.c_uint8), ("vip_id", ctypes.c_uint32), ("weight", ctypes.c_uint32)]
+                ("flags", ctypes.c_uint8), ("vip_id", ctypes.c_uint32), ("weight", ctypes.c_uint32),
+                ("addr6", ctypes.c_uint32 * 4)]
 
 
 class FlowKey(ctypes.Structure):
@@ -103,7 +124,11 @@ class Endpoint:
     proto: str = "tcp"
 
     def __str__(self) -> str:
-        return f"{self.addr}:{self.port}"
+        return format_endpoint(self.addr, self.port)
+
+    @property
+    def ipv6(self) -> bool:
+        return is_ipv6(self.addr)
 
 
 def encode_vip_key(vip: Endpoint) -> bytes:
@@ -136,8 +161,13 @@ class BackendRecord:
 
 
 def encode_backend(addr: str, port: int, state: str, vip_id: int, weight: int) -> bytes:
-    return bytes(BackendEntry(_be32(addr), _be16(port), BACKEND_STATES.index(state),
-                              BACKEND_F_IN_USE, vip_id, weight))
+    state_code = BACKEND_STATES.index(state)
+    if is_ipv6(addr):
+        entry = BackendEntry(0, _be16(port), state_code, BACKEND_F_IN_USE | BACKEND_F_IPV6,
+                             vip_id, weight)
+        ctypes.memmove(entry.addr6, _addr6_bytes(addr), 16)
+        return bytes(entry)
+    return bytes(BackendEntry(_be32(addr), _be16(port), state_code, BACKEND_F_IN_USE, vip_id, weight))
 
 
 EMPTY_BACKEND = bytes(ctypes.sizeof(BackendEntry))
@@ -148,7 +178,8 @@ def decode_backend(backend_id: int, raw: bytes) -> BackendRecord | None:
     if not e.flags & BACKEND_F_IN_USE:
         return None
     state = BACKEND_STATES[e.state] if e.state < len(BACKEND_STATES) else f"state{e.state}"
-    return BackendRecord(backend_id, _addr(e.addr), _port(e.port), state, e.vip_id, e.weight)
+    addr = _addr6(bytes(e.addr6)) if e.flags & BACKEND_F_IPV6 else _addr(e.addr)
+    return BackendRecord(backend_id, addr, _port(e.port), state, e.vip_id, e.weight)
 
 
 @dataclass(frozen=True)
