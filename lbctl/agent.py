@@ -14,9 +14,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from lbctl import planner
+from lbctl import bgp, planner
 from lbctl.apply import apply_config
-from lbctl.config import DesiredState, HealthSpec, load_file
+from lbctl.config import BgpSpec, DesiredState, HealthSpec, load_file
 from lbctl.control import LOCK_DIR, Controller
 from lbctl.errors import ConflictError
 from lbctl.health import BackendHealth, CheckResult, HealthChecker
@@ -35,6 +35,12 @@ LOCK_FILE = "agent.lock"
 # How often the state file is refreshed with the latest check results (transitions and
 # applies are written at once).
 PUBLISH_INTERVAL_S = 2.0
+# How often the announcer re-checks what this node can serve (health transitions, drain and
+# applies wake it at once; the interval bounds how late a data plane that stopped answering
+# its self-check is noticed).
+ANNOUNCE_INTERVAL_S = 1.0
+# The self-check's client: TEST-NET-1 (RFC 5737), never a real peer. Its probe creates no flow.
+SELF_CHECK_CLIENT = ("192.0.2.1", 40000)
 
 HealthKey = tuple[Endpoint, str]          # (VIP, backend name)
 
@@ -99,6 +105,11 @@ class Agent:
         self._publish_due = False
         self.l7: L7Supervisor | None = None
         self.l7_addrs: set[str] = set()       # VIP addresses this agent put on lo (and removes)
+        self.speaker: bgp.Speaker | None = None
+        self._announce_now: asyncio.Event | None = None
+        self.withheld: dict[str, str] = {}    # VIP address -> why this node does not announce it
+        self.bgp_error: str | None = None
+        self.drain_applied: bool | None = None   # the drain flag the last announcement followed
 
     # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -130,6 +141,7 @@ class Agent:
     async def _main(self, state: DesiredState) -> int:
         loop = asyncio.get_running_loop()
         self._dirty, self._stop, self._apply_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
+        self._announce_now = asyncio.Event()
         self.state = state
         initially_down = self._drained_by_checks(state)
         if initially_down:
@@ -151,19 +163,30 @@ class Agent:
         log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         with self._view_lock:
             self.view.last_reload_ok = time.time()
+        try:
+            await self._follow_bgp(state)
+        except XdpError:
+            metrics.stop()
+            await asyncio.to_thread(self._stop_l7)
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
-        workers = [loop.create_task(self._reconciler()), loop.create_task(self._publisher())]
+        loop.add_signal_handler(signal.SIGUSR1, self._announce_now.set)   # lbctl node drain|undrain
+        workers = [loop.create_task(self._reconciler()), loop.create_task(self._publisher()),
+                   loop.create_task(self._announcer())]
         self._publish()
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            # Withdraw first: the routers move new flows to the other nodes while this one
+            # still forwards what arrives meanwhile.
+            self._stop_speaker()
             await self.checker.stop()
             metrics.stop()
             await asyncio.to_thread(self._stop_l7)
@@ -263,6 +286,8 @@ class Agent:
                     raise
                 log.error("apply (%s) failed, the maps keep their previous state: %s", reason, exc)
                 return False
+            if self._announce_now is not None:
+                self._announce_now.set()
             if result is not None and result.applied:
                 for line in result.describe():
                     log.info("apply (%s): %s", reason, line)
@@ -358,6 +383,14 @@ class Agent:
                 self.checker.sync(self._targets(old), set())
             self._reload_failed("its changes could not be applied (see the line above)")
             return
+        try:
+            await self._follow_bgp(new)
+        except XdpError as exc:
+            # The maps follow the new file; the announcements keep their last good state.
+            log.error("BGP: the new bgp block could not be applied, the speaker keeps the old one: %s",
+                      exc)
+        assert self._announce_now is not None
+        self._announce_now.set()
         with self._view_lock:
             self.view.reloads["ok"] += 1
             self.view.last_reload_ok = time.time()
@@ -366,6 +399,169 @@ class Agent:
         log.error("reload refused, the running configuration stays: %s", why)
         with self._view_lock:
             self.view.reloads["error"] += 1
+
+    # -- BGP: announce what this node can serve ----------------------------------------------
+    def _router_id(self, spec: BgpSpec, state: DesiredState) -> str:
+        if spec.router_id is not None:
+            return spec.router_id
+        first = state.interfaces[0]
+        addr = bgp.first_address(first)
+        if addr is None:
+            raise bgp.BgpError(f"no router_id in the bgp block and interface '{first}' has no IPv4 "
+                               "address to take it from; hint: add router_id: to the bgp block")
+        return addr
+
+    async def _follow_bgp(self, state: DesiredState) -> None:
+        """Starts, re-configures or stops the speaker to follow the file's bgp block. BIRD is
+        started on this (the main) thread: its death signal is tied to the thread that started
+        it, and the worker threads of asyncio.to_thread come and go."""
+        spec = state.bgp
+        if spec is None:
+            if self.speaker is not None:
+                log.info("BGP: the file has no bgp block any more; withdrawing everything")
+                self._stop_speaker()
+            return
+        # pyroute2 runs an event loop of its own: not on this thread, where asyncio's runs.
+        router_id = await asyncio.to_thread(self._router_id, spec, state)
+        if self.speaker is None:
+            speaker = bgp.Speaker(self.instance, state_dir(self.instance), spec, router_id)
+            speaker.start()
+            self.speaker = speaker
+            log.info("BGP: BIRD pid %d, AS %d, router id %s, peers %s (hold time %d s); socket %s",
+                     speaker.proc.pid if speaker.proc else 0, spec.local_as, router_id,
+                     ", ".join(f"{p.addr} AS {p.asn}" for p in spec.peers), spec.hold_time_s,
+                     speaker.sock_path)
+        elif (spec, router_id) != (self.speaker.spec, self.speaker.router_id):
+            await asyncio.to_thread(self.speaker.set, self.speaker.announced, spec, router_id)
+            log.info("BGP: re-configured: AS %d, router id %s, peers %s", spec.local_as, router_id,
+                     ", ".join(f"{p.addr} AS {p.asn}" for p in spec.peers))
+
+    def _stop_speaker(self) -> None:
+        if self.speaker is None:
+            return
+        announced = sorted(self.speaker.announced)
+        self.speaker.stop()
+        self.speaker = None
+        if announced:
+            log.info("BGP: speaker stopped; withdrew %s", ", ".join(f"{a}/32" for a in announced))
+
+    def drained(self) -> bool:
+        return os.path.exists(os.path.join(state_dir(self.instance), bgp.DRAIN_FILE))
+
+    def announceable(self, drained: bool) -> tuple[set[str], dict[str, str]]:
+        """VIP addresses this node should announce now, and why each other one is withheld.
+        An address is announced when every VIP on it (each port and protocol) has at least
+        min_healthy healthy backends and, for L4, the live program attached where the file
+        says answers a self-check with a backend. A node that cannot serve one of its ports
+        gives the whole address to the nodes that can (docs/scale-out.md)."""
+        assert self.state is not None
+        state = self.state
+        reasons: dict[str, list[str]] = {}
+        addrs: set[str] = set()
+        l4 = [vip for vip, e in state.vips.items() if e.mode == "l4"]
+        dataplane = self._self_check(state, l4) if l4 else {}
+        for vip, entry in sorted(state.vips.items()):
+            addrs.add(vip.addr)
+            why = reasons.setdefault(vip.addr, [])
+            active = [b for b in entry.spec.backends if b.state == "active"]
+            checked = self._checked(entry.health)
+            healthy = sum(1 for b in active if not checked or self._health(vip, b.name).up)
+            if healthy < entry.min_healthy:
+                why.append(f"{vip} ({vip.proto}): {healthy} of {len(entry.spec.backends)} backends "
+                           f"healthy, min_healthy {entry.min_healthy}")
+            if vip in dataplane:
+                why.append(f"{vip} ({vip.proto}): {dataplane[vip]}")
+            if entry.mode == "l7" and self.l7 is None:
+                why.append(f"{vip} ({vip.proto}): the L7 proxy is not running")
+        if drained:
+            return set(), {a: "node drained (lbctl node undrain announces again)" for a in addrs}
+        withheld = {a: "; ".join(w) for a, w in reasons.items() if w}
+        return addrs - withheld.keys(), withheld
+
+    def _self_check(self, state: DesiredState, vips: list[Endpoint]) -> dict[Endpoint, str]:
+        """VIP -> what is wrong with the local data plane for it (nothing: it serves). The
+        pinned program must be attached to every interface of the file, and a test run of it
+        on a SYN to the VIP must pick a backend (it creates no flow and moves no counter)."""
+        from xdp import libbpf
+        from xdp.explain import explain
+
+        bal = self.controller.balancer
+        try:
+            attached = {a.ifname for a in bal.attachments()}
+        except (OSError, XdpError) as exc:
+            return {v: f"cannot read the XDP attachments: {exc}" for v in vips}
+        missing = [i for i in state.interfaces if i not in attached]
+        if not state.interfaces or missing:
+            what = ", ".join(missing) if missing else "any interface (interfaces: [])"
+            return {v: f"the program is not attached to {what}" for v in vips}
+        try:
+            fd = libbpf.obj_get(bal.prog_pin)
+        except (OSError, XdpError) as exc:
+            return {v: f"no live program to self-check: {exc}" for v in vips}
+        out: dict[Endpoint, str] = {}
+        try:
+            for vip in vips:
+                client = Endpoint(SELF_CHECK_CLIENT[0], SELF_CHECK_CLIENT[1], vip.proto)
+                try:
+                    answer = explain(fd, client, vip, new_connection=True)
+                except (OSError, XdpError) as exc:
+                    out[vip] = f"self-check test run failed: {exc}"
+                    continue
+                if answer.backend is None:
+                    out[vip] = f"self-check: the live program answers '{answer.verdict}', no backend"
+        finally:
+            libbpf.close(fd)
+        return out
+
+    async def _announcer(self) -> None:
+        assert self._announce_now is not None and self._apply_lock is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._announce_now.wait(), ANNOUNCE_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+            self._announce_now.clear()
+            if self.speaker is None:
+                continue
+            # The apply lock: the self-check reads the attachments and program an apply changes.
+            async with self._apply_lock:
+                drained = self.drained()
+                wanted, withheld = await asyncio.to_thread(self.announceable, drained)
+            before = set(self.speaker.announced)
+            try:
+                changed = await asyncio.to_thread(self.speaker.set, wanted)
+                self.bgp_error = None
+            except XdpError as exc:
+                if self.bgp_error != str(exc):
+                    log.error("BGP: cannot update the announcements: %s", exc)
+                self.bgp_error = str(exc)
+                continue
+            if changed:
+                for addr in sorted(wanted - before):
+                    log.info("BGP: announcing %s/32", addr)
+                for addr in sorted(before - wanted):
+                    log.warning("BGP: withdrawing %s/32: %s", addr, withheld.get(addr, "no VIP left on it"))
+            for addr, why in sorted(withheld.items()):
+                if self.withheld.get(addr) != why and addr not in before - wanted:
+                    log.warning("BGP: not announcing %s/32: %s", addr, why)
+            self.withheld = withheld
+            self.drain_applied = drained
+            if changed:
+                self._publish()
+            else:
+                self._publish_due = True
+
+    def bgp_view(self) -> dict[str, Any] | None:
+        """What `lbctl status` and `node drain` read back (the sessions are read live)."""
+        if self.speaker is None:
+            return None
+        sp = self.speaker
+        return {"local_as": sp.spec.local_as, "router_id": sp.router_id, "hold_time_s": sp.spec.hold_time_s,
+                "peers": [{"addr": p.addr, "as": p.asn} for p in sp.spec.peers],
+                "socket": sp.sock_path, "drained": bool(self.drain_applied),
+                "drain_applied": self.drain_applied is not None,
+                "announced": sorted(sp.announced), "withheld": dict(sorted(self.withheld.items())),
+                "error": self.bgp_error}
 
     # -- health events ----------------------------------------------------------------------
     def _on_transition(self, key: HealthKey, state: BackendHealth, result: CheckResult) -> None:
@@ -381,6 +577,8 @@ class Agent:
         self._publish_due = True
         assert self._dirty is not None
         self._dirty.set()
+        if self._announce_now is not None:
+            self._announce_now.set()
 
     def _on_result(self, key: HealthKey, state: BackendHealth) -> None:
         self._publish_due = True
@@ -426,7 +624,7 @@ class Agent:
             self.view.checks_inconclusive = self.checker.inconclusive
             self.view.checker_stalls = self.checker.stalls
         data = {"pid": os.getpid(), "instance": self.instance, "config": os.path.abspath(self.config_path),
-                "updated": time.time(), "metrics_addr": self.metrics_addr,
+                "updated": time.time(), "metrics_addr": self.metrics_addr, "bgp": self.bgp_view(),
                 "all_failing": sorted(f"{v} ({v.proto})" for v in self.all_failing), "backends": rows,
                 "health": {f"{v.addr}:{v.port}/{v.proto}": _health_dict(e.health)
                            for v, e in self.state.vips.items() if e.health is not None}}
@@ -472,3 +670,40 @@ def setup_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+
+
+def set_drained(instance: str, drained: bool, wait_s: float = 5.0) -> dict[str, Any]:
+    """`lbctl node drain|undrain`: sets the instance's drain flag (a file, so an agent started
+    later starts drained too), wakes the running agent and waits until it has published the
+    announcements that follow. Returns what it found: agent pid, announced, withheld."""
+    os.makedirs(state_dir(instance), exist_ok=True)
+    flag = os.path.join(state_dir(instance), bgp.DRAIN_FILE)
+    was = os.path.exists(flag)
+    if drained:
+        with open(flag, "w") as f:
+            f.write(f"{time.time()}\n")
+    else:
+        try:
+            os.unlink(flag)
+        except FileNotFoundError:
+            pass
+    out: dict[str, Any] = {"instance": instance, "drained": drained, "changed": was != drained,
+                           "agent": None, "bgp": None, "settled": False}
+    agent = read_published(instance)
+    if agent is None:
+        return out
+    out["agent"] = agent["pid"]
+    os.kill(agent["pid"], signal.SIGUSR1)
+    deadline = time.monotonic() + wait_s
+    while True:
+        agent = read_published(instance)
+        view = (agent or {}).get("bgp")
+        if view is None:
+            return out          # an agent without a bgp block announces nothing to drain
+        out["bgp"] = view
+        if view.get("drain_applied") and view.get("drained") == drained:
+            out["settled"] = True
+            return out
+        if time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)

@@ -386,7 +386,28 @@ def status(obj: Context, as_json: bool) -> None:
                    f"hint: lbctl -n {name} detach --all --purge")
     if st.get("vip_modes"):
         click.echo("")
-        print_table(st.get("vip_modes", []), [("VIP", "vip"), ("PROTO", "proto"), ("AFFINITY", "affinity")], "")
+        print_table(st.get("vip_modes", []), [("VIP", "vip"), ("PROTO", "proto"), ("AFFINITY", "affinity"),
+                                              ("RING", "ring")], "")
+    if st.get("bgp"):
+        _echo_bgp(st["bgp"])
+
+
+def _echo_bgp(view: dict) -> None:
+    click.echo("")
+    drained = "  DRAINED (lbctl node undrain)" if view["drained"] else ""
+    click.echo(f"bgp       AS {view['local_as']}, router id {view['router_id']}, hold time "
+               f"{view['hold_time_s']} s{drained}")
+    by_addr = {s["peer"]: s for s in view.get("sessions", [])}
+    rows = [{"peer": p["addr"], "as": p["as"], "state": by_addr.get(p["addr"], {}).get("info") or "unknown",
+             "since": by_addr.get(p["addr"], {}).get("since", "")} for p in view["peers"]]
+    print_table(rows, [("PEER", "peer"), ("AS", "as"), ("SESSION", "state"), ("SINCE", "since")], "")
+    if view.get("sessions_error"):
+        click.echo(f"warning: {view['sessions_error']}")
+    click.echo(f"announced {', '.join(a + '/32' for a in view['announced']) or 'nothing'}")
+    for addr, why in view.get("withheld", {}).items():
+        click.echo(f"withheld  {addr}/32: {why}")
+    if view.get("error"):
+        click.echo(f"warning: {view['error']}")
 
 
 # -- VIPs -----------------------------------------------------------------------------------
@@ -920,22 +941,85 @@ def bench_agent(json_out: str | None, measure_s: float, png: str | None) -> None
     run_bench(json_out=json_out, measure_s=measure_s, png=png)
 
 
+# -- the node in a cluster -------------------------------------------------------------------
+@main.group(epilog=examples("lbctl node drain      # withdraw every VIP (maintenance)",
+                            "lbctl node undrain    # announce again"))
+def node() -> None:
+    """This node's place in the cluster: withdraw its BGP announcements or make them again."""
+
+
+def _node_drain(obj: Context, drained: bool) -> None:
+    from lbctl.agent import set_drained
+    from xdp.balancer import require_root
+
+    require_root()
+    out = set_drained(obj.instance, drained)
+    verb = "drained" if drained else "undrained"
+    if out["agent"] is None:
+        click.echo(f"node {verb}: no agent runs for instance '{obj.instance}'; the next one starts "
+                   f"{'drained' if drained else 'announcing'}")
+        return
+    view = out["bgp"]
+    if view is None:
+        click.echo(f"node {verb}; the agent (pid {out['agent']}) has no bgp block, so it announces nothing")
+        return
+    announced = ", ".join(a + "/32" for a in view["announced"]) or "nothing"
+    if not out["settled"]:
+        click.echo(f"node {verb}; the agent (pid {out['agent']}) has not caught up yet: it announces "
+                   f"{announced}; check with lbctl status")
+        sys.exit(1)
+    click.echo(f"node {verb}: announcing {announced}")
+    for addr, why in view.get("withheld", {}).items():
+        click.echo(f"withheld  {addr}/32: {why}")
+
+
+@node.command("drain", epilog=examples("lbctl node drain", "lbctl -n lbl-lb1 node drain"))
+@click.pass_obj
+def node_drain(obj: Context) -> None:
+    """Withdraw every VIP over BGP; established connections go on (routers move them to the
+    other nodes, whose rings pick the same backends). Stays drained across agent restarts."""
+    _node_drain(obj, True)
+
+
+@node.command("undrain", epilog=examples("lbctl node undrain"))
+@click.pass_obj
+def node_undrain(obj: Context) -> None:
+    """Announce again every VIP this node can serve."""
+    _node_drain(obj, False)
+
+
 # -- the lab and the demo -------------------------------------------------------------------
-@main.group(epilog=examples("lbctl lab up", "lbctl lab status", "lbctl lab down"))
+@main.group(epilog=examples("lbctl lab up", "lbctl lab up --nodes 2", "lbctl lab status", "lbctl lab down"))
 def lab() -> None:
-    """A namespace lab on this machine: client, balancer, 3 backends."""
+    """A namespace lab on this machine: client, balancer, 3 backends; or with --nodes N a
+    router (BIRD, ECMP) and N balancer nodes, each with its agent announcing over BGP."""
 
 
 @lab.command("up", epilog=examples("lbctl lab up                  # namespaces lbl-*",
-                                   "lbctl lab up --prefix mylab   # a second lab beside it"))
+                                   "lbctl lab up --prefix mylab   # a second lab beside it",
+                                   "lbctl lab up --nodes 2        # router + 2 nodes announcing the VIP"))
 @click.option("--prefix", default="lbl", show_default=True, help="namespace name prefix")
-def lab_up(prefix: str) -> None:
+@click.option("--nodes", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="balancer nodes; 2 or more adds a router with BGP and ECMP")
+@click.option("--forwarding", type=click.Choice(["nat", "dsr", "fullnat"]),
+              help="with --nodes 2+: the VIP's forwarding (default: dsr, else fullnat)")
+def lab_up(prefix: str, nodes: int, forwarding: str | None) -> None:
     """Build the lab (idempotent)."""
-    from lbctl.lab import Lab, need_root
+    from lbctl.lab import need_root
+    from lbctl.lab_cluster import ClusterLab, lab_for
 
     need_root("lab up")
-    lab_ = Lab(prefix)
+    if forwarding is not None and nodes == 1:
+        raise click.UsageError("--forwarding is for --nodes 2 or more (the single-node lab attaches by hand)")
+    lab_ = lab_for(prefix, nodes, forwarding)
     lab_.up()
+    if isinstance(lab_, ClusterLab):
+        click.echo(f"lab '{prefix}' is up: client {lab_.client.netns}, router {lab_.router.netns} "
+                   f"(BIRD, ECMP), nodes {', '.join(n.netns for n in lab_.nodes)} (agents, "
+                   f"forwarding {lab_.forwarding}), backends {', '.join(b.netns for b in lab_.backends)}")
+        click.echo(f"the router's route to {lab_.vip}: via {', '.join(lab_.vip_next_hops())}")
+        click.echo(f"try: lbctl -n {lab_.nodes[0].netns} status; lbctl -n {lab_.nodes[0].netns} node drain")
+        return
     click.echo(f"lab '{prefix}' is up: client {lab_.client.netns}, balancer {lab_.lb.netns} "
                f"({', '.join(lab_.lb_ifaces)}), backends {', '.join(b.netns for b in lab_.backends)}")
     click.echo(f"try: lbctl -n {lab_.lb.netns} attach {' '.join(lab_.lb_ifaces)}")
@@ -944,11 +1028,12 @@ def lab_up(prefix: str) -> None:
 @lab.command("down", epilog=examples("lbctl lab down"))
 @click.option("--prefix", default="lbl", show_default=True)
 def lab_down(prefix: str) -> None:
-    """Remove the lab's namespaces, servers and balancer pins."""
-    from lbctl.lab import Lab, need_root
+    """Remove the lab's namespaces, servers, agents and balancer pins."""
+    from lbctl.lab import need_root
+    from lbctl.lab_cluster import lab_for
 
     need_root("lab down")
-    Lab(prefix).down()
+    lab_for(prefix).down()
     click.echo(f"lab '{prefix}' is down")
 
 
@@ -957,9 +1042,9 @@ def lab_down(prefix: str) -> None:
 @json_option
 def lab_status(prefix: str, as_json: bool) -> None:
     """Which lab namespaces and servers exist."""
-    from lbctl.lab import Lab
+    from lbctl.lab_cluster import lab_for
 
-    data = Lab(prefix).status().as_dict()
+    data = lab_for(prefix).status().as_dict()
     if as_json:
         echo_json(data)
     else:

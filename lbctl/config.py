@@ -3,6 +3,7 @@
 state written back as a file that loads again (`lbctl export`)."""
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import ssl
@@ -266,6 +267,9 @@ class VipFile(_Strict):
     health: HealthFile | None = None
     l7: L7File | None = None
     backends: list[BackendFile] = []
+    # Announced over BGP only while at least this many backends pass their checks (vc5's
+    # `need`): a node that cannot serve the VIP well gives its share to the other nodes.
+    min_healthy: int = Field(1, ge=1, le=100_000)
 
     @field_validator("mode", "forwarding", "affinity")
     @classmethod
@@ -289,6 +293,39 @@ class VipFile(_Strict):
         return self
 
 
+class BgpPeerFile(_Strict):
+    addr: str
+    # `as` is a Python keyword: the field is asn, the key in the file stays `as`.
+    asn: int = Field(alias="as", ge=1, le=4_294_967_295)
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        return _ipv4(v, "peer address")
+
+
+class BgpFile(_Strict):
+    """The agent's BGP speaker (its own BIRD 2): announces each VIP as a /32 while it can serve it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    local_as: int = Field(ge=1, le=4_294_967_295)
+    router_id: str | None = None        # default: the first address of the first interface
+    hold_time: int = Field(9, ge=3, le=65535)   # seconds; RFC 4271 allows 0 or >= 3, BIRD the same
+    peers: list[BgpPeerFile] = Field(min_length=1)
+
+    @field_validator("router_id")
+    @classmethod
+    def _router_id(cls, v: str | None) -> str | None:
+        return None if v is None else _ipv4(v, "router_id")
+
+
+def _ipv4(v: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        raise ValueError(f"{what} '{v}' is not an IPv4 address, e.g. 10.0.1.1") from None
+
+
 class ConfigFile(_Strict):
     interfaces: list[str] = []
     # auto: each interface gets its driver's default, as `lbctl attach` without --mode (native
@@ -296,6 +333,7 @@ class ConfigFile(_Strict):
     # is the default for the same reason `attach` picks by driver when --mode is not given.
     xdp_mode: Literal["native", "generic", "auto"] = "auto"
     vips: list[VipFile] = []
+    bgp: BgpFile | None = None
 
 
 # -- the validated result ------------------------------------------------------------------
@@ -353,6 +391,24 @@ class VipEntry:
     health: HealthSpec | None
     mode: str = "l4"
     l7: L7Spec | None = None                  # set (defaults filled) for every mode: l7 VIP
+    min_healthy: int = 1                      # announced over BGP only with this many healthy
+
+
+@dataclass(frozen=True)
+class BgpPeer:
+    addr: str
+    asn: int
+
+
+@dataclass(frozen=True)
+class BgpSpec:
+    """The bgp block, resolved: router_id is None when the file leaves it to the agent (the
+    first address of the first interface, known only where the agent runs)."""
+
+    local_as: int
+    router_id: str | None
+    hold_time_s: int
+    peers: tuple[BgpPeer, ...]
 
 
 @dataclass(frozen=True)
@@ -363,6 +419,7 @@ class DesiredState:
     interfaces: tuple[str, ...]
     xdp_mode: str
     vips: dict[Endpoint, VipEntry]
+    bgp: BgpSpec | None = None
 
     def config(self) -> Config:
         """The part the planner compares with the maps: L4 VIPs only. A mode: l7 VIP is never
@@ -443,8 +500,13 @@ def _hint(loc: Loc, kind: str) -> str:
         "warmup": "warmup is eager or lazy", "hash_on": "write it like header:X-User or cookie:session",
         "idle_timeout": "write a duration like 60s", "cooldown": "write a duration like 10s",
         "mode": "mode is l4 (XDP) or l7 (the HTTP proxy)",
+        "hold_time": "hold_time is whole seconds, 3-65535 (BGP allows no 1 or 2)",
+        "local_as": "an AS number is 1-4294967295 (private: 64512-65534)",
+        "as": "an AS number is 1-4294967295 (private: 64512-65534)",
+        "min_healthy": "min_healthy is how many healthy backends the VIP needs to be announced, 1 or more",
+        "peers": "list the routers as peers: [{addr: 10.0.1.1, as: 65000}]",
     }
-    doc = "docs/l7.md" if "l7" in loc else "docs/operations.md"
+    doc = "docs/l7.md" if "l7" in loc else "docs/scale-out.md" if "bgp" in loc else "docs/operations.md"
     if kind == "extra_forbidden":
         return f"check the spelling; {doc} lists every key"
     if kind == "missing":
@@ -533,8 +595,31 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
             backends[str(ep)] = BackendSpec(ep.addr, ep.port, b.weight, b.state)
         spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))), v.affinity)
         l7 = _l7(v.l7 or L7File(), spec, source, lines, ("vips", i, "l7")) if v.mode == "l7" else None
-        vips[vip] = VipEntry(spec, _health(v.health), v.mode, l7)
-    return DesiredState(source, tuple(model.interfaces), model.xdp_mode, vips)
+        if v.min_healthy > len(v.backends) and v.backends:
+            raise _fail(source, lines, ("vips", i, "min_healthy"), f"min_healthy {v.min_healthy} is "
+                        f"more than the VIP's {len(v.backends)} backends, so it would never be announced",
+                        f"use 1-{len(v.backends)}")
+        vips[vip] = VipEntry(spec, _health(v.health), v.mode, l7, v.min_healthy)
+    return DesiredState(source, tuple(model.interfaces), model.xdp_mode, vips,
+                        _bgp(model.bgp, model.interfaces, source, lines))
+
+
+def _bgp(b: BgpFile | None, interfaces: list[str], source: str, lines: dict[Loc, int]) -> BgpSpec | None:
+    if b is None:
+        return None
+    if b.router_id is None and not interfaces:
+        raise _fail(source, lines, ("bgp",), "no router_id and no interfaces to take it from",
+                    "add router_id: with one of this node's addresses")
+    seen: dict[str, int] = {}
+    for k, p in enumerate(b.peers):
+        if p.addr in seen:
+            raise _fail(source, lines, ("bgp", "peers", k, "addr"), f"peer {p.addr} listed twice "
+                        f"(also peers[{seen[p.addr]}])", "list each peer once")
+        if p.addr == b.router_id:
+            raise _fail(source, lines, ("bgp", "peers", k, "addr"), f"peer {p.addr} is this node's own "
+                        "router_id", "name the router's address")
+        seen[p.addr] = k
+    return BgpSpec(b.local_as, b.router_id, b.hold_time, tuple(BgpPeer(p.addr, p.asn) for p in b.peers))
 
 
 def _l7(f: L7File, spec: VipSpec, source: str, lines: dict[Loc, int], at: Loc) -> L7Spec:

@@ -16,6 +16,7 @@ from lbctl.errors import ConflictError, NetnsError
 from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint
+from xdp.errors import XdpError
 from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, Limits
 
 LOCK_DIR = "/run/lbctl"
@@ -311,13 +312,15 @@ class Controller:
                 live = planner.read_live(maps)
                 out["vips"] = len(live)
                 out["backends"] = sum(len(lv.spec.backends) for lv in live.values())
-                out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "affinity": live[v].spec.affinity}
+                out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "affinity": live[v].spec.affinity,
+                                     "ring": _fingerprint(live[v])}
                                     for v in sorted(live)]
         from lbctl.agent import read_published
 
         agent = read_published(self.instance)
         out["agent"] = None if agent is None else {k: agent.get(k) for k in ("pid", "config", "metrics_addr",
                                                                              "all_failing")}
+        out["bgp"] = _bgp_status(agent)
         out["warnings"] = [] if gone else self.one_sided_warnings()
         return out
 
@@ -385,6 +388,36 @@ class Controller:
         require_root()
         with self._locked(), self.balancer.maps() as maps:
             return maps.flush_flows()
+
+
+def _fingerprint(lv: planner.LiveVip) -> str | None:
+    """The live ring's fingerprint (lbctl.bgp.ring_fingerprint): equal on every node whose
+    maps hold the same ring, whatever backend ids each node gave."""
+    from lbctl.bgp import ring_fingerprint
+
+    if lv.read_ring is None:
+        return None
+    try:
+        ring = lv.read_ring()
+    except (OSError, XdpError):
+        return None
+    return ring_fingerprint(ring, {bid: name for name, bid in lv.backend_ids.items()})
+
+
+def _bgp_status(agent: dict | None) -> dict | None:
+    """The agent's BGP view with the sessions read live from its BIRD; None without a bgp block."""
+    from lbctl import bgp
+
+    view = (agent or {}).get("bgp")
+    if not view:
+        return None
+    view = dict(view)
+    try:
+        view["sessions"] = [s.__dict__ | {"established": s.established} for s in bgp.sessions(view["socket"])]
+        view["sessions_error"] = None
+    except bgp.BgpError as exc:
+        view["sessions"], view["sessions_error"] = [], str(exc)
+    return view
 
 
 def _with_agent_health(instance: str, rows: list[dict]) -> list[dict]:

@@ -567,7 +567,7 @@ class Lab:
                 # temporary name ever appears on the host.
                 _veth(a.netns, a_if.name, b.netns, b_if.name)
                 for h, i, peer_h, peer_i in ((a, a_if, b, b_if), (b, b_if, a, a_if)):
-                    if h is self.lb:
+                    if h.role == "balancer":
                         lb_peers[i.name] = (peer_h.netns, peer_i.name)
                 continue
             with IPRoute(netns=self.switch_netns, flags=0) as ipr:
@@ -581,8 +581,10 @@ class Lab:
                     idx = ipr.link_lookup(ifname=port)[0]
                     ipr.link("set", index=idx, master=br_index)
                     ipr.link("set", index=idx, state="up")
-                if h is self.lb:
-                    lb_peers[i.name] = (self.switch_netns, port)
+                if h.role == "balancer":
+                    # Keyed by namespace too: several balancer nodes each have an eth0.
+                    lb_peers[f"{h.netns}/{i.name}" if h is not self.lb else i.name] = (
+                        self.switch_netns, port)
         return lb_peers
 
     def _configure_addresses(self) -> None:

@@ -24,6 +24,7 @@ pkgs=(
     procps                # sysctl: forwarding, rp_filter and IPv6 in the lab's namespaces
     ethtool               # veth offloads the lab needs for XDP_REDIRECT
     make                  # the README's make targets
+    bird2                 # BGP: each agent's own BIRD announces its VIPs; the lab's router
 )
 # Only for `setup.sh test`: programs the tests run themselves.
 test_pkgs=(

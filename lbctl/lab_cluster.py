@@ -1,0 +1,321 @@
+"""The multi-node lab (`lbctl lab up --nodes N`, N >= 2): the single-node lab's client and
+backends, a router in the balancer's place running BIRD 2 with ECMP, and N balancer nodes on
+the backends' segment, each running `lbctl agent` with its own BIRD announcing the VIP."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml  # type: ignore[import-untyped]
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+
+from lbctl.lab import (
+    _LAUNCH_SNIPPET,
+    _SOURCE_ROOT,
+    TOPOLOGY_PATH,
+    Lab,
+    LabError,
+    LabHost,
+    LabIface,
+    _alive,
+)
+from xdp.maps import pin_dir_for
+
+MAX_NODES = 8
+ROUTER_AS = 65000
+NODE_AS = 65010
+HOLD_TIME_S = 3
+# Node k (1-based) sits at .20+k on the backends' segment; the backends are .11-.13.
+NODE_HOST_BASE = 20
+ROUTER_TEMPLATE = Path(__file__).with_name("lab_router_bird.conf.j2")
+AGENT_READY_TIMEOUT_S = 60.0       # the first apply compiles the XDP program (bcc): slow
+ROUTE_TIMEOUT_S = 20.0
+NODES_FILE = "nodes"
+
+
+def lab_for(prefix: str, nodes: int | None = None, forwarding: str | None = None) -> Lab:
+    """The lab called `prefix`: with `nodes` None, as many nodes as the lab was built with
+    (so `lab down` and `lab status` need no --nodes), 1 when none was built."""
+    if nodes is None:
+        from lbctl.lab import RUN_ROOT
+
+        try:
+            count, _, mode = (RUN_ROOT / prefix / NODES_FILE).read_text().strip().partition(" ")
+            nodes, forwarding = int(count), forwarding or mode or None
+        except (OSError, ValueError):
+            nodes = 1
+    if nodes == 1:
+        return Lab(prefix)
+    return ClusterLab(prefix, nodes, forwarding)
+
+
+def forwarding_supported(mode: str) -> bool:
+    """Whether this build's config accepts `forwarding: MODE` (DSR and full-NAT land apart)."""
+    from lbctl.config import load_text
+    from lbctl.errors import ConfigError
+
+    try:
+        load_text(f"vips: [{{vip: '10.0.0.1:80', forwarding: {mode}}}]")
+    except ConfigError:
+        return False
+    return True
+
+
+def default_forwarding() -> str:
+    """Several nodes need a mode whose replies do not have to come back through the node that
+    forwarded the request: DSR (backends answer the client directly), else full-NAT."""
+    for mode in ("dsr", "fullnat"):
+        if forwarding_supported(mode):
+            return mode
+    return "nat"
+
+
+class ClusterLab(Lab):
+    """Namespaces: <prefix>-client, <prefix>-router, <prefix>-lb1..N, <prefix>-sw and the
+    backends. The client's gateway is the router; every node and backend is on the switch;
+    the backends' gateway is the router, so DSR replies go to the client without a node."""
+
+    def __init__(self, prefix: str, nodes: int, forwarding: str | None = None,
+                 topology_path: Path | str = TOPOLOGY_PATH) -> None:
+        if not 2 <= nodes <= MAX_NODES:
+            raise LabError(f"--nodes {nodes} is out of range; hint: 1 (the single balancer) or "
+                           f"2-{MAX_NODES}")
+        super().__init__(prefix, topology_path)
+        self.forwarding = forwarding or default_forwarding()
+        if not forwarding_supported(self.forwarding):
+            raise LabError(f"forwarding '{self.forwarding}' is not supported by this build; hint: "
+                           "leave --forwarding out to take the best one it has")
+        old = self.lb
+        backend_side = next(i for i in old.ifaces if i.name == self.lb_ifaces[1])
+        self.router = replace(old, name="router", role="router", netns=f"{prefix}-router")
+        net = ipaddress.IPv4Network(f"{backend_side.addr}/{backend_side.prefixlen}", strict=False)
+        self.nodes: list[LabHost] = []
+        for k in range(1, nodes + 1):
+            addr = str(net.network_address + NODE_HOST_BASE + k)
+            iface = LabIface(name="eth0", addr=addr, prefixlen=backend_side.prefixlen,
+                             network=backend_side.network)
+            self.nodes.append(LabHost(name=f"lb{k}", role="balancer", netns=f"{prefix}-lb{k}",
+                                      ifname="eth0", addr=addr, gateway=backend_side.addr,
+                                      ifaces=(iface,)))
+        hosts = {name: h for name, h in self.hosts.items() if h is not old}
+        hosts = {"router": self.router, **hosts}
+        for n in self.nodes:
+            hosts[n.name] = n
+        self.hosts = hosts
+        self.lb = self.nodes[0]
+        self.lb_ifaces = ["eth0"]
+        self.bpf_pin_dir = Path(pin_dir_for(self.lb.netns))
+        self.router_addr = backend_side.addr
+
+    @property
+    def namespaces(self) -> list[str]:
+        names = [self.client.netns, self.router.netns, *(n.netns for n in self.nodes)]
+        if self._topo.bridges:
+            names.append(self.switch_netns)
+        return names + [b.netns for b in self.backends]
+
+    # ---------------------------------------------------------------- building
+    def _build(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # First, so that `lab down` without --nodes finds every namespace of a half-built lab.
+        (self.run_dir / NODES_FILE).write_text(f"{len(self.nodes)} {self.forwarding}\n")
+        from pyroute2 import netns
+
+        for ns in self.namespaces:
+            netns.create(ns)
+        self._sysctls_before_links()
+        lb_peers = self._wire()
+        self._configure_addresses()
+        self._tune_offloads(lb_peers)
+        if self.forwarding == "dsr":
+            self._dsr_backends()
+        self._start_servers()
+        self._wait_servers_ready()
+        self._wait_links_up()
+        self._check_paths()
+        self._start_router()
+        self._start_agents()
+        self.wait_route(len(self.nodes))
+        (self.run_dir / "ready").write_text(
+            json.dumps({"prefix": self.prefix, "namespaces": self.namespaces, "nodes": len(self.nodes),
+                        "forwarding": self.forwarding}) + "\n")
+
+    def _sysctls_before_links(self) -> None:
+        for ns in self.namespaces:
+            self._must(ns, ["sysctl", "-q", "-e", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+                            "net.ipv6.conf.default.disable_ipv6=1"])
+        # The router hashes the 5-tuple over the next hops: the default (addresses only) sends
+        # every connection of one client to the same node.
+        self._must(self.router, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+                                 "net.ipv4.fib_multipath_hash_policy=1",
+                                 "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+        for n in self.nodes:
+            self._must(n, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                           "net.ipv4.conf.default.rp_filter=0"])
+
+    def _tune_offloads(self, lb_peers: dict[str, tuple[str, str]]) -> None:
+        for n in self.nodes:
+            self._must(n, ["sysctl", "-q", "-w", "net.ipv4.conf.eth0.rp_filter=0"])
+        for peer_ns, peer_if in lb_peers.values():
+            # XDP_TX/REDIRECT into a veth delivers only if the peer has XDP or GRO on.
+            self._must(peer_ns, ["ethtool", "-K", peer_if, "gro", "on"])
+        for h in [self.client, self.router, *self.backends]:
+            for i in h.ifaces:
+                # Partial checksums of local sockets over veth are dropped after an XDP rewrite.
+                self._must(h, ["ethtool", "-K", i.name, "tx", "off"])
+
+    def _dsr_backends(self) -> None:
+        """DSR delivers the client's packet unchanged but for its MAC: each backend holds the
+        VIP on lo (answering from it) and never answers ARP for it, or the segment's ARP for
+        the VIP would find a backend instead of going through the router."""
+        for b in self.backends:
+            self._must(b, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1",
+                           "net.ipv4.conf.all.arp_announce=2"])
+            self._must(b, ["ip", "addr", "add", f"{self.vip}/32", "dev", "lo"])
+
+    def _render_router(self) -> str:
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                 keep_trailing_newline=True)
+        return env.from_string(ROUTER_TEMPLATE.read_text()).render(
+            netns=self.router.netns, router_id=self.router_addr, local_as=ROUTER_AS,
+            nodes=[{"name": f"node_{n.name}", "addr": n.addr, "asn": NODE_AS} for n in self.nodes])
+
+    @property
+    def router_socket(self) -> Path:
+        return self.run_dir / "router-bird.ctl"
+
+    def node_config(self, node: LabHost) -> dict[str, Any]:
+        """The agent file of one node: the lab's HTTP VIP over every backend, checked, and the
+        router as BGP peer."""
+        return {
+            "interfaces": ["eth0"],
+            "vips": [{
+                "vip": f"{self.vip}:{self.http_port}", "proto": "tcp", "forwarding": self.forwarding,
+                "health": {"check": "http", "path": "/", "interval": "500ms", "timeout": "300ms",
+                           "rise": 2, "fall": 2},
+                "backends": [{"addr": f"{b.addr}:{self.http_port}"} for b in self.backends],
+            }],
+            "bgp": {"local_as": NODE_AS, "hold_time": HOLD_TIME_S,
+                    "peers": [{"addr": self.router_addr, "as": ROUTER_AS}]},
+        }
+
+    def node_config_path(self, node: LabHost) -> Path:
+        return self.run_dir / f"{node.name}.yaml"
+
+    def _launch(self, commands: list[dict[str, Any]]) -> list[int]:
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCH_SNIPPET, json.dumps(commands)],
+                              check=False, capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise LabError(f"cannot start lab processes: {proc.stderr.strip()[-500:]}")
+        return list(json.loads(proc.stdout))
+
+    def _start_router(self) -> None:
+        conf = self.run_dir / "router-bird.conf"
+        conf.write_text(self._render_router())
+        argv = ["ip", "netns", "exec", self.router.netns, "bird", "-f", "-c", str(conf),
+                "-s", str(self.router_socket), "-P", str(self.run_dir / "router-bird.pid")]
+        (pid,) = self._launch([{"argv": argv, "log": str(self.run_dir / "router-bird.log")}])
+        (self.run_dir / "router.pid").write_text(f"{pid}\n")
+
+    def start_agent(self, node: LabHost) -> int:
+        """Starts (or starts again) one node's agent, detached; returns its pid."""
+        path = self.node_config_path(node)
+        path.write_text(yaml.safe_dump(self.node_config(node), sort_keys=False))
+        argv = ["env", f"PYTHONPATH={_SOURCE_ROOT}", sys.executable, "-m", "lbctl", "-n", node.netns,
+                "agent", "-f", str(path), "--metrics-addr", "127.0.0.1:9810"]
+        (pid,) = self._launch([{"argv": argv, "log": str(self.run_dir / f"{node.name}-agent.log")}])
+        (self.run_dir / f"{node.name}-agent.pid").write_text(f"{pid}\n")
+        return pid
+
+    def _start_agents(self) -> None:
+        for n in self.nodes:
+            self.start_agent(n)
+        for n in self.nodes:
+            self.wait_agent(n)
+
+    def agent_pid(self, node: LabHost) -> int | None:
+        try:
+            pid = int((self.run_dir / f"{node.name}-agent.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def wait_agent(self, node: LabHost, timeout_s: float = AGENT_READY_TIMEOUT_S) -> None:
+        """Until the node's agent has applied its file and its BGP session is established."""
+        from lbctl import bgp
+        from lbctl.agent import read_published
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            data = read_published(node.netns)
+            view = (data or {}).get("bgp")
+            if view:
+                try:
+                    if any(s.established for s in bgp.sessions(view["socket"])):
+                        return
+                except bgp.BgpError:
+                    pass
+            pid = self.agent_pid(node)
+            if pid is None or time.monotonic() > deadline:
+                why = "exited" if pid is None else f"not ready after {timeout_s:.0f} s"
+                raise LabError(f"the agent of {node.name} {why}; log: {self._agent_log_tail(node)}")
+            time.sleep(0.2)
+
+    def _agent_log_tail(self, node: LabHost) -> str:
+        try:
+            lines = (self.run_dir / f"{node.name}-agent.log").read_text().strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:])[-600:]
+
+    # ---------------------------------------------------------------- the router's view
+    def vip_next_hops(self) -> list[str]:
+        """The router's kernel route to the VIP: its next hops (node addresses), sorted."""
+        with IPRoute(netns=self.router.netns, flags=0) as ipr:
+            routes = ipr.get_routes(family=2, table=254)
+        hops: list[str] = []
+        for r in routes:
+            if r.get("dst_len") != 32 or r.get_attr("RTA_DST") != self.vip:
+                continue
+            gw = r.get_attr("RTA_GATEWAY")
+            if gw:
+                hops.append(gw)
+            for nh in r.get_attr("RTA_MULTIPATH") or []:
+                g = nh.get_attr("RTA_GATEWAY")
+                if g:
+                    hops.append(g)
+        return sorted(set(hops), key=ipaddress.IPv4Address)
+
+    def wait_route(self, count: int, timeout_s: float = ROUTE_TIMEOUT_S) -> float:
+        """Waits until the router's VIP route has `count` next hops; returns the seconds it
+        took. Raises LabError with what the router holds when it does not."""
+        start = time.monotonic()
+        while True:
+            hops = self.vip_next_hops()
+            if len(hops) == count:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise LabError(f"the router's route to {self.vip} has next hops {hops or 'none'} after "
+                               f"{timeout_s:.0f} s, not {count}; log: {self.run_dir}/*-agent.log")
+            time.sleep(0.05)
+
+    def node_of(self, addr: str) -> LabHost:
+        return next(n for n in self.nodes if n.addr == addr)
+
+    # ---------------------------------------------------------------- teardown
+    def _down_locked(self) -> None:
+        super()._down_locked()
+        # The base removes the first node's pins; the others' and every agent's /run state too.
+        from lbctl.control import LOCK_DIR
+
+        for n in self.nodes:
+            for directory in (Path(pin_dir_for(n.netns)), Path(LOCK_DIR) / n.netns):
+                shutil.rmtree(directory, ignore_errors=True)
