@@ -189,7 +189,7 @@ class Speaker:
                 # SIGTERM, so no BIRD announces for an agent that is gone. -f: BIRD stays the
                 # agent's child (daemonising would drop the signal).
                 self.proc = subprocess.Popen(
-                    ["setpriv", "--pdeathsig", "TERM", "--", BIRD, "-f", "-c", self.conf_path,
+                    ["setpriv", "--pdeathsig=TERM", "--", BIRD, "-f", "-c", self.conf_path,
                      "-s", self.sock_path, "-P", self.pid_path],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             except FileNotFoundError:

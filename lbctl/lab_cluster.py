@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -226,7 +228,8 @@ class ClusterLab(Lab):
         (self.run_dir / "router.pid").write_text(f"{pid}\n")
 
     def start_agent(self, node: LabHost) -> int:
-        """Starts (or starts again) one node's agent, detached; returns its pid."""
+        """Starts (or starts again) one node's agent, detached, on the lab's own file for it;
+        returns its pid."""
         path = self.node_config_path(node)
         path.write_text(yaml.safe_dump(self.node_config(node), sort_keys=False))
         argv = ["env", f"PYTHONPATH={_SOURCE_ROOT}", sys.executable, "-m", "lbctl", "-n", node.netns,
@@ -247,6 +250,26 @@ class ClusterLab(Lab):
         except (OSError, ValueError):
             return None
         return pid if _alive(pid) else None
+
+    def stop_agent(self, node: LabHost, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Signals the node's agent and waits until it is gone (SIGKILL: at once)."""
+        pid = self.agent_pid(node)
+        if pid is None:
+            return
+        os.kill(pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent of {node.name} (pid {pid}) did not exit after signal {sig}")
+            time.sleep(0.05)
+
+    def reload_agent(self, node: LabHost, config: dict[str, Any]) -> None:
+        """Writes a new file for the node's agent and sends it SIGHUP."""
+        self.node_config_path(node).write_text(yaml.safe_dump(config, sort_keys=False))
+        pid = self.agent_pid(node)
+        if pid is None:
+            raise LabError(f"the agent of {node.name} is not running")
+        os.kill(pid, signal.SIGHUP)
 
     def wait_agent(self, node: LabHost, timeout_s: float = AGENT_READY_TIMEOUT_S) -> None:
         """Until the node's agent has applied its file and its BGP session is established."""
@@ -319,3 +342,4 @@ class ClusterLab(Lab):
         for n in self.nodes:
             for directory in (Path(pin_dir_for(n.netns)), Path(LOCK_DIR) / n.netns):
                 shutil.rmtree(directory, ignore_errors=True)
+            (Path(LOCK_DIR) / f"{n.netns}.lock").unlink(missing_ok=True)
