@@ -3,7 +3,6 @@ bird.conf.j2), the process (started in the balancer's namespace, dying with the 
 control socket under /run/lbctl/<instance>/, and the sessions read back from it."""
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
@@ -12,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,12 +273,3 @@ class Speaker:
             return "(no log)"
         return lines[-1][-300:] if lines else "(empty log)"
 
-
-# -- what status prints ----------------------------------------------------------------------
-def ring_fingerprint(ring: Sequence[int], names_by_id: dict[int, str]) -> str:
-    """A stable hash of a ring by backend name per slot: two nodes holding the same ring show
-    the same fingerprint whatever backend ids their maps gave (ids are local to a node)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{len(ring)}\n".encode())
-    h.update("\0".join([names_by_id.get(slot_id, "-") for slot_id in ring]).encode())
-    return h.hexdigest()

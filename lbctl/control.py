@@ -16,7 +16,6 @@ from lbctl.errors import ConflictError, NetnsError
 from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint
-from xdp.errors import XdpError
 from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, Limits
 
 LOCK_DIR = "/run/lbctl"
@@ -312,8 +311,9 @@ class Controller:
                 live = planner.read_live(maps)
                 out["vips"] = len(live)
                 out["backends"] = sum(len(lv.spec.backends) for lv in live.values())
+                rings = planner.ring_fingerprints(live, self.limits.ring_size, self.maglev_seed)
                 out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "affinity": live[v].spec.affinity,
-                                     "ring": _fingerprint(live[v])}
+                                     "ring": rings.get(v)}
                                     for v in sorted(live)]
         from lbctl.agent import read_published
 
@@ -388,20 +388,6 @@ class Controller:
         require_root()
         with self._locked(), self.balancer.maps() as maps:
             return maps.flush_flows()
-
-
-def _fingerprint(lv: planner.LiveVip) -> str | None:
-    """The live ring's fingerprint (lbctl.bgp.ring_fingerprint): equal on every node whose
-    maps hold the same ring, whatever backend ids each node gave."""
-    from lbctl.bgp import ring_fingerprint
-
-    if lv.read_ring is None:
-        return None
-    try:
-        ring = lv.read_ring()
-    except (OSError, XdpError):
-        return None
-    return ring_fingerprint(ring, {bid: name for name, bid in lv.backend_ids.items()})
 
 
 def _bgp_status(agent: dict | None) -> dict | None:

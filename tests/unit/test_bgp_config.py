@@ -1,5 +1,5 @@
-"""The bgp block and the BIRD config it renders: what loads, what each broken block says, that
-BIRD itself accepts what lbctl writes, and the ring fingerprint nodes compare."""
+"""The bgp block and the BIRD config it renders: what loads, what each broken block says, and
+that BIRD itself accepts what lbctl writes."""
 from __future__ import annotations
 
 import shutil
@@ -12,7 +12,6 @@ import pytest
 from lbctl import bgp
 from lbctl.config import BgpPeer, BgpSpec, DesiredState, load_text
 from lbctl.errors import ConfigError
-from lbctl.maglev import MaglevBackend, build_ring
 
 BASE = """\
 interfaces: [eth0]
@@ -110,14 +109,3 @@ def test_protocol_names_give_back_the_peer():
     assert bgp._peer_of(bgp.protocol_name("10.77.2.1")) == "10.77.2.1"
     assert bgp._peer_of("device1") is None
 
-
-def test_ring_fingerprint_is_the_same_whatever_ids_a_node_gave():
-    names = ["10.0.1.11:80", "10.0.1.12:80", "10.0.1.13:80"]
-    ring = build_ring([MaglevBackend(n) for n in names], 251)
-    # Node A gave ids 0,1,2; node B (which had other backends before) 7,3,9.
-    ids_a, ids_b = {0: 0, 1: 1, 2: 2}, {0: 7, 1: 3, 2: 9}
-    fp_a = bgp.ring_fingerprint([ids_a[i] for i in ring], {v: names[k] for k, v in ids_a.items()})
-    fp_b = bgp.ring_fingerprint([ids_b[i] for i in ring], {v: names[k] for k, v in ids_b.items()})
-    assert fp_a == fp_b
-    other = build_ring([MaglevBackend(n, 2 if n == names[0] else 1) for n in names], 251)
-    assert bgp.ring_fingerprint([ids_a[i] for i in other], {v: names[k] for k, v in ids_a.items()}) != fp_a
