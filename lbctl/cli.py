@@ -1053,16 +1053,24 @@ def lab_status(prefix: str, as_json: bool) -> None:
 
 
 @main.command(epilog=examples("lbctl demo            # build, balance, show, clean up",
-                              "lbctl demo --keep     # leave the lab up afterwards"))
+                              "lbctl demo --keep     # leave the lab up afterwards",
+                              "lbctl demo --nodes 2  # two nodes behind ECMP, one fails"))
 @click.option("--keep", is_flag=True, help="leave the lab up (prints the command that removes it)")
 @click.option("--requests", "count", type=click.IntRange(10, 100000), default=300, show_default=True)
 @mode_option
 @click.option("--prefix", default="lbl", show_default=True, help="lab namespace name prefix")
-def demo(keep: bool, count: int, mode: str | None, prefix: str) -> None:
-    """Run the namespace-lab demo: real HTTP through the XDP balancer."""
-    from lbctl.demo import run_demo
+@click.option("--nodes", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="2 or more: nodes behind a router's ECMP route, one failing")
+def demo(keep: bool, count: int, mode: str | None, prefix: str, nodes: int) -> None:
+    """Run the namespace-lab demo: real HTTP through the XDP balancer (with --nodes 2: spread
+    over two nodes by BGP and ECMP, one node failing, connections carrying on)."""
+    from lbctl.demo import run_cluster_demo, run_demo
 
-    if not run_demo(keep=keep, count=count, mode=mode, prefix=prefix):
+    if nodes > 1:
+        ok = run_cluster_demo(nodes, keep=keep, prefix=prefix)
+    else:
+        ok = run_demo(keep=keep, count=count, mode=mode, prefix=prefix)
+    if not ok:
         click.echo("lbctl: error: the demo's checks failed (see the tables above)", err=True)
         sys.exit(1)
 

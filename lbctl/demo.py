@@ -105,3 +105,77 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
                     pass
                 lab.down()
             console.print("cleaned up: lab removed, balancer detached")
+
+
+def run_cluster_demo(nodes: int = 2, keep: bool = False, prefix: str = "lbl", connections: int = 60) -> bool:
+    """`lbctl demo --nodes N`: N balancer nodes announce the VIP over BGP, the router spreads
+    connections over them (ECMP), node 1's link goes down, and the long-lived connections carry
+    on through the others. Returns whether the checks it shows held."""
+    from lbctl.lab_cluster import ClusterLab, LongConnections
+
+    need_root("demo")
+    lab = ClusterLab(prefix, nodes)
+    vip = f"{lab.vip}:{lab.http_port}"
+    first = lab.nodes[0]
+    try:
+        with console.status(f"building the lab: router (BIRD, ECMP), {nodes} nodes with agents "
+                            "(compiles the XDP program once per node)..."):
+            lab.up()
+        console.print(f"[green]lab up[/]: client {lab.client.addr} -> router {lab.router_addr} -> nodes "
+                      f"{', '.join(f'{n.name}={n.addr}' for n in lab.nodes)} ({lab.forwarding}) -> backends "
+                      f"{', '.join(f'{b.name}={b.addr}' for b in lab.backends)}; VIP {vip}")
+        console.print(f"[bold cyan]$ ip -n {lab.router.netns} route show {lab.vip}[/]")
+        console.print(lab.run(lab.router, ["ip", "route", "show", lab.vip]).stdout.rstrip(), markup=False)
+        lbctl(first.netns, "status")
+
+        held = LongConnections(lab, connections, interval_s=0.1, duration_s=10.0)
+        try:
+            ports = held.ports()
+            carried = {n.name: lab.flow_ports(n) & set(ports) for n in lab.nodes}
+            table = Table()
+            table.add_column("node")
+            table.add_column("connections", justify="right")
+            for n in lab.nodes:
+                table.add_row(n.name, str(len(carried[n.name])))
+            console.print(f"[bold]{connections} long-lived connections (a request every 100 ms), "
+                          "by the node the router sent them to[/]")
+            console.print(table)
+            console.print(f"[bold cyan]$ ip -n {first.netns} link set eth0 down[/]   # node 1 fails")
+            lab.run(first, ["ip", "link", "set", "eth0", "down"], check=True)
+            with console.status("waiting for the router to drop node 1 (hold timer)..."):
+                took = lab.wait_route(nodes - 1)
+            console.print(f"the router dropped {first.name} {took:.1f} s later:")
+            console.print(lab.run(lab.router, ["ip", "route", "show", lab.vip]).stdout.rstrip(), markup=False)
+            bodies = lab.http_get(lab.vip, lab.http_port, count=100, new_connection=True)
+            names = [b.name for b in lab.backends]
+            console.print(distribution_table("100 new connections after the failure", Counter(bodies), names, 100))
+            with console.status("the long-lived connections run to their end..."):
+                conns = held.result()
+        finally:
+            held.close()
+            lab.run(first, ["ip", "link", "set", "eth0", "up"])
+        table = Table()
+        for col in ("node at the start", "connections", "carried on", "broken", "backend changed"):
+            table.add_column(col, justify="right" if col != "node at the start" else "left")
+        ok_all = True
+        for n in lab.nodes:
+            mine = [r for r in conns if r["port"] in carried[n.name]]
+            kept = [r for r in mine if r["errors"] == 0 and len(r["backends"]) == 1]
+            table.add_row(n.name, str(len(mine)), str(len(kept)), str(sum(r["errors"] > 0 for r in mine)),
+                          str(sum(len(r["backends"]) > 1 for r in mine)))
+            if n is not first or lab.forwarding == "dsr":
+                ok_all = ok_all and len(kept) == len(mine)
+        console.print("[bold]the long-lived connections[/]")
+        console.print(table)
+        if lab.forwarding != "dsr":
+            console.print(f"({lab.forwarding}: the node that takes over rewrites the source to its own "
+                          "address, so the backend resets connections that moved; see docs/scale-out.md)")
+        return ok_all and len(bodies) == 100
+    finally:
+        if keep:
+            down = "lbctl lab down" + ("" if prefix == "lbl" else f" --prefix {prefix}")
+            console.print(f"lab left up; try: lbctl -n {first.netns} status; remove it with: {down}")
+        else:
+            with console.status("cleaning up..."):
+                lab.down()
+            console.print("cleaned up: lab, agents and BIRD removed")

@@ -330,6 +330,26 @@ class ClusterLab(Lab):
                                f"{timeout_s:.0f} s, not {count}; log: {self.run_dir}/*-agent.log")
             time.sleep(0.05)
 
+    def explain_ports(self, node: LabHost, ports: list[int]) -> dict[int, dict[str, Any]]:
+        """`lbctl explain CLIENT:PORT VIP:PORT` on one node for many of the client's ports at
+        once (one process, the same Controller.explain the command calls): port -> answer."""
+        spec = {"instance": node.netns, "client": self.client.addr, "vip": self.vip,
+                "port": self.http_port, "ports": ports}
+        out = self._must_keep_mounts(node, [sys.executable, "-c", _EXPLAIN_SNIPPET, json.dumps(spec)])
+        return {int(k): v for k, v in json.loads(out).items()}
+
+    def _must_keep_mounts(self, node: LabHost, argv: list[str]) -> str:
+        proc = self.run(node, ["env", f"PYTHONPATH={_SOURCE_ROOT}", *argv], keep_mounts=True, timeout=120)
+        if proc.returncode != 0:
+            raise LabError(f"in {node.netns}: {proc.stderr.strip()[-500:]}")
+        return proc.stdout
+
+    def flow_ports(self, node: LabHost) -> set[int]:
+        """Client ports of the live flows the node tracks for the lab's client."""
+        spec = {"instance": node.netns, "client": self.client.addr}
+        return set(json.loads(self._must_keep_mounts(node, [sys.executable, "-c", _FLOWS_SNIPPET,
+                                                            json.dumps(spec)])))
+
     def node_of(self, addr: str) -> LabHost:
         return next(n for n in self.nodes if n.addr == addr)
 
@@ -343,3 +363,134 @@ class ClusterLab(Lab):
             for directory in (Path(pin_dir_for(n.netns)), Path(LOCK_DIR) / n.netns):
                 shutil.rmtree(directory, ignore_errors=True)
             (Path(LOCK_DIR) / f"{n.netns}.lock").unlink(missing_ok=True)
+
+
+class LongConnections:
+    """`count` keep-alive HTTP connections from the lab's client to the VIP, each sending a
+    request every `interval_s` for `duration_s` (one thread each, so a stalled connection
+    delays only itself). `ports()` is known once all are open; `result()` waits for the end:
+    per connection its client port, the backends that answered in order, requests answered,
+    errors, the first error and the longest wait for an answer."""
+
+    def __init__(self, lab: Lab, count: int, interval_s: float, duration_s: float,
+                 timeout_s: float = 20.0) -> None:
+        spec = {"host": lab.vip, "port": lab.http_port, "count": count, "interval_s": interval_s,
+                "duration_s": duration_s, "timeout_s": timeout_s}
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.client.netns, sys.executable, "-I", "-S", "-c", _LONG_CONNS_SNIPPET,
+             json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._ports: list[int | None] | None = None
+        self.duration_s = duration_s
+        self.timeout_s = timeout_s
+
+    def ports(self) -> list[int | None]:
+        if self._ports is None:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if not line:
+                raise LabError(f"the connection holder died: {self.proc.stderr.read()[-500:] if self.proc.stderr else ''}")
+            self._ports = json.loads(line)["ports"]
+        return self._ports
+
+    def result(self) -> list[dict[str, Any]]:
+        self.ports()
+        try:
+            out, err = self.proc.communicate(timeout=self.duration_s + self.timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise LabError("the connection holder did not finish") from None
+        if self.proc.returncode != 0:
+            raise LabError(f"the connection holder exited {self.proc.returncode}: {err.strip()[-500:]}")
+        return list(json.loads(out)["conns"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+# One thread per connection; stdlib only (runs with -I -S in the client's namespace).
+_LONG_CONNS_SNIPPET = r"""
+import json, re, socket, sys, threading, time
+spec = json.loads(sys.argv[1])
+LEN = re.compile(rb"content-length: *(\d+)", re.I)
+
+def read_answer(s):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(4096)
+        if not d:
+            raise OSError("connection closed by the peer")
+        buf += d
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = int(LEN.search(head).group(1))
+    while len(body) < length:
+        d = s.recv(4096)
+        if not d:
+            raise OSError("connection closed by the peer")
+        body += d
+    return body[:length].decode().strip()
+
+conns = []
+for _ in range(spec["count"]):
+    rec = {"port": None, "backends": [], "ok": 0, "errors": 0, "first_error": None,
+           "error_at_s": None, "max_wait_s": 0.0}
+    try:
+        s = socket.create_connection((spec["host"], spec["port"]), timeout=spec["timeout_s"])
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rec["port"] = s.getsockname()[1]
+    except OSError as exc:
+        s = None
+        rec["errors"], rec["first_error"] = 1, f"connect: {exc}"
+    conns.append((s, rec))
+print(json.dumps({"ports": [r["port"] for _, r in conns]}), flush=True)
+start = time.monotonic()
+
+def hold(s, rec):
+    tick = 0
+    while time.monotonic() - start < spec["duration_s"]:
+        sent = time.monotonic()
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+            name = read_answer(s)
+        except (OSError, ValueError, AttributeError) as exc:
+            rec["errors"] += 1
+            rec["first_error"] = f"{type(exc).__name__}: {exc}"
+            rec["error_at_s"] = round(time.monotonic() - start, 2)
+            return
+        rec["max_wait_s"] = max(rec["max_wait_s"], round(time.monotonic() - sent, 3))
+        if not rec["backends"] or rec["backends"][-1] != name:
+            rec["backends"].append(name)
+        rec["ok"] += 1
+        tick += 1
+        time.sleep(max(0.0, start + tick * spec["interval_s"] - time.monotonic()))
+
+threads = [threading.Thread(target=hold, args=c) for c in conns if c[0] is not None]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+for s, _ in conns:
+    if s is not None:
+        s.close()
+print(json.dumps({"conns": [r for _, r in conns]}))
+"""
+
+# Run inside a node's network namespace with the host's bpffs (nsenter --net).
+_EXPLAIN_SNIPPET = r"""
+import json, sys
+from lbctl.control import Controller
+from xdp.codec import Endpoint
+spec = json.loads(sys.argv[1])
+ctl = Controller(spec["instance"])
+vip = Endpoint(spec["vip"], spec["port"], "tcp")
+print(json.dumps({p: ctl.explain(Endpoint(spec["client"], p, "tcp"), vip) for p in spec["ports"]}))
+"""
+
+_FLOWS_SNIPPET = r"""
+import json, sys
+from lbctl.control import Controller
+spec = json.loads(sys.argv[1])
+rows = Controller(spec["instance"]).flows(None, False, None, None, spec["client"], None)
+print(json.dumps(sorted({r["client_port"] for r in rows})))
+"""
