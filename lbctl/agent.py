@@ -261,7 +261,7 @@ class Agent:
                 self.last_in_ring[vip] = healthy
             backends = tuple(b if b.state != "active" or b.name in healthy else replace(b, state="drain")
                              for b in entry.spec.backends)
-            out[vip] = VipSpec(vip, backends)
+            out[vip] = replace(entry.spec, backends=backends)   # affinity, forwarding as in the file
         return out
 
     def _health(self, vip: Endpoint, name: str) -> BackendHealth:
