@@ -24,7 +24,7 @@ from lbctl.l7.host import add_vip_address, remove_vip_address
 from lbctl.l7.stats import L7Collector
 from lbctl.l7.supervisor import L7Supervisor, worker_spec
 from lbctl.metrics import AgentView, BackendHealthView, LbCollector, MetricsServer
-from lbctl.model import Config, VipSpec
+from lbctl.model import Config
 from xdp.codec import Endpoint
 from xdp.errors import XdpError
 
