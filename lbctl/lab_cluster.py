@@ -135,6 +135,7 @@ class ClusterLab(Lab):
             netns.create(ns)
         self._sysctls_before_links()
         lb_peers = self._wire()
+        self._no_flooding_to_nodes()
         self._configure_addresses()
         self._tune_offloads(lb_peers)
         if self.forwarding == "dsr":
@@ -173,6 +174,15 @@ class ClusterLab(Lab):
             for i in h.ifaces:
                 # Partial checksums of local sockets over veth are dropped after an XDP rewrite.
                 self._must(h, ["ethtool", "-K", i.name, "tx", "off"])
+
+    def _no_flooding_to_nodes(self) -> None:
+        """A node's switch port gets unknown unicast no more. When a node's link goes down the
+        bridge forgets its MAC and floods the frames the router still sends there; another
+        node's XDP program (generic mode sees frames for any MAC on a veth) would serve them,
+        and a failover would look seamless that a real NIC, which drops frames for other MACs,
+        would not make so."""
+        for n in self.nodes:
+            self._must("sw", ["bridge", "link", "set", "dev", f"p-{n.name}", "flood", "off"])
 
     def _dsr_backends(self) -> None:
         """DSR delivers the client's packet unchanged but for its MAC: each backend holds the
