@@ -941,6 +941,35 @@ def bench_agent(json_out: str | None, measure_s: float, png: str | None) -> None
     run_bench(json_out=json_out, measure_s=measure_s, png=png)
 
 
+@bench.command("l7", epilog=examples(
+    "lbctl bench l7 --results-dir bench/results --doc docs/benchmarks.md   # 3 rounds, ~5 min",
+    "lbctl bench l7 --quick                       # 1 short round; JSON record in ."))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20),
+              help="alternating rounds (and agent restarts per warm-up mode)")
+@click.option("--quick", is_flag=True, help="1 short round, 1 restart per warm-up mode")
+@click.option("--results-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="where the JSON record goes (created if missing)")
+@click.option("--doc", type=click.Path(dir_okay=False),
+              help="markdown page whose L7 block is replaced, the plot beside it")
+@click.option("--lab-prefix", help="namespace prefix of the bench's lab (default b7 + 6 hex digits)")
+@click.pass_obj
+def bench_l7(obj: Context, repeats: int, quick: bool, results_dir: str, doc: str | None,
+             lab_prefix: str | None) -> None:
+    """The L7 proxy (lbctl agent, a mode: l7 VIP) against HAProxy mode http, same backends and
+    client, alternating rounds: keep-alive and new-connection requests/s, p50/p99, CPU per
+    request; pool on against off; time to first byte after a start, eager against lazy."""
+    if obj.instance != "host":
+        raise click.UsageError("the bench builds its own lab: run it without -n")
+    from pathlib import Path
+
+    from lbctl.bench.l7 import run_l7
+
+    results = run_l7(Path(results_dir), Path(doc) if doc else None, repeats, quick,
+                     ttfb_restarts=repeats, prefix=lab_prefix)
+    if not results["complete"]:
+        sys.exit(1)
+
+
 # -- the node in a cluster -------------------------------------------------------------------
 @main.group(epilog=examples("lbctl node drain      # withdraw every VIP (maintenance)",
                             "lbctl node undrain    # announce again"))

@@ -135,6 +135,9 @@ def _check_duration(v: Any) -> Any:
 class L7PoolFile(_Strict):
     """Upstream keep-alive connections, one pool per backend per worker."""
 
+    # false: every request opens its own upstream connection and closes it after (the
+    # comparison the pool is measured against, and for backends that mishandle keep-alive).
+    enabled: bool = True
     max_size: int = Field(64, ge=1, le=10_000)
     min_idle: int = Field(0, ge=0, le=10_000)
     idle_timeout: Any = "60s"
@@ -146,6 +149,9 @@ class L7PoolFile(_Strict):
     def _sizes(self) -> L7PoolFile:
         if self.min_idle > self.max_size:
             raise ValueError(f"min_idle {self.min_idle} is more than max_size {self.max_size}")
+        if not self.enabled and self.warmup == "eager":
+            raise ValueError("warmup eager keeps connections open and the pool is off (enabled: "
+                             "false); set warmup: lazy, or enabled: true")
         if self.warmup == "eager" and self.min_idle == 0:
             raise ValueError("warmup eager opens min_idle connections at start, and min_idle is 0; "
                              "set min_idle: 1 or more, or warmup: lazy")
@@ -363,6 +369,7 @@ class L7Spec:
     workers: int = 0
     balancing: str = "round_robin"
     hash_on: tuple[str, str] | None = None   # ('header'|'cookie', name)
+    pool_enabled: bool = True
     pool_max_size: int = 64
     pool_min_idle: int = 0
     pool_idle_timeout_ms: int = 60_000
@@ -663,7 +670,7 @@ def _l7(f: L7File, spec: VipSpec, source: str, lines: dict[Loc, int], at: Loc) -
     return L7Spec(
         workers=f.workers, balancing=f.balancing,
         hash_on=(kind, name.lower() if kind == "header" else name) if f.hash_on else None,
-        pool_max_size=f.pool.max_size, pool_min_idle=f.pool.min_idle,
+        pool_enabled=f.pool.enabled, pool_max_size=f.pool.max_size, pool_min_idle=f.pool.min_idle,
         pool_idle_timeout_ms=parse_duration_ms(f.pool.idle_timeout), warmup=f.pool.warmup,
         header_timeout_ms=parse_duration_ms(lim.header_timeout),
         keepalive_timeout_ms=parse_duration_ms(lim.keepalive_timeout),

@@ -45,6 +45,7 @@ class L7Settings:
 
     balancing: str = "round_robin"
     hash_on: tuple[str, str] | None = None
+    pool_enabled: bool = True
     pool_max_size: int = 64
     pool_min_idle: int = 0
     pool_idle_timeout_s: float = 60.0
@@ -149,7 +150,7 @@ class Pool:
             raise
 
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
-        if reusable and not self.closed and conn.usable():
+        if reusable and self.settings.pool_enabled and not self.closed and conn.usable():
             while self.waiters:
                 fut = self.waiters.popleft()
                 if not fut.done():
@@ -660,6 +661,8 @@ class ClientConnection:
         if headers.get(b"host"):
             fwd += b";host=" + headers[b"host"][0]
         out.append(b"Forwarded: " + fwd + b"\r\n")
+        if not self.settings.pool_enabled:
+            out.append(b"Connection: close\r\n")   # the backend may end it too: nothing reuses it
         if body_kind == "length":
             out.append(f"Content-Length: {length}\r\n".encode())
         elif body_kind == "chunked":
