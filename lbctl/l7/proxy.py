@@ -35,6 +35,9 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
                         b"proxy-authorization"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# A request with any of these takes the general path (a body, or an answer of ours first).
+_SLOW_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+_NO_EXCLUDE: frozenset[str] = frozenset()
 REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -87,8 +90,10 @@ class _UpstreamFailed(Exception):
 
 # -- upstream connections and their pools ---------------------------------------------------
 class UpstreamConn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 proto: _UpstreamProtocol):
+        self.reader, self.writer, self.proto = reader, writer, proto
+        self.transport = writer.transport
         self.idle_since = time.monotonic()
 
     def usable(self) -> bool:
@@ -113,24 +118,34 @@ class Pool:
         self.closed = False
 
     async def _open(self) -> UpstreamConn:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
+        proto = _UpstreamProtocol(reader, loop=loop)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.addr, self.port, limit=READ_SIZE),
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: proto, self.addr, self.port),
                 self.settings.connect_timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
             why = "connect timeout" if isinstance(exc, asyncio.TimeoutError) else \
                 f"connect: {exc.strerror or exc}"
             raise _UpstreamFailed(why, connect=True) from None
         self.stats.count("upstream_connects", self.vip, self.name)
-        return UpstreamConn(reader, writer)
+        return UpstreamConn(reader, asyncio.StreamWriter(transport, proto, reader, loop), proto)
+
+    def take_idle(self) -> UpstreamConn | None:
+        """The most recently used idle connection (its congestion window is the warmest)."""
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.usable():
+                return conn
+            self._discard(conn)
+        return None
 
     async def acquire(self) -> tuple[UpstreamConn, bool]:
         """A connection and whether it was reused from the pool."""
-        while self.idle:
-            conn = self.idle.pop()      # the most recently used: its congestion window is warm
-            if conn.usable():
-                return conn, True
-            self._discard(conn)
+        conn = self.take_idle()
+        if conn is not None:
+            return conn, True
         if self.total >= self.settings.pool_max_size:
             fut: asyncio.Future[UpstreamConn | None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
@@ -233,6 +248,7 @@ class VipProxy:
         self.in_flight = 0
         self.draining = False
         self._maint: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.update(settings, backends)
 
     def update(self, settings: L7Settings, backends: list[dict[str, Any]]) -> None:
@@ -259,6 +275,7 @@ class VipProxy:
             if name not in keep:
                 old.pool.close()
         self.backends = keep
+        self.members = list(keep.values())
         self.routes = [Route(h, p, list(s)) for h, p, s in settings.routes]
         self.rotations = {}
 
@@ -268,6 +285,22 @@ class VipProxy:
             lambda: client_protocol(self), self.host, self.port, reuse_port=True, backlog=4096,
             ssl=ssl_context)
         self._maint = asyncio.create_task(self._maintain())
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Timeouts of client waits and fast-path answers, checked four times a second: one
+        timer for the VIP instead of one per read (the limits are seconds long)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            for c in list(self.connections):
+                fast = c.fast
+                if fast is not None:
+                    if now >= fast.deadline:
+                        fast.expire()
+                elif c.deadline is not None and now >= c.deadline:
+                    c.expire()
 
     async def _maintain(self) -> None:
         while True:
@@ -342,6 +375,8 @@ class VipProxy:
             c.abort()
         if self._maint is not None:
             self._maint.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for b in self.backends.values():
             b.pool.close()
 
@@ -419,26 +454,170 @@ class _Events:
         self.queue.append(("end",))
 
 
-def client_protocol(vip: VipProxy) -> asyncio.StreamReaderProtocol:
-    """A stream protocol whose connection runs ClientConnection.run as its own task."""
-    reader = asyncio.StreamReader(limit=READ_SIZE)
-    return asyncio.StreamReaderProtocol(
-        reader, lambda r, w: ClientConnection(vip, r, w).run())
+def client_protocol(vip: VipProxy) -> ClientConnection:
+    """The protocol of one accepted client connection (HTTP/1.1)."""
+    return ClientConnection(vip)
 
 
-class ClientConnection:
-    def __init__(self, vip: VipProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.vip, self.reader, self.writer = vip, reader, writer
+def _parse_failure(exc: Exception) -> HttpError:
+    """What a client's bytes that httptools refused are answered with."""
+    if isinstance(exc, httptools.HttpParserCallbackError):
+        cause = exc.__context__ or exc.__cause__
+        if isinstance(cause, HttpError):
+            return cause
+        return HttpError(400, f"bad request: {exc}")
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        return HttpError(400, "protocol upgrades are not proxied")
+    return HttpError(400, f"malformed request: {exc}")
+
+
+class _ClientWriter:
+    """The StreamWriter calls the request coroutine makes, on the connection's own transport
+    and flow control (pause_writing/resume_writing)."""
+
+    def __init__(self, conn: ClientConnection):
+        self.conn = conn
+
+    def write(self, data: bytes) -> None:
+        if not self.conn.lost:
+            self.conn.transport.write(data)
+
+    async def drain(self) -> None:
+        c = self.conn
+        if c.lost:
+            raise ConnectionResetError("client closed the connection")
+        if c.write_paused:
+            fut = asyncio.get_running_loop().create_future()
+            c.drain_waiters.append(fut)
+            await fut
+
+    def close(self) -> None:
+        self.conn.transport.close()
+
+    def is_closing(self) -> bool:
+        return bool(self.conn.transport.is_closing())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.conn.transport.get_extra_info(name, default)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection. Its bytes are parsed as they arrive; a request the fast path
+    can take (a GET without a body, no cache, an idle pooled connection to the backend it
+    picks) is forwarded and answered from the two sockets' callbacks (_FastExchange) without
+    waking a coroutine; everything else (bodies, retries, waits for a connection, errors,
+    the cache, timeouts) goes through the request coroutine `run`, which reads through
+    `_feed`. Reading pauses while parsed events or unparsed bytes wait, so at most one read
+    of a client's bytes is held."""
+
+    def __init__(self, vip: VipProxy):
+        self.vip = vip
         self.settings = vip.settings
         self.events = _Events(self.settings.max_headers, max_header_bytes=self.settings.max_header_bytes)
         self.parser = httptools.HttpRequestParser(self.events)
         self.events.parser = self.parser
-        peer = writer.get_extra_info("peername") or ("", 0)
-        self.client_addr = peer[0]
-        self.tls = writer.get_extra_info("sslcontext") is not None
+        self.transport: Any = None
+        self.writer = _ClientWriter(self)
+        self.client_addr = ""
+        self.tls = False
         self.busy = False
         self.closing = False
         self.eof = False
+        self.lost = False
+        self.pending: deque[bytes] = deque()
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiters: list[asyncio.Future[None]] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.deadline: float | None = None       # loop time the coroutine's wait ends at
+        self.idle_wait = False      # the coroutine waits for a new request: the fast path may run
+        self.parse_error: HttpError | None = None
+        self.fast: _FastExchange | None = None
+        self.prepicked: Backend | None = None    # chosen by the fast path, which could not go on
+        self.pretried: tuple[str, ...] = ()
+        self.replay = False                      # a request the fast path counted already
+        self.task: asyncio.Task[None] | None = None
+
+    # -- protocol callbacks
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.client_addr = peer[0]
+        self.tls = transport.get_extra_info("sslcontext") is not None
+        self.vip.connections.add(self)
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_wait and self.fast is None and not self.pending:
+            self._parse_now(data)
+            return
+        self.pending.append(data)
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        # Keep the sending side open: a client that half-closes after its request still gets
+        # the answer (TLS transports cannot half-close).
+        return not self.tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.eof = True
+        self.vip.connections.discard(self)
+        if self.fast is not None:
+            self.fast.client_lost()
+        self._wake()
+        for fut in self.drain_waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("client closed the connection"))
+        self.drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for fut in self.drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self.drain_waiters.clear()
+        if self.fast is not None:
+            self.fast.client_writable()
+
+    # -- the parts both paths share
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def expire(self) -> None:
+        """The coroutine's wait ran past its deadline (checked by VipProxy's sweep)."""
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_exception(asyncio.TimeoutError())
+
+    def _parse_now(self, data: bytes) -> None:
+        """Parses bytes that arrived while the coroutine waits for a request; a complete
+        simple request goes the fast path, anything else wakes the coroutine."""
+        events = self.events
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self.parse_error = _parse_failure(exc)
+        else:
+            if events.in_head:
+                events.pending_head_bytes += len(data)
+                if events.pending_head_bytes > self.settings.max_header_bytes:
+                    self.parse_error = HttpError(
+                        431, f"header section over {self.settings.max_header_bytes} bytes")
+            q = events.queue
+            if len(q) == 2 and q[1][0] == "end" and q[0][0] == "head" and self._try_fast(q[0]):
+                q.clear()
+                return
+        self._wake()
 
     def close_when_idle(self) -> None:
         self.closing = True
@@ -446,10 +625,9 @@ class ClientConnection:
             self.abort()
 
     def abort(self) -> None:
-        self.writer.close()
+        self.transport.close()
 
     async def run(self) -> None:
-        self.vip.connections.add(self)
         self.vip.stats.gauge_add("client_connections", self.vip.vip, 1)
         try:
             while not self.closing:
@@ -465,31 +643,49 @@ class ClientConnection:
                     self.vip.in_flight -= 1
                 if not keep:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
         finally:
+            if self.fast is not None:
+                self.fast.client_lost()
             self.vip.connections.discard(self)
             self.vip.stats.gauge_add("client_connections", self.vip.vip, -1)
             with contextlib.suppress(Exception):
-                self.writer.close()
+                self.transport.close()
 
-    async def _feed(self, timeout_s: float) -> bool:
-        """Reads once and parses; False at EOF. Parse errors become HttpError."""
-        data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout_s)
-        if not data:
-            self.eof = True
-            return False
+    async def _wait(self, timeout_s: float, idle: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiter, self.idle_wait = fut, idle
+        self.deadline = loop.time() + timeout_s
+        try:
+            await fut
+        finally:
+            self.waiter, self.idle_wait, self.deadline = None, False, None
+
+    async def _feed(self, timeout_s: float, idle: bool = False) -> bool:
+        """Waits for bytes (or events the fast path parsed and left) and parses them; False at
+        EOF. Parse errors become HttpError; a wait past timeout_s raises TimeoutError."""
+        while not (self.pending or self.events.queue or self.parse_error or self.eof):
+            if timeout_s <= 0:
+                raise asyncio.TimeoutError()
+            await self._wait(timeout_s, idle)
+            while self.fast is not None:
+                # Requests the fast path serves keep the connection busy, not idle: wait on.
+                await self._wait(self.settings.keepalive_timeout_s, idle)
+        if self.parse_error is not None:
+            exc, self.parse_error = self.parse_error, None
+            raise exc
+        if not self.pending:
+            return bool(self.events.queue) or not self.eof
+        data = self.pending.popleft()
+        if not self.pending and self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__ or exc.__cause__
-            if isinstance(cause, HttpError):
-                raise cause from None
-            raise HttpError(400, f"bad request: {exc}") from None
-        except httptools.HttpParserUpgrade:
-            raise HttpError(400, "protocol upgrades are not proxied") from None
-        except httptools.HttpParserError as exc:
-            raise HttpError(400, f"malformed request: {exc}") from None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            raise _parse_failure(exc) from None
         if self.events.in_head:
             # A head still incomplete: count what it has sent so far, so an endless header
             # section is refused without being held.
@@ -514,7 +710,7 @@ class ClientConnection:
             timeout = (deadline - time.monotonic()) if deadline is not None else \
                 self.settings.keepalive_timeout_s
             try:
-                if timeout <= 0 or not await self._feed(timeout):
+                if timeout <= 0 or not await self._feed(timeout, idle=not started):
                     return None
             except asyncio.TimeoutError:
                 return None
@@ -530,6 +726,80 @@ class ClientConnection:
                 raise ConnectionResetError("client closed mid-body")
         ev = self.events.queue.popleft()
         return ev
+
+    def _try_fast(self, head: tuple[Any, ...]) -> bool:
+        """Starts the fast path for a complete request if it may take it: a GET without a
+        body or Expect, an origin-form URL, no cache, and an idle pooled connection to the
+        backend the balancer picks. False (nothing changed but the pick, which the coroutine
+        then uses) sends the request the general way."""
+        _, url, raw_headers, method, keep_alive, version = head
+        vip = self.vip
+        if method != "GET" or self.closing or vip.draining or vip.cache is not None \
+                or not url.startswith(b"/"):
+            return False
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in raw_headers:
+            low = name.lower()
+            if low in _SLOW_REQUEST_HEADERS:
+                return False
+            if low in headers:
+                headers[low].append(value)
+            else:
+                headers[low] = [value]
+        if vip.routes:
+            hv = headers.get(b"host")
+            members = vip.candidates(host_of(hv[0] if hv else b""),
+                                     url.split(b"?", 1)[0].decode("latin-1"))
+            key = vip._current_key
+        else:
+            members, key = vip.members, "*"
+        backend = vip.pick(members, key, headers, _NO_EXCLUDE)
+        if backend is None:
+            return False
+        conn = backend.pool.take_idle()
+        if conn is None:
+            self.prepicked = backend
+            return False
+        stats, vipname = vip.stats, vip.vip
+        stats.count("requests", vipname)
+        stats.count("upstream_reuses", vipname, backend.name)
+        client_keep = keep_alive and not self.closing and not vip.draining
+        upstream_head = self._upstream_head(method, url, raw_headers, headers, "none", 0)
+        self.fast = _FastExchange(self, backend, conn, client_keep, version == "1.1",
+                                  len(members), head)
+        self.busy = True
+        vip.in_flight += 1
+        backend.outstanding += 1
+        conn.transport.write(upstream_head)
+        return True
+
+    def fast_done(self, client_keep: bool) -> None:
+        """The fast path's request is over (answered, failed or handed back)."""
+        self.fast = None
+        self.busy = False
+        self.vip.in_flight -= 1
+        if self.lost:
+            return
+        if not client_keep or self.closing:
+            self.transport.close()
+            return
+        if self.waiter is not None:
+            self.deadline = asyncio.get_running_loop().time() + self.settings.keepalive_timeout_s
+        if self.pending or self.events.queue:
+            self._wake()
+
+    def replay_slow(self, head: tuple[Any, ...], backend: Backend | None,
+                    tried: tuple[str, ...]) -> None:
+        """Hands a request the fast path could not finish (nothing was answered yet) to the
+        request coroutine, which sends it again: to `backend`, or to one not in `tried`."""
+        self.replay = True
+        self.prepicked, self.pretried = backend, tried
+        self.events.queue.appendleft(("end",))
+        self.events.queue.appendleft(head)
+        self.fast = None
+        self.busy = False
+        self.vip.in_flight -= 1
+        self._wake()
 
     async def _answer_error(self, exc: HttpError, keep: bool = False) -> None:
         self.vip.stats.count_response(self.vip.vip, exc.status)
@@ -550,7 +820,9 @@ class ClientConnection:
         client_keep = keep_alive and not self.closing and not self.vip.draining
         client_11 = version == "1.1"
         stats, vipname = self.vip.stats, self.vip.vip
-        stats.count("requests", vipname)
+        replayed, self.replay = self.replay, False
+        if not replayed:
+            stats.count("requests", vipname)
         headers: dict[bytes, list[bytes]] = {}
         for name, value in raw_headers:
             headers.setdefault(name.lower(), []).append(value)
@@ -580,9 +852,9 @@ class ClientConnection:
         members = self.vip.candidates(host, path)
         key = self.vip._current_key
         upstream_head = self._upstream_head(method, url, raw_headers, headers, body_kind, length)
-        tried: set[str] = set()
+        tried: set[str] = set(self.pretried)
         retryable_send = method in IDEMPOTENT and body_kind == "none"
-        same: Backend | None = None
+        same, self.prepicked, self.pretried = self.prepicked, None, ()
         stale_retries = 0
         while True:
             backend = same or self.vip.pick(members, key, headers, tried)
@@ -848,6 +1120,225 @@ class ClientConnection:
                     upstream_keep = resp_has_length and head_keep and \
                         not len(conn.reader._buffer)
                 return upstream_keep, client_keep
+
+
+class _FastExchange:
+    """One GET on the fast path, driven by callbacks: the upstream protocol feeds the answer
+    here, httptools parses it, and the client gets the head and the body pieces of each read
+    in one write. Does what _relay_response does for a GET: hop-by-hop headers out, chunked
+    re-framing of a body without a length, passive ejection, counters; a pooled connection
+    that fails before answering sends the request back to the coroutine's retries."""
+
+    __slots__ = ("backend", "client", "client_11", "client_keep", "conn", "deadline", "done",
+                 "extra", "got", "has_length", "head", "headers", "interim", "members_n",
+                 "no_body", "out", "out_chunked", "parser", "started", "status", "upstream_keep",
+                 "upstream_paused")
+
+    def __init__(self, client: ClientConnection, backend: Backend, conn: UpstreamConn,
+                 client_keep: bool, client_11: bool, members_n: int, head: tuple[Any, ...]):
+        self.client, self.backend, self.conn = client, backend, conn
+        self.client_keep, self.client_11 = client_keep, client_11
+        self.members_n, self.head = members_n, head
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.out: list[bytes] = []
+        self.got = 0
+        self.done = self.extra = self.interim = self.upstream_paused = False
+        self.has_length = self.no_body = self.out_chunked = self.upstream_keep = False
+        self.started = time.monotonic()
+        self.deadline = asyncio.get_running_loop().time() + client.settings.read_timeout_s
+        conn.proto.sink = self
+
+    # -- httptools callbacks (the response)
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.extra = True       # bytes after the answer: the connection cannot be reused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.interim = True     # 1xx is not forwarded; the real answer follows
+            self.headers = []
+            return
+        self.status = status
+        # Read here: once the message is complete llhttp resets what this reports.
+        self.upstream_keep = self.parser.should_keep_alive()
+        c = self.client
+        vip = c.vip
+        vip.note_result(self.backend, failed=status >= 500)
+        hdrs = self.headers
+        lows = [n.lower() for n, _ in hdrs]
+        named: set[bytes] = set()
+        if b"connection" in lows:
+            named = {t.strip().lower() for (n, v), low in zip(hdrs, lows) if low == b"connection"
+                     for t in v.split(b",")}
+        chunked_up = b"transfer-encoding" in lows
+        self.has_length = chunked_up or b"content-length" in lows
+        self.no_body = status in (204, 304)
+        lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else f"HTTP/1.1 {status} -\r\n".encode()]
+        for (name, value), low in zip(hdrs, lows):
+            if low in HOP_BY_HOP or low in named:
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+        if not self.no_body and (chunked_up or not self.has_length):
+            if self.client_11:
+                self.out_chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.client_keep = False     # an HTTP/1.0 client reads to the close
+        if not self.client_keep:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.out.append(b"".join(lines))
+        vip.stats.count_response(vip.vip, status)
+        vip.stats.observe_latency(vip.vip, time.monotonic() - self.started)
+
+    def on_body(self, body: bytes) -> None:
+        if self.out_chunked:
+            self.out.append(b"%x\r\n" % len(body) + body + b"\r\n")
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.out_chunked:
+            self.out.append(b"0\r\n\r\n")
+        self.done = True
+
+    # -- the upstream connection's events
+    def data(self, data: bytes) -> None:
+        self.got += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.done:
+                self._finish(False)         # junk after a complete answer
+            elif self.status == 0:
+                self._failed(f"bad response: {exc}")
+            else:
+                self._abort()
+            return
+        if self.done:
+            self._finish(self.has_length and not self.extra and self.upstream_keep)
+            return
+        self.deadline = asyncio.get_running_loop().time() + self.client.settings.read_timeout_s
+        if self.out:
+            self._flush()
+
+    def lost(self) -> None:
+        """The backend closed (or the connection broke) before the answer was complete."""
+        if self.status == 0 and self.got == 0:
+            # A pooled connection the backend closed as the request went out: again, on a
+            # fresh connection to the same backend (it says nothing about the backend).
+            self._release(False)
+            self.client.replay_slow(self.head, self.backend, ())
+        elif self.status and not self.has_length and not self.no_body:
+            if self.out_chunked:
+                self.out.append(b"0\r\n\r\n")
+            self._finish(False)      # a body delimited by the close
+        elif self.status == 0:
+            self._failed("closed mid-response head")
+        else:
+            self._abort()
+
+    def expire(self) -> None:
+        """No byte from the backend for read_timeout (VipProxy's sweep)."""
+        if self.status == 0:
+            self._failed("response timeout", timeout=True)
+        else:
+            self._abort()
+
+    # -- the client connection's events
+    def client_lost(self) -> None:
+        self._release(False)
+        self.client.fast = None
+        self.client.busy = False
+        self.client.vip.in_flight -= 1
+
+    def client_writable(self) -> None:
+        if self.upstream_paused:
+            self.upstream_paused = False
+            self.conn.transport.resume_reading()
+
+    # -- endings
+    def _flush(self) -> None:
+        c = self.client
+        out, self.out = self.out, []
+        c.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if c.write_paused and not self.upstream_paused:
+            self.upstream_paused = True      # the client reads slower than the backend sends
+            self.conn.transport.pause_reading()
+
+    def _release(self, reusable: bool) -> None:
+        self.conn.proto.sink = None
+        if self.upstream_paused:
+            self.upstream_paused = False
+            with contextlib.suppress(Exception):
+                self.conn.transport.resume_reading()
+        self.backend.outstanding -= 1
+        self.backend.pool.release(self.conn, reusable)
+
+    def _finish(self, reusable: bool) -> None:
+        self._release(reusable)
+        if self.out:
+            self._flush()
+        self.client.fast_done(self.client_keep)
+
+    def _abort(self) -> None:
+        """Part of the answer went out: the client connection cannot be saved."""
+        self._release(False)
+        c = self.client
+        c.fast_done(False)
+        c.transport.abort()
+
+    def _failed(self, why: str, timeout: bool = False) -> None:
+        """No answer came: another backend, as the coroutine's retries would, else 502/504."""
+        c = self.client
+        vip = c.vip
+        self._release(False)
+        vip.note_result(self.backend, failed=True)
+        name = self.backend.name
+        if self.members_n > 1:
+            vip.stats.count("retries", vip.vip, name)
+            c.replay_slow(self.head, None, (name,))
+            return
+        status = 504 if timeout else 502
+        reason = REASONS[status]
+        body = f"{status} {reason}: backend {name}: {why}\n".encode()
+        vip.stats.count_response(vip.vip, status)
+        c.transport.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        c.fast_done(False)
+
+
+class _UpstreamProtocol(asyncio.StreamReaderProtocol):
+    """An upstream connection's protocol: its bytes go to the StreamReader the request
+    coroutine (and HTTP/2) reads, or, while a fast-path exchange owns it, to that exchange."""
+
+    sink: _FastExchange | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.data(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        keep = super().eof_received()
+        if self.sink is not None:
+            self.sink.lost()
+        return keep
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.sink is not None:
+            self.sink.lost()
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
