@@ -34,4 +34,5 @@ bench: setup
 	mkdir -p bench/results
 	$(PY) -m lbctl bench dataplane --json bench/results/dataplane-$$(date -u +%Y%m%dT%H%M%SZ).json
 	$(PY) -m lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md
+	$(PY) -m lbctl bench l7 --results-dir bench/results --doc docs/benchmarks.md
 	$(PY) -m lbctl bench agent --json bench/results/agent-$$(date -u +%Y%m%dT%H%M%SZ).json --plot docs/agent-bench.png

@@ -683,9 +683,9 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
                    **asdict(Durations.for_run(quick))},
         "setups": {s: {"title": SETUP_TITLES[s], "runs": {w: [] for w in WORKLOADS}}
                    for s in setups},
-        "l7": {"status": "not implemented",
-               "note": "not measured: lbctl has no L7 proxy yet, so there is nothing to set "
-                       "beside HAProxy `mode http`."},
+        "l7": {"status": "separate bench",
+               "note": "measured by `lbctl bench l7` (the agent's L7 proxy against HAProxy "
+                       "`mode http`): see its section below."},
     }
     bench = PeerBench(setups, repeats, quick, console)
     interrupted = False

@@ -38,6 +38,15 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # A request with any of these takes the general path (a body, or an answer of ours first).
 _SLOW_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 _NO_EXCLUDE: frozenset[str] = frozenset()
+_FAST_SPECIAL = _SLOW_REQUEST_HEADERS | {b"host", b"x-forwarded-for", b"x-forwarded-proto",
+                                         b"connection"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+
+
+def _plain_connection(value: bytes) -> bool:
+    """A Connection header that names no other header (keep-alive, close)."""
+    low = value.lower()
+    return low in _PLAIN_CONNECTION or all(t.strip() in _PLAIN_CONNECTION for t in low.split(b","))
 REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -94,12 +103,14 @@ class UpstreamConn:
                  proto: _UpstreamProtocol):
         self.reader, self.writer, self.proto = reader, writer, proto
         self.transport = writer.transport
+        self.fast: _FastExchange | None = None     # made on its first fast-path request
         self.idle_since = time.monotonic()
 
     def usable(self) -> bool:
         # A keep-alive connection the server closed while idle shows EOF here without a read
         # pending (the protocol feeds EOF to the reader); bytes waiting would be unsolicited.
-        return not (self.reader.at_eof() or self.writer.is_closing() or len(self.reader._buffer))
+        r = self.reader
+        return not (r._eof or r._buffer or self.transport.is_closing())
 
     def close(self) -> None:
         self.writer.close()
@@ -290,10 +301,9 @@ class VipProxy:
     async def _sweep(self) -> None:
         """Timeouts of client waits and fast-path answers, checked four times a second: one
         timer for the VIP instead of one per read (the limits are seconds long)."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(0.25)
-            now = loop.time()
+            now = time.monotonic()
             for c in list(self.connections):
                 fast = c.fast
                 if fast is not None:
@@ -520,6 +530,7 @@ class ClientConnection(asyncio.Protocol):
         self.writer = _ClientWriter(self)
         self.client_addr = ""
         self.tls = False
+        self.forwarded_tail = b""
         self.busy = False
         self.closing = False
         self.eof = False
@@ -544,6 +555,12 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.client_addr = peer[0]
         self.tls = transport.get_extra_info("sslcontext") is not None
+        client = self.client_addr.encode()
+        proto = b"https" if self.tls else b"http"
+        node = b'"[' + client + b']"' if b":" in client else client
+        # The fast path's X-Forwarded-Proto and Forwarded (a host is put before the CRLF).
+        self.forwarded_tail = (b"X-Forwarded-Proto: " + proto + b"\r\nForwarded: for=" + node
+                               + b";proto=" + proto + b"\r\n")
         self.vip.connections.add(self)
         self.task = asyncio.get_running_loop().create_task(self.run())
 
@@ -657,7 +674,7 @@ class ClientConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.waiter, self.idle_wait = fut, idle
-        self.deadline = loop.time() + timeout_s
+        self.deadline = time.monotonic() + timeout_s
         try:
             await fut
         finally:
@@ -735,42 +752,72 @@ class ClientConnection(asyncio.Protocol):
         _, url, raw_headers, method, keep_alive, version = head
         vip = self.vip
         if method != "GET" or self.closing or vip.draining or vip.cache is not None \
-                or not url.startswith(b"/"):
+                or url[:1] != b"/":
             return False
-        headers: dict[bytes, list[bytes]] = {}
+        # One pass over the headers: refuse bodies, note what routing and X-Forwarded-For
+        # need, and write the upstream head (the rules of _upstream_head).
+        out = [b"GET " + url + b" HTTP/1.1\r\n"]
+        host = xff = None
         for name, value in raw_headers:
             low = name.lower()
-            if low in _SLOW_REQUEST_HEADERS:
-                return False
-            if low in headers:
-                headers[low].append(value)
-            else:
-                headers[low] = [value]
+            if low in _FAST_SPECIAL:
+                if low in _SLOW_REQUEST_HEADERS:
+                    return False
+                if low == b"host":
+                    if host is None:
+                        host = value
+                    out.append(name + b": " + value + b"\r\n")
+                elif low == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif low == b"connection" and not _plain_connection(value):
+                    return False    # names headers to drop: the general path does that
+                continue                # x-forwarded-proto: ours replaces the client's
+            if low in HOP_BY_HOP:
+                continue
+            out.append(name + b": " + value + b"\r\n")
         if vip.routes:
-            hv = headers.get(b"host")
-            members = vip.candidates(host_of(hv[0] if hv else b""),
-                                     url.split(b"?", 1)[0].decode("latin-1"))
+            members = vip.candidates(host_of(host), url.split(b"?", 1)[0].decode("latin-1"))
             key = vip._current_key
         else:
             members, key = vip.members, "*"
-        backend = vip.pick(members, key, headers, _NO_EXCLUDE)
+        if vip.settings.balancing == "round_robin":
+            rotation = vip.rotations.get(key)
+            if rotation is None:
+                rotation = vip.rotations[key] = Rotation()
+            backend = rotation.pick(members, time.monotonic())
+            if backend is None:
+                backend = vip.pick(members, key, {}, _NO_EXCLUDE)
+        else:
+            headers: dict[bytes, list[bytes]] = {}
+            for name, value in raw_headers:
+                headers.setdefault(name.lower(), []).append(value)
+            backend = vip.pick(members, key, headers, _NO_EXCLUDE)
         if backend is None:
             return False
         conn = backend.pool.take_idle()
         if conn is None:
             self.prepicked = backend
             return False
+        client = self.client_addr.encode()
+        out.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
+        out.append(self.forwarded_tail if host is None else
+                   self.forwarded_tail[:-2] + b";host=" + host + b"\r\n")
+        if not self.settings.pool_enabled:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
         stats, vipname = vip.stats, vip.vip
         stats.count("requests", vipname)
         stats.count("upstream_reuses", vipname, backend.name)
-        client_keep = keep_alive and not self.closing and not vip.draining
-        upstream_head = self._upstream_head(method, url, raw_headers, headers, "none", 0)
-        self.fast = _FastExchange(self, backend, conn, client_keep, version == "1.1",
-                                  len(members), head)
+        ex = conn.fast
+        if ex is None:
+            ex = conn.fast = _FastExchange(conn)
+        ex.begin(self, backend, keep_alive and not self.closing and not vip.draining,
+                 version == "1.1", len(members), head)
+        self.fast = ex
         self.busy = True
         vip.in_flight += 1
         backend.outstanding += 1
-        conn.transport.write(upstream_head)
+        conn.transport.write(b"".join(out))
         return True
 
     def fast_done(self, client_keep: bool) -> None:
@@ -784,7 +831,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         if self.waiter is not None:
-            self.deadline = asyncio.get_running_loop().time() + self.settings.keepalive_timeout_s
+            self.deadline = time.monotonic() + self.settings.keepalive_timeout_s
         if self.pending or self.events.queue:
             self._wake()
 
@@ -1123,37 +1170,41 @@ class ClientConnection(asyncio.Protocol):
 
 
 class _FastExchange:
-    """One GET on the fast path, driven by callbacks: the upstream protocol feeds the answer
-    here, httptools parses it, and the client gets the head and the body pieces of each read
-    in one write. Does what _relay_response does for a GET: hop-by-hop headers out, chunked
-    re-framing of a body without a length, passive ejection, counters; a pooled connection
-    that fails before answering sends the request back to the coroutine's retries."""
+    """The fast path's GETs on one upstream connection, driven by callbacks: the upstream
+    protocol feeds each answer here, httptools parses it (one parser for the connection's
+    life: a connection is reused only after a clean answer), and the client gets the head and
+    the body pieces of each read in one write. Does what _relay_response does for a GET:
+    hop-by-hop headers out, chunked re-framing of a body without a length, passive ejection,
+    counters; a failure before any answer sends the request back to the coroutine's retries."""
 
     __slots__ = ("backend", "client", "client_11", "client_keep", "conn", "deadline", "done",
                  "extra", "got", "has_length", "head", "headers", "interim", "members_n",
                  "no_body", "out", "out_chunked", "parser", "started", "status", "upstream_keep",
                  "upstream_paused")
 
-    def __init__(self, client: ClientConnection, backend: Backend, conn: UpstreamConn,
-                 client_keep: bool, client_11: bool, members_n: int, head: tuple[Any, ...]):
-        self.client, self.backend, self.conn = client, backend, conn
-        self.client_keep, self.client_11 = client_keep, client_11
-        self.members_n, self.head = members_n, head
+    def __init__(self, conn: UpstreamConn):
+        self.conn = conn
         self.parser = httptools.HttpResponseParser(self)
-        self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.out: list[bytes] = []
-        self.got = 0
+
+    def begin(self, client: ClientConnection, backend: Backend, client_keep: bool,
+              client_11: bool, members_n: int, head: tuple[Any, ...]) -> None:
+        self.client, self.backend = client, backend
+        self.client_keep, self.client_11 = client_keep, client_11
+        self.members_n, self.head = members_n, head
+        self.status = self.got = 0
         self.done = self.extra = self.interim = self.upstream_paused = False
         self.has_length = self.no_body = self.out_chunked = self.upstream_keep = False
-        self.started = time.monotonic()
-        self.deadline = asyncio.get_running_loop().time() + client.settings.read_timeout_s
-        conn.proto.sink = self
+        self.started = now = time.monotonic()
+        self.deadline = now + client.settings.read_timeout_s
+        self.conn.proto.sink = self
 
     # -- httptools callbacks (the response)
     def on_message_begin(self) -> None:
         if self.done:
             self.extra = True       # bytes after the answer: the connection cannot be reused
+        self.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -1162,29 +1213,35 @@ class _FastExchange:
         status = self.parser.get_status_code()
         if status < 200:
             self.interim = True     # 1xx is not forwarded; the real answer follows
-            self.headers = []
             return
         self.status = status
         # Read here: once the message is complete llhttp resets what this reports.
         self.upstream_keep = self.parser.should_keep_alive()
         c = self.client
         vip = c.vip
-        vip.note_result(self.backend, failed=status >= 500)
-        hdrs = self.headers
-        lows = [n.lower() for n, _ in hdrs]
-        named: set[bytes] = set()
-        if b"connection" in lows:
-            named = {t.strip().lower() for (n, v), low in zip(hdrs, lows) if low == b"connection"
-                     for t in v.split(b",")}
-        chunked_up = b"transfer-encoding" in lows
-        self.has_length = chunked_up or b"content-length" in lows
-        self.no_body = status in (204, 304)
-        lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else f"HTTP/1.1 {status} -\r\n".encode()]
-        for (name, value), low in zip(hdrs, lows):
-            if low in HOP_BY_HOP or low in named:
+        if status >= 500:
+            vip.note_result(self.backend, failed=True)
+        elif self.backend.failures:
+            self.backend.failures = 0
+        lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status]
+        chunked_up = has_cl = False
+        for name, value in self.headers:
+            low = name.lower()
+            if low in HOP_BY_HOP:
+                if low == b"transfer-encoding":
+                    chunked_up = True
+                elif low == b"connection" and not _plain_connection(value):
+                    lines = _response_lines(status, self.headers)   # it names headers to drop
+                    lows = [n.lower() for n, _ in self.headers]
+                    chunked_up, has_cl = b"transfer-encoding" in lows, b"content-length" in lows
+                    break
                 continue
+            if low == b"content-length":
+                has_cl = True
             lines.append(name + b": " + value + b"\r\n")
-        if not self.no_body and (chunked_up or not self.has_length):
+        self.has_length = chunked_up or has_cl
+        self.no_body = status == 204 or status == 304
+        if not self.no_body and (chunked_up or not has_cl):
             if self.client_11:
                 self.out_chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -1194,8 +1251,9 @@ class _FastExchange:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
         self.out.append(b"".join(lines))
-        vip.stats.count_response(vip.vip, status)
-        vip.stats.observe_latency(vip.vip, time.monotonic() - self.started)
+        stats = vip.stats
+        stats.count_response(vip.vip, status)
+        stats.observe_latency(vip.vip, time.monotonic() - self.started)
 
     def on_body(self, body: bytes) -> None:
         if self.out_chunked:
@@ -1227,7 +1285,7 @@ class _FastExchange:
         if self.done:
             self._finish(self.has_length and not self.extra and self.upstream_keep)
             return
-        self.deadline = asyncio.get_running_loop().time() + self.client.settings.read_timeout_s
+        self.deadline = time.monotonic() + self.client.settings.read_timeout_s
         if self.out:
             self._flush()
 
@@ -1277,6 +1335,8 @@ class _FastExchange:
 
     def _release(self, reusable: bool) -> None:
         self.conn.proto.sink = None
+        if not reusable:
+            self.conn.fast = None        # its parser may be mid-message: never used again
         if self.upstream_paused:
             self.upstream_paused = False
             with contextlib.suppress(Exception):
@@ -1315,6 +1375,18 @@ class _FastExchange:
         c.transport.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         c.fast_done(False)
+
+
+def _response_lines(status: int, hdrs: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The status line and headers of an answer whose Connection header names headers
+    (dropped with the hop-by-hop ones), as _relay_response writes them."""
+    named = {t.strip().lower() for n, v in hdrs if n.lower() == b"connection" for t in v.split(b",")}
+    lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status]
+    for name, value in hdrs:
+        low = name.lower()
+        if low not in HOP_BY_HOP and low not in named:
+            lines.append(name + b": " + value + b"\r\n")
+    return lines
 
 
 class _UpstreamProtocol(asyncio.StreamReaderProtocol):

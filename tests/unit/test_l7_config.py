@@ -115,6 +115,8 @@ def test_hash_on_header_or_cookie():
     ("{hash_on: 'header:X'}", "vips[0].l7", "hash_on is for balancing: hash"),
     ("{balancing: hash, hash_on: 'query:x'}", "vips[0].l7.hash_on", "is not 'header:NAME'"),
     ("{pool: {warmup: eager}}", "vips[0].l7.pool", "min_idle is 0"),
+    ("{pool: {enabled: false, warmup: eager, min_idle: 1}}", "vips[0].l7.pool", "the pool is off"),
+    ("{pool: {enabled: 'no'}}", "vips[0].l7.pool.enabled", "wrong type"),
     ("{pool: {max_size: 2, min_idle: 3}}", "vips[0].l7.pool", "min_idle 3 is more than max_size 2"),
     ("{pool: {idle_timeout: 60}}", "vips[0].l7.pool.idle_timeout", "has no unit"),
     ("{limits: {header_timeout: soon}}", "vips[0].l7.limits.header_timeout", "is not a duration"),

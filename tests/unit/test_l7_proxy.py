@@ -498,3 +498,56 @@ def test_cache_entries_expire_with_max_age(rig: Rig):
     time.sleep(1.2)     # max-age is in seconds: the entry must be stale now
     get(conn, "/cc/max-age=1")
     assert sum(len(s.seen) for s in rig.servers.values()) == before + 1
+
+
+def test_pool_off_opens_a_connection_per_request_and_says_close(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{pool: {enabled: false}}"))
+    conn = rig.conn()
+    for _ in range(30):
+        assert get(conn)[0] == 200
+    assert sum(s.connections for s in rig.servers.values()) == 30, "no upstream connection reused"
+    assert all(seen["connection"] == "close" for s in rig.servers.values() for seen in s.seen)
+    t = rig.totals_when(lambda t: sum(t["requests"].values()) >= 30)
+    assert sum(t["upstream_connects"].values()) == 30 and not sum(t["upstream_reuses"].values())
+
+
+def test_a_pooled_get_past_the_read_timeout_gets_504_and_the_next_one_is_served(tmp_path: Path):
+    # One backend, so the timed-out GET has nowhere else to go; the first GET leaves an idle
+    # pooled connection, so the second goes the fast path (answered from callbacks).
+    r = Rig(tmp_path, ["a"])
+    try:
+        r.start("vips:\n  - vip: '@VIP'\n    mode: l7\n    l7: {limits: {read_timeout: 300ms}}\n"
+                "    backends: [{addr: '@a'}]\n")
+        assert get(r.conn())[0] == 200
+        status, headers, body = get(r.conn(), "/slow")
+        assert status == 504 and headers.get("connection") == "close", (status, headers)
+        assert b"response timeout" in body
+        assert get(r.conn())[0] == 200
+    finally:
+        r.close()
+
+
+def test_a_connection_header_naming_a_header_in_the_answer_drops_it(tmp_path: Path):
+    class Naming(Handler):
+        def do_GET(self) -> None:
+            body = b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "X-Hop")
+            self.send_header("X-Hop", "1")
+            self.send_header("X-Kept", "1")
+            self.end_headers()
+            self.wfile.write(body)
+
+    r = Rig(tmp_path, [])
+    r.servers["a"] = CountingServer("a", Naming)
+    threading.Thread(target=r.servers["a"].serve_forever, daemon=True).start()
+    try:
+        r.start("vips:\n  - vip: '@VIP'\n    mode: l7\n    backends: [{addr: '@a'}]\n")
+        conn = r.conn()
+        for _ in range(3):      # the first opens the pooled connection, the rest reuse it
+            status, headers, body = get(conn)
+            assert (status, body) == (200, b"ok")
+            assert "x-hop" not in headers and headers.get("x-kept") == "1", headers
+    finally:
+        r.close()
