@@ -101,3 +101,29 @@ struct lb_explain {
     __u8 pad;
     __u64 flow_age_ms;
 };
+
+/* IPv6 (lb_*6.h): its own maps and keys, the IPv4 ones untouched. Addresses are four
+ * network-order words, as in struct in6_addr. */
+struct vip_key6 {
+    __be32 addr[4];
+    __be16 port;
+    __u8 proto;
+    __u8 pad;
+};
+
+struct flow_key6 {
+    __be32 src[4];
+    __be32 dst[4];
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+/* flows6 / rnat6: the rewrite's IPv6 address, then an IPv4 entry whose addr is 0 and whose
+ * state, ids, times and next-hop cache mean what they mean there, so lb_flow.h's state
+ * machine and timeouts apply to both families unchanged. */
+struct nat_entry6 {
+    __be32 addr[4];
+    struct nat_entry e;
+};

@@ -1,5 +1,6 @@
 /* lb_xdp.c: XDP entry of the two-arm NAT load balancer: VIP traffic is DNATed to a backend
- * picked by Maglev and kept per flow; backend replies are reverse-NATed; the rest passes. */
+ * picked by Maglev and kept per flow; backend replies are reverse-NATed; the rest passes.
+ * IPv6 frames go to lb_handle6 (lb_xdp6.h), IPv4 ones stay here. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
@@ -16,6 +17,7 @@
 #include "lb_frag.h"
 #include "lb_icmp.h"
 #include "lb_trace.h"
+#include "lb_xdp6.h"
 
 /* A client's packet of a live tracked flow: it goes to the flow's backend. */
 static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet *pkt,
@@ -118,6 +120,11 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
     void *data_end = (void *)(long)ctx->data_end;
     __u64 bytes = data_end - data;
     struct lb_packet pkt = {};
+
+    /* IPv6 takes its own path (lb_xdp6.h); the IPv4 one below is as it was. */
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
+        return lb_handle6(ctx);
 
     int verdict = lb_parse(data, data_end, &pkt);
     if (verdict >= 0)

@@ -334,7 +334,7 @@ class Agent:
             sup.start(spec)     # raises (having stopped what it started) when a worker cannot serve
             self.l7 = sup
             log.info("L7: %d proxy workers serve %s", self.l7.count,
-                     ", ".join(f"{v.addr}:{v.port}" for v in sorted(l7)))
+                     ", ".join(str(v) for v in sorted(l7)))
         else:
             self.l7.reload(spec)
         for addr in sorted(self.l7_addrs - wanted):
@@ -597,7 +597,7 @@ class Agent:
             for b in entry.spec.backends:
                 h = self.checker.states.get((vip, b.name)) if checked else None
                 rows.append({
-                    "vip": f"{vip.addr}:{vip.port}", "proto": vip.proto, "backend": b.name,
+                    "vip": str(vip), "proto": vip.proto, "backend": b.name,
                     "operator_state": b.state,
                     "health": "unchecked" if h is None else ("up" if h.up else "down"),
                     "since": h.since if h else None, "checks": h.checks if h else 0,
@@ -620,13 +620,13 @@ class Agent:
                     "" if r["health"] == "unchecked" or (r["last_check"] or "").find("passed") >= 0
                     else (r["last_check"] or ""), r["checks"], r["failures"])
                 for r in rows}
-            self.view.all_failing = {(f"{v.addr}:{v.port}", v.proto): True for v in self.all_failing}
+            self.view.all_failing = {(str(v), v.proto): True for v in self.all_failing}
             self.view.checks_inconclusive = self.checker.inconclusive
             self.view.checker_stalls = self.checker.stalls
         data = {"pid": os.getpid(), "instance": self.instance, "config": os.path.abspath(self.config_path),
                 "updated": time.time(), "metrics_addr": self.metrics_addr, "bgp": self.bgp_view(),
                 "all_failing": sorted(f"{v} ({v.proto})" for v in self.all_failing), "backends": rows,
-                "health": {f"{v.addr}:{v.port}/{v.proto}": _health_dict(e.health)
+                "health": {f"{v}/{v.proto}": _health_dict(e.health)
                            for v, e in self.state.vips.items() if e.health is not None}}
         path = os.path.join(state_dir(self.instance), STATE_FILE)
         tmp = f"{path}.{os.getpid()}.tmp"

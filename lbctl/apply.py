@@ -160,7 +160,7 @@ def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, V
     if _maps_exist(controller):
         with controller.balancer.maps() as maps:
             for vip, lv in planner.read_live(maps).items():
-                key = f"{vip.addr}:{vip.port}"
+                key = str(vip)
                 backends = tuple(replace(b, state=operator.get((key, vip.proto, b.name), b.state))
                                  for b in lv.spec.backends)
                 h = health.get(f"{key}/{vip.proto}")

@@ -22,6 +22,7 @@ from lbctl.model import (
     check_weight,
     parse_host_port,
 )
+from xdp.codec import format_endpoint
 from xdp.errors import XdpError
 
 if TYPE_CHECKING:
@@ -188,12 +189,13 @@ class AddrOrHostPortType(click.ParamType):
         if isinstance(value, tuple):
             return value
         text = str(value)
-        if ":" not in text:
+        if not text.startswith("[") and text.count(":") != 1:
             try:
-                return str(ipaddress.IPv4Address(text)), None
+                return str(ipaddress.ip_address(text)), None
             except ValueError:
-                raise InputError(f"malformed {self.what} '{text}': not an IPv4 address; hint: e.g. "
-                                 "10.0.0.10 or 10.0.0.10:80", ctx=ctx, param=param) from None
+                raise InputError(f"malformed {self.what} '{text}': not an IP address; hint: e.g. "
+                                 "10.0.0.10, 10.0.0.10:80, 2001:db8::10 or [2001:db8::10]:80",
+                                 ctx=ctx, param=param) from None
         try:
             hp = parse_host_port(text, self.what)
         except ConfigError as exc:
@@ -838,9 +840,9 @@ def flows_list(obj: Context, limit: int, include_expired: bool, vip_addr: HostPo
         echo_json(rows)
         return
     for r in rows:
-        r["client_ep"] = f"{r['client']}:{r['client_port']}"
-        r["vip_ep"] = f"{r['vip']}:{r['vip_port']}"
-        r["backend_ep"] = f"{r['backend']}:{r['backend_port']}"
+        r["client_ep"] = format_endpoint(r['client'], r['client_port'])
+        r["vip_ep"] = format_endpoint(r['vip'], r['vip_port'])
+        r["backend_ep"] = format_endpoint(r['backend'], r['backend_port'])
         r["state_shown"] = f"{r['state']} (expired)" if r["expired"] else r["state"]
         r["age"] = f"{r['age_s']:.1f}s"
         r["idle"] = f"{r['idle_s']:.1f}s"

@@ -543,6 +543,13 @@ def load_text(text: str, source: str = "<config>",
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        lines_text = text.splitlines()
+        at = lines_text[line - 1] if 0 < line <= len(lines_text) else ""
+        unquoted_v6 = re.search(r":\s*(\[[0-9A-Fa-f:.]*\]:\d+)", at)
+        if unquoted_v6:
+            # YAML reads [2001:db8::10]:80 as a list: the most likely cause on such a line.
+            raise ConfigError(f"{source}:{line}: not valid YAML: {what}; hint: quote an IPv6 "
+                              f"endpoint: \"{unquoted_v6.group(1)}\"") from None
         raise ConfigError(f"{source}:{line}: not valid YAML: {what}; hint: check indentation and "
                           "that lists start with '- '") from None
     except yaml.YAMLError as exc:
@@ -593,6 +600,10 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
                 ep = parse_endpoint(b.addr, v.proto, "backend")
             except ConfigError as exc:
                 raise _fail(source, lines, where, *_split(exc)) from None
+            if ep.ipv6 != vip.ipv6:
+                fam, vfam = ("IPv6", "IPv4") if ep.ipv6 else ("IPv4", "IPv6")
+                raise _fail(source, lines, where, f"backend {ep} is {fam} but VIP {vip} is {vfam}",
+                            "a VIP and its backends share one address family")
             if (ep.addr, ep.port) == (vip.addr, vip.port):
                 raise _fail(source, lines, where, f"backend {ep} is the VIP itself",
                             "name the address and port of a real server")
@@ -724,7 +735,7 @@ def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -
     doc: dict[str, Any] = {"interfaces": list(interfaces), "xdp_mode": xdp_mode, "vips": []}
     for vip in sorted(vips):
         entry = vips[vip]
-        item: dict[str, Any] = {"vip": f"{vip.addr}:{vip.port}", "proto": vip.proto}
+        item: dict[str, Any] = {"vip": str(vip), "proto": vip.proto}
         if entry.spec.affinity != "flow":
             item["affinity"] = entry.spec.affinity
         if entry.health is not None:

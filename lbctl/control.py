@@ -15,7 +15,7 @@ from lbctl import planner
 from lbctl.errors import ConflictError, NetnsError
 from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
 from xdp.balancer import Attachment, Balancer, require_root
-from xdp.codec import Endpoint
+from xdp.codec import Endpoint, format_endpoint
 from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, Limits
 
 LOCK_DIR = "/run/lbctl"
@@ -111,7 +111,7 @@ class Controller:
             if taken is not None:
                 raise ConflictError(
                     f"VIP {vip} ({vip.proto}) is an address of this host where a local service "
-                    f"listens ({taken.addr}:{taken.port}): the balancer would take its traffic; "
+                    f"listens ({format_endpoint(taken.addr, taken.port)}): the balancer would take its traffic; "
                     "hint: use an address of no interface, or --force if that is the intent")
 
         def edit(config: Config) -> Config:
@@ -434,12 +434,13 @@ def _explained(answer) -> dict:
     return out
 
 
-def _addr_key(addr: str) -> int:
-    """Sorts IPv4 addresses by value: 10.0.0.2 before 10.0.0.10."""
-    return int(ipaddress.IPv4Address(addr))
+def _addr_key(addr: str) -> tuple[int, int]:
+    """Sorts addresses by value: 10.0.0.2 before 10.0.0.10, IPv4 before IPv6."""
+    ip = ipaddress.ip_address(addr)
+    return ip.version, int(ip)
 
 
-def _endpoint_key(endpoint: Endpoint) -> tuple[int, int, str]:
+def _endpoint_key(endpoint: Endpoint) -> tuple[tuple[int, int], int, str]:
     return (_addr_key(endpoint.addr), endpoint.port, endpoint.proto)
 
 

@@ -67,6 +67,8 @@ def diagnose(instance: str, vip: Endpoint | None = None, config_path: str | None
     checks += [_ip_forward(), *_rp_filter(probe), *_offloads(probe)]
     if live is None:
         return checks
+    if any(v.ipv6 for v in live):
+        checks.append(_ipv6_forward())
     if vip is not None and vip not in live:
         raise ConflictError(f"no VIP {vip} ({vip.proto}); hint: 'lbctl vip list' shows the VIPs")
     chosen = {v: lv for v, lv in live.items() if vip is None or v == vip}
@@ -189,6 +191,25 @@ def _ip_forward() -> Check:
     return Check("ip_forward", "-", False, "net.ipv4.ip_forward = 0: bpf_fib_lookup refuses to "
                  "forward and the kernel drops what the program passes to it",
                  "sysctl -w net.ipv4.ip_forward=1")
+
+
+def _ipv6_forward() -> Check:
+    """IPv6 VIPs need IPv6 forwarding as IPv4 ones need ip_forward (bpf_fib_lookup checks
+    the same switch per family)."""
+    value = _sysctl_file("/proc/sys/net/ipv6/conf/all/forwarding")
+    if value == 1:
+        return Check("ipv6_forward", "-", True, "net.ipv6.conf.all.forwarding = 1")
+    return Check("ipv6_forward", "-", False, f"net.ipv6.conf.all.forwarding = {value}: IPv6 VIPs "
+                 "are passed to a kernel that does not forward them",
+                 "sysctl -w net.ipv6.conf.all.forwarding=1")
+
+
+def _sysctl_file(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _sysctl(path: str) -> int | None:
@@ -436,7 +457,8 @@ def _neighbour(addr: str, attached: set[str]) -> Check:
     via = "" if hop == addr else f" via {hop}"
     if state in _NEIGH_OK:
         return Check("neighbour", addr, True, f"out {dev}{via}, neighbour {state.lower()}")
-    return Check("neighbour", addr, False, f"out {dev}{via}, but {hop} does not answer ARP "
+    return Check("neighbour", addr, False, f"out {dev}{via}, but {hop} does not answer "
+                 f"{'neighbour solicitation' if ':' in addr else 'ARP'} "
                  f"({(state or 'no entry').lower()}): the program passes its packets to the kernel",
                  f"bring {hop} up on {dev}'s segment, or fix its address (ip neigh show dev {dev})")
 
@@ -449,7 +471,8 @@ def _neigh_state(addr: str, dev: str) -> str | None:
 
 
 def _solicit(addr: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:
             sock.sendto(b"", (addr, 9))   # discard: nothing listens, only ARP is wanted
         except OSError:

@@ -162,7 +162,7 @@ class LbCollector(Collector):
         b_fail = CounterMetricFamily(f"{PREFIX}_backend_check_failures", "Per checked backend: failed checks",
                                      labels=bl)
         for vip, lv in sorted(live.items()):
-            labels = [f"{vip.addr}:{vip.port}", vip.proto]
+            labels = [str(vip), vip.proto]
             for k, fam in v_fams.items():
                 fam.add_metric(labels, vip_c[vip][k])
             v_live.add_metric(labels, sum(n for (vid, _), n in flows.items() if vid == lv.vip_id))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from lbctl.errors import ConfigError
 from lbctl.maglev import MAX_WEIGHT
 from xdp.balancer import MODES
-from xdp.codec import AFFINITIES, PROTOS, Endpoint
+from xdp.codec import AFFINITIES, PROTOS, Endpoint, format_endpoint
 from xdp.limits import BACKEND_STATES
 
 # The spellings users type; each comes from the data plane's own table, so a name added
@@ -37,24 +37,51 @@ class HostPort:
         return Endpoint(self.addr, self.port, parse_proto(proto))
 
     def __str__(self) -> str:
-        return f"{self.addr}:{self.port}"
+        return format_endpoint(self.addr, self.port)
 
 
 def parse_host_port(text: str, what: str = "address") -> HostPort:
-    """'10.0.0.10:80' -> HostPort. IPv4 only for now; the port is required."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"malformed {what} '{text}': expected ADDR:PORT; hint: e.g. 10.0.0.10:80")
-    try:
-        addr = ipaddress.IPv4Address(host)
-    except ValueError:
-        raise ConfigError(f"malformed {what} '{text}': '{host}' is not an IPv4 address; "
-                          "hint: e.g. 10.0.0.10:80 (IPv6 is not supported yet)") from None
+    """'10.0.0.10:80' or '[2001:db8::10]:80' -> HostPort (the address in its canonical text);
+    the port is required, and an IPv6 address needs its brackets."""
+    example = "e.g. 10.0.0.10:80 or [2001:db8::10]:80"
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"malformed {what} '{text}': expected [IPV6]:PORT; hint: {example}")
+        try:
+            addr = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"malformed {what} '{text}': '{host}' is not an IPv6 address; "
+                              f"hint: {example}") from None
+        if addr.scope_id is not None:
+            raise ConfigError(f"malformed {what} '{text}': a zone ({addr.scope_id}) has no place "
+                              f"in an endpoint; hint: use a global or unique-local address")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"malformed {what} '{text}': expected ADDR:PORT; hint: {example}")
+        if ":" in host:
+            raise ConfigError(f"malformed {what} '{text}': an IPv6 address needs brackets; "
+                              f"hint: [{host}]:{port_text}")
+        try:
+            addr = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"malformed {what} '{text}': '{host}' is not an IPv4 address; "
+                              f"hint: {example}") from None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"malformed {what} '{text}': port '{port_text}' is not in 1-65535; "
-                          "hint: e.g. 10.0.0.10:80")
-    if addr.is_unspecified or addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
-        raise ConfigError(f"{what} '{text}' cannot be used: {addr} is not a unicast address; "
+                          f"hint: {example}")
+    if isinstance(addr, ipaddress.IPv6Address):
+        unusable = addr.is_unspecified or addr.is_multicast or addr.is_link_local or \
+            addr.ipv4_mapped is not None
+        why = "not a global or unique-local unicast address"
+    else:
+        unusable = addr.is_unspecified or addr.is_multicast or \
+            addr == ipaddress.IPv4Address("255.255.255.255")
+        why = "not a unicast address"
+    if unusable:
+        raise ConfigError(f"{what} '{text}' cannot be used: {addr} is {why}; "
                           "hint: use a host address")
     return HostPort(str(addr), int(port_text))
 
@@ -86,7 +113,7 @@ class BackendSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.addr}:{self.port}"
+        return format_endpoint(self.addr, self.port)
 
     @property
     def in_ring(self) -> bool:

@@ -19,7 +19,7 @@ from lbctl.maglev import (
     unplaced_backends,
 )
 from lbctl.model import BackendSpec, Config, VipSpec
-from xdp.codec import NO_BACKEND, Endpoint, affinity_of, vip_flags
+from xdp.codec import NO_BACKEND, Endpoint, affinity_of, format_endpoint, is_ipv6, vip_flags
 from xdp.errors import MapFullError
 from xdp.limits import DEFAULT_LIMITS, Limits
 
@@ -139,6 +139,17 @@ def _live_ring(lv: LiveVip, ring_size: int, seed: int) -> Sequence[int]:
     return _ring_ids(lv.spec, lv.backend_ids, ring_size, seed)[0]
 
 
+def check_families(desired: Config) -> None:
+    """A VIP and its backends share one address family: the data plane rewrites addresses in
+    place (NAT44, NAT66), it does not translate between families."""
+    for vip, spec in desired.items():
+        for b in spec.backends:
+            if is_ipv6(b.addr) != vip.ipv6:
+                vip_family, b_family = ("IPv6", "IPv4") if vip.ipv6 else ("IPv4", "IPv6")
+                raise ConfigError(f"backend {b.name} is {b_family} but VIP {vip} is {vip_family}; "
+                                  "hint: a VIP and its backends share one address family")
+
+
 def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed: int = 0,
          busy_backend_ids: Callable[[], set[int]] | None = None) -> Plan:
     """A pure function: what must change for the maps to hold `desired`. Raises MapFullError
@@ -147,6 +158,7 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
     `busy_backend_ids` gives the ids that tracked flows still point at (a deleted backend's
     established connections go on, counted under its id); it is asked at most once, and only
     when a new backend needs an id."""
+    check_families(desired)
     used_vip_ids = {lv.vip_id for v, lv in live.items() if v in desired}
     used_backend_ids = {i for v, lv in live.items() if v in desired for i in lv.backend_ids.values()}
     # Ids of removed VIPs and backends are freed only after this plan: never reused within it,
@@ -289,7 +301,7 @@ def read_live(maps) -> LiveState:
                              key=lambda b: (b.addr, b.port)))
         reader = getattr(maps, "read_ring", None)
         live[vip] = LiveVip(VipSpec(vip, specs, affinity_of(meta.flags)), meta.vip_id, meta.ring_generation,
-                            {f"{r.addr}:{r.port}": r.backend_id for r in recs},
+                            {format_endpoint(r.addr, r.port): r.backend_id for r in recs},
                             functools.partial(reader, meta.vip_id, meta.ring_generation)
                             if reader is not None else None)
     return live

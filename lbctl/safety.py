@@ -135,9 +135,10 @@ def local_networks() -> list[ipaddress.IPv4Interface]:
 def egress_ifindex(addr: str) -> int | None:
     """The interface this namespace's routing sends packets for `addr` out of (`ip route get`),
     or None when it has no route."""
-    dst = ipaddress.IPv4Address(addr).packed
-    request = (_RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0)
-               + _RTATTR.pack(_RTATTR.size + 4, _RTA_DST) + dst)
+    dst = ipaddress.ip_address(addr).packed
+    family = socket.AF_INET6 if len(dst) == 16 else socket.AF_INET
+    request = (_RTMSG.pack(family, 8 * len(dst), 0, 0, 0, 0, 0, 0, 0)
+               + _RTATTR.pack(_RTATTR.size + len(dst), _RTA_DST) + dst)
     with _rtnl() as sock:
         sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(request), _RTM_GETROUTE, _NLM_F_REQUEST, 1, 0)
                   + request)
@@ -155,13 +156,17 @@ def unusable_reason(addr: str, networks: Iterable[ipaddress.IPv4Interface]) -> s
     """Why no connection through the balancer can reach `addr`, or None when it is an ordinary
     unicast address. A subnet's broadcast address is only knowable for the subnets this host
     is on; elsewhere x.y.z.255 may well be a host."""
-    ip = ipaddress.IPv4Address(addr)
+    ip = ipaddress.ip_address(addr)
     if ip.is_unspecified:
         return f"{ip} is the unspecified address"
     if ip.is_loopback:
         return f"{ip} is a loopback address (a packet to it never leaves the host it is sent on)"
     if ip.is_multicast:
         return f"{ip} is a multicast address (a TCP connection or a balanced flow needs one host)"
+    if ip.version == 6:
+        if ip.is_link_local:
+            return f"{ip} is a link-local address (it needs a zone; the balancer routes)"
+        return None
     if ip == ipaddress.IPv4Address("255.255.255.255"):
         return f"{ip} is the limited broadcast address"
     for net in networks:

@@ -110,6 +110,23 @@ class FragEntry(ctypes.Structure):
                 ("backend_id", ctypes.c_uint32), ("seen_ns", ctypes.c_uint64)]
 
 
+class VipKey6(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32 * 4), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class FlowKey6(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint32 * 4), ("dst", ctypes.c_uint32 * 4),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
+class NatEntry6(ctypes.Structure):
+    """struct nat_entry6: the IPv6 address, then a NatEntry whose addr is 0."""
+
+    _fields_ = [("addr", ctypes.c_uint32 * 4), ("e", NatEntry)]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("new_flows", ctypes.c_uint64), ("drops", ctypes.c_uint64)]
@@ -132,10 +149,23 @@ class Endpoint:
 
 
 def encode_vip_key(vip: Endpoint) -> bytes:
+    """The key in `vips`, or in `vips6` for an IPv6 VIP (vip_map_name says which)."""
+    if vip.ipv6:
+        key6 = VipKey6.from_buffer_copy(_addr6_bytes(vip.addr) + bytes(4))
+        key6.port, key6.proto = _be16(vip.port), PROTOS[vip.proto]
+        return bytes(key6)
     return bytes(VipKey(_be32(vip.addr), _be16(vip.port), PROTOS[vip.proto], 0))
 
 
+def vip_map_name(vip: Endpoint) -> str:
+    return "vips6" if vip.ipv6 else "vips"
+
+
 def decode_vip_key(raw: bytes) -> Endpoint:
+    """A `vips` or `vips6` key (told apart by size)."""
+    if len(raw) == ctypes.sizeof(VipKey6):
+        k6 = VipKey6.from_buffer_copy(raw)
+        return Endpoint(_addr6(bytes(k6.addr)), _port(k6.port), PROTO_NAMES.get(k6.proto, str(k6.proto)))
     k = VipKey.from_buffer_copy(raw)
     return Endpoint(_addr(k.addr), _port(k.port), PROTO_NAMES.get(k.proto, str(k.proto)))
 
@@ -201,6 +231,11 @@ class FlowRecord:
 
 
 def encode_flow_key(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
+    """A flows/rnat key, or a flows6/rnat6 one when the addresses are IPv6."""
+    if is_ipv6(src):
+        key6 = FlowKey6.from_buffer_copy(_addr6_bytes(src) + _addr6_bytes(dst) + bytes(8))
+        key6.sport, key6.dport, key6.proto = _be16(sport), _be16(dport), PROTOS[proto]
+        return bytes(key6)
     key = FlowKey(_be32(src), _be32(dst), _be16(sport), _be16(dport), PROTOS[proto])
     return bytes(key)
 
@@ -211,6 +246,16 @@ def encode_frag_key(src: str, dst: str, ip_id: int, proto: str) -> bytes:
 
 
 def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
+    """A flows entry, or a flows6 one (told apart by the key's size)."""
+    if len(raw_key) == ctypes.sizeof(FlowKey6):
+        k6 = FlowKey6.from_buffer_copy(raw_key)
+        v6 = NatEntry6.from_buffer_copy(raw_value)
+        e = v6.e
+        state = FLOW_STATES[e.state] if e.state < len(FLOW_STATES) else f"state{e.state}"
+        return FlowRecord(_addr6(bytes(k6.src)), _port(k6.sport), _addr6(bytes(k6.dst)),
+                          _port(k6.dport), PROTO_NAMES.get(k6.proto, str(k6.proto)),
+                          _addr6(bytes(v6.addr)), _port(e.port), e.backend_id, e.vip_id, state,
+                          e.last_seen_ns, e.created_ns)
     k = FlowKey.from_buffer_copy(raw_key)
     v = NatEntry.from_buffer_copy(raw_value)
     state = FLOW_STATES[v.state] if v.state < len(FLOW_STATES) else f"state{v.state}"

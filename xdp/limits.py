@@ -6,16 +6,20 @@ from dataclasses import asdict, dataclass, field
 # Outcome of one packet, one counter each in stats_global. Order is ABI: the C enum
 # is rendered from this list, and readers index the per-CPU array with it.
 OUTCOMES: tuple[str, ...] = (
-    "pass_not_ipv4",     # ARP, IPv6, VLAN, anything not IPv4 over Ethernet
-    "pass_not_vip",      # IPv4 that is neither for a VIP nor a tracked backend reply
+    "pass_not_ipv4",     # ARP, VLAN, anything neither IPv4 nor IPv6 over Ethernet
+    "pass_not_vip",      # IPv4/IPv6 that is neither for a VIP nor a tracked backend reply
+                         # (with neighbour discovery, router advertisements, echo, MLD)
     "pass_malformed",    # truncated frame or a header that lies (IHL < 5, bad lengths)
-    "pass_fragment",     # a later fragment whose first fragment was not forwarded (or too long ago)
+    "pass_fragment",     # a later fragment whose first fragment was not forwarded (or too long ago);
+                         # any IPv6 fragment (docs/modes.md: the policy)
     "pass_ttl",          # TTL would expire here: the kernel sends the ICMP error
     "pass_no_route",     # bpf_fib_lookup gave no route or no neighbour: kernel forwards
     "pass_stale_reply",  # a reply matched a tracking entry that had ended
     "tx",                # rewritten and sent back out of the ingress interface
     "redirect",          # rewritten and redirected to another interface
     "drop_no_backend",   # VIP with no usable backend
+    "pass_ext_header",   # IPv6 with an extension header the program does not walk (AH, a
+                         # routing header with segments left, a chain longer than 4)
 )
 
 # Values in the flow tables' `state` byte.

@@ -91,6 +91,11 @@ MAPS: dict[str, MapSpec] = {
     "flows": MapSpec(codec.FlowKey, codec.NatEntry, MapType.LRU_HASH, attrgetter("flow_table_size")),
     "rnat": MapSpec(codec.FlowKey, codec.NatEntry, MapType.LRU_HASH, attrgetter("flow_table_size")),
     "frags": MapSpec(codec.FragKey, codec.FragEntry, MapType.LRU_HASH, attrgetter("frag_table_size")),
+    # IPv6 (bpf_programs/lb_maps6.h): its own VIP and tracking tables; ids, backends, rings
+    # and counters are shared with IPv4.
+    "vips6": MapSpec(codec.VipKey6, codec.VipMeta, MapType.HASH, attrgetter("max_vips")),
+    "flows6": MapSpec(codec.FlowKey6, codec.NatEntry6, MapType.LRU_HASH, attrgetter("flow_table_size")),
+    "rnat6": MapSpec(codec.FlowKey6, codec.NatEntry6, MapType.LRU_HASH, attrgetter("flow_table_size")),
     "stats_vip": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY, attrgetter("max_vips")),
     "stats_backend": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
                              attrgetter("max_backends")),
@@ -104,7 +109,23 @@ MAPS: dict[str, MapSpec] = {
 
 # The tracking tables, each with the entry type that names its VIP.
 _TRACKING: tuple[tuple[str, type[ctypes.Structure]], ...] = (
-    ("flows", codec.NatEntry), ("rnat", codec.NatEntry), ("frags", codec.FragEntry))
+    ("flows", codec.NatEntry), ("rnat", codec.NatEntry), ("frags", codec.FragEntry),
+    ("flows6", codec.NatEntry6), ("rnat6", codec.NatEntry6))
+# Client -> VIP tables (a flow each), of both families.
+_FLOW_TABLES = ("flows", "flows6")
+
+
+def _nat_entry(raw: bytes) -> codec.NatEntry:
+    """The state/ids/times part of a flows/rnat or flows6/rnat6 value."""
+    if len(raw) >= ctypes.sizeof(codec.NatEntry6):
+        return codec.NatEntry6.from_buffer_copy(raw).e
+    return codec.NatEntry.from_buffer_copy(raw)
+
+
+def _entry_vip_id(raw: bytes) -> int:
+    if len(raw) == ctypes.sizeof(codec.FragEntry):
+        return int(codec.FragEntry.from_buffer_copy(raw).vip_id)
+    return int(_nat_entry(raw).vip_id)
 
 _PURGE_HINT = "hint: 'lbctl detach --all --purge' removes the old maps (and their configuration)"
 
@@ -163,13 +184,14 @@ class LbMaps:
 
     # -- VIPs -------------------------------------------------------------------------------
     def vips(self) -> dict[codec.Endpoint, codec.VipMeta]:
+        """VIPs of both families (vips and vips6)."""
         return {codec.decode_vip_key(key): codec.decode_vip_meta(raw)
-                for key, raw in self["vips"].items()}
+                for name in ("vips", "vips6") for key, raw in self[name].items()}
 
     def put_vip(self, vip: codec.Endpoint, vip_id: int, ring_generation: int, backend_count: int,
                 flags: int = 0) -> None:
         try:
-            self["vips"].update(codec.encode_vip_key(vip),
+            self[codec.vip_map_name(vip)].update(codec.encode_vip_key(vip),
                                 codec.encode_vip_meta(vip_id, ring_generation, backend_count, flags))
         except libbpf.BpfError as exc:
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
@@ -180,7 +202,7 @@ class LbMaps:
             raise
 
     def delete_vip(self, vip: codec.Endpoint) -> bool:
-        return self["vips"].delete(codec.encode_vip_key(vip))
+        return self[codec.vip_map_name(vip)].delete(codec.encode_vip_key(vip))
 
     # -- backends ---------------------------------------------------------------------------
     def backends(self) -> list[codec.BackendRecord]:
@@ -230,17 +252,19 @@ class LbMaps:
 
     # -- flows ------------------------------------------------------------------------------
     def flows(self) -> Iterator[codec.FlowRecord]:
-        for key, raw in self["flows"].items():
-            yield codec.decode_flow(key, raw)
+        """Tracked client -> VIP flows of both families."""
+        for name in _FLOW_TABLES:
+            for key, raw in self[name].items():
+                yield codec.decode_flow(key, raw)
 
     def tracked_backend_ids(self, now_ns: int | None = None) -> set[int]:
         """Backend ids that entries still alive in the flow tables point at: the data plane
         counts their packets under that id, whether or not the backend still exists."""
         now = monotonic_ns() if now_ns is None else now_ns
         ids: set[int] = set()
-        for name in ("flows", "rnat"):
+        for name in ("flows", "rnat", "flows6", "rnat6"):
             for _key, raw in self[name].items():  # noqa: PERF102 (a map handle, not a dict)
-                e = codec.NatEntry.from_buffer_copy(raw)
+                e = _nat_entry(raw)
                 state = FLOW_STATES[e.state] if e.state < len(FLOW_STATES) else "established"
                 if entry_alive(self.limits, state, e.last_seen_ns, now):
                     ids.add(e.backend_id)
@@ -262,13 +286,12 @@ class LbMaps:
         its reverse entries cannot catch a later connection that reuses a tuple); returns how
         many flows it had."""
         removed = 0
-        for name, entry_type in _TRACKING:
+        for name, _ in _TRACKING:
             table = self[name]
-            keys = [key for key, raw in table.items()
-                    if entry_type.from_buffer_copy(raw).vip_id == vip_id]  # type: ignore[attr-defined]
+            keys = [key for key, raw in table.items() if _entry_vip_id(raw) == vip_id]
             deleted = table.delete_keys(keys)
-            if name == "flows":
-                removed = deleted
+            if name in _FLOW_TABLES:
+                removed += deleted
         return removed
 
     def flush_flows(self) -> int:
@@ -276,8 +299,8 @@ class LbMaps:
         removed = 0
         for name, _ in _TRACKING:
             deleted = self[name].clear()
-            if name == "flows":
-                removed = deleted
+            if name in _FLOW_TABLES:
+                removed += deleted
         return removed
 
     # -- counters ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ neighbours, forwarding on, so bpf_fib_lookup answers the same MACs every run. Bu
 from __future__ import annotations
 
 import errno
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from lbctl.bench.errors import BenchError
 from lbctl.netns import inside
 
 NUD_PERMANENT = 0x80
+IFA_F_NODAD = 0x02          # an IPv6 address usable at once, without duplicate detection
 UP_TIMEOUT_S = 5.0
 
 
@@ -30,6 +32,8 @@ class Port:
     cidr: str                   # its address, e.g. "10.10.1.1/24": the connected route
     neighbours: dict[str, str]  # address -> MAC, installed PERMANENT: bpf_fib_lookup's dmac
     mtu: int | None = None      # on both ends, e.g. 9000 for a jumbo link
+    cidr6: str | None = None    # an IPv6 address beside it, e.g. "fd00:10:1::1/64"; neighbours
+                                # may then name IPv6 addresses too
 
 
 @dataclass
@@ -78,9 +82,14 @@ def create_routed_netns(name: str, ports: Sequence[Port]) -> RoutedNetns:
                 ipr.link("set", index=index, state="up")
                 addr, prefixlen = port.cidr.split("/")
                 ipr.addr("add", index=index, address=addr, prefixlen=int(prefixlen))
+                if port.cidr6 is not None:
+                    addr6, prefixlen6 = port.cidr6.split("/")
+                    ipr.addr("add", index=index, address=addr6, prefixlen=int(prefixlen6),
+                             flags=IFA_F_NODAD)
                 for neighbour, mac in port.neighbours.items():
+                    family = socket.AF_INET6 if ":" in neighbour else socket.AF_INET
                     ipr.neigh("add", dst=neighbour, lladdr=mac, ifindex=index,
-                              state=NUD_PERMANENT)
+                              state=NUD_PERMANENT, family=family)
                 routed.ifindex[port.name] = index
 
             def all_up() -> bool:
@@ -90,11 +99,12 @@ def create_routed_netns(name: str, ports: Sequence[Port]) -> RoutedNetns:
             _wait_until(f"the veths of {name} to come up", all_up)
         # bpf_fib_lookup answers FWD_DISABLED in a namespace that does not forward.
         with inside(name):
-            with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
-                f.write("1\n")
-            with open("/proc/sys/net/ipv4/ip_forward") as f:
-                if f.read().strip() != "1":
-                    raise BenchError(f"cannot enable forwarding in {name}; hint: run as root")
+            for knob in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+                with open(knob, "w") as f:
+                    f.write("1\n")
+                with open(knob) as f:
+                    if f.read().strip() != "1":
+                        raise BenchError(f"cannot enable forwarding in {name}; hint: run as root")
         return routed
     except BaseException:
         remove_netns(name)

@@ -588,10 +588,10 @@ CASES: list[Case] = [
         passes(bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") /
                      ARP(hwsrc=CLIENT_MAC, psrc=CLIENT, pdst=WEB.addr)), "pass_not_ipv4"),
     )),
-    Case("IPv6 TCP passes unchanged", (
+    Case("IPv6 TCP to no VIP passes unchanged", (
         passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) /
                      IPv6(src="fd00::100", dst="fd00::1") / TCP(sport=40000, dport=80)),
-               "pass_not_ipv4"),
+               "pass_not_vip"),
     )),
     Case("VLAN-tagged IPv4 to a VIP passes unchanged", (
         passes(bytes(Ether(src=CLIENT_MAC, dst=CLIENT_ARM_MAC) / Dot1Q(vlan=7) /

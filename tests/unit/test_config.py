@@ -232,3 +232,39 @@ def test_xdp_mode_auto_is_accepted_and_anything_else_refused():
     assert load(GOOD.replace("xdp_mode: generic", "xdp_mode: auto")).xdp_mode == "auto"
     msg = refused(GOOD.replace("xdp_mode: generic", "xdp_mode: skb"))
     assert msg.startswith("lb.yaml:2: xdp_mode: 'skb' is not one of") and "native, generic or auto" in msg
+
+
+def test_ipv6_vips_and_backends_load_in_bracket_form_and_export_the_same():
+    state = load("""\
+        vips:
+          - vip: "[2001:db8::10]:80"
+            backends:
+              - {addr: "[2001:db8:1::11]:8080"}
+              - addr: "[2001:DB8:1:0::12]:8080"
+                weight: 2
+        """)
+    vip = Endpoint("2001:db8::10", 80, "tcp")
+    assert state.vips[vip].spec.backends == (BackendSpec("2001:db8:1::11", 8080),
+                                             BackendSpec("2001:db8:1::12", 8080, 2))
+    exported = dump([], state.xdp_mode, state.vips)
+    assert '"[2001:db8::10]:80"' in exported or "'[2001:db8::10]:80'" in exported
+    assert load(exported).vips == state.vips
+
+
+def test_a_backend_of_the_other_family_names_the_line_and_both_families():
+    message = refused("""\
+        vips:
+          - vip: "[2001:db8::10]:80"
+            backends:
+              - addr: 10.0.1.11:80
+        """)
+    assert message.startswith("lb.yaml:4: vips[0].backends[0].addr: backend 10.0.1.11:80 is IPv4 "
+                              "but VIP [2001:db8::10]:80 is IPv6")
+
+
+def test_an_unquoted_ipv6_endpoint_gets_a_quoting_hint():
+    message = refused("""\
+        vips:
+          - vip: [2001:db8::10]:80
+        """)
+    assert 'hint: quote an IPv6 endpoint: "[2001:db8::10]:80"' in message

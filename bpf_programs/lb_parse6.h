@@ -1,0 +1,124 @@
+/* lb_parse6.h: bounds-checked Ethernet/IPv6/TCP/UDP parsing and the extension-header policy:
+ * hop-by-hop options, destination options and a routing header with no segments left are
+ * walked (up to LB_IPV6_EXT_MAX of them); a fragment header, AH, a routing header with
+ * segments left, or a longer chain: the frame passes untouched. */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "lb_consts.h"
+#include "lb_parse.h"
+#include "lb_structs.h"
+
+/* Extension headers walked before the L4 header; a bounded loop for the verifier. */
+#ifndef LB_IPV6_EXT_MAX
+#define LB_IPV6_EXT_MAX 4
+#endif
+
+struct lb_packet6 {
+    struct ethhdr *eth;
+    struct ipv6hdr *ip6;
+    void *l4;
+    __u16 *l4_check;        /* NULL: UDP without checksum (not valid in IPv6: left as it is) */
+    __be16 *sport;
+    __be16 *dport;
+    __be32 tcp_flags;       /* as lb_packet's: tcp_flag_word() & LB_TCP_TRACKED_FLAGS */
+    struct flow_key6 key;
+};
+
+/* The first bytes every walked extension header shares (a routing header's are these four). */
+struct lb_ipv6_ext {
+    __u8 nexthdr;
+    __u8 hdrlen;            /* in 8-byte units, not counting the first 8 */
+    __u8 routing_type;
+    __u8 segments_left;     /* routing header only */
+};
+
+/* Returns an outcome when the frame must pass untouched, LB_PARSED_L4 (TCP or UDP: pkt is
+ * filled in) or LB_PARSED_ICMP (eth, ip6 and l4 are set; l4 is the ICMPv6 header). */
+static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packet6 *pkt)
+{
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return LB_PASS_MALFORMED;
+    struct ipv6hdr *ip6 = (void *)(eth + 1);
+    if ((void *)(ip6 + 1) > data_end)
+        return LB_PASS_MALFORMED;
+    if (ip6->version != 6)
+        return LB_PASS_MALFORMED;
+    /* A payload length beyond the frame is a lie (a jumbogram's 0 never reaches Ethernet). */
+    __u32 payload_len = bpf_ntohs(ip6->payload_len);
+    void *end = (void *)(ip6 + 1) + payload_len;
+    if (end > data_end)
+        return LB_PASS_MALFORMED;
+
+    __u8 nexthdr = ip6->nexthdr;
+    void *l4 = (void *)(ip6 + 1);
+#pragma unroll
+    for (int i = 0; i < LB_IPV6_EXT_MAX; i++) {
+        if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_ROUTING)
+            break;
+        struct lb_ipv6_ext *ext = l4;
+        if ((void *)(ext + 1) > data_end || (void *)(ext + 1) > end)
+            return LB_PASS_MALFORMED;
+        /* Segments left: the destination is a waypoint, not the VIP; the kernel routes it. */
+        if (nexthdr == IPPROTO_ROUTING && ext->segments_left)
+            return LB_PASS_EXT_HEADER;
+        nexthdr = ext->nexthdr;
+        l4 += ((__u32)ext->hdrlen + 1) * 8;
+    }
+    if (l4 > end)
+        return LB_PASS_MALFORMED;
+    if (nexthdr == IPPROTO_FRAGMENT)
+        return LB_PASS_FRAGMENT;
+    if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_DSTOPTS ||
+        nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_AH)
+        return LB_PASS_EXT_HEADER;
+    if (nexthdr == IPPROTO_ICMPV6) {
+        pkt->eth = eth;
+        pkt->ip6 = ip6;
+        pkt->l4 = l4;
+        pkt->key.proto = IPPROTO_ICMPV6;
+        return LB_PARSED_ICMP;
+    }
+    if (nexthdr != IPPROTO_TCP && nexthdr != IPPROTO_UDP)
+        return LB_PASS_NOT_VIP;
+
+    __u32 l4_len = end - l4;
+    if (nexthdr == IPPROTO_TCP) {
+        struct tcphdr *tcp = l4;
+        if ((void *)(tcp + 1) > data_end)
+            return LB_PASS_MALFORMED;
+        if (tcp->doff < 5 || tcp->doff * 4 > l4_len)
+            return LB_PASS_MALFORMED;
+        pkt->l4_check = &tcp->check;
+        pkt->sport = &tcp->source;
+        pkt->dport = &tcp->dest;
+        pkt->tcp_flags = tcp_flag_word(tcp) & LB_TCP_TRACKED_FLAGS;
+    } else {
+        struct udphdr *udp = l4;
+        if ((void *)(udp + 1) > data_end)
+            return LB_PASS_MALFORMED;
+        if (bpf_ntohs(udp->len) < sizeof(*udp) || bpf_ntohs(udp->len) > l4_len)
+            return LB_PASS_MALFORMED;
+        pkt->l4_check = udp->check ? &udp->check : NULL;
+        pkt->sport = &udp->source;
+        pkt->dport = &udp->dest;
+        pkt->tcp_flags = 0;
+    }
+    pkt->eth = eth;
+    pkt->ip6 = ip6;
+    pkt->l4 = l4;
+    __builtin_memcpy(pkt->key.src, &ip6->saddr, 16);
+    __builtin_memcpy(pkt->key.dst, &ip6->daddr, 16);
+    pkt->key.sport = *pkt->sport;
+    pkt->key.dport = *pkt->dport;
+    pkt->key.proto = nexthdr;
+    return LB_PARSED_L4;
+}

@@ -1,0 +1,144 @@
+/* lb_xdp6.h: the IPv6 path (NAT66, two-arm): a v6 VIP's traffic is DNATed to a backend picked
+ * by the VIP's Maglev ring and kept per flow in flows6; replies are reverse-NATed by rnat6;
+ * ICMPv6 errors about tracked flows are translated; everything else passes untouched. VIP and
+ * backend ids, rings and counters are the IPv4 path's (one id space). */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ipv6.h>
+
+#include "lb_consts.h"
+#include "lb_structs.h"
+#include "lb_maps.h"
+#include "lb_maps6.h"
+#include "lb_stats.h"
+#include "lb_flow.h"
+#include "lb_maglev.h"
+#include "lb_parse6.h"
+#include "lb_flow6.h"
+#include "lb_nat6.h"
+#include "lb_fib6.h"
+#include "lb_icmp6.h"
+
+/* The flow hash over an IPv6 tuple: the addresses folded to 32 bits, then lb_flow_hash, so
+ * affinity and the mix are the IPv4 path's. */
+static __always_inline __u32 lb_fold6(const __be32 *a)
+{
+    return a[0] ^ a[1] ^ a[2] ^ a[3];
+}
+
+static __always_inline __u32 lb_pick6(const struct vip_meta *vip, const struct flow_key6 *key6,
+                                      struct backend **out, __u32 *slot_out)
+{
+    struct flow_key folded = {};
+    folded.src = lb_fold6(key6->src);
+    folded.dst = lb_fold6(key6->dst);
+    folded.sport = key6->sport;
+    folded.dport = key6->dport;
+    folded.proto = key6->proto;
+    __u32 id = lb_pick(vip, &folded, out, slot_out);
+    /* A ring slot is only ever an IPv6 VIP's own backend; a record of the other family
+     * (a torn change) is no backend rather than a wrong rewrite. */
+    if (id != LB_NO_BACKEND && *out && !((*out)->flags & LB_BACKEND_F_IPV6))
+        return LB_NO_BACKEND;
+    return id;
+}
+
+static __always_inline struct vip_meta *lb_vip6_lookup(const struct flow_key6 *key)
+{
+    struct vip_key6 vk = {};
+    lb_addr6_copy(vk.addr, key->dst);
+    vk.port = key->dport;
+    vk.proto = key->proto;
+    return vips6.lookup(&vk);
+}
+
+static __always_inline int lb_flow6_forward(struct xdp_md *ctx, struct lb_packet6 *pkt,
+                                            struct nat_entry6 *flow, __u64 now, __u64 bytes)
+{
+    int refreshed = lb_flow6_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
+    lb_count_flow(flow->e.vip_id, flow->e.backend_id, bytes, 0);
+    lb_rewrite6(pkt, 1, flow->addr, flow->e.port);
+    return lb_forward6(ctx, pkt, bytes, &flow->e, refreshed);
+}
+
+static __always_inline int lb_new_flow6(struct xdp_md *ctx, struct lb_packet6 *pkt,
+                                        struct vip_meta *vip, __u64 now, __u64 bytes)
+{
+    struct backend *be = NULL;
+    __u32 slot = 0;
+    __u32 id = lb_pick6(vip, &pkt->key, &be, &slot);
+    if (id == LB_NO_BACKEND || !be)
+        return lb_drop_no_backend(vip->vip_id, bytes);
+    struct lb_scratch6 *s = lb_scratch6();
+    if (!s)
+        return lb_drop_no_backend(vip->vip_id, bytes);
+    __be32 addr[4];
+    lb_addr6_copy(addr, be->addr6);
+    __be16 port = be->port;
+    struct nat_entry6 *fresh = &s->entry;
+    __builtin_memset(fresh, 0, sizeof(*fresh));
+    lb_addr6_copy(fresh->addr, addr);
+    fresh->e.port = port;
+    fresh->e.backend_id = id;
+    fresh->e.vip_id = vip->vip_id;
+    lb_flow6_create(s, &pkt->key, fresh, pkt->tcp_flags, now);
+
+    lb_count_flow(vip->vip_id, id, bytes, 1);
+    lb_rewrite6(pkt, 1, addr, port);
+    return lb_forward6(ctx, pkt, bytes, NULL, 0);
+}
+
+static __always_inline int lb_from_backend6(struct xdp_md *ctx, struct lb_packet6 *pkt,
+                                            struct nat_entry6 *back, __u64 now, __u64 bytes)
+{
+    if (!lb_entry_live(&back->e, now, pkt->tcp_flags, LB_DIR_REPLY)) {
+        lb_flow6_forget(&pkt->key, LB_DIR_REPLY);
+        return lb_outcome(LB_PASS_STALE_REPLY, bytes, XDP_PASS);
+    }
+    int refreshed = lb_flow6_refresh(back, &pkt->key, pkt->tcp_flags, now, LB_DIR_REPLY);
+    lb_count_flow(back->e.vip_id, back->e.backend_id, bytes, 0);
+    lb_rewrite6(pkt, 0, back->addr, back->e.port);
+    return lb_forward6(ctx, pkt, bytes, &back->e, refreshed);
+}
+
+/* The IPv6 twin of lb_handle: tracked traffic first, then replies, then a VIP's new flow. */
+static __always_inline int lb_handle6(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u64 bytes = data_end - data;
+    struct lb_packet6 pkt = {};
+
+    int verdict = lb_parse6(data, data_end, &pkt);
+    if (verdict >= 0)
+        return lb_outcome(verdict, bytes, XDP_PASS);
+    if (verdict == LB_PARSED_ICMP)
+        return lb_icmp6(ctx, &pkt, data_end, bytes);
+
+    struct nat_entry6 *flow = lb_flow6_lookup(&pkt.key, LB_DIR_ORIGINAL);
+    struct nat_entry6 *back = NULL;
+    struct vip_meta *vip = NULL;
+    if (!flow) {
+        back = lb_flow6_lookup(&pkt.key, LB_DIR_REPLY);
+        if (!back) {
+            vip = lb_vip6_lookup(&pkt.key);
+            if (!vip)
+                return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        }
+    }
+    /* The kernel must see the hop limit run out to send its ICMPv6 error. */
+    if (pkt.ip6->hop_limit <= 1)
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+    __u64 now = lb_now_ns();
+    if (back)
+        return lb_from_backend6(ctx, &pkt, back, now, bytes);
+    if (flow && lb_flow6_usable(flow, now, pkt.tcp_flags))
+        return lb_flow6_forward(ctx, &pkt, flow, now, bytes);
+    if (!vip)
+        vip = lb_vip6_lookup(&pkt.key);
+    if (!vip)
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    return lb_new_flow6(ctx, &pkt, vip, now, bytes);
+}
