@@ -100,6 +100,7 @@ struct lb_explain {
     __u8 flow_state;
     __u8 pad;
     __u64 flow_age_ms;
+    __be32 backend_addr6[4];    /* an IPv6 VIP's backend (backend_addr is then 0) */
 };
 
 /* IPv6 (lb_*6.h): its own maps and keys, the IPv4 ones untouched. Addresses are four

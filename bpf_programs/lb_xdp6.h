@@ -103,6 +103,43 @@ static __always_inline int lb_from_backend6(struct xdp_md *ctx, struct lb_packet
     return lb_forward6(ctx, pkt, bytes, &back->e, refreshed);
 }
 
+/* `lbctl explain` for an IPv6 VIP: lb_explain's answer, nothing created, counted or rewritten. */
+static __always_inline int lb_explain6(struct lb_packet6 *pkt, struct lb_explain *out)
+{
+    struct vip_meta *vip = lb_vip6_lookup(&pkt->key);
+    if (!vip) {
+        out->verdict = LB_EXPLAIN_NOT_VIP;
+        return XDP_PASS;
+    }
+    __u64 now = lb_now_ns();
+    out->vip_id = vip->vip_id;
+    out->ring_generation = vip->ring_generation & 1;
+    struct nat_entry6 *flow = lb_flow6_lookup(&pkt->key, LB_DIR_ORIGINAL);
+    if (flow && lb_flow6_usable(flow, now, pkt->tcp_flags)) {
+        out->verdict = LB_EXPLAIN_FLOW_HIT;
+        out->backend_id = flow->e.backend_id;
+        lb_addr6_copy(out->backend_addr6, flow->addr);
+        out->backend_port = flow->e.port;
+        out->flow_state = flow->e.state;
+        out->flow_age_ms = lb_age_ns(now, flow->e.created_ns) / 1000000;
+        return XDP_PASS;
+    }
+    struct backend *be = NULL;
+    __u32 slot = 0;
+    __u32 id = lb_pick6(vip, &pkt->key, &be, &slot);
+    out->slot = slot;
+    if (id == LB_NO_BACKEND || !be) {
+        out->verdict = LB_EXPLAIN_NO_BACKEND;
+        out->backend_id = LB_NO_BACKEND;
+        return XDP_PASS;
+    }
+    out->verdict = LB_EXPLAIN_RING;
+    out->backend_id = id;
+    lb_addr6_copy(out->backend_addr6, be->addr6);
+    out->backend_port = be->port;
+    return XDP_PASS;
+}
+
 /* The IPv6 twin of lb_handle: tracked traffic first, then replies, then a VIP's new flow. */
 static __always_inline int lb_handle6(struct xdp_md *ctx)
 {
@@ -116,6 +153,11 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
         return lb_outcome(verdict, bytes, XDP_PASS);
     if (verdict == LB_PARSED_ICMP)
         return lb_icmp6(ctx, &pkt, data_end, bytes);
+
+    /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
+    struct lb_explain *explain = (void *)(long)ctx->data_meta;
+    if ((void *)(explain + 1) <= data && explain->magic == LB_EXPLAIN_MAGIC)
+        return lb_explain6(&pkt, explain);
 
     struct nat_entry6 *flow = lb_flow6_lookup(&pkt.key, LB_DIR_ORIGINAL);
     struct nat_entry6 *back = NULL;

@@ -643,6 +643,7 @@ def stats(obj: Context, vip_addr: HostPort | None, proto: str, as_json: bool, wa
 @main.command(epilog=examples(
     "lbctl explain 10.0.2.5:40000 10.0.0.10:80          # which backend, and why",
     "lbctl explain 10.0.2.5:5000 10.0.0.10:53 --proto udp --json",
+    "lbctl explain '[2001:db8:7::5]:40000' '[2001:db8::10]:80'   # IPv6: brackets",
 ))
 @click.argument("client_addr", metavar="CLIENT:PORT", type=CLIENT)
 @click.argument("vip_addr", metavar="VIP:PORT", type=VIP)

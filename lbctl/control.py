@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from lbctl import planner
-from lbctl.errors import ConflictError, NetnsError
+from lbctl.errors import ConfigError, ConflictError, NetnsError
 from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint, format_endpoint
@@ -371,6 +371,9 @@ class Controller:
         Also where the program is attached: nowhere means no packet is balanced now."""
         from xdp.explain import explain
 
+        if client.ipv6 != vip.ipv6:
+            raise ConfigError(f"client {client} and VIP {vip} are of different address families; "
+                              "hint: a VIP is reached from clients of its own family")
         require_root()
         attached = [] if self.namespace_gone else [a.ifname for a in self.balancer.attachments()]
         fd = self.balancer.program_fd()

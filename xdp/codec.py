@@ -285,4 +285,5 @@ class ExplainMeta(ctypes.Structure):
                 ("ring_generation", ctypes.c_uint32), ("slot", ctypes.c_uint32),
                 ("backend_id", ctypes.c_uint32), ("backend_addr", ctypes.c_uint32),
                 ("backend_port", ctypes.c_uint16), ("flow_state", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("flow_age_ms", ctypes.c_uint64)]
+                ("pad", ctypes.c_uint8), ("flow_age_ms", ctypes.c_uint64),
+                ("backend_addr6", ctypes.c_uint32 * 4)]

@@ -51,8 +51,9 @@ def explain(prog_fd: int, client: codec.Endpoint, vip: codec.Endpoint,
     return Explanation(
         verdict=verdict, vip_id=answer.vip_id, ring_generation=answer.ring_generation,
         slot=answer.slot, backend_id=answer.backend_id if has_backend else None,
-        backend=(f"{codec._addr(answer.backend_addr)}:{codec._port(answer.backend_port)}"
-                 if has_backend else None),
+        backend=(codec.format_endpoint(
+            codec._addr6(bytes(answer.backend_addr6)) if vip.ipv6 else codec._addr(answer.backend_addr),
+            codec._port(answer.backend_port)) if has_backend else None),
         flow_state=FLOW_STATES[answer.flow_state] if hit and answer.flow_state < len(FLOW_STATES) else None,
         flow_age_ms=answer.flow_age_ms if hit else None,
     )

@@ -1,10 +1,12 @@
-"""Ethernet/IPv4/TCP/UDP frames with correct lengths and checksums, for test runs, benches and
-tests: the one place headers are packed by hand (scapy is a test dependency, and ~1 ms a frame)."""
+"""Ethernet/IPv4/IPv6/TCP/UDP frames with correct lengths and checksums, for test runs,
+benches and tests: the one place headers are packed by hand (scapy is a test dependency, and
+~1 ms a frame)."""
 from __future__ import annotations
 
 import struct
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 ETH_HLEN = 14
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 IP_DF = 0x4000                 # don't fragment, in the flags-and-offset word
@@ -49,8 +51,20 @@ def proto_number(proto: int | str) -> int:
     return _PROTO_NUMBERS[proto] if isinstance(proto, str) else proto
 
 
+def ipv6_bytes(addr: str) -> bytes:
+    import socket
+
+    try:
+        return socket.inet_pton(socket.AF_INET6, addr)
+    except OSError:
+        raise ValueError(f"not an IPv6 address: {addr!r}") from None
+
+
 def pseudo_header(src: str, dst: str, proto: int, length: int) -> bytes:
-    """What TCP and UDP checksums cover besides their own bytes."""
+    """What TCP and UDP checksums cover besides their own bytes: IPv4's (RFC 793) or, for
+    IPv6 addresses, IPv6's (RFC 8200 8.1: 32-bit length, next header last)."""
+    if ":" in src:
+        return ipv6_bytes(src) + ipv6_bytes(dst) + struct.pack("!IxxxB", length, proto)
     return ipv4_bytes(src) + ipv4_bytes(dst) + struct.pack("!BBH", 0, proto, length)
 
 
@@ -99,6 +113,22 @@ def ipv4_packet(src: str, dst: str, proto: int | str, l4: bytes, *, ttl: int = D
     return _with_checksum(header, 10, header) + l4
 
 
+def ipv6_packet(src: str, dst: str, proto: int | str, l4: bytes, *,
+                hop_limit: int = DEFAULT_TTL) -> bytes:
+    """An IPv6 header (no extension headers) before l4; IPv6 has no header checksum."""
+    return struct.pack("!IHBB", 6 << 28, len(l4), proto_number(proto), hop_limit) + \
+        ipv6_bytes(src) + ipv6_bytes(dst) + l4
+
+
+def _ip_frame(src_mac: str, dst_mac: str, src: str, dst: str, proto: int, l4: bytes, *,
+              ttl: int, ident: int, frag: int, ip_options: bytes) -> bytes:
+    if ":" in src:      # IPv6: no id, fragment word or options in the fixed header
+        return ethernet_frame(src_mac, dst_mac, ipv6_packet(src, dst, proto, l4, hop_limit=ttl),
+                              ETH_P_IPV6)
+    return ethernet_frame(src_mac, dst_mac, ipv4_packet(
+        src, dst, proto, l4, ttl=ttl, ident=ident, frag=frag, options=ip_options))
+
+
 def ethernet_frame(src_mac: str, dst_mac: str, payload: bytes,
                    ethertype: int = ETH_P_IP) -> bytes:
     return mac_bytes(dst_mac) + mac_bytes(src_mac) + struct.pack("!H", ethertype) + payload
@@ -109,18 +139,18 @@ def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport:
               window: int = TCP_WINDOW, tcp_options: bytes = b"", payload: bytes = b"",
               ttl: int = DEFAULT_TTL, ident: int = 0, frag: int = 0,
               ip_options: bytes = b"") -> bytes:
-    """Ethernet + IPv4 + TCP, every length and checksum right."""
+    """Ethernet + IPv4 (or IPv6, for IPv6 addresses) + TCP, every length and checksum right."""
     segment = tcp_segment(src, dst, sport, dport, flags=flags, seq=seq, ack=ack, window=window,
                           options=tcp_options, payload=payload)
-    return ethernet_frame(src_mac, dst_mac, ipv4_packet(
-        src, dst, IPPROTO_TCP, segment, ttl=ttl, ident=ident, frag=frag, options=ip_options))
+    return _ip_frame(src_mac, dst_mac, src, dst, IPPROTO_TCP, segment, ttl=ttl, ident=ident,
+                     frag=frag, ip_options=ip_options)
 
 
 def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
               payload: bytes = b"", *, checksum: bool = True, length: int | None = None,
               ttl: int = DEFAULT_TTL, ident: int = 0, frag: int = 0,
               ip_options: bytes = b"") -> bytes:
-    """Ethernet + IPv4 + UDP, every length and checksum right (checksum=False: UDP's 0)."""
+    """Ethernet + IPv4 (or IPv6) + UDP, every length and checksum right (checksum=False: 0)."""
     datagram = udp_datagram(src, dst, sport, dport, payload, checksum=checksum, length=length)
-    return ethernet_frame(src_mac, dst_mac, ipv4_packet(
-        src, dst, IPPROTO_UDP, datagram, ttl=ttl, ident=ident, frag=frag, options=ip_options))
+    return _ip_frame(src_mac, dst_mac, src, dst, IPPROTO_UDP, datagram, ttl=ttl, ident=ident,
+                     frag=frag, ip_options=ip_options)

@@ -445,3 +445,20 @@ def test_a_vip_of_one_family_refuses_a_backend_of_the_other_and_changes_nothing(
     with pytest.raises(ConfigError, match="share one address family"):
         controller.backend_add(WEB, Endpoint("10.66.2.11", 80, "tcp"))
     assert planner.read_live(lb_maps) == before
+
+
+def test_explain_answers_for_an_ipv6_vip_without_creating_a_flow(
+        run: Callable[..., tuple[int, bytes]], controller: Controller, lb_maps: LbMaps,
+        lb_program: LoadedProgram) -> None:
+    from xdp.explain import explain
+
+    client = Endpoint(CLIENT, 40000, "tcp")
+    before = lb_maps.global_counters()
+    answer = explain(lb_program.fd, client, WEB, new_connection=True)
+    assert (answer.verdict, answer.backend) == ("ring", str(WEB_BACKEND))
+    assert controller.flows() == [] and lb_maps.global_counters() == before
+    run(SYN, CLIENT_ARM)
+    hit = explain(lb_program.fd, client, WEB)
+    assert (hit.verdict, hit.backend, hit.flow_state) == ("flow_hit", "[fd00:6:2::11]:8080", "syn")
+    assert explain(lb_program.fd, client, Endpoint(NOT_A_VIP, 80, "tcp")).verdict == "not_vip"
+    assert explain(lb_program.fd, client, EMPTY, new_connection=True).verdict == "no_backend"

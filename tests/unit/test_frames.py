@@ -85,3 +85,24 @@ def test_first_fragment_udp_length_covers_the_whole_datagram():
 def test_malformed_requests_are_refused_not_packed(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_ipv6_tcp_and_udp_frames_match_scapy_byte_for_byte() -> None:
+    from scapy.layers.inet import TCP, UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    from xdp import frames
+
+    mine = frames.tcp_frame("02:00:00:00:00:01", "02:00:00:00:00:02", "2001:db8::1", "2001:db8::2",
+                            40000, 80, flags=frames.TCP_SYN, seq=7, payload=b"hi", ttl=33)
+    theirs = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") /
+                   IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=33) /
+                   TCP(sport=40000, dport=80, flags="S", seq=7, ack=0, window=frames.TCP_WINDOW) / b"hi")
+    assert mine == theirs
+    mine = frames.udp_frame("02:00:00:00:00:01", "02:00:00:00:00:02", "fd00::1", "fd00::2",
+                            5353, 53, b"query")
+    theirs = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") /
+                   IPv6(src="fd00::1", dst="fd00::2", hlim=frames.DEFAULT_TTL) /
+                   UDP(sport=5353, dport=53) / b"query")
+    assert mine == theirs
