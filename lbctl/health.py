@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lbctl.config import HealthSpec
+from xdp.codec import format_endpoint
 
 # Each wait is the interval +/- this share, so checks of many backends do not fire in step.
 JITTER = 0.1
@@ -56,7 +57,7 @@ async def _within(coro: Any, timeout_s: float) -> Any:
 async def _connect(addr: str, port: int) -> socket.socket:
     """A connected non-blocking socket: the event loop's own sock_* calls, without the stream
     objects of open_connection, cost a fraction of the CPU per check."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         await asyncio.get_running_loop().sock_connect(sock, (addr, port))
@@ -96,7 +97,7 @@ async def check_http(addr: str, port: int, path: str, expect: tuple[int, int], t
         connected = True
         line = b""
         try:
-            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\n"
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: {format_endpoint(addr, port)}\r\n"
                                           "User-Agent: lbctl-health\r\nConnection: close\r\n\r\n".encode())
             while b"\n" not in line and len(line) < MAX_STATUS_LINE:
                 chunk = await loop.sock_recv(sock, MAX_STATUS_LINE)

@@ -135,3 +135,43 @@ def test_all_failing_keeps_the_last_healthy_set_until_one_passes():
     assert states(agent)["10.0.0.10:80"] == {"10.0.1.11:80": "drain", "10.0.1.12:80": "active",
                                              "10.0.1.13:80": "drain"}
     assert agent.all_failing == set()
+
+
+def test_http_check_reaches_an_ipv6_backend_with_a_bracketed_host_header() -> None:
+    """An IPv6 backend is checked over IPv6 (a real server on ::1), Host in the bracket form."""
+    import asyncio
+    import http.server
+    import socket
+    import threading
+
+    from lbctl.health import check_http
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers["Host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+
+    try:
+        server = Server(("::1", 0), Handler)
+    except OSError as exc:
+        import pytest
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        result = asyncio.run(check_http("::1", port, "/healthz", (200, 399), 2.0))
+    finally:
+        thread.join(5)
+        server.server_close()
+    assert result.ok, result.reason
+    assert seen == [f"[::1]:{port}"]
