@@ -47,8 +47,9 @@ ROUNDS = 5
 FORWARD_BATCH = 250
 START_TTL = 255
 # The new-flow path needs a fresh 5-tuple per repetition: one per chained VIP, so a call
-# repeats at most as often as there are VIPs.
-CHAIN_LENGTH = DEFAULT_LIMITS.max_vips
+# repeats at most as often as there are VIPs. Two VIP ids are kept for the IPv6 cycle.
+V6_CYCLE = 2
+CHAIN_LENGTH = DEFAULT_LIMITS.max_vips - V6_CYCLE
 # New flows per path (all rounds): each round's share goes into emptied tables and stays far
 # below their size, so no insert has to evict (that is another cost, not measured here).
 NEW_FLOW_BUDGET = min(200_000, DEFAULT_LIMITS.flow_table_size * 3 // 4)
@@ -70,6 +71,19 @@ VIP_PORT = 80
 HIT_CLIENT_PORT = 60000
 NEW_FLOW_FIRST_PORT = 1024
 TCP_ACK, TCP_SYN = frames.TCP_ACK, frames.TCP_SYN
+
+
+# IPv6: a cycle of two VIPs on the chain arm, each the other's backend (the same trick).
+CLIENT_ARM_CIDR6, CHAIN_ARM_CIDR6 = "fd00:14:1::1/64", "fd00:14::1/64"
+CLIENT6 = "fd00:14:1::100"
+
+
+def chain_addr6(i: int) -> str:
+    return f"fd00:14::{10 + i % V6_CYCLE:x}"
+
+
+def chain_mac6(i: int) -> str:
+    return f"02:00:0a:14:06:{10 + i % V6_CYCLE:02x}"
 
 
 def chain_addr(i: int) -> str:
@@ -109,9 +123,12 @@ def _build_netns(box: Sandbox) -> None:
     next hop; plus the holder veth, left down (see _hold_in_dispatcher)."""
     from pyroute2 import IPRoute
 
-    ports = (Port(CLIENT_ARM, CLIENT_ARM_MAC, CLIENT_ARM_CIDR, {CLIENT: CLIENT_MAC}),
+    ports = (Port(CLIENT_ARM, CLIENT_ARM_MAC, CLIENT_ARM_CIDR, {CLIENT: CLIENT_MAC, CLIENT6: CLIENT_MAC},
+                  cidr6=CLIENT_ARM_CIDR6),
              Port(CHAIN_ARM, CHAIN_ARM_MAC, CHAIN_ARM_CIDR,
-                  {chain_addr(i): chain_mac(i) for i in range(CHAIN_LENGTH)}))
+                  {**{chain_addr(i): chain_mac(i) for i in range(CHAIN_LENGTH)},
+                   **{chain_addr6(i): chain_mac6(i) for i in range(V6_CYCLE)}},
+                  cidr6=CHAIN_ARM_CIDR6))
     box.ifindex.update(create_routed_netns(box.netns, ports).ifindex)
     with IPRoute(netns=box.netns) as ipr:
         ipr.link("add", ifname=HOLDER, kind="veth", peer=f"{HOLDER}p")  # down: no traffic
@@ -143,6 +160,9 @@ def _chain_config() -> dict[Endpoint, VipSpec]:
     for i in range(CHAIN_LENGTH):
         vip = Endpoint(chain_addr(i), VIP_PORT, "tcp")
         config[vip] = VipSpec(vip, (BackendSpec(chain_addr(i + 1), VIP_PORT),))
+    for i in range(V6_CYCLE):
+        vip = Endpoint(chain_addr6(i), VIP_PORT, "tcp")
+        config[vip] = VipSpec(vip, (BackendSpec(chain_addr6(i + 1), VIP_PORT),))
     return config
 
 
@@ -220,6 +240,10 @@ def _paths() -> list[Path]:
     # the reply of the flow to VIP 63, and so on down the chain.
     reply = tcp_frame(chain_mac(1), CHAIN_ARM_MAC, chain_addr(1), CLIENT, VIP_PORT,
                       HIT_CLIENT_PORT, TCP_ACK)
+    hit6 = tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, CLIENT6, chain_addr6(0), HIT_CLIENT_PORT,
+                     VIP_PORT, TCP_ACK)
+    reply6 = tcp_frame(chain_mac6(1), CHAIN_ARM_MAC, chain_addr6(1), CLIENT6, VIP_PORT,
+                       HIT_CLIENT_PORT, TCP_ACK)
     return [
         Path("baseline", "baseline (MAC swap)", True, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: non_vip, "", False),
@@ -232,6 +256,10 @@ def _paths() -> list[Path]:
         Path("new_flow", "VIP new flow", False, CLIENT_ARM, CHAIN_LENGTH,
              lambda n: tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, CLIENT, chain_addr(0),
                                  NEW_FLOW_FIRST_PORT + n, VIP_PORT, TCP_SYN), "redirect", True),
+        Path("flow_hit6", "IPv6 VIP flow hit", False, CLIENT_ARM, FORWARD_BATCH,
+             lambda _n: hit6, "redirect", False),
+        Path("reply6", "IPv6 reply reverse-NAT", False, CHAIN_ARM, FORWARD_BATCH,
+             lambda _n: reply6, "redirect", False),
     ]
 
 
@@ -244,7 +272,7 @@ def _trimmed_mean(samples: list[int]) -> float:
 
 def _counters(maps: LbMaps) -> tuple[dict[str, int], int]:
     outcomes = {name: c["packets"] for name, c in maps.global_counters().items()}
-    new_flows = sum(maps.vip_counters(i)["new_flows"] for i in range(CHAIN_LENGTH))
+    new_flows = sum(maps.vip_counters(i)["new_flows"] for i in range(DEFAULT_LIMITS.max_vips))
     return outcomes, new_flows
 
 
@@ -304,10 +332,11 @@ def _check(path: Path, runs: int, before: tuple[dict[str, int], int],
 
 def _warm(box: Sandbox) -> None:
     """Creates the chained flows the hit and reply paths find (established: the frame is an ACK)."""
-    hit = next(p for p in _paths() if p.key == "flow_hit")
+    paths = {p.key: p for p in _paths()}
     with inside(box.netns):
-        libbpf.prog_test_run(box.program.fd, hit.frame(0), repeat=CHAIN_LENGTH,  # type: ignore[union-attr]
-                             ingress_ifindex=box.ifindex[CLIENT_ARM])
+        for key, length in (("flow_hit", CHAIN_LENGTH), ("flow_hit6", V6_CYCLE)):
+            libbpf.prog_test_run(box.program.fd, paths[key].frame(0), repeat=length,  # type: ignore[union-attr]
+                                 ingress_ifindex=box.ifindex[CLIENT_ARM])
 
 
 def _machine() -> dict[str, Any]:
@@ -329,7 +358,8 @@ METHOD = (
     f"i+1's address): each repetition's output is the next VIP's packet. Flow hit and reply: "
     f"{FORWARD_BATCH} repetitions per call on established flows; new flow: {CHAIN_LENGTH} "
     "repetitions per call from a fresh client port, each a flow-table miss, a Maglev pick and two "
-    "LRU inserts. Counters are checked after every path: each repetition took its branch."
+    "LRU inserts. IPv6 flow hit and reply: the same on a cycle of two IPv6 VIPs. Counters are "
+    "checked after every path: each repetition took its branch."
 )
 
 
