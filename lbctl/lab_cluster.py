@@ -355,10 +355,31 @@ class ClusterLab(Lab):
         return proc.stdout
 
     def flow_ports(self, node: LabHost) -> set[int]:
-        """Client ports of the live flows the node tracks for the lab's client."""
+        """Client ports of the open flows (not closing: a reset connection's entry lives on
+        for its closing timeout, and its port may be used again) the node tracks for the
+        lab's client."""
         spec = {"instance": node.netns, "client": self.client.addr}
         return set(json.loads(self._must_keep_mounts(node, [sys.executable, "-c", _FLOWS_SNIPPET,
                                                             json.dumps(spec)])))
+
+    def settled(self) -> bool:
+        """Every node's agent sees every backend up and the nodes' rings agree (the same
+        fingerprint): the state in which any node picks the same backend for a flow."""
+        from lbctl.agent import read_published
+
+        prints = set()
+        for n in self.nodes:
+            data = read_published(n.netns)
+            if data is None or any(b["health"] != "up" for b in data.get("backends", [])):
+                return False
+            prints.add(self._must_keep_mounts(n, [sys.executable, "-c", _RINGS_SNIPPET, n.netns]))
+        return len(prints) == 1
+
+    def flush_flows(self) -> None:
+        """Forgets every node's tracked flows (between measurements: a client port used again
+        must not meet an entry of an earlier connection)."""
+        for n in self.nodes:
+            self._must_keep_mounts(n, [sys.executable, "-m", "lbctl", "-n", n.netns, "flows", "flush"])
 
     def node_of(self, addr: str) -> LabHost:
         return next(n for n in self.nodes if n.addr == addr)
@@ -383,9 +404,11 @@ class LongConnections:
     errors, the first error and the longest wait for an answer."""
 
     def __init__(self, lab: Lab, count: int, interval_s: float, duration_s: float,
-                 timeout_s: float = 20.0) -> None:
+                 timeout_s: float = 20.0, first_port: int | None = None) -> None:
+        # first_port: client ports first_port.. instead of ephemeral ones, so that runs one
+        # after the other never reuse a tuple a node may still track from a reset connection.
         spec = {"host": lab.vip, "port": lab.http_port, "count": count, "interval_s": interval_s,
-                "duration_s": duration_s, "timeout_s": timeout_s}
+                "duration_s": duration_s, "timeout_s": timeout_s, "first_port": first_port}
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.client.netns, sys.executable, "-I", "-S", "-c", _LONG_CONNS_SNIPPET,
              json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -442,11 +465,13 @@ def read_answer(s):
     return body[:length].decode().strip()
 
 conns = []
-for _ in range(spec["count"]):
+for i in range(spec["count"]):
     rec = {"port": None, "backends": [], "ok": 0, "errors": 0, "first_error": None,
            "error_at_s": None, "max_wait_s": 0.0}
     try:
-        s = socket.create_connection((spec["host"], spec["port"]), timeout=spec["timeout_s"])
+        src = ("", spec["first_port"] + i) if spec["first_port"] else None
+        s = socket.create_connection((spec["host"], spec["port"]), timeout=spec["timeout_s"],
+                                     source_address=src)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rec["port"] = s.getsockname()[1]
     except OSError as exc:
@@ -497,10 +522,16 @@ vip = Endpoint(spec["vip"], spec["port"], "tcp")
 print(json.dumps({p: ctl.explain(Endpoint(spec["client"], p, "tcp"), vip) for p in spec["ports"]}))
 """
 
+_RINGS_SNIPPET = r"""
+import json, sys
+from lbctl.control import Controller
+print(json.dumps(Controller(sys.argv[1]).ring_fingerprints(), sort_keys=True))
+"""
+
 _FLOWS_SNIPPET = r"""
 import json, sys
 from lbctl.control import Controller
 spec = json.loads(sys.argv[1])
 rows = Controller(spec["instance"]).flows(None, False, None, None, spec["client"], None)
-print(json.dumps(sorted({r["client_port"] for r in rows})))
+print(json.dumps(sorted({r["client_port"] for r in rows if r["state"] != "closing"})))
 """
