@@ -463,6 +463,10 @@ class Agent:
         for vip, entry in sorted(state.vips.items()):
             addrs.add(vip.addr)
             why = reasons.setdefault(vip.addr, [])
+            if ":" in vip.addr:
+                # The speaker's config has IPv4 channels only; a /128 needs an ipv6 channel.
+                why.append(f"{vip} ({vip.proto}): IPv6 VIPs are not announced over BGP yet")
+                continue
             active = [b for b in entry.spec.backends if b.state == "active"]
             checked = self._checked(entry.health)
             healthy = sum(1 for b in active if not checked or self._health(vip, b.name).up)
