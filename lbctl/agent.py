@@ -527,6 +527,19 @@ class Agent:
             self._announce_now.clear()
             if self.speaker is None:
                 continue
+            if self.speaker.proc is not None and self.speaker.proc.poll() is not None:
+                # Its sessions closed with it, so the routers already dropped this node.
+                log.error("BGP: BIRD exited with %s; starting it again", self.speaker.proc.returncode)
+                self.speaker.proc = None
+                self.speaker = None
+                try:
+                    assert self.state is not None
+                    await self._follow_bgp(self.state)
+                except XdpError as exc:
+                    log.error("BGP: cannot start BIRD again, retrying: %s", exc)
+                    continue
+                if self.speaker is None:
+                    continue
             # The apply lock: the self-check reads the attachments and program an apply changes.
             async with self._apply_lock:
                 drained = self.drained()

@@ -188,3 +188,15 @@ def _cmdline_has(proc_dir: Path, text: str) -> bool:
         return text.encode() in (proc_dir / "cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_a_bird_that_dies_is_started_again_by_its_agent(both_up: ClusterLab):
+    lab = both_up
+    node = lab.nodes[0]
+    pid = int(Path(f"/run/lbctl/{node.netns}/{bgp.PID_FILE}").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: lab.vip_next_hops() == [lab.nodes[1].addr], "the router to drop lb1")
+    # The agent notices within its announce interval and starts a new BIRD, which announces again.
+    lab.wait_route(2, timeout_s=60.0)
+    assert int(Path(f"/run/lbctl/{node.netns}/{bgp.PID_FILE}").read_text()) != pid
+    assert "BGP: BIRD exited" in (lab.run_dir / f"{node.name}-agent.log").read_text()
