@@ -541,7 +541,9 @@ class ClientConnection(asyncio.Protocol):
         self.drain_waiters: list[asyncio.Future[None]] = []
         self.waiter: asyncio.Future[None] | None = None
         self.deadline: float | None = None       # loop time the coroutine's wait ends at
-        self.idle_wait = False      # the coroutine waits for a new request: the fast path may run
+        # The coroutine waits for a new request (or has not started yet: a new connection's
+        # first request often arrives before it runs): the fast path may take what comes.
+        self.idle_wait = True
         self.parse_error: HttpError | None = None
         self.fast: _FastExchange | None = None
         self.prepicked: Backend | None = None    # chosen by the fast path, which could not go on
@@ -562,7 +564,10 @@ class ClientConnection(asyncio.Protocol):
         self.forwarded_tail = (b"X-Forwarded-Proto: " + proto + b"\r\nForwarded: for=" + node
                                + b";proto=" + proto + b"\r\n")
         self.vip.connections.add(self)
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.vip.stats.gauge_add("client_connections", self.vip.vip, 1)
+        # No coroutine yet: requests the fast path takes never need one (it is started by
+        # the first thing that does); until then the sweep closes the connection when idle.
+        self.deadline = time.monotonic() + self.settings.keepalive_timeout_s
 
     def data_received(self, data: bytes) -> None:
         if self.idle_wait and self.fast is None and not self.pending:
@@ -584,6 +589,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = self.eof = True
         self.vip.connections.discard(self)
+        self.vip.stats.gauge_add("client_connections", self.vip.vip, -1)
         if self.fast is not None:
             self.fast.client_lost()
         self._wake()
@@ -606,12 +612,22 @@ class ClientConnection(asyncio.Protocol):
 
     # -- the parts both paths share
     def _wake(self) -> None:
+        """Has the request coroutine look at what arrived (starting it the first time)."""
+        if self.task is None:
+            if not self.lost:
+                self.task = asyncio.get_running_loop().create_task(self.run())
+            return
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
 
     def expire(self) -> None:
-        """The coroutine's wait ran past its deadline (checked by VipProxy's sweep)."""
+        """The coroutine's wait (or, without a coroutine, the idle keep-alive connection) ran
+        past its deadline (checked by VipProxy's sweep)."""
+        if self.task is None:
+            self.deadline = None
+            self.transport.close()
+            return
         w = self.waiter
         if w is not None and not w.done():
             w.set_exception(asyncio.TimeoutError())
@@ -645,7 +661,6 @@ class ClientConnection(asyncio.Protocol):
         self.transport.close()
 
     async def run(self) -> None:
-        self.vip.stats.gauge_add("client_connections", self.vip.vip, 1)
         try:
             while not self.closing:
                 head = await self._next_head()
@@ -665,8 +680,6 @@ class ClientConnection(asyncio.Protocol):
         finally:
             if self.fast is not None:
                 self.fast.client_lost()
-            self.vip.connections.discard(self)
-            self.vip.stats.gauge_add("client_connections", self.vip.vip, -1)
             with contextlib.suppress(Exception):
                 self.transport.close()
 
@@ -683,6 +696,9 @@ class ClientConnection(asyncio.Protocol):
     async def _feed(self, timeout_s: float, idle: bool = False) -> bool:
         """Waits for bytes (or events the fast path parsed and left) and parses them; False at
         EOF. Parse errors become HttpError; a wait past timeout_s raises TimeoutError."""
+        while self.fast is not None:
+            # A request the fast path serves keeps the connection busy: its answer first.
+            await self._wait(self.settings.keepalive_timeout_s, idle)
         while not (self.pending or self.events.queue or self.parse_error or self.eof):
             if timeout_s <= 0:
                 raise asyncio.TimeoutError()
@@ -827,10 +843,10 @@ class ClientConnection(asyncio.Protocol):
         self.vip.in_flight -= 1
         if self.lost:
             return
-        if not client_keep or self.closing:
+        if not client_keep or self.closing or self.eof:
             self.transport.close()
             return
-        if self.waiter is not None:
+        if self.waiter is not None or self.task is None:
             self.deadline = time.monotonic() + self.settings.keepalive_timeout_s
         if self.pending or self.events.queue:
             self._wake()

@@ -551,3 +551,34 @@ def test_a_connection_header_naming_a_header_in_the_answer_drops_it(tmp_path: Pa
             assert "x-hop" not in headers and headers.get("x-kept") == "1", headers
     finally:
         r.close()
+
+
+def test_idle_client_connections_close_after_the_keepalive_timeout(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{limits: {keepalive_timeout: 500ms}}"))
+    assert get(rig.conn())[0] == 200          # pools a connection: the next GET goes the fast path
+    silent = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+    served = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+    try:
+        served.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b" /\n"):       # head and body may come in two reads
+            answer += served.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert silent.recv(100) == b"", "a connection that never sends a request is closed"
+        assert served.recv(100) == b"", "an idle keep-alive connection is closed"
+    finally:
+        silent.close()
+        served.close()
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(rig: Rig):
+    rig.start(THREE.replace("{L7}", "{}"))
+    assert get(rig.conn())[0] == 200
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as s:
+            s.sendall(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b" /half\n"), answer
