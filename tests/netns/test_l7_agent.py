@@ -57,6 +57,12 @@ def keepalive(lab: Lab, count: int) -> dict:
     return json.loads(proc.stdout)
 
 
+def agent_workers(lab: Lab) -> str:
+    """Pids of the lab agent's L7 workers: their spec lies in its instance's run directory
+    (other labs' workers on this machine are visible from any network namespace)."""
+    return lab.run(lab.lb, ["pgrep", "-f", f"lbctl.l7.worker --spec /run/lbctl/{lab.lb.netns}/"]).stdout.strip()
+
+
 def lo_addresses(lab: Lab) -> str:
     return lab.run(lab.lb, ["ip", "-o", "addr", "show", "dev", "lo"]).stdout
 
@@ -71,6 +77,7 @@ def test_agent_serves_an_l7_vip_without_xdp_and_cleans_up(lab: Lab, tmp_path: Pa
     try:
         agent.wait_ready()
         assert f"inet {lab.vip}/32" in lo_addresses(lab)
+        assert len(agent_workers(lab).split()) == 2, "l7.workers: 2"
         links = lab.run(lab.lb, ["ip", "-d", "link"]).stdout
         assert "xdp" not in links, "interfaces: [] must attach no XDP program"
         out = keepalive(lab, 300)
@@ -89,5 +96,4 @@ def test_agent_serves_an_l7_vip_without_xdp_and_cleans_up(lab: Lab, tmp_path: Pa
         status = agent.stop(signal.SIGTERM)
     assert status == 0, agent.log()[-2000:]
     assert f"inet {lab.vip}/32" not in lo_addresses(lab)
-    workers = lab.run(lab.lb, ["pgrep", "-f", "lbctl.l7.worker"]).stdout
-    assert workers.strip() == "", "the workers stop with the agent"
+    assert agent_workers(lab) == "", "the workers stop with the agent"
