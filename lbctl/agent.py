@@ -1,6 +1,7 @@
-"""`lbctl agent`: the long-running daemon of one instance. Attaches and applies the config file,
-runs health checks and moves failing backends out of the rings, serves Prometheus metrics,
-re-reads the file on SIGHUP, and leaves the data plane forwarding when it stops."""
+"""`lbctl agent`: the long-running daemon of one instance. Attaches and applies the config file
+(or each revision of the document in etcd), runs health checks and moves failing backends out
+of the rings, serves Prometheus metrics, re-reads the file on SIGHUP, and leaves the data plane
+forwarding when it stops."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ from typing import Any
 
 from lbctl import bgp, planner
 from lbctl.apply import apply_config
+from lbctl.cluster import ClusterNode
 from lbctl.config import BgpSpec, DesiredState, HealthSpec, load_file
 from lbctl.control import LOCK_DIR, Controller
 from lbctl.errors import ConflictError
@@ -85,10 +87,15 @@ def health_by_backend(instance: str) -> dict[tuple[str, str, str], dict[str, Any
 
 class Agent:
     def __init__(self, controller: Controller, config_path: str, metrics_addr: str,
-                 detach_on_exit: bool = False, version: str = "0"):
+                 detach_on_exit: bool = False, version: str = "0", cluster: ClusterNode | None = None):
+        """config_path: the file; with `cluster`, the document comes from etcd instead and
+        config_path is only its etcd:// address, for what the agent shows."""
         self.controller = controller
         self.instance = controller.instance
         self.config_path = config_path
+        self.cluster = cluster
+        self.ring_fingerprints: dict[str, str] = {}
+        self._first_revision = 0
         self.metrics_addr = metrics_addr
         self.detach_on_exit = detach_on_exit
         self.version = version
@@ -96,7 +103,7 @@ class Agent:
         self.checker = HealthChecker(self._on_transition, self._on_result)
         self.last_in_ring: dict[Endpoint, set[str]] = {}
         self.all_failing: set[Endpoint] = set()
-        self.view = AgentView(config_path=os.path.abspath(config_path))
+        self.view = AgentView(config_path=config_path if cluster else os.path.abspath(config_path))
         self._view_lock = threading.Lock()
         self._dirty: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
@@ -116,11 +123,21 @@ class Agent:
         """Runs in the foreground until SIGTERM/SIGINT; returns the exit status."""
         self._take_instance_lock()
         try:
-            state = load_file(self.config_path)
-            log.info("lbctl agent %s starting for instance '%s' with %s (%d VIPs)", self.version,
-                     self.instance, self.config_path, len(state.vips))
+            if self.cluster is not None:
+                log.info("lbctl agent %s starting for instance '%s' as node '%s' of %s", self.version,
+                         self.instance, self.cluster.name, self.config_path)
+                # Until etcd gives a valid document the maps keep whatever they hold: forwarding
+                # goes on as a previous agent left it.
+                state, self._first_revision = self.cluster.first_state()
+                log.info("revision %d read (%d VIPs)", self._first_revision, len(state.vips))
+            else:
+                state = load_file(self.config_path)
+                log.info("lbctl agent %s starting for instance '%s' with %s (%d VIPs)", self.version,
+                         self.instance, self.config_path, len(state.vips))
             return asyncio.run(self._main(state))
         finally:
+            if self.cluster is not None:
+                self.cluster.withdraw()
             self._remove_published()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -175,6 +192,11 @@ class Agent:
         loop.add_signal_handler(signal.SIGUSR1, self._announce_now.set)   # lbctl node drain|undrain
         workers = [loop.create_task(self._reconciler()), loop.create_task(self._publisher()),
                    loop.create_task(self._announcer())]
+        if self.cluster is not None:
+            self.cluster.applied(self._first_revision)
+            log.info("revision %d applied", self._first_revision)
+            workers += [loop.create_task(self.cluster.follow(self._adopt_revision)),
+                        loop.create_task(self.cluster.publish(self._node_record, self._node_record_sessions))]
         self._publish()
         try:
             await self._stop.wait()
@@ -299,6 +321,8 @@ class Agent:
                             self.view.slots_moved += c.moved_slots
             elif reason == "start":
                 log.info("apply (start): the maps already hold this state; nothing moved")
+            if result is not None and (result.applied or not self.ring_fingerprints):
+                self.ring_fingerprints = await asyncio.to_thread(self.controller.ring_fingerprints)
             self._publish()
             return True
 
@@ -368,25 +392,33 @@ class Agent:
 
     async def _reload(self) -> None:
         """SIGHUP: a broken file leaves the running state untouched and says so in one line."""
+        if self.cluster is not None:
+            log.info("SIGHUP: the document comes from etcd and is followed as it changes; nothing to re-read")
+            return
         log.info("SIGHUP: re-reading %s", self.config_path)
         try:
             new = await asyncio.to_thread(load_file, self.config_path)
         except XdpError as exc:
             self._reload_failed(str(exc))
             return
+        if not await self._adopt(new, "reload"):
+            self._reload_failed("its changes could not be applied (see the line above)")
+
+    async def _adopt(self, new: DesiredState, reason: str) -> bool:
+        """Makes a validated document the running one, all or nothing: when its changes cannot
+        be applied, the previous document stays (its checks too)."""
         old = self.state
         self.state = new
         self.checker.sync(self._targets(new), set())
-        if not await self._apply(reason="reload"):
+        if not await self._apply(reason=reason):
             self.state = old
             if old is not None:
                 self.checker.sync(self._targets(old), set())
-            self._reload_failed("its changes could not be applied (see the line above)")
-            return
+            return False
         try:
             await self._follow_bgp(new)
         except XdpError as exc:
-            # The maps follow the new file; the announcements keep their last good state.
+            # The maps follow the new document; the announcements keep their last good state.
             log.error("BGP: the new bgp block could not be applied, the speaker keeps the old one: %s",
                       exc)
         assert self._announce_now is not None
@@ -394,6 +426,14 @@ class Agent:
         with self._view_lock:
             self.view.reloads["ok"] += 1
             self.view.last_reload_ok = time.time()
+        return True
+
+    async def _adopt_revision(self, new: DesiredState, revision: int) -> bool:
+        ok = await self._adopt(new, f"revision {revision}")
+        if not ok:
+            with self._view_lock:
+                self.view.reloads["error"] += 1
+        return ok
 
     def _reload_failed(self, why: str) -> None:
         log.error("reload refused, the running configuration stays: %s", why)
@@ -624,6 +664,48 @@ class Agent:
                 })
         return rows
 
+    def _health_by_vip(self) -> dict[str, dict[str, Any]]:
+        """'VIP:PORT/proto' -> backends up (in the ring by the checks) of those the document lists."""
+        assert self.state is not None
+        failing = {f"{v}/{v.proto}" for v in self.all_failing}
+        out: dict[str, dict[str, Any]] = {}
+        for r in self._rows():
+            key = f"{r['vip']}/{r['proto']}"
+            v = out.setdefault(key, {"up": 0, "total": 0, "down": [], "all_failing": key in failing})
+            v["total"] += 1
+            if r["health"] == "down":
+                v["down"].append(r["backend"])
+            else:
+                v["up"] += 1
+        return out
+
+    def _node_record(self) -> dict[str, Any]:
+        """What this node publishes in etcd besides its revisions (cluster.ClusterNode.record)."""
+        return {"instance": self.instance, "agent_version": self.version, "health": self._health_by_vip(),
+                "rings": dict(self.ring_fingerprints), "bgp": self.bgp_view()}
+
+    def _node_record_sessions(self, record: dict[str, Any]) -> None:
+        """Adds the BGP sessions read live from this node's BIRD (a socket call: run in a thread)
+        and the one-line summary `cluster status` shows."""
+        view = record.get("bgp")
+        speaker = self.speaker
+        if not view or speaker is None:
+            return
+        try:
+            sessions = speaker.sessions()
+            view["sessions"] = [{"peer": x.peer, "state": x.info, "established": x.established} for x in sessions]
+        except bgp.BgpError as exc:
+            sessions, view["sessions_error"] = [], str(exc)
+        up = sum(1 for x in sessions if x.established)
+        summary = f"{up}/{len(view.get('peers') or [])} established, {len(view.get('announced') or [])} announced"
+        if view.get("drained"):
+            summary += ", drained"
+        if view.get("withheld"):
+            summary += f", {len(view['withheld'])} withheld"
+        if view.get("error"):
+            summary += ", error"
+        view["summary"] = summary
+
     def _publish(self) -> None:
         self._publish_due = False
         if self.state is None:
@@ -640,9 +722,12 @@ class Agent:
             self.view.all_failing = {(str(v), v.proto): True for v in self.all_failing}
             self.view.checks_inconclusive = self.checker.inconclusive
             self.view.checker_stalls = self.checker.stalls
-        data = {"pid": os.getpid(), "instance": self.instance, "config": os.path.abspath(self.config_path),
+        data = {"pid": os.getpid(), "instance": self.instance, "config": self.view.config_path,
                 "updated": time.time(), "metrics_addr": self.metrics_addr, "bgp": self.bgp_view(),
                 "all_failing": sorted(f"{v} ({v.proto})" for v in self.all_failing), "backends": rows,
+                "rings": dict(self.ring_fingerprints),
+                "cluster": None if self.cluster is None else {"node": self.cluster.name,
+                                                              **self.cluster.view.as_dict()},
                 "health": {f"{v}/{v.proto}": _health_dict(e.health)
                            for v, e in self.state.vips.items() if e.health is not None}}
         path = os.path.join(state_dir(self.instance), STATE_FILE)
@@ -654,7 +739,8 @@ class Agent:
     async def _publisher(self) -> None:
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
-            if self._publish_due:
+            # A node of a cluster also shows whether etcd answers, which changes without a check.
+            if self._publish_due or self.cluster is not None:
                 self._publish()
 
     def _remove_published(self) -> None:

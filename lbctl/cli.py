@@ -377,6 +377,17 @@ def status(obj: Context, as_json: bool) -> None:
     click.echo(f"agent     {'pid ' + str(agent['pid']) + ', ' + agent['config'] if agent else 'not running'}")
     if agent and agent["all_failing"]:
         click.echo(f"WARNING   every backend fails its checks, last healthy set kept: {', '.join(agent['all_failing'])}")
+    node = agent.get("cluster") if agent else None
+    if node:
+        line = (f"node '{node['node']}', revision {node['applied_revision']} applied "
+                f"(latest seen {node['latest_revision']})")
+        if node.get("rejected_revision"):
+            line += f", refused revision {node['rejected_revision']}"
+        if not node["etcd_reachable"]:
+            line += (f"; etcd UNREACHABLE since {time.strftime('%H:%M:%S', time.localtime(node['unreachable_since']))}"
+                     if node.get("unreachable_since") else "; etcd UNREACHABLE")
+            line += ", serving the last applied revision, retrying"
+        click.echo(f"cluster   {line}")
     click.echo("")
     print_table(st["attached"], [("IFACE", "ifname"), ("MODE", "mode"), ("PROG", "prog_id"),
                                  ("WHY", "why")],
@@ -574,27 +585,142 @@ def export_cmd(obj: Context) -> None:
     click.echo(export_text(obj.controller), nl=False)
 
 
+class EtcdUrlType(click.ParamType):
+    """etcd://HOST:PORT/PREFIX: where a cluster's document and node records live."""
+
+    name = "etcd://HOST:PORT/PREFIX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from lbctl.etcd import EtcdUrl, parse_etcd_url
+
+        if isinstance(value, EtcdUrl):
+            return value
+        try:
+            return parse_etcd_url(str(value))
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+
+
+ETCD_URL = EtcdUrlType()
+
+
 @main.command("agent", epilog=examples(
     "lbctl agent -f /etc/lbctl/lbctl.yaml                      # foreground; systemd runs it so",
     "lbctl -n lbl-lb agent -f lab.yaml --metrics-addr 127.0.0.1:9811   # inside a namespace",
     "kill -HUP $(pidof -s lbctl)                               # re-read the file, apply the difference",
+    "lbctl agent --config etcd://10.0.0.5:2379/lbctl           # one document for every node, in etcd",
 ))
-@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False),
+@click.option("-f", "--file", "path", type=click.Path(dir_okay=False),
               help="the config file (YAML): the whole desired state")
+@click.option("--config", "etcd_url", type=ETCD_URL,
+              help="follow the document in etcd instead of a file (stored by 'lbctl cluster push')")
+@click.option("--node-name", metavar="NAME",
+              help="with --config: this node's name in 'lbctl cluster status' [default: the -n "
+                   "namespace, else the host name]")
 @click.option("--metrics-addr", type=ListenType(), default="127.0.0.1:9810", show_default=True,
               help="ADDR:PORT for Prometheus /metrics (localhost by default)")
 @click.option("--detach-on-exit", is_flag=True,
               help="detach from every interface when stopped (default: keep forwarding)")
 @click.pass_obj
-def agent_cmd(obj: Context, path: str, metrics_addr: str, detach_on_exit: bool) -> None:
-    """Run the balancer from FILE: attach and apply, health checks, metrics, SIGHUP re-reads.
+def agent_cmd(obj: Context, path: str | None, etcd_url: Any, node_name: str | None, metrics_addr: str,
+              detach_on_exit: bool) -> None:
+    """Run the balancer from FILE (or from etcd): attach and apply, health checks, metrics,
+    SIGHUP re-reads the file; with --config, each new revision in etcd is applied.
 
     SIGTERM stops the agent and leaves the data plane forwarding on the last applied state;
-    a restarted agent finds the maps equal to the file and moves nothing."""
+    a restarted agent finds the maps equal to the file and moves nothing. A node that cannot
+    reach etcd keeps serving what it applied last and catches up when etcd answers."""
     from lbctl.agent import Agent, setup_logging
 
+    if (path is None) == (etcd_url is None):
+        raise InputError("give the desired state once: -f FILE or --config etcd://HOST:PORT/PREFIX; hint: "
+                         "lbctl agent -f /etc/lbctl/lbctl.yaml")
+    if node_name is not None and etcd_url is None:
+        raise InputError("--node-name names a cluster node, so it goes with --config; hint: lbctl agent "
+                         "--config etcd://HOST:2379/lbctl --node-name NAME")
+    cluster = None
+    if etcd_url is not None:
+        import socket
+
+        from lbctl.cluster import ClusterNode, check_node_name
+
+        name = check_node_name(node_name or (obj.instance if obj.instance != "host" else socket.gethostname()))
+        cluster = ClusterNode(etcd_url, name)
     setup_logging()
-    sys.exit(Agent(obj.controller, path, metrics_addr, detach_on_exit, package_version()).run())
+    sys.exit(Agent(obj.controller, path or str(etcd_url), metrics_addr, detach_on_exit, package_version(),
+                   cluster).run())
+
+
+# -- a cluster: one document in etcd for every node --------------------------------------------
+@main.group(epilog=examples(
+    "lbctl cluster push -f lbctl.yaml --etcd etcd://10.0.0.5:2379/lbctl   # every node applies it",
+    "lbctl cluster status --etcd etcd://10.0.0.5:2379/lbctl               # who runs which revision",
+))
+def cluster() -> None:
+    """One desired state for many nodes, stored in etcd (agents run with --config etcd://...)."""
+
+
+def etcd_option(f):
+    return click.option("--etcd", "etcd_url", required=True, type=ETCD_URL,
+                        help="where the cluster's keys live: etcd://HOST:PORT/PREFIX")(f)
+
+
+@cluster.command("push", epilog=examples(
+    "lbctl cluster push -f lbctl.yaml --etcd etcd://127.0.0.1:2379/lbctl",
+    "lbctl -n lbl-lb cluster push -f lab.yaml --etcd etcd://10.77.9.1:2379/lbctl   # from a namespace",
+))
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False),
+              help="the config file (YAML): the whole desired state of every node")
+@etcd_option
+def cluster_push(path: str, etcd_url: Any) -> None:
+    """Validate FILE and store it as the next revision; every node's agent applies it. A
+    broken file is refused before anything is stored."""
+    from lbctl.cluster import push
+
+    r = push(etcd_url, path)
+    if r.unchanged:
+        click.echo(f"unchanged: {etcd_url.config_key} already holds this document (revision {r.revision})")
+    else:
+        click.echo(f"stored revision {r.revision} at {etcd_url.config_key} ({_counted(r.vips, 'VIP')}; "
+                   f"replaces {r.previous or 'nothing'})")
+
+
+@cluster.command("status", epilog=examples(
+    "lbctl cluster status --etcd etcd://127.0.0.1:2379/lbctl",
+    "lbctl cluster status --etcd etcd://127.0.0.1:2379/lbctl --json",
+))
+@etcd_option
+@json_option
+def cluster_status(etcd_url: Any, as_json: bool) -> None:
+    """One line per node: the revision it applied against the latest, its backends' health,
+    its ring fingerprints, BGP and when it last reported."""
+    from lbctl.cluster import health_summary, status
+
+    st = status(etcd_url)
+    if as_json:
+        echo_json(st)
+        return
+    latest = st["latest_revision"]
+    click.echo(f"latest revision {latest or 'none (nothing pushed yet)'} at {etcd_url.config_key}")
+    rows = []
+    for n in st["nodes"]:
+        applied = n.get("applied_revision") or 0
+        rev = f"{applied}/{latest}" + ("" if n["current"] else " BEHIND")
+        if n.get("rejected_revision"):
+            rev += f" (refused {n['rejected_revision']})"
+        rings = ", ".join(f"{vip} {fp}" for vip, fp in sorted((n.get("rings") or {}).items())) or "-"
+        if n["ring_mismatch"]:
+            rings += " MISMATCH"
+        bgp = n.get("bgp")
+        rows.append({"name": n["name"], "rev": rev, "health": health_summary(n), "rings": rings,
+                     "bgp": bgp.get("summary", "-") if isinstance(bgp, dict) else "-",
+                     "seen": "-" if n.get("last_seen_s") is None else f"{n['last_seen_s']:.0f}s ago"})
+    print_table(rows, [("NODE", "name"), ("REVISION", "rev"), ("HEALTH", "health"), ("RINGS", "rings"),
+                       ("BGP", "bgp"), ("LAST SEEN", "seen")],
+                "no nodes report (none runs 'lbctl agent --config ...', or their leases expired)")
+    for n in st["nodes"]:
+        if n.get("rejected_error"):
+            click.echo(f"{n['name']}: refused revision {n['rejected_revision']}: {n['rejected_error']}")
 
 
 # -- stats and flows ------------------------------------------------------------------------

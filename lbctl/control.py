@@ -319,7 +319,7 @@ class Controller:
 
         agent = read_published(self.instance)
         out["agent"] = None if agent is None else {k: agent.get(k) for k in ("pid", "config", "metrics_addr",
-                                                                             "all_failing")}
+                                                                             "all_failing", "cluster")}
         out["bgp"] = _bgp_status(agent)
         out["warnings"] = [] if gone else self.one_sided_warnings()
         return out

@@ -25,6 +25,7 @@ pkgs=(
     ethtool               # veth offloads the lab needs for XDP_REDIRECT
     make                  # the README's make targets
     bird2                 # BGP: each agent's own BIRD announces its VIPs; the lab's router
+    etcd-server           # etcd: one desired state for every node (lbctl cluster, agent --config)
 )
 # Only for `setup.sh test`: programs the tests run themselves.
 test_pkgs=(
