@@ -80,7 +80,7 @@ class LocalEtcd:
         if shutil.which("etcd") is None:
             raise LocalEtcdError("etcd is not installed; hint: apt-get install etcd-server (lbctl/setup.sh "
                                  "installs it)")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)   # etcd warns about wider
         peer = f"http://127.0.0.1:{self.peer_port}"
         argv = ["etcd", "--name", self.name, "--data-dir", str(self.data_dir),
                 "--listen-client-urls", f"http://{self.addr}:{self.client_port}",
@@ -124,8 +124,8 @@ class LocalEtcd:
 
     def _answers_in_netns(self) -> bool:
         """Asks from inside the namespace (this process stays where it is)."""
-        code = ("import sys, urllib.request; urllib.request.urlopen(urllib.request.Request("
-                f"'http://127.0.0.1:{self.client_port}/v3/kv/range', data=b'{{}}'), timeout=2)")
+        code = ("import urllib.request; urllib.request.urlopen("
+                f"'http://127.0.0.1:{self.client_port}/health', timeout=2)")
         assert self.netns is not None
         proc = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-I", "-S", "-c", code],
                               capture_output=True, timeout=30, check=False)
