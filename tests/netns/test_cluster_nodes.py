@@ -191,7 +191,9 @@ def test_a_broken_push_changes_nothing_anywhere(cluster: Cluster):
 
 def test_cluster_status_is_one_table_of_every_node(cluster: Cluster):
     latest = cluster.status()["latest_revision"]
-    out = cluster.cli("cluster", "status", "--etcd", cluster.url).stdout.splitlines()
+    text = cluster.cli("cluster", "status", "--etcd", cluster.url).stdout
+    print(text)    # with -s: the table as an operator sees it (docs/scale-out.md shows one)
+    out = text.splitlines()
     assert out[0] == f"latest revision {latest} at {PREFIX}/config"
     assert out[1].split() == ["NODE", "REVISION", "HEALTH", "RINGS", "BGP", "LAST", "SEEN"]
     rows = {line.split()[0]: line for line in out[2:]}
