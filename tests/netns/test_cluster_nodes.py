@@ -190,7 +190,15 @@ def test_a_broken_push_changes_nothing_anywhere(cluster: Cluster):
 
 
 def test_cluster_status_is_one_table_of_every_node(cluster: Cluster):
-    latest = cluster.status()["latest_revision"]
+    # With a bgp block each node's BIRD runs and its state reaches the table. The peer is the
+    # lab client's address, where no BGP speaker listens: the session stays down, which the
+    # BGP column must say (the routing side itself is proven by tests/netns/test_bgp_lab.py).
+    path = write_config(cluster.tmp / "bgp.yaml", cluster.lab, ALL, HEALTH)
+    path.write_text(path.read_text() + f"bgp: {{local_as: 65010, peers: [{{addr: {cluster.lab.client.addr}, as: 65000}}]}}\n")
+    latest = int(cluster.cli("cluster", "push", "-f", str(path), "--etcd", cluster.url).stdout.split()[2])
+    wait_for(lambda: cluster.all_applied(latest), "both nodes on the bgp revision")
+    wait_for(lambda: all((r.get("bgp") or {}).get("summary") for r in cluster.status()["nodes"]),
+             "both records to carry their BGP state")
     text = cluster.cli("cluster", "status", "--etcd", cluster.url).stdout
     print(text)    # with -s: the table as an operator sees it (docs/scale-out.md shows one)
     out = text.splitlines()
@@ -201,6 +209,13 @@ def test_cluster_status_is_one_table_of_every_node(cluster: Cluster):
     for line in rows.values():
         assert f"{latest}/{latest}" in line and "BEHIND" not in line
         assert "3/3 up" in line and "MISMATCH" not in line and f"{cluster.nodes[0].lab.vip}:80/tcp" in line
+        assert "0/1 established" in line
+    for rec in cluster.status()["nodes"]:
+        assert rec["bgp"]["peers"] == [{"addr": cluster.lab.client.addr, "as": 65000}]
+        assert [s["peer"] for s in rec["bgp"]["sessions"]] == [cluster.lab.client.addr]
+    # Back to the document without BGP, as the next test expects.
+    rev = cluster.push(ALL, "no-bgp.yaml")
+    wait_for(lambda: cluster.all_applied(rev), "both nodes without BGP")
 
 
 def test_etcd_killed_nodes_keep_serving_and_catch_up_when_it_returns(cluster: Cluster):
