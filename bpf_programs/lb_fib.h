@@ -75,3 +75,53 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
     lb_set_macs_ttl(pkt, fib.dmac, fib.smac);
     return lb_send(ctx, fib.ifindex, bytes);
 }
+
+/* L2 DSR: the frame goes to the backend `backend` on a directly attached link with only its
+ * MACs changed: IP header (TTL too) and L4 untouched, since the backend holds the VIP itself
+ * and the balancer is no routing hop. The FIB is asked for the backend's address, not the
+ * packet's destination (the VIP). A backend reached through a gateway (the lookup then names
+ * the gateway), an unresolved neighbour or a frame beyond the link's MTU cannot be sent at L2:
+ * dropped and counted, because passing it up would have the kernel route a packet for the VIP,
+ * which is not its own, back out toward the clients. `nh` caches the answer as lb_forward's. */
+static __always_inline int lb_forward_l2(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes,
+                                         __be32 backend, struct nat_entry *nh, int relookup)
+{
+    struct iphdr *ip = pkt->ip;
+    __u16 tot_len = bpf_ntohs(ip->tot_len);
+
+    if (nh && !relookup && nh->nh_ifindex && tot_len <= nh->nh_len_ok) {
+        __builtin_memcpy(pkt->eth->h_dest, nh->nh_dmac, ETH_ALEN);
+        __builtin_memcpy(pkt->eth->h_source, nh->nh_smac, ETH_ALEN);
+        return lb_send(ctx, nh->nh_ifindex, bytes);
+    }
+
+    struct bpf_fib_lookup fib = {};
+    fib.family = AF_INET;
+    fib.tos = ip->tos;
+    fib.l4_protocol = ip->protocol;
+    if (pkt->sport && pkt->dport) {
+        fib.sport = *pkt->sport;
+        fib.dport = *pkt->dport;
+    }
+    fib.tot_len = tot_len;
+    fib.ipv4_src = ip->saddr;
+    fib.ipv4_dst = backend;
+    fib.ifindex = ctx->ingress_ifindex;
+
+    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ipv4_dst != backend) {
+        if (nh)
+            nh->nh_ifindex = 0;
+        return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, XDP_DROP);
+    }
+    if (nh) {
+        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
+            nh->nh_len_ok = tot_len;
+        nh->nh_ifindex = fib.ifindex;
+        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
+        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
+    }
+    __builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
+    return lb_send(ctx, fib.ifindex, bytes);
+}

@@ -22,6 +22,16 @@ static __always_inline enum lb_dir lb_dir_other(enum lb_dir dir)
     return dir == LB_DIR_ORIGINAL ? LB_DIR_REPLY : LB_DIR_ORIGINAL;
 }
 
+/* The mode a VIP's new flows start in, from its vip_meta.flags. */
+static __always_inline __u8 lb_vip_forwarding(__u32 vip_flags)
+{
+    if (vip_flags & LB_VIP_F_DSR)
+        return LB_FWD_DSR;
+    if (vip_flags & LB_VIP_F_FULLNAT)
+        return LB_FWD_FULLNAT;
+    return LB_FWD_NAT;
+}
+
 /* The coarse clock (a tick, a few ms) is ample for second-scale timeouts and cheaper. */
 static __always_inline __u64 lb_now_ns(void)
 {
@@ -166,7 +176,7 @@ static __always_inline int lb_flow_usable(const struct nat_entry *flow, __u64 no
     return 1;
 }
 
-/* Starts tracking a flow in both directions. `fresh` holds the original direction's rewrite
+/* Starts tracking a flow in both directions (DSR: the original only). `fresh` holds the original direction's rewrite
  * (backend address and port) and ids; its times and state are set here. */
 static __always_inline void lb_flow_create(struct flow_key *key, struct nat_entry *fresh,
                                            __be32 tcp_flags, __u64 now)
@@ -175,6 +185,9 @@ static __always_inline void lb_flow_create(struct flow_key *key, struct nat_entr
     fresh->last_seen_ns = now;
     fresh->state = lb_initial_state(tcp_flags, key->proto);
     lb_flow_store(key, fresh, LB_DIR_ORIGINAL);
+    /* DSR replies go from the backend straight to the client: there is no reply direction. */
+    if (fresh->forwarding == LB_FWD_DSR)
+        return;
 
     struct flow_key reply = {};
     struct nat_entry back;
@@ -194,6 +207,8 @@ static __always_inline int lb_flow_refresh(struct nat_entry *e, struct flow_key 
         return 0;
     e->state = next;
     e->last_seen_ns = now;
+    if (e->forwarding == LB_FWD_DSR)
+        return 1;           /* one direction only: nothing to keep in step */
 
     struct flow_key other_key = {};
     lb_flow_other_key(&other_key, key, e, dir);

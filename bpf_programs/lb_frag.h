@@ -13,11 +13,16 @@
 #include "lb_parse.h"
 #include "lb_stats.h"
 
+/* frag_entry.rewrite_dst for a DSR datagram: no address changes, the frame goes to the
+ * backend `addr` at L2 (0 and 1 say which address a NATed datagram rewrites). */
+#define LB_FRAG_L2_ONLY 2
+
 /* A first fragment about to be forwarded in direction `dir`: its later fragments follow it by
- * (src, dst, IP id, proto) as the packet arrived, before the rewrite to `addr`. */
+ * (src, dst, IP id, proto) as the packet arrived, before the rewrite to `addr` (`l2_only`:
+ * DSR, sent to the backend `addr` unchanged). */
 static __always_inline void lb_record_fragment(const struct lb_packet *pkt, enum lb_dir dir,
                                                __be32 addr, __u32 vip_id, __u32 backend_id,
-                                               __u64 now)
+                                               __u64 now, int l2_only)
 {
     struct frag_key fk = {};
     fk.src = pkt->key.src;
@@ -27,6 +32,8 @@ static __always_inline void lb_record_fragment(const struct lb_packet *pkt, enum
     struct frag_entry fe = {};
     fe.addr = addr;
     fe.rewrite_dst = dir == LB_DIR_ORIGINAL;
+    if (l2_only)
+        fe.rewrite_dst = LB_FRAG_L2_ONLY;
     fe.vip_id = vip_id;
     fe.backend_id = backend_id;
     fe.seen_ns = now;
@@ -46,6 +53,10 @@ static __always_inline int lb_fragment(struct xdp_md *ctx, struct lb_packet *pkt
     /* Before its first fragment (reordered) or long after it: the kernel gets it untouched. */
     if (!fe || lb_age_ns(lb_now_ns(), fe->seen_ns) > LB_FRAG_TIMEOUT_NS)
         return lb_outcome(LB_PASS_FRAGMENT, bytes, XDP_PASS);
+    if (fe->rewrite_dst == LB_FRAG_L2_ONLY) {
+        lb_count_flow(fe->vip_id, fe->backend_id, bytes, 0);
+        return lb_forward_l2(ctx, pkt, bytes, fe->addr, NULL, 0);
+    }
     if (ip->ttl <= 1)
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
     lb_count_flow(fe->vip_id, fe->backend_id, bytes, 0);

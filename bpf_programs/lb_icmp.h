@@ -52,7 +52,7 @@ static __always_inline void lb_icmp_rewrite_quote(__u16 *icmp_check, struct iphd
 /* An error quoting client->backend (sent by the backend or a router near it, to the client):
  * the quote goes back to client->VIP and a backend's own address as sender becomes the VIP.
  * An error quoting VIP->client (from a router near the client, to the VIP): it goes to the
- * backend, quoting backend->client. Anything else passes untouched. */
+ * backend, quoting backend->client (DSR: unchanged, at L2). Anything else passes untouched. */
 static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, void *data_end,
                                    __u64 bytes)
 {
@@ -89,6 +89,10 @@ static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, vo
     }
     if (!e)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    /* DSR: the error quotes the backend's own VIP->client packet; it goes to that backend as
+     * it is (path MTU discovery then works on the backend, which sent the packet). */
+    if (e->forwarding == LB_FWD_DSR)
+        return lb_forward_l2(ctx, pkt, bytes, e->addr, NULL, 0);
     if (pkt->ip->ttl <= 1)
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
 

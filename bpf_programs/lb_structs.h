@@ -13,7 +13,7 @@ struct vip_key {
 
 struct vip_meta {
     __u32 vip_id;           /* index into the rings and stats_vip */
-    __u32 flags;
+    __u32 flags;            /* LB_VIP_F_*: affinity and forwarding mode */
     __u32 ring_generation;  /* which of the VIP's two rings is live (0 or 1) */
     __u32 backend_count;
 };
@@ -47,7 +47,7 @@ struct nat_entry {
     __be32 addr;
     __be16 port;
     __u8 state;             /* enum lb_flow_state */
-    __u8 pad;
+    __u8 forwarding;        /* enum lb_forwarding: the VIP's mode when the flow started */
     __u32 backend_id;
     __u32 vip_id;
     __u64 last_seen_ns;
@@ -98,7 +98,7 @@ struct lb_explain {
     __be32 backend_addr;
     __be16 backend_port;
     __u8 flow_state;
-    __u8 pad;
+    __u8 forwarding;        /* enum lb_forwarding: the flow's (a hit) or the VIP's (a ring pick) */
     __u64 flow_age_ms;
     __be32 backend_addr6[4];    /* an IPv6 VIP's backend (backend_addr is then 0) */
 };

@@ -1,6 +1,7 @@
-/* lb_xdp.c: XDP entry of the two-arm NAT load balancer: VIP traffic is DNATed to a backend
- * picked by Maglev and kept per flow; backend replies are reverse-NATed; the rest passes.
- * IPv6 frames go to lb_handle6 (lb_xdp6.h), IPv4 ones stay here. */
+/* lb_xdp.c: XDP entry of the load balancer: VIP traffic goes to a backend picked by Maglev and
+ * kept per flow, DNATed (two-arm NAT; backend replies are reverse-NATed) or, for a DSR VIP,
+ * sent on at L2 with only its MACs changed; the rest passes. IPv6 frames go to lb_handle6
+ * (lb_xdp6.h), IPv4 ones stay here. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
@@ -19,14 +20,19 @@
 #include "lb_trace.h"
 #include "lb_xdp6.h"
 
-/* A client's packet of a live tracked flow: it goes to the flow's backend. */
+/* A client's packet of a live tracked flow: it goes to the flow's backend, in the mode the
+ * flow began in (a VIP's mode change moves new flows only). */
 static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet *pkt,
                                            struct nat_entry *flow, __u64 now, __u64 bytes)
 {
     int refreshed = lb_flow_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
     lb_count_flow(flow->vip_id, flow->backend_id, bytes, 0);
+    int l2_only = flow->forwarding == LB_FWD_DSR;
     if (pkt->more_fragments)
-        lb_record_fragment(pkt, LB_DIR_ORIGINAL, flow->addr, flow->vip_id, flow->backend_id, now);
+        lb_record_fragment(pkt, LB_DIR_ORIGINAL, flow->addr, flow->vip_id, flow->backend_id, now,
+                           l2_only);
+    if (l2_only)
+        return lb_forward_l2(ctx, pkt, bytes, flow->addr, flow, refreshed);
     lb_rewrite(pkt, 1, flow->addr, flow->port);
     return lb_forward(ctx, pkt, bytes, flow, refreshed);
 }
@@ -35,6 +41,10 @@ static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet 
 static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_packet *pkt,
                                        struct vip_meta *vip, __u64 now, __u64 bytes)
 {
+    /* lb_handle let TTL 1 through for a DSR flow that has ended; if its VIP has since
+     * turned to NAT, the new flow is routed and the kernel must see the TTL expire. */
+    if (pkt->ip->ttl <= 1 && !(vip->flags & LB_VIP_F_DSR))
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
     struct backend *be = NULL;
     __u32 slot = 0;
     __u32 id = lb_pick(vip, &pkt->key, &be, &slot);
@@ -45,11 +55,18 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_packet *pkt
     fresh.port = be->port;
     fresh.backend_id = id;
     fresh.vip_id = vip->vip_id;
+    fresh.forwarding = lb_vip_forwarding(vip->flags);
+    int l2_only = fresh.forwarding == LB_FWD_DSR;
     lb_flow_create(&pkt->key, &fresh, pkt->tcp_flags, now);
 
     lb_count_flow(fresh.vip_id, fresh.backend_id, bytes, 1);
     if (pkt->more_fragments)
-        lb_record_fragment(pkt, LB_DIR_ORIGINAL, fresh.addr, fresh.vip_id, fresh.backend_id, now);
+        lb_record_fragment(pkt, LB_DIR_ORIGINAL, fresh.addr, fresh.vip_id, fresh.backend_id, now,
+                           l2_only);
+    /* DSR: the backend's port is the VIP's (the control plane refuses others), so the frame
+     * needs no rewrite above Ethernet. */
+    if (l2_only)
+        return lb_forward_l2(ctx, pkt, bytes, fresh.addr, NULL, 0);
     lb_rewrite(pkt, 1, fresh.addr, fresh.port);
     /* The entry is on the stack here: its next hop is cached by the flow's first hit. */
     return lb_forward(ctx, pkt, bytes, NULL, 0);
@@ -66,7 +83,7 @@ static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet 
 
     lb_count_flow(back->vip_id, back->backend_id, bytes, 0);
     if (pkt->more_fragments)
-        lb_record_fragment(pkt, LB_DIR_REPLY, back->addr, back->vip_id, back->backend_id, now);
+        lb_record_fragment(pkt, LB_DIR_REPLY, back->addr, back->vip_id, back->backend_id, now, 0);
     lb_rewrite(pkt, 0, back->addr, back->port);
     return lb_forward(ctx, pkt, bytes, back, refreshed);
 }
@@ -79,6 +96,7 @@ static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vi
     __u64 now = lb_now_ns();
     out->vip_id = vip->vip_id;
     out->ring_generation = vip->ring_generation & 1;
+    out->forwarding = lb_vip_forwarding(vip->flags);
     struct nat_entry *flow = lb_flow_lookup(&pkt->key, LB_DIR_ORIGINAL);
     if (flow && lb_flow_usable(flow, now, pkt->tcp_flags)) {
         out->verdict = LB_EXPLAIN_FLOW_HIT;
@@ -86,6 +104,7 @@ static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vi
         out->backend_addr = flow->addr;
         out->backend_port = flow->port;
         out->flow_state = flow->state;
+        out->forwarding = flow->forwarding;
         out->flow_age_ms = lb_age_ns(now, flow->created_ns) / 1000000;
         return XDP_PASS;
     }
@@ -160,8 +179,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
                 return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
         }
     }
-    /* The kernel must see TTL expiry to send its ICMP error; nothing was rewritten yet. */
-    if (pkt.ip->ttl <= 1)
+    /* The kernel must see TTL expiry to send its ICMP error; nothing was rewritten yet. DSR
+     * is no routing hop (the TTL is not decremented), so its frames go on whatever their TTL. */
+    int l2_only = flow ? flow->forwarding == LB_FWD_DSR : (vip && (vip->flags & LB_VIP_F_DSR));
+    if (pkt.ip->ttl <= 1 && !l2_only)
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
     __u64 now = lb_now_ns();
     if (back)

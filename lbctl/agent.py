@@ -313,6 +313,8 @@ class Agent:
             if result is not None and result.applied:
                 for line in result.describe():
                     log.info("apply (%s): %s", reason, line)
+                for warning in result.plan.warnings:
+                    log.warning("apply (%s): %s", reason, warning)
                 with self._view_lock:
                     self.view.plans_applied += 1
                     for c in result.plan.changes:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 
 from lbctl import planner
 from lbctl.config import DesiredState, HealthSpec, VipEntry, dump
-from lbctl.control import Controller, check_new_addresses
-from lbctl.model import Config, VipSpec
+from lbctl.control import Controller, check_new_addresses, sync_dsr_neighbours
+from lbctl.model import Config
 from xdp.balancer import require_root
 from xdp.codec import Endpoint
 from xdp.errors import NotAttachedError
@@ -135,6 +135,7 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
                 the_plan = planner.plan(live, desired, controller.limits, controller.maglev_seed,
                                         busy_backend_ids=maps.tracked_backend_ids)
                 planner.apply(the_plan, live, maps)
+                the_plan.host_warnings += sync_dsr_neighbours(live, desired)
         result.plan = the_plan
         result.applied = True
         return result
@@ -167,7 +168,7 @@ def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, V
                 spec = None if h is None else HealthSpec(h["check"], h["path"], tuple(h["expect"]),
                                                          h["interval_ms"], h["timeout_ms"], h["rise"],
                                                          h["fall"], h["port"])
-                vips[vip] = VipEntry(VipSpec(vip, backends), spec)
+                vips[vip] = VipEntry(replace(lv.spec, backends=backends), spec)
     # Interfaces in different modes were attached by driver default: export says auto.
     mode = "native" if not modes else modes[0] if len(modes) == 1 else "auto"
     return [a.ifname for a in attachments], mode, vips

@@ -16,6 +16,7 @@ from lbctl.errors import ConfigError, NetnsError
 from lbctl.model import (
     AFFINITY_NAMES,
     BACKEND_STATES,
+    FORWARDING_NAMES,
     PROTO_NAMES,
     XDP_MODES,
     HostPort,
@@ -399,8 +400,8 @@ def status(obj: Context, as_json: bool) -> None:
                    f"hint: lbctl -n {name} detach --all --purge")
     if st.get("vip_modes"):
         click.echo("")
-        print_table(st.get("vip_modes", []), [("VIP", "vip"), ("PROTO", "proto"), ("AFFINITY", "affinity"),
-                                              ("RING", "ring")], "")
+        print_table(st.get("vip_modes", []), [("VIP", "vip"), ("PROTO", "proto"), ("FORWARDING", "forwarding"),
+                                              ("AFFINITY", "affinity"), ("RING", "ring")], "")
     if st.get("bgp"):
         _echo_bgp(st["bgp"])
 
@@ -434,18 +435,23 @@ def vip() -> None:
 
 
 @vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp",
-                                    "lbctl vip add 10.0.0.10:443 --affinity client"))
+                                    "lbctl vip add 10.0.0.10:443 --affinity client",
+                                    "lbctl vip add 10.0.0.10:80 --forwarding dsr   # backends answer clients directly"))
 @click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
+@click.option("--forwarding", default=FORWARDING_NAMES[0], show_default=True, type=click.Choice(FORWARDING_NAMES),
+              help="nat (two-arm: replies come back through the balancer), fullnat (one-arm: the "
+                   "source is rewritten too) or dsr (L2: only the MAC is rewritten, backends hold "
+                   "the VIP and answer clients directly; see docs/modes.md)")
 @click.option("--affinity", default=AFFINITY_NAMES[0], show_default=True, type=click.Choice(AFFINITY_NAMES),
               help="what picks a new flow's backend: flow (the 5-tuple) or client (the source "
                    "address alone: one client stays on one backend)")
 @click.option("--force", is_flag=True,
               help="allow a VIP on an address and port where a local service listens")
 @click.pass_obj
-def vip_add(obj: Context, vip_addr: HostPort, proto: str, affinity: str, force: bool) -> None:
+def vip_add(obj: Context, vip_addr: HostPort, proto: str, forwarding: str, affinity: str, force: bool) -> None:
     """Add a VIP (no backends yet: its packets are dropped until one is added)."""
-    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force, affinity))
+    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force, affinity, forwarding))
 
 
 @vip.command("del", epilog=examples("lbctl vip del 10.0.0.10:80"))
@@ -466,7 +472,8 @@ def vip_list(obj: Context, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("AFFINITY", "affinity"), ("BACKENDS", "backends"),
+    print_table(rows, [("VIP", "vip"), ("PROTO", "proto"), ("FORWARDING", "forwarding"), ("AFFINITY", "affinity"),
+                       ("BACKENDS", "backends"),
                        ("ACTIVE", "active_backends"), ("PACKETS", "packets"), ("BYTES", "bytes"),
                        ("FLOWS", "new_flows"), ("DROPS", "drops")], "no VIPs")
 
@@ -550,6 +557,32 @@ def backend_list(obj: Context, vip_addr: HostPort | None, proto: str, as_json: b
                        ("BYTES", "bytes"), ("FLOWS", "new_flows")], "no backends")
 
 
+@backend.command("check", epilog=examples(
+    "lbctl backend check 10.0.0.10:80 10.0.1.11         # before or after adding it",
+    "lbctl backend check 10.0.0.10:80 10.0.1.11:8080    # a given port (DSR: must be the VIP's)",
+    "lbctl backend check 10.0.0.10:80 10.0.1.11 --json  # for scripts: exit 1 when a check fails",
+))
+@click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
+@click.argument("backend_addr", metavar="ADDR[:PORT]", type=AddrOrHostPortType("backend"))
+@proto_option
+@json_option
+@click.pass_obj
+def backend_check(obj: Context, vip_addr: HostPort, backend_addr: tuple[str, int | None], proto: str,
+                  as_json: bool) -> None:
+    """What the balancer can check of a backend for a VIP: the route to it (DSR: the same L2
+    segment), the interface runs the program, its MAC resolves, and for DSR its port; each
+    check ✓ or ✗ with evidence and a fix; exit 1 when any fails."""
+    from lbctl import doctor as doc
+
+    checks = doc.check_backend(obj.instance, vip_addr.on(proto), *backend_addr)
+    if as_json:
+        echo_json(doc.as_json(checks))
+    else:
+        for line in doc.render(checks):
+            click.echo(line)
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
 # -- the config file ------------------------------------------------------------------------
 @main.command("apply", epilog=examples(
     "lbctl apply -f /etc/lbctl/lbctl.yaml --dry-run   # what would change, ring share moved, flows touched",
@@ -569,6 +602,8 @@ def apply_cmd(obj: Context, path: str, dry_run: bool) -> None:
     result = apply_state(obj.controller, state, dry_run)
     for line in result.describe():
         click.echo(line)
+    for warning in result.plan.warnings:
+        click.echo(f"lbctl: warning: {warning}", err=True)
     if dry_run and not result.empty:
         click.echo("(dry run: nothing changed)")
 
@@ -751,7 +786,7 @@ def stats(obj: Context, vip_addr: HostPort | None, proto: str, as_json: bool, wa
                 outcomes = [{"outcome": k, **v} for k, v in data["outcomes"].items()]
                 print_table(outcomes, [("OUTCOME", "outcome"), ("PACKETS", "packets"), ("BYTES", "bytes")], "")
                 click.echo("")
-            print_table(data["vips"], [("VIP", "vip"), ("PROTO", "proto"), ("PACKETS", "packets"),
+            print_table(data["vips"], [("VIP", "vip"), ("PROTO", "proto"), ("FWD", "forwarding"), ("PACKETS", "packets"),
                                        ("BYTES", "bytes"), ("FLOWS", "new_flows"), ("DROPS", "drops")],
                         "no VIPs")
             click.echo("")
@@ -805,11 +840,17 @@ def _explained(ans: dict) -> str:
     if ans["verdict"] == "no_backend":
         return (f"no usable backend (ring slot {ans['slot']} of generation {ans['ring_generation']} "
                 "is empty): dropped")
+    how = _HOW_SENT.get(ans.get("forwarding") or "nat", "")
     if ans["verdict"] == "flow_hit":
         return (f"backend {ans['backend']} (id {ans['backend_id']}) by flow-table hit "
-                f"({ans['flow_state']}, tracked for {ans['flow_age_ms'] / 1000:.1f} s)")
+                f"({ans['flow_state']}, tracked for {ans['flow_age_ms'] / 1000:.1f} s){how}")
     return (f"backend {ans['backend']} (id {ans['backend_id']}) by ring slot {ans['slot']} "
-            f"of generation {ans['ring_generation']}")
+            f"of generation {ans['ring_generation']}{how}")
+
+
+# How a forwarding mode sends the packet, for explain's sentences (nat: said by "backend").
+_HOW_SENT = {"nat": "", "fullnat": ", full-NAT (source rewritten too)",
+             "dsr": ", DSR: sent to the backend's MAC unchanged, it answers the client directly"}
 
 
 @main.command(epilog=examples(
@@ -974,7 +1015,7 @@ def flows_list(obj: Context, limit: int, include_expired: bool, vip_addr: HostPo
         r["age"] = f"{r['age_s']:.1f}s"
         r["idle"] = f"{r['idle_s']:.1f}s"
     print_table(rows, [("CLIENT", "client_ep"), ("VIP", "vip_ep"), ("PROTO", "proto"),
-                       ("BACKEND", "backend_ep"), ("STATE", "state_shown"), ("AGE", "age"),
+                       ("BACKEND", "backend_ep"), ("FWD", "forwarding"), ("STATE", "state_shown"), ("AGE", "age"),
                        ("IDLE", "idle")], "no live flows" if not include_expired else "no flows")
 
 

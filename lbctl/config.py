@@ -17,12 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lbctl.errors import ConfigError
 from lbctl.maglev import MAX_WEIGHT
-from lbctl.model import BackendSpec, Config, VipSpec, parse_endpoint
+from lbctl.model import (
+    FORWARDING_NAMES,
+    FORWARDING_NOT_YET,
+    BackendSpec,
+    Config,
+    VipSpec,
+    backend_problem,
+    parse_endpoint,
+)
 from xdp.codec import Endpoint
 
 # Values the contract names for later work: refused with "not supported yet", never ignored.
-SUPPORTED_NOW = {"mode": ("l4", "l7"), "forwarding": ("nat",), "affinity": ("flow", "client")}
-PLANNED: dict[str, tuple[str, ...]] = {"mode": (), "forwarding": ("fullnat", "dsr"), "affinity": ()}
+# Forwarding modes come from lbctl/model.py, which says which are built.
+SUPPORTED_NOW = {"mode": ("l4", "l7"),
+                 "forwarding": tuple(f for f in FORWARDING_NAMES if f not in FORWARDING_NOT_YET),
+                 "affinity": ("flow", "client")}
+PLANNED: dict[str, tuple[str, ...]] = {"mode": (), "forwarding": tuple(FORWARDING_NOT_YET), "affinity": ()}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000}
@@ -296,6 +307,9 @@ class VipFile(_Strict):
                              "add mode: l7 or remove the block")
         if self.mode == "l7" and self.proto != "tcp":
             raise ValueError(f"mode l7 serves HTTP over tcp; this VIP is {self.proto}")
+        if self.mode == "l7" and self.forwarding != "nat":
+            raise ValueError(f"forwarding {self.forwarding} is for mode: l4 VIPs (the L7 proxy opens "
+                             "its own connections to the backends); remove forwarding or use mode: l4")
         return self
 
 
@@ -607,11 +621,15 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
             if (ep.addr, ep.port) == (vip.addr, vip.port):
                 raise _fail(source, lines, where, f"backend {ep} is the VIP itself",
                             "name the address and port of a real server")
+            problem = backend_problem(vip, v.forwarding, ep.addr, ep.port)
+            if problem is not None:
+                raise _fail(source, lines, where, *_split(ConfigError(problem)))
             if str(ep) in backends:
                 raise _fail(source, lines, where, f"duplicate backend {ep} in VIP {vip}",
                             "list each backend once; weight sets its share")
             backends[str(ep)] = BackendSpec(ep.addr, ep.port, b.weight, b.state)
-        spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))), v.affinity)
+        spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))), v.affinity,
+                       v.forwarding)
         l7 = _l7(v.l7 or L7File(), spec, source, lines, ("vips", i, "l7")) if v.mode == "l7" else None
         if v.min_healthy > len(v.backends) and v.backends:
             raise _fail(source, lines, ("vips", i, "min_healthy"), f"min_healthy {v.min_healthy} is "
@@ -736,6 +754,8 @@ def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -
     for vip in sorted(vips):
         entry = vips[vip]
         item: dict[str, Any] = {"vip": str(vip), "proto": vip.proto}
+        if entry.spec.forwarding != "nat":
+            item["forwarding"] = entry.spec.forwarding
         if entry.spec.affinity != "flow":
             item["affinity"] = entry.spec.affinity
         if entry.health is not None:

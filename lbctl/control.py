@@ -13,7 +13,14 @@ from dataclasses import dataclass, replace
 
 from lbctl import planner
 from lbctl.errors import ConfigError, ConflictError, NetnsError
-from lbctl.model import BackendSpec, Config, VipSpec, with_backend, without_backend
+from lbctl.model import (
+    BackendSpec,
+    Config,
+    VipSpec,
+    check_forwarding,
+    with_backend,
+    without_backend,
+)
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint, format_endpoint
 from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, Limits
@@ -100,10 +107,13 @@ class Controller:
                                     busy_backend_ids=maps.tracked_backend_ids)
             if not dry_run and not the_plan.empty:
                 planner.apply(the_plan, live, maps)
+                the_plan.host_warnings += sync_dsr_neighbours(live, desired)
             return Result(the_plan, applied=not dry_run and not the_plan.empty)
 
     # -- VIPs -------------------------------------------------------------------------------
-    def vip_add(self, vip: Endpoint, force: bool = False, affinity: str = "flow") -> Result:
+    def vip_add(self, vip: Endpoint, force: bool = False, affinity: str = "flow",
+                forwarding: str = "nat") -> Result:
+        check_forwarding(forwarding)     # before anything else is looked at: a mode not built
         if not force:
             from lbctl.safety import local_service_at
 
@@ -117,7 +127,7 @@ class Controller:
         def edit(config: Config) -> Config:
             if vip in config:
                 raise ConflictError(f"VIP {vip} ({vip.proto}) already exists; hint: 'lbctl vip list' shows it")
-            return {**config, vip: VipSpec(vip, affinity=affinity)}
+            return {**config, vip: VipSpec(vip, affinity=affinity, forwarding=forwarding)}
         return self.change(edit)
 
     def vip_del(self, vip: Endpoint) -> Result:
@@ -145,7 +155,7 @@ class Controller:
                 lv = live[vip]
                 out.append({"vip": str(vip), "addr": vip.addr, "port": vip.port, "proto": vip.proto,
                             "vip_id": lv.vip_id, "ring_generation": lv.ring_generation,
-                            "affinity": lv.spec.affinity,
+                            "affinity": lv.spec.affinity, "forwarding": lv.spec.forwarding,
                             "backends": len(lv.spec.backends),
                             "active_backends": sum(1 for b in lv.spec.backends if b.in_ring),
                             **maps.vip_counters(lv.vip_id)})
@@ -253,7 +263,12 @@ class Controller:
                         f"detaching would break {live} live flow{'s' if live != 1 else ''}: the kernel "
                         "cannot continue connections NATed by the balancer; hint: drain the backends "
                         f"and wait, or 'lbctl detach {what} --force' to break them")
-            return self.balancer.detach(ifnames, purge)
+            done = self.balancer.detach(ifnames, purge)
+            if purge and not os.path.isdir(self.balancer.pin_dir):
+                from lbctl.neigh import sync_dsr_neighbours as sync
+
+                sync(())     # the configuration is gone: so are the DSR neighbours lbctl made
+            return done
 
     def reload(self) -> list[Attachment]:
         """A fresh program on every attached interface, maps and flows kept (hitless)."""
@@ -276,6 +291,8 @@ class Controller:
             live = planner.read_live(maps)
         egress: dict[str, int | None] = {}
         for vip in sorted(live, key=_endpoint_key):
+            if live[vip].spec.forwarding == "dsr":
+                continue        # DSR backends answer clients directly: no reply comes back here
             by_iface: dict[str, list[str]] = {}
             for b in live[vip].spec.backends:
                 if b.addr not in egress:
@@ -312,7 +329,8 @@ class Controller:
                 out["vips"] = len(live)
                 out["backends"] = sum(len(lv.spec.backends) for lv in live.values())
                 rings = planner.ring_fingerprints(live, self.limits.ring_size, self.maglev_seed)
-                out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "affinity": live[v].spec.affinity,
+                out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "forwarding": live[v].spec.forwarding,
+                                     "affinity": live[v].spec.affinity,
                                      "ring": rings.get(v)}
                                     for v in sorted(live)]
         from lbctl.agent import read_published
@@ -428,6 +446,7 @@ def _explained(answer) -> dict:
     if answer.verdict == "not_vip":
         return out
     out["vip_id"] = answer.vip_id
+    out["forwarding"] = answer.forwarding
     if answer.verdict == "flow_hit":
         out.update(flow_state=answer.flow_state, flow_age_ms=answer.flow_age_ms)
     else:
@@ -463,6 +482,27 @@ def check_new_addresses(live: planner.LiveState, desired: Config) -> None:
             if networks is None:
                 networks = local_networks()
             check_usable(endpoint, what, networks)
+
+
+def sync_dsr_neighbours(live: planner.LiveState, desired: Config) -> list[str]:
+    """After a change: the backends of DSR VIPs get managed neighbour entries (lbctl/neigh.py:
+    the program finds their MACs by bpf_fib_lookup, and no traffic of the balancer's own would
+    resolve them); entries lbctl made for backends that left go. One warning per backend that
+    cannot be reached at L2. Nothing is done while no DSR VIP is, or was, configured."""
+    if not any(s.forwarding == "dsr" for s in desired.values()) and \
+            not any(lv.spec.forwarding == "dsr" for lv in live.values()):
+        return []
+    from lbctl.neigh import sync_dsr_neighbours as sync
+
+    users: dict[str, list[str]] = {}
+    for vip, spec in sorted(desired.items()):
+        if spec.forwarding == "dsr":
+            for b in spec.backends:
+                users.setdefault(b.addr, []).append(str(vip))
+    problems = sync(users)
+    return [f"DSR backend {addr} of VIP {', '.join(users[addr])} cannot be reached at L2: {why}; "
+            f"its connections are dropped (drop_dsr_unreachable); hint: lbctl backend check "
+            f"{users[addr][0]} {addr}" for addr, why in sorted(problems.items())]
 
 
 def _need_vip(config: Config, vip: Endpoint, adding_backend: bool = False) -> VipSpec:

@@ -481,7 +481,8 @@ def _solicit(addr: str) -> None:
 
 def _replies(live: dict, flows: list, syn_stuck_s: float) -> list[Check]:
     """Two-arm NAT needs the backend's reply to come back through the balancer; a flow whose
-    SYN went out but whose client never completed the handshake stays in 'syn'."""
+    SYN went out but whose client never completed the handshake stays in 'syn'. A DSR VIP's
+    replies never come here by design: its check is whether clients complete handshakes."""
     now_ns = time.monotonic_ns()   # bpf_ktime_get_ns is CLOCK_MONOTONIC too
     stuck: Counter[tuple[str, int]] = Counter()
     answered: Counter[tuple[str, int]] = Counter()
@@ -494,6 +495,9 @@ def _replies(live: dict, flows: list, syn_stuck_s: float) -> list[Check]:
     out = []
     for vip, lv in sorted(live.items()):
         if vip.proto != "tcp":
+            continue
+        if lv.spec.forwarding == "dsr":
+            out += _dsr_handshakes(vip, lv, stuck, answered)
             continue
         for b in lv.spec.backends:
             key = (b.addr, b.port)
@@ -512,3 +516,113 @@ def _replies(live: dict, flows: list, syn_stuck_s: float) -> list[Check]:
                                  f"{stuck[key]} stuck in SYN"))
     return out
 
+
+
+def _dsr_handshakes(vip: Endpoint, lv, stuck: Counter, answered: Counter) -> list[Check]:
+    """DSR: the balancer sees no reply, but it sees the client's ACK of the backend's SYN-ACK
+    (the flow turns established). Flows that stay in SYN with none established mean the
+    backend does not answer from the VIP: the VIP is not on its loopback/dummy interface, or
+    its rp_filter or firewall drops the client's packet."""
+    out = []
+    for b in lv.spec.backends:
+        key = (b.addr, b.port)
+        if stuck[key] and not answered[key]:
+            out.append(Check("dsr_handshakes", b.name, False,
+                             f"{stuck[key]} flows of DSR VIP {vip} stuck in SYN, no client completed "
+                             "a handshake: the backend does not answer clients from the VIP",
+                             f"on {b.addr}: ip addr add {vip.addr}/32 dev lo, arp_ignore=1, "
+                             "arp_announce=2, rp_filter 0 or 2 (docs/modes.md); then "
+                             f"lbctl backend check {vip} {b.addr}"))
+        else:
+            out.append(Check("dsr_handshakes", b.name, True,
+                             f"{answered[key]} handshakes completed, {stuck[key]} stuck in SYN "
+                             "(DSR: replies go straight to clients, the balancer sees the client's ACKs)"))
+    return out
+
+
+# -- lbctl backend check -----------------------------------------------------------------------
+def check_backend(instance: str, vip: Endpoint, addr: str, port: int | None = None,
+                  limits: Limits = DEFAULT_LIMITS) -> list[Check]:
+    """What the balancer can check of one backend for a VIP, before or after it is added: the
+    FIB's route to it (DSR: on an attached link, no gateway), the interface runs the program,
+    the neighbour table resolves it to a MAC, and (DSR) the port is the VIP's."""
+    from lbctl import planner
+    from lbctl.neigh import neighbour, route_to
+
+    require_root()
+    balancer = Balancer(instance, limits)
+    with balancer.maps() as maps:
+        live = planner.read_live(maps)
+    if vip not in live:
+        raise ConflictError(f"no VIP {vip} ({vip.proto}); hint: 'lbctl vip list' shows the VIPs")
+    spec = live[vip].spec
+    known = next((b for b in spec.backends if b.addr == addr and (port is None or b.port == port)), None)
+    port = port if port is not None else known.port if known is not None else vip.port
+    dsr = spec.forwarding == "dsr"
+    name = f"{addr}:{port}"
+    out = [Check("backend", name, True, f"{'a backend' if known else 'not (yet) a backend'} of "
+                 f"VIP {vip} ({vip.proto}), forwarding {spec.forwarding}")]
+    attached = {a.ifname for a in balancer.attachments()}
+
+    route = route_to(addr)
+    if route is None:
+        out.append(Check("route", addr, False, "no route to it from the balancer",
+                         f"ip route add {addr}/32 dev IFACE (the link the backend is on)"))
+        return out + _port_check(vip, spec.forwarding, addr, port)
+    if route.gateway is not None and dsr:
+        out.append(Check("route", addr, False, f"reached via {route.gateway} on {route.ifname}: DSR "
+                         "rewrites only MACs, so the backend must be on a link of the balancer; the "
+                         "gateway would route the frame by its destination, the VIP",
+                         f"put the backend on a segment {route.ifname} or another attached interface is "
+                         f"on, or use --forwarding nat for {vip}"))
+    else:
+        via = f"via {route.gateway} " if route.gateway else "directly connected "
+        out.append(Check("route", addr, True, f"{via}on {route.ifname}"
+                         + (" (same L2 segment)" if route.gateway is None else "")))
+    if route.ifname in attached:
+        out.append(Check("attached", route.ifname, True, f"{route.ifname} runs the lbctl program"))
+    else:
+        out.append(Check("attached", route.ifname, False, f"{route.ifname}, the way to {addr}, runs no "
+                         "lbctl program: the program cannot redirect there", f"lbctl attach {route.ifname}"))
+    hop = route.gateway or addr
+    n = neighbour(hop, route.ifindex)
+    if n is None or not n.resolved:
+        _solicit(hop)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            n = neighbour(hop, route.ifindex)
+            if n is not None and n.resolved:
+                break
+            time.sleep(0.05)
+    if n is not None and n.resolved:
+        out.append(Check("neighbour", hop, True, f"{hop} is at {n.lladdr} on {route.ifname} "
+                         f"({n.state}{', managed' if n.managed else ''})"))
+    else:
+        out.append(Check("neighbour", hop, False, f"{hop} does not answer ARP on {route.ifname} "
+                         f"({n.state if n else 'no entry'}): no MAC to send its frames to",
+                         f"bring {hop} up on {route.ifname}'s segment, or fix the address "
+                         f"(ip neigh show dev {route.ifname})"))
+    if dsr and route.gateway is None and known is not None:
+        if n is not None and (n.managed or n.state in ("permanent", "noarp")):
+            out.append(Check("neighbour_kept", addr, True, "the kernel keeps it resolved "
+                             + ("(managed entry)" if n.managed else f"({n.state})")))
+        else:
+            out.append(Check("neighbour_kept", addr, False, "no managed entry: the balancer sends "
+                             "nothing to this address itself, so once the entry ages out "
+                             "bpf_fib_lookup finds no MAC and the VIP's frames are dropped",
+                             f"ip neigh replace {addr} dev {route.ifname} managed   (lbctl makes "
+                             "it on every change of a DSR VIP)"))
+    return out + _port_check(vip, spec.forwarding, addr, port)
+
+
+def _port_check(vip: Endpoint, forwarding: str, addr: str, port: int) -> list[Check]:
+    from lbctl.model import backend_problem
+
+    if forwarding != "dsr":
+        return []
+    problem = backend_problem(vip, forwarding, addr, port)
+    if problem is None:
+        return [Check("dsr_port", f"{addr}:{port}", True, f"port {port} is the VIP's: the frame "
+                      "arrives unchanged")]
+    what, _, hint = problem.partition("; hint: ")
+    return [Check("dsr_port", f"{addr}:{port}", False, what, hint)]

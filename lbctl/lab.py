@@ -242,7 +242,9 @@ class Lab:
         self.switch_netns = f"{prefix}-sw"
         client_nets = {i.network for i in self.client.ifaces}
         backend_nets = {i.network for b in self.backends for i in b.ifaces}
-        client_side = [i for i in self.lb.ifaces if i.network in client_nets]
+        # A client may also sit on the backends' segment (the DSR test's lab, where backends
+        # answer it there): the balancer's client side is the network only the client is on.
+        client_side = [i for i in self.lb.ifaces if i.network in client_nets - backend_nets]
         backend_side = [i for i in self.lb.ifaces if i.network in backend_nets]
         if len(client_side) != 1 or len(backend_side) != 1 or len(self.lb.ifaces) != 2:
             raise LabError(

@@ -135,6 +135,13 @@ class LbCollector(Collector):
         yield g_bytes
 
         vl = ["vip", "proto"]
+        # How each VIP forwards: a DSR VIP's packet and byte counters cover only the client's
+        # direction (its replies never reach the balancer), so dashboards must tell them apart.
+        v_info = InfoMetricFamily(f"{PREFIX}_vip", "Per VIP: forwarding mode and affinity", labels=vl)
+        for vip, lv in sorted(live.items()):
+            v_info.add_metric([f"{vip.addr}:{vip.port}", vip.proto],
+                              {"forwarding": lv.spec.forwarding, "affinity": lv.spec.affinity})
+        yield v_info
         v_fams = {k: CounterMetricFamily(f"{PREFIX}_vip_{k}", f"Per VIP: {k.replace('_', ' ')}", labels=vl)
                   for k in ("packets", "bytes", "new_flows", "drops")}
         v_live = GaugeMetricFamily(f"{PREFIX}_vip_live_flows", "Per VIP: tracked flows not timed out", labels=vl)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from lbctl.errors import ConfigError
 from lbctl.maglev import MAX_WEIGHT
 from xdp.balancer import MODES
-from xdp.codec import AFFINITIES, PROTOS, Endpoint, format_endpoint
+from xdp.codec import AFFINITIES, FORWARDINGS, PROTOS, Endpoint, format_endpoint
 from xdp.limits import BACKEND_STATES
 
 # The spellings users type; each comes from the data plane's own table, so a name added
@@ -16,6 +16,24 @@ from xdp.limits import BACKEND_STATES
 PROTO_NAMES: tuple[str, ...] = tuple(PROTOS)
 XDP_MODES: tuple[str, ...] = tuple(MODES)
 AFFINITY_NAMES: tuple[str, ...] = AFFINITIES
+FORWARDING_NAMES: tuple[str, ...] = FORWARDINGS
+# Forwarding modes the contract names whose data path is not built yet: refused here, the one
+# place the CLI, the config file and the planner ask, with why (never silently NATed instead).
+FORWARDING_NOT_YET: dict[str, str] = {
+    "fullnat": "full-NAT (one-arm) is not built yet",
+}
+
+
+def check_forwarding(forwarding: str) -> str:
+    """A forwarding mode this build can run, or ConfigError saying why not."""
+    if forwarding not in FORWARDING_NAMES:
+        raise ConfigError(f"unknown forwarding mode '{forwarding}'; hint: use one of "
+                          f"{', '.join(FORWARDING_NAMES)}")
+    if forwarding in FORWARDING_NOT_YET:
+        raise ConfigError(f"forwarding mode '{forwarding}' is not supported yet: "
+                          f"{FORWARDING_NOT_YET[forwarding]}; hint: use --forwarding nat "
+                          "(two-arm NAT: the backends route their replies through the balancer)")
+    return forwarding
 
 
 def parse_proto(proto: str) -> str:
@@ -125,9 +143,36 @@ class VipSpec:
     vip: Endpoint
     backends: tuple[BackendSpec, ...] = field(default=())
     affinity: str = "flow"              # flow: the 5-tuple picks the backend; client: the source address
+    forwarding: str = "nat"             # nat (two-arm) | fullnat (one-arm, SNAT) | dsr (L2, MAC only)
 
     def backend(self, name: str) -> BackendSpec | None:
         return next((b for b in self.backends if b.name == name), None)
+
+
+def check_vip(spec: VipSpec) -> VipSpec:
+    """The rules a VIP's spec must meet whatever path it came by (CLI, file, agent); raises
+    ConfigError naming what is wrong and the fix."""
+    check_forwarding(spec.forwarding)
+    if spec.forwarding == "dsr" and ":" in spec.vip.addr:
+        # lb_forward_l2 asks the FIB with an IPv4 backend address only.
+        raise ConfigError(f"VIP {spec.vip}: L2 DSR for IPv6 is not built yet; hint: use --forwarding nat "
+                          "for an IPv6 VIP")
+    for b in spec.backends:
+        problem = backend_problem(spec.vip, spec.forwarding, b.addr, b.port)
+        if problem is not None:
+            raise ConfigError(problem)
+    return spec
+
+
+def backend_problem(vip: Endpoint, forwarding: str, addr: str, port: int) -> str | None:
+    """Why a backend cannot serve a VIP in this forwarding mode (a one-line error with a
+    hint), or None. DSR delivers the client's packet unchanged, so the backend must listen on
+    the VIP's own port: the balancer rewrites no port and sees no reply to rewrite back."""
+    if forwarding == "dsr" and port != vip.port:
+        return (f"backend {addr}:{port} of DSR VIP {vip}: its port differs from the VIP's ({vip.port}); "
+                f"hint: a DSR backend receives the client's packet unchanged, so it must serve the VIP's "
+                f"port: use {addr}:{vip.port}, or --forwarding nat to translate ports")
+    return None
 
 
 # The whole desired configuration: VIP endpoint -> its spec.

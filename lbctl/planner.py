@@ -18,8 +18,16 @@ from lbctl.maglev import (
     ring_fingerprint,
     unplaced_backends,
 )
-from lbctl.model import BackendSpec, Config, VipSpec
-from xdp.codec import NO_BACKEND, Endpoint, affinity_of, format_endpoint, is_ipv6, vip_flags
+from lbctl.model import BackendSpec, Config, VipSpec, check_vip
+from xdp.codec import (
+    NO_BACKEND,
+    Endpoint,
+    affinity_of,
+    format_endpoint,
+    forwarding_of,
+    is_ipv6,
+    vip_flags,
+)
 from xdp.errors import MapFullError
 from xdp.limits import DEFAULT_LIMITS, Limits
 
@@ -68,6 +76,13 @@ class VipChange:
         else:
             lines = [f"~ vip {self.vip} ({self.vip.proto})"]
         assert self.new is not None  # add and update always carry the new spec
+        if self.old is not None and self.old.forwarding != self.new.forwarding:
+            # The program keeps each tracked flow's mode in its entry: switching is hitless
+            # for open connections, which end as they began.
+            lines.append(f"  forwarding {self.old.forwarding}->{self.new.forwarding} (new flows; "
+                         f"tracked flows keep {self.old.forwarding} until they end)")
+        elif self.old is None and self.new.forwarding != "nat":
+            lines[0] += f" forwarding {self.new.forwarding}"
         if self.old is not None and self.old.affinity != self.new.affinity:
             lines.append(f"  affinity {self.old.affinity}->{self.new.affinity}")
         elif self.old is None and self.new.affinity != "flow":
@@ -92,6 +107,9 @@ class VipChange:
 @dataclass
 class Plan:
     changes: list[VipChange]
+    # Warnings about the host rather than one VIP's change (a DSR backend the balancer
+    # cannot reach at L2), added when the plan is applied.
+    host_warnings: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -100,7 +118,7 @@ class Plan:
     @property
     def warnings(self) -> list[str]:
         """What the plan does that the user may not expect (printed apart from the plan)."""
-        return [w for c in self.changes for w in c.warnings]
+        return [w for c in self.changes for w in c.warnings] + self.host_warnings
 
     def describe(self) -> list[str]:
         if self.empty:
@@ -204,6 +222,7 @@ def plan(live: LiveState, desired: Config, limits: Limits = DEFAULT_LIMITS, seed
         lv = live.get(vip)
         if lv is not None and lv.spec == new:
             continue
+        check_vip(new)      # every path (CLI, file, agent) meets the same rules here
         if lv is None:
             change = VipChange(vip, "add", take_vip_id(vip), None, new, ring_size=limits.ring_size)
         else:
@@ -276,13 +295,13 @@ def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
         if c.action == "add":
             maps.reset_counters("stats_vip", c.vip_id)
             maps.write_ring(c.vip_id, 0, c.ring)
-            maps.put_vip(c.vip, c.vip_id, 0, in_ring, vip_flags(c.new.affinity))
+            maps.put_vip(c.vip, c.vip_id, 0, in_ring, vip_flags(c.new.affinity, c.new.forwarding))
         else:
             generation = live[c.vip].ring_generation
             if c.ring_changed:
                 generation ^= 1
                 maps.write_ring(c.vip_id, generation, c.ring)
-            maps.put_vip(c.vip, c.vip_id, generation, in_ring, vip_flags(c.new.affinity))
+            maps.put_vip(c.vip, c.vip_id, generation, in_ring, vip_flags(c.new.affinity, c.new.forwarding))
         for b in late:
             maps.put_backend(c.backend_ids[b.name], b.addr, b.port, b.state, c.vip_id, b.weight)
         for bid in removed:
@@ -300,7 +319,7 @@ def read_live(maps) -> LiveState:
         specs = tuple(sorted((BackendSpec(r.addr, r.port, r.weight, r.state) for r in recs),
                              key=lambda b: (b.addr, b.port)))
         reader = getattr(maps, "read_ring", None)
-        live[vip] = LiveVip(VipSpec(vip, specs, affinity_of(meta.flags)), meta.vip_id, meta.ring_generation,
+        live[vip] = LiveVip(VipSpec(vip, specs, affinity_of(meta.flags), forwarding_of(meta.flags)), meta.vip_id, meta.ring_generation,
                             {format_endpoint(r.addr, r.port): r.backend_id for r in recs},
                             functools.partial(reader, meta.vip_id, meta.ring_generation)
                             if reader is not None else None)

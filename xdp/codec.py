@@ -9,27 +9,42 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from xdp.limits import BACKEND_STATES, FLOW_STATES
+from xdp.limits import BACKEND_STATES, FLOW_STATES, FORWARDING_MODES, VIP_FLAGS
 
 PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 NO_BACKEND = 0xFFFFFFFF
 BACKEND_F_IN_USE = 0x1
 BACKEND_F_IPV6 = 0x2    # the address is in addr6 (LB_BACKEND_F_IPV6)
-# vip_meta.flags, as LB_VIP_F_* in lb_consts.h.j2.
-VIP_F_CLIENT_AFFINITY = 0x1
+# vip_meta.flags, rendered into lb_consts.h as LB_VIP_F_* from the same table.
+VIP_F_CLIENT_AFFINITY = VIP_FLAGS["client_affinity"]
+VIP_F_DSR = VIP_FLAGS["dsr"]
+VIP_F_FULLNAT = VIP_FLAGS["fullnat"]
 AFFINITIES = ("flow", "client")     # the first is the default
+FORWARDINGS = FORWARDING_MODES      # the first is the default
+_FORWARDING_FLAG = {"nat": 0, "fullnat": VIP_F_FULLNAT, "dsr": VIP_F_DSR}
 
 
-def vip_flags(affinity: str) -> int:
+def vip_flags(affinity: str, forwarding: str = "nat") -> int:
     """vip_meta.flags for a VIP's options; ValueError for a value the program has no flag for."""
     if affinity not in AFFINITIES:
         raise ValueError(f"unknown affinity {affinity!r}")
-    return VIP_F_CLIENT_AFFINITY if affinity == "client" else 0
+    if forwarding not in _FORWARDING_FLAG:
+        raise ValueError(f"unknown forwarding {forwarding!r}")
+    return (VIP_F_CLIENT_AFFINITY if affinity == "client" else 0) | _FORWARDING_FLAG[forwarding]
 
 
 def affinity_of(flags: int) -> str:
     return "client" if flags & VIP_F_CLIENT_AFFINITY else "flow"
+
+
+def forwarding_of(flags: int) -> str:
+    """The forwarding mode vip_meta.flags names (no mode bit: nat, as every VIP was before)."""
+    if flags & VIP_F_DSR:
+        return "dsr"
+    if flags & VIP_F_FULLNAT:
+        return "fullnat"
+    return "nat"
 
 
 def _be32(addr: str) -> int:
@@ -92,7 +107,7 @@ class FlowKey(ctypes.Structure):
 
 class NatEntry(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
+                ("forwarding", ctypes.c_uint8), ("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
                 ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
                 ("nh_ifindex", ctypes.c_uint32), ("nh_len_ok", ctypes.c_uint16),
                 ("nh_dmac", ctypes.c_uint8 * 6), ("nh_smac", ctypes.c_uint8 * 6),
@@ -228,6 +243,7 @@ class FlowRecord:
     state: str
     last_seen_ns: int
     created_ns: int
+    forwarding: str = "nat"     # the mode the flow started with (it keeps it until it ends)
 
 
 def encode_flow_key(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
@@ -261,7 +277,9 @@ def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
     state = FLOW_STATES[v.state] if v.state < len(FLOW_STATES) else f"state{v.state}"
     return FlowRecord(_addr(k.src), _port(k.sport), _addr(k.dst), _port(k.dport),
                       PROTO_NAMES.get(k.proto, str(k.proto)), _addr(v.addr), _port(v.port),
-                      v.backend_id, v.vip_id, state, v.last_seen_ns, v.created_ns)
+                      v.backend_id, v.vip_id, state, v.last_seen_ns, v.created_ns,
+                      FORWARDING_MODES[v.forwarding] if v.forwarding < len(FORWARDING_MODES)
+                      else f"mode{v.forwarding}")
 
 
 def encode_u32(value: int) -> bytes:
@@ -285,5 +303,5 @@ class ExplainMeta(ctypes.Structure):
                 ("ring_generation", ctypes.c_uint32), ("slot", ctypes.c_uint32),
                 ("backend_id", ctypes.c_uint32), ("backend_addr", ctypes.c_uint32),
                 ("backend_port", ctypes.c_uint16), ("flow_state", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("flow_age_ms", ctypes.c_uint64),
+                ("forwarding", ctypes.c_uint8), ("flow_age_ms", ctypes.c_uint64),
                 ("backend_addr6", ctypes.c_uint32 * 4)]

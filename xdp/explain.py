@@ -6,7 +6,7 @@ import ctypes
 from dataclasses import dataclass
 
 from xdp import codec, frames, libbpf
-from xdp.limits import EXPLAIN_MAGIC, EXPLAIN_VERDICTS, FLOW_STATES
+from xdp.limits import EXPLAIN_MAGIC, EXPLAIN_VERDICTS, FLOW_STATES, FORWARDING_MODES
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class Explanation:
     backend: str | None         # "addr:port"
     flow_state: str | None
     flow_age_ms: int | None
+    forwarding: str | None = None   # nat | fullnat | dsr: the flow's mode (a hit) or the VIP's
 
 
 def probe_frame(client: codec.Endpoint, vip: codec.Endpoint, new_connection: bool = False) -> bytes:
@@ -56,4 +57,6 @@ def explain(prog_fd: int, client: codec.Endpoint, vip: codec.Endpoint,
             codec._port(answer.backend_port)) if has_backend else None),
         flow_state=FLOW_STATES[answer.flow_state] if hit and answer.flow_state < len(FLOW_STATES) else None,
         flow_age_ms=answer.flow_age_ms if hit else None,
+        forwarding=(FORWARDING_MODES[answer.forwarding] if verdict != "not_vip"
+                    and answer.forwarding < len(FORWARDING_MODES) else None),
     )

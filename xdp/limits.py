@@ -20,12 +20,26 @@ OUTCOMES: tuple[str, ...] = (
     "drop_no_backend",   # VIP with no usable backend
     "pass_ext_header",   # IPv6 with an extension header the program does not walk (AH, a
                          # routing header with segments left, a chain longer than 4)
+    "drop_dsr_unreachable",  # DSR: the backend is not on an attached link (FIB: via a gateway,
+                             # no route), its MAC is unresolved, or the frame exceeds the link MTU
 )
 
 # Values in the flow tables' `state` byte.
 FLOW_STATES: tuple[str, ...] = ("syn", "established", "closing", "udp")
 
 BACKEND_STATES: tuple[str, ...] = ("active", "drain", "down")
+
+# How a VIP forwards (`--forwarding`, `forwarding:`); the first is the default. A tracked
+# flow keeps the mode it started with in nat_entry.forwarding (the index here, ABI: the C
+# enum lb_forwarding is rendered from this list), so changing a VIP's mode moves new flows only.
+FORWARDING_MODES: tuple[str, ...] = ("nat", "fullnat", "dsr")
+
+# vip_meta.flags bits, rendered as LB_VIP_F_<NAME>; xdp/codec.py encodes them.
+VIP_FLAGS: dict[str, int] = {
+    "client_affinity": 0x1,  # --affinity client: the source address alone picks the backend
+    "dsr": 0x2,              # --forwarding dsr: only the destination MAC is rewritten
+    "fullnat": 0x4,          # --forwarding fullnat: the source is rewritten too (one-arm)
+}
 
 # `lbctl explain` answers, written by the program into the test-run frame's metadata.
 EXPLAIN_VERDICTS: tuple[str, ...] = ("none", "not_vip", "flow_hit", "ring", "no_backend")
@@ -62,6 +76,7 @@ class Limits:
     backend_states: tuple[str, ...] = field(default=BACKEND_STATES)
     explain_verdicts: tuple[str, ...] = field(default=EXPLAIN_VERDICTS)
     explain_magic: int = EXPLAIN_MAGIC
+    forwarding_modes: tuple[str, ...] = field(default=FORWARDING_MODES)
 
     @property
     def ring_entries(self) -> int:
@@ -77,6 +92,7 @@ class Limits:
         values = asdict(self)
         values["ring_entries"] = self.ring_entries
         values["rings_per_vip"] = RINGS_PER_VIP
+        values["vip_flags"] = dict(VIP_FLAGS)
         return values
 
 

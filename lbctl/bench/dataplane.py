@@ -47,9 +47,10 @@ ROUNDS = 5
 FORWARD_BATCH = 250
 START_TTL = 255
 # The new-flow path needs a fresh 5-tuple per repetition: one per chained VIP, so a call
-# repeats at most as often as there are VIPs. Two VIP ids are kept for the IPv6 cycle.
+# repeats at most as often as there are VIPs. Two VIP ids are kept for the IPv6 cycle,
+# one for the DSR VIP.
 V6_CYCLE = 2
-CHAIN_LENGTH = DEFAULT_LIMITS.max_vips - V6_CYCLE
+CHAIN_LENGTH = DEFAULT_LIMITS.max_vips - V6_CYCLE - 1
 # New flows per path (all rounds): each round's share goes into emptied tables and stays far
 # below their size, so no insert has to evict (that is another cost, not measured here).
 NEW_FLOW_BUDGET = min(200_000, DEFAULT_LIMITS.flow_table_size * 3 // 4)
@@ -70,6 +71,9 @@ NON_VIP = "10.20.1.1"                  # the balancer host's own address: its SS
 VIP_PORT = 80
 HIT_CLIENT_PORT = 60000
 NEW_FLOW_FIRST_PORT = 1024
+# --forwarding dsr: its backend is a chain address (a permanent neighbour on the chain arm).
+# DSR changes only the MACs, so a repetition's output is the same flow's packet again: no chain.
+DSR_VIP = Endpoint("10.20.9.1", VIP_PORT, "tcp")
 TCP_ACK, TCP_SYN = frames.TCP_ACK, frames.TCP_SYN
 
 
@@ -163,6 +167,7 @@ def _chain_config() -> dict[Endpoint, VipSpec]:
     for i in range(V6_CYCLE):
         vip = Endpoint(chain_addr6(i), VIP_PORT, "tcp")
         config[vip] = VipSpec(vip, (BackendSpec(chain_addr6(i + 1), VIP_PORT),))
+    config[DSR_VIP] = VipSpec(DSR_VIP, (BackendSpec(chain_addr(0), VIP_PORT),), forwarding="dsr")
     return config
 
 
@@ -244,6 +249,7 @@ def _paths() -> list[Path]:
                      VIP_PORT, TCP_ACK)
     reply6 = tcp_frame(chain_mac6(1), CHAIN_ARM_MAC, chain_addr6(1), CLIENT6, VIP_PORT,
                        HIT_CLIENT_PORT, TCP_ACK)
+    dsr = tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, CLIENT, DSR_VIP.addr, HIT_CLIENT_PORT, VIP_PORT, TCP_ACK)
     return [
         Path("baseline", "baseline (MAC swap)", True, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: non_vip, "", False),
@@ -253,6 +259,8 @@ def _paths() -> list[Path]:
              lambda _n: hit, "redirect", False),
         Path("reply", "reply reverse-NAT", False, CHAIN_ARM, FORWARD_BATCH,
              lambda _n: reply, "redirect", False),
+        Path("dsr_hit", "DSR flow hit (MACs only)", False, CLIENT_ARM, FORWARD_BATCH,
+             lambda _n: dsr, "redirect", False),
         Path("new_flow", "VIP new flow", False, CLIENT_ARM, CHAIN_LENGTH,
              lambda n: tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, CLIENT, chain_addr(0),
                                  NEW_FLOW_FIRST_PORT + n, VIP_PORT, TCP_SYN), "redirect", True),
@@ -331,10 +339,11 @@ def _check(path: Path, runs: int, before: tuple[dict[str, int], int],
 
 
 def _warm(box: Sandbox) -> None:
-    """Creates the chained flows the hit and reply paths find (established: the frame is an ACK)."""
+    """Creates the chained flows the hit and reply paths find, and the DSR flow (established:
+    the frames are ACKs)."""
     paths = {p.key: p for p in _paths()}
     with inside(box.netns):
-        for key, length in (("flow_hit", CHAIN_LENGTH), ("flow_hit6", V6_CYCLE)):
+        for key, length in (("flow_hit", CHAIN_LENGTH), ("flow_hit6", V6_CYCLE), ("dsr_hit", 1)):
             libbpf.prog_test_run(box.program.fd, paths[key].frame(0), repeat=length,  # type: ignore[union-attr]
                                  ingress_ifindex=box.ifindex[CLIENT_ARM])
 
@@ -358,8 +367,9 @@ METHOD = (
     f"i+1's address): each repetition's output is the next VIP's packet. Flow hit and reply: "
     f"{FORWARD_BATCH} repetitions per call on established flows; new flow: {CHAIN_LENGTH} "
     "repetitions per call from a fresh client port, each a flow-table miss, a Maglev pick and two "
-    "LRU inserts. IPv6 flow hit and reply: the same on a cycle of two IPv6 VIPs. Counters are "
-    "checked after every path: each repetition took its branch."
+    "LRU inserts. IPv6 flow hit and reply: the same on a cycle of two IPv6 VIPs. DSR flow hit: an "
+    "established flow of a --forwarding dsr VIP, whose output (new MACs only) is the same flow's "
+    "packet again. Counters are checked after every path: each repetition took its branch."
 )
 
 

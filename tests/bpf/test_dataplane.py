@@ -20,6 +20,7 @@ from scapy.packet import Raw
 from lbctl import planner
 from lbctl.bench.routed import Port, mac_of
 from lbctl.control import Controller
+from lbctl.errors import ConfigError
 from lbctl.maglev import MaglevBackend, build_ring
 from lbctl.model import Config, parse_endpoint
 from xdp import codec, libbpf
@@ -70,12 +71,22 @@ JUMBO_MTU = 9000
 ROUTER, ROUTER_MAC = "10.10.1.254", "02:00:0a:0a:01:fe"  # a router on the client side
 STICKY = Endpoint("10.10.9.9", 80, "tcp")               # --affinity client, TRIO's backends
 OTHER_CLIENTS = tuple(f"10.10.1.{i}" for i in range(101, 121))
+# --forwarding dsr: backends serve the VIP's own port and get the frame with new MACs only.
+DSR = Endpoint("10.10.9.10", 80, "tcp")
+DSR_A = Endpoint("10.10.2.31", 80, "tcp")               # active at the start of each case
+DSR_B = Endpoint("10.10.2.32", 80, "tcp")               # drain at the start of each case
+DSR_UDP = Endpoint("10.10.9.10", 53, "udp")
+DSR_UDP_BACKEND = Endpoint("10.10.2.33", 53, "udp")
+DSR_UNROUTED = Endpoint("10.10.9.11", 80, "tcp")        # its backend is UNROUTED_BACKEND
+DSR_UNRESOLVED = Endpoint("10.10.9.12", 80, "tcp")      # its backend is UNRESOLVED_BACKEND
+DSR_VIPS = {DSR: [DSR_A, DSR_B], DSR_UDP: [DSR_UDP_BACKEND],
+            DSR_UNROUTED: [UNROUTED_BACKEND], DSR_UNRESOLVED: [UNRESOLVED_BACKEND]}
 
 
 
 BACKEND_MACS = {b.addr: mac_of(b.addr) for b in
                 (WEB_BACKEND, DNS_BACKEND, POOL_A, POOL_B, *TRIO_BACKENDS, QUIC_A, QUIC_B,
-                 JUMBO_BACKEND)}
+                 JUMBO_BACKEND, DSR_A, DSR_B, DSR_UDP_BACKEND)}
 
 
 
@@ -115,6 +126,10 @@ def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
             controller.backend_add(vip, parse_endpoint(_backend_name(backend), vip.proto))
     controller.backend_set(POOL, POOL_B, weight=None, state="drain")
     controller.backend_set(QUIC, QUIC_B, weight=None, state="drain")
+    for vip, backends in DSR_VIPS.items():
+        controller.vip_add(vip, forwarding="dsr")
+        controller.backend_add(vip, backends)
+    controller.backend_set(DSR, DSR_B, weight=None, state="drain")
     return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
 
 
@@ -990,6 +1005,149 @@ CASES: list[Case] = [
 CASES += _sticky_cases()
 
 
+# --- L2 DSR: the frame goes on with new MACs and nothing else changed ---
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def l2_to(frame: bytes, backend: Endpoint, arm_mac: str = BACKEND_ARM_MAC) -> bytes:
+    """The frame as DSR sends it to `backend`: destination MAC the backend's, source MAC the
+    egress arm's, every byte after the Ethernet addresses (IP, TTL, checksums, L4) as it came."""
+    return _mac(BACKEND_MACS[backend.addr]) + _mac(arm_mac) + frame[12:]
+
+
+def set_forwarding(vip: Endpoint, forwarding: str) -> Do:
+    return Do(f"forwarding {forwarding}", lambda c: c.change(
+        lambda config: {**config, vip: replace(config[vip], forwarding=forwarding)}))
+
+
+def set_dsr_states(a: str, b: str) -> Do:
+    def change(controller: Controller) -> None:
+        for backend, state in sorted(((DSR_A, a), (DSR_B, b)), key=lambda x: x[1] != "active"):
+            controller.backend_set(DSR, backend, weight=None, state=state)
+    return Do(f"DSR a={a} b={b}", change)
+
+
+SYN_TO_DSR = to_vip(DSR)
+DSR_QUERY = to_vip(DSR_UDP, sport=33000)
+FRAG_NEEDED_FOR_DSR_REPLY = bytes(
+    Ether(src=ROUTER_MAC, dst=CLIENT_ARM_MAC) / IP(src=ROUTER, dst=DSR.addr) /
+    ICMP(type=3, code=4, nexthopmtu=1400) /
+    IP(src=DSR.addr, dst=CLIENT, ttl=3) / TCP(sport=DSR.port, dport=40000, flags="A"))
+BIG_DSR_QUERY = datagram(CLIENT, DSR_UDP.addr, 33000, DSR_UDP.port, "udp", bytes(range(256)) * 12)
+
+
+def _trio_first() -> Endpoint:
+    return picked(TRIO, CLIENT, 40000, "flow")
+
+
+def _dsr_cases() -> list[Case]:
+    trio = _trio_first()
+    syn_trio, ack_trio = to_vip(TRIO), to_vip(TRIO, flags="A")
+    new_port = 40123
+    return [
+        Case("a SYN to a DSR VIP leaves by the backend arm with only its MACs changed", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+        )),
+        Case("a DSR flow keeps its backend when the ring moves to another one", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+            set_dsr_states(a="drain", b="active"),
+            Send(to_vip(DSR, flags="A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(to_vip(DSR, flags="A"), DSR_A)),
+            Send(to_vip(DSR, 40001), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(to_vip(DSR, 40001), DSR_B)),
+        )),
+        Case("a client's FIN closes a DSR flow: its port's next SYN is picked afresh", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+            set_dsr_states(a="drain", b="active"),
+            Send(to_vip(DSR, flags="FA"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(to_vip(DSR, flags="FA"), DSR_A)),
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_B)),
+        )),
+        Case("a client's RST closes a DSR flow: its port's next SYN is picked afresh", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+            set_dsr_states(a="drain", b="active"),
+            Send(to_vip(DSR, flags="R"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(to_vip(DSR, flags="R"), DSR_A)),
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_B)),
+        )),
+        Case("a DSR frame with TTL 1 goes on unchanged: DSR is no routing hop", (
+            Send(to_vip(DSR, ttl=1), CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(to_vip(DSR, ttl=1), DSR_A)),
+        )),
+        Case("a DSR SYN with TCP options leaves byte for byte after the MACs", (
+            Send(tcp_frame(CLIENT, DSR.addr, 40000, 80, options=OPTIONS_4), CLIENT_ARM, XDP_REDIRECT,
+                 "redirect", l2_to(tcp_frame(CLIENT, DSR.addr, 40000, 80, options=OPTIONS_4), DSR_A)),
+        )),
+        Case("a DSR UDP datagram leaves with only its MACs changed", (
+            Send(DSR_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(DSR_QUERY, DSR_UDP_BACKEND)),
+        )),
+        Case("a DSR client on the backends' subnet is sent back out of its arm (XDP_TX)", (
+            Send(tcp_frame(NEAR_CLIENT, DSR.addr, 40000, 80, eth=(NEAR_CLIENT_MAC, BACKEND_ARM_MAC)),
+                 BACKEND_ARM, XDP_TX, "tx",
+                 l2_to(tcp_frame(NEAR_CLIENT, DSR.addr, 40000, 80, eth=(NEAR_CLIENT_MAC, BACKEND_ARM_MAC)),
+                       DSR_A)),
+        )),
+        Case("a fragmented DSR datagram goes to one backend at L2, every fragment unchanged", (
+            *forwarded(split(BIG_DSR_QUERY), [l2_to(f, DSR_UDP_BACKEND) for f in split(BIG_DSR_QUERY)]),
+        )),
+        Case("an ICMP fragmentation-needed quoting a DSR reply goes to its backend unchanged", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+            Send(FRAG_NEEDED_FOR_DSR_REPLY, CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(FRAG_NEEDED_FOR_DSR_REPLY, DSR_A)),
+        )),
+        Case("a backend's reply from a DSR VIP that does pass the balancer is not touched", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+            passes(tcp_frame(DSR.addr, CLIENT, 80, 40000, "SA", eth=(BACKEND_MACS[DSR_A.addr], BACKEND_ARM_MAC)),
+                   "pass_not_vip", BACKEND_ARM),
+            passes(tcp_frame(DSR_A.addr, CLIENT, 80, 40000, "SA", eth=(BACKEND_MACS[DSR_A.addr], BACKEND_ARM_MAC)),
+                   "pass_not_vip", BACKEND_ARM),
+        )),
+        Case("TCP to a DSR VIP's address on another port passes unchanged", (
+            passes(tcp_frame(CLIENT, DSR.addr, 40000, 22), "pass_not_vip"),
+        )),
+        Case("a DSR backend without a route is dropped: the VIP's packet is never routed back out", (
+            Send(to_vip(DSR_UNROUTED), CLIENT_ARM, XDP_DROP, "drop_dsr_unreachable", b""),
+        )),
+        Case("a DSR backend whose MAC is unresolved is dropped, counted as unreachable", (
+            Send(to_vip(DSR_UNRESOLVED), CLIENT_ARM, XDP_DROP, "drop_dsr_unreachable", b""),
+        )),
+        Case("a DSR VIP with all backends drained keeps its flows and drops new ones", (
+            Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)),
+            set_dsr_states(a="drain", b="drain"),
+            Send(to_vip(DSR, flags="A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(to_vip(DSR, flags="A"), DSR_A)),
+            Send(to_vip(DSR, 40001), CLIENT_ARM, XDP_DROP, "drop_no_backend", b""),
+        )),
+        Case("a VIP switched from nat to dsr keeps its NAT flow NATed both ways; new flows go at L2", (
+            Send(syn_trio, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(syn_trio, trio)),
+            set_forwarding(TRIO, "dsr"),
+            Send(ack_trio, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(ack_trio, trio)),
+            Send(from_backend(trio, flags="A"), BACKEND_ARM, XDP_REDIRECT, "redirect",
+                 snat(from_backend(trio, flags="A"), TRIO)),
+            Send(to_vip(TRIO, new_port), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 l2_to(to_vip(TRIO, new_port), picked(TRIO, CLIENT, new_port, "flow"))),
+        )),
+        Case("TTL 1 on an ended DSR flow of a VIP now NAT passes for the kernel's ICMP error", (
+            set_forwarding(TRIO, "dsr"),
+            Send(to_vip(TRIO, flags="R"), CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(to_vip(TRIO, flags="R"), trio)),
+            set_forwarding(TRIO, "nat"),
+            passes(to_vip(TRIO, ttl=1), "pass_ttl"),
+        )),
+        Case("a VIP switched from dsr to nat keeps its DSR flow at L2; new flows are NATed", (
+            set_forwarding(TRIO, "dsr"),
+            Send(syn_trio, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(syn_trio, trio)),
+            set_forwarding(TRIO, "nat"),
+            Send(ack_trio, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(ack_trio, trio)),
+            Send(to_vip(TRIO, new_port), CLIENT_ARM, XDP_REDIRECT, "redirect",
+                 dnat(to_vip(TRIO, new_port), picked(TRIO, CLIENT, new_port, "flow"))),
+        )),
+    ]
+
+
+CASES += _dsr_cases()
+
+
 def _describe(frame: bytes) -> str:
     return str(Ether(frame).show(dump=True)) if len(frame) >= 14 else frame.hex()
 
@@ -1313,3 +1471,49 @@ def test_a_later_fragment_past_the_fragment_timeout_passes_unchanged(
             entry.seen_ns = first_seen_ns - age_s * NS_PER_S
             table.update(key, bytes(entry))
             send(step, run, lb_maps)
+
+
+# --- DSR beyond one table row ---
+
+def test_a_dsr_backend_on_another_port_never_reaches_the_program(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, controller: Controller) -> None:
+    before = planner.read_live(lb_maps)
+    with pytest.raises(ConfigError, match=r"backend 10.10.2.34:8080 of DSR VIP 10.10.9.10:80: its port "
+                                          r"differs from the VIP's \(80\)"):
+        controller.backend_add(DSR, Endpoint("10.10.2.34", 8080, "tcp"))
+    # WEB's backend listens on 8080: switching WEB to DSR is refused the same way.
+    with pytest.raises(ConfigError, match="of DSR VIP 10.10.9.1:80"):
+        set_forwarding(WEB, "dsr").change(controller)
+    assert planner.read_live(lb_maps) == before
+    send(Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)), run, lb_maps)
+    send(Send(SYN_TO_DSR, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_to(SYN_TO_DSR, DSR_A)), run, lb_maps)
+
+
+def test_a_dsr_flow_is_tracked_one_way_and_listed_as_dsr(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, controller: Controller,
+        lb_program: LoadedProgram) -> None:
+    run(SYN_TO_DSR, CLIENT_ARM)
+    run(SYN_TO_WEB, CLIENT_ARM)
+    assert has_entry(lb_program, "flows", _flow_key(DSR, 40000))
+    assert not has_entry(lb_program, "rnat", _reply_key(DSR_A, 40000))   # no reverse NAT to keep
+    assert has_entry(lb_program, "rnat", _reply_key(WEB_BACKEND, 40000))
+    modes = {(f["vip"], f["vip_port"]): f["forwarding"] for f in controller.flows()}
+    assert modes == {(DSR.addr, DSR.port): "dsr", (WEB.addr, WEB.port): "nat"}
+
+
+def test_an_idle_dsr_flow_past_its_timeout_is_picked_afresh(
+        run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps, controller: Controller,
+        lb_program: LoadedProgram) -> None:
+    """A DSR flow sees only the client's side: an established one whose client goes silent
+    ends by the idle timeout alone (no reply keeps it alive)."""
+    run(SYN_TO_DSR, CLIENT_ARM)
+    run(to_vip(DSR, flags="A"), CLIENT_ARM)        # established
+    set_dsr_states(a="drain", b="active").change(controller)
+    age(lb_program, "flows", _flow_key(DSR, 40000),
+        last_seen_s=DEFAULT_LIMITS.tcp_established_timeout_s - 2)
+    send(Send(to_vip(DSR, flags="A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+              l2_to(to_vip(DSR, flags="A"), DSR_A)), run, lb_maps)
+    age(lb_program, "flows", _flow_key(DSR, 40000),
+        last_seen_s=DEFAULT_LIMITS.tcp_established_timeout_s + 1)
+    send(Send(to_vip(DSR, flags="A"), CLIENT_ARM, XDP_REDIRECT, "redirect",
+              l2_to(to_vip(DSR, flags="A"), DSR_B)), run, lb_maps)

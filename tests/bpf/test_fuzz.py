@@ -53,9 +53,18 @@ UDP_BACKENDS = (Endpoint("10.30.2.21", 5353, "udp"), Endpoint("10.30.2.22", 5353
 UNRESOLVED_BACKEND = Endpoint("10.30.2.99", 80, "tcp")
 STICKY_VIP = Endpoint("10.30.9.4", 80, "tcp")         # --affinity client
 STICKY_BACKENDS = (Endpoint("10.30.2.11", 8081, "tcp"), Endpoint("10.30.2.12", 8081, "tcp"))
+# --forwarding dsr: the frame must leave with new MACs and not one other byte changed.
+DSR_VIP = Endpoint("10.30.9.5", 80, "tcp")
+DSR_UDP_VIP = Endpoint("10.30.9.5", 53, "udp")
+DSR_UNRESOLVED_VIP = Endpoint("10.30.9.6", 80, "tcp")   # its backend has no MAC: drop_dsr_unreachable
+DSR_BACKENDS = (Endpoint("10.30.2.31", 80, "tcp"), Endpoint("10.30.2.32", 80, "tcp"))
+DSR_UDP_BACKENDS = (Endpoint("10.30.2.33", 53, "udp"),)
 VIPS = {TCP_VIP: TCP_BACKENDS, UDP_VIP: UDP_BACKENDS, EMPTY_VIP: (),
-        UNRESOLVED_VIP: (UNRESOLVED_BACKEND,), STICKY_VIP: STICKY_BACKENDS}
+        UNRESOLVED_VIP: (UNRESOLVED_BACKEND,), STICKY_VIP: STICKY_BACKENDS,
+        DSR_VIP: DSR_BACKENDS, DSR_UDP_VIP: DSR_UDP_BACKENDS, DSR_UNRESOLVED_VIP: (UNRESOLVED_BACKEND,)}
 AFFINITY = {STICKY_VIP: "client"}
+DSR_VIPS = {DSR_VIP, DSR_UDP_VIP, DSR_UNRESOLVED_VIP}
+DSR_BY_MAC = {bytes.fromhex(mac_of(b.addr).replace(":", "")): b.addr for b in (*DSR_BACKENDS, *DSR_UDP_BACKENDS)}
 ACTIVE = {vip: tuple(b for b in backends if b != DRAINING) for vip, backends in VIPS.items()}
 
 
@@ -64,7 +73,7 @@ ACTIVE = {vip: tuple(b for b in backends if b != DRAINING) for vip, backends in 
 PORTS = (
     Port(CLIENT_ARM, CLIENT_ARM_MAC, "10.30.1.1/24", {c: mac_of(c) for c in CLIENTS}),
     Port(BACKEND_ARM, BACKEND_ARM_MAC, "10.30.2.1/24",
-         {b.addr: mac_of(b.addr) for b in (*TCP_BACKENDS, *UDP_BACKENDS)}),
+         {b.addr: mac_of(b.addr) for b in (*TCP_BACKENDS, *UDP_BACKENDS, *DSR_BACKENDS, *DSR_UDP_BACKENDS)}),
 )
 ARM_MACS = {bytes.fromhex(p.mac.replace(":", "")) for p in PORTS}
 
@@ -79,7 +88,8 @@ def fuzz_config(controller: Controller) -> None:
     """Replaces whatever configuration the shared instance holds with this module's."""
     config = {vip: VipSpec(vip, tuple(BackendSpec(b.addr, b.port,
                                                   state="drain" if b == DRAINING else "active")
-                                      for b in backends), AFFINITY.get(vip, "flow"))
+                                      for b in backends), AFFINITY.get(vip, "flow"),
+                          "dsr" if vip in DSR_VIPS else "nat")
               for vip, backends in VIPS.items()}
     controller.change(lambda _config: config)
 
@@ -259,7 +269,7 @@ class FrameSource:
     def fragment(self) -> Sample:
         """A first or later fragment of a datagram to a VIP."""
         r = self.rng
-        vip = r.choice((TCP_VIP, UDP_VIP))
+        vip = r.choice((TCP_VIP, UDP_VIP, DSR_VIP, DSR_UDP_VIP))
         client = self._client()
         proto = TCP if vip.proto == "tcp" else UDP
         payload = r.randbytes(r.choice((0, 16, 64)))
@@ -271,7 +281,8 @@ class FrameSource:
 
     def to_vip(self) -> Sample:
         r = self.rng
-        vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP, STICKY_VIP))
+        vip = r.choice((TCP_VIP, TCP_VIP, UDP_VIP, EMPTY_VIP, UNRESOLVED_VIP, STICKY_VIP, DSR_VIP,
+                        DSR_UDP_VIP, DSR_UNRESOLVED_VIP))
         client = self._client()
         proto = TCP if vip.proto == "tcp" else UDP
         frame = build(mac_of(client), CLIENT_ARM_MAC, client, vip.addr, proto,
@@ -396,11 +407,13 @@ class Judge:
         self.rewritten = 0
         # frags, as the program must hold it: (src, dst, IP id, proto) of a forwarded first
         # fragment -> (new address, rewrite_dst, when); a later record of the key replaces it.
-        self.frags: dict[tuple[str, str, int, int], tuple[str, bool, float]] = {}
+        # ("l2" for a DSR datagram: later fragments go to that backend's MAC unchanged)
+        self.frags: dict[tuple[str, str, int, int], tuple[str, bool | str, float]] = {}
         self.fragments_followed = 0
         # Client-affinity VIPs: (client, VIP) -> the one backend every flow of that client gets.
         self.sticky: dict[tuple[str, Endpoint], Endpoint] = {}
         self.sticky_checked = 0
+        self.dsr_forwarded = 0
 
     def count(self, *outcomes: str) -> None:
         self.expected[Outcomes(outcomes)] += 1
@@ -426,6 +439,9 @@ class Judge:
         if vip is None and reply_to is None:
             assert retval == XDP_PASS and out == frame, "non-VIP traffic was not passed untouched"
             self.count("pass_not_vip")
+            return
+        if vip in DSR_VIPS:
+            self._judge_dsr(frame, retval, out, p, vip)
             return
         if p.ttl <= 1:
             assert retval == XDP_PASS and out == frame, "TTL <= 1 was not passed untouched"
@@ -468,6 +484,30 @@ class Judge:
         self.rewritten += 1
         self.count({XDP_TX: "tx", XDP_REDIRECT: "redirect", XDP_PASS: "pass_no_route"}[retval])
 
+    def _judge_dsr(self, frame: bytes, retval: int, out: bytes, p: Parsed, vip: Endpoint) -> None:
+        """DSR: whatever the TTL, the frame goes to an active backend's MAC from an arm's MAC,
+        every byte after the MACs as it came; or, with no MAC for the backend, it is dropped."""
+        if retval == XDP_DROP:
+            if ACTIVE[vip] and vip != DSR_UNRESOLVED_VIP:
+                raise AssertionError(f"DSR frame to {vip} dropped, but its backends resolve")
+            self.count("drop_dsr_unreachable" if ACTIVE[vip] else "drop_no_backend")
+            if p.more_fragments and ACTIVE[vip]:
+                # Recorded before the send failed: its later fragments meet the same end.
+                self.frags[(p.src, p.dst, p.ip_id, p.proto)] = ("", "l2", time.monotonic())
+            return
+        assert retval in (XDP_TX, XDP_REDIRECT), f"DSR frame to {vip}: XDP action {retval}"
+        assert len(out) == len(frame) and out[12:] == frame[12:], "DSR changed bytes past the MACs"
+        assert out[6:12] in ARM_MACS, "DSR sent with a source MAC not of an arm"
+        backend = DSR_BY_MAC.get(out[:6])
+        assert backend in {b.addr for b in ACTIVE[vip]}, f"DSR frame to {vip} sent to MAC {out[:6].hex()}"
+        # What comes back from a DSR backend never matches a tracked reply: it must pass.
+        self.source.remember_reply(Endpoint(backend, vip.port, vip.proto), p.src, p.sport, p.proto)
+        if p.more_fragments:
+            self.frags[(p.src, p.dst, p.ip_id, p.proto)] = (backend, "l2", time.monotonic())
+        self.rewritten += 1
+        self.dsr_forwarded += 1
+        self.count({XDP_TX: "tx", XDP_REDIRECT: "redirect"}[retval])
+
     def _judge_later_fragment(self, frame: bytes, retval: int, out: bytes,
                               f: LaterFragment) -> None:
         """Where its datagram's first fragment went (address only), or to the kernel."""
@@ -481,6 +521,18 @@ class Judge:
         if out == frame and age_s > timeout_s - 1:   # the program's clock may read it stale
             assert retval == XDP_PASS, "a fragment was neither forwarded nor passed"
             self.count("pass_fragment", "pass_ttl")
+            return
+        if entry[1] == "l2" and not entry[0]:
+            assert retval == XDP_DROP, "a fragment of an unreachable DSR backend's datagram was not dropped"
+            self.count("drop_dsr_unreachable")
+            return
+        if entry[1] == "l2":
+            assert retval in (XDP_TX, XDP_REDIRECT), "a DSR fragment was not forwarded"
+            assert out[12:] == frame[12:] and DSR_BY_MAC.get(out[:6]) == entry[0], (
+                "a DSR fragment did not follow its first fragment at L2, unchanged")
+            self.rewritten += 1
+            self.fragments_followed += 1
+            self.count({XDP_TX: "tx", XDP_REDIRECT: "redirect"}[retval])
             return
         if f.ttl <= 1:
             assert retval == XDP_PASS and out == frame, "a fragment with TTL <= 1 was not passed untouched"
@@ -591,6 +643,8 @@ def test_random_and_mutated_frames_never_abort_and_never_half_rewrite(
     assert judge.rewritten > FUZZ_FRAMES // 10
     assert judge.fragments_followed > FUZZ_FRAMES // 1000, "too few fragments followed their first"
     assert judge.sticky_checked > FUZZ_FRAMES // 100, "too few frames to the client-affinity VIP"
+    assert judge.dsr_forwarded > FUZZ_FRAMES // 100, "too few frames forwarded to DSR backends"
+    assert judge.must("drop_dsr_unreachable") > FUZZ_FRAMES // 1000, "too few unreachable DSR frames"
     assert len(set(judge.sticky.values())) == len(STICKY_BACKENDS), "clients did not spread"
     budget_s = FUZZ_BUDGET_S_PER_100K * max(1.0, FUZZ_FRAMES / 100_000)
     assert elapsed_s < budget_s, f"{FUZZ_FRAMES} frames took {elapsed_s:.0f} s"

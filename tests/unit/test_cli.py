@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from lbctl.cli import Context, main
 from lbctl.control import AttachResult, Controller, Result
 from lbctl.errors import ConflictError
-from lbctl.model import BACKEND_STATES, XDP_MODES
+from lbctl.model import BACKEND_STATES, FORWARDING_NOT_YET, XDP_MODES
 from lbctl.planner import Plan
 from xdp import libbpf
 from xdp.codec import Endpoint
@@ -46,13 +46,48 @@ def run(fake: Any, *args: str):
 def test_vip_add_parses_address_and_default_proto(fake):
     result = run(fake, "vip", "add", "10.0.0.10:80")
     assert result.exit_code == 0, result.output
-    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "flow")
+    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "flow", "nat")
 
 
 def test_vip_add_passes_client_affinity(fake):
     result = run(fake, "vip", "add", "10.0.0.10:80", "--affinity", "client")
     assert result.exit_code == 0, result.output
-    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "client")
+    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "client", "nat")
+
+
+def test_vip_add_passes_the_forwarding_mode(fake):
+    result = run(fake, "vip", "add", "10.0.0.10:80", "--forwarding", "nat")
+    assert result.exit_code == 0, result.output
+    fake.vip_add.assert_called_once_with(Endpoint("10.0.0.10", 80, "tcp"), False, "flow", "nat")
+
+
+def test_vip_add_refuses_an_unknown_forwarding_mode_before_the_balancer(fake):
+    result = run(fake, "vip", "add", "10.0.0.10:80", "--forwarding", "tunnel")
+    assert result.exit_code == 2
+    assert "'tunnel' is not one of 'nat', 'fullnat', 'dsr'" in result.output
+    fake.vip_add.assert_not_called()
+
+
+@pytest.mark.parametrize("mode", sorted(FORWARDING_NOT_YET))
+def test_vip_add_refuses_a_forwarding_mode_not_built_yet_in_one_line(mode):
+    # The real controller: the refusal is the library's, before root or maps are needed.
+    result = CliRunner().invoke(main, ["vip", "add", "10.0.0.10:80", "--forwarding", mode],
+                                obj=Context("host", Controller))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert f"forwarding mode '{mode}' is not supported yet" in lines[0] and "hint:" in lines[0]
+
+
+def test_vip_list_shows_the_forwarding_mode(fake):
+    fake.vips.return_value = [{"vip": "10.0.0.10:80", "proto": "tcp", "forwarding": "nat", "affinity": "flow",
+                               "backends": 1, "active_backends": 1, "packets": 5, "bytes": 300,
+                               "new_flows": 1, "drops": 0}]
+    result = run(fake, "vip", "list")
+    assert result.exit_code == 0, result.output
+    header, row = result.output.splitlines()[:2]
+    assert "FORWARDING" in header.split()
+    assert row.split()[header.split().index("FORWARDING")] == "nat"
 
 
 def test_vip_add_refuses_an_unknown_affinity_before_the_balancer(fake):
@@ -262,3 +297,15 @@ def test_detach_purge_without_all_says_what_to_type(fake):
     result = run(fake, "detach", "--purge")
     assert result.exit_code == 2 and "hint: lbctl detach --all --purge" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_backend_check_refuses_a_malformed_backend_before_the_library(fake):
+    result = run(fake, "backend", "check", "10.0.0.10:80", "10.0.1.300")
+    assert result.exit_code == 2
+    assert "malformed backend '10.0.1.300'" in result.output
+
+
+def test_backend_check_help_has_examples():
+    result = CliRunner().invoke(main, ["backend", "check", "--help"])
+    assert result.exit_code == 0
+    assert "lbctl backend check 10.0.0.10:80 10.0.1.11" in result.output

@@ -8,7 +8,7 @@ import pytest
 
 from lbctl.config import DesiredState, HealthSpec, dump, load_file, load_text
 from lbctl.errors import ConfigError
-from lbctl.model import BackendSpec
+from lbctl.model import FORWARDING_NAMES, FORWARDING_NOT_YET, BackendSpec
 from xdp.codec import Endpoint
 
 GOOD = """\
@@ -145,11 +145,53 @@ def test_missing_vip_key():
     assert msg.startswith("lb.yaml:2: vips[0].vip: required key missing; hint: add 'vip'")
 
 
-@pytest.mark.parametrize("key, value", [("forwarding", "dsr"), ("forwarding", "fullnat")])
+@pytest.mark.parametrize("key, value", [("forwarding", m) for m in sorted(FORWARDING_NOT_YET)])
 def test_planned_values_are_refused_as_not_supported_yet(key: str, value: str):
     base = {"mode": "l4", "forwarding": "nat", "affinity": "flow"}[key]
     msg = refused(GOOD.replace(f"{key}: {base}", f"{key}: {value}"))
     assert f"vips[0].{key}: {key} '{value}' is not supported yet" in msg
+
+
+def test_unknown_forwarding_value_names_every_mode():
+    msg = refused(GOOD.replace("forwarding: nat", "forwarding: tunnel"))
+    assert "vips[0].forwarding: unknown forwarding 'tunnel'; use " in msg
+    assert all(m in msg for m in FORWARDING_NAMES)
+
+
+DSR = """\
+vips:
+  - vip: 10.0.0.10:80
+    forwarding: dsr
+    backends:
+      - addr: 10.0.1.11:80
+      - addr: 10.0.1.12:8080
+"""
+
+
+def test_a_dsr_backend_on_another_port_is_refused_at_its_line():
+    msg = refused(DSR)
+    assert msg.startswith("lb.yaml:6: vips[0].backends[1].addr: backend 10.0.1.12:8080 of DSR VIP "
+                          "10.0.0.10:80: its port differs from the VIP's (80); hint: ")
+    assert "use 10.0.1.12:80" in msg
+
+
+def test_dsr_reaches_the_spec_and_dumps_back():
+    state = load(DSR.replace(":8080", ":80"))
+    entry = state.vips[Endpoint("10.0.0.10", 80, "tcp")]
+    assert entry.spec.forwarding == "dsr"
+    text = dump(list(state.interfaces), state.xdp_mode, state.vips)
+    assert "forwarding: dsr" in text
+    assert load(text).vips == state.vips
+
+
+def test_forwarding_on_an_l7_vip_is_refused():
+    msg = refused("vips: [{vip: 10.0.0.10:80, mode: l7, forwarding: dsr, backends: [{addr: 10.0.1.11:80}]}]")
+    assert "forwarding dsr is for mode: l4 VIPs" in msg
+
+
+def test_forwarding_nat_is_the_default_and_reaches_the_spec():
+    state = load(GOOD)
+    assert {e.spec.forwarding for e in state.vips.values()} == {"nat"}
 
 
 def test_affinity_client_reaches_the_vips_spec_and_flow_is_the_default():

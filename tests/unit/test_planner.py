@@ -7,8 +7,16 @@ from dataclasses import replace
 import pytest
 
 from lbctl import planner
-from lbctl.model import BackendSpec, VipSpec, parse_endpoint, with_backend
-from xdp.codec import NO_BACKEND, VIP_F_CLIENT_AFFINITY
+from lbctl.errors import ConfigError
+from lbctl.model import FORWARDING_NOT_YET, BackendSpec, VipSpec, parse_endpoint, with_backend
+from xdp.codec import (
+    NO_BACKEND,
+    VIP_F_CLIENT_AFFINITY,
+    VIP_F_DSR,
+    affinity_of,
+    forwarding_of,
+    vip_flags,
+)
 from xdp.errors import MapFullError
 from xdp.limits import Limits
 
@@ -270,6 +278,38 @@ def test_an_affinity_change_rewrites_only_the_vip_entry_and_says_so():
     assert maps.log == [("put_vip", 0, 0)]         # same ring, same backends: one write
     assert maps.vip_entries[VIP][3] == VIP_F_CLIENT_AFFINITY
     assert change(maps, {VIP: replace(three(), affinity="client")}).empty
+
+
+def test_a_forwarding_change_rewrites_only_the_vip_entry_and_says_flows_keep_their_mode(monkeypatch):
+    # Whichever modes this build runs: the plan's handling does not depend on the data path.
+    monkeypatch.setattr("lbctl.model.FORWARDING_NOT_YET", {})
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    maps.log.clear()
+    p = change(maps, {VIP: replace(three(), forwarding="dsr")})
+    assert p.describe() == [f"~ vip {VIP} (tcp)",
+                            "  forwarding nat->dsr (new flows; tracked flows keep nat until they end)"]
+    assert maps.log == [("put_vip", 0, 0)]         # same ring and backends: one atomic write
+    assert maps.vip_entries[VIP][3] == VIP_F_DSR
+    assert planner.read_live(maps)[VIP].spec.forwarding == "dsr"
+    assert change(maps, {VIP: replace(three(), forwarding="dsr")}).empty
+
+
+@pytest.mark.parametrize("forwarding", sorted(FORWARDING_NOT_YET))
+def test_the_planner_refuses_a_forwarding_mode_not_built_and_writes_nothing(forwarding):
+    maps = Recorder()
+    change(maps, {VIP: three()})
+    maps.log.clear()
+    with pytest.raises(ConfigError, match=f"forwarding mode '{forwarding}' is not supported yet"):
+        change(maps, {VIP: replace(three(), forwarding=forwarding)})
+    assert maps.log == []
+
+
+def test_forwarding_and_affinity_bits_are_independent():
+    assert vip_flags("client", "dsr") == VIP_F_CLIENT_AFFINITY | VIP_F_DSR
+    assert (affinity_of(vip_flags("client", "fullnat")), forwarding_of(vip_flags("client", "fullnat"))) \
+        == ("client", "fullnat")
+    assert forwarding_of(vip_flags("flow")) == "nat"
 
 
 class RingRecorder(Recorder):
