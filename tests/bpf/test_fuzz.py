@@ -34,7 +34,6 @@ pytestmark = pytest.mark.skipif(
 DEFAULT_SEED = 20240611
 FUZZ_SEED = int(os.environ.get("LBCTL_FUZZ_SEED", str(DEFAULT_SEED)))
 FUZZ_FRAMES = int(os.environ.get("LBCTL_FUZZ_FRAMES", "100000"))
-FUZZ_BUDGET_S_PER_100K = 60.0          # about 3 s on the 2-CPU test VM: room for a slow CI
 
 # --- the namespace and the configuration (addresses of their own: no other module's) ---
 
@@ -646,8 +645,6 @@ def test_random_and_mutated_frames_never_abort_and_never_half_rewrite(
     assert judge.dsr_forwarded > FUZZ_FRAMES // 100, "too few frames forwarded to DSR backends"
     assert judge.must("drop_dsr_unreachable") > FUZZ_FRAMES // 1000, "too few unreachable DSR frames"
     assert len(set(judge.sticky.values())) == len(STICKY_BACKENDS), "clients did not spread"
-    budget_s = FUZZ_BUDGET_S_PER_100K * max(1.0, FUZZ_FRAMES / 100_000)
-    assert elapsed_s < budget_s, f"{FUZZ_FRAMES} frames took {elapsed_s:.0f} s"
 
 
 # --- headers that lie, one by one ---
