@@ -199,6 +199,11 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
 
 int xdp_lb(struct xdp_md *ctx)
 {
+#ifdef LB_WITHOUT_TRACE
+    /* A build without `lbctl trace`: the bench measures what the switched-off trace costs a
+     * packet against it (xdp/program.py WITHOUT_TRACE). The maps are still declared. */
+    return lb_handle(ctx);
+#endif
     struct lb_trace_ctl *trace = lb_trace_on();
     struct lb_trace_scratch *traced = trace ? lb_trace_begin(ctx, trace) : NULL;
     int action = lb_handle(ctx);

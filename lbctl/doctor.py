@@ -31,6 +31,10 @@ FILL_WARN = 0.9
 # Native XDP on veth (and most drivers without multi-buffer support) takes frames that fit
 # one page: 4096 - 256 B headroom - 320 B skb_shared_info, including the Ethernet header.
 NATIVE_FRAME_MAX = 4096 - 256 - 320
+# On a veth the limit is on what the peer sends: the kernel refuses native XDP while the peer's
+# MTU is above this ("Peer MTU is too large to set XDP") and caps the peer's MTU at it while
+# attached; the end's own MTU may stay larger (it only bounds what leaves through the peer).
+VETH_PEER_MTU_MAX = NATIVE_FRAME_MAX - 14
 # Neighbour states in which the kernel has (or is re-confirming) a link-layer address.
 _NEIGH_OK = {"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"}
 
@@ -64,7 +68,7 @@ def diagnose(instance: str, vip: Endpoint | None = None, config_path: str | None
     checks = [_bpffs(), *_program(probe, config_path), *_foreign(probe)]
     maps_check, live, flows, fill = _maps(probe)
     checks.append(maps_check)
-    checks += [_ip_forward(), *_rp_filter(probe), *_offloads(probe)]
+    checks += [_ip_forward(), *_rp_filter(probe), *_offloads(probe, _config_native(config_path))]
     if live is None:
         return checks
     if any(v.ipv6 for v in live):
@@ -241,22 +245,62 @@ def _rp_filter(probe: _Probe) -> list[Check]:
 
 
 # -- offloads ----------------------------------------------------------------------------------
-def _offloads(probe: _Probe) -> list[Check]:
+def _config_native(config_path: str | None) -> set[str]:
+    """The interfaces a config file wants in native mode (empty without a file)."""
+    if config_path is None:
+        return set()
+    from lbctl.config import load_file
+
+    desired = load_file(config_path)
+    return set(desired.interfaces) if desired.xdp_mode == "native" else set()
+
+
+def lro_check(ifname: str, features: dict[str, str]) -> Check:
+    """Native XDP and LRO: the driver would hand the program merged super-frames (most
+    drivers refuse XDP then, some turn LRO off themselves)."""
+    if features.get("large-receive-offload") == "on":
+        return Check("lro", ifname, False, "LRO is on: native XDP sees merged super-frames "
+                     "(most drivers refuse XDP then)", f"ethtool -K {ifname} lro off")
+    return Check("lro", ifname, True, "LRO off")
+
+
+def _mtu_check(ifname: str, link: dict) -> Check:
+    """Whether the frames native XDP on `ifname` receives fit the driver's XDP limit."""
+    peer = _veth_peer(link) if _kind(link) == "veth" else None
+    if peer is not None:
+        peer_ns, peer_if = peer
+        peer_link = next(iter(_ip_json(["link", "show", "dev", peer_if], peer_ns)), {})
+        mtu = int(peer_link.get("mtu", 1500))
+        if mtu > VETH_PEER_MTU_MAX:
+            return Check("mtu", ifname, False,
+                         f"{peer_if} in {peer_ns}, the veth peer that sends to {ifname}, has MTU "
+                         f"{mtu}: native XDP on a veth takes frames of at most "
+                         f"{VETH_PEER_MTU_MAX} B from its peer (one page), so the kernel "
+                         "refuses it ('Peer MTU is too large to set XDP')",
+                         f"ip netns exec {peer_ns} ip link set dev {peer_if} mtu "
+                         f"{VETH_PEER_MTU_MAX}   (or run {ifname} in generic mode)")
+        return Check("mtu", ifname, True, f"the veth peer's MTU {mtu} fits native XDP "
+                     f"(at most {VETH_PEER_MTU_MAX})")
+    mtu = int(link.get("mtu", 1500))
+    if mtu + 14 > NATIVE_FRAME_MAX:
+        return Check("mtu", ifname, False, f"MTU {mtu}: frames up to {mtu + 14} B do not fit "
+                     f"native XDP's one page ({NATIVE_FRAME_MAX} B)",
+                     f"ip link set dev {ifname} mtu {NATIVE_FRAME_MAX - 14}")
+    return Check("mtu", ifname, True, f"MTU {mtu} fits native XDP's one page")
+
+
+def _offloads(probe: _Probe, config_native: set[str]) -> list[Check]:
     out = []
     native = any(a.mode == "native" for a in probe.attachments)
+    # Interfaces running native XDP, or meant to by the config file (an MTU or LRO is often
+    # why the kernel refused it).
+    for ifname in sorted({a.ifname for a in probe.attachments if a.mode == "native"} | config_native):
+        if ifname not in probe.links:
+            continue
+        out.append(lro_check(ifname, _features(None, ifname)))
+        out.append(_mtu_check(ifname, probe.links[ifname]))
     for a in probe.attachments:
         link = probe.links.get(a.ifname, {})
-        features = _features(None, a.ifname)
-        if a.mode == "native":
-            if features.get("large-receive-offload") == "on":
-                out.append(Check("lro", a.ifname, False, "LRO is on: native XDP sees merged "
-                                 "super-frames (most drivers refuse XDP then)",
-                                 f"ethtool -K {a.ifname} lro off"))
-            mtu = int(link.get("mtu", 1500))
-            if mtu + 14 > NATIVE_FRAME_MAX:
-                out.append(Check("mtu", a.ifname, False, f"MTU {mtu}: frames up to {mtu + 14} B do "
-                                 f"not fit native XDP's one page ({NATIVE_FRAME_MAX} B)",
-                                 f"ip link set dev {a.ifname} mtu {NATIVE_FRAME_MAX - 14}"))
         if _kind(link) != "veth":
             continue
         peer = _veth_peer(link)
@@ -345,15 +389,21 @@ def _ip_json(args: list[str], netns: str | None = None) -> list[dict]:
     return json.loads(proc.stdout)
 
 
+def parse_features(text: str) -> dict[str, str]:
+    """`ethtool -k` output as feature -> 'on' | 'off': the state the device is in ('off
+    [requested on]' is off, 'on [fixed]' is on), sub-features included."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        name, _, value = line.strip().partition(":")
+        if value.strip():
+            out[name.strip()] = value.split()[0]
+    return out
+
+
 def _features(netns: str | None, ifname: str) -> dict[str, str]:
     proc = subprocess.run(_in_ns(netns, ["ethtool", "-k", ifname]), capture_output=True,
                           text=True, check=False)
-    out = {}
-    for line in proc.stdout.splitlines()[1:]:
-        name, _, value = line.strip().partition(":")
-        if value:
-            out[name.strip()] = value.split()[0]
-    return out
+    return parse_features(proc.stdout)
 
 
 def _xdp_on(netns: str | None, ifname: str) -> bool:

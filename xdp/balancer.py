@@ -170,9 +170,11 @@ class Balancer:
                     libbpf.xdp_attach(ifindex, fd, MODES[if_mode] | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
                 except libbpf.BpfError as exc:
                     hint = "try --mode generic" if if_mode == "native" else "check the kernel supports XDP"
+                    # The kernel's own reason (extack), e.g. "veth: Peer MTU is too large to set XDP".
+                    why = f" ({exc.detail})" if exc.detail else ""
                     raise AttachError(
                         f"cannot attach XDP on '{name}' in {if_mode} mode: {os.strerror(exc.errno or 0)} "
-                        f"({exc.errno}); {hint}"
+                        f"({exc.errno}){why}; {hint}"
                     ) from exc
                 done.append((ifindex, MODES[if_mode]))
         except BaseException:

@@ -88,9 +88,16 @@ def _import_bcc():
     return BPF
 
 
-def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS) -> LoadedProgram:
+# A build switch (-D) for `lbctl bench dataplane` only: the entry skips the trace hooks, so
+# the cost of tracing compiled in but off is measured against a program without them.
+WITHOUT_TRACE = "LB_WITHOUT_TRACE"
+
+
+def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS,
+                     defines: tuple[str, ...] = ()) -> LoadedProgram:
     """Compiles and loads the program. Its maps are created pinned under pin_dir, or reused
-    from there when already pinned (bcc's BPF_TABLE_PINNED)."""
+    from there when already pinned (bcc's BPF_TABLE_PINNED). `defines`: build switches such
+    as WITHOUT_TRACE, passed to clang as -D."""
     BPF = _import_bcc()
     os.makedirs(pin_dir, exist_ok=True)
     kernel_build = f"/lib/modules/{os.uname().release}/build"
@@ -102,7 +109,8 @@ def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS) -> LoadedPro
     # One inlined text: bcc rewrites map calls (`map.lookup(...)`) only in its main file.
     source = render_source(limits, pin_dir)
     try:
-        bpf = BPF(text=source.encode(), cflags=["-Wno-unused-function"])
+        bpf = BPF(text=source.encode(),
+                  cflags=["-Wno-unused-function", *(f"-D{name}" for name in defines)])
         fn = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
     except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
         raise CompileError(f"cannot compile or load {ENTRY_FILE}: {exc}") from exc

@@ -10,11 +10,12 @@ import shutil
 import signal
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,7 +31,11 @@ from xdp.balancer import require_root
 from xdp.codec import Endpoint
 from xdp.limits import DEFAULT_LIMITS
 from xdp.maps import LbMaps, pin_dir_for
-from xdp.program import BPF_DIR, LoadedProgram, _import_bcc, compile_and_load
+from xdp.program import BPF_DIR, WITHOUT_TRACE, LoadedProgram, _import_bcc, compile_and_load
+from xdp.tracing import Filter, RingReader, TraceSwitch
+
+if TYPE_CHECKING:  # typing.Self is 3.11+
+    from typing_extensions import Self
 
 console = Console(highlight=False)
 
@@ -60,12 +65,16 @@ INTEGER_DIVISION_BIAS_NS = 0.5
 MAX_NO_ROUTE_SHARE = 10_000           # 1 in this many forwarding runs may find no neighbour
 TRIM_SHARE = 0.1                       # of samples dropped at each end (interrupts, migrations)
 FLOW_HIT_TARGET_RATIO = 3.0
+# Issue #11: tracing compiled in but switched off may cost a flow hit this much at most.
+TRACE_OFF_TARGET_NS = 2.0
+RING_POLL_MS = 20                      # the bench's ring consumer, like `lbctl trace`'s loop
 KATRAN_REFERENCE_NS = (101, 119)       # Katran's published figures from its own tester
 
 # The private namespace: a client arm and a "backend" arm whose neighbours are the chained VIPs.
 CLIENT_ARM, CLIENT_ARM_MAC, CLIENT_ARM_CIDR = "lbc0", "02:00:0a:14:01:01", "10.20.1.1/24"
 CHAIN_ARM, CHAIN_ARM_MAC, CHAIN_ARM_CIDR = "lbb0", "02:00:0a:14:00:01", "10.20.0.1/24"
 HOLDER = "lbh0"                        # a veth whose ends hold the programs (see _hold_in_dispatcher)
+HOLDER_NO_TRACE = "lbh1"               # one end holds the build without tracing
 CLIENT, CLIENT_MAC = "10.20.1.100", "02:00:0a:14:01:64"
 NON_VIP = "10.20.1.1"                  # the balancer host's own address: its SSH, say
 VIP_PORT = 80
@@ -113,6 +122,7 @@ class Sandbox:
     netns: str
     ifindex: dict[str, int] = field(default_factory=dict)
     program: LoadedProgram | None = None
+    program_no_trace: LoadedProgram | None = None
     baseline_bpf: Any = None
     baseline_fd: int = -1
 
@@ -135,7 +145,8 @@ def _build_netns(box: Sandbox) -> None:
                   cidr6=CHAIN_ARM_CIDR6))
     box.ifindex.update(create_routed_netns(box.netns, ports).ifindex)
     with IPRoute(netns=box.netns) as ipr:
-        ipr.link("add", ifname=HOLDER, kind="veth", peer=f"{HOLDER}p")  # down: no traffic
+        for holder in (HOLDER, HOLDER_NO_TRACE):                         # down: no traffic
+            ipr.link("add", ifname=holder, kind="veth", peer=f"{holder}p")
 
 
 def _load_baseline(box: Sandbox) -> None:
@@ -153,7 +164,8 @@ def _hold_in_dispatcher(box: Sandbox) -> None:
     run with repeat > 1 then calls it the way a driver does without first rebuilding the
     dispatcher, which costs two RCU grace periods (25-45 ms here) per call."""
     with inside(box.netns):
-        for name, fd in ((HOLDER, box.program.fd), (f"{HOLDER}p", box.baseline_fd)):  # type: ignore[union-attr]
+        for name, fd in ((HOLDER, box.program.fd), (f"{HOLDER}p", box.baseline_fd),  # type: ignore[union-attr]
+                         (HOLDER_NO_TRACE, box.program_no_trace.fd)):  # type: ignore[union-attr]
             libbpf.xdp_attach(socket.if_nametoindex(name), fd, libbpf.XDP_FLAGS_SKB_MODE)
 
 
@@ -199,6 +211,9 @@ def sandbox() -> Iterator[Sandbox]:
                             f"{CHAIN_LENGTH} chained VIPs..."):
             _build_netns(box)
             box.program = compile_and_load(box.pin_dir, DEFAULT_LIMITS)
+            # The same source without the trace hooks, on the same pinned maps.
+            box.program_no_trace = compile_and_load(box.pin_dir, DEFAULT_LIMITS,
+                                                    defines=(WITHOUT_TRACE,))
             _load_baseline(box)
             _hold_in_dispatcher(box)
             Controller(box.instance, DEFAULT_LIMITS).change(lambda _config: _chain_config())
@@ -213,8 +228,9 @@ def sandbox() -> Iterator[Sandbox]:
 def _teardown(box: Sandbox) -> None:
     if box.baseline_bpf is not None:
         box.baseline_bpf.cleanup()
-    if box.program is not None:
-        box.program.bpf.cleanup()  # type: ignore[attr-defined]
+    for program in (box.program, box.program_no_trace):
+        if program is not None:
+            program.bpf.cleanup()  # type: ignore[attr-defined]
     shutil.rmtree(box.pin_dir, ignore_errors=True)
     try:
         os.unlink(os.path.join(LOCK_DIR, f"{box.instance}.lock"))
@@ -235,6 +251,8 @@ class Path:
     frame: Callable[[int], bytes]      # call number -> the frame that call starts from
     expect: str                        # the outcome every repetition must count
     new_flows: bool                    # whether every repetition must create a flow
+    without_trace: bool = False        # run the build without the trace hooks
+    trace: Filter | None = None        # tracing on with this filter, a consumer reading the ring
 
 
 def _paths() -> list[Path]:
@@ -255,8 +273,16 @@ def _paths() -> list[Path]:
              lambda _n: non_vip, "", False),
         Path("pass_not_vip", "non-VIP pass", False, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: non_vip, "pass_not_vip", False),
+        Path("flow_hit_no_trace", "VIP flow hit, built without trace", False, CLIENT_ARM,
+             FORWARD_BATCH, lambda _n: hit, "redirect", False, without_trace=True),
         Path("flow_hit", "VIP flow hit", False, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: hit, "redirect", False),
+        # Every hit matches the filter (the client is the bench's one client): each pays for
+        # an event, the worst case of a trace that is on.
+        Path("flow_hit_traced", "VIP flow hit, trace on", False, CLIENT_ARM, FORWARD_BATCH,
+             lambda _n: hit, "redirect", False, trace=Filter(client=CLIENT)),
+        Path("flow_hit_captured", "VIP flow hit, capture on", False, CLIENT_ARM, FORWARD_BATCH,
+             lambda _n: hit, "redirect", False, trace=Filter(client=CLIENT, frames=True)),
         Path("reply", "reply reverse-NAT", False, CHAIN_ARM, FORWARD_BATCH,
              lambda _n: reply, "redirect", False),
         Path("dsr_hit", "DSR flow hit (MACs only)", False, CLIENT_ARM, FORWARD_BATCH,
@@ -291,22 +317,63 @@ class PathRun:
     packets: int = 0
     calls: int = 0
     no_route: int = 0
+    events: int = 0                    # trace events the consumer read (traced paths)
 
     @property
     def ns(self) -> float:
         return statistics.median(self.round_ns)
 
 
+class _RingConsumer:
+    """Tracing switched on with a filter, and a thread reading the ring buffer as `lbctl trace`
+    does (libbpf's ring_buffer__poll), counting events; off again and drained on exit."""
+
+    def __init__(self, box: Sandbox, maps: LbMaps, flt: Filter):
+        self.switch = TraceSwitch(maps["trace_ctl"])
+        self.path = os.path.join(box.pin_dir, "trace_events")
+        self.flt = flt
+        self.events = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _count(self, _raw: bytes) -> None:
+        self.events += 1
+
+    def _run(self, reader: RingReader) -> None:
+        while not self._stop.is_set():
+            reader.poll(RING_POLL_MS)
+
+    def __enter__(self) -> Self:
+        self.reader = RingReader(self.path, self._count)
+        self.reader.poll(0)
+        self.events = 0
+        self.switch.on(self.flt)
+        self._thread = threading.Thread(target=self._run, args=(self.reader,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.switch.off()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.reader.poll(0)
+        self.reader.close()
+
+
 def _measure(box: Sandbox, maps: LbMaps, path: Path, packets: int, first_call: int,
-             advance: Callable[[], None]) -> tuple[float, int, int]:
+             advance: Callable[[], None]) -> tuple[float, int, int, int]:
     """Runs `packets` repetitions (whole calls) of one path; returns (ns per packet, calls,
-    repetitions the FIB left to the kernel) after checking each repetition's outcome."""
+    repetitions the FIB left to the kernel, trace events read) after checking each
+    repetition's outcome."""
     calls = max(1, math.ceil(packets / path.batch))
-    fd = box.baseline_fd if path.uses_baseline else box.program.fd  # type: ignore[union-attr]
+    program = box.program_no_trace if path.without_trace else box.program
+    fd = box.baseline_fd if path.uses_baseline else program.fd  # type: ignore[union-attr]
     ingress = box.ifindex[path.ingress]
     before = None if path.uses_baseline else _counters(maps)
     samples = []
-    with inside(box.netns):
+    consumer = _RingConsumer(box, maps, path.trace) if path.trace else None
+    with inside(box.netns), consumer or _no_context():
         for n in range(first_call, first_call + calls):
             result = libbpf.prog_test_run(fd, path.frame(n), repeat=path.batch,
                                           ingress_ifindex=ingress)
@@ -315,7 +382,16 @@ def _measure(box: Sandbox, maps: LbMaps, path: Path, packets: int, first_call: i
             samples.append(result.duration_ns)
             advance()
     no_route = 0 if before is None else _check(path, calls * path.batch, before, _counters(maps))
-    return _trimmed_mean(samples), calls, no_route
+    events = consumer.events if consumer else 0
+    if consumer and events == 0:
+        raise BenchError(f"path '{path.label}': tracing was on and no event reached the ring; "
+                         "hint: the trace filter or the trace hooks changed under the bench")
+    return _trimmed_mean(samples), calls, no_route, events
+
+
+@contextmanager
+def _no_context() -> Iterator[None]:
+    yield
 
 
 def _check(path: Path, runs: int, before: tuple[dict[str, int], int],
@@ -369,7 +445,11 @@ METHOD = (
     "repetitions per call from a fresh client port, each a flow-table miss, a Maglev pick and two "
     "LRU inserts. IPv6 flow hit and reply: the same on a cycle of two IPv6 VIPs. DSR flow hit: an "
     "established flow of a --forwarding dsr VIP, whose output (new MACs only) is the same flow's "
-    "packet again. Counters are checked after every path: each repetition took its branch."
+    "packet again. Counters are checked after every path: each repetition took its branch. "
+    "Trace cost: the flow hit of a build without the trace hooks (-DLB_WITHOUT_TRACE, same maps) "
+    "against the usual build with tracing off, then on (a filter every packet matches; with and "
+    "without the frames capture copies) while a thread reads the ring buffer as `lbctl trace` "
+    "does; differences taken round by round."
 )
 
 
@@ -397,8 +477,9 @@ def run_bench(repeat: int = DEFAULT_REPEAT, json_out: str | None = None) -> dict
                 for p in paths:
                     progress.update(task, description=f"round {round_no + 1}/{ROUNDS}: {p.label}")
                     run = runs[p.key]
-                    ns, calls, no_route = _measure(box, maps, p, per_round[p.key], run.calls,
-                                                   lambda: progress.advance(task))
+                    ns, calls, no_route, events = _measure(box, maps, p, per_round[p.key],
+                                                           run.calls, lambda: progress.advance(task))
+                    run.events += events
                     run.round_ns.append(ns)
                     run.calls += calls
                     run.no_route += no_route
@@ -432,6 +513,8 @@ def _report(runs: dict[str, PathRun], ratios: dict[str, list[float]], elapsed_s:
                           "mpps": round(1000 / run.ns, 2), "ratio_to_baseline": round(ratio, 2),
                           "packets": run.packets, "round_ns": [round(x, 2) for x in run.round_ns],
                           "fib_no_neighbour": run.no_route}
+        if run.path.trace:
+            paths_out[key]["trace_events_read"] = run.events
         table.add_row(run.path.label, f"{run.ns:.1f}", f"{1000 / run.ns:.1f}", f"{ratio:.2f}",
                       f"{run.packets:,}", f"{min(run.round_ns):.1f}-{max(run.round_ns):.1f}")
     machine = _machine()
@@ -445,6 +528,18 @@ def _report(runs: dict[str, PathRun], ratios: dict[str, list[float]], elapsed_s:
                   f"{FLOW_HIT_TARGET_RATIO:g} x): {verdict}")
     console.print(f"Katran's published figures from its own tester: {KATRAN_REFERENCE_NS[0]}-"
                   f"{KATRAN_REFERENCE_NS[1]} ns per packet (other hardware; compare ratios, not ns)")
+    trace_cost = _trace_cost(runs)
+    off = trace_cost["off_minus_without_ns"]
+    verdict = "[green]met[/]" if trace_cost["off_met"] else "[red]not met[/]"
+    console.print(f"tracing compiled in, off: {off:+.1f} ns per flow hit against the build without "
+                  f"it (ratio {trace_cost['off_ratio']:.3f}; target at most "
+                  f"{TRACE_OFF_TARGET_NS:g} ns): {verdict}")
+    for key, what in (("traced", "trace on"), ("captured", "capture on")):
+        c = trace_cost[key]
+        console.print(f"{what}: {c['minus_off_ns']:+.1f} ns per flow hit against off "
+                      f"(ratio {c['ratio_to_off']:.2f}); the consumer read {c['events_read']:,} "
+                      f"of {c['packets']:,} events ({c['read_share']:.1%}; the rest found the "
+                      "ring full)")
     no_route = sum(r.no_route for r in runs.values())
     if no_route:
         console.print(f"{no_route} forwarding repetitions found no neighbour and went to the kernel "
@@ -456,9 +551,34 @@ def _report(runs: dict[str, PathRun], ratios: dict[str, list[float]], elapsed_s:
         "rounds": ROUNDS,
         "paths": paths_out,
         "flow_hit_target": {"max_ratio": FLOW_HIT_TARGET_RATIO, "ratio": hit_ratio, "met": met},
+        "trace_cost": trace_cost,
         "katran_reference_ns": list(KATRAN_REFERENCE_NS),
         "elapsed_s": round(elapsed_s, 1),
     }
+
+
+def _round_deltas(a: PathRun, b: PathRun) -> tuple[float, float]:
+    """Median over rounds of a - b and of a / b: both paths ran in the same round, back to back."""
+    return (statistics.median(x - y for x, y in zip(a.round_ns, b.round_ns, strict=True)),
+            statistics.median(x / y for x, y in zip(a.round_ns, b.round_ns, strict=True)))
+
+
+def _trace_cost(runs: dict[str, PathRun]) -> dict[str, Any]:
+    """What `lbctl trace` costs a flow hit: compiled in but off against the build without the
+    hooks (issue #11's target), and on (every packet matching the filter) against off."""
+    off = runs["flow_hit"]
+    off_delta, off_ratio = _round_deltas(off, runs["flow_hit_no_trace"])
+    out: dict[str, Any] = {"off_minus_without_ns": round(off_delta, 2),
+                           "off_ratio": round(off_ratio, 4),
+                           "off_target_ns": TRACE_OFF_TARGET_NS,
+                           "off_met": off_delta <= TRACE_OFF_TARGET_NS}
+    for key in ("traced", "captured"):
+        run = runs[f"flow_hit_{key}"]
+        delta, ratio = _round_deltas(run, off)
+        out[key] = {"minus_off_ns": round(delta, 2), "ratio_to_off": round(ratio, 3),
+                    "events_read": run.events, "packets": run.packets,
+                    "read_share": round(run.events / run.packets, 4) if run.packets else 0.0}
+    return out
 
 
 __all__ = ["BenchError", "run_bench"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -224,3 +225,94 @@ def test_full_flow_table_is_named(lab: Lab) -> None:
         assert bad["subject"] == "flows" and "evict" in bad["evidence"]
     finally:
         lbctl(lab, "flows", "flush")
+
+
+def test_veth_peer_mtu_above_the_native_xdp_limit_is_named(lab: Lab, tmp_path) -> None:
+    """A real fault: the client's end of eth0's veth at MTU 9000 makes the kernel refuse native
+    XDP on eth0; doctor, told by the config file that eth0 should run native, says why and how
+    to fix it, and the fix it prints makes the native attach work."""
+    client = lab.host("client")
+    eth0 = lab.lb_ifaces[0]
+    path = tmp_path / "lbctl.yaml"
+    path.write_text(f"interfaces: [{', '.join(lab.lb_ifaces)}]\nxdp_mode: native\nvips: []\n")
+    must(lab, "client", "ip", "link", "set", "dev", client.ifname, "mtu", "9000")
+    try:
+        refused = lbctl(lab, "attach", "--mode", "native", *lab.lb_ifaces, check=False)
+        assert refused.returncode == 3 and "Peer MTU is too large" in refused.stderr, refused.stderr
+        code, checks = doctor(lab, "-f", str(path))
+        bad = failing(checks)
+        mtu = [c for c in bad if c["name"] == "mtu"]
+        assert code == 1 and [c["subject"] for c in mtu] == [eth0], bad
+        assert f"{client.ifname} in {client.netns}" in mtu[0]["evidence"] and "9000" in mtu[0]["evidence"]
+        assert mtu[0]["fix"].startswith(f"ip netns exec {client.netns} ip link set dev "
+                                        f"{client.ifname} mtu 3506")
+        # The other arm's peer is at 1500: checked and fine.
+        assert [c["ok"] for c in checks if c["name"] == "mtu" and c["subject"] == lab.lb_ifaces[1]] == [True]
+        # Only the mode differs from the file otherwise (the program stayed generic).
+        assert {c["name"] for c in bad} == {"mtu", "attached"}
+
+        fix = subprocess.run(mtu[0]["fix"].split("   (")[0].split(), capture_output=True, text=True,
+                             check=False)
+        assert fix.returncode == 0, fix.stderr     # the fix as printed, run from the host
+        lbctl(lab, "attach", "--mode", "native", *lab.lb_ifaces)
+        code, checks = doctor(lab, "-f", str(path))
+        assert failing(checks) == [] and code == 0
+    finally:
+        must(lab, "client", "ip", "link", "set", "dev", client.ifname, "mtu", "1500")
+        lbctl(lab, "attach", "--mode", "generic", *lab.lb_ifaces)
+
+
+# Sends N UDP datagrams of SIZE bytes (each fragmented by the kernel: one IP id each), a short
+# pause every 100 so the balancer's receive queue never overflows.
+_FRAGMENTS = """
+import socket, sys, time
+addr, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(n):
+    s.sendto(bytes(size), (addr, port))
+    if i % 100 == 99:
+        time.sleep(0.003)
+"""
+FRAGMENTED_BYTES = 2000     # two fragments at MTU 1500
+
+
+def test_fragment_table_fill_from_real_fragments_is_reported(lab: Lab) -> None:
+    """Real fragmented datagrams through a UDP VIP fill the real frags table; doctor reports its
+    fill level as the map holds it, and names it once it passes 90%."""
+    vip = f"{lab.vip}:{lab.udp_port}"
+    # A backend port where nothing listens: the backend reassembles and answers with an ICMP
+    # error (rate-limited), so only the client's first fragments make entries.
+    lbctl(lab, "vip", "add", vip, "--proto", "udp")
+    lbctl(lab, "backend", "add", vip, f"{lab.backends[0].addr}:9", "--proto", "udp")
+
+    def fill() -> int:
+        with LbMaps(str(lab.bpf_pin_dir)) as maps:
+            return sum(1 for _ in maps["frags"].items())
+
+    def send(n: int) -> None:
+        proc = lab.run(lab.client, [sys.executable, "-I", "-c", _FRAGMENTS, lab.vip,
+                                    str(lab.udp_port), str(n), str(FRAGMENTED_BYTES)], timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    try:
+        send(1000)
+        used = fill()
+        assert 900 <= used <= 1000, used        # one entry per datagram (a few may be lost)
+        _, checks = doctor(lab)
+        (frags,) = [c for c in checks if c["name"] == "table_fill" and c["subject"] == "frags"]
+        size = 16384
+        assert frags["ok"] and frags["evidence"].startswith(f"{used}/{size} entries")
+
+        for _ in range(12):                      # past 90%; each round 2,000 more datagrams
+            if fill() >= 0.92 * size:
+                break
+            send(2000)
+        used = fill()
+        assert used >= 0.9 * size, used
+        bad = only_failure(lab, "table_fill")
+        assert bad["subject"] == "frags" and bad["evidence"].startswith(f"{used}/{size} entries")
+        assert "evict" in bad["evidence"]
+    finally:
+        lbctl(lab, "vip", "del", vip, "--proto", "udp")
+        with LbMaps(str(lab.bpf_pin_dir)) as maps:
+            maps["frags"].clear()
