@@ -32,6 +32,7 @@ test_pkgs=(
     shellcheck                     # checks the provisioning scripts and this one
     ruby vagrant vagrant-libvirt   # evaluate and validate vagrant/Vagrantfile
     openssl                        # a throwaway certificate for the L7 proxy's TLS tests
+    tcpdump                        # reads the pcapng `lbctl capture` writes, as users would
 )
 
 case "$action" in
