@@ -18,6 +18,11 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "short_p50_ms": ("short", "p50_ms", "ms", False),
     "short_p99_ms": ("short", "p99_ms", "ms", False),
     "short_cpu_ms_per_1k": ("short", "cpu_ms_per_1k", "CPU-ms per 1k conn", False),
+    # The whole path's CPU per 1k short connections, by where it ran (runner.path_cpu_s).
+    **{f"short_path_{g}_ms_per_1k": ("short", f"path_{g}_ms_per_1k", "CPU-ms per 1k conn", False)
+       for g in ("balancer", "switch", "endpoint_napi", "endpoint_processes", "wrk", "total")},
+    "short_xdp_prog_ms_per_1k": ("short", "xdp_prog_ms_per_1k", "CPU-ms per 1k conn", False),
+    "short_xdp_runs_per_conn": ("short", "xdp_runs_per_conn", "runs", False),
     "short1_rate": ("short1", "rate", "conn/s", True),
     "short1_p50_ms": ("short1", "p50_ms", "ms", False),
     "short1_p99_ms": ("short1", "p99_ms", "ms", False),
@@ -42,6 +47,25 @@ def summarize_setup(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     pps_ok = [r for r in runs.get("pps", []) if r.get("ok")]
     out["pps_generator_bound"] = bool(pps_ok) and any(r["generator_bound"] for r in pps_ok)
     return out
+
+
+PATH_EXTRA = "short_path_extra_ms_per_1k"
+
+
+def add_path_extra(summary: dict[str, Any]) -> None:
+    """What each setup's path spends per 1k short connections beyond plain routing: its
+    whole-path CPU minus direct's (the same endpoints and connections, the balancer's
+    namespace only routing). Round by round when both have the round, else the medians."""
+    direct = summary.get("direct", {}).get("short_path_total_ms_per_1k", {})
+    for s in summary.values():
+        mine = s.get("short_path_total_ms_per_1k", {})
+        if direct.get("median") is None or mine.get("median") is None:
+            s[PATH_EXTRA] = summarize([])
+            continue
+        if len(mine["values"]) == len(direct["values"]):
+            s[PATH_EXTRA] = summarize([a - b for a, b in zip(mine["values"], direct["values"])])
+        else:
+            s[PATH_EXTRA] = summarize([mine["median"] - direct["median"]])
 
 
 def _median(summary: dict[str, Any], setup: str, metric: str) -> float | None:
@@ -98,9 +122,15 @@ GOALS: tuple[Goal, ...] = (
          setups=BOTH_MODES),
     Goal("one backend: p99 latency <= 1.5x direct's", "short1_p99_ms", "direct", 1.5,
          at_most=True, setups=BOTH_MODES),
-    # Issue 8: the balancer's own CPU per new connection.
-    Goal("balancer CPU per new connection <= 0.25x nftables DNAT", "short_cpu_ms_per_1k",
-         "nftables", 0.25, at_most=True, setups=BOTH_MODES),
+    # Issue 8: the balancer's CPU per new connection. On veth a redirect runs the next end's
+    # receive work in that end's thread, so the balancer's own threads undercount native XDP:
+    # judged on the whole path's CPU beyond plain routing (direct), the old figure reported.
+    Goal("balancer CPU per new connection, whole path beyond routing, <= 0.25x nftables DNAT",
+         PATH_EXTRA, "nftables", 0.25, at_most=True, setups=BOTH_MODES),
+    Goal("balancer CPU per new connection, whole path, vs nftables DNAT (reported)",
+         "short_path_total_ms_per_1k", "nftables", 0.0, at_most=True, setups=BOTH_MODES),
+    Goal("balancer CPU per new connection, its NAPI threads only, vs nftables (reported)",
+         "short_cpu_ms_per_1k", "nftables", 0.0, at_most=True, setups=BOTH_MODES),
 )
 
 
@@ -118,6 +148,16 @@ def evaluate_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
             or summary.get(goal.against, {}).get("pps_generator_bound")
         ):
             caveat = "generator-bound: the ratio is a lower bound"
+        if goal.metric == PATH_EXTRA and met is not None:
+            # A difference of two noisy totals: judged only when every round agrees.
+            mine = summary.get(setup, {}).get(PATH_EXTRA, {})
+            base = _median(summary, goal.against, PATH_EXTRA)
+            if mine.get("min") is not None and base:
+                limit = goal.target * base
+                if mine["min"] <= limit < mine["max"]:
+                    met = None
+                    caveat = (f"undecided: rounds {mine['min']:+.1f} to {mine['max']:+.1f} ms per "
+                              f"1k against at most {limit:.1f}")
         out.append({
             "goal": goal.name, "setup": setup, "against": goal.against, "metric": goal.metric,
             "ratio": r, "threshold": threshold, "met": met if goal.target else None,
@@ -224,6 +264,7 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             f"{_ratio_cell(row['pps_forwarded/nftables'])} |"
         )
     lines += _single_backend_lines(results, setups, summary)
+    lines += _path_cpu_lines(setups, summary)
     lines += ["", "Goals (reported, not asserted), lbctl XDP against each peer:", "",
               "| goal | setup | ratio | target | met |", "|---|---|---|---|---|"]
     for g in results.get("goals", []):
@@ -292,6 +333,48 @@ def _single_backend_lines(results: dict[str, Any], setups: Sequence[str],
             f"{_fmt_num(_med(s, 'short_cpu_ms_per_1k'), 'ms')} | "
             f"{_fmt_num(_med(s, 'short1_cpu_ms_per_1k'), 'ms')} | "
             f"{_ratio_cell(ratio(summary, setup, 'nftables', 'short_cpu_ms_per_1k'))} |")
+    return lines
+
+
+PATH_GROUP_TITLES = (
+    ("balancer", "balancer NAPI (+HAProxy)"),
+    ("switch", "switch NAPI"),
+    ("endpoint_napi", "client+backend NAPI"),
+    ("endpoint_processes", "nginx"),
+    ("wrk", "wrk"),
+)
+
+
+def _path_cpu_lines(setups: Sequence[str], summary: dict[str, Any]) -> list[str]:
+    """CPU per 1,000 short connections over the whole path, by where it ran, the part beyond
+    plain routing (direct), and the XDP program's own run time (run-time statistics)."""
+    if not any(_med(summary[s], "short_path_total_ms_per_1k") for s in setups):
+        return []
+    head = " | ".join(title for _g, title in PATH_GROUP_TITLES)
+    lines = [
+        "",
+        ("**CPU per 1,000 new connections over the whole path** (3 backends; every NAPI thread "
+         "of every veth end, nginx, wrk; CPU-ms, lower is better). On veth a redirect runs the "
+         "next end's receive work (for native XDP, building the skb) in that end's thread, so "
+         "only the whole path is comparable across setups; 'beyond routing' is the total "
+         "minus direct's, where the balancer's namespace only routes:"),
+        "",
+        (f"| setup | {head} | total | beyond routing | vs nftables | XDP program (run time) "
+         "| program runs per conn |"),
+        "|---|" + "---|" * (len(PATH_GROUP_TITLES) + 5),
+    ]
+    for setup in setups:
+        s = summary[setup]
+        cells = " | ".join(_fmt_num(_med(s, f"short_path_{g}_ms_per_1k"), "ms")
+                           for g, _t in PATH_GROUP_TITLES)
+        runs = _med(s, "short_xdp_runs_per_conn")
+        lines.append(
+            f"| {SETUP_TITLES[setup]} | {cells} | "
+            f"{_cell(s.get('short_path_total_ms_per_1k'), 'ms')} | "
+            f"{_fmt_num(_med(s, PATH_EXTRA), 'ms')} | "
+            f"{_ratio_cell(ratio(summary, setup, 'nftables', PATH_EXTRA))} | "
+            f"{_fmt_num(_med(s, 'short_xdp_prog_ms_per_1k'), 'ms')} | "
+            f"{'-' if runs is None else f'{runs:.1f}'} |")
     return lines
 
 
@@ -376,7 +459,53 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
         fig.savefig(out_dir / name)
         plt.close(fig)
         names.append(name)
+    if _plot_path_cpu(results, setups, out_dir / PATH_CPU_PLOT):
+        names.append(PATH_CPU_PLOT)
     return names
+
+
+PATH_CPU_PLOT = "benchmarks-path-cpu.png"
+
+
+def _plot_path_cpu(results: dict[str, Any], setups: Sequence[str], path: Path) -> bool:
+    """CPU per 1,000 short connections as stacked bars, one part per place on the path, the
+    XDP program's own run time marked inside the balancer's part; False without the data."""
+    import matplotlib.pyplot as plt
+
+    summaries = {s: results["setups"][s]["summary"] for s in setups}
+    rows = [s for s in setups if _med(summaries[s], "short_path_total_ms_per_1k") is not None]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=100)
+    bottoms = [0.0] * len(rows)
+    colors = ("#1f77b4", "#9467bd", "#8c564b", "#bcbd22", "#7f7f7f")
+    for (group, title), color in zip(PATH_GROUP_TITLES, colors):
+        heights = [_med(summaries[s], f"short_path_{group}_ms_per_1k") or 0.0 for s in rows]
+        ax.bar(range(len(rows)), heights, bottom=bottoms, color=color, label=title)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    prog = [_med(summaries[s], "short_xdp_prog_ms_per_1k") for s in rows]
+    ax.bar([i for i, p in enumerate(prog) if p], [p for p in prog if p], width=0.3,
+           color="#d62728", label="of which the XDP program")
+    for i, s in enumerate(rows):
+        extra = _med(summaries[s], PATH_EXTRA)
+        # The total's own median (the parts' medians need not add up to it).
+        text = _fmt_num(_med(summaries[s], "short_path_total_ms_per_1k"), "ms")
+        if extra is not None and s != "direct":
+            text += f"\n({extra:+.1f} beyond routing)"
+        ax.annotate(text, (i, bottoms[i]), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([SETUP_TITLES[s].replace(" (", "\n(") for s in rows], fontsize=8)
+    ax.set_ylabel("CPU-milliseconds / 1k connections")
+    ax.set_title("CPU per 1,000 new connections over the whole path, 3 backends (lower is "
+                 f"better)\n{results['started'][:10]}, medians of {results['repeats']}", fontsize=9)
+    ax.set_ylim(top=max(bottoms) * 1.5)
+    ax.legend(fontsize=7, loc="upper right", ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def write_docs(results: dict[str, Any], doc_path: Path) -> list[str]:

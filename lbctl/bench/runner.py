@@ -22,6 +22,7 @@ from lbctl.bench.configs import haproxy_conf, nft_ruleset, nginx_conf
 from lbctl.bench.errors import BenchError
 from lbctl.bench.parsers import WRK_LUA, PpsVerdict, parse_iperf3, parse_wrk
 from lbctl.bench.report import (
+    add_path_extra,
     evaluate_goals,
     print_summary,
     ratio_table,
@@ -46,6 +47,7 @@ from lbctl.bench.spec import (
 from lbctl.bench.tools import check_tools, resolve_setups, tool_versions
 from lbctl.errors import LbctlError
 from lbctl.lab import Lab, LabError
+from xdp import libbpf
 
 # Where `python -m lbctl` finds this same lbctl: the helpers and lbctl commands the bench
 # starts in the lab's namespaces must run this code, installed or from a checkout.
@@ -337,6 +339,48 @@ class PeerBench:
             total += cpu
         return total
 
+    def path_cpu_s(self) -> dict[str, float] | None:
+        """CPU seconds used so far by everything on the lab's path, by where it ran: the
+        balancer's NAPI threads and processes (HAProxy), the switch's, the endpoints' NAPI
+        threads (client and backends: their TCP receive, and for native XDP the frames a
+        redirect hands them), and the endpoints' processes (nginx, the lab's servers). A
+        redirect on veth runs the next end's receive work in that end's thread, so no thread
+        holds the whole of a balancer's cost: the sum over the path does. Tick-sampled per
+        task (softirq work done in a task's context is charged to it; this kernel has no
+        IRQ_TIME_ACCOUNTING). None when a NAPI thread is gone."""
+        lb, client = self.lab.lb.name, self.lab.client.name
+        group_of_host = {lb: "balancer", "sw": "switch", client: "endpoint_napi",
+                         **{b.name: "endpoint_napi" for b in self.lab.backends}}
+        out = dict.fromkeys(PATH_CPU_GROUPS, 0.0)
+        host_of_comm = {comm: host for (host, _if), comm in self.napi_threads.items()}
+        seen = 0
+        for pid, comm in _napi_threads("").items():
+            host = host_of_comm.get(comm)
+            cpu = _thread_cpu_s(pid) if host is not None else None
+            if host is None or cpu is None:
+                continue
+            out[group_of_host[host]] += cpu
+            seen += 1
+        if seen != len(host_of_comm):
+            return None
+        process_group = {_netns_inode(self._ns(lb)): "balancer",
+                         _netns_inode(self._ns("sw")): "switch",
+                         _netns_inode(self._ns(client)): "endpoint_processes",
+                         **{_netns_inode(self._ns(b.name)): "endpoint_processes"
+                            for b in self.lab.backends}}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                inode = os.stat(f"/proc/{entry}/ns/net").st_ino
+            except OSError:
+                continue
+            group = process_group.get(inode)
+            cpu = _thread_cpu_s(int(entry)) if group else None
+            if group and cpu is not None:
+                out[group] += cpu
+        return out
+
     def _link_mac(self, host: str, ifname: str) -> str:
         from pyroute2 import IPRoute
 
@@ -425,15 +469,28 @@ class PeerBench:
                 "-s", str(self.run_dir / "wrk.lua")]
         if close:
             argv += ["-H", "Connection: close"]
+        # Short connections: the whole path's CPU, and the XDP program's own run time.
+        path = close and not single
+        prog = self._prog_stats() if path and setup.startswith("xdp-") else None
+        path0, children0 = (self.path_cpu_s(), os.times()) if path else (None, None)
         cpu0 = self.balancer_cpu_s(setup)
-        proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True, env=env)
         try:
-            out, _ = proc.communicate(timeout=self.durations.http_s + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+            run0 = libbpf.prog_info(prog[1]) if prog else None
+            proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True, env=env)
+            try:
+                out, _ = proc.communicate(timeout=self.durations.http_s + 60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            run1 = libbpf.prog_info(prog[1]) if prog else None
+        finally:
+            if prog:
+                os.close(prog[0])
+                libbpf.close(prog[1])
+                self.state.stats_fd = None
         cpu1 = self.balancer_cpu_s(setup)
+        path1, children1 = (self.path_cpu_s(), os.times()) if path else (None, None)
         try:
             res = parse_wrk(out)
         except BenchError as exc:
@@ -443,9 +500,30 @@ class PeerBench:
                "requests": res.requests, "errors": res.errors, "seconds": res.duration_s,
                "url": url, "spread_over": env.get("BENCH_WRK_ADDRS", ""),
                **balancer_cpu(cpu0, cpu1, res.requests)}
+        if path0 is not None and path1 is not None and children0 and children1:
+            # wrk has exited and been waited for: its CPU is in our children's times.
+            wrk_s = (children1.children_user + children1.children_system
+                     - children0.children_user - children0.children_system)
+            per_1k = path_cpu_per_1k(path0, path1, wrk_s, res.requests)
+            rec.update({f"path_{group}_ms_per_1k": v for group, v in (per_1k or {}).items()})
+        if run0 is not None and run1 is not None and res.requests > 0:
+            rec["xdp_prog_ms_per_1k"] = (run1.run_time_ns - run0.run_time_ns) / 1e3 / res.requests
+            rec["xdp_runs_per_conn"] = (run1.run_cnt - run0.run_cnt) / res.requests
         if not ok:
             rec["error"] = f"{res.errors} errors for {res.requests} requests"
         return rec
+
+    def _prog_stats(self) -> tuple[int, int]:
+        """Run-time statistics on (their fd) and the attached program's fd. The statistics add
+        two clock reads to each run of the program, outside its own run_time_ns; the XDP
+        setups' path CPU carries them."""
+        self.state.stats_fd = libbpf.enable_run_time_stats()
+        try:
+            return self.state.stats_fd, libbpf.obj_get(str(self.lab.bpf_pin_dir / "prog"))
+        except BaseException:
+            os.close(self.state.stats_fd)
+            self.state.stats_fd = None
+            raise
 
     def run_bulk(self, setup: str) -> dict[str, Any]:
         target = self.backends[0] if setup == "direct" else self.vip
@@ -578,6 +656,25 @@ def balancer_cpu(cpu0: float | None, cpu1: float | None, connections: int) -> di
     cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     per_1k = cpu * 1e6 / connections if cpu is not None and connections > 0 else None
     return {"balancer_cpu_s": cpu, "cpu_ms_per_1k": per_1k}
+
+
+# Where the path's CPU ran (PeerBench.path_cpu_s), plus wrk, the client's load generator.
+PATH_CPU_GROUPS = ("balancer", "switch", "endpoint_napi", "endpoint_processes")
+
+
+def path_cpu_per_1k(before: dict[str, float], after: dict[str, float], wrk_s: float,
+                    connections: int) -> dict[str, float] | None:
+    """CPU milliseconds per 1,000 connections by group, with wrk and the total."""
+    if connections <= 0:
+        return None
+    out = {g: (after[g] - before[g]) * 1e6 / connections for g in PATH_CPU_GROUPS}
+    out["wrk"] = wrk_s * 1e6 / connections
+    out["total"] = sum(out.values())
+    return out
+
+
+def _netns_inode(netns: str) -> int:
+    return os.stat(NETNS_DIR / netns).st_ino
 
 
 def _napi_threads(ifname: str) -> dict[int, str]:
@@ -729,6 +826,7 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
     for setup in setups:
         results["setups"][setup]["summary"] = summarize_setup(results["setups"][setup]["runs"])
     summary = {s: results["setups"][s]["summary"] for s in setups}
+    add_path_extra(summary)
     results["ratios"] = ratio_table(summary, setups)
     results["goals"] = evaluate_goals(summary)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
