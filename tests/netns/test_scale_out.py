@@ -159,3 +159,19 @@ def _drain(lab: ClusterLab, drained: bool) -> str:
                            "drain" if drained else "undrain"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+@pytest.mark.skipif("dsr" not in MODES, reason="the demo's default mode is DSR")
+def test_demo_with_two_nodes_shows_connections_carrying_on():
+    prefix = f"bg{secrets.token_hex(2)}"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lbctl", "demo", "--nodes", "2", "--prefix", prefix],
+                              capture_output=True, text=True, check=False, timeout=600,
+                              env={**os.environ, "COLUMNS": "120"})
+    finally:
+        ClusterLab(prefix, nodes=2).down()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "nexthop via 10.77.2.21" in out and "nexthop via 10.77.2.22" in out
+    assert "the router dropped lb1" in out and "cleaned up" in out
+    assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(prefix)]
