@@ -17,6 +17,7 @@ from labcli import lab_up, lbctl
 from lbctl import planner
 from lbctl.lab import Lab
 from xdp import codec
+from xdp.limits import DEFAULT_LIMITS
 from xdp.maps import LbMaps
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces and attaches XDP")
@@ -300,7 +301,7 @@ def test_fragment_table_fill_from_real_fragments_is_reported(lab: Lab) -> None:
         assert 900 <= used <= 1000, used        # one entry per datagram (a few may be lost)
         _, checks = doctor(lab)
         (frags,) = [c for c in checks if c["name"] == "table_fill" and c["subject"] == "frags"]
-        size = 16384
+        size = DEFAULT_LIMITS.frag_table_size     # what the lab's balancer was built with
         assert frags["ok"] and frags["evidence"].startswith(f"{used}/{size} entries")
 
         for _ in range(12):                      # past 90%; each round 2,000 more datagrams
