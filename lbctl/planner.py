@@ -161,12 +161,11 @@ def check_families(desired: Config) -> None:
     """A VIP and its backends share one address family: the data plane rewrites addresses in
     place (NAT44, NAT66), it does not translate between families."""
     for vip, spec in desired.items():
-        # Forwarding modes arrive per VIP with issue #10's plumbing; the IPv6 path runs NAT66
-        # only, so an IPv6 VIP in another mode is refused rather than silently NATed.
-        forwarding = getattr(spec, "forwarding", "nat")
-        if vip.ipv6 and forwarding != "nat":
-            raise ConfigError(f"VIP {vip}: forwarding '{forwarding}' is not built for IPv6 yet; "
-                              "hint: use --forwarding nat (NAT66) for an IPv6 VIP")
+        # The IPv6 path runs NAT66 only: an IPv6 VIP in another mode is refused here too (the
+        # planner is every change's last gate), never silently NATed.
+        if vip.ipv6 and spec.forwarding != "nat":
+            raise ConfigError(f"VIP {vip}: forwarding '{spec.forwarding}' is not built for IPv6 "
+                              "yet; hint: use --forwarding nat (NAT66) for an IPv6 VIP")
         for b in spec.backends:
             if is_ipv6(b.addr) != vip.ipv6:
                 vip_family, b_family = ("IPv6", "IPv4") if vip.ipv6 else ("IPv4", "IPv6")

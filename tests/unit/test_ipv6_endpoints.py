@@ -82,14 +82,8 @@ def test_a_vip_and_its_backends_must_share_a_family() -> None:
 
 
 def test_an_ipv6_vip_in_a_mode_other_than_nat_is_refused_not_silently_natted() -> None:
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class ModedSpec(VipSpec):          # VipSpec gains `forwarding` with issue #10's plumbing
-        forwarding: str = "nat"
-
     v6 = parse_endpoint("[2001:db8::10]:80")
-    check_families({v6: ModedSpec(v6, (BackendSpec("2001:db8:2::11", 80),), forwarding="nat")})
+    check_families({v6: VipSpec(v6, (BackendSpec("2001:db8:2::11", 80),), forwarding="nat")})
     for mode in ("dsr", "fullnat"):
         with pytest.raises(ConfigError, match=rf"forwarding '{mode}' is not built for IPv6 yet"):
-            check_families({v6: ModedSpec(v6, (BackendSpec("2001:db8:2::11", 80),), forwarding=mode)})
+            check_families({v6: VipSpec(v6, (BackendSpec("2001:db8:2::11", 80),), forwarding=mode)})
