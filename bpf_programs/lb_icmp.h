@@ -13,46 +13,17 @@
 #include "lb_csum.h"
 #include "lb_fib.h"
 #include "lb_flow.h"
+#include "lb_icmp_quote.h"
 #include "lb_nat.h"
 #include "lb_parse.h"
+#include "lb_snat.h"
 #include "lb_stats.h"
-
-/* RFC 792: an error quotes the IP header and at least the first 8 bytes past it: the ports
- * (and, for UDP, the checksum). These are the only L4 fields known to be there. */
-struct lb_quoted_ports {
-    __be16 src;
-    __be16 dst;
-    __be32 next;            /* UDP length and checksum, or TCP's sequence number */
-};
-
-/* Rewrites the quoted packet's address and port (`src` picks which pair), keeping the quoted
- * IP and TCP/UDP checksums and the ICMP checksum (which covers all of the quote) right. */
-static __always_inline void lb_icmp_rewrite_quote(__u16 *icmp_check, struct iphdr *inner,
-                                                  struct lb_quoted_ports *ports, __u16 *l4_check,
-                                                  int src, __be32 addr, __be16 port)
-{
-    __be32 *addr_field = src ? &inner->saddr : &inner->daddr;
-    __be16 *port_field = src ? &ports->src : &ports->dst;
-    __be32 old_addr = *addr_field;
-    __be16 old_port = *port_field;
-    __u16 old_ip_check = inner->check;
-
-    lb_set_ip_addr(inner, addr_field, addr);
-    if (l4_check) {
-        __u16 old_l4_check = *l4_check;
-        lb_l4_csum_update(l4_check, inner->protocol, old_addr, addr, old_port, port);
-        lb_csum_replace2(icmp_check, old_l4_check, *l4_check);
-    }
-    lb_csum_replace4(icmp_check, old_addr, addr);
-    lb_csum_replace2(icmp_check, old_port, port);
-    lb_csum_replace2(icmp_check, old_ip_check, inner->check);
-    *port_field = port;
-}
 
 /* An error quoting client->backend (sent by the backend or a router near it, to the client):
  * the quote goes back to client->VIP and a backend's own address as sender becomes the VIP.
  * An error quoting VIP->client (from a router near the client, to the VIP): it goes to the
- * backend, quoting backend->client (DSR: unchanged, at L2). Anything else passes untouched. */
+ * backend, quoting backend->client (DSR: unchanged, at L2). A full-NAT flow's errors:
+ * lb_snat_icmp. Anything else passes untouched. */
 static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, void *data_end,
                                    __u64 bytes)
 {
@@ -87,15 +58,6 @@ static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, vo
         dir = LB_DIR_ORIGINAL;
         e = lb_flow_lookup(&key, LB_DIR_ORIGINAL);
     }
-    if (!e)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
-    /* DSR: the error quotes the backend's own VIP->client packet; it goes to that backend as
-     * it is (path MTU discovery then works on the backend, which sent the packet). */
-    if (e->forwarding == LB_FWD_DSR)
-        return lb_forward_l2(ctx, pkt, bytes, e->addr, NULL, 0);
-    if (pkt->ip->ttl <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
-
     /* The quoted L4 checksum is rewritten when the quote reaches it (UDP: always). */
     __u16 *l4_check = inner->protocol == IPPROTO_TCP
         ? (void *)ports + __builtin_offsetof(struct tcphdr, check)
@@ -104,6 +66,17 @@ static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, vo
         l4_check = NULL;
     else if (inner->protocol == IPPROTO_UDP && *l4_check == 0)
         l4_check = NULL;
+    if (!e) {
+        int action = lb_snat_icmp(ctx, pkt, icmp, inner, ports, l4_check, &key, bytes);
+        return action >= 0 ? action : lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    }
+    /* DSR: the error quotes the backend's own VIP->client packet; it goes to that backend as
+     * it is (path MTU discovery then works on the backend, which sent the packet). */
+    if (e->forwarding == LB_FWD_DSR)
+        return lb_forward_l2(ctx, pkt, bytes, e->addr, NULL, 0);
+    if (pkt->ip->ttl <= 1)
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+
     __u16 *icmp_check = &icmp->checksum;
     __be32 addr = e->addr;
     __be16 port = e->port;

@@ -1,7 +1,7 @@
 /* lb_xdp.c: XDP entry of the load balancer: VIP traffic goes to a backend picked by Maglev and
- * kept per flow, DNATed (two-arm NAT; backend replies are reverse-NATed) or, for a DSR VIP,
- * sent on at L2 with only its MACs changed; the rest passes. IPv6 frames go to lb_handle6
- * (lb_xdp6.h), IPv4 ones stay here. */
+ * kept per flow, DNATed (two-arm NAT; backend replies are reverse-NATed), for a full-NAT VIP
+ * source-NATed too (lb_snat.h), or, for a DSR VIP, sent on at L2 with only its MACs changed;
+ * the rest passes. IPv6 frames go to lb_handle6 (lb_xdp6.h), IPv4 ones stay here. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
@@ -17,6 +17,7 @@
 #include "lb_fib.h"
 #include "lb_frag.h"
 #include "lb_icmp.h"
+#include "lb_snat.h"
 #include "lb_trace.h"
 #include "lb_xdp6.h"
 
@@ -98,6 +99,10 @@ static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vi
     out->ring_generation = vip->ring_generation & 1;
     out->forwarding = lb_vip_forwarding(vip->flags);
     struct nat_entry *flow = lb_flow_lookup(&pkt->key, LB_DIR_ORIGINAL);
+    if (!flow) {
+        struct snat_entry *snat = snat_flows.lookup(&pkt->key);
+        flow = snat ? &snat->nat : NULL;
+    }
     if (flow && lb_flow_usable(flow, now, pkt->tcp_flags)) {
         out->verdict = LB_EXPLAIN_FLOW_HIT;
         out->backend_id = flow->backend_id;
@@ -150,8 +155,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
         return lb_outcome(verdict, bytes, XDP_PASS);
     if (verdict == LB_PARSED_ICMP)
         return lb_icmp(ctx, &pkt, data_end, bytes);
-    if (verdict == LB_PARSED_FRAGMENT)
-        return lb_fragment(ctx, &pkt, bytes);
+    if (verdict == LB_PARSED_FRAGMENT) {
+        int action = lb_snat_fragment(ctx, &pkt, bytes);
+        return action >= 0 ? action : lb_fragment(ctx, &pkt, bytes);
+    }
 
     /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
     struct lb_explain *explain = (void *)(long)ctx->data_meta;
@@ -167,7 +174,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
     /* Tracked traffic is looked up first, so that a flow hit, the common packet, needs no
      * other lookup: a client's packet of a flow, else a backend's reply, else maybe a VIP's
      * new flow. No key is in two of these tables: a flow's key ends at a VIP, a reply's at a
-     * client. A flow outlives its VIP only while `vip del` forgets the VIP's flows. */
+     * client. A flow outlives its VIP only while `vip del` forgets the VIP's flows.
+     * Full-NAT keeps its own tables (lb_snat.h): its flows are looked up once the VIP is
+     * known (a flow hit costs one lookup more than NAT's; a NAT SYN one more too), and a
+     * reply to a SNAT address last, when nothing else claimed the packet. */
     struct nat_entry *flow = lb_flow_lookup(&pkt.key, LB_DIR_ORIGINAL);
     struct nat_entry *back = NULL;
     struct vip_meta *vip = NULL;
@@ -175,8 +185,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
         back = lb_flow_lookup(&pkt.key, LB_DIR_REPLY);
         if (!back) {
             vip = lb_vip_lookup(&pkt.key);
-            if (!vip)
+            if (!vip) {
+                /* Last, a backend's reply to a full-NAT source address and port. */
+                struct snat_entry *snat_back = snat_rnat.lookup(&pkt.key);
+                if (snat_back)
+                    return lb_snat_from_backend(ctx, &pkt, snat_back, bytes);
                 return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+            }
         }
     }
     /* The kernel must see TTL expiry to send its ICMP error; nothing was rewritten yet. DSR
@@ -194,6 +209,12 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
         vip = lb_vip_lookup(&pkt.key);
     if (!vip)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do). */
+    struct snat_entry *snat = snat_flows.lookup(&pkt.key);
+    if (snat && lb_flow_usable(&snat->nat, now, pkt.tcp_flags))
+        return lb_snat_forward(ctx, &pkt, snat, now, bytes, LB_DIR_ORIGINAL);
+    if (vip->flags & LB_VIP_F_FULLNAT)
+        return lb_snat_new_flow(ctx, &pkt, vip, now, bytes);
     return lb_new_flow(ctx, &pkt, vip, now, bytes);
 }
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass, replace
 from lbctl import planner
 from lbctl.errors import ConfigError, ConflictError, NetnsError
 from lbctl.model import (
+    SNAT_PORTS_DEFAULT,
     BackendSpec,
     Config,
     VipSpec,
     check_forwarding,
+    check_vip,
     with_backend,
     without_backend,
 )
@@ -112,8 +114,10 @@ class Controller:
 
     # -- VIPs -------------------------------------------------------------------------------
     def vip_add(self, vip: Endpoint, force: bool = False, affinity: str = "flow",
-                forwarding: str = "nat") -> Result:
+                forwarding: str = "nat", snat: tuple[str, ...] = (),
+                snat_ports: tuple[int, int] = SNAT_PORTS_DEFAULT) -> Result:
         check_forwarding(forwarding)     # before anything else is looked at: a mode not built
+        check_vip(VipSpec(vip, forwarding=forwarding, snat=snat, snat_ports=snat_ports))
         if not force:
             from lbctl.safety import local_service_at
 
@@ -127,7 +131,8 @@ class Controller:
         def edit(config: Config) -> Config:
             if vip in config:
                 raise ConflictError(f"VIP {vip} ({vip.proto}) already exists; hint: 'lbctl vip list' shows it")
-            return {**config, vip: VipSpec(vip, affinity=affinity, forwarding=forwarding)}
+            return {**config, vip: VipSpec(vip, affinity=affinity, forwarding=forwarding,
+                                           snat=snat, snat_ports=snat_ports)}
         return self.change(edit)
 
     def vip_del(self, vip: Endpoint) -> Result:

@@ -3,13 +3,14 @@ and the names the CLI and config files accept (protocols, backend states, XDP mo
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from lbctl.errors import ConfigError
 from lbctl.maglev import MAX_WEIGHT
 from xdp.balancer import MODES
 from xdp.codec import AFFINITIES, FORWARDINGS, PROTOS, Endpoint, format_endpoint
-from xdp.limits import BACKEND_STATES
+from xdp.limits import BACKEND_STATES, DEFAULT_LIMITS
 
 # The spellings users type; each comes from the data plane's own table, so a name added
 # there is accepted here and nowhere else needs to change.
@@ -20,8 +21,11 @@ FORWARDING_NAMES: tuple[str, ...] = FORWARDINGS
 # Forwarding modes the contract names whose data path is not built yet: refused here, the one
 # place the CLI, the config file and the planner ask, with why (never silently NATed instead).
 FORWARDING_NOT_YET: dict[str, str] = {
-    "fullnat": "full-NAT (one-arm) is not built yet",
 }
+# full-NAT's source ports, claimed per flow. The default stays below Linux's default
+# ephemeral range (net.ipv4.ip_local_port_range 32768-60999): the balancer's own connections
+# to a backend (the agent's health checks) then never share a tuple with a claimed port.
+SNAT_PORTS_DEFAULT: tuple[int, int] = (1024, 32767)
 
 
 def check_forwarding(forwarding: str) -> str:
@@ -144,6 +148,10 @@ class VipSpec:
     backends: tuple[BackendSpec, ...] = field(default=())
     affinity: str = "flow"              # flow: the 5-tuple picks the backend; client: the source address
     forwarding: str = "nat"             # nat (two-arm) | fullnat (one-arm, SNAT) | dsr (L2, MAC only)
+    # fullnat only: source addresses (none: the balancer's own toward each backend, by the
+    # FIB) and the source-port range (inclusive) claimed per flow.
+    snat: tuple[str, ...] = ()
+    snat_ports: tuple[int, int] = SNAT_PORTS_DEFAULT
 
     def backend(self, name: str) -> BackendSpec | None:
         return next((b for b in self.backends if b.name == name), None)
@@ -161,6 +169,10 @@ def check_vip(spec: VipSpec) -> VipSpec:
         problem = backend_problem(spec.vip, spec.forwarding, b.addr, b.port)
         if problem is not None:
             raise ConfigError(problem)
+    if spec.forwarding != "fullnat" and (spec.snat or spec.snat_ports != SNAT_PORTS_DEFAULT):
+        raise ConfigError(f"VIP {spec.vip}: SNAT addresses and ports are for full-NAT only (this "
+                          f"VIP forwards by {spec.forwarding}); hint: add --forwarding fullnat, or "
+                          "drop --snat/--snat-ports")
     return spec
 
 
@@ -173,6 +185,53 @@ def backend_problem(vip: Endpoint, forwarding: str, addr: str, port: int) -> str
                 f"hint: a DSR backend receives the client's packet unchanged, so it must serve the VIP's "
                 f"port: use {addr}:{vip.port}, or --forwarding nat to translate ports")
     return None
+
+
+def parse_snat_addrs(text: str | Sequence[str], max_addrs: int = DEFAULT_LIMITS.snat_max_addrs
+                     ) -> tuple[str, ...]:
+    """'10.0.1.2,10.0.1.3' (or a list) -> SNAT addresses: IPv4 unicast, distinct, at most
+    max_addrs (the program's LB_SNAT_MAX_ADDRS)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    addrs: list[str] = []
+    for item in (i.strip() for i in items):
+        try:
+            addr = ipaddress.IPv4Address(item)
+        except ValueError:
+            raise ConfigError(f"SNAT address '{item}' is not an IPv4 address; hint: e.g. "
+                              "--snat 10.0.1.2,10.0.1.3") from None
+        if addr.is_unspecified or addr.is_multicast or addr.is_loopback or \
+                addr == ipaddress.IPv4Address("255.255.255.255"):
+            raise ConfigError(f"SNAT address '{item}' is not a unicast host address; hint: use "
+                              "an address of the balancer that the backends can reach")
+        if str(addr) in addrs:
+            raise ConfigError(f"SNAT address {addr} is listed twice; hint: name each address once")
+        addrs.append(str(addr))
+    if not addrs:
+        raise ConfigError("no SNAT address given; hint: e.g. --snat 10.0.1.2, or leave it out "
+                          "to use the balancer's own address toward each backend")
+    if len(addrs) > max_addrs:
+        raise ConfigError(f"{len(addrs)} SNAT addresses given, at most {max_addrs} fit; hint: "
+                          "each address already gives every backend its own port range")
+    return tuple(addrs)
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """'1024-32767' (or one port, '5000') -> (low, high), both in 1-65535, low <= high."""
+    low_text, sep, high_text = str(text).strip().partition("-")
+    if not sep:
+        high_text = low_text
+    if not (low_text.strip().isdigit() and high_text.strip().isdigit()):
+        raise ConfigError(f"malformed port range '{text}': expected LOW-HIGH; hint: e.g. "
+                          f"{SNAT_PORTS_DEFAULT[0]}-{SNAT_PORTS_DEFAULT[1]}")
+    low, high = int(low_text), int(high_text)
+    if not (1 <= low <= high <= 65535):
+        raise ConfigError(f"port range '{text}' is not within 1-65535 with LOW <= HIGH; hint: e.g. "
+                          f"{SNAT_PORTS_DEFAULT[0]}-{SNAT_PORTS_DEFAULT[1]}")
+    return low, high
+
+
+def format_port_range(ports: tuple[int, int]) -> str:
+    return f"{ports[0]}-{ports[1]}"
 
 
 # The whole desired configuration: VIP endpoint -> its spec.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from lbctl.errors import ConfigError
@@ -18,7 +18,7 @@ from lbctl.maglev import (
     ring_fingerprint,
     unplaced_backends,
 )
-from lbctl.model import BackendSpec, Config, VipSpec, check_vip
+from lbctl.model import BackendSpec, Config, VipSpec, check_vip, format_port_range
 from xdp.codec import (
     NO_BACKEND,
     Endpoint,
@@ -83,6 +83,13 @@ class VipChange:
                          f"tracked flows keep {self.old.forwarding} until they end)")
         elif self.old is None and self.new.forwarding != "nat":
             lines[0] += f" forwarding {self.new.forwarding}"
+        if self.new.forwarding == "fullnat":
+            snat = (self.new.snat, self.new.snat_ports)
+            if self.old is None or self.old.forwarding != "fullnat" or \
+                    (self.old.snat, self.old.snat_ports) != snat:
+                lines.append(f"  snat {','.join(self.new.snat) or 'the FIB source toward each backend'}"
+                             f" ports {format_port_range(self.new.snat_ports)}"
+                             + (" (new flows; tracked flows keep theirs)" if self.old else ""))
         if self.old is not None and self.old.affinity != self.new.affinity:
             lines.append(f"  affinity {self.old.affinity}->{self.new.affinity}")
         elif self.old is None and self.new.affinity != "flow":
@@ -269,6 +276,7 @@ class MapsWriter(Protocol):
     def write_ring(self, vip_id: int, generation: int, backend_ids: list[int]) -> None: ...
     def reset_counters(self, name: str, index: int) -> None: ...
     def forget_flows(self, vip_id: int) -> int: ...
+    def put_snat_cfg(self, vip_id: int, addrs: tuple[str, ...], port_min: int, port_max: int) -> None: ...
 
 
 def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
@@ -297,6 +305,11 @@ def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
                 continue
             maps.put_backend(bid, b.addr, b.port, b.state, c.vip_id, b.weight)
         in_ring = sum(1 for b in c.new.backends if b.in_ring)
+        if c.new.forwarding == "fullnat" and (c.old is None or c.old.forwarding != "fullnat" or
+                                              (c.old.snat, c.old.snat_ports) !=
+                                              (c.new.snat, c.new.snat_ports)):
+            # Before the VIP entry that makes it full-NAT: its first new flow finds its settings.
+            maps.put_snat_cfg(c.vip_id, c.new.snat, *c.new.snat_ports)
         if c.action == "add":
             maps.reset_counters("stats_vip", c.vip_id)
             maps.write_ring(c.vip_id, 0, c.ring)
@@ -324,7 +337,12 @@ def read_live(maps) -> LiveState:
         specs = tuple(sorted((BackendSpec(r.addr, r.port, r.weight, r.state) for r in recs),
                              key=lambda b: (b.addr, b.port)))
         reader = getattr(maps, "read_ring", None)
-        live[vip] = LiveVip(VipSpec(vip, specs, affinity_of(meta.flags), forwarding_of(meta.flags)), meta.vip_id, meta.ring_generation,
+        spec = VipSpec(vip, specs, affinity_of(meta.flags), forwarding_of(meta.flags))
+        snat_reader = getattr(maps, "snat_cfg", None)
+        if spec.forwarding == "fullnat" and snat_reader is not None:
+            cfg = snat_reader(meta.vip_id)
+            spec = replace(spec, snat=cfg.addrs, snat_ports=(cfg.port_min, cfg.port_max))
+        live[vip] = LiveVip(spec, meta.vip_id, meta.ring_generation,
                             {format_endpoint(r.addr, r.port): r.backend_id for r in recs},
                             functools.partial(reader, meta.vip_id, meta.ring_generation)
                             if reader is not None else None)

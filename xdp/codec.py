@@ -9,7 +9,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from xdp.limits import BACKEND_STATES, FLOW_STATES, FORWARDING_MODES, VIP_FLAGS
+from xdp.limits import BACKEND_STATES, DEFAULT_LIMITS, FLOW_STATES, FORWARDING_MODES, VIP_FLAGS
 
 PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
@@ -112,6 +112,26 @@ class NatEntry(ctypes.Structure):
                 ("nh_ifindex", ctypes.c_uint32), ("nh_len_ok", ctypes.c_uint16),
                 ("nh_dmac", ctypes.c_uint8 * 6), ("nh_smac", ctypes.c_uint8 * 6),
                 ("nh_pad", ctypes.c_uint8 * 2)]
+
+
+class SnatCfg(ctypes.Structure):
+    """struct snat_cfg (lb_snat.h): a full-NAT VIP's SNAT addresses and source-port range."""
+
+    _fields_ = [("addrs", ctypes.c_uint32 * DEFAULT_LIMITS.snat_max_addrs),
+                ("addr_count", ctypes.c_uint32), ("port_min", ctypes.c_uint16),
+                ("port_max", ctypes.c_uint16)]
+
+
+class SnatEntry(ctypes.Structure):
+    """struct snat_entry (lb_snat.h): a NAT entry and the second rewrite of a full-NAT flow."""
+
+    _fields_ = [("nat", NatEntry), ("peer_addr", ctypes.c_uint32), ("peer_port", ctypes.c_uint16),
+                ("pad", ctypes.c_uint8 * 2)]
+
+
+class SnatFragEntry(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
+                ("backend_id", ctypes.c_uint32), ("seen_ns", ctypes.c_uint64)]
 
 
 class FragKey(ctypes.Structure):
@@ -244,6 +264,8 @@ class FlowRecord:
     last_seen_ns: int
     created_ns: int
     forwarding: str = "nat"     # the mode the flow started with (it keeps it until it ends)
+    snat: str | None = None     # full-NAT: the source address and port the backend sees
+    snat_port: int | None = None
 
 
 def encode_flow_key(src: str, sport: int, dst: str, dport: int, proto: str) -> bytes:
@@ -280,6 +302,42 @@ def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
                       v.backend_id, v.vip_id, state, v.last_seen_ns, v.created_ns,
                       FORWARDING_MODES[v.forwarding] if v.forwarding < len(FORWARDING_MODES)
                       else f"mode{v.forwarding}")
+
+
+def decode_snat_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
+    """A snat_flows entry (client -> VIP of a full-NAT VIP) as a flow with its SNAT source."""
+    k = FlowKey.from_buffer_copy(raw_key)
+    e = SnatEntry.from_buffer_copy(raw_value)
+    v = e.nat
+    state = FLOW_STATES[v.state] if v.state < len(FLOW_STATES) else f"state{v.state}"
+    return FlowRecord(_addr(k.src), _port(k.sport), _addr(k.dst), _port(k.dport),
+                      PROTO_NAMES.get(k.proto, str(k.proto)), _addr(v.addr), _port(v.port),
+                      v.backend_id, v.vip_id, state, v.last_seen_ns, v.created_ns, "fullnat",
+                      _addr(e.peer_addr), _port(e.peer_port))
+
+
+@dataclass(frozen=True)
+class SnatSettings:
+    """A full-NAT VIP's snat_cfg entry: its SNAT addresses (none: the FIB's) and port range."""
+
+    addrs: tuple[str, ...]
+    port_min: int
+    port_max: int
+
+
+def encode_snat_cfg(addrs: tuple[str, ...], port_min: int, port_max: int) -> bytes:
+    if len(addrs) > DEFAULT_LIMITS.snat_max_addrs:
+        raise ValueError(f"{len(addrs)} SNAT addresses, at most {DEFAULT_LIMITS.snat_max_addrs} fit")
+    words = [_be32(a) for a in addrs] + [0] * (DEFAULT_LIMITS.snat_max_addrs - len(addrs))
+    cfg = SnatCfg((ctypes.c_uint32 * DEFAULT_LIMITS.snat_max_addrs)(*words), len(addrs),
+                  port_min, port_max)
+    return bytes(cfg)
+
+
+def decode_snat_cfg(raw: bytes) -> SnatSettings:
+    c = SnatCfg.from_buffer_copy(raw)
+    count = min(c.addr_count, DEFAULT_LIMITS.snat_max_addrs)
+    return SnatSettings(tuple(_addr(c.addrs[i]) for i in range(count)), c.port_min, c.port_max)
 
 
 def encode_u32(value: int) -> bytes:

@@ -22,6 +22,8 @@ OUTCOMES: tuple[str, ...] = (
                          # routing header with segments left, a chain longer than 4)
     "drop_dsr_unreachable",  # DSR: the backend is not on an attached link (FIB: via a gateway,
                              # no route), its MAC is unresolved, or the frame exceeds the link MTU
+    "drop_snat_no_port",    # full-NAT: every source port tried for the new flow was taken
+    "drop_snat_no_source",  # full-NAT: no SNAT address (none set, and no route to the backend)
 )
 
 # Values in the flow tables' `state` byte.
@@ -71,6 +73,13 @@ class Limits:
     frag_table_size: int = 16384            # LRU: fragmented datagrams in flight
     frag_timeout_s: int = 30                # like the kernel's ipfrag_time
     refresh_interval_ms: int = 1000         # last-seen stamps are rewritten at most this often
+    # full-NAT (bpf_programs/lb_snat.h): its forward table; the reverse one, whose keys are the
+    # claimed source ports, is twice as large (docs/modes.md says why).
+    snat_table_size: int = 131072
+    snat_max_addrs: int = 8                 # --snat addresses per VIP
+    snat_port_tries: int = 32               # free ports probed for a new flow, from a random start
+    snat_takeover_tries: int = 8            # then, of those, ports whose flow expired
+    snat_time_wait_s: int = 60              # a closed flow's port waits out the backend's TIME_WAIT
     outcomes: tuple[str, ...] = field(default=OUTCOMES)
     flow_states: tuple[str, ...] = field(default=FLOW_STATES)
     backend_states: tuple[str, ...] = field(default=BACKEND_STATES)

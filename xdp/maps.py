@@ -96,6 +96,13 @@ MAPS: dict[str, MapSpec] = {
     "vips6": MapSpec(codec.VipKey6, codec.VipMeta, MapType.HASH, attrgetter("max_vips")),
     "flows6": MapSpec(codec.FlowKey6, codec.NatEntry6, MapType.LRU_HASH, attrgetter("flow_table_size")),
     "rnat6": MapSpec(codec.FlowKey6, codec.NatEntry6, MapType.LRU_HASH, attrgetter("flow_table_size")),
+    # full-NAT (bpf_programs/lb_snat.h): per-VIP SNAT settings, both directions, fragments.
+    "snat_cfg": MapSpec(ctypes.c_uint32, codec.SnatCfg, MapType.ARRAY, attrgetter("max_vips")),
+    "snat_flows": MapSpec(codec.FlowKey, codec.SnatEntry, MapType.LRU_HASH, attrgetter("snat_table_size")),
+    "snat_rnat": MapSpec(codec.FlowKey, codec.SnatEntry, MapType.LRU_HASH,
+                         lambda limits: 2 * limits.snat_table_size),
+    "snat_frags": MapSpec(codec.FragKey, codec.SnatFragEntry, MapType.LRU_HASH,
+                          attrgetter("frag_table_size")),
     "stats_vip": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY, attrgetter("max_vips")),
     "stats_backend": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
                              attrgetter("max_backends")),
@@ -110,22 +117,28 @@ MAPS: dict[str, MapSpec] = {
 # The tracking tables, each with the entry type that names its VIP.
 _TRACKING: tuple[tuple[str, type[ctypes.Structure]], ...] = (
     ("flows", codec.NatEntry), ("rnat", codec.NatEntry), ("frags", codec.FragEntry),
-    ("flows6", codec.NatEntry6), ("rnat6", codec.NatEntry6))
-# Client -> VIP tables (a flow each), of both families.
-_FLOW_TABLES = ("flows", "flows6")
+    ("flows6", codec.NatEntry6), ("rnat6", codec.NatEntry6),
+    ("snat_flows", codec.SnatEntry), ("snat_rnat", codec.SnatEntry),
+    ("snat_frags", codec.SnatFragEntry))
+# Client -> VIP tables (a flow each), of both families and of full-NAT.
+_FLOW_TABLES = ("flows", "flows6", "snat_flows")
 
 
-def _nat_entry(raw: bytes) -> codec.NatEntry:
-    """The state/ids/times part of a flows/rnat or flows6/rnat6 value."""
+def _nat_entry(raw: bytes, entry_type: type[ctypes.Structure] | None = None) -> codec.NatEntry:
+    """The state/ids/times part of a flows/rnat, flows6/rnat6 or snat_flows/snat_rnat value."""
+    if entry_type is codec.SnatEntry:
+        return codec.SnatEntry.from_buffer_copy(raw).nat
     if len(raw) >= ctypes.sizeof(codec.NatEntry6):
         return codec.NatEntry6.from_buffer_copy(raw).e
     return codec.NatEntry.from_buffer_copy(raw)
 
 
-def _entry_vip_id(raw: bytes) -> int:
-    if len(raw) == ctypes.sizeof(codec.FragEntry):
+def _entry_vip_id(raw: bytes, entry_type: type[ctypes.Structure] | None = None) -> int:
+    if entry_type is codec.SnatFragEntry:
+        return int(codec.SnatFragEntry.from_buffer_copy(raw).vip_id)
+    if entry_type is codec.FragEntry:
         return int(codec.FragEntry.from_buffer_copy(raw).vip_id)
-    return int(_nat_entry(raw).vip_id)
+    return int(_nat_entry(raw, entry_type).vip_id)
 
 _PURGE_HINT = "hint: 'lbctl detach --all --purge' removes the old maps (and their configuration)"
 
@@ -252,26 +265,38 @@ class LbMaps:
 
     # -- flows ------------------------------------------------------------------------------
     def flows(self) -> Iterator[codec.FlowRecord]:
-        """Tracked client -> VIP flows of both families."""
-        for name in _FLOW_TABLES:
+        """Tracked client -> VIP flows of both families, and full-NAT's (with the SNAT source)."""
+        for name in ("flows", "flows6"):
             for key, raw in self[name].items():
                 yield codec.decode_flow(key, raw)
+        for key, raw in self["snat_flows"].items():
+            yield codec.decode_snat_flow(key, raw)
+
+    # -- full-NAT settings ------------------------------------------------------------------
+    def put_snat_cfg(self, vip_id: int, addrs: tuple[str, ...], port_min: int, port_max: int) -> None:
+        self["snat_cfg"].update(codec.encode_u32(vip_id), codec.encode_snat_cfg(addrs, port_min, port_max))
+
+    def snat_cfg(self, vip_id: int) -> codec.SnatSettings:
+        raw = self["snat_cfg"].lookup(codec.encode_u32(vip_id))
+        return codec.decode_snat_cfg(raw or bytes(ctypes.sizeof(codec.SnatCfg)))
 
     def tracked_backend_ids(self, now_ns: int | None = None) -> set[int]:
         """Backend ids that entries still alive in the flow tables point at: the data plane
         counts their packets under that id, whether or not the backend still exists."""
         now = monotonic_ns() if now_ns is None else now_ns
         ids: set[int] = set()
-        for name in ("flows", "rnat", "flows6", "rnat6"):
+        for name, entry_type in (("flows", None), ("rnat", None), ("flows6", None), ("rnat6", None),
+                                 ("snat_flows", codec.SnatEntry), ("snat_rnat", codec.SnatEntry)):
             for _key, raw in self[name].items():  # noqa: PERF102 (a map handle, not a dict)
-                e = _nat_entry(raw)
+                e = _nat_entry(raw, entry_type)
                 state = FLOW_STATES[e.state] if e.state < len(FLOW_STATES) else "established"
                 if entry_alive(self.limits, state, e.last_seen_ns, now):
                     ids.add(e.backend_id)
-        for _key, raw in self["frags"].items():  # noqa: PERF102 (a map handle, not a dict)
-            f = codec.FragEntry.from_buffer_copy(raw)
-            if now - f.seen_ns <= self.limits.frag_timeout_s * 1_000_000_000 + _ALIVE_SLACK_NS:
-                ids.add(f.backend_id)
+        for name, entry_type in (("frags", codec.FragEntry), ("snat_frags", codec.SnatFragEntry)):
+            for _key, raw in self[name].items():  # noqa: PERF102 (a map handle, not a dict)
+                f = entry_type.from_buffer_copy(raw)
+                if now - f.seen_ns <= self.limits.frag_timeout_s * 1_000_000_000 + _ALIVE_SLACK_NS:  # type: ignore[attr-defined]
+                    ids.add(f.backend_id)  # type: ignore[attr-defined]
         return ids
 
     def live_flow_count(self, now_ns: int | None = None) -> int:
@@ -286,9 +311,9 @@ class LbMaps:
         its reverse entries cannot catch a later connection that reuses a tuple); returns how
         many flows it had."""
         removed = 0
-        for name, _ in _TRACKING:
+        for name, entry_type in _TRACKING:
             table = self[name]
-            keys = [key for key, raw in table.items() if _entry_vip_id(raw) == vip_id]
+            keys = [key for key, raw in table.items() if _entry_vip_id(raw, entry_type) == vip_id]
             deleted = table.delete_keys(keys)
             if name in _FLOW_TABLES:
                 removed += deleted

@@ -32,6 +32,7 @@ class Recorder:
         self.vip_entries: dict = {}
         self.backend_entries: dict = {}
         self.rings: dict = {}
+        self.snat_entries: dict = {}
 
     def put_vip(self, vip, vip_id, gen, count, flags=0):
         self.log.append(("put_vip", vip_id, gen))
@@ -59,6 +60,14 @@ class Recorder:
     def forget_flows(self, vip_id):
         self.log.append(("forget_flows", vip_id))
         return 0
+
+    def put_snat_cfg(self, vip_id, addrs, port_min, port_max):
+        self.log.append(("put_snat_cfg", vip_id))
+        self.snat_entries[vip_id] = (tuple(addrs), port_min, port_max)
+
+    def snat_cfg(self, vip_id):
+        from xdp.codec import SnatSettings
+        return SnatSettings(*self.snat_entries.get(vip_id, ((), 0, 0)))
 
     # read side, as LbMaps offers it
     def vips(self):
