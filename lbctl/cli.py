@@ -18,10 +18,14 @@ from lbctl.model import (
     BACKEND_STATES,
     FORWARDING_NAMES,
     PROTO_NAMES,
+    SNAT_PORTS_DEFAULT,
     XDP_MODES,
     HostPort,
     check_weight,
+    format_port_range,
     parse_host_port,
+    parse_port_range,
+    parse_snat_addrs,
 )
 from xdp.codec import format_endpoint
 from xdp.errors import XdpError
@@ -144,6 +148,34 @@ class HostPortType(click.ParamType):
             return value
         try:
             return parse_host_port(str(value), self.what)
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+
+
+class SnatAddrsType(click.ParamType):
+    """--snat ADDR[,ADDR]: full-NAT source addresses."""
+
+    name = "ADDR[,ADDR]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_snat_addrs(str(value))
+        except ConfigError as exc:
+            raise InputError(str(exc), ctx=ctx, param=param) from None
+
+
+class PortRangeType(click.ParamType):
+    """LOW-HIGH: full-NAT's source-port range."""
+
+    name = "LOW-HIGH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_port_range(str(value))
         except ConfigError as exc:
             raise InputError(str(exc), ctx=ctx, param=param) from None
 
@@ -436,7 +468,10 @@ def vip() -> None:
 
 @vip.command("add", epilog=examples("lbctl vip add 10.0.0.10:80", "lbctl vip add 10.0.0.10:53 --proto udp",
                                     "lbctl vip add 10.0.0.10:443 --affinity client",
-                                    "lbctl vip add 10.0.0.10:80 --forwarding dsr   # backends answer clients directly"))
+                                    "lbctl vip add 10.0.0.10:80 --forwarding dsr   # backends answer clients directly",
+                                    "lbctl vip add 10.0.0.10:80 --forwarding fullnat   # one-arm: source rewritten too",
+                                    "lbctl vip add 10.0.0.10:80 --forwarding fullnat --snat 10.0.1.2,10.0.1.3 "
+                                    "--snat-ports 20000-29999"))
 @click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
 @click.option("--forwarding", default=FORWARDING_NAMES[0], show_default=True, type=click.Choice(FORWARDING_NAMES),
@@ -446,12 +481,20 @@ def vip() -> None:
 @click.option("--affinity", default=AFFINITY_NAMES[0], show_default=True, type=click.Choice(AFFINITY_NAMES),
               help="what picks a new flow's backend: flow (the 5-tuple) or client (the source "
                    "address alone: one client stays on one backend)")
+@click.option("--snat", type=SnatAddrsType(), default=None,
+              help="fullnat: the source addresses backends see (default: the balancer's own "
+                   "address toward each backend, by the routing table)")
+@click.option("--snat-ports", type=PortRangeType(), default=None,
+              help=f"fullnat: the source-port range claimed per flow [default: "
+                   f"{format_port_range(SNAT_PORTS_DEFAULT)}, below Linux's ephemeral ports]")
 @click.option("--force", is_flag=True,
               help="allow a VIP on an address and port where a local service listens")
 @click.pass_obj
-def vip_add(obj: Context, vip_addr: HostPort, proto: str, forwarding: str, affinity: str, force: bool) -> None:
+def vip_add(obj: Context, vip_addr: HostPort, proto: str, forwarding: str, affinity: str,
+            snat: tuple[str, ...] | None, snat_ports: tuple[int, int] | None, force: bool) -> None:
     """Add a VIP (no backends yet: its packets are dropped until one is added)."""
-    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force, affinity, forwarding))
+    full_nat = {k: v for k, v in (("snat", snat), ("snat_ports", snat_ports)) if v is not None}
+    echo_plan(obj.controller.vip_add(vip_addr.on(proto), force, affinity, forwarding, **full_nat))
 
 
 @vip.command("del", epilog=examples("lbctl vip del 10.0.0.10:80"))

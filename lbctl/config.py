@@ -8,7 +8,7 @@ import re
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,11 +20,15 @@ from lbctl.maglev import MAX_WEIGHT
 from lbctl.model import (
     FORWARDING_NAMES,
     FORWARDING_NOT_YET,
+    SNAT_PORTS_DEFAULT,
     BackendSpec,
     Config,
     VipSpec,
     backend_problem,
+    format_port_range,
     parse_endpoint,
+    parse_port_range,
+    parse_snat_addrs,
 )
 from xdp.codec import Endpoint
 
@@ -281,6 +285,9 @@ class VipFile(_Strict):
     mode: str = "l4"
     forwarding: str = "nat"
     affinity: str = "flow"
+    # forwarding: fullnat only: source addresses (a list, or "a,b") and the source-port range.
+    snat: list[str] | str | None = None
+    snat_ports: str | int | None = None
     health: HealthFile | None = None
     l7: L7File | None = None
     backends: list[BackendFile] = []
@@ -630,6 +637,21 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
             backends[str(ep)] = BackendSpec(ep.addr, ep.port, b.weight, b.state)
         spec = VipSpec(vip, tuple(sorted(backends.values(), key=lambda b: (b.addr, b.port))), v.affinity,
                        v.forwarding)
+        if v.snat is not None or v.snat_ports is not None:
+            key = "snat" if v.snat is not None else "snat_ports"
+            if v.forwarding != "fullnat":
+                raise _fail(source, lines, ("vips", i, key), f"{key} is for forwarding: fullnat "
+                            f"(this VIP forwards by {v.forwarding})",
+                            "add forwarding: fullnat, or remove the key")
+            try:
+                if v.snat is not None:
+                    key = "snat"
+                    spec = replace(spec, snat=parse_snat_addrs(v.snat))
+                if v.snat_ports is not None:
+                    key = "snat_ports"
+                    spec = replace(spec, snat_ports=parse_port_range(str(v.snat_ports)))
+            except ConfigError as exc:
+                raise _fail(source, lines, ("vips", i, key), *_split(exc)) from None
         l7 = _l7(v.l7 or L7File(), spec, source, lines, ("vips", i, "l7")) if v.mode == "l7" else None
         if v.min_healthy > len(v.backends) and v.backends:
             raise _fail(source, lines, ("vips", i, "min_healthy"), f"min_healthy {v.min_healthy} is "
@@ -758,6 +780,10 @@ def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -
             item["forwarding"] = entry.spec.forwarding
         if entry.spec.affinity != "flow":
             item["affinity"] = entry.spec.affinity
+        if entry.spec.snat:
+            item["snat"] = list(entry.spec.snat)
+        if entry.spec.snat_ports != SNAT_PORTS_DEFAULT:
+            item["snat_ports"] = format_port_range(entry.spec.snat_ports)
         if entry.health is not None:
             h = entry.health
             block: dict[str, Any] = {"check": h.check}

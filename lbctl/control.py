@@ -20,6 +20,7 @@ from lbctl.model import (
     VipSpec,
     check_forwarding,
     check_vip,
+    format_port_range,
     with_backend,
     without_backend,
 )
@@ -56,6 +57,13 @@ def orphaned_instances() -> list[str]:
     except FileNotFoundError:
         return []
     return [n for n in names if n != "host" and not os.path.exists(os.path.join(NETNS_DIR, n))]
+
+
+def _snat_fields(spec: VipSpec) -> dict[str, object]:
+    """A full-NAT VIP's SNAT settings for listings (none: the FIB's source toward each backend)."""
+    if spec.forwarding != "fullnat":
+        return {}
+    return {"snat": list(spec.snat) or "fib", "snat_ports": format_port_range(spec.snat_ports)}
 
 
 class Controller:
@@ -161,6 +169,7 @@ class Controller:
                 out.append({"vip": str(vip), "addr": vip.addr, "port": vip.port, "proto": vip.proto,
                             "vip_id": lv.vip_id, "ring_generation": lv.ring_generation,
                             "affinity": lv.spec.affinity, "forwarding": lv.spec.forwarding,
+                            **_snat_fields(lv.spec),
                             "backends": len(lv.spec.backends),
                             "active_backends": sum(1 for b in lv.spec.backends if b.in_ring),
                             **maps.vip_counters(lv.vip_id)})
@@ -336,7 +345,7 @@ class Controller:
                 rings = planner.ring_fingerprints(live, self.limits.ring_size, self.maglev_seed)
                 out["vip_modes"] = [{"vip": str(v), "proto": v.proto, "forwarding": live[v].spec.forwarding,
                                      "affinity": live[v].spec.affinity,
-                                     "ring": rings.get(v)}
+                                     "ring": rings.get(v), **_snat_fields(live[v].spec)}
                                     for v in sorted(live)]
         from lbctl.agent import read_published
 
