@@ -1054,11 +1054,14 @@ def flows_list(obj: Context, limit: int, include_expired: bool, vip_addr: HostPo
         r["client_ep"] = format_endpoint(r['client'], r['client_port'])
         r["vip_ep"] = format_endpoint(r['vip'], r['vip_port'])
         r["backend_ep"] = format_endpoint(r['backend'], r['backend_port'])
+        # full-NAT: the source the backend sees; other modes keep the client's.
+        r["snat_ep"] = f"{r['snat']}:{r['snat_port']}" if r.get("snat") else "-"
         r["state_shown"] = f"{r['state']} (expired)" if r["expired"] else r["state"]
         r["age"] = f"{r['age_s']:.1f}s"
         r["idle"] = f"{r['idle_s']:.1f}s"
     print_table(rows, [("CLIENT", "client_ep"), ("VIP", "vip_ep"), ("PROTO", "proto"),
-                       ("BACKEND", "backend_ep"), ("FWD", "forwarding"), ("STATE", "state_shown"), ("AGE", "age"),
+                       ("BACKEND", "backend_ep"), ("FWD", "forwarding"), ("SNAT", "snat_ep"),
+                       ("STATE", "state_shown"), ("AGE", "age"),
                        ("IDLE", "idle")], "no live flows" if not include_expired else "no flows")
 
 
