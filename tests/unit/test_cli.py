@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 from typing import Any
+from unittest import mock
 from unittest.mock import create_autospec
 
 import click
@@ -68,11 +69,13 @@ def test_vip_add_refuses_an_unknown_forwarding_mode_before_the_balancer(fake):
     fake.vip_add.assert_not_called()
 
 
-@pytest.mark.parametrize("mode", sorted(FORWARDING_NOT_YET))
+@pytest.mark.parametrize("mode", ["fullnat", "dsr"])
 def test_vip_add_refuses_a_forwarding_mode_not_built_yet_in_one_line(mode):
-    # The real controller: the refusal is the library's, before root or maps are needed.
-    result = CliRunner().invoke(main, ["vip", "add", "10.0.0.10:80", "--forwarding", mode],
-                                obj=Context("host", Controller))
+    # Every mode is built now: the refusal (kept for the next mode) is tested with one marked
+    # unbuilt. The real controller: the refusal is the library's, before root or maps are needed.
+    with mock.patch.dict(FORWARDING_NOT_YET, {mode: "not built in this test"}):
+        result = CliRunner().invoke(main, ["vip", "add", "10.0.0.10:80", "--forwarding", mode],
+                                    obj=Context("host", Controller))
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output

@@ -3,12 +3,14 @@ export format loading back to the same state."""
 from __future__ import annotations
 
 import textwrap
+from unittest import mock
 
 import pytest
 
+from lbctl import config
 from lbctl.config import DesiredState, HealthSpec, dump, load_file, load_text
 from lbctl.errors import ConfigError
-from lbctl.model import FORWARDING_NAMES, FORWARDING_NOT_YET, BackendSpec
+from lbctl.model import FORWARDING_NAMES, BackendSpec
 from xdp.codec import Endpoint
 
 GOOD = """\
@@ -145,10 +147,14 @@ def test_missing_vip_key():
     assert msg.startswith("lb.yaml:2: vips[0].vip: required key missing; hint: add 'vip'")
 
 
-@pytest.mark.parametrize("key, value", [("forwarding", m) for m in sorted(FORWARDING_NOT_YET)])
+@pytest.mark.parametrize("key, value", [("forwarding", "fullnat"), ("forwarding", "dsr")])
 def test_planned_values_are_refused_as_not_supported_yet(key: str, value: str):
+    # Every forwarding mode is built now: the refusal (kept for the next value) is tested with
+    # one marked planned.
     base = {"mode": "l4", "forwarding": "nat", "affinity": "flow"}[key]
-    msg = refused(GOOD.replace(f"{key}: {base}", f"{key}: {value}"))
+    with mock.patch.dict(config.SUPPORTED_NOW, {key: (base,)}), \
+            mock.patch.dict(config.PLANNED, {key: (value,)}):
+        msg = refused(GOOD.replace(f"{key}: {base}", f"{key}: {value}"))
     assert f"vips[0].{key}: {key} '{value}' is not supported yet" in msg
 
 

@@ -304,8 +304,10 @@ def test_a_forwarding_change_rewrites_only_the_vip_entry_and_says_flows_keep_the
     assert change(maps, {VIP: replace(three(), forwarding="dsr")}).empty
 
 
-@pytest.mark.parametrize("forwarding", sorted(FORWARDING_NOT_YET))
-def test_the_planner_refuses_a_forwarding_mode_not_built_and_writes_nothing(forwarding):
+@pytest.mark.parametrize("forwarding", ["fullnat", "dsr"])
+def test_the_planner_refuses_a_forwarding_mode_not_built_and_writes_nothing(forwarding, monkeypatch):
+    # Every mode is built now: the refusal (kept for the next mode) is tested with one marked unbuilt.
+    monkeypatch.setitem(FORWARDING_NOT_YET, forwarding, "not built in this test")
     maps = Recorder()
     change(maps, {VIP: three()})
     maps.log.clear()
