@@ -499,24 +499,30 @@ def check_new_addresses(live: planner.LiveState, desired: Config) -> None:
 
 
 def sync_dsr_neighbours(live: planner.LiveState, desired: Config) -> list[str]:
-    """After a change: the backends of DSR VIPs get managed neighbour entries (lbctl/neigh.py:
+    """After a change: the backends of DSR VIPs (and the next hops of full-NAT VIPs' backends)
+    get managed neighbour entries (lbctl/neigh.py:
     the program finds their MACs by bpf_fib_lookup, and no traffic of the balancer's own would
     resolve them); entries lbctl made for backends that left go. One warning per backend that
     cannot be reached at L2. Nothing is done while no DSR VIP is, or was, configured."""
-    if not any(s.forwarding == "dsr" for s in desired.values()) and \
-            not any(lv.spec.forwarding == "dsr" for lv in live.values()):
+    needs = ("dsr", "fullnat")      # full-NAT: the backends' next hops (lbctl/neigh.py says why)
+    if not any(s.forwarding in needs for s in desired.values()) and \
+            not any(lv.spec.forwarding in needs for lv in live.values()):
         return []
     from lbctl.neigh import sync_dsr_neighbours as sync
 
     users: dict[str, list[str]] = {}
+    routed: dict[str, list[str]] = {}
     for vip, spec in sorted(desired.items()):
-        if spec.forwarding == "dsr":
+        if spec.forwarding in needs:
             for b in spec.backends:
-                users.setdefault(b.addr, []).append(str(vip))
-    problems = sync(users)
+                (users if spec.forwarding == "dsr" else routed).setdefault(b.addr, []).append(str(vip))
+    problems = sync(users, routed)
     return [f"DSR backend {addr} of VIP {', '.join(users[addr])} cannot be reached at L2: {why}; "
             f"its connections are dropped (drop_dsr_unreachable); hint: lbctl backend check "
-            f"{users[addr][0]} {addr}" for addr, why in sorted(problems.items())]
+            f"{users[addr][0]} {addr}" if addr in users else
+            f"full-NAT backend {addr} of VIP {', '.join(routed[addr])}: {why}; without a route its "
+            f"new connections are dropped (drop_snat_no_source); hint: check 'ip route get {addr}'"
+            for addr, why in sorted(problems.items())]
 
 
 def _need_vip(config: Config, vip: Endpoint, adding_backend: bool = False) -> VipSpec:

@@ -1,4 +1,4 @@
-"""Routes and neighbours of DSR backends: where the FIB sends a backend's address, what MAC the
+"""Routes and neighbours of DSR (and full-NAT) backends: where the FIB sends a backend's address, what MAC the
 neighbour table holds for it, and the "managed" entries that keep DSR backends resolved.
 
 A DSR balancer never sends a packet to a backend's own address (it forwards frames addressed
@@ -75,13 +75,18 @@ def neighbour(addr: str, ifindex: int) -> Neighbour | None:
     return None
 
 
-def sync_dsr_neighbours(addrs: Iterable[str]) -> dict[str, str]:
+def sync_dsr_neighbours(addrs: Iterable[str], routed: Iterable[str] = ()) -> dict[str, str]:
     """Makes every address in `addrs` a managed neighbour on the link the FIB reaches it by,
     and removes the managed entries lbctl made earlier for addresses no longer in `addrs`.
     An entry someone else made (a static one, say) is left alone. Returns, per address that
     cannot be sent to at L2, why (one line each): the caller warns, it does not refuse, since
-    a route may well come later (`lbctl backend check` says the same, with fixes)."""
-    wanted = sorted(set(addrs))
+    a route may well come later (`lbctl backend check` says the same, with fixes).
+
+    `routed` are full-NAT backends: the balancer sends them packets from its own address, which
+    the kernel will not forward for it (a martian source), so nothing resolves their next hop
+    either. Theirs (the gateway of the route, or the backend on a link) gets the entry."""
+    routed_only = set(routed) - set(addrs)
+    wanted = sorted(set(addrs) | routed_only)
     problems: dict[str, str] = {}
     with IPRoute() as ipr:
         keep: set[tuple[str, int]] = set()
@@ -90,16 +95,19 @@ def sync_dsr_neighbours(addrs: Iterable[str]) -> dict[str, str]:
             if route is None:
                 problems[addr] = "no route to it here"
                 continue
+            hop = addr
             if route.gateway is not None:
-                problems[addr] = (f"the route to it goes via {route.gateway} on {route.ifname}: a DSR "
-                                  "backend must be on a link of the balancer (same L2 segment)")
-                continue
-            keep.add((addr, route.ifindex))
-            existing = neighbour(addr, route.ifindex)
+                if addr not in routed_only:
+                    problems[addr] = (f"the route to it goes via {route.gateway} on {route.ifname}: a "
+                                      "DSR backend must be on a link of the balancer (same L2 segment)")
+                    continue
+                hop = route.gateway
+            keep.add((hop, route.ifindex))
+            existing = neighbour(hop, route.ifindex)
             if existing is not None and (existing.managed or existing.state in ("permanent", "noarp")):
                 continue
             try:
-                ipr.neigh("replace", dst=addr, ifindex=route.ifindex, state=0,
+                ipr.neigh("replace", dst=hop, ifindex=route.ifindex, state=0,
                           NDA_FLAGS_EXT=NTF_EXT_MANAGED, NDA_PROTOCOL=LBCTL_NEIGH_PROTOCOL)
             except NetlinkError as exc:
                 problems[addr] = f"cannot add a managed neighbour entry on {route.ifname}: {exc.args[-1]}"
