@@ -531,21 +531,26 @@ def _solicit(addr: str) -> None:
 
 def _replies(live: dict, flows: list, syn_stuck_s: float) -> list[Check]:
     """Two-arm NAT needs the backend's reply to come back through the balancer; a flow whose
-    SYN went out but whose client never completed the handshake stays in 'syn'. A DSR VIP's
+    SYN went out but whose client never completed the handshake stays in 'syn'. Full-NAT needs
+    the reply to reach the SNAT address (plain routing), so its hint differs. A DSR VIP's
     replies never come here by design: its check is whether clients complete handshakes."""
     now_ns = time.monotonic_ns()   # bpf_ktime_get_ns is CLOCK_MONOTONIC too
-    stuck: Counter[tuple[str, int]] = Counter()
-    answered: Counter[tuple[str, int]] = Counter()
+    # By VIP and backend: a backend several VIPs share may answer one mode and not another.
+    stuck_by_vip: Counter[tuple[str, int, str, str, int]] = Counter()
+    answered_by_vip: Counter[tuple[str, int, str, str, int]] = Counter()
     for f in flows:
-        key = (f.backend, f.backend_port)
+        key = (f.vip, f.vip_port, f.proto, f.backend, f.backend_port)
         if f.state == "syn" and now_ns - f.created_ns > syn_stuck_s * 1e9:
-            stuck[key] += 1
+            stuck_by_vip[key] += 1
         elif f.state in ("established", "closing"):
-            answered[key] += 1
+            answered_by_vip[key] += 1
     out = []
     for vip, lv in sorted(live.items()):
         if vip.proto != "tcp":
             continue
+        mine = (vip.addr, vip.port, vip.proto)
+        stuck = Counter({k[3:]: n for k, n in stuck_by_vip.items() if k[:3] == mine})
+        answered = Counter({k[3:]: n for k, n in answered_by_vip.items() if k[:3] == mine})
         if lv.spec.forwarding == "dsr":
             out += _dsr_handshakes(vip, lv, stuck, answered)
             continue
@@ -555,12 +560,27 @@ def _replies(live: dict, flows: list, syn_stuck_s: float) -> list[Check]:
                 routes = _ip_json(["route", "get", b.addr])
                 lb_addr = routes[0].get("prefsrc", "<balancer's address>") if routes else \
                     "<balancer's address>"
+                if lv.spec.forwarding == "fullnat":
+                    # Replies go to the SNAT address by plain routing: no route change is asked
+                    # of the backend, only that it reaches that address.
+                    snat = ", ".join(lv.spec.snat) or lb_addr
+                    out.append(Check("replies", b.name, False,
+                                     f"{stuck[key]} full-NAT flows in SYN for over {syn_stuck_s:g} s, "
+                                     f"none answered: the backend's replies to {snat} do not reach "
+                                     "the balancer (or the host is gone)",
+                                     f"on {b.addr}: 'ip route get {snat.split(',')[0]}' must lead to "
+                                     f"the balancer and nothing may filter it; or lbctl backend set "
+                                     f"{vip} {b.name} --state down if it is gone"))
+                    continue
                 out.append(Check("replies", b.name, False,
                                  f"{stuck[key]} flows in SYN for over {syn_stuck_s:g} s, none "
                                  "answered: the backend's replies do not come back through the "
                                  "balancer (or the host is gone)",
-                                 f"on {b.addr}: ip route replace default via {lb_addr}; or "
-                                 f"lbctl backend set {vip} {b.name} --state down if it is gone"))
+                                 f"on {b.addr}: ip route replace default via {lb_addr}; or, when "
+                                 "the backends cannot route through the balancer, full-NAT: "
+                                 f"lbctl vip add {vip} --forwarding fullnat (one-arm, replies come "
+                                 f"back by plain routing); or lbctl backend set {vip} {b.name} "
+                                 "--state down if it is gone"))
             else:
                 out.append(Check("replies", b.name, True, f"{answered[key]} answered flows, "
                                  f"{stuck[key]} stuck in SYN"))
