@@ -884,6 +884,10 @@ def _explained(ans: dict) -> str:
         return (f"no usable backend (ring slot {ans['slot']} of generation {ans['ring_generation']} "
                 "is empty): dropped")
     how = _HOW_SENT.get(ans.get("forwarding") or "nat", "")
+    if "snat" in ans:
+        # full-NAT: a tracked flow's source as held; a new one's address(es) and port range.
+        how += (f", from {ans['snat']}" if "snat_ports" not in ans else
+                f", from {ans['snat']} port {ans['snat_ports']} (claimed by the SYN)")
     if ans["verdict"] == "flow_hit":
         return (f"backend {ans['backend']} (id {ans['backend_id']}) by flow-table hit "
                 f"({ans['flow_state']}, tracked for {ans['flow_age_ms'] / 1000:.1f} s){how}")

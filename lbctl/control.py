@@ -415,9 +415,37 @@ class Controller:
             then = explain(fd, client, vip, new_connection=False) if vip.proto == "tcp" else first
         finally:
             self.balancer.close()
-        return {"client": str(client), "vip": str(vip), "proto": vip.proto, "attached_to": attached,
-                **_explained(first),
-                "tracked_flow": _explained(then) if then.verdict == "flow_hit" else None}
+        out = {"client": str(client), "vip": str(vip), "proto": vip.proto, "attached_to": attached,
+               **_explained(first),
+               "tracked_flow": _explained(then) if then.verdict == "flow_hit" else None}
+        if out.get("forwarding") == "fullnat" or (out["tracked_flow"] or {}).get("forwarding") == "fullnat":
+            self._explain_snat(client, vip, out)
+        return out
+
+    def _explain_snat(self, client: Endpoint, vip: Endpoint, out: dict) -> None:
+        """The source a full-NAT flow gets: for a new connection the VIP's SNAT addresses (or
+        the FIB's source toward the backend) and port range, since the port is only claimed by
+        a real packet; for a tracked flow the address and port it holds."""
+        from xdp import codec
+
+        with self.balancer.maps() as maps:
+            live = planner.read_live(maps).get(vip)
+            raw = maps["snat_flows"].lookup(codec.encode_flow_key(client.addr, client.port, vip.addr,
+                                                                  vip.port, vip.proto))
+        if out.get("forwarding") == "fullnat" and out.get("backend") and live is not None:
+            if live.spec.snat:
+                source = ",".join(live.spec.snat)
+            else:
+                from lbctl.neigh import route_to
+
+                route = route_to(out["backend"].rsplit(":", 1)[0])
+                source = route.prefsrc if route is not None and route.prefsrc else "none (no route)"
+            out.update(snat=source, snat_ports=format_port_range(live.spec.snat_ports))
+        tracked = out["tracked_flow"]
+        if tracked is not None and tracked.get("forwarding") == "fullnat" and raw is not None:
+            rec = codec.decode_snat_flow(codec.encode_flow_key(client.addr, client.port, vip.addr,
+                                                               vip.port, vip.proto), raw)
+            tracked["snat"] = f"{rec.snat}:{rec.snat_port}"
 
     def flows_flush(self) -> int:
         require_root()

@@ -283,3 +283,27 @@ def test_doctor_suggests_full_nat_for_the_nat_vip_and_passes_the_full_nat_one(on
     fullnat_only = json.loads(one_arm.lbctl("doctor", f"{FULLNAT_VIP}:{HTTP_PORT}", "--json",
                                             check=False).stdout)
     assert [c for c in fullnat_only["checks"] if c["name"] == "replies" and not c["ok"]] == []
+
+
+def test_explain_names_the_snat_source_of_a_new_and_of_a_tracked_flow(one_arm: OneArm) -> None:
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", one_arm.ns("cl"), sys.executable, "-I", "-S", "-c",
+         ("import socket,sys\n"
+         f"s=socket.create_connection(('{FULLNAT_VIP}',{HTTP_PORT}),timeout=5)\n"
+         "print(s.getsockname()[1], flush=True)\nsys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        port = int(client.stdout.readline())
+        ans = json.loads(one_arm.lbctl("explain", f"{CLIENT}:{port}", f"{FULLNAT_VIP}:{HTTP_PORT}",
+                                       "--json").stdout)
+        assert (ans["forwarding"], ans["snat"], ans["snat_ports"]) == ("fullnat", LB_BACKEND_SIDE,
+                                                                       "1024-32767")
+        tracked = ans["tracked_flow"]
+        flows = json.loads(one_arm.lbctl("flows", "list", "--client", f"{CLIENT}:{port}",
+                                         "--json").stdout)
+        assert tracked["snat"] == f"{flows[0]['snat']}:{flows[0]['snat_port']}"
+        text = one_arm.lbctl("explain", f"{CLIENT}:{port}", f"{FULLNAT_VIP}:{HTTP_PORT}").stdout
+        assert f"from {tracked['snat']}" in text and "full-NAT" in text
+    finally:
+        client.communicate("\n", timeout=10)
