@@ -174,6 +174,8 @@ def _maps(probe: _Probe) -> tuple[Check, dict | None, list, dict[str, tuple[int,
             live = planner.read_live(maps)
             flows = list(maps.flows())
             frags = sum(1 for _ in maps["frags"].items())
+            # full-NAT's reverse table holds every claimed port, live or waiting to be reused.
+            snat_ports = sum(1 for _ in maps["snat_rnat"].items())
             rings = {v: maps.ring(lv.vip_id, lv.ring_generation) for v, lv in live.items()}
             stale_tracer = TraceSwitch(maps["trace_ctl"]).clear_stale()
     except (NotAttachedError, IncompatibleMapsError) as exc:
@@ -182,8 +184,11 @@ def _maps(probe: _Probe) -> tuple[Check, dict | None, list, dict[str, tuple[int,
         return Check("maps", "-", False, evidence, hint or "lbctl attach IFACE..."), None, [], {}
     probe.rings = rings  # type: ignore[attr-defined]
     probe.stale_tracer = stale_tracer  # type: ignore[attr-defined]
-    fill = {"flows": (len(flows), probe.limits.flow_table_size),
-            "frags": (frags, probe.limits.frag_table_size)}
+    fullnat = sum(1 for f in flows if f.forwarding == "fullnat")
+    fill = {"flows": (len(flows) - fullnat, probe.limits.flow_table_size),
+            "frags": (frags, probe.limits.frag_table_size),
+            "snat_flows": (fullnat, probe.limits.snat_table_size),
+            "snat_rnat": (snat_ports, 2 * probe.limits.snat_table_size)}
     return (Check("maps", "-", True, f"{probe.balancer.pin_dir}: every map has this build's layout"),
             live, flows, fill)
 
@@ -420,6 +425,11 @@ def _trace_flag(probe: _Probe) -> Check:
 
 
 # -- tables, VIPs and backends -----------------------------------------------------------------
+# The Limits field that sizes each table the fill check looks at.
+_SIZE_OF = {"flows": "flow_table_size", "frags": "frag_table_size",
+            "snat_flows": "snat_table_size", "snat_rnat": "snat_table_size"}
+
+
 def _tables(fill: dict[str, tuple[int, int]], limits: Limits) -> list[Check]:
     out = []
     for name, (used, size) in fill.items():
@@ -427,7 +437,8 @@ def _tables(fill: dict[str, tuple[int, int]], limits: Limits) -> list[Check]:
         if used >= FILL_WARN * size:
             out.append(Check("table_fill", name, False, f"{seen}: new {name} evict live ones "
                              "(LRU; the kernel does not count evictions)",
-                             f"raise {name}_table_size in xdp/limits.py and 'lbctl reload', or "
+                             f"raise {_SIZE_OF.get(name, name + '_table_size')} in xdp/limits.py "
+                             "and 'lbctl reload', or "
                              "'lbctl flows flush' once the burst is over"))
         else:
             out.append(Check("table_fill", name, True, seen))
