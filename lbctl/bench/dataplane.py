@@ -53,9 +53,10 @@ FORWARD_BATCH = 250
 START_TTL = 255
 # The new-flow path needs a fresh 5-tuple per repetition: one per chained VIP, so a call
 # repeats at most as often as there are VIPs. Two VIP ids are kept for the IPv6 cycle,
-# one for the DSR VIP.
+# one for the DSR VIP and FULLNAT_CHAIN for the full-NAT chain.
 V6_CYCLE = 2
-CHAIN_LENGTH = DEFAULT_LIMITS.max_vips - V6_CYCLE - 1
+FULLNAT_CHAIN = 8
+CHAIN_LENGTH = DEFAULT_LIMITS.max_vips - V6_CYCLE - 1 - FULLNAT_CHAIN
 # New flows per path (all rounds): each round's share goes into emptied tables and stays far
 # below their size, so no insert has to evict (that is another cost, not measured here).
 NEW_FLOW_BUDGET = min(200_000, DEFAULT_LIMITS.flow_table_size * 3 // 4)
@@ -83,6 +84,14 @@ NEW_FLOW_FIRST_PORT = 1024
 # --forwarding dsr: its backend is a chain address (a permanent neighbour on the chain arm).
 # DSR changes only the MACs, so a repetition's output is the same flow's packet again: no chain.
 DSR_VIP = Endpoint("10.20.9.1", VIP_PORT, "tcp")
+# --forwarding fullnat: a chain of its own on the chain addresses' port 81. VIP j's backend is
+# VIP j+1 (mod FULLNAT_CHAIN) and its one source port FULLNAT_PORT + j, from FULLNAT_SNAT (a
+# neighbour on the chain arm, not the balancer's own address: replies to it are forwarded). A
+# flow's output, SNAT:port j -> VIP j+1, is flow j+1's packet; its reply's output, VIP j ->
+# SNAT:port j-1, is flow j-1's reply: both chains close on themselves.
+FULLNAT_VIP_PORT = 81
+FULLNAT_PORT = 20000
+FULLNAT_SNAT, FULLNAT_SNAT_MAC = "10.20.0.9", "02:00:0a:14:00:09"
 TCP_ACK, TCP_SYN = frames.TCP_ACK, frames.TCP_SYN
 
 
@@ -140,7 +149,8 @@ def _build_netns(box: Sandbox) -> None:
     ports = (Port(CLIENT_ARM, CLIENT_ARM_MAC, CLIENT_ARM_CIDR, {CLIENT: CLIENT_MAC, CLIENT6: CLIENT_MAC},
                   cidr6=CLIENT_ARM_CIDR6),
              Port(CHAIN_ARM, CHAIN_ARM_MAC, CHAIN_ARM_CIDR,
-                  {**{chain_addr(i): chain_mac(i) for i in range(CHAIN_LENGTH)},
+                  {FULLNAT_SNAT: FULLNAT_SNAT_MAC,
+                   **{chain_addr(i): chain_mac(i) for i in range(CHAIN_LENGTH)},
                    **{chain_addr6(i): chain_mac6(i) for i in range(V6_CYCLE)}},
                   cidr6=CHAIN_ARM_CIDR6))
     box.ifindex.update(create_routed_netns(box.netns, ports).ifindex)
@@ -180,6 +190,11 @@ def _chain_config() -> dict[Endpoint, VipSpec]:
         vip = Endpoint(chain_addr6(i), VIP_PORT, "tcp")
         config[vip] = VipSpec(vip, (BackendSpec(chain_addr6(i + 1), VIP_PORT),))
     config[DSR_VIP] = VipSpec(DSR_VIP, (BackendSpec(chain_addr(0), VIP_PORT),), forwarding="dsr")
+    for j in range(FULLNAT_CHAIN):
+        vip = Endpoint(chain_addr(j), FULLNAT_VIP_PORT, "tcp")
+        config[vip] = VipSpec(vip, (BackendSpec(chain_addr((j + 1) % FULLNAT_CHAIN), FULLNAT_VIP_PORT),),
+                              forwarding="fullnat", snat=(FULLNAT_SNAT,),
+                              snat_ports=(FULLNAT_PORT + j, FULLNAT_PORT + j))
     return config
 
 
@@ -268,6 +283,11 @@ def _paths() -> list[Path]:
     reply6 = tcp_frame(chain_mac6(1), CHAIN_ARM_MAC, chain_addr6(1), CLIENT6, VIP_PORT,
                        HIT_CLIENT_PORT, TCP_ACK)
     dsr = tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, CLIENT, DSR_VIP.addr, HIT_CLIENT_PORT, VIP_PORT, TCP_ACK)
+    # Flow 0 of the full-NAT chain: its client is where the last flow's output comes from.
+    fullnat_hit = tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, FULLNAT_SNAT, chain_addr(0),
+                            FULLNAT_PORT + FULLNAT_CHAIN - 1, FULLNAT_VIP_PORT, TCP_ACK)
+    fullnat_reply = tcp_frame(chain_mac(1), CHAIN_ARM_MAC, chain_addr(1), FULLNAT_SNAT,
+                              FULLNAT_VIP_PORT, FULLNAT_PORT, TCP_ACK)
     return [
         Path("baseline", "baseline (MAC swap)", True, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: non_vip, "", False),
@@ -287,6 +307,10 @@ def _paths() -> list[Path]:
              lambda _n: reply, "redirect", False),
         Path("dsr_hit", "DSR flow hit (MACs only)", False, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: dsr, "redirect", False),
+        Path("fullnat_hit", "full-NAT flow hit", False, CLIENT_ARM, FORWARD_BATCH,
+             lambda _n: fullnat_hit, "redirect", False),
+        Path("fullnat_reply", "full-NAT reply", False, CHAIN_ARM, FORWARD_BATCH,
+             lambda _n: fullnat_reply, "tx", False),
         Path("new_flow", "VIP new flow", False, CLIENT_ARM, CHAIN_LENGTH,
              lambda n: tcp_frame(CLIENT_MAC, CLIENT_ARM_MAC, CLIENT, chain_addr(0),
                                  NEW_FLOW_FIRST_PORT + n, VIP_PORT, TCP_SYN), "redirect", True),
@@ -415,11 +439,13 @@ def _check(path: Path, runs: int, before: tuple[dict[str, int], int],
 
 
 def _warm(box: Sandbox) -> None:
-    """Creates the chained flows the hit and reply paths find, and the DSR flow (established:
-    the frames are ACKs)."""
+    """Creates the chained flows the hit and reply paths find, the DSR flow and the full-NAT
+    chain (established: the frames are ACKs; each full-NAT repetition a new flow claiming its
+    VIP's one port, until the chain closes)."""
     paths = {p.key: p for p in _paths()}
     with inside(box.netns):
-        for key, length in (("flow_hit", CHAIN_LENGTH), ("flow_hit6", V6_CYCLE), ("dsr_hit", 1)):
+        for key, length in (("flow_hit", CHAIN_LENGTH), ("flow_hit6", V6_CYCLE), ("dsr_hit", 1),
+                            ("fullnat_hit", FULLNAT_CHAIN)):
             libbpf.prog_test_run(box.program.fd, paths[key].frame(0), repeat=length,  # type: ignore[union-attr]
                                  ingress_ifindex=box.ifindex[CLIENT_ARM])
 
@@ -445,7 +471,10 @@ METHOD = (
     "repetitions per call from a fresh client port, each a flow-table miss, a Maglev pick and two "
     "LRU inserts. IPv6 flow hit and reply: the same on a cycle of two IPv6 VIPs. DSR flow hit: an "
     "established flow of a --forwarding dsr VIP, whose output (new MACs only) is the same flow's "
-    "packet again. Counters are checked after every path: each repetition took its branch. "
+    "packet again. Full-NAT flow hit and reply: a chain of "
+    f"{FULLNAT_CHAIN} --forwarding fullnat VIPs, each with one source port, whose outputs are "
+    "again the chain's flows and replies. Counters are checked after every path: each "
+    "repetition took its branch. "
     "Trace cost: the flow hit of a build without the trace hooks (-DLB_WITHOUT_TRACE, same maps) "
     "against the usual build with tracing off, then on (a filter every packet matches; with and "
     "without the frames capture copies) while a thread reads the ring buffer as `lbctl trace` "
