@@ -11,6 +11,7 @@
 #include "lb_consts.h"
 #include "lb_structs.h"
 #include "lb_maps.h"
+#include "lb_snat.h"
 
 /* Bytes of each frame an event carries, before and after the rewrite: Ethernet, IPv4 with
  * options and a TCP header with options fit, and the start of the payload. A power of two. */
@@ -264,7 +265,20 @@ static __always_inline void lb_trace_end(struct xdp_md *ctx, struct lb_trace_ctl
             ev->kind = LB_TRACE_REVERSE_NAT;
             reply = 1;
         } else {
-            ev->kind = LB_TRACE_OTHER;
+            /* full-NAT's own tables (lb_snat.h): a client's packet, or a backend's reply. */
+            struct snat_entry *se = snat_flows.lookup(&key);
+            if (se && ev->out.dst != ev->in.dst) {
+                __u32 vip_id = s->vip_id;
+                struct lb_counters *c = stats_vip.lookup(&vip_id);
+                ev->backend_id = se->nat.backend_id;
+                ev->kind = c && c->new_flows != s->vip_new_flows ? LB_TRACE_NEW_FLOW : LB_TRACE_FLOW_HIT;
+            } else if ((se = snat_rnat.lookup(&key))) {
+                ev->backend_id = se->nat.backend_id;
+                ev->kind = LB_TRACE_REVERSE_NAT;
+                reply = 1;
+            } else {
+                ev->kind = LB_TRACE_OTHER;
+            }
         }
     }
     if (!lb_trace_match(tc, ev, reply))

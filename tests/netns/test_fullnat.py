@@ -307,3 +307,42 @@ def test_explain_names_the_snat_source_of_a_new_and_of_a_tracked_flow(one_arm: O
         assert f"from {tracked['snat']}" in text and "full-NAT" in text
     finally:
         client.communicate("\n", timeout=10)
+
+
+def test_trace_shows_a_full_nat_connection_both_ways(one_arm: OneArm) -> None:
+    from xdp.maps import LbMaps, pin_dir_for
+    from xdp.tracing import TraceSwitch
+
+    vip = f"{FULLNAT_VIP}:{HTTP_PORT}"
+    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "-n", one_arm.ns("lb"), "trace", "--vip",
+                             vip, "--count", "4", "--json"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with LbMaps(pin_dir_for(one_arm.ns("lb"))) as maps:
+                if int(TraceSwitch(maps["trace_ctl"]).read().enabled) == proc.pid:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        one_arm.run("cl", sys.executable, "-I", "-S", "-c",
+                    "import socket\n"
+                    f"s = socket.create_connection(('{FULLNAT_VIP}', {HTTP_PORT}), timeout=5)\n"
+                    "s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); s.recv(1000)\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    client = events[0]["in"].split(" ->")[0]
+    backend = events[0]["backend"]
+    snat = events[0]["out"].split(" ->")[0]
+    assert snat.startswith(f"{LB_BACKEND_SIDE}:") and client.startswith(f"{CLIENT}:")
+    # SYN, SYN-ACK, the handshake's ACK, the request: one interface, both ways rewritten.
+    assert [(e["iface"], e["outcome"]) for e in events] == [
+        ("eth0", "new flow"), ("eth0", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
+    assert [(e["in"], e["out"]) for e in events] == [
+        (f"{client} -> {vip} tcp", f"{snat} -> {backend} tcp"),
+        (f"{backend} -> {snat} tcp", f"{vip} -> {client} tcp"),
+        (f"{client} -> {vip} tcp", f"{snat} -> {backend} tcp"),
+        (f"{client} -> {vip} tcp", f"{snat} -> {backend} tcp")]
