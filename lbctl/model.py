@@ -165,6 +165,10 @@ def check_vip(spec: VipSpec) -> VipSpec:
         # lb_forward_l2 asks the FIB with an IPv4 backend address only.
         raise ConfigError(f"VIP {spec.vip}: L2 DSR for IPv6 is not built yet; hint: use --forwarding nat "
                           "for an IPv6 VIP")
+    if spec.forwarding == "fullnat" and ":" in spec.vip.addr:
+        # lb_snat.h claims ports in IPv4 tables only (the IPv6 path is lb_xdp6.h's NAT66).
+        raise ConfigError(f"VIP {spec.vip}: full-NAT for IPv6 is not built yet; hint: use --forwarding nat "
+                          "for an IPv6 VIP")
     for b in spec.backends:
         problem = backend_problem(spec.vip, spec.forwarding, b.addr, b.port)
         if problem is not None:

@@ -62,6 +62,11 @@ def test_the_default_range_stays_below_linuxs_ephemeral_ports() -> None:
     assert SNAT_PORTS_DEFAULT[1] < 32768      # net.ipv4.ip_local_port_range starts there
 
 
+def test_full_nat_on_an_ipv6_vip_is_refused_until_built() -> None:
+    with pytest.raises(ConfigError, match="full-NAT for IPv6 is not built yet; hint: use --forwarding nat"):
+        check_vip(VipSpec(Endpoint("2001:db8::10", 80, "tcp"), forwarding="fullnat"))
+
+
 def test_snat_settings_on_a_nat_vip_are_refused() -> None:
     with pytest.raises(ConfigError, match="for full-NAT only"):
         check_vip(VipSpec(VIP, snat=("10.0.1.2",)))
