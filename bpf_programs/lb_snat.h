@@ -63,6 +63,14 @@ BPF_TABLE_PINNED("lru_hash", struct flow_key, struct snat_entry, snat_rnat, 2 * 
 BPF_TABLE_PINNED("lru_hash", struct frag_key, struct snat_frag_entry, snat_frags, LB_FRAG_TABLE_SIZE,
                  LB_PIN_DIR "snat_frags");
 
+/* A new flow's two entries, per CPU: on the stack they would take 128 of the program's 512
+ * bytes, on top of the IPv6 path's and the FIB lookup's frames. */
+struct lb_snat_scratch {
+    struct snat_entry fwd;
+    struct snat_entry back;
+};
+BPF_PERCPU_ARRAY(snat_scratch, struct lb_snat_scratch, 1);
+
 /* The key the other direction's packets carry (see struct snat_entry). */
 static __always_inline void lb_snat_other_key(struct flow_key *other, const struct snat_entry *e,
                                               __u8 proto, enum lb_dir dir)
@@ -212,9 +220,12 @@ static __always_inline int lb_snat_refresh(struct snat_entry *e, struct flow_key
         other->nat.state = next;
         other->nat.last_seen_ns = now;
     } else if (dir == LB_DIR_ORIGINAL) {
-        struct snat_entry again;
-        lb_snat_other_entry(&again, e, key, dir);
-        snat_rnat.insert(&other_key, &again);
+        __u32 zero = 0;
+        struct lb_snat_scratch *sc = snat_scratch.lookup(&zero);
+        if (sc) {
+            lb_snat_other_entry(&sc->back, e, key, dir);
+            snat_rnat.insert(&other_key, &sc->back);
+        }
     }
     return 1;
 }
@@ -250,16 +261,23 @@ static __always_inline int lb_snat_new_flow(struct xdp_md *ctx, struct lb_packet
     if (!source)
         return lb_snat_drop(vip_id, LB_DROP_SNAT_NO_SOURCE, bytes);
 
-    struct snat_entry fwd = {};
-    fwd.nat.addr = be->addr;
-    fwd.nat.port = be->port;
-    fwd.nat.backend_id = id;
-    fwd.nat.vip_id = vip_id;
-    fwd.nat.created_ns = now;
-    fwd.nat.last_seen_ns = now;
-    fwd.nat.state = lb_initial_state(pkt->tcp_flags, pkt->key.proto);
-    fwd.nat.forwarding = LB_FWD_FULLNAT;
-    fwd.peer_addr = source;
+    __u32 zero = 0;
+    struct lb_snat_scratch *sc = snat_scratch.lookup(&zero);
+    if (!sc)
+        return lb_snat_drop(vip_id, LB_DROP_SNAT_NO_PORT, bytes);
+    struct snat_entry *fwd = &sc->fwd;
+    __builtin_memset(fwd, 0, sizeof(*fwd));
+    fwd->nat.addr = be->addr;
+    fwd->nat.port = be->port;
+    fwd->nat.backend_id = id;
+    fwd->nat.vip_id = vip_id;
+    fwd->nat.created_ns = now;
+    fwd->nat.last_seen_ns = now;
+    fwd->nat.state = lb_initial_state(pkt->tcp_flags, pkt->key.proto);
+    fwd->nat.forwarding = LB_FWD_FULLNAT;
+    fwd->peer_addr = source;
+    /* The reply entry does not depend on the port: only its key does. */
+    lb_snat_other_entry(&sc->back, fwd, &pkt->key, LB_DIR_ORIGINAL);
 
     /* Linear probing from a random start: a range no larger than the tries is covered whole,
      * and CPUs claiming at once start apart. First a free port (a create-only insert), then,
@@ -269,31 +287,28 @@ static __always_inline int lb_snat_new_flow(struct xdp_md *ctx, struct lb_packet
     __u32 start = bpf_get_prandom_u32() % range;
     __u16 port_min = cfg->port_min;
     struct flow_key rkey = {};
-    struct snat_entry back;
     int claimed = 0;
     /* One bound, a constant: with a second (`i < range`) clang merges both into one the
      * verifier cannot bound. A range smaller than the tries is walked more than once. */
     for (__u32 i = 0; i < LB_SNAT_PORT_TRIES; i++) {
-        fwd.peer_port = bpf_htons((__u16)(port_min + (start + i) % range));
-        lb_snat_other_key(&rkey, &fwd, pkt->key.proto, LB_DIR_ORIGINAL);
-        lb_snat_other_entry(&back, &fwd, &pkt->key, LB_DIR_ORIGINAL);
-        if (snat_rnat.insert(&rkey, &back) == 0) {
+        fwd->peer_port = bpf_htons((__u16)(port_min + (start + i) % range));
+        lb_snat_other_key(&rkey, fwd, pkt->key.proto, LB_DIR_ORIGINAL);
+        if (snat_rnat.insert(&rkey, &sc->back) == 0) {
             claimed = 1;
             break;
         }
     }
     for (__u32 i = 0; i < LB_SNAT_TAKEOVER_TRIES && !claimed; i++) {
-        fwd.peer_port = bpf_htons((__u16)(port_min + (start + i) % range));
-        lb_snat_other_key(&rkey, &fwd, pkt->key.proto, LB_DIR_ORIGINAL);
-        lb_snat_other_entry(&back, &fwd, &pkt->key, LB_DIR_ORIGINAL);
-        claimed = lb_snat_take_over(&rkey, &back, now);
+        fwd->peer_port = bpf_htons((__u16)(port_min + (start + i) % range));
+        lb_snat_other_key(&rkey, fwd, pkt->key.proto, LB_DIR_ORIGINAL);
+        claimed = lb_snat_take_over(&rkey, &sc->back, now);
     }
     if (!claimed)
         return lb_snat_drop(vip_id, LB_DROP_SNAT_NO_PORT, bytes);
-    snat_flows.update(&pkt->key, &fwd);
+    snat_flows.update(&pkt->key, fwd);
 
     lb_count_flow(vip_id, id, bytes, 1);
-    lb_snat_rewrite(pkt, &fwd, LB_DIR_ORIGINAL);
+    lb_snat_rewrite(pkt, fwd, LB_DIR_ORIGINAL);
     if (pkt->more_fragments)
         lb_snat_record_fragment(pkt, vip_id, id, now);
     return lb_forward(ctx, pkt, bytes, NULL, 0);
