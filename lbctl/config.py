@@ -251,6 +251,17 @@ class L7TlsFile(_Strict):
     key: str
 
 
+class L7Http2File(_Strict):
+    """HTTP/2 from clients: each stream is one request, balanced and forwarded as HTTP/1.1."""
+
+    tls: bool = True                   # offer h2 by ALPN on a TLS VIP (http/1.1 stays offered)
+    cleartext: bool = True             # accept h2c with prior knowledge on a plain VIP
+    max_concurrent_streams: int = Field(128, ge=1, le=10_000)
+    # What one stream's upload may have in flight before the proxy has passed it upstream: the
+    # memory an upload holds, and (with the round trip) its speed.
+    stream_window_bytes: int = Field(256 * 1024, ge=65_535, le=2**31 - 1)
+
+
 class L7File(_Strict):
     workers: int = Field(0, ge=0, le=256)        # 0: one per core
     balancing: Literal["round_robin", "least_outstanding", "hash"] = "round_robin"
@@ -262,6 +273,7 @@ class L7File(_Strict):
     routes: list[L7RouteFile] = []
     tls: L7TlsFile | None = None
     cache: L7CacheFile = L7CacheFile()
+    http2: L7Http2File = L7Http2File()
 
     @field_validator("hash_on")
     @classmethod
@@ -411,6 +423,10 @@ class L7Spec:
     tls_key: str | None = None
     cache_max_bytes: int = 0
     cache_max_entry_bytes: int = 1024 * 1024
+    http2_tls: bool = True
+    http2_cleartext: bool = True
+    http2_max_streams: int = 128
+    http2_stream_window_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -732,7 +748,10 @@ def _l7(f: L7File, spec: VipSpec, source: str, lines: dict[Loc, int], at: Loc) -
         eject_failures=f.ejection.failures, eject_cooldown_ms=parse_duration_ms(f.ejection.cooldown),
         groups=tuple(groups.items()), routes=tuple(routes),
         tls_cert=f.tls.cert if f.tls else None, tls_key=f.tls.key if f.tls else None,
-        cache_max_bytes=f.cache.max_bytes, cache_max_entry_bytes=f.cache.max_entry_bytes)
+        cache_max_bytes=f.cache.max_bytes, cache_max_entry_bytes=f.cache.max_entry_bytes,
+        http2_tls=f.http2.tls, http2_cleartext=f.http2.cleartext,
+        http2_max_streams=f.http2.max_concurrent_streams,
+        http2_stream_window_bytes=f.http2.stream_window_bytes)
 
 
 def _split(exc: ConfigError) -> tuple[str, str]:

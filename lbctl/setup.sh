@@ -33,6 +33,7 @@ test_pkgs=(
     ruby vagrant vagrant-libvirt   # evaluate and validate vagrant/Vagrantfile
     openssl                        # a throwaway certificate for the L7 proxy's TLS tests
     tcpdump                        # reads the pcapng `lbctl capture` writes, as users would
+    curl                           # a real HTTP/2 client (nghttp2) for the L7 proxy's h2 tests
 )
 
 case "$action" in

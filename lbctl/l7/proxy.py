@@ -78,6 +78,10 @@ class L7Settings:
     tls_key: str | None = None
     cache_max_bytes: int = 0
     cache_max_entry_bytes: int = 1024 * 1024
+    http2_tls: bool = True
+    http2_cleartext: bool = True
+    http2_max_streams: int = 128
+    http2_stream_window_bytes: int = 256 * 1024
 
 
 class HttpError(Exception):
@@ -292,9 +296,12 @@ class VipProxy:
 
     async def start(self, ssl_context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
+        from lbctl.l7.http2 import accepted_protocol  # http2 builds on this module
+
+        tls = ssl_context is not None
         self.server = await loop.create_server(
-            lambda: client_protocol(self), self.host, self.port, reuse_port=True, backlog=4096,
-            ssl=ssl_context)
+            lambda: accepted_protocol(self, tls), self.host, self.port, reuse_port=True,
+            backlog=4096, ssl=ssl_context)
         self._maint = asyncio.create_task(self._maintain())
         self._sweeper = asyncio.create_task(self._sweep())
 
@@ -974,36 +981,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _upstream_head(self, method: str, url: bytes, raw: list[tuple[bytes, bytes]],
                        headers: dict[bytes, list[bytes]], body_kind: str, length: int) -> bytes:
-        named = {t.strip().lower() for v in headers.get(b"connection", []) for t in v.split(b",")}
-        out = [f"{method} ".encode() + url + b" HTTP/1.1\r\n"]
-        xff = None
-        for name, value in raw:
-            low = name.lower()
-            if low in HOP_BY_HOP or low in named or low in (b"content-length", b"expect"):
-                continue
-            if low == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
-                continue
-            if low in (b"x-forwarded-proto",):
-                continue     # ours replaces the client's: only the proxy knows the real scheme
-            out.append(name + b": " + value + b"\r\n")
-        client = self.client_addr.encode()
-        proto = b"https" if self.tls else b"http"
-        out.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
-        out.append(b"X-Forwarded-Proto: " + proto + b"\r\n")
-        node = b'"[' + client + b']"' if b":" in client else client
-        fwd = b"for=" + node + b";proto=" + proto
-        if headers.get(b"host"):
-            fwd += b";host=" + headers[b"host"][0]
-        out.append(b"Forwarded: " + fwd + b"\r\n")
-        if not self.settings.pool_enabled:
-            out.append(b"Connection: close\r\n")   # the backend may end it too: nothing reuses it
-        if body_kind == "length":
-            out.append(f"Content-Length: {length}\r\n".encode())
-        elif body_kind == "chunked":
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        out.append(b"\r\n")
-        return b"".join(out)
+        return upstream_head(method, url, raw, headers, body_kind, length, self.client_addr, self.tls,
+                             self.settings.pool_enabled)
 
     async def _skip_body(self, body_kind: str) -> None:
         while body_kind != "none":
@@ -1429,10 +1408,48 @@ class _UpstreamProtocol(asyncio.StreamReaderProtocol):
             self.sink.lost()
 
 
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
+def upstream_head(method: str, url: bytes, raw: list[tuple[bytes, bytes]],
+                  headers: dict[bytes, list[bytes]], body_kind: str, length: int,
+                  client_addr: str, tls: bool, pool_enabled: bool) -> bytes:
+    """The general path's HTTP/1.1 request head to a backend (HTTP/1.1 and HTTP/2 clients):
+    hop-by-hop headers out, X-Forwarded-For appended to, X-Forwarded-Proto and Forwarded set."""
+    named = {t.strip().lower() for v in headers.get(b"connection", []) for t in v.split(b",")}
+    out = [f"{method} ".encode() + url + b" HTTP/1.1\r\n"]
+    xff = None
+    for name, value in raw:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low in (b"content-length", b"expect"):
+            continue
+        if low == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+            continue
+        if low in (b"x-forwarded-proto",):
+            continue     # ours replaces the client's: only the proxy knows the real scheme
+        out.append(name + b": " + value + b"\r\n")
+    client = client_addr.encode()
+    proto = b"https" if tls else b"http"
+    out.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
+    out.append(b"X-Forwarded-Proto: " + proto + b"\r\n")
+    node = b'"[' + client + b']"' if b":" in client else client
+    fwd = b"for=" + node + b";proto=" + proto
+    if headers.get(b"host"):
+        fwd += b";host=" + headers[b"host"][0]
+    out.append(b"Forwarded: " + fwd + b"\r\n")
+    if not pool_enabled:
+        out.append(b"Connection: close\r\n")   # the backend may end it too: nothing reuses it
+    if body_kind == "length":
+        out.append(f"Content-Length: {length}\r\n".encode())
+    elif body_kind == "chunked":
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def tls_context(cert: str, key: str, http2: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["http/1.1"])
+    # The server's preference order wins in OpenSSL's ALPN callback: h2 when the client offers it.
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     return ctx
 

@@ -28,6 +28,9 @@ COUNTERS = {
     "cache_hits": ("lbctl_l7_cache_hits_total", "GET/HEAD requests answered from the cache", ("vip",)),
     "cache_misses": ("lbctl_l7_cache_misses_total", "Cacheable requests the cache could not answer",
                      ("vip",)),
+    "http2_connections": ("lbctl_l7_http2_connections_total",
+                          "Client connections that spoke HTTP/2 (each stream counts as a request)",
+                          ("vip",)),
     "retries": ("lbctl_l7_retries_total", "Requests retried on another backend after this one failed",
                 ("vip", "backend")),
 }

@@ -30,7 +30,7 @@ class Worker:
         self.spec_path = spec_path
         self.stats = Stats(stats_path)
         self.vips: dict[str, VipProxy] = {}
-        self.tls: dict[str, tuple[str | None, str | None]] = {}
+        self.tls: dict[str, tuple[str | None, str | None, bool]] = {}
         self.stop = asyncio.Event()
 
     def read_spec(self) -> list[dict[str, Any]]:
@@ -49,8 +49,8 @@ class Worker:
                 self.vips[name].update(settings, v["backends"])
                 continue
             proxy = VipProxy(name, v["host"], v["port"], settings, v["backends"], self.stats)
-            ctx = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key \
-                else None
+            ctx = tls_context(settings.tls_cert, settings.tls_key, settings.http2_tls) \
+                if settings.tls_cert and settings.tls_key else None
             await proxy.start(ctx)
             self.vips[name] = proxy
             self.tls[name] = _tls_of(v)
@@ -82,8 +82,9 @@ class Worker:
             await asyncio.sleep(1.0)
 
 
-def _tls_of(v: dict[str, Any]) -> tuple[str | None, str | None]:
-    return v["settings"].get("tls_cert"), v["settings"].get("tls_key")
+def _tls_of(v: dict[str, Any]) -> tuple[str | None, str | None, bool]:
+    # ALPN is fixed in the listening socket's TLS context: offering h2 or not restarts it too.
+    return v["settings"].get("tls_cert"), v["settings"].get("tls_key"), v["settings"].get("http2_tls", True)
 
 
 def main(argv: list[str] | None = None) -> int:
