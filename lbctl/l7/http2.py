@@ -125,6 +125,9 @@ class H2Server(asyncio.Protocol):
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.streams: dict[int, H2Stream] = {}
+        # Streams answered before their request body was all in: its bytes are taken and dropped
+        # (up to this many more), then the stream is reset; see H2Stream.run.
+        self.discarding: dict[int, int] = {}
         self.transport: Any = None
         self.client_addr = ""
         self.tls = False
@@ -184,13 +187,16 @@ class H2Server(asyncio.Protocol):
                 stream = self.streams.get(ev.stream_id)
                 if stream is None:
                     self.ack(ev.flow_controlled_length, ev.stream_id)   # a stream already answered
+                    self._discarded(ev.stream_id, ev.flow_controlled_length)
                 else:
                     stream.feed(ev.data, ev.flow_controlled_length)
             elif isinstance(ev, h2.events.StreamEnded):
+                self.discarding.pop(ev.stream_id, None)
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
                     stream.feed_end()
             elif isinstance(ev, h2.events.StreamReset):
+                self.discarding.pop(ev.stream_id, None)
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None and stream.task is not None:
                     stream.task.cancel()
@@ -226,6 +232,21 @@ class H2Server(asyncio.Protocol):
             if self.goaway_at is not None or self.client_gone:
                 self._finish()
         self.flush()
+
+    def discard_rest(self, sid: int) -> None:
+        self.discarding[sid] = self.settings.http2_stream_window_bytes
+
+    def _discarded(self, sid: int, size: int) -> None:
+        left = self.discarding.get(sid)
+        if left is None:
+            return
+        if left - size > 0:
+            self.discarding[sid] = left - size
+            return
+        # The client keeps sending a body nobody reads: tell it to stop (RFC 9113 8.1).
+        del self.discarding[sid]
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -428,9 +449,10 @@ class H2Stream:
         finally:
             self.vip.in_flight -= 1
             if self.response_done and not self.ended:
-                # Answered before the request body was all in (413, 503...): the client may
-                # stop sending (RFC 9113 8.1).
-                self._reset(ErrorCodes.NO_ERROR)
+                # Answered before the request body was all in (413, 503...). A reset at once
+                # (RFC 9113 8.1 allows RST_STREAM NO_ERROR) makes curl 7.88 drop the answer it
+                # already has: the rest of a short body is taken and dropped, a long one reset.
+                self.server.discard_rest(self.sid)
             self.server.stream_done(self)
 
     def _request(self) -> tuple[str, bytes, list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:

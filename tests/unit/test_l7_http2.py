@@ -267,7 +267,7 @@ def test_http2_limits_answer_with_their_status(rig: BigRig):
     url = f"http://127.0.0.1:{rig.port}/"
     big = curl("--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
                "--data-binary", "x" * 4096, url)
-    assert big.stdout == "413"
+    assert big.stdout == "413", big.stderr
     many = ["-H" if i % 2 == 0 else f"X-H{i}: v" for i in range(24)]
     headers = curl("--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", *many, url)
     assert headers.stdout == "431"
