@@ -18,7 +18,7 @@ from typing import Any
 from lbctl import bgp, planner
 from lbctl.apply import apply_config
 from lbctl.cluster import ClusterNode
-from lbctl.config import BgpSpec, DesiredState, HealthSpec, load_file
+from lbctl.config import BgpSpec, DesiredState, HealthSpec, load_file, vip_item
 from lbctl.control import LOCK_DIR, Controller
 from lbctl.errors import ConflictError
 from lbctl.health import BackendHealth, CheckResult, HealthChecker
@@ -731,7 +731,9 @@ class Agent:
                 "cluster": None if self.cluster is None else {"node": self.cluster.name,
                                                               **self.cluster.view.as_dict()},
                 "health": {f"{v}/{v.proto}": _health_dict(e.health)
-                           for v, e in self.state.vips.items() if e.health is not None}}
+                           for v, e in self.state.vips.items() if e.health is not None},
+                # The maps never hold an L7 VIP: export reads them from here, as the file has them.
+                "l7_vips": [vip_item(v, e) for v, e in sorted(self.state.l7_vips().items())]}
         path = os.path.join(state_dir(self.instance), STATE_FILE)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:

@@ -25,6 +25,7 @@ class ApplyResult:
     xdp_mode: str
     flows_touched: dict[Endpoint, int] = field(default_factory=dict)
     applied: bool = False
+    l7_vips: list[str] = field(default_factory=list)   # in the file; served by the agent, not here
 
     @property
     def empty(self) -> bool:
@@ -43,6 +44,9 @@ class ApplyResult:
             lines.append("no changes")
         lines.extend(f"note: {name} is attached but not in the file; left attached "
                      f"('lbctl detach {name}' removes it)" for name in self.left_attached)
+        lines.extend(f"note: {vip} is mode l7: the agent's L7 proxy serves it from the agent's file "
+                     "(apply changes the maps only; edit that file and send the agent SIGHUP)"
+                     for vip in self.l7_vips)
         return lines
 
 
@@ -104,7 +108,7 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
         to_attach = [n for n in interfaces
                      if n not in current or (xdp_mode != "auto" and current[n].mode != xdp_mode)]
         left = [n for n in current if n not in interfaces]
-        if not interfaces and not current and not _maps_exist(controller):
+        if desired and not interfaces and not current and not _maps_exist(controller):
             raise NotAttachedError("the file lists no interfaces and the balancer is not attached here; "
                                    "hint: add 'interfaces: [IFACE, ...]' to the file, or run 'lbctl attach'")
         live: planner.LiveState = {}
@@ -142,7 +146,9 @@ def apply_config(controller: Controller, desired: Config, interfaces: tuple[str,
 
 
 def apply_state(controller: Controller, state: DesiredState, dry_run: bool = False) -> ApplyResult:
-    return apply_config(controller, state.config(), state.interfaces, state.xdp_mode, dry_run)
+    result = apply_config(controller, state.config(), state.interfaces, state.xdp_mode, dry_run)
+    result.l7_vips = [str(v) for v in sorted(state.l7_vips())]
+    return result
 
 
 def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, VipEntry]]:
@@ -175,5 +181,10 @@ def live_state(controller: Controller) -> tuple[list[str], str, dict[Endpoint, V
 
 
 def export_text(controller: Controller) -> str:
+    """The live state as a file: interfaces and L4 VIPs from the maps, and (while an agent
+    runs) its mode: l7 VIPs with their l7 blocks, which live in the agent, not in the maps."""
+    from lbctl.agent import read_published
+
     interfaces, mode, vips = live_state(controller)
-    return dump(interfaces, mode, vips)
+    agent = read_published(controller.instance) or {}
+    return dump(interfaces, mode, vips, agent.get("l7_vips", []))

@@ -789,6 +789,7 @@ def load_file(path: str, check_interfaces: bool = True) -> DesiredState:
 
 
 # -- the inverse: live state -> a file -----------------------------------------------------
+<<<<<<< HEAD
 def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -> str:
     """A config document for this state, in the contract's key order, that load_text accepts."""
     doc: dict[str, Any] = {"interfaces": list(interfaces), "xdp_mode": xdp_mode, "vips": []}
@@ -818,4 +819,103 @@ def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -
         item["backends"] = [{"addr": b.name, "weight": b.weight, "state": b.state}
                             for b in entry.spec.backends]
         doc["vips"].append(item)
+=======
+def _l7_block(spec: L7Spec) -> dict[str, Any]:
+    """A mode: l7 VIP's `l7:` block with the keys that differ from the defaults, so the file
+    says what was chosen and loads back to the same L7Spec."""
+    d = L7Spec()
+    out: dict[str, Any] = {}
+
+    def sub(block: str, pairs: list[tuple[str, Any, Any]]) -> None:
+        items = {key: value for key, value, default in pairs if value != default}
+        if items:
+            out[block] = items
+
+    if spec.workers != d.workers:
+        out["workers"] = spec.workers
+    if spec.balancing != d.balancing:
+        out["balancing"] = spec.balancing
+    if spec.hash_on is not None:
+        out["hash_on"] = f"{spec.hash_on[0]}:{spec.hash_on[1]}"
+    dur = format_duration
+    sub("pool", [("enabled", spec.pool_enabled, d.pool_enabled),
+                 ("max_size", spec.pool_max_size, d.pool_max_size),
+                 ("min_idle", spec.pool_min_idle, d.pool_min_idle),
+                 ("idle_timeout", dur(spec.pool_idle_timeout_ms), dur(d.pool_idle_timeout_ms)),
+                 ("warmup", spec.warmup, d.warmup)])
+    sub("limits", [(key, dur(getattr(spec, key + "_ms")), dur(getattr(d, key + "_ms")))
+                   for key in ("header_timeout", "keepalive_timeout")]
+        + [(key, getattr(spec, key), getattr(d, key))
+           for key in ("max_header_bytes", "max_headers", "max_body_bytes")]
+        + [(key, dur(getattr(spec, key + "_ms")), dur(getattr(d, key + "_ms")))
+           for key in ("connect_timeout", "read_timeout", "drain_timeout")])
+    sub("ejection", [("failures", spec.eject_failures, d.eject_failures),
+                     ("cooldown", dur(spec.eject_cooldown_ms), dur(d.eject_cooldown_ms))])
+    if spec.groups:
+        out["groups"] = {name: list(members) for name, members in spec.groups}
+    if spec.routes:
+        routes = []
+        for r in spec.routes:
+            route: dict[str, Any] = {}
+            if r.host is not None:
+                route["host"] = r.host
+            route["path_prefix"] = r.path_prefix
+            if len(r.split) == 1 and r.split[0][1] == 1:
+                route["group"] = r.split[0][0]     # `group: g` loads as the split {g: 1}
+            else:
+                route["split"] = dict(r.split)
+            routes.append(route)
+        out["routes"] = routes
+    if spec.tls_cert is not None and spec.tls_key is not None:
+        out["tls"] = {"cert": spec.tls_cert, "key": spec.tls_key}
+    sub("cache", [("max_bytes", spec.cache_max_bytes, d.cache_max_bytes),
+                  ("max_entry_bytes", spec.cache_max_entry_bytes, d.cache_max_entry_bytes)])
+    sub("http2", [("tls", spec.http2_tls, d.http2_tls),
+                  ("cleartext", spec.http2_cleartext, d.http2_cleartext),
+                  ("max_concurrent_streams", spec.http2_max_streams, d.http2_max_streams),
+                  ("stream_window_bytes", spec.http2_stream_window_bytes, d.http2_stream_window_bytes)])
+    return out
+
+
+def vip_item(vip: Endpoint, entry: VipEntry) -> dict[str, Any]:
+    """One VIP as the file writes it (JSON-able: the agent publishes its L7 VIPs so)."""
+    item: dict[str, Any] = {"vip": str(vip), "proto": vip.proto}
+    if entry.mode != "l4":
+        item["mode"] = entry.mode
+    if entry.spec.forwarding != "nat":
+        item["forwarding"] = entry.spec.forwarding
+    if entry.spec.affinity != "flow":
+        item["affinity"] = entry.spec.affinity
+    if entry.health is not None:
+        h = entry.health
+        block: dict[str, Any] = {"check": h.check}
+        if h.check == "http":
+            block["path"] = h.path
+            block["expect"] = f"{h.expect[0]}-{h.expect[1]}" if h.expect[0] != h.expect[1] \
+                else h.expect[0]
+        block.update(interval=format_duration(h.interval_ms), timeout=format_duration(h.timeout_ms),
+                     rise=h.rise, fall=h.fall)
+        if h.port is not None:
+            block["port"] = h.port
+        item["health"] = block
+    if entry.mode == "l7" and entry.l7 is not None:
+        block = _l7_block(entry.l7)
+        if block:
+            item["l7"] = block
+    item["backends"] = [{"addr": b.name, "weight": b.weight, "state": b.state}
+                        for b in entry.spec.backends]
+    return item
+
+
+def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry],
+         items: list[dict[str, Any]] | None = None) -> str:
+    """A config document for this state, in the contract's key order, that load_text accepts.
+    `items` are VIPs already written as the file writes them (the agent's L7 VIPs, which the
+    maps do not hold); all VIPs come out in address order."""
+    rows = [(vip, vip_item(vip, vips[vip])) for vip in vips]
+    for item in items or []:
+        rows.append((parse_endpoint(item["vip"], item.get("proto", "tcp"), "VIP"), item))
+    doc: dict[str, Any] = {"interfaces": list(interfaces), "xdp_mode": xdp_mode,
+                           "vips": [item for _, item in sorted(rows, key=lambda r: r[0])]}
+>>>>>>> 074d3a6 (lbctl export writes mode: l7 VIPs with their l7 blocks; export -> apply -> export gives the same text)
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
