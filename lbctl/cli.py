@@ -434,6 +434,12 @@ def status(obj: Context, as_json: bool) -> None:
         click.echo("")
         print_table(st.get("vip_modes", []), [("VIP", "vip"), ("PROTO", "proto"), ("FORWARDING", "forwarding"),
                                               ("AFFINITY", "affinity"), ("RING", "ring")], "")
+    if st.get("l7_backends"):
+        click.echo("")
+        rows = [dict(r, ejected=f"{r['ejected_s']}s" if r["ejected_s"] else "-") for r in st["l7_backends"]]
+        print_table(rows, [("L7 VIP", "vip"), ("BACKEND", "backend"), ("WEIGHT", "weight"), ("STATE", "state"),
+                           ("HEALTH", "health"), ("EJECTED", "ejected"), ("EJECTIONS", "ejections"),
+                           ("RETRIES", "retries")], "")
     if st.get("bgp"):
         _echo_bgp(st["bgp"])
 

@@ -353,6 +353,10 @@ class Controller:
         out["agent"] = None if agent is None else {k: agent.get(k) for k in ("pid", "config", "metrics_addr",
                                                                              "all_failing", "cluster")}
         out["bgp"] = _bgp_status(agent)
+        from lbctl.agent import state_dir
+        from lbctl.l7.stats import backend_rows
+
+        out["l7_backends"] = backend_rows(state_dir(self.instance))
         out["warnings"] = [] if gone else self.one_sided_warnings()
         return out
 

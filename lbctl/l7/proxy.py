@@ -24,6 +24,7 @@ from lbctl.l7.balance import (
     rendezvous,
 )
 from lbctl.l7.cache import ResponseCache, freshness_s, request_may_use
+from lbctl.l7.ejection import EjectionTable
 from lbctl.l7.stats import Stats
 
 log = logging.getLogger("lbctl.l7")
@@ -243,6 +244,7 @@ class Backend:
     outstanding: int = 0
     failures: int = 0           # consecutive connect failures or 5xx
     ejected_until: float = 0.0
+    eject_slot: int | None = None   # its slot in the workers' shared ejection table
 
     def available(self, now: float) -> bool:
         return self.state == "active" and self.up and now >= self.ejected_until
@@ -252,8 +254,10 @@ class VipProxy:
     """One VIP in one worker: its listening socket, backends, routes and client connections."""
 
     def __init__(self, vip: str, host: str, port: int, settings: L7Settings,
-                 backends: list[dict[str, Any]], stats: Stats):
+                 backends: list[dict[str, Any]], stats: Stats, ejection: EjectionTable | None = None):
         self.vip, self.host, self.port, self.stats = vip, host, port, stats
+        self.ejection = ejection
+        self._eject_generation = -1
         self.cache: ResponseCache | None = None
         self.backends: dict[str, Backend] = {}
         self.rotations: dict[str, Rotation] = {}
@@ -286,6 +290,7 @@ class VipProxy:
                 keep[b["name"]] = Backend(b["name"], b["addr"], b["port"], b["weight"], b["state"],
                                           b["up"], Pool(b["addr"], b["port"], settings, self.stats,
                                                         self.vip, b["name"]))
+            keep[b["name"]].eject_slot = b.get("eject_slot") if self.ejection is not None else None
         for name, old in self.backends.items():
             if name not in keep:
                 old.pool.close()
@@ -293,6 +298,7 @@ class VipProxy:
         self.members = list(keep.values())
         self.routes = [Route(h, p, list(s)) for h, p, s in settings.routes]
         self.rotations = {}
+        self._eject_generation = -1     # new backends: read their ejection times at the next pick
 
     async def start(self, ssl_context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
@@ -342,6 +348,8 @@ class VipProxy:
     def pick(self, members: list[Backend], key: str, headers: dict[bytes, list[bytes]],
              exclude: set[str]) -> Backend | None:
         now = time.monotonic()
+        if self.ejection is not None:
+            self.sync_ejections()
         pool = [m for m in members if m.name not in exclude]
         if not any(m.available(now) for m in pool):
             # Every backend ejected or failing checks: use the active ones anyway rather than
@@ -361,7 +369,33 @@ class VipProxy:
             chosen = rotation.pick(pool, now)
         return chosen.backend if isinstance(chosen, _Forced) else chosen
 
+    def sync_ejections(self) -> None:
+        """Ejections are shared by the workers: after any (the table's generation moved), take
+        every backend's ejection time from the table. One read a request otherwise."""
+        table = self.ejection
+        assert table is not None
+        generation = table.generation()
+        if generation != self._eject_generation:
+            self._eject_generation = generation
+            for b in self.members:
+                if b.eject_slot is not None:
+                    b.ejected_until = table.ejected_until(b.eject_slot)
+
     def note_result(self, b: Backend, failed: bool) -> None:
+        table = self.ejection
+        if table is not None and b.eject_slot is not None:
+            if not failed:
+                table.succeeded(b.eject_slot)
+                return
+            if not table.failed(b.eject_slot, self.settings.eject_failures,
+                                self.settings.eject_cooldown_s):
+                return
+            b.ejected_until = table.ejected_until(b.eject_slot)
+            self.stats.count("ejections", self.vip, b.name)
+            log.warning("backend %s of L7 VIP %s ejected for %.1fs after %d consecutive failures "
+                        "(counted over every worker)", b.name, self.vip,
+                        self.settings.eject_cooldown_s, self.settings.eject_failures)
+            return
         if not failed:
             b.failures = 0
             return
@@ -803,6 +837,8 @@ class ClientConnection(asyncio.Protocol):
             key = vip._current_key
         else:
             members, key = vip.members, "*"
+        if vip.ejection is not None:
+            vip.sync_ejections()
         if vip.settings.balancing == "round_robin":
             rotation = vip.rotations.get(key)
             if rotation is None:
@@ -1216,6 +1252,8 @@ class _FastExchange:
         vip = c.vip
         if status >= 500:
             vip.note_result(self.backend, failed=True)
+        elif self.backend.eject_slot is not None:
+            vip.note_result(self.backend, failed=False)     # the shared count starts again
         elif self.backend.failures:
             self.backend.failures = 0
         lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status]

@@ -16,6 +16,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from lbctl.l7.ejection import EjectionTable
+
 # Request latency (head in to response head out), seconds.
 BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COUNTERS = {
@@ -111,6 +113,41 @@ def totals(stats_dir: str) -> dict[str, Any]:
     return summed
 
 
+def backend_rows(run_dir: str) -> list[dict[str, Any]]:
+    """Each L7 backend as the proxy sees it, for `lbctl status` and the metrics: the file's
+    weight and state, the agent's health, the ejection shared by the workers (seconds left,
+    consecutive failures) and the workers' counters summed. [] when no proxy runs here."""
+    try:
+        with open(os.path.join(run_dir, "l7-spec.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return []
+    t = totals(os.path.join(run_dir, "l7-stats"))
+    table = None
+    with contextlib.suppress(OSError, ValueError):
+        table = EjectionTable(spec.get("ejection_table", ""), writable=False)
+    now = time.monotonic()
+    rows = []
+    try:
+        for v in spec.get("vips", []):
+            for b in v["backends"]:
+                slot = b.get("eject_slot")
+                failures, until = table.read(slot) if table is not None and slot is not None else (0, 0.0)
+                key = (v["vip"], b["name"])
+                rows.append({
+                    "vip": v["vip"], "backend": b["name"], "weight": b["weight"], "state": b["state"],
+                    "health": "up" if b["up"] else "down",
+                    "ejected_s": round(max(0.0, until - now), 1), "failures": failures,
+                    "ejections": t.get("ejections", {}).get(key, 0),
+                    "retries": t.get("retries", {}).get(key, 0),
+                    "upstream_connects": t.get("upstream_connects", {}).get(key, 0),
+                    "upstream_reuses": t.get("upstream_reuses", {}).get(key, 0)})
+    finally:
+        if table is not None:
+            table.close()
+    return rows
+
+
 class L7Collector:
     """A prometheus_client collector over the workers' files (registered by the agent)."""
 
@@ -134,6 +171,12 @@ class L7Collector:
         for lab, n in sorted(t.get("client_connections", {}).items()):
             gauge.add_metric(list(lab), n)
         yield gauge
+        ejected = GaugeMetricFamily("lbctl_l7_backend_ejected",
+                                    "1 while passive ejection keeps a backend out (for every worker)",
+                                    labels=["vip", "backend"])
+        for row in backend_rows(os.path.dirname(self.stats_dir)):
+            ejected.add_metric([row["vip"], row["backend"]], 1 if row["ejected_s"] > 0 else 0)
+        yield ejected
         hist = HistogramMetricFamily("lbctl_l7_request_duration_seconds",
                                      "From a request's head in to its response head out",
                                      labels=["vip"])

@@ -14,6 +14,7 @@ from typing import Any
 
 from lbctl.config import L7Spec, VipEntry
 from lbctl.errors import LbctlError
+from lbctl.l7.ejection import FIRST_SLOT, SLOTS, EjectionTable, create
 from lbctl.l7.stats import totals
 from xdp.codec import Endpoint
 
@@ -58,10 +59,36 @@ class L7Supervisor:
         self.count = workers or os.cpu_count() or 1
         self.spec_path = os.path.join(run_dir, "l7-spec.json")
         self.stats_dir = os.path.join(run_dir, "l7-stats")
+        self.table_path = os.path.join(self.stats_dir, "ejection.bin")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.table: EjectionTable | None = None
+        self.slots: dict[tuple[str, str], int] = {}     # (VIP, backend) -> ejection table slot
+
+    def _assign_slots(self, spec: dict[str, Any]) -> None:
+        """A backend keeps its slot while it stays (its failures and ejection with it); a new
+        one gets a free slot, zeroed."""
+        assert self.table is not None
+        wanted = [(v["vip"], b["name"]) for v in spec["vips"] for b in v["backends"]]
+        self.slots = {key: slot for key, slot in self.slots.items() if key in set(wanted)}
+        free = iter(sorted(set(range(FIRST_SLOT, SLOTS)) - set(self.slots.values())))
+        for key in wanted:
+            if key not in self.slots:
+                slot = next(free, None)
+                if slot is None:
+                    continue          # past SLOTS backends: that one ejects per worker
+                self.table.reset(slot)
+                self.slots[key] = slot
+        for v in spec["vips"]:
+            for b in v["backends"]:
+                b["eject_slot"] = self.slots.get((v["vip"], b["name"]))
+        spec["ejection_table"] = self.table_path
 
     def _write(self, spec: dict[str, Any]) -> None:
         os.makedirs(self.stats_dir, exist_ok=True)
+        if self.table is None:
+            create(self.table_path)
+            self.table = EjectionTable(self.table_path)
+        self._assign_slots(spec)
         tmp = f"{self.spec_path}.tmp"
         with open(tmp, "w") as f:
             json.dump(spec, f)
@@ -118,6 +145,9 @@ class L7Supervisor:
                 os.unlink(path)
         with contextlib.suppress(OSError):
             os.rmdir(self.stats_dir)
+        if self.table is not None:
+            self.table.close()
+            self.table = None
 
     def totals(self) -> dict[str, Any]:
         return totals(self.stats_dir)

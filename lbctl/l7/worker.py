@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import Any
 
+from lbctl.l7.ejection import EjectionTable
 from lbctl.l7.proxy import L7Settings, VipProxy, tls_context
 from lbctl.l7.stats import Stats
 
@@ -32,10 +33,15 @@ class Worker:
         self.vips: dict[str, VipProxy] = {}
         self.tls: dict[str, tuple[str | None, str | None, bool]] = {}
         self.stop = asyncio.Event()
+        self.ejection: EjectionTable | None = None
 
     def read_spec(self) -> list[dict[str, Any]]:
         with open(self.spec_path) as f:
-            return list(json.load(f)["vips"])
+            spec = json.load(f)
+        if self.ejection is None and spec.get("ejection_table"):
+            # Opened once: the supervisor keeps one table for the life of its workers.
+            self.ejection = EjectionTable(spec["ejection_table"])
+        return list(spec["vips"])
 
     async def apply(self, spec: list[dict[str, Any]]) -> None:
         wanted = {v["vip"]: v for v in spec}
@@ -48,7 +54,8 @@ class Worker:
             if name in self.vips:
                 self.vips[name].update(settings, v["backends"])
                 continue
-            proxy = VipProxy(name, v["host"], v["port"], settings, v["backends"], self.stats)
+            proxy = VipProxy(name, v["host"], v["port"], settings, v["backends"], self.stats,
+                             self.ejection)
             ctx = tls_context(settings.tls_cert, settings.tls_key, settings.http2_tls) \
                 if settings.tls_cert and settings.tls_key else None
             await proxy.start(ctx)
