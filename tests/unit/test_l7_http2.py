@@ -310,3 +310,21 @@ def test_http2_shutdown_sends_goaway_and_finishes_the_stream_in_flight(rig: BigR
         rig.sup = None
     finally:
         idle.close()
+
+
+def test_http2_requests_use_the_cache_like_http11_ones(rig: BigRig):
+    rig.start(THREE.replace("{L7}", "{cache: {max_bytes: 1048576}}"))
+    client = H2Client(rig.port)
+    try:
+        first = client.get("/cc/max-age=60")
+        client.until(lambda: first in client.ended, "the first answer")
+        second = client.get("/cc/max-age=60")
+        client.until(lambda: second in client.ended, "the second answer")
+    finally:
+        client.close()
+    assert client.status[first] == client.status[second] == 200
+    assert client.digest[first].digest() == client.digest[second].digest(), "the cached body"
+    assert b"age" in client.headers[second] and b"age" not in client.headers[first]
+    assert sum(len(s.seen) for s in rig.servers.values()) == 1, "the second GET never left the proxy"
+    t = rig.totals_when(lambda t: sum(t.get("cache_hits", {}).values()) >= 1)
+    assert sum(t["cache_hits"].values()) == 1 and sum(t["cache_misses"].values()) == 1
