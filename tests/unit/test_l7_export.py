@@ -61,3 +61,9 @@ def test_published_l7_vips_merge_in_address_order_with_the_maps_vips():
     assert [v["vip"] for v in yaml.safe_load(text)["vips"]] == ["10.0.0.10:80", "10.0.0.10:443"]
     assert load(text).vips == state.vips
     assert VIP in load(text).l7_vips()
+
+
+def test_pool_off_survives_export():
+    state = load(MINIMAL.replace("    mode: l7\n", "    mode: l7\n    l7: {pool: {enabled: false}}\n"))
+    assert yaml.safe_load(round_trip(state))["vips"][0]["l7"] == {"pool": {"enabled": False}}
+    assert load(round_trip(state)).vips == state.vips
