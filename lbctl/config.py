@@ -789,37 +789,6 @@ def load_file(path: str, check_interfaces: bool = True) -> DesiredState:
 
 
 # -- the inverse: live state -> a file -----------------------------------------------------
-<<<<<<< HEAD
-def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry]) -> str:
-    """A config document for this state, in the contract's key order, that load_text accepts."""
-    doc: dict[str, Any] = {"interfaces": list(interfaces), "xdp_mode": xdp_mode, "vips": []}
-    for vip in sorted(vips):
-        entry = vips[vip]
-        item: dict[str, Any] = {"vip": str(vip), "proto": vip.proto}
-        if entry.spec.forwarding != "nat":
-            item["forwarding"] = entry.spec.forwarding
-        if entry.spec.affinity != "flow":
-            item["affinity"] = entry.spec.affinity
-        if entry.spec.snat:
-            item["snat"] = list(entry.spec.snat)
-        if entry.spec.snat_ports != SNAT_PORTS_DEFAULT:
-            item["snat_ports"] = format_port_range(entry.spec.snat_ports)
-        if entry.health is not None:
-            h = entry.health
-            block: dict[str, Any] = {"check": h.check}
-            if h.check == "http":
-                block["path"] = h.path
-                block["expect"] = f"{h.expect[0]}-{h.expect[1]}" if h.expect[0] != h.expect[1] \
-                    else h.expect[0]
-            block.update(interval=format_duration(h.interval_ms), timeout=format_duration(h.timeout_ms),
-                         rise=h.rise, fall=h.fall)
-            if h.port is not None:
-                block["port"] = h.port
-            item["health"] = block
-        item["backends"] = [{"addr": b.name, "weight": b.weight, "state": b.state}
-                            for b in entry.spec.backends]
-        doc["vips"].append(item)
-=======
 def _l7_block(spec: L7Spec) -> dict[str, Any]:
     """A mode: l7 VIP's `l7:` block with the keys that differ from the defaults, so the file
     says what was chosen and loads back to the same L7Spec."""
@@ -886,6 +855,10 @@ def vip_item(vip: Endpoint, entry: VipEntry) -> dict[str, Any]:
         item["forwarding"] = entry.spec.forwarding
     if entry.spec.affinity != "flow":
         item["affinity"] = entry.spec.affinity
+    if entry.spec.snat:
+        item["snat"] = list(entry.spec.snat)
+    if entry.spec.snat_ports != SNAT_PORTS_DEFAULT:
+        item["snat_ports"] = format_port_range(entry.spec.snat_ports)
     if entry.health is not None:
         h = entry.health
         block: dict[str, Any] = {"check": h.check}
@@ -917,5 +890,4 @@ def dump(interfaces: list[str], xdp_mode: str, vips: dict[Endpoint, VipEntry],
         rows.append((parse_endpoint(item["vip"], item.get("proto", "tcp"), "VIP"), item))
     doc: dict[str, Any] = {"interfaces": list(interfaces), "xdp_mode": xdp_mode,
                            "vips": [item for _, item in sorted(rows, key=lambda r: r[0])]}
->>>>>>> 074d3a6 (lbctl export writes mode: l7 VIPs with their l7 blocks; export -> apply -> export gives the same text)
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
