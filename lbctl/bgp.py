@@ -37,7 +37,7 @@ STOP_TIMEOUT_S = 3.0
 class BgpError(LbctlError):
     """The agent's BGP speaker could not be configured, started or reached."""
 
-    exit_code = 8
+    exit_code = 11  # 8 is a trace already running (xdp/tracing.py)
 
 
 @dataclass(frozen=True)
