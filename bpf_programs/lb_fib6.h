@@ -21,6 +21,55 @@ static __always_inline void lb_set_macs_hop(struct lb_packet6 *pkt, const __u8 *
     __builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
 }
 
+/* L2 DSR for IPv6 (lb_forward_l2's twin): only the MACs change, toward `backend`, which must
+ * be on an attached link (the FIB answers it as its own next hop); anything else is dropped,
+ * since handing the VIP's packet to the kernel would route it back out. The hop limit is kept:
+ * DSR is no routing hop. */
+static __always_inline int lb_forward6_l2(struct xdp_md *ctx, struct lb_packet6 *pkt, __u64 bytes,
+                                          const __be32 *backend, struct nat_entry *nh, int relookup)
+{
+    struct ipv6hdr *ip6 = pkt->ip6;
+    __u32 tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+
+    if (nh && !relookup && nh->nh_ifindex && tot_len <= nh->nh_len_ok) {
+        __builtin_memcpy(pkt->eth->h_dest, nh->nh_dmac, ETH_ALEN);
+        __builtin_memcpy(pkt->eth->h_source, nh->nh_smac, ETH_ALEN);
+        return lb_send(ctx, nh->nh_ifindex, bytes);
+    }
+    struct bpf_fib_lookup fib = {};
+    fib.family = AF_INET6;
+    fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
+    fib.l4_protocol = pkt->key.proto;
+    if (pkt->sport && pkt->dport) {
+        fib.sport = *pkt->sport;
+        fib.dport = *pkt->dport;
+    }
+    fib.tot_len = tot_len;
+    __builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+    __builtin_memcpy(fib.ipv6_dst, backend, 16);
+    fib.ifindex = ctx->ingress_ifindex;
+
+    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    /* Via a gateway the FIB writes the gateway into ipv6_dst: not on an attached link. */
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS ||
+        ((fib.ipv6_dst[0] ^ backend[0]) | (fib.ipv6_dst[1] ^ backend[1]) |
+         (fib.ipv6_dst[2] ^ backend[2]) | (fib.ipv6_dst[3] ^ backend[3]))) {
+        if (nh)
+            nh->nh_ifindex = 0;
+        return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, XDP_DROP);
+    }
+    if (nh) {
+        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
+            nh->nh_len_ok = tot_len;
+        nh->nh_ifindex = fib.ifindex;
+        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
+        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
+    }
+    __builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
+    return lb_send(ctx, fib.ifindex, bytes);
+}
+
 /* lb_forward for IPv6: `nh` is the tracked entry's embedded IPv4-shaped part (its next-hop
  * cache), or NULL. */
 static __always_inline int lb_forward6(struct xdp_md *ctx, struct lb_packet6 *pkt, __u64 bytes,

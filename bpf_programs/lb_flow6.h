@@ -123,6 +123,9 @@ static __always_inline void lb_flow6_create(struct lb_scratch6 *s, struct flow_k
     fresh->e.last_seen_ns = now;
     fresh->e.state = lb_initial_state(tcp_flags, key->proto);
     lb_flow6_store(key, fresh, LB_DIR_ORIGINAL);
+    /* DSR replies go from the backend straight to the client: no reply direction. */
+    if (fresh->e.forwarding == LB_FWD_DSR)
+        return;
 
     lb_flow6_other_key(&s->key, key, fresh, LB_DIR_ORIGINAL);
     /* In place: the reply entry rewrites the source back to the VIP the client used. */
@@ -141,6 +144,8 @@ static __always_inline int lb_flow6_refresh(struct nat_entry6 *e, struct flow_ke
         return 0;
     e->e.state = next;
     e->e.last_seen_ns = now;
+    if (e->e.forwarding == LB_FWD_DSR)
+        return 1;
 
     struct lb_scratch6 *s = lb_scratch6();
     if (!s)

@@ -95,6 +95,13 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
     }
     if (!e)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    /* A DSR flow's backend sent its reply as the VIP: the error about it goes to that backend
+     * at L2, unchanged (whatever the hop limit: DSR is no routing hop). */
+    if (dir == LB_DIR_ORIGINAL && e->e.forwarding == LB_FWD_DSR) {
+        pkt->sport = NULL;
+        pkt->dport = NULL;
+        return lb_forward6_l2(ctx, pkt, bytes, e->addr, NULL, 0);
+    }
     if (ip6->hop_limit <= 1)
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
 

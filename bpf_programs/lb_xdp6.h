@@ -59,6 +59,8 @@ static __always_inline int lb_flow6_forward(struct xdp_md *ctx, struct lb_packet
 {
     int refreshed = lb_flow6_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
     lb_count_flow(flow->e.vip_id, flow->e.backend_id, bytes, 0);
+    if (flow->e.forwarding == LB_FWD_DSR)
+        return lb_forward6_l2(ctx, pkt, bytes, flow->addr, &flow->e, refreshed);
     lb_rewrite6(pkt, 1, flow->addr, flow->e.port);
     return lb_forward6(ctx, pkt, bytes, &flow->e, refreshed);
 }
@@ -66,6 +68,11 @@ static __always_inline int lb_flow6_forward(struct xdp_md *ctx, struct lb_packet
 static __always_inline int lb_new_flow6(struct xdp_md *ctx, struct lb_packet6 *pkt,
                                         struct vip_meta *vip, __u64 now, __u64 bytes)
 {
+    /* lb_handle6 let hop limit 1 through for a DSR flow that ended; a new NAT flow is a
+     * routing hop, and the kernel must see the limit run out. */
+    __u8 forwarding = lb_vip_forwarding(vip->flags);
+    if (pkt->ip6->hop_limit <= 1 && forwarding != LB_FWD_DSR)
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
     struct backend *be = NULL;
     __u32 slot = 0;
     __u32 id = lb_pick6(vip, &pkt->key, &be, &slot);
@@ -83,9 +90,13 @@ static __always_inline int lb_new_flow6(struct xdp_md *ctx, struct lb_packet6 *p
     fresh->e.port = port;
     fresh->e.backend_id = id;
     fresh->e.vip_id = vip->vip_id;
+    fresh->e.forwarding = forwarding;
     lb_flow6_create(s, &pkt->key, fresh, pkt->tcp_flags, now);
 
     lb_count_flow(vip->vip_id, id, bytes, 1);
+    /* DSR: the backend's port is the VIP's (the control plane refuses others). */
+    if (forwarding == LB_FWD_DSR)
+        return lb_forward6_l2(ctx, pkt, bytes, addr, NULL, 0);
     lb_rewrite6(pkt, 1, addr, port);
     return lb_forward6(ctx, pkt, bytes, NULL, 0);
 }
@@ -170,8 +181,10 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
                 return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
         }
     }
-    /* The kernel must see the hop limit run out to send its ICMPv6 error. */
-    if (pkt.ip6->hop_limit <= 1)
+    /* The kernel must see the hop limit run out to send its ICMPv6 error. DSR is no routing
+     * hop (the limit is kept), so its frames go on whatever their hop limit. */
+    int l2_only = flow ? flow->e.forwarding == LB_FWD_DSR : (vip && (vip->flags & LB_VIP_F_DSR));
+    if (pkt.ip6->hop_limit <= 1 && !l2_only)
         return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
     __u64 now = lb_now_ns();
     if (back)

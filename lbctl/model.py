@@ -161,10 +161,6 @@ def check_vip(spec: VipSpec) -> VipSpec:
     """The rules a VIP's spec must meet whatever path it came by (CLI, file, agent); raises
     ConfigError naming what is wrong and the fix."""
     check_forwarding(spec.forwarding)
-    if spec.forwarding == "dsr" and ":" in spec.vip.addr:
-        # lb_forward_l2 asks the FIB with an IPv4 backend address only.
-        raise ConfigError(f"VIP {spec.vip}: L2 DSR for IPv6 is not built yet; hint: use --forwarding nat "
-                          "for an IPv6 VIP")
     if spec.forwarding == "fullnat" and ":" in spec.vip.addr:
         # lb_snat.h claims ports in IPv4 tables only (the IPv6 path is lb_xdp6.h's NAT66).
         raise ConfigError(f"VIP {spec.vip}: full-NAT for IPv6 is not built yet; hint: use --forwarding nat "

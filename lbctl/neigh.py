@@ -10,6 +10,7 @@ removes only those when no DSR VIP uses the backend any more."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -47,12 +48,17 @@ class Neighbour:
                                                           "noarp", "permanent")
 
 
+def _family(addr: str) -> int:
+    """AF_INET or AF_INET6 for an address (ValueError for anything else)."""
+    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+
+
 def route_to(addr: str) -> Route | None:
     """`ip route get ADDR` in this network namespace, or None when there is no route."""
-    ipaddress.IPv4Address(addr)
+    family = _family(addr)
     with IPRoute() as ipr:
         try:
-            msg = ipr.route("get", dst=addr)[0]
+            msg = ipr.route("get", dst=addr, family=family)[0]
         except NetlinkError:
             return None          # ENETUNREACH and friends
         oif = msg.get_attr("RTA_OIF")
@@ -65,7 +71,7 @@ def route_to(addr: str) -> Route | None:
 
 def neighbour(addr: str, ifindex: int) -> Neighbour | None:
     with IPRoute() as ipr:
-        for n in ipr.get_neighbours(dst=addr, ifindex=ifindex):
+        for n in ipr.get_neighbours(dst=addr, ifindex=ifindex, family=_family(addr)):
             state = n["state"]
             name = next((v for k, v in sorted(_NUD_NAMES.items(), reverse=True) if k and state & k),
                         "none")
@@ -107,16 +113,16 @@ def sync_dsr_neighbours(addrs: Iterable[str], routed: Iterable[str] = ()) -> dic
             if existing is not None and (existing.managed or existing.state in ("permanent", "noarp")):
                 continue
             try:
-                ipr.neigh("replace", dst=hop, ifindex=route.ifindex, state=0,
+                ipr.neigh("replace", dst=hop, ifindex=route.ifindex, state=0, family=_family(hop),
                           NDA_FLAGS_EXT=NTF_EXT_MANAGED, NDA_PROTOCOL=LBCTL_NEIGH_PROTOCOL)
             except NetlinkError as exc:
                 problems[addr] = f"cannot add a managed neighbour entry on {route.ifname}: {exc.args[-1]}"
         for n in ipr.get_neighbours():
             dst = n.get_attr("NDA_DST")
             if (n.get_attr("NDA_PROTOCOL") == LBCTL_NEIGH_PROTOCOL and dst is not None
-                    and ":" not in dst and (dst, n["ifindex"]) not in keep):
+                    and (dst, n["ifindex"]) not in keep):
                 try:
-                    ipr.neigh("del", dst=dst, ifindex=n["ifindex"])
+                    ipr.neigh("del", dst=dst, ifindex=n["ifindex"], family=_family(dst))
                 except NetlinkError:
                     pass         # already gone
     return problems

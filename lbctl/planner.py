@@ -170,7 +170,7 @@ def check_families(desired: Config) -> None:
     for vip, spec in desired.items():
         # The IPv6 path runs NAT66 only: an IPv6 VIP in another mode is refused here too (the
         # planner is every change's last gate), never silently NATed.
-        if vip.ipv6 and spec.forwarding != "nat":
+        if vip.ipv6 and spec.forwarding not in ("nat", "dsr"):
             raise ConfigError(f"VIP {vip}: forwarding '{spec.forwarding}' is not built for IPv6 "
                               "yet; hint: use --forwarding nat (NAT66) for an IPv6 VIP")
         for b in spec.backends:

@@ -56,6 +56,7 @@ DNS_BACKEND = Endpoint("fd00:6:2::12", 5353, "udp")
 PAIR = Endpoint("fd00:6:9::2", 80, "tcp")
 PAIR_BACKENDS = (Endpoint("fd00:6:2::21", 80, "tcp"), Endpoint("fd00:6:2::22", 80, "tcp"))
 EMPTY = Endpoint("fd00:6:9::3", 80, "tcp")
+DSR = Endpoint("fd00:6:9::4", 80, "tcp")                       # L2 DSR, PAIR_BACKENDS[0]
 NOT_A_VIP = "fd00:6:9::99"
 
 BACKEND_MACS = {b.addr: f"02:00:06:02:00:{i + 0x10:02x}"
@@ -83,8 +84,8 @@ def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
 @pytest.fixture(scope="module")
 def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
     for vip, backends in ((WEB, [WEB_BACKEND]), (DNS, [DNS_BACKEND]), (PAIR, list(PAIR_BACKENDS)),
-                          (EMPTY, [])):
-        controller.vip_add(vip)
+                          (EMPTY, []), (DSR, [PAIR_BACKENDS[0]])):
+        controller.vip_add(vip, forwarding="dsr" if vip == DSR else "nat")
         for backend in backends:
             controller.backend_add(vip, parse_endpoint(str(backend), vip.proto))
     return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
@@ -250,7 +251,46 @@ def _with_payload_length(frame: bytes, length: int) -> bytes:
     return bytes(out)
 
 
+def l2_only(frame: bytes, backend: Endpoint) -> bytes:
+    """A DSR frame as it leaves: new MACs toward the backend, every other byte as it came."""
+    src, dst = to_backend_arm(backend)
+    return frames_mac(dst) + frames_mac(src) + frame[12:]
+
+
+def frames_mac(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+TOO_BIG_FOR_DSR_REPLY = bytes(
+    Ether(src=ROUTER_MAC, dst=CLIENT_ARM_MAC) / IPv6(src=ROUTER, dst=DSR.addr) /
+    ICMPv6PacketTooBig(mtu=1280) /
+    IPv6(src=DSR.addr, dst=CLIENT, hlim=3) / TCP(sport=DSR.port, dport=40000, flags="A"))
+DSR_SYN = to_vip(DSR)
+DSR_ACK = to_vip(DSR, flags="A")
+
+
 CASES: list[tuple[str, tuple[Send, ...]]] = [
+    ("a new flow to an IPv6 DSR VIP leaves with the backend's MAC and nothing else changed", (
+        Send(DSR_SYN, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(DSR_SYN, PAIR_BACKENDS[0])),
+    )),
+    ("a tracked IPv6 DSR flow's next packet goes at L2 to the same backend", (
+        Send(DSR_SYN, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(DSR_SYN, PAIR_BACKENDS[0])),
+        Send(DSR_ACK, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(DSR_ACK, PAIR_BACKENDS[0])),
+        Send(DSR_ACK, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(DSR_ACK, PAIR_BACKENDS[0])),
+    )),
+    ("an IPv6 DSR frame with hop limit 1 still goes at L2 (DSR is no routing hop)", (
+        Send(to_vip(DSR, hlim=1), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             l2_only(to_vip(DSR, hlim=1), PAIR_BACKENDS[0])),
+    )),
+    ("packet too big about an IPv6 DSR reply goes unchanged at L2 to the flow's backend", (
+        Send(DSR_SYN, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(DSR_SYN, PAIR_BACKENDS[0])),
+        Send(TOO_BIG_FOR_DSR_REPLY, CLIENT_ARM, XDP_REDIRECT, "redirect",
+             l2_only(TOO_BIG_FOR_DSR_REPLY, PAIR_BACKENDS[0])),
+    )),
+    ("a DSR backend's own packet to the client is not caught: DSR tracks one way", (
+        Send(DSR_SYN, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(DSR_SYN, PAIR_BACKENDS[0])),
+        passes(from_backend(PAIR_BACKENDS[0]), "pass_not_vip", BACKEND_ARM),
+    )),
     ("a new IPv6 TCP flow to a VIP is DNATed to its backend, port and checksum rewritten", (
         Send(SYN, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN, WEB_BACKEND)),
     )),
@@ -434,7 +474,7 @@ def test_ipv4_and_ipv6_vips_share_one_id_space(lb_maps: LbMaps) -> None:
     vips = lb_maps.vips()
     ids = [meta.vip_id for meta in vips.values()]
     assert len(ids) == len(set(ids))
-    assert {WEB, DNS, PAIR, EMPTY} <= set(vips)
+    assert {WEB, DNS, PAIR, EMPTY, DSR} <= set(vips)
 
 
 def test_a_vip_of_one_family_refuses_a_backend_of_the_other_and_changes_nothing(
