@@ -482,7 +482,7 @@ class Agent:
         if self.speaker is None:
             return
         announced = sorted(self.speaker.announced)
-        self.speaker.stop()
+        self.speaker.stop(clean=True)
         self.speaker = None
         if announced:
             log.info("BGP: speaker stopped; withdrew %s", ", ".join(f"{a}/32" for a in announced))

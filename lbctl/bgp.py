@@ -225,9 +225,11 @@ class Speaker:
     def sessions(self) -> list[Session]:
         return sessions(self.sock_path)
 
-    def stop(self) -> None:
+    def stop(self, clean: bool = False) -> None:
         """Graceful: BIRD closes each session with a Cease notification, so the routers drop
-        this node's routes at once rather than after the hold time."""
+        this node's routes at once rather than after the hold time. `clean` also removes the
+        config and log (the agent's stop: its run directory is then empty and goes); a failed
+        start keeps them, since its error points at the log."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -241,7 +243,7 @@ class Speaker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        for path in (self.sock_path, self.pid_path):
+        for path in (self.sock_path, self.pid_path) + ((self.conf_path, self.log_path) if clean else ()):
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -181,6 +181,10 @@ def test_an_agent_that_stops_or_dies_takes_its_routes_away(both_up: ClusterLab, 
     assert any("node_lb2: Received: Administrative shutdown" in line for line in tail), tail
     # The data plane stays attached: stopping the agent is not detaching.
     assert status(lab, "lb2")["attached"]
+    if sig == signal.SIGTERM:
+        # A graceful stop leaves nothing of the agent's or its BIRD's in /run (kill -9 keeps
+        # the log for the post-mortem).
+        assert not Path(conf).parent.exists(), sorted(p.name for p in Path(conf).parent.iterdir())
 
 
 def _cmdline_has(proc_dir: Path, text: str) -> bool:
