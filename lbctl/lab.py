@@ -705,7 +705,8 @@ class Lab:
             for probe in probes.values():
                 if probe.poll() is None:
                     probe.kill()
-                probe.communicate()
+                if probe.stdout is not None and not probe.stdout.closed:
+                    probe.communicate()   # reaped; a failed probe's output was read above
         if failed:
             raise LabError("lab servers did not start: " + " | ".join(failed))
 
