@@ -58,7 +58,9 @@ def agent_factory(lab: Lab, tmp_path: Path) -> Iterator:
         return a
     yield start
     for a in started:
-        a.stop(signal.SIGKILL)
+        # Gracefully, as a user stops it: the agent then removes its files under /run/lbctl
+        # (a killed one leaves agent.json and its lock behind for every later run to see).
+        a.stop(signal.SIGTERM)
 
 
 def backend_label(lab: Lab, name: str) -> str:
