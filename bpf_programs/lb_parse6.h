@@ -1,7 +1,9 @@
 /* lb_parse6.h: bounds-checked Ethernet/IPv6/TCP/UDP parsing and the extension-header policy:
  * hop-by-hop options, destination options and a routing header with no segments left are
- * walked (up to LB_IPV6_EXT_MAX of them); a fragment header, AH, a routing header with
- * segments left, or a longer chain: the frame passes untouched. */
+ * walked (up to LB_IPV6_EXT_MAX of them), then a fragment header if there is one (TCP or UDP
+ * right behind it: a first fragment is parsed for its ports, a later one is handed to
+ * lb_frag6.h); AH, a routing header with segments left, or a longer chain: the frame passes
+ * untouched. */
 #pragma once
 
 #include <uapi/linux/bpf.h>
@@ -29,8 +31,20 @@ struct lb_packet6 {
     __be16 *sport;
     __be16 *dport;
     __be32 tcp_flags;       /* as lb_packet's: tcp_flag_word() & LB_TCP_TRACKED_FLAGS */
+    __u8 more_fragments;    /* a first fragment: its rewrite is recorded for the later ones */
+    __be32 frag_id;         /* the fragment header's identification (fragments only) */
     struct flow_key6 key;
 };
+
+/* The fragment extension header (the kernel's struct frag_hdr is not UAPI). */
+struct lb_ipv6_frag {
+    __u8 nexthdr;
+    __u8 reserved;
+    __be16 frag_off;        /* offset in 8-byte units in the top 13 bits, M flag in bit 0 */
+    __be32 identification;
+};
+#define LB_IPV6_FRAG_OFFSET 0xfff8
+#define LB_IPV6_FRAG_MORE 0x0001
 
 /* The first bytes every walked extension header shares (a routing header's are these four). */
 struct lb_ipv6_ext {
@@ -41,7 +55,9 @@ struct lb_ipv6_ext {
 };
 
 /* Returns an outcome when the frame must pass untouched, LB_PARSED_L4 (TCP or UDP: pkt is
- * filled in) or LB_PARSED_ICMP (eth, ip6 and l4 are set; l4 is the ICMPv6 header). */
+ * filled in; more_fragments and frag_id for a first fragment), LB_PARSED_ICMP (eth, ip6 and
+ * l4 are set; l4 is the ICMPv6 header) or LB_PARSED_FRAGMENT (a later TCP/UDP fragment: eth,
+ * ip6, key.src/dst/proto and frag_id are set, no ports). */
 static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packet6 *pkt)
 {
     struct ethhdr *eth = data;
@@ -75,8 +91,31 @@ static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packe
     }
     if (l4 > end)
         return LB_PASS_MALFORMED;
-    if (nexthdr == IPPROTO_FRAGMENT)
-        return LB_PASS_FRAGMENT;
+    int more_fragments = 0;
+    if (nexthdr == IPPROTO_FRAGMENT) {
+        struct lb_ipv6_frag *frag = l4;
+        if ((void *)(frag + 1) > data_end || (void *)(frag + 1) > end)
+            return LB_PASS_MALFORMED;
+        /* Only TCP or UDP right behind the fragment header is followed; anything else
+         * (ICMPv6, more extension headers) is the kernel's to reassemble. */
+        nexthdr = frag->nexthdr;
+        if (nexthdr != IPPROTO_TCP && nexthdr != IPPROTO_UDP)
+            return LB_PASS_FRAGMENT;
+        pkt->frag_id = frag->identification;
+        __builtin_memcpy(pkt->key.src, &ip6->saddr, 16);
+        __builtin_memcpy(pkt->key.dst, &ip6->daddr, 16);
+        pkt->key.proto = nexthdr;
+        if (frag->frag_off & bpf_htons(LB_IPV6_FRAG_OFFSET)) {
+            pkt->eth = eth;
+            pkt->ip6 = ip6;
+            return LB_PARSED_FRAGMENT;
+        }
+        /* Offset 0: a first fragment (M set), whose L4 header must be whole here (RFC 8200
+         * puts the whole header chain in the first fragment), or an atomic one (M clear,
+         * RFC 6946), which is the whole datagram and goes as an unfragmented one would. */
+        more_fragments = (frag->frag_off & bpf_htons(LB_IPV6_FRAG_MORE)) != 0;
+        l4 = frag + 1;
+    }
     if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_DSTOPTS ||
         nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_AH)
         return LB_PASS_EXT_HEADER;
@@ -103,9 +142,12 @@ static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packe
         pkt->tcp_flags = tcp_flag_word(tcp) & LB_TCP_TRACKED_FLAGS;
     } else {
         struct udphdr *udp = l4;
-        if ((void *)(udp + 1) > data_end)
+        /* The header must lie inside the payload length, not in the frame's padding. */
+        if ((void *)(udp + 1) > data_end || l4_len < sizeof(*udp))
             return LB_PASS_MALFORMED;
-        if (bpf_ntohs(udp->len) < sizeof(*udp) || bpf_ntohs(udp->len) > l4_len)
+        /* A first fragment's UDP length covers the whole datagram, beyond this packet. */
+        if (bpf_ntohs(udp->len) < sizeof(*udp) ||
+            (!more_fragments && bpf_ntohs(udp->len) > l4_len))
             return LB_PASS_MALFORMED;
         pkt->l4_check = udp->check ? &udp->check : NULL;
         pkt->sport = &udp->source;
@@ -115,6 +157,7 @@ static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packe
     pkt->eth = eth;
     pkt->ip6 = ip6;
     pkt->l4 = l4;
+    pkt->more_fragments = more_fragments;
     __builtin_memcpy(pkt->key.src, &ip6->saddr, 16);
     __builtin_memcpy(pkt->key.dst, &ip6->daddr, 16);
     pkt->key.sport = *pkt->sport;

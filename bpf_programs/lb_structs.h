@@ -128,3 +128,20 @@ struct nat_entry6 {
     __be32 addr[4];
     struct nat_entry e;
 };
+
+/* frags6: a fragmented IPv6 datagram as it arrived (addresses before any rewrite, the fragment
+ * header's identification and the protocol behind it). */
+struct frag_key6 {
+    __be32 src[4];
+    __be32 dst[4];
+    __be32 id;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+/* What an IPv6 first fragment's rewrite did: the new IPv6 address, then an IPv4 frag_entry
+ * whose addr is 0 and whose direction, ids and time mean what they mean there. */
+struct frag_entry6 {
+    __be32 addr[4];
+    struct frag_entry e;
+};

@@ -1,6 +1,7 @@
 /* lb_xdp6.h: the IPv6 path (NAT66, two-arm): a v6 VIP's traffic is DNATed to a backend picked
  * by the VIP's Maglev ring and kept per flow in flows6; replies are reverse-NATed by rnat6;
- * ICMPv6 errors about tracked flows are translated; everything else passes untouched. VIP and
+ * ICMPv6 errors about tracked flows are translated; later fragments follow their first
+ * (lb_frag6.h); everything else passes untouched. VIP and
  * backend ids, rings and counters are the IPv4 path's (one id space). */
 #pragma once
 
@@ -20,6 +21,7 @@
 #include "lb_nat6.h"
 #include "lb_fib6.h"
 #include "lb_icmp6.h"
+#include "lb_frag6.h"
 
 /* The flow hash over an IPv6 tuple: the addresses folded to 32 bits, then lb_flow_hash, so
  * affinity and the mix are the IPv4 path's. */
@@ -59,7 +61,11 @@ static __always_inline int lb_flow6_forward(struct xdp_md *ctx, struct lb_packet
 {
     int refreshed = lb_flow6_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
     lb_count_flow(flow->e.vip_id, flow->e.backend_id, bytes, 0);
-    if (flow->e.forwarding == LB_FWD_DSR)
+    int l2_only = flow->e.forwarding == LB_FWD_DSR;
+    if (pkt->more_fragments)
+        lb_record_fragment6(pkt, LB_DIR_ORIGINAL, flow->addr, flow->e.vip_id, flow->e.backend_id,
+                            now, l2_only);
+    if (l2_only)
         return lb_forward6_l2(ctx, pkt, bytes, flow->addr, &flow->e, refreshed);
     lb_rewrite6(pkt, 1, flow->addr, flow->e.port);
     return lb_forward6(ctx, pkt, bytes, &flow->e, refreshed);
@@ -94,6 +100,9 @@ static __always_inline int lb_new_flow6(struct xdp_md *ctx, struct lb_packet6 *p
     lb_flow6_create(s, &pkt->key, fresh, pkt->tcp_flags, now);
 
     lb_count_flow(vip->vip_id, id, bytes, 1);
+    if (pkt->more_fragments)
+        lb_record_fragment6(pkt, LB_DIR_ORIGINAL, addr, vip->vip_id, id, now,
+                            forwarding == LB_FWD_DSR);
     /* DSR: the backend's port is the VIP's (the control plane refuses others). */
     if (forwarding == LB_FWD_DSR)
         return lb_forward6_l2(ctx, pkt, bytes, addr, NULL, 0);
@@ -110,6 +119,9 @@ static __always_inline int lb_from_backend6(struct xdp_md *ctx, struct lb_packet
     }
     int refreshed = lb_flow6_refresh(back, &pkt->key, pkt->tcp_flags, now, LB_DIR_REPLY);
     lb_count_flow(back->e.vip_id, back->e.backend_id, bytes, 0);
+    if (pkt->more_fragments)
+        lb_record_fragment6(pkt, LB_DIR_REPLY, back->addr, back->e.vip_id, back->e.backend_id,
+                            now, 0);
     lb_rewrite6(pkt, 0, back->addr, back->e.port);
     return lb_forward6(ctx, pkt, bytes, &back->e, refreshed);
 }
@@ -164,6 +176,9 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
         return lb_outcome(verdict, bytes, XDP_PASS);
     if (verdict == LB_PARSED_ICMP)
         return lb_icmp6(ctx, &pkt, data_end, bytes);
+    /* A later fragment: its first fragment's table decides (lb_frag6.h). */
+    if (verdict == LB_PARSED_FRAGMENT)
+        return lb_fragment6(ctx, &pkt, bytes);
 
     /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
     struct lb_explain *explain = (void *)(long)ctx->data_meta;

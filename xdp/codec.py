@@ -162,6 +162,19 @@ class NatEntry6(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32 * 4), ("e", NatEntry)]
 
 
+class FragKey6(ctypes.Structure):
+    """struct frag_key6: a fragmented IPv6 datagram's addresses, identification and protocol."""
+
+    _fields_ = [("src", ctypes.c_uint32 * 4), ("dst", ctypes.c_uint32 * 4), ("id", ctypes.c_uint32),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FragEntry6(ctypes.Structure):
+    """struct frag_entry6: the IPv6 address, then a FragEntry whose addr is 0."""
+
+    _fields_ = [("addr", ctypes.c_uint32 * 4), ("e", FragEntry)]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("new_flows", ctypes.c_uint64), ("drops", ctypes.c_uint64)]
@@ -281,6 +294,14 @@ def encode_flow_key(src: str, sport: int, dst: str, dport: int, proto: str) -> b
 def encode_frag_key(src: str, dst: str, ip_id: int, proto: str) -> bytes:
     """A frags key: a fragmented datagram's addresses as it arrived and its IP id."""
     return bytes(FragKey(_be32(src), _be32(dst), _be16(ip_id), PROTOS[proto], 0))
+
+
+def encode_frag_key6(src: str, dst: str, frag_id: int, proto: str) -> bytes:
+    """A frags6 key: a fragmented IPv6 datagram's addresses as it arrived and its fragment
+    header's identification."""
+    key = FragKey6.from_buffer_copy(_addr6_bytes(src) + _addr6_bytes(dst) + bytes(8))
+    key.id, key.proto = socket.htonl(frag_id), PROTOS[proto]
+    return bytes(key)
 
 
 def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:

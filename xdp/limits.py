@@ -11,7 +11,7 @@ OUTCOMES: tuple[str, ...] = (
                          # (with neighbour discovery, router advertisements, echo, MLD)
     "pass_malformed",    # truncated frame or a header that lies (IHL < 5, bad lengths)
     "pass_fragment",     # a later fragment whose first fragment was not forwarded (or too long ago);
-                         # any IPv6 fragment (docs/modes.md: the policy)
+                         # an IPv6 fragment of anything but TCP/UDP (docs/modes.md: the policy)
     "pass_ttl",          # TTL would expire here: the kernel sends the ICMP error
     "pass_no_route",     # bpf_fib_lookup gave no route or no neighbour: kernel forwards
     "pass_stale_reply",  # a reply matched a tracking entry that had ended

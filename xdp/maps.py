@@ -96,6 +96,7 @@ MAPS: dict[str, MapSpec] = {
     "vips6": MapSpec(codec.VipKey6, codec.VipMeta, MapType.HASH, attrgetter("max_vips")),
     "flows6": MapSpec(codec.FlowKey6, codec.NatEntry6, MapType.LRU_HASH, attrgetter("flow_table_size")),
     "rnat6": MapSpec(codec.FlowKey6, codec.NatEntry6, MapType.LRU_HASH, attrgetter("flow_table_size")),
+    "frags6": MapSpec(codec.FragKey6, codec.FragEntry6, MapType.LRU_HASH, attrgetter("frag_table_size")),
     # full-NAT (bpf_programs/lb_snat.h): per-VIP SNAT settings, both directions, fragments.
     "snat_cfg": MapSpec(ctypes.c_uint32, codec.SnatCfg, MapType.ARRAY, attrgetter("max_vips")),
     "snat_flows": MapSpec(codec.FlowKey, codec.SnatEntry, MapType.LRU_HASH, attrgetter("snat_table_size")),
@@ -117,7 +118,7 @@ MAPS: dict[str, MapSpec] = {
 # The tracking tables, each with the entry type that names its VIP.
 _TRACKING: tuple[tuple[str, type[ctypes.Structure]], ...] = (
     ("flows", codec.NatEntry), ("rnat", codec.NatEntry), ("frags", codec.FragEntry),
-    ("flows6", codec.NatEntry6), ("rnat6", codec.NatEntry6),
+    ("flows6", codec.NatEntry6), ("rnat6", codec.NatEntry6), ("frags6", codec.FragEntry6),
     ("snat_flows", codec.SnatEntry), ("snat_rnat", codec.SnatEntry),
     ("snat_frags", codec.SnatFragEntry))
 # Client -> VIP tables (a flow each), of both families and of full-NAT.
@@ -138,6 +139,8 @@ def _entry_vip_id(raw: bytes, entry_type: type[ctypes.Structure] | None = None) 
         return int(codec.SnatFragEntry.from_buffer_copy(raw).vip_id)
     if entry_type is codec.FragEntry:
         return int(codec.FragEntry.from_buffer_copy(raw).vip_id)
+    if entry_type is codec.FragEntry6:
+        return int(codec.FragEntry6.from_buffer_copy(raw).e.vip_id)
     return int(_nat_entry(raw, entry_type).vip_id)
 
 _PURGE_HINT = "hint: 'lbctl detach --all --purge' removes the old maps (and their configuration)"
@@ -292,9 +295,12 @@ class LbMaps:
                 state = FLOW_STATES[e.state] if e.state < len(FLOW_STATES) else "established"
                 if entry_alive(self.limits, state, e.last_seen_ns, now):
                     ids.add(e.backend_id)
-        for name, entry_type in (("frags", codec.FragEntry), ("snat_frags", codec.SnatFragEntry)):
+        for name, entry_type in (("frags", codec.FragEntry), ("snat_frags", codec.SnatFragEntry),
+                                 ("frags6", codec.FragEntry6)):
             for _key, raw in self[name].items():  # noqa: PERF102 (a map handle, not a dict)
                 f = entry_type.from_buffer_copy(raw)
+                if entry_type is codec.FragEntry6:
+                    f = f.e  # type: ignore[attr-defined]
                 if now - f.seen_ns <= self.limits.frag_timeout_s * 1_000_000_000 + _ALIVE_SLACK_NS:  # type: ignore[attr-defined]
                     ids.add(f.backend_id)  # type: ignore[attr-defined]
         return ids

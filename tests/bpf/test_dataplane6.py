@@ -4,6 +4,7 @@ BPF_PROG_TEST_RUN in a routed namespace with IPv6 addresses and neighbours."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrRouting,
 )
 from scapy.layers.l2 import Ether
-from scapy.packet import Packet
+from scapy.packet import Packet, Raw
 
 from lbctl import planner
 from lbctl.bench import routed
@@ -57,6 +58,8 @@ PAIR = Endpoint("fd00:6:9::2", 80, "tcp")
 PAIR_BACKENDS = (Endpoint("fd00:6:2::21", 80, "tcp"), Endpoint("fd00:6:2::22", 80, "tcp"))
 EMPTY = Endpoint("fd00:6:9::3", 80, "tcp")
 DSR = Endpoint("fd00:6:9::4", 80, "tcp")                       # L2 DSR, PAIR_BACKENDS[0]
+DSR_DNS = Endpoint("fd00:6:9::5", 53, "udp")                   # L2 DSR over UDP
+DSR_DNS_BACKEND = Endpoint("fd00:6:2::22", 53, "udp")          # PAIR_BACKENDS[1]'s host
 NOT_A_VIP = "fd00:6:9::99"
 
 BACKEND_MACS = {b.addr: f"02:00:06:02:00:{i + 0x10:02x}"
@@ -84,8 +87,8 @@ def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
 @pytest.fixture(scope="module")
 def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
     for vip, backends in ((WEB, [WEB_BACKEND]), (DNS, [DNS_BACKEND]), (PAIR, list(PAIR_BACKENDS)),
-                          (EMPTY, []), (DSR, [PAIR_BACKENDS[0]])):
-        controller.vip_add(vip, forwarding="dsr" if vip == DSR else "nat")
+                          (EMPTY, []), (DSR, [PAIR_BACKENDS[0]]), (DSR_DNS, [DSR_DNS_BACKEND])):
+        controller.vip_add(vip, forwarding="dsr" if vip in (DSR, DSR_DNS) else "nat")
         for backend in backends:
             controller.backend_add(vip, parse_endpoint(str(backend), vip.proto))
     return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
@@ -175,13 +178,13 @@ def send(step: Send, run: Callable[..., tuple[int, bytes]], lb_maps: LbMaps) -> 
     before = lb_maps.global_counters()
     retval, out = run(step.frame, step.ingress)
     after = lb_maps.global_counters()
-    assert retval == step.action, f"XDP action {retval}, expected {step.action}"
+    counted = {name: after[name]["packets"] - before[name]["packets"]
+               for name in OUTCOMES if after[name] != before[name]}
+    assert retval == step.action, f"XDP action {retval}, expected {step.action} ({counted})"
     if step.action != XDP_DROP:
         expected = step.frame if step.expected is None else step.expected
         assert out == expected, (f"output differs\n--- got\n{Ether(out).show(dump=True)}"
                                  f"\n--- expected\n{Ether(expected).show(dump=True)}")
-    counted = {name: after[name]["packets"] - before[name]["packets"]
-               for name in OUTCOMES if after[name] != before[name]}
     assert counted == {step.outcome: 1}
 
 
@@ -195,7 +198,8 @@ FINAL_ROUTING_SYN = to_vip(WEB, ext=IPv6ExtHdrRouting(addresses=[], segleft=0))
 WAYPOINT_ROUTING_SYN = to_vip(WEB, ext=IPv6ExtHdrRouting(addresses=[CLIENT], segleft=1))
 FIVE_HEADERS_SYN = to_vip(WEB, ext=IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
                           IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt())
-FRAGMENTED_QUERY = to_vip(DNS, sport=33000, ext=IPv6ExtHdrFragment(id=7, m=1))
+ICMP_FRAGMENT_TO_VIP = client_frame(DNS.addr, ICMPv6EchoRequest(id=1, seq=1),
+                                    ext=IPv6ExtHdrFragment(id=8, m=1))
 # Neighbour discovery and router traffic, addressed to the balancer's own arm.
 NEIGHBOUR_SOLICITATION = bytes(
     Ether(src=CLIENT_MAC, dst="33:33:ff:00:00:01") /
@@ -259,6 +263,55 @@ def l2_only(frame: bytes, backend: Endpoint) -> bytes:
 
 def frames_mac(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
+
+
+# --- fragments: a UDP datagram of FRAGMENTED_BYTES split as a sending kernel splits it ---
+
+FRAGMENTED_BYTES = 3000
+FRAGMENT_DATA = 1232            # per fragment: what fits IPv6's minimum MTU (a multiple of 8)
+
+
+def fragments(src: str, sport: int, dst: str, dport: int, frag_id: int, *, hlim: int = 64,
+              eth: tuple[str, str] = (CLIENT_MAC, CLIENT_ARM_MAC), size: int = FRAGMENTED_BYTES,
+              hop_by_hop: bool = False) -> list[bytes]:
+    """One UDP datagram (checksum over the whole of it) in fragments: the first carries the UDP
+    header, the later ones only data. The same call with the rewritten addresses and ports is
+    what the balancer must send for each fragment."""
+    payload = bytes(i % 251 for i in range(size))
+    datagram = bytes(IPv6(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload)[40:]
+    out = []
+    for offset in range(0, len(datagram), FRAGMENT_DATA):
+        chunk = datagram[offset:offset + FRAGMENT_DATA]
+        more = int(offset + FRAGMENT_DATA < len(datagram))
+        ip: Packet = IPv6(src=src, dst=dst, hlim=hlim)
+        if hop_by_hop:
+            ip = ip / IPv6ExtHdrHopByHop()
+        frag = IPv6ExtHdrFragment(nh=17, offset=offset // 8, m=more, id=frag_id)
+        out.append(bytes(Ether(src=eth[0], dst=eth[1]) / ip / frag / Raw(chunk)))
+    return out
+
+
+def later_fragment(frame: bytes, *, frag_id: int | None = None, hlim: int | None = None) -> bytes:
+    pkt = Ether(frame)
+    if frag_id is not None:
+        pkt[IPv6ExtHdrFragment].id = frag_id
+    if hlim is not None:
+        pkt[IPv6].hlim = hlim
+    return bytes(pkt)
+
+
+CLIENT_TO_DNS = fragments(CLIENT, 33000, DNS.addr, DNS.port, 0x1234abcd)
+CLIENT_TO_DNS_BACKEND = fragments(CLIENT, 33000, DNS_BACKEND.addr, DNS_BACKEND.port, 0x1234abcd,
+                                  hlim=63, eth=to_backend_arm(DNS_BACKEND))
+HOP_BY_HOP_TO_DNS = fragments(CLIENT, 33001, DNS.addr, DNS.port, 77, hop_by_hop=True)
+HOP_BY_HOP_TO_DNS_BACKEND = fragments(CLIENT, 33001, DNS_BACKEND.addr, DNS_BACKEND.port, 77,
+                                      hlim=63, eth=to_backend_arm(DNS_BACKEND),
+                                      hop_by_hop=True)
+BACKEND_ANSWER = fragments(DNS_BACKEND.addr, DNS_BACKEND.port, CLIENT, 33000, 0x51,
+                           eth=(BACKEND_MACS[DNS_BACKEND.addr], BACKEND_ARM_MAC))
+ANSWER_FROM_VIP = fragments(DNS.addr, DNS.port, CLIENT, 33000, 0x51, hlim=63, eth=TO_CLIENT_ARM)
+CLIENT_TO_DSR_DNS = fragments(CLIENT, 33002, DSR_DNS.addr, DSR_DNS.port, 0xfeed)
+ATOMIC_QUERY = to_vip(DNS, sport=33003, ext=IPv6ExtHdrFragment(id=9, m=0))
 
 
 TOO_BIG_FOR_DSR_REPLY = bytes(
@@ -355,8 +408,63 @@ CASES: list[tuple[str, tuple[Send, ...]]] = [
     ("a SYN behind five extension headers (more than are walked) passes unchanged", (
         passes(FIVE_HEADERS_SYN, "pass_ext_header"),
     )),
-    ("an IPv6 fragment to a VIP passes unchanged", (
-        passes(FRAGMENTED_QUERY, "pass_fragment"),
+    ("an IPv6 UDP datagram in three fragments reaches one backend: the first DNATed, the rest readdressed", (
+        *(Send(f, CLIENT_ARM, XDP_REDIRECT, "redirect", out)
+          for f, out in zip(CLIENT_TO_DNS, CLIENT_TO_DNS_BACKEND, strict=True)),
+    )),
+    ("a fragment header behind a hop-by-hop header is followed the same way", (
+        *(Send(f, CLIENT_ARM, XDP_REDIRECT, "redirect", out)
+          for f, out in zip(HOP_BY_HOP_TO_DNS, HOP_BY_HOP_TO_DNS_BACKEND, strict=True)),
+    )),
+    ("a backend's fragmented IPv6 answer leaves from the VIP, every fragment", (
+        Send(QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(QUERY, DNS_BACKEND)),
+        *(Send(f, BACKEND_ARM, XDP_REDIRECT, "redirect", out)
+          for f, out in zip(BACKEND_ANSWER, ANSWER_FROM_VIP, strict=True)),
+    )),
+    ("a fragmented IPv6 datagram of a tracked flow follows the flow's backend", (
+        Send(to_vip(DNS, sport=33000), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             dnat(to_vip(DNS, sport=33000), DNS_BACKEND)),
+        *(Send(f, CLIENT_ARM, XDP_REDIRECT, "redirect", out)
+          for f, out in zip(CLIENT_TO_DNS, CLIENT_TO_DNS_BACKEND, strict=True)),
+    )),
+    ("an IPv6 DSR datagram's fragments all go at L2 to the first one's backend, unchanged", (
+        *(Send(f, CLIENT_ARM, XDP_REDIRECT, "redirect", l2_only(f, DSR_DNS_BACKEND))
+          for f in CLIENT_TO_DSR_DNS),
+    )),
+    ("a later IPv6 fragment of a DSR datagram with hop limit 1 still goes at L2", (
+        Send(CLIENT_TO_DSR_DNS[0], CLIENT_ARM, XDP_REDIRECT, "redirect",
+             l2_only(CLIENT_TO_DSR_DNS[0], DSR_DNS_BACKEND)),
+        Send(later_fragment(CLIENT_TO_DSR_DNS[1], hlim=1), CLIENT_ARM, XDP_REDIRECT, "redirect",
+             l2_only(later_fragment(CLIENT_TO_DSR_DNS[1], hlim=1), DSR_DNS_BACKEND)),
+    )),
+    ("a later IPv6 fragment with no first fragment passes unchanged", (
+        passes(CLIENT_TO_DNS[1], "pass_fragment"),
+    )),
+    ("a later IPv6 fragment that arrives before its first passes; the first is still balanced", (
+        passes(CLIENT_TO_DNS[2], "pass_fragment"),
+        Send(CLIENT_TO_DNS[0], CLIENT_ARM, XDP_REDIRECT, "redirect", CLIENT_TO_DNS_BACKEND[0]),
+    )),
+    ("a later IPv6 fragment of another datagram (another identification) passes unchanged", (
+        Send(CLIENT_TO_DNS[0], CLIENT_ARM, XDP_REDIRECT, "redirect", CLIENT_TO_DNS_BACKEND[0]),
+        passes(later_fragment(CLIENT_TO_DNS[1], frag_id=0x1234abce), "pass_fragment"),
+    )),
+    ("a later IPv6 fragment of a NATed datagram with hop limit 1 passes for the kernel", (
+        Send(CLIENT_TO_DNS[0], CLIENT_ARM, XDP_REDIRECT, "redirect", CLIENT_TO_DNS_BACKEND[0]),
+        passes(later_fragment(CLIENT_TO_DNS[1], hlim=1), "pass_ttl"),
+    )),
+    ("an atomic IPv6 fragment (offset 0, no more) is balanced as a whole datagram", (
+        Send(ATOMIC_QUERY, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(ATOMIC_QUERY, DNS_BACKEND)),
+    )),
+    ("a fragmented ICMPv6 message to a VIP passes unchanged", (
+        passes(ICMP_FRAGMENT_TO_VIP, "pass_fragment"),
+    )),
+    ("a first IPv6 fragment too short for its TCP header passes unchanged", (
+        passes(client_frame(WEB.addr, Raw(bytes(TCP(sport=40000, dport=80))[:12]),
+                            ext=IPv6ExtHdrFragment(nh=6, id=10, m=1)), "pass_malformed"),
+    )),
+    ("a fragment to an address that is no VIP passes unchanged", (
+        passes(fragments(CLIENT, 33000, NOT_A_VIP, 53, 11)[0], "pass_not_vip"),
+        passes(fragments(CLIENT, 33000, NOT_A_VIP, 53, 11)[1], "pass_fragment"),
     )),
     ("a truncated IPv6 header passes unchanged", (
         passes(_truncated(SYN, 14 + 39), "pass_malformed"),
@@ -474,7 +582,7 @@ def test_ipv4_and_ipv6_vips_share_one_id_space(lb_maps: LbMaps) -> None:
     vips = lb_maps.vips()
     ids = [meta.vip_id for meta in vips.values()]
     assert len(ids) == len(set(ids))
-    assert {WEB, DNS, PAIR, EMPTY, DSR} <= set(vips)
+    assert {WEB, DNS, PAIR, EMPTY, DSR, DSR_DNS} <= set(vips)
 
 
 def test_a_vip_of_one_family_refuses_a_backend_of_the_other_and_changes_nothing(
@@ -502,3 +610,21 @@ def test_explain_answers_for_an_ipv6_vip_without_creating_a_flow(
     assert (hit.verdict, hit.backend, hit.flow_state) == ("flow_hit", "[fd00:6:2::11]:8080", "syn")
     assert explain(lb_program.fd, client, Endpoint(NOT_A_VIP, 80, "tcp")).verdict == "not_vip"
     assert explain(lb_program.fd, client, EMPTY, new_connection=True).verdict == "no_backend"
+
+
+def test_vip_del_forgets_its_ipv6_fragment_entries(
+        run: Callable[..., tuple[int, bytes]], controller: Controller, lb_maps: LbMaps,
+        lb_program: LoadedProgram) -> None:
+    run(CLIENT_TO_DNS[0], CLIENT_ARM)
+    key = codec.encode_frag_key6(CLIENT, DNS.addr, 0x1234abcd, "udp")
+    with libbpf.MapHandle.open(os.path.join(lb_program.pin_dir, "frags6")) as frags6:
+        raw = frags6.lookup(key)
+        assert raw is not None
+        entry = codec.FragEntry6.from_buffer_copy(raw)
+        assert (entry.e.rewrite_dst, bytes(entry.addr)) == (1, ipaddress.IPv6Address(
+            DNS_BACKEND.addr).packed)
+        backend_id = entry.e.backend_id
+        assert backend_id in lb_maps.tracked_backend_ids()
+        controller.vip_del(DNS)
+        assert frags6.lookup(key) is None
+    send(passes(CLIENT_TO_DNS[1], "pass_fragment"), run, lb_maps)

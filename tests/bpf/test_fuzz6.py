@@ -1,5 +1,5 @@
 """Hostile IPv6 input: seeded random and mutated IPv6 frames (VIP traffic, tracked replies,
-neighbour discovery, extension headers, ICMPv6 errors, lies in every length) through
+neighbour discovery, extension headers, fragments, ICMPv6 errors, lies in every length) through
 BPF_PROG_TEST_RUN, each judged against a Python reading of the IPv6 policy (docs/modes.md): no
 XDP_ABORTED, nothing but VIP traffic, tracked replies and ICMPv6 errors about them rewritten,
 every rewrite whole with its checksum as right as it came in, every frame counted once."""
@@ -152,8 +152,16 @@ class Parsed6:
     dport: int
     hlim: int
     l4: int            # offset of the L4 header in the frame
-    l4_len: int        # bytes the L4 checksum covers
+    l4_len: int        # bytes the L4 checksum covers (of a first fragment: the bytes here)
     check_at: int
+    first_fragment: tuple[int, bool] | None = None   # (identification, more fragments follow)
+
+
+@dataclass(frozen=True)
+class Later6:
+    """A later fragment of a TCP/UDP datagram: no ports, its first fragment decides."""
+    key: tuple[str, str, int, int]      # src, dst, identification, protocol
+    hlim: int
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,7 @@ class Icmp6:
     hlim: int
 
 
-def read6(frame: bytes) -> str | Parsed6 | Icmp6:
+def read6(frame: bytes) -> str | Parsed6 | Icmp6 | Later6:
     if len(frame) < ETH_LEN + IP6_LEN:
         return "pass_malformed"
     if frame[14] >> 4 != 6:
@@ -184,8 +192,18 @@ def read6(frame: bytes) -> str | Parsed6 | Icmp6:
         nh, off = frame[off], off + (frame[off + 1] + 1) * 8
     if off > end:
         return "pass_malformed"
+    first_fragment = None
     if nh == FRAGMENT:
-        return "pass_fragment"
+        if off + 8 > len(frame) or off + 8 > end:
+            return "pass_malformed"
+        nh, _, frag_off, frag_id = struct.unpack_from("!BBHI", frame, off)
+        if nh not in (TCP, UDP):
+            return "pass_fragment"
+        if frag_off & 0xfff8:
+            return Later6((str(ipaddress.IPv6Address(frame[22:38])),
+                           str(ipaddress.IPv6Address(frame[38:54])), frag_id, nh), frame[21])
+        first_fragment, off = (frag_id, bool(frag_off & 1)), off + 8
+    more = first_fragment is not None and first_fragment[1]
     if nh in (HOPOPTS, DSTOPTS, ROUTING, AH):
         return "pass_ext_header"
     if nh == ICMPV6:
@@ -201,15 +219,16 @@ def read6(frame: bytes) -> str | Parsed6 | Icmp6:
             return "pass_malformed"
         check_at, covered = off + 16, l4_len
     else:
-        if off + 8 > len(frame):
+        if off + 8 > len(frame) or l4_len < 8:
             return "pass_malformed"
         (udp_len,) = struct.unpack_from("!H", frame, off + 4)
-        if udp_len < 8 or udp_len > l4_len:
+        if udp_len < 8 or (udp_len > l4_len and not more):
             return "pass_malformed"
-        check_at, covered = off + 6, udp_len
+        check_at, covered = off + 6, l4_len if more else udp_len
     sport, dport = struct.unpack_from("!HH", frame, off)
     return Parsed6(nh, str(ipaddress.IPv6Address(frame[22:38])), str(ipaddress.IPv6Address(frame[38:54])),
-                   sport, dport, frame[21], off, covered, check_at)
+                   sport, dport, frame[21], off, covered, check_at,
+                   first_fragment if more else None)
 
 
 def residual(frame: bytes, proto: int, l4: int, covered: int) -> int:
@@ -230,6 +249,7 @@ class Source:
         self.rng = rng
         self.replies: list[tuple[Endpoint, str, int]] = []   # backend, client, client port
         self.vip_tuples: list[tuple[Endpoint, str, int]] = []  # vip, client, client port
+        self.later: list[Sample] = []   # later fragments of datagrams whose first was sent
 
     def _client(self) -> str:
         return self.rng.choice(CLIENTS) if self.rng.random() < 0.95 else UNRESOLVED_CLIENT
@@ -299,6 +319,45 @@ class Source:
         return Sample(build6(mac_of6(src), CLIENT_ARM_MAC if ingress == CLIENT_ARM else BACKEND_ARM_MAC,
                              src, dst, ICMPV6, body, hlim=r.choice((64, 64, 1))), ingress)
 
+    def fragmented(self) -> Sample:
+        """The first fragment of a UDP datagram (to the UDP VIP, a tracked reply, or no VIP);
+        its later fragments wait in self.later, to come after it, reordered, or never."""
+        r = self.rng
+        roll = r.random()
+        if roll < 0.5 or not self.replies:
+            client = self._client()
+            dst, sport, dport = (UDP_VIP.addr if roll < 0.4 else r.choice(NON_VIP_DESTINATIONS),
+                                 r.randrange(40000, 40048), UDP_VIP.port)
+            src, src_mac, dst_mac, ingress = client, mac_of6(client), CLIENT_ARM_MAC, CLIENT_ARM
+        else:
+            backend, client, port = r.choice(self.replies)
+            if backend.proto != "udp":
+                return self.to_vip()
+            src, dst, sport, dport = backend.addr, client, backend.port, port
+            src_mac, dst_mac, ingress = mac_of6(backend.addr), BACKEND_ARM_MAC, BACKEND_ARM
+        datagram = udp6(src, dst, sport, dport, r.randbytes(r.choice((600, 1500, 3000))))
+        frag_id = r.choice((r.randrange(1 << 32), 7, 0))
+        size = r.choice((8, 256, 1232))
+        pieces = [datagram[i:i + size] for i in range(0, len(datagram), size)]
+        hlim = r.choice((64, 64, 64, 2, 1))
+        frames_out = []
+        for n, piece in enumerate(pieces):
+            more = int(n + 1 < len(pieces))
+            header = struct.pack("!BBHI", UDP, 0, (n * size) | more, frag_id)
+            frames_out.append(Sample(build6(src_mac, dst_mac, src, dst, UDP, piece, ext=header,
+                                            first_nh=FRAGMENT, hlim=hlim), ingress))
+        later = frames_out[1:]
+        r.shuffle(later)
+        self.later.extend(later[:r.randint(0, len(later))])
+        if len(self.later) > 512:
+            del self.later[:256]
+        return frames_out[0]
+
+    def later_fragment(self) -> Sample:
+        if not self.later:
+            return self.fragmented()
+        return self.later.pop(self.rng.randrange(len(self.later)))
+
     def other(self) -> Sample:
         r = self.rng
         client = self._client()
@@ -349,7 +408,8 @@ class Source:
         return Sample(bytes(f), r.choice((CLIENT_ARM, BACKEND_ARM)))
 
     def __iter__(self) -> Iterator[Sample]:
-        makers = (self.to_vip, self.to_vip, self.reply, self.reply, self.other)
+        makers = (self.to_vip, self.to_vip, self.reply, self.reply, self.other, self.fragmented,
+                  self.later_fragment, self.later_fragment)
         while True:
             roll = self.rng.random()
             if roll < 0.55:
@@ -372,6 +432,9 @@ class Judge:
         self.source = source
         self.tracked: dict[tuple[str, str, int, int, int], Endpoint] = {}   # reply key -> VIP
         self.maybe_forgotten: set[tuple[str, str, int, int, int]] = set()
+        # A forwarded first fragment's key -> (rewrites the destination, the new address).
+        self.frags: dict[tuple[str, str, int, int], tuple[bool, str]] = {}
+        self.later_forwarded = 0
         self.expected: Counter[frozenset[str]] = Counter()
         self.rewritten = 0
         self.icmp_translated = 0
@@ -388,6 +451,9 @@ class Judge:
             return
         if isinstance(reading, Icmp6):
             self._judge_icmp(frame, retval, out, reading)
+            return
+        if isinstance(reading, Later6):
+            self._judge_later(frame, retval, out, reading)
             return
         p = reading
         vip = VIP_BY_KEY.get((p.dst, p.dport, "tcp" if p.proto == TCP else "udp"))
@@ -411,6 +477,8 @@ class Judge:
         if vip is not None:
             backend = self._check_rewrite(frame, out, p, retval, dst=True)
             assert backend in VIPS[vip], f"{vip} forwarded to {backend}"
+            if p.first_fragment:
+                self.frags[(p.src, p.dst, p.first_fragment[0], p.proto)] = (True, backend.addr)
             key = (backend.addr, p.src, backend.port, p.sport, p.proto)
             if key not in self.tracked:
                 self.tracked[key] = vip
@@ -424,7 +492,26 @@ class Judge:
         else:
             source = self._check_rewrite(frame, out, p, retval, dst=False)
             assert source == reply_to, f"reply NATed to {source}, not {reply_to}"
+            if p.first_fragment:
+                self.frags[(p.src, p.dst, p.first_fragment[0], p.proto)] = (False, source.addr)
         self.rewritten += 1
+        self.count(FORWARD[retval])
+
+    def _judge_later(self, frame: bytes, retval: int, out: bytes, m: Later6) -> None:
+        rewrite = self.frags.get(m.key)
+        if rewrite is None or m.hlim <= 1:
+            assert retval == XDP_PASS and out == frame, "a later fragment was not passed untouched"
+            self.count("pass_fragment" if rewrite is None else "pass_ttl")
+            return
+        dst, addr = rewrite
+        assert retval in (XDP_TX, XDP_REDIRECT, XDP_PASS) and len(out) == len(frame)
+        addr_at = 38 if dst else 22
+        allowed = {*range(12), 21, *range(addr_at, addr_at + 16)}
+        changed = {i for i in range(len(frame)) if frame[i] != out[i]}
+        assert changed <= allowed, f"bytes {sorted(changed - allowed)} changed outside the rewrite"
+        assert out[addr_at:addr_at + 16] == a6(addr), "a later fragment went elsewhere than its first"
+        assert out[21] == frame[21] - (1 if retval != XDP_PASS else 0)
+        self.later_forwarded += 1
         self.count(FORWARD[retval])
 
     def _judge_icmp(self, frame: bytes, retval: int, out: bytes, m: Icmp6) -> None:
@@ -499,10 +586,12 @@ def test_random_and_mutated_ipv6_frames_never_abort_and_never_half_rewrite(
     counters = lb_maps.global_counters()
     counted = Counter({name: c["packets"] for name, c in counters.items() if c["packets"]})
     print(f"seed {FUZZ_SEED}: {FUZZ_FRAMES} IPv6 frames, {judge.rewritten} rewritten, "
-          f"{judge.icmp_translated} ICMPv6 errors translated; counted {dict(sorted(counted.items()))}")
+          f"{judge.icmp_translated} ICMPv6 errors translated, {judge.later_forwarded} later "
+          f"fragments followed their first; counted {dict(sorted(counted.items()))}")
     judge.check_counts(counted)
     for outcome in ("pass_malformed", "pass_fragment", "pass_ext_header", "pass_not_vip",
                     "pass_ttl", "redirect", "tx", "pass_no_route", "drop_no_backend"):
         assert judge.must(outcome) > FUZZ_FRAMES // 1000, f"too few {outcome}: {dict(counted)}"
     assert judge.rewritten > FUZZ_FRAMES // 10
     assert judge.icmp_translated > FUZZ_FRAMES // 1000, "too few ICMPv6 errors translated"
+    assert judge.later_forwarded > FUZZ_FRAMES // 100, "too few later fragments forwarded"
