@@ -1086,7 +1086,8 @@ def flows_flush(obj: Context) -> None:
 # The harness lives in lbctl.bench, imported only inside these commands: the product never
 # loads it otherwise. The setup names are spelled here for the same reason (a unit test
 # holds them equal to lbctl.bench.spec.SETUPS).
-BENCH_SETUPS = ("xdp-native", "xdp-generic", "nftables", "haproxy", "direct")
+BENCH_SETUPS = ("xdp-native", "xdp-generic", "xdp-fullnat", "xdp-dsr", "xdp-ipv6", "nftables",
+                "haproxy", "direct")
 
 
 @main.group(epilog=examples("lbctl bench dataplane   # ns per packet of each XDP path",

@@ -5,10 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lbctl.bench.spec import BULK_PORT, HTTP_VIP_PORT, NGINX_PORT, PPS_PORT, SINGLE_VIP_PORT
+from lbctl.bench.spec import (
+    BULK_PORT,
+    HTTP_VIP_PORT,
+    NGINX_PORT,
+    PPS_PORT,
+    SINGLE_NGINX_PORT,
+    SINGLE_VIP_PORT,
+)
 
 
-def nginx_conf(name: str, run_dir: Path) -> str:
+def nginx_conf(name: str, run_dir: Path, ipv6: bool = False) -> str:
+    """`ipv6`: listen on IPv6 too (the namespace must have IPv6 on, or nginx cannot bind)."""
+    listen6 = (f"\n        listen [::]:{NGINX_PORT} reuseport backlog=4096;"
+               f"\n        listen [::]:{SINGLE_NGINX_PORT} reuseport backlog=4096;" if ipv6 else "")
     return f"""# nginx for backend {name} of the lbctl benchmark lab
 daemon off;
 worker_processes 1;
@@ -24,6 +34,7 @@ http {{
     scgi_temp_path {run_dir}/nginx-{name}-tmp;
     server {{
         listen {NGINX_PORT} reuseport backlog=4096;
+        listen {SINGLE_NGINX_PORT} reuseport backlog=4096;{listen6}
         location / {{ return 200 "{name}\\n"; }}
     }}
 }}

@@ -23,8 +23,8 @@ CLIENT_MAC = "02:00:00:00:00:01"  # the test run's made-up sender: the program n
 
 def pps_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, sport: int,
               dport: int) -> bytes:
-    """The packet-rate workload's 60-byte frame: no UDP checksum (0), so the generator can
-    change the source port alone."""
+    """The packet-rate workload's 60-byte frame (80 bytes over IPv6): no UDP checksum (0), so
+    the generator can change the source port alone."""
     return frames.udp_frame(src_mac, dst_mac, src_ip, dst_ip, sport, dport,
                             bytes(PPS_PAYLOAD_BYTES), checksum=False)
 
@@ -41,7 +41,8 @@ def _iface_mac(ifname: str) -> str:
 
 
 def gen(ifname: str, dst_mac: str, src_ip: str) -> None:
-    """Long-lived generator in the client's namespace: 'run DST_IP DPORT SECONDS' lines."""
+    """Long-lived generator in the client's namespace: 'run DST_IP DPORT SECONDS [SRC_IP]'
+    lines (SRC_IP: the client's address of DST_IP's family when it is not src_ip's)."""
     from bcc import BPF  # type: ignore[import-not-found]
 
     from xdp import libbpf
@@ -57,11 +58,14 @@ def gen(ifname: str, dst_mac: str, src_ip: str) -> None:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
-        _, dst_ip, dport, seconds = cmd
-        frame = pps_frame(src_mac, dst_mac, src_ip, dst_ip, PPS_FLOW_BASE, int(dport))
+        _, dst_ip, dport, seconds, *source = cmd
+        frame = pps_frame(src_mac, dst_mac, source[0] if source else src_ip, dst_ip,
+                          PPS_FLOW_BASE, int(dport))
         table = bpf[b"gen_template_map"]
         leaf = table.Leaf()
-        ctypes.memmove(ctypes.addressof(leaf), frame, ctypes.sizeof(leaf))
+        # The template holds an IPv6 header; an IPv4 frame fills its start.
+        template = frame.ljust(ctypes.sizeof(leaf), b"\0")[:ctypes.sizeof(leaf)]
+        ctypes.memmove(ctypes.addressof(leaf), template, ctypes.sizeof(leaf))
         table[ctypes.c_int(0)] = leaf
         t0 = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, float(seconds))

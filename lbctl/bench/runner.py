@@ -31,18 +31,25 @@ from lbctl.bench.report import (
 )
 from lbctl.bench.spec import (
     BULK_PORT,
+    DSR_CLIENT_SIDE,
     GENERATOR_BOUND_SHARE,
     HTTP_VIP_PORT,
+    LAB6_CLIENT,
+    LAB6_LB_BACKEND_SIDE,
+    LAB6_LB_CLIENT_SIDE,
+    LAB6_VIP,
     MAX_ERROR_SHARE,
     NGINX_PORT,
     PPS_FLOWS,
     PPS_PAYLOAD_BYTES,
     PPS_PORT,
     SETUP_TITLES,
+    SINGLE_NGINX_PORT,
     SINGLE_VIP_PORT,
     WORKLOADS,
     WRK_CONNECTIONS,
     WRK_THREADS,
+    lab6_backend,
 )
 from lbctl.bench.tools import check_tools, resolve_setups, tool_versions
 from lbctl.errors import LbctlError
@@ -83,6 +90,15 @@ class _State:
     vip_on_lo: bool = False
     nft_table: bool = False
     stats_fd: int | None = None
+    dsr_plumbing: bool = False
+    client_rp_filter: str | None = None   # the client's all.rp_filter before the DSR setup
+
+
+# The lbctl setups: how each forwards, over which family.
+XDP_FORWARDING = {"xdp-native": "nat", "xdp-generic": "nat", "xdp-fullnat": "fullnat",
+                  "xdp-dsr": "dsr", "xdp-ipv6": "nat"}
+DSR_CLIENT_IF = "dsr0"          # the client's interface on the backends' segment (xdp-dsr)
+DSR_SWITCH_PORT = "p-dsr"       # its peer, a port of the backends' bridge
 
 
 class _Progress:
@@ -124,6 +140,7 @@ class PeerBench:
         self.backends = [b.addr for b in self.lab.backends]
         self.lb_client_if, self.lb_backend_if = self.lab.lb_ifaces
         self.sw_port = f"p-{self.lab.lb.name}"  # the switch's end of the balancer's link
+        self.ipv6 = "xdp-ipv6" in setups   # IPv6 on in the lab only when measured
         # (host, interface) -> the comm of its threaded-NAPI kernel thread, "napi/eth0-8195":
         # the NAPI id makes it unique across namespaces whose interfaces share names.
         self.napi_threads: dict[tuple[str, str], str] = {}
@@ -258,10 +275,12 @@ class PeerBench:
                               "net.ipv4.ip_local_port_range=1024 65000",
                               "net.ipv4.tcp_tw_reuse=1"])
         self._thread_napi()
+        if self.ipv6:
+            self._enable_ipv6()
         (self.run_dir / "wrk.lua").write_text(WRK_LUA)
         for b in self.lab.backends:
             conf = self.run_dir / f"nginx-{b.name}.conf"
-            conf.write_text(nginx_conf(b.name, self.run_dir))
+            conf.write_text(nginx_conf(b.name, self.run_dir, ipv6=self.ipv6))
             self._spawn(f"nginx-{b.name}", b.name,
                         ["nginx", "-c", str(conf), "-p", str(self.run_dir),
                          "-e", str(self.run_dir / f"nginx-{b.name}.err")])
@@ -282,6 +301,36 @@ class PeerBench:
             answer = self._helper(helper, None, 120)
             if answer != "ready":
                 raise BenchError(f"{helper.name} helper said {answer!r}")
+
+    def _enable_ipv6(self) -> None:
+        """IPv6 beside IPv4 for the xdp-ipv6 setup (the lab turns it off): client, balancer
+        (forwarding) and backends on two /64s, without duplicate address detection."""
+        client, lb = self.lab.client, self.lab.lb
+        plan = [(lb.name, {self.lb_client_if: f"{LAB6_LB_CLIENT_SIDE}/64",
+                           self.lb_backend_if: f"{LAB6_LB_BACKEND_SIDE}/64"}, None),
+                (client.name, {client.ifname: f"{LAB6_CLIENT}/64"}, LAB6_LB_CLIENT_SIDE)]
+        plan += [(b.name, {b.ifname: f"{lab6_backend(i)}/64"}, LAB6_LB_BACKEND_SIDE)
+                 for i, b in enumerate(self.lab.backends)]
+        for host, addrs, gateway in plan:
+            knobs = ["net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+                     "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+            knobs += [f"net.ipv6.conf.{ifname}.{knob}" for ifname in addrs
+                      for knob in ("disable_ipv6=0", "accept_dad=0")]
+            self._must(host, ["sysctl", "-q", "-w", *knobs])
+            for ifname, cidr in addrs.items():
+                self._must(host, ["ip", "-6", "addr", "add", cidr, "dev", ifname, "nodad"])
+            if gateway is not None:
+                self._must(host, ["ip", "-6", "route", "add", "default", "via", gateway])
+        self._must(lb.name, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+
+    def vip_addr(self, setup: str) -> str:
+        return LAB6_VIP if setup == "xdp-ipv6" else self.vip
+
+    def vip_ports(self, setup: str) -> tuple[int, int]:
+        """The VIP's ports for many backends and for one: DSR keeps the backend's port."""
+        if setup == "xdp-dsr":
+            return NGINX_PORT, SINGLE_NGINX_PORT
+        return HTTP_VIP_PORT, SINGLE_VIP_PORT
 
     def _veths(self, host: str) -> list[str]:
         from pyroute2 import IPRoute
@@ -390,24 +439,8 @@ class PeerBench:
     # ------------------------------------------------------------ setups
 
     def setup(self, name: str) -> None:
-        if name in ("xdp-native", "xdp-generic"):
-            mode = name.split("-")[1]
-            self._lbctl("attach", self.lb_client_if, self.lb_backend_if, "--mode", mode)
-            self.state.xdp_attached = True
-            http_vip = f"{self.vip}:{HTTP_VIP_PORT}"
-            bulk_vip = f"{self.vip}:{BULK_PORT}"
-            pps_vip = f"{self.vip}:{PPS_PORT}"
-            self._lbctl("vip", "add", http_vip)
-            self._lbctl("vip", "add", bulk_vip)
-            self._lbctl("vip", "add", pps_vip, "--proto", "udp")
-            single_vip = f"{self.vip}:{SINGLE_VIP_PORT}"
-            self._lbctl("vip", "add", single_vip)
-            self._lbctl("backend", "add", single_vip, f"{self.backends[0]}:{NGINX_PORT}")
-            for addr in self.backends:
-                self._lbctl("backend", "add", http_vip, f"{addr}:{NGINX_PORT}")
-                self._lbctl("backend", "add", pps_vip, f"{addr}:{PPS_PORT}", "--proto", "udp")
-            # iperf3's control and data connections must meet the same server: one backend.
-            self._lbctl("backend", "add", bulk_vip, f"{self.backends[0]}:{BULK_PORT}")
+        if name in XDP_FORWARDING:
+            self._setup_xdp(name)
         elif name == "nftables":
             # TIME_WAIT entries would otherwise fill the conntrack table over the short runs.
             self._must("lb", ["sysctl", "-q", "-w",
@@ -427,13 +460,85 @@ class PeerBench:
             raise BenchError(f"unknown setup {name!r}")
         if name != "direct":
             # The balancer's first packets resolve its neighbours; do it outside the timing.
-            self.lab.http_get(self.vip, HTTP_VIP_PORT, count=3)
-            self.lab.http_get(self.vip, SINGLE_VIP_PORT, count=1)
+            http_port, single_port = self.vip_ports(name)
+            self.lab.http_get(self.vip_addr(name), http_port, count=3)
+            self.lab.http_get(self.vip_addr(name), single_port, count=1)
+
+    def _setup_xdp(self, name: str) -> None:
+        """lbctl attached in the setup's XDP mode, its VIPs in the setup's forwarding mode and
+        family: many backends, one backend, bulk (one backend: iperf3's two connections must
+        meet one server) and the packet-rate VIP (UDP)."""
+        forwarding = XDP_FORWARDING[name]
+        mode = "generic" if name == "xdp-generic" else "native"
+        if forwarding == "dsr":
+            self._dsr_plumbing_up()
+        self._lbctl("attach", self.lb_client_if, self.lb_backend_if, "--mode", mode)
+        self.state.xdp_attached = True
+        v6 = name == "xdp-ipv6"
+        backends = [lab6_backend(i) for i in range(len(self.backends))] if v6 else self.backends
+
+        def endpoint(addr: str, port: int) -> str:
+            return f"[{addr}]:{port}" if v6 else f"{addr}:{port}"
+
+        vip = self.vip_addr(name)
+        http_port, single_port = self.vip_ports(name)
+        single_backend_port = SINGLE_NGINX_PORT if forwarding == "dsr" else NGINX_PORT
+        tcp_vips = [(endpoint(vip, http_port), [endpoint(a, NGINX_PORT) for a in backends]),
+                    (endpoint(vip, single_port), [endpoint(backends[0], single_backend_port)]),
+                    (endpoint(vip, BULK_PORT), [endpoint(backends[0], BULK_PORT)])]
+        for vip_ep, backend_eps in tcp_vips:
+            self._lbctl("vip", "add", vip_ep, "--forwarding", forwarding)
+            self._lbctl("backend", "add", vip_ep, *backend_eps)
+        pps_vip = endpoint(vip, PPS_PORT)
+        self._lbctl("vip", "add", pps_vip, "--proto", "udp", "--forwarding", forwarding)
+        self._lbctl("backend", "add", pps_vip, *(endpoint(a, PPS_PORT) for a in backends),
+                    "--proto", "udp")
+
+    def _dsr_plumbing_up(self) -> None:
+        """What L2 DSR needs of the lab (docs/modes.md, tests/netns/dsr_topology.yaml): the
+        backends hold the VIP on lo with ARP suppressed and send their replies straight to
+        the client, through a second client interface on their segment; the client still
+        reaches the VIP through the balancer."""
+        client = self.lab.client.name
+        self.state.dsr_plumbing = True
+        self.state.client_rp_filter = self._must(
+            client, ["sysctl", "-n", "net.ipv4.conf.all.rp_filter"]).strip()
+        master = json.loads(self._must("sw", ["ip", "-j", "link", "show", "dev", self.sw_port]))
+        bridge = master[0]["master"]
+        self._must(client, ["ip", "link", "add", DSR_CLIENT_IF, "type", "veth", "peer", "name",
+                            DSR_SWITCH_PORT, "netns", self._ns("sw")])
+        self._must("sw", ["ip", "link", "set", DSR_SWITCH_PORT, "master", bridge, "up"])
+        self._must(client, ["ip", "addr", "add", f"{DSR_CLIENT_SIDE}/24", "dev", DSR_CLIENT_IF])
+        self._must(client, ["ip", "link", "set", DSR_CLIENT_IF, "up"])
+        self._must(client, ["ethtool", "-K", DSR_CLIENT_IF, "tx", "off"])
+        # Replies from the VIP arrive on the second interface, not the route to the VIP.
+        self._must(client, ["sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=0",
+                            f"net.ipv4.conf.{DSR_CLIENT_IF}.rp_filter=0"])
+        for b in self.lab.backends:
+            self._must(b.name, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1",
+                                "net.ipv4.conf.all.arp_announce=2"])
+            self._must(b.name, ["ip", "addr", "add", f"{self.vip}/32", "dev", "lo"])
+            self._must(b.name, ["ip", "route", "replace", "default", "via", DSR_CLIENT_SIDE])
+
+    def _dsr_plumbing_down(self) -> None:
+        client = self.lab.client.name
+        for b in self.lab.backends:
+            self.lab.run(b.name, ["ip", "route", "replace", "default", "via", str(b.gateway)])
+            self.lab.run(b.name, ["ip", "addr", "del", f"{self.vip}/32", "dev", "lo"])
+            self.lab.run(b.name, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=0",
+                                  "net.ipv4.conf.all.arp_announce=0"])
+        self.lab.run(client, ["ip", "link", "del", DSR_CLIENT_IF])
+        if self.state.client_rp_filter is not None:
+            self.lab.run(client, ["sysctl", "-q", "-w",
+                                  f"net.ipv4.conf.all.rp_filter={self.state.client_rp_filter}"])
+        self.state.dsr_plumbing = False
 
     def teardown(self, name: str) -> None:
         if self.state.xdp_attached:
             self._lbctl("detach", "--all", "--purge", "--force")
             self.state.xdp_attached = False
+        if self.state.dsr_plumbing:
+            self._dsr_plumbing_down()
         if self.state.nft_table:
             self.lab.run("lb", ["nft", "delete", "table", "ip", "lbbench"])
             self.state.nft_table = False
@@ -456,14 +561,17 @@ class PeerBench:
         or (single) the first one alone. Records the balancer's CPU time over the run."""
         env = dict(os.environ)
         env.pop("BENCH_WRK_ADDRS", None)
+        vip = self.vip_addr(setup)
+        vip_host = f"[{vip}]" if ":" in vip else vip
+        http_port, single_port = self.vip_ports(setup)
         if single:
             url = (f"http://{self.backends[0]}:{NGINX_PORT}/" if setup == "direct"
-                   else f"http://{self.vip}:{SINGLE_VIP_PORT}/")
+                   else f"http://{vip_host}:{single_port}/")
         elif setup == "direct":
             url = f"http://{self.backends[0]}:{NGINX_PORT}/"
             env["BENCH_WRK_ADDRS"] = ",".join(f"{a}:{NGINX_PORT}" for a in self.backends)
         else:
-            url = f"http://{self.vip}:{HTTP_VIP_PORT}/"
+            url = f"http://{vip_host}:{http_port}/"
         argv = ["ip", "netns", "exec", self.lab.client.netns, "wrk", f"-t{WRK_THREADS}",
                 f"-c{WRK_CONNECTIONS}", f"-d{self.durations.http_s}s", "--latency",
                 "-s", str(self.run_dir / "wrk.lua")]
@@ -526,7 +634,7 @@ class PeerBench:
             raise
 
     def run_bulk(self, setup: str) -> dict[str, Any]:
-        target = self.backends[0] if setup == "direct" else self.vip
+        target = self.backends[0] if setup == "direct" else self.vip_addr(setup)
         proc = self.lab.run("client", ["iperf3", "-c", target, "-p", str(BULK_PORT),
                                        "-t", str(self.durations.bulk_s), "-J"],
                             timeout=self.durations.bulk_s + 60)
@@ -551,13 +659,14 @@ class PeerBench:
 
     def run_pps(self, setup: str) -> dict[str, Any]:
         assert self.gen is not None
-        dst = self.backends[0] if setup == "direct" else self.vip
+        dst = self.backends[0] if setup == "direct" else self.vip_addr(setup)
+        source = f" {LAB6_CLIENT}" if ":" in dst else ""
         client_if, sw = self.lab.client.ifname, "sw"
         c0 = self._link_stats("client", client_if)
         f0 = self._link_stats(sw, self.sw_port)
         cpu0 = self.balancer_cpu_s(setup)
         answer = json.loads(self._helper(
-            self.gen, f"run {dst} {PPS_PORT} {self.durations.pps_s}",
+            self.gen, f"run {dst} {PPS_PORT} {self.durations.pps_s}{source}",
             self.durations.pps_s + 60))
         cpu1 = self.balancer_cpu_s(setup)
         c1 = self._link_stats("client", client_if)
@@ -576,7 +685,7 @@ class PeerBench:
             rec["error"] = f"nothing forwarded (sent {verdict.sent}; errno {answer['errno']})"
         return rec
 
-    def xdp_cost(self) -> dict[str, Any]:
+    def xdp_cost(self, setup: str) -> dict[str, Any]:
         """Run-time statistics of the attached program under one packet-rate load, and its
         BPF_PROG_TEST_RUN figure."""
         from xdp import libbpf
@@ -588,7 +697,7 @@ class PeerBench:
             self.state.stats_fd = libbpf.enable_run_time_stats()
             try:
                 i0 = libbpf.prog_info(fd)
-                rec = self.run_pps("xdp")
+                rec = self.run_pps(setup)
                 i1 = libbpf.prog_info(fd)
             finally:
                 os.close(self.state.stats_fd)
@@ -601,7 +710,8 @@ class PeerBench:
             libbpf.close(fd)
         proc = self.lab.run("lb", [sys.executable, "-m", "lbctl.bench.helpers",
                                    "testrun", str(pin), self.lb_client_if,
-                                   self.lab.client.addr, self.vip, str(PPS_PORT)],
+                                   LAB6_CLIENT if setup == "xdp-ipv6" else self.lab.client.addr,
+                                   self.vip_addr(setup), str(PPS_PORT)],
                             keep_mounts=True, timeout=120, env=self._env())
         if proc.returncode == 0:
             data = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -800,7 +910,7 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
                 bench.setup(setup)
                 try:
                     with bench.pps_path():
-                        cost = bench.xdp_cost()
+                        cost = bench.xdp_cost(setup)
                 finally:
                     bench.teardown(setup)
                 results["setups"][setup]["xdp_cost"] = cost

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 # The order the issue lists them in; each is measured in turn, round after round.
-SETUPS: tuple[str, ...] = ("xdp-native", "xdp-generic", "nftables", "haproxy", "direct")
+SETUPS: tuple[str, ...] = ("xdp-native", "xdp-generic", "xdp-fullnat", "xdp-dsr", "xdp-ipv6",
+                           "nftables", "haproxy", "direct")
 SETUP_TITLES = {
     "xdp-native": "lbctl XDP (native)",
     "xdp-generic": "lbctl XDP (generic)",
+    "xdp-fullnat": "lbctl XDP full-NAT (native)",
+    "xdp-dsr": "lbctl XDP L2 DSR (native)",
+    "xdp-ipv6": "lbctl XDP NAT66, IPv6 (native)",
     "nftables": "nftables DNAT",
     "haproxy": "HAProxy mode tcp",
     "direct": "direct (no balancer)",
@@ -24,6 +28,9 @@ WORKLOAD_TITLES = {
 HTTP_VIP_PORT = 80
 SINGLE_VIP_PORT = 81  # a VIP with one backend (the first one's nginx): nothing else differs
 NGINX_PORT = 8080
+# nginx's second port, on the first backend only: DSR keeps the VIP's port, so its one-backend
+# VIP is VIP:8081 (its many-backend one VIP:8080) where NAT maps 81 and 80.
+SINGLE_NGINX_PORT = 8081
 BULK_PORT = 5201
 PPS_PORT = 9999  # nothing listens: packets are dropped by the sink past the balancer
 PPS_FLOWS = 4096
@@ -39,3 +46,21 @@ GENERATOR_BOUND_SHARE = 0.95
 # Above this share of failed requests a run is reported as failed, not averaged in.
 MAX_ERROR_SHARE = 0.01
 TEST_RUN_CALLS = 20_000
+
+# The lab's IPv6 addresses, added for the xdp-ipv6 setup beside the IPv4 ones (the lab keeps
+# IPv6 off otherwise): client and balancer on fd00:77:1::/64, balancer and backends on
+# fd00:77:2::/64, the VIP routed through the balancer.
+LAB6_VIP = "fd00:77::10"
+LAB6_CLIENT = "fd00:77:1::2"
+LAB6_LB_CLIENT_SIDE = "fd00:77:1::1"
+LAB6_LB_BACKEND_SIDE = "fd00:77:2::1"
+
+
+def lab6_backend(i: int) -> str:
+    return f"fd00:77:2::{11 + i}"
+
+
+# xdp-dsr: the client's second interface on the backends' segment, where the backends send
+# their replies straight to it (their default route during that setup), as in
+# tests/netns/dsr_topology.yaml.
+DSR_CLIENT_SIDE = "10.77.2.50"

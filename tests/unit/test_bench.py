@@ -245,6 +245,32 @@ def test_every_peer_sends_the_one_backend_port_to_the_first_backend_only():
     assert single.count("server ") == 1 and f"10.77.2.11:{spec.NGINX_PORT}" in single
 
 
+def test_the_mode_setups_keep_the_backend_port_for_dsr_and_use_the_v6_vip_for_ipv6():
+    bench = runner.PeerBench(["xdp-dsr", "xdp-ipv6", "xdp-fullnat"], 1, True, None, prefix="bpu0")
+    # DSR cannot change the port: its VIPs sit on the ports nginx listens on.
+    assert bench.vip_ports("xdp-dsr") == (spec.NGINX_PORT, spec.SINGLE_NGINX_PORT)
+    assert bench.vip_ports("xdp-fullnat") == (spec.HTTP_VIP_PORT, spec.SINGLE_VIP_PORT)
+    assert bench.vip_addr("xdp-ipv6") == spec.LAB6_VIP
+    assert bench.vip_addr("xdp-dsr") == bench.vip == bench.vip_addr("xdp-fullnat")
+    assert bench.ipv6
+    assert {runner.XDP_FORWARDING[s] for s in ("xdp-native", "xdp-fullnat", "xdp-dsr")} == {
+        "nat", "fullnat", "dsr"}
+
+
+def test_nginx_listens_on_both_ports_and_on_ipv6_only_when_asked(tmp_path: Path):
+    v4 = configs.nginx_conf("be1", tmp_path)
+    v6 = configs.nginx_conf("be1", tmp_path, ipv6=True)
+    for port in (spec.NGINX_PORT, spec.SINGLE_NGINX_PORT):
+        assert f"listen {port} " in v4 and f"listen [::]:{port} " not in v4
+        assert f"listen [::]:{port} " in v6
+
+
+def test_the_packet_generator_builds_ipv6_frames_for_a_v6_vip():
+    frame = helpers.pps_frame("02:00:00:00:00:01", "02:00:00:00:00:02", spec.LAB6_CLIENT,
+                              spec.LAB6_VIP, spec.PPS_FLOW_BASE, spec.PPS_PORT)
+    assert frame[12:14] == b"\x86\xdd" and len(frame) == 14 + 40 + 8 + spec.PPS_PAYLOAD_BYTES
+
+
 def _results() -> dict:
     summary = _summary()
     setups = {
