@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import struct
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,13 +63,24 @@ class LabRequestHandler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+# Linux's IP_PKTINFO; Python before 3.12 has no name for it.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
 def serve_udp_echo(sock: socket.socket, backend_name: str) -> None:
-    """Reply to every datagram with "<name> <payload>" until the process ends."""
+    """Reply to every datagram with "<name> <payload>" until the process ends, from the address
+    the datagram was sent to (IP_PKTINFO), as a DNS server does: under L2 DSR that is the VIP
+    held on lo, which the route toward the client would not choose as the source."""
     prefix = backend_name.encode() + b" "
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     while True:
         try:
-            payload, peer = sock.recvfrom(65535)
-            sock.sendto(prefix + payload, peer)
+            payload, ancillary, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(12))
+            # struct in_pktinfo: ifindex, spec_dst, addr (the header's destination).
+            to = [data[8:12] for level, kind, data in ancillary
+                  if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12]
+            info = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, to[0], bytes(4)))]
+            sock.sendmsg([prefix + payload], info if to else [], 0, peer)
         except OSError as exc:
             # One unreachable peer (ICMP error surfaced on the socket) must not stop the echo.
             print(f"udp echo: {exc}", file=sys.stderr, flush=True)

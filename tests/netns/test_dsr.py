@@ -29,6 +29,7 @@ CONNECTIONS = 120
 # replies: ARP answers to the client. Every HTTP exchange has at least 3 reply frames
 # (SYN-ACK, response, FIN), so NAT would send several hundred here.
 STRAY_FRAMES = 20
+DATAGRAMS = 60
 
 
 def lbctl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -116,6 +117,37 @@ def test_dsr_connections_all_succeed_and_replies_bypass_the_balancer(dsr_lab: La
     assert after["pass_not_vip"] - before["pass_not_vip"] < STRAY_FRAMES, (before, after)
     assert sent_to_client < STRAY_FRAMES, f"the balancer sent {sent_to_client} frames to the client"
     assert after["drop_dsr_unreachable"] == before["drop_dsr_unreachable"]
+
+
+def test_dsr_udp_datagrams_are_answered_by_the_backends_straight_to_the_client(dsr_lab: Lab) -> None:
+    lab = dsr_lab
+    vip = f"{lab.vip}:{lab.udp_port}"
+    lbctl(lab, "vip", "add", vip, "--proto", "udp", "--forwarding", "dsr")
+    try:
+        lbctl(lab, "backend", "add", vip, "--proto", "udp",
+              *(f"{b.addr}:{lab.udp_port}" for b in lab.backends))
+        before_tx = counter(lab, "eth0", "tx_packets")
+        before = outcomes(lab)
+        # A connected socket per datagram (a new flow each): only an answer from the VIP
+        # itself is taken, so an answer that left a backend from its own address would fail.
+        replies = lab.udp_echo(lab.vip, payload="dsr-udp", count=DATAGRAMS, timeout_s=3.0)
+        after = outcomes(lab)
+        sent_to_client = counter(lab, "eth0", "tx_packets") - before_tx
+
+        assert all(r.split(" ", 1)[1] == "dsr-udp" for r in replies), replies[:3]
+        served = Counter(r.split(" ", 1)[0] for r in replies)
+        assert set(served) == {b.name for b in lab.backends}, served
+        # Every datagram went through the program (at L2), and no answer came back through
+        # the balancer: the program saw none, and nothing went out toward the client.
+        forwarded = (after["redirect"] - before["redirect"]) + (after["tx"] - before["tx"])
+        assert forwarded >= DATAGRAMS, (before, after)
+        assert after["pass_not_vip"] - before["pass_not_vip"] < STRAY_FRAMES, (before, after)
+        assert sent_to_client < STRAY_FRAMES, f"the balancer sent {sent_to_client} frames to the client"
+        stats = json.loads(lbctl(lab, "stats", "--json").stdout)
+        (row,) = [v for v in stats["vips"] if v["vip"] == vip]
+        assert row["new_flows"] == DATAGRAMS and row["packets"] == DATAGRAMS, row
+    finally:
+        lbctl(lab, "vip", "del", vip, "--proto", "udp")
 
 
 def test_dsr_flows_are_listed_and_explained_as_dsr(dsr_lab: Lab) -> None:
