@@ -67,20 +67,31 @@ class LabRequestHandler(BaseHTTPRequestHandler):
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
 
+def _reply_from(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that sends a reply from the address the datagram was sent to."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # struct in_pktinfo: ifindex, spec_dst, addr (the header's destination).
+            return [(level, kind, struct.pack("=i4s4s", 0, data[8:12], bytes(4)))]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            # struct in6_pktinfo: addr, ifindex.
+            return [(level, kind, data[:16] + bytes(4))]
+    return []
+
+
 def serve_udp_echo(sock: socket.socket, backend_name: str) -> None:
     """Reply to every datagram with "<name> <payload>" until the process ends, from the address
-    the datagram was sent to (IP_PKTINFO), as a DNS server does: under L2 DSR that is the VIP
-    held on lo, which the route toward the client would not choose as the source."""
+    the datagram was sent to (PKTINFO), as a DNS server does: under L2 DSR that is the VIP held
+    on lo, which the route toward the client would not choose as the source."""
     prefix = backend_name.encode() + b" "
-    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     while True:
         try:
-            payload, ancillary, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(12))
-            # struct in_pktinfo: ifindex, spec_dst, addr (the header's destination).
-            to = [data[8:12] for level, kind, data in ancillary
-                  if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12]
-            info = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, to[0], bytes(4)))]
-            sock.sendmsg([prefix + payload], info if to else [], 0, peer)
+            payload, ancillary, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(20))
+            sock.sendmsg([prefix + payload], _reply_from(ancillary), 0, peer)
         except OSError as exc:
             # One unreachable peer (ICMP error surfaced on the socket) must not stop the echo.
             print(f"udp echo: {exc}", file=sys.stderr, flush=True)
