@@ -7,10 +7,12 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 
 #include "lb_consts.h"
 #include "lb_structs.h"
 #include "lb_maps.h"
+#include "lb_maps6.h"
 #include "lb_snat.h"
 
 /* Bytes of each frame an event carries, before and after the rewrite: Ethernet, IPv4 with
@@ -39,29 +41,33 @@ enum lb_trace_kind {
 /* The outcome field when no outcome counter moved (cannot happen unless a path forgets). */
 #define LB_TRACE_NO_OUTCOME 0xffffffffU
 
+/* Addresses of either family: IPv4 in the first word, the rest 0. */
 struct lb_trace_tuple {
-    __be32 src;
-    __be32 dst;
+    __be32 src[4];
+    __be32 dst[4];
     __be16 sport;
     __be16 dport;
-    __u8 proto;             /* 0: not IPv4 */
-    __u8 pad[3];
+    __u8 proto;             /* 0: neither IPv4 nor IPv6 */
+    __u8 family;            /* 4, 6, or 0 with proto */
+    __u8 pad[2];
 };
 
 struct lb_trace_ctl {
     __u32 enabled;          /* the tracer's pid: `lbctl trace` clears it when that pid is gone */
     __u32 flags;            /* LB_TRACE_F_* */
-    /* Filters; 0 matches anything. A VIP matches the destination a client's packet arrives
-     * with or the source a reply leaves with; a client either end of the original tuple; a
-     * backend the rewritten destination or a reply's source. */
-    __be32 vip_addr;
+    /* Filters, each of one family (4 or 6; 0 matches anything). A VIP matches the destination
+     * a client's packet arrives with or the source a reply leaves with; a client either end
+     * of the original tuple; a backend the rewritten destination or a reply's source. A port
+     * or protocol of 0 matches any. */
+    __be32 vip_addr[4];
     __be16 vip_port;
     __u8 vip_proto;
-    __u8 pad0;
-    __be32 client_addr;
-    __be32 backend_addr;
+    __u8 vip_family;
+    __be32 client_addr[4];
+    __be32 backend_addr[4];
     __be16 backend_port;
-    __u16 pad1;
+    __u8 client_family;
+    __u8 backend_family;
 };
 
 struct lb_trace_event {
@@ -90,6 +96,9 @@ struct lb_trace_scratch {
     __u64 vip_new_flows;
     __u32 vip_id;           /* LB_NO_BACKEND: not addressed to a VIP */
     __u32 pad;
+    /* IPv6 lookup keys, here rather than on the stack the balancer's own path fills. */
+    struct vip_key6 vip_key6;
+    struct flow_key6 flow_key6;
 };
 
 BPF_TABLE_PINNED("array", u32, struct lb_trace_ctl, trace_ctl, 1, LB_PIN_DIR "trace_ctl");
@@ -125,24 +134,47 @@ static __always_inline void lb_trace_tuple_of(struct xdp_md *ctx, struct lb_trac
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     __builtin_memset(t, 0, sizeof(*t));
-    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+    if ((void *)(eth + 1) > data_end)
         return;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+    __be16 *ports = NULL;
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        if ((void *)(ip6 + 1) > data_end)
+            return;
+        __builtin_memcpy(t->src, &ip6->saddr, 16);
+        __builtin_memcpy(t->dst, &ip6->daddr, 16);
+        t->proto = ip6->nexthdr;
+        t->family = 6;
+        /* Ports where TCP/UDP follows the fixed header (not behind extension headers). */
+        if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+            return;
+        ports = (void *)(ip6 + 1);
+    } else if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+        if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+            return;
+        t->src[0] = ip->saddr;
+        t->dst[0] = ip->daddr;
+        t->proto = ip->protocol;
+        t->family = 4;
+        /* Ports only where the L4 header is there: not in a later fragment. */
+        if (ip->frag_off & bpf_htons(0x1fff))
+            return;
+        if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+            return;
+        ports = (void *)ip + ip->ihl * 4;
+    } else {
         return;
-    t->src = ip->saddr;
-    t->dst = ip->daddr;
-    t->proto = ip->protocol;
-    /* Ports only where the L4 header is there: not in a later fragment. */
-    if (ip->frag_off & bpf_htons(0x1fff))
-        return;
-    if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-        return;
-    __be16 *ports = (void *)ip + ip->ihl * 4;
+    }
     if ((void *)(ports + 2) > data_end)
         return;
     t->sport = ports[0];
     t->dport = ports[1];
+}
+
+static __always_inline int lb_trace_addr_eq(const __be32 *a, const __be32 *b)
+{
+    return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]));
 }
 
 static __always_inline __u16 lb_trace_copy(struct xdp_md *ctx, __u8 *buf)
@@ -186,11 +218,20 @@ static __always_inline struct lb_trace_scratch *lb_trace_begin(struct xdp_md *ct
     }
     s->vip_id = LB_NO_BACKEND;
     s->vip_new_flows = 0;
-    struct vip_key vk = {};
-    vk.addr = s->ev.in.dst;
-    vk.port = s->ev.in.dport;
-    vk.proto = s->ev.in.proto;
-    struct vip_meta *vip = vips.lookup(&vk);
+    struct vip_meta *vip = NULL;
+    if (s->ev.in.family == 6) {
+        __builtin_memcpy(s->vip_key6.addr, s->ev.in.dst, 16);
+        s->vip_key6.port = s->ev.in.dport;
+        s->vip_key6.proto = s->ev.in.proto;
+        s->vip_key6.pad = 0;
+        vip = vips6.lookup(&s->vip_key6);
+    } else {
+        struct vip_key vk = {};
+        vk.addr = s->ev.in.dst[0];
+        vk.port = s->ev.in.dport;
+        vk.proto = s->ev.in.proto;
+        vip = vips.lookup(&vk);
+    }
     if (vip) {
         __u32 vip_id = vip->vip_id;
         struct lb_counters *c = stats_vip.lookup(&vip_id);
@@ -203,23 +244,53 @@ static __always_inline struct lb_trace_scratch *lb_trace_begin(struct xdp_md *ct
 static __always_inline int lb_trace_match(struct lb_trace_ctl *tc, struct lb_trace_event *ev,
                                           int reply)
 {
-    if (tc->vip_addr) {
-        __be32 addr = reply ? ev->out.src : ev->in.dst;
-        __be16 port = reply ? ev->out.sport : ev->in.dport;
-        __u8 proto = reply ? ev->out.proto : ev->in.proto;
-        if (addr != tc->vip_addr || (tc->vip_port && port != tc->vip_port) ||
-            (tc->vip_proto && proto != tc->vip_proto))
+    if (tc->vip_family) {
+        struct lb_trace_tuple *t = reply ? &ev->out : &ev->in;
+        __be32 *addr = reply ? t->src : t->dst;
+        __be16 port = reply ? t->sport : t->dport;
+        if (t->family != tc->vip_family || !lb_trace_addr_eq(addr, tc->vip_addr) ||
+            (tc->vip_port && port != tc->vip_port) || (tc->vip_proto && t->proto != tc->vip_proto))
             return 0;
     }
-    if (tc->client_addr && ev->in.src != tc->client_addr && ev->in.dst != tc->client_addr)
+    if (tc->client_family && (ev->in.family != tc->client_family ||
+                              (!lb_trace_addr_eq(ev->in.src, tc->client_addr) &&
+                               !lb_trace_addr_eq(ev->in.dst, tc->client_addr))))
         return 0;
-    if (tc->backend_addr) {
-        __be32 addr = reply ? ev->in.src : ev->out.dst;
-        __be16 port = reply ? ev->in.sport : ev->out.dport;
-        if (addr != tc->backend_addr || (tc->backend_port && port != tc->backend_port))
+    if (tc->backend_family) {
+        struct lb_trace_tuple *t = reply ? &ev->in : &ev->out;
+        __be32 *addr = reply ? t->src : t->dst;
+        __be16 port = reply ? t->sport : t->dport;
+        if (t->family != tc->backend_family || !lb_trace_addr_eq(addr, tc->backend_addr) ||
+            (tc->backend_port && port != tc->backend_port))
             return 0;
     }
     return 1;
+}
+
+/* The IPv6 twin of the kind below: the flows6/rnat6 entry the packet hit, if any. */
+static __always_inline int lb_trace_kind6(struct lb_trace_scratch *s, int *reply)
+{
+    struct lb_trace_event *ev = &s->ev;
+    struct flow_key6 *key = &s->flow_key6;
+    __builtin_memcpy(key->src, ev->in.src, 16);
+    __builtin_memcpy(key->dst, ev->in.dst, 16);
+    key->sport = ev->in.sport;
+    key->dport = ev->in.dport;
+    key->proto = ev->in.proto;
+    key->pad[0] = key->pad[1] = key->pad[2] = 0;
+    struct nat_entry6 *e = flows6.lookup(key);
+    if (e && !lb_trace_addr_eq(ev->out.dst, ev->in.dst)) {
+        __u32 vip_id = s->vip_id;
+        struct lb_counters *c = stats_vip.lookup(&vip_id);
+        ev->backend_id = e->e.backend_id;
+        return c && c->new_flows != s->vip_new_flows ? LB_TRACE_NEW_FLOW : LB_TRACE_FLOW_HIT;
+    }
+    if (!lb_trace_addr_eq(ev->out.src, ev->in.src) && (e = rnat6.lookup(key))) {
+        ev->backend_id = e->e.backend_id;
+        *reply = 1;
+        return LB_TRACE_REVERSE_NAT;
+    }
+    return LB_TRACE_OTHER;
 }
 
 /* After the program decided: what it did, filtered, sent to the tracer. */
@@ -247,27 +318,29 @@ static __always_inline void lb_trace_end(struct xdp_md *ctx, struct lb_trace_ctl
         ev->kind = LB_TRACE_DROP;
     } else if (action == XDP_PASS) {
         ev->kind = LB_TRACE_PASS;
+    } else if (ev->in.family == 6) {
+        ev->kind = lb_trace_kind6(s, &reply);
     } else {
         struct flow_key key = {};
-        key.src = ev->in.src;
-        key.dst = ev->in.dst;
+        key.src = ev->in.src[0];
+        key.dst = ev->in.dst[0];
         key.sport = ev->in.sport;
         key.dport = ev->in.dport;
         key.proto = ev->in.proto;
         struct nat_entry *e = flows.lookup(&key);
-        if (e && ev->out.dst != ev->in.dst) {
+        if (e && ev->out.dst[0] != ev->in.dst[0]) {
             __u32 vip_id = s->vip_id;
             struct lb_counters *c = stats_vip.lookup(&vip_id);
             ev->backend_id = e->backend_id;
             ev->kind = c && c->new_flows != s->vip_new_flows ? LB_TRACE_NEW_FLOW : LB_TRACE_FLOW_HIT;
-        } else if (ev->out.src != ev->in.src && (e = rnat.lookup(&key))) {
+        } else if (ev->out.src[0] != ev->in.src[0] && (e = rnat.lookup(&key))) {
             ev->backend_id = e->backend_id;
             ev->kind = LB_TRACE_REVERSE_NAT;
             reply = 1;
         } else {
             /* full-NAT's own tables (lb_snat.h): a client's packet, or a backend's reply. */
             struct snat_entry *se = snat_flows.lookup(&key);
-            if (se && ev->out.dst != ev->in.dst) {
+            if (se && ev->out.dst[0] != ev->in.dst[0]) {
                 __u32 vip_id = s->vip_id;
                 struct lb_counters *c = stats_vip.lookup(&vip_id);
                 ev->backend_id = se->nat.backend_id;

@@ -937,7 +937,7 @@ def doctor(obj: Context, vip_addr: HostPort | None, proto: str, config_path: str
 
 
 class AddrType(click.ParamType):
-    """An IPv4 address, or ADDR:PORT where a port is allowed."""
+    """An IPv4 or IPv6 address, or where a port is allowed ADDR:PORT / [IPv6]:PORT."""
 
     name = "ADDR"
 
@@ -948,17 +948,31 @@ class AddrType(click.ParamType):
         import ipaddress
 
         text = str(value)
-        addr, sep, port = text.rpartition(":") if self.port and ":" in text else (text, "", "0")
+        addr, port, bracketed = text, "", False
+        if text.startswith("["):
+            addr, close, rest = text[1:].partition("]")
+            bracketed = True
+            if not close or (rest and not (self.port and rest.startswith(":"))):
+                addr = ""       # refused below
+            port = rest[1:] if rest else ""
+        elif self.port and text.count(":") == 1:
+            addr, _, port = text.partition(":")
         try:
-            ipaddress.IPv4Address(addr)
-            number = int(port)
-            if not 0 <= number <= 65535 or (sep and number == 0):
+            ip = ipaddress.ip_address(addr)
+            # A zone means nothing to the program's filter (it compares addresses only).
+            if (bracketed and ip.version != 6) or "%" in addr:
+                raise ValueError
+            number = int(port) if port else 0
+            if not 0 <= number <= 65535 or (port and number == 0):
                 raise ValueError
         except ValueError:
-            form = "ADDR or ADDR:PORT" if self.port else "an IPv4 address"
-            raise InputError(f"{self.what} '{text}' is not {form}; hint: e.g. "
-                             f"{'10.0.1.11:8080' if self.port else '10.0.2.5'}", ctx=ctx, param=param) from None
-        return addr, number
+            form = ("ADDR, ADDR:PORT or [IPv6]:PORT" if self.port
+                    else "an IPv4 or IPv6 address")
+            example = ("10.0.1.11:8080 or [2001:db8:1::11]:8080" if self.port
+                       else "10.0.2.5 or 2001:db8::5")
+            raise InputError(f"{self.what} '{text}' is not {form}; hint: e.g. {example}",
+                             ctx=ctx, param=param) from None
+        return str(ip), number
 
 
 def trace_filter(vip_addr: HostPort | None, proto: str, client: tuple[str, int] | None,
@@ -981,12 +995,13 @@ def _stale_note(run) -> None:
     "lbctl trace --vip 10.0.0.10:80 --count 20     # this VIP's next 20 packets",
     "lbctl trace --client 10.0.2.5                 # one client, both directions",
     "lbctl trace --backend 10.0.1.11:8080 --json   # one JSON object a line",
+    "lbctl trace --vip '[2001:db8::10]:80'         # an IPv6 VIP (--client, --backend too)",
 ))
 @click.option("--vip", "vip_addr", metavar="VIP:PORT", type=VIP, help="only this VIP's packets")
 @proto_option
 @click.option("--client", type=AddrType("client", port=False), help="only this client's packets")
 @click.option("--backend", "backend_addr", type=AddrType("backend", port=True),
-              help="only packets to or from this backend (ADDR or ADDR:PORT)")
+              help="only packets to or from this backend (ADDR, ADDR:PORT or [IPv6]:PORT)")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="stop after N packets")
 @json_option
 @click.pass_obj

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdp.balancer import Balancer, require_root
+from xdp.codec import BackendRecord
 from xdp.tracing import Event, Filter, RingReader, TraceSwitch
 
 POLL_MS = 200
@@ -69,10 +70,13 @@ def run(instance: str, flt: Filter, count: int | None, emit: Callable[[Event, di
     with balancer.maps() as maps:
         switch = TraceSwitch(maps["trace_ctl"])
         result.stale_pid = switch.clear_stale()
-        backends = {b.backend_id: f"{b.addr}:{b.port}" for b in maps.backends()}
+        def name(b: BackendRecord) -> str:
+            return f"[{b.addr}]:{b.port}" if ":" in b.addr else f"{b.addr}:{b.port}"
+
+        backends = {b.backend_id: name(b) for b in maps.backends()}
 
         def refresh() -> None:
-            backends.update({b.backend_id: f"{b.addr}:{b.port}" for b in maps.backends()})
+            backends.update({b.backend_id: name(b) for b in maps.backends()})
 
         pending: list[Event] = []
         started = [False]

@@ -4,9 +4,9 @@ the pinned trace_events ring buffer with libbpf's ring_buffer API."""
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,17 +32,22 @@ class TraceBusyError(XdpError):
     exit_code = 8
 
 
+_Addr = ctypes.c_uint32 * 4     # either family: IPv4 in the first word (network order)
+
+
 class TraceTuple(ctypes.Structure):
-    _fields_ = [("src", ctypes.c_uint32), ("dst", ctypes.c_uint32), ("sport", ctypes.c_uint16),
-                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+    _fields_ = [("src", _Addr), ("dst", _Addr), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 2)]
 
 
 class TraceCtl(ctypes.Structure):
     _fields_ = [("enabled", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("vip_addr", ctypes.c_uint32), ("vip_port", ctypes.c_uint16),
-                ("vip_proto", ctypes.c_uint8), ("pad0", ctypes.c_uint8),
-                ("client_addr", ctypes.c_uint32), ("backend_addr", ctypes.c_uint32),
-                ("backend_port", ctypes.c_uint16), ("pad1", ctypes.c_uint16)]
+                ("vip_addr", _Addr), ("vip_port", ctypes.c_uint16),
+                ("vip_proto", ctypes.c_uint8), ("vip_family", ctypes.c_uint8),
+                ("client_addr", _Addr), ("backend_addr", _Addr),
+                ("backend_port", ctypes.c_uint16), ("client_family", ctypes.c_uint8),
+                ("backend_family", ctypes.c_uint8)]
 
 
 class TraceEvent(ctypes.Structure):
@@ -61,12 +66,15 @@ class NoValue(ctypes.Structure):
     _fields_ = ()
 
 
-def _addr(be32: int) -> str:
-    return socket.inet_ntoa(struct.pack("=I", be32))
+def _addr(words: ctypes.Array, family: int) -> str:
+    raw = bytes(words)
+    return str(ipaddress.IPv6Address(raw)) if family == 6 else socket.inet_ntoa(raw[:4])
 
 
-def _be32(addr: str) -> int:
-    return int(struct.unpack("=I", socket.inet_aton(addr))[0])
+def _encode_addr(addr: str) -> tuple[ctypes.Array, int]:
+    """(the address in the program's four words, its family)."""
+    ip = ipaddress.ip_address(addr)
+    return _Addr.from_buffer_copy(ip.packed.ljust(16, b"\0")), ip.version
 
 
 def _port(be16: int) -> int:
@@ -83,14 +91,20 @@ class Tuple:
 
     @classmethod
     def of(cls, t: TraceTuple) -> Tuple:
-        proto = PROTO_NAMES.get(t.proto, str(t.proto)) if t.proto else "-"
-        return cls(_addr(t.src), _port(t.sport), _addr(t.dst), _port(t.dport), proto)
+        if not t.family:
+            return cls("", 0, "", 0, "-")
+        proto = PROTO_NAMES.get(t.proto, str(t.proto))
+        if t.family == 6 and t.proto == 58:
+            proto = "icmpv6"
+        return cls(_addr(t.src, t.family), _port(t.sport), _addr(t.dst, t.family),
+                   _port(t.dport), proto)
 
     def __str__(self) -> str:
-        if self.proto in ("tcp", "udp"):
-            return f"{self.src}:{self.sport} -> {self.dst}:{self.dport} {self.proto}"
         if self.proto == "-":
-            return "(not IPv4)"
+            return "(not IP)"
+        src, dst = (f"[{self.src}]", f"[{self.dst}]") if ":" in self.src else (self.src, self.dst)
+        if self.proto in ("tcp", "udp"):
+            return f"{src}:{self.sport} -> {dst}:{self.dport} {self.proto}"
         return f"{self.src} -> {self.dst} {self.proto}"
 
 
@@ -128,21 +142,21 @@ class Event:
 class Filter:
     """What the program emits events for; None matches anything."""
 
-    vip: tuple[str, int, str] | None = None        # addr, port (0: any), proto ('' : any)
-    client: str | None = None
-    backend: tuple[str, int] | None = None         # addr, port (0: any)
+    vip: tuple[str, int, str] | None = None        # addr (IPv4 or IPv6), port (0: any), proto ('': any)
+    client: str | None = None                      # IPv4 or IPv6
+    backend: tuple[str, int] | None = None         # addr (IPv4 or IPv6), port (0: any)
     frames: bool = False                           # carry the frames' first bytes (capture)
 
     def ctl(self, owner_pid: int) -> TraceCtl:
         ctl = TraceCtl(enabled=owner_pid, flags=F_FRAMES if self.frames else 0)
         if self.vip:
-            ctl.vip_addr = _be32(self.vip[0])
+            ctl.vip_addr, ctl.vip_family = _encode_addr(self.vip[0])
             ctl.vip_port = socket.htons(self.vip[1])
             ctl.vip_proto = {"tcp": 6, "udp": 17}.get(self.vip[2], 0)
         if self.client:
-            ctl.client_addr = _be32(self.client)
+            ctl.client_addr, ctl.client_family = _encode_addr(self.client)
         if self.backend:
-            ctl.backend_addr = _be32(self.backend[0])
+            ctl.backend_addr, ctl.backend_family = _encode_addr(self.backend[0])
             ctl.backend_port = socket.htons(self.backend[1])
         return ctl
 

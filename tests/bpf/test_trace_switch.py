@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from lbctl.control import Controller
@@ -22,17 +23,27 @@ pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
 
 EMPTY_VIP = Endpoint("10.10.7.1", 80, "tcp")      # a VIP without backends: its packets drop
+EMPTY_VIP6 = Endpoint("fd00:10:7::1", 80, "tcp")
 CLIENT = "10.10.1.100"
+CLIENT6 = "fd00:10:1::100"
 
 
 def frame(src: str, dst: str, sport: int, dport: int, payload: bytes = b"") -> bytes:
+    ip = IPv6(src=src, dst=dst, hlim=64) if ":" in src else IP(src=src, dst=dst, ttl=64)
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-                 / IP(src=src, dst=dst, ttl=64) / TCP(sport=sport, dport=dport, flags="S") / payload)
+                 / ip / TCP(sport=sport, dport=dport, flags="S") / payload)
 
 
 TO_VIP = frame(CLIENT, EMPTY_VIP.addr, 40000, 80, b"x" * 300)
 NOT_VIP = frame(CLIENT, "10.10.6.6", 40001, 80)
 OTHER_CLIENT_TO_VIP = frame("10.10.1.200", EMPTY_VIP.addr, 40002, 80)
+TO_VIP6 = frame(CLIENT6, EMPTY_VIP6.addr, 40000, 80)
+NOT_VIP6 = frame(CLIENT6, "fd00:10:6::6", 40001, 80)
+OTHER_CLIENT_TO_VIP6 = frame("fd00:10:1::200", EMPTY_VIP6.addr, 40002, 80)
+# An IPv6 client whose address words are an IPv4 address's as the program holds it (the first
+# word, the rest 0): only the family tells them apart.
+V6_LOOKALIKE, V4_LOOKALIKE = "fd00:10::", "253.0.0.16"
+LOOKALIKE_TO_VIP6 = frame(V6_LOOKALIKE, EMPTY_VIP6.addr, 40003, 80)
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,21 @@ CASES = [
          (("drop", "drop_no_backend", "10.10.1.200:40002 -> 10.10.7.1:80 tcp"),)),
     Case("a backend filter matches no dropped packet (none was sent to a backend)",
          Filter(backend=("10.10.2.11", 0)), (TO_VIP, NOT_VIP), ()),
+    Case("IPv6 packets are traced with their bracketed tuple", Filter(), (TO_VIP6, NOT_VIP6),
+         (("drop", "drop_no_backend", f"[{CLIENT6}]:40000 -> [fd00:10:7::1]:80 tcp"),
+          ("pass", "pass_not_vip", f"[{CLIENT6}]:40001 -> [fd00:10:6::6]:80 tcp"))),
+    Case("an IPv6 VIP filter lets only that VIP's packets through",
+         Filter(vip=(EMPTY_VIP6.addr, 80, "tcp")), (NOT_VIP6, TO_VIP, TO_VIP6),
+         (("drop", "drop_no_backend", f"[{CLIENT6}]:40000 -> [fd00:10:7::1]:80 tcp"),)),
+    Case("an IPv6 client filter drops other clients' packets and every IPv4 one",
+         Filter(client="fd00:10:1::200"), (TO_VIP6, OTHER_CLIENT_TO_VIP6, TO_VIP),
+         (("drop", "drop_no_backend", "[fd00:10:1::200]:40002 -> [fd00:10:7::1]:80 tcp"),)),
+    Case("an IPv4 filter matches no IPv6 packet, whatever its address words",
+         Filter(client=V4_LOOKALIKE), (LOOKALIKE_TO_VIP6, NOT_VIP6), ()),
+    Case("the same filter in IPv6 matches it", Filter(client=V6_LOOKALIKE), (LOOKALIKE_TO_VIP6,),
+         (("drop", "drop_no_backend", "[fd00:10::]:40003 -> [fd00:10:7::1]:80 tcp"),)),
+    Case("an IPv6 backend filter matches no dropped packet",
+         Filter(backend=("fd00:10:2::11", 8080)), (TO_VIP6, NOT_VIP6), ()),
 ]
 
 
@@ -64,6 +90,7 @@ CASES = [
 def traced(lb_program: LoadedProgram, lb_instance: str) -> Iterator[tuple[TraceSwitch, RingReader, list[Event]]]:
     controller = Controller(lb_instance)
     controller.vip_add(EMPTY_VIP, force=True)
+    controller.vip_add(EMPTY_VIP6, force=True)
     events: list[Event] = []
     maps = LbMaps(lb_program.pin_dir)
     reader = RingReader(os.path.join(lb_program.pin_dir, "trace_events"),
@@ -76,6 +103,7 @@ def traced(lb_program: LoadedProgram, lb_instance: str) -> Iterator[tuple[TraceS
         reader.close()
         maps.close()
         controller.vip_del(EMPTY_VIP)
+        controller.vip_del(EMPTY_VIP6)
 
 
 def run_case(lb_program: LoadedProgram, traced, case: Case) -> list[Event]:

@@ -201,3 +201,66 @@ def test_ipv4_traffic_still_flows_beside_ipv6(
         assert len({r.backend for r in results}) >= 2
     finally:
         lbctl(lab, "vip", "del", vip)
+
+
+def _tracer_pid(lab: Lab) -> int:
+    from xdp.maps import LbMaps
+    from xdp.tracing import TraceSwitch
+
+    with LbMaps(str(lab.bpf_pin_dir)) as maps:
+        return int(TraceSwitch(maps["trace_ctl"]).read().enabled)
+
+
+def _start_trace(lab: Lab, *args: str) -> subprocess.Popen[str]:
+    """`lbctl trace ARGS` in the background, returned once it has switched tracing on."""
+    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, "trace", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while _tracer_pid(lab) != proc.pid:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"lbctl trace {' '.join(args)} did not switch tracing on: "
+                                 f"{proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("how", ["vip", "client", "backend"])
+def test_trace_filters_take_ipv6_and_show_a_v6_connection_in_order(
+        lab6: tuple[Lab, list[subprocess.Popen[bytes]]], how: str) -> None:
+    lab, _servers = lab6
+    vip = "[fd00:77::30]:80"
+    backend = f"[{backend6(1)}]:{V6_PORT}"
+    lbctl(lab, "vip", "add", vip)
+    try:
+        lbctl(lab, "backend", "add", vip, backend)
+        flt = {"vip": ["--vip", vip], "client": ["--client", CLIENT6],
+               "backend": ["--backend", backend]}[how]
+        proc = _start_trace(lab, *flt, "--count", "4", "--json")
+        try:
+            # IPv4 traffic meanwhile must not be caught by an IPv6 filter.
+            v4_vip = f"{lab.vip}:{lab.http_port}"
+            lbctl(lab, "vip", "add", v4_vip)
+            lbctl(lab, "backend", "add", v4_vip, f"{lab.backends[0].addr}:{lab.http_port}")
+            assert all(r.ok for r in lab.http_requests(lab.vip, lab.http_port, count=2))
+            [result] = lab.http_requests("fd00:77::30", 80, count=1, timeout_s=3.0)
+            assert result.ok, result.error
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            lbctl(lab, "vip", "del", f"{lab.vip}:{lab.http_port}", check=False)
+        assert proc.returncode == 0, err
+        events = [json.loads(line) for line in out.splitlines()]
+        client = events[0]["in"].split(" ->")[0]
+        assert client.startswith(f"[{CLIENT6}]:"), events
+        # SYN, SYN-ACK, the handshake's ACK, the request: both directions, in bracket form.
+        assert [e["outcome"] for e in events] == ["new flow", "reverse NAT", "flow hit", "flow hit"]
+        assert [(e["in"], e["out"]) for e in events] == [
+            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
+            (f"{backend} -> {client} tcp", f"{vip} -> {client} tcp"),
+            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
+            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp")]
+        assert all(e["backend"] == backend for e in events)
+        assert _tracer_pid(lab) == 0, "tracing must be off once --count is reached"
+    finally:
+        lbctl(lab, "vip", "del", vip)
