@@ -407,6 +407,13 @@ PLOTS = (
 )
 
 
+def _tick(setup: str) -> str:
+    """A setup's title on short lines, so eight bars' labels do not run into each other."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(SETUP_TITLES[setup], 13))
+
+
 def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
     """One PNG bar chart per metric (median, min-max whiskers); returns the file names."""
     import matplotlib
@@ -426,7 +433,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
         rows = [(s, m) for s, m in rows if m.get("median") is not None]
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+        fig, ax = plt.subplots(figsize=(max(7.5, 1.05 * len(rows)), 3.8), dpi=100)
         xs = range(len(rows))
         meds = [m["median"] for _, m in rows]
         lo = [m["median"] - m["min"] for _, m in rows]
@@ -446,7 +453,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
                         (x, m["max"]), ha="center", va="bottom", fontsize=8,
                         xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([SETUP_TITLES[s].replace(" (", "\n(") for s, _ in rows], fontsize=8)
+        ax.set_xticklabels([_tick(s) for s, _ in rows], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
             lambda v, _pos, unit=unit: _fmt_num(v, unit)))
@@ -477,7 +484,7 @@ def _plot_path_cpu(results: dict[str, Any], setups: Sequence[str], path: Path) -
     rows = [s for s in setups if _med(summaries[s], "short_path_total_ms_per_1k") is not None]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.05 * len(rows)), 4.2), dpi=100)
     bottoms = [0.0] * len(rows)
     colors = ("#1f77b4", "#9467bd", "#8c564b", "#bcbd22", "#7f7f7f")
     for (group, title), color in zip(PATH_GROUP_TITLES, colors):
@@ -496,7 +503,7 @@ def _plot_path_cpu(results: dict[str, Any], setups: Sequence[str], path: Path) -
         ax.annotate(text, (i, bottoms[i]), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([SETUP_TITLES[s].replace(" (", "\n(") for s in rows], fontsize=8)
+    ax.set_xticklabels([_tick(s) for s in rows], fontsize=8)
     ax.set_ylabel("CPU-milliseconds / 1k connections")
     ax.set_title("CPU per 1,000 new connections over the whole path, 3 backends (lower is "
                  f"better)\n{results['started'][:10]}, medians of {results['repeats']}", fontsize=9)
