@@ -518,6 +518,10 @@ class Judge:
             self.count("pass_fragment")
             return
         if out == frame and age_s > timeout_s - 1:   # the program's clock may read it stale
+            if retval == XDP_DROP and entry[1] == "l2" and not entry[0]:
+                # Or not stale yet: an unreachable DSR backend's fragment is dropped.
+                self.count("drop_dsr_unreachable")
+                return
             assert retval == XDP_PASS, "a fragment was neither forwarded nor passed"
             self.count("pass_fragment", "pass_ttl")
             return
