@@ -1,5 +1,6 @@
 # The README's commands, for hosts that have make (lbctl/setup.sh installs it too).
-.PHONY: setup demo test test-unit test-bpf test-netns lint clean-lab bench
+.PHONY: setup demo test test-unit test-bpf test-netns lint clean-lab bench \
+	vagrant-box vagrant-up vagrant-demo vagrant-destroy
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -36,3 +37,18 @@ bench: setup
 	$(PY) -m lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md
 	$(PY) -m lbctl bench l7 --results-dir bench/results --doc docs/benchmarks.md
 	$(PY) -m lbctl bench agent --json bench/results/agent-$$(date -u +%Y%m%dT%H%M%SZ).json --plot docs/agent-bench.png
+
+# The Vagrant lab (vagrant/README.md): five VMs on libvirt. LBCTL_BOX=lbctl/bookworm64 uses
+# the box vagrant/build-box.sh builds here instead of Vagrant Cloud's debian/bookworm64.
+vagrant-box:
+	bash vagrant/lab.sh host
+	bash vagrant/build-box.sh
+
+vagrant-up:
+	bash vagrant/lab.sh up
+
+vagrant-demo:
+	bash vagrant/run-demo.sh
+
+vagrant-destroy:
+	bash vagrant/lab.sh destroy
