@@ -203,6 +203,10 @@ ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_k
 WantedBy=multi-user.target
 EOF
 in_tree systemctl enable -q ssh-host-keys.service ssh.service
+# pip without byte-compiling what it installs: Python compiles a module when it is first
+# imported anyway, and compiling all of pip, setuptools and lbctl's dependencies up front is
+# most of a venv's set-up time under software emulation (minutes per VM).
+printf '# Written by vagrant/build-box.sh.\n[install]\ncompile = false\n' >"$tree/etc/pip.conf"
 # lbctl starts BIRD and etcd itself, per agent or test: the distribution's own instances would
 # only take a small VM's CPU and memory (enabled again with systemctl enable, if wanted).
 in_tree systemctl disable -q bird.service etcd.service 2>/dev/null || true
