@@ -6,6 +6,7 @@
 #   bash vagrant/lab.sh up        host, then the box (LBCTL_BOX=lbctl/bookworm64), then vagrant up
 #   bash vagrant/lab.sh destroy   vagrant destroy, leftover domains/volumes/networks, the
 #                                 libvirt daemons this script started
+#   bash vagrant/lab.sh leftovers what of the lab libvirt still holds, one line each
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,8 +26,8 @@ say() { printf 'vagrant-lab: %s\n' "$*"; }
 die() { printf 'vagrant-lab: error: %s\n' "$*" >&2; exit 1; }
 
 case "$action" in
-    host|up|destroy) ;;
-    *) die "unknown action '${action}'; hint: bash vagrant/lab.sh host|up|destroy" ;;
+    host|up|destroy|leftovers) ;;
+    *) die "unknown action '${action}'; hint: bash vagrant/lab.sh host|up|destroy|leftovers" ;;
 esac
 [ "$(id -u)" -eq 0 ] || die "must run as root (libvirt's system daemon, debootstrap); hint: sudo make vagrant-$action"
 
@@ -76,15 +77,22 @@ up() {
     mkdir -p "$log_dir"
     local log t0=$SECONDS
     log="$log_dir/up-$(date -u +%Y%m%dT%H%M%SZ).log"
-    say "vagrant up (one VM after the other; log with timestamps: $log)"
     trap 'say "interrupted; remove what was started with: make vagrant-destroy"; exit 130' INT TERM
     # One after the other: five VMs booting at once under software emulation starve each
     # other (and the host) of CPU. LBCTL_VAGRANT_PARALLEL=1 boots them together.
     local parallel=--no-parallel
     [ "${LBCTL_VAGRANT_PARALLEL:-0}" = 1 ] && parallel=--parallel
+    if [ "$parallel" = --parallel ]; then
+        say "vagrant up (all VMs at once; log with timestamps: $log)"
+    else
+        say "vagrant up (one VM after the other; log with timestamps: $log)"
+    fi
     set +e
     (cd "$here" && vagrant up --provider=libvirt "$parallel") 2>&1 \
-        | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done | tee "$log"
+        | while IFS= read -r line; do
+            # A progress bar redraws one line with carriage returns: keep its last state.
+            printf '%(%H:%M:%S)T %s\n' -1 "${line##*$'\r'}"
+          done | tee "$log"
     local status=("${PIPESTATUS[@]}")
     set -e
     local rc=${status[0]}
@@ -152,6 +160,21 @@ remove_libvirt_chains() {
             done
         done
     done
+}
+
+leftovers() {
+    if ! command -v virsh >/dev/null || ! virsh_ version >/dev/null 2>&1; then
+        say "libvirtd is not running"
+        return 0
+    fi
+    local found=0 name
+    for name in $(virsh_ list --all --name | grep "^$DOMAIN_PREFIX" || true); do
+        echo "domain $name"; found=1
+    done
+    for name in $(virsh_ net-list --all --name); do
+        case " ${NETWORKS[*]} " in *" $name "*) echo "network $name"; found=1 ;; esac
+    done
+    [ "$found" = 1 ] || say "nothing of the lab is left in libvirt"
 }
 
 "$action"

@@ -826,7 +826,7 @@ def test_lab_script_refuses_an_unknown_action() -> None:
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip() == ("vagrant-lab: error: unknown action 'upp'; "
-                                   "hint: bash vagrant/lab.sh host|up|destroy")
+                                   "hint: bash vagrant/lab.sh host|up|destroy|leftovers")
 
 
 def test_make_targets_drive_the_vagrant_lab() -> None:
