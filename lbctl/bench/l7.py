@@ -25,12 +25,14 @@ from lbctl.bench.runner import (
     PeerBench,
     _Proc,
     _Progress,
-    _signals_raise_interrupt,
     _thread_cpu_s,
     check_outputs,
+    host_record,
+    rounds_then_cleanup,
+    write_record,
 )
 from lbctl.bench.spec import MAX_ERROR_SHARE, NGINX_PORT
-from lbctl.bench.tools import check_tools, tool_versions
+from lbctl.bench.tools import check_tools
 
 # Ports on the VIP address, in the balancer's namespace.
 L7_PORT = 80            # the L7 proxy, a default VIP (pool on, lazy)
@@ -524,8 +526,7 @@ def run_l7(results_dir: Path, doc_path: Path | None = None, repeats: int = 3, qu
     results: dict[str, Any] = {
         "schema": 1, "started": started.isoformat(timespec="seconds"), "quick": quick,
         "repeats": repeats,
-        "host": {"kernel": os.uname().release, "cpus": os.cpu_count(),
-                 "loadavg_before": list(os.getloadavg()), "tools": tool_versions()},
+        "host": host_record(),
         "config": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
                    "http_s": bench.durations.http_s, "ttfb_burst": TTFB_BURST,
                    "eager_min_idle": EAGER_MIN_IDLE, "l7_workers": os.cpu_count(),
@@ -534,58 +535,45 @@ def run_l7(results_dir: Path, doc_path: Path | None = None, repeats: int = 3, qu
         "runs": {s: {"keepalive": [], "short": []} for s in SETUPS},
         "ttfb": {"lazy": [], "eager": []},
     }
-    interrupted = False
-    with _signals_raise_interrupt():
-        try:
-            console.print(f"[bold]lbctl bench l7[/]: {repeats} round(s); lab prefix "
-                          f"{bench.lab.prefix}")
-            bench.prepare()
-            bench.start_agent()
-            progress.step(f"lab {bench.lab.prefix} up: nginx on 3 backends, HAProxy mode http "
-                          f"(:{HAPROXY_PORT}), lbctl agent with L7 VIPs (:{L7_PORT}, pool off "
-                          f":{L7_NOPOOL_PORT})")
-            # Through every path once before timing: neighbours resolved, pools opened.
-            for port in (L7_PORT, HAPROXY_PORT, L7_NOPOOL_PORT):
-                bench.lab.http_get(bench.vip, port, count=6)
-            for rnd in range(1, repeats + 1):
-                order = ["haproxy", "l7"] if rnd % 2 else ["l7", "haproxy"]
-                for workload, close in (("keepalive", False), ("short", True)):
-                    for setup in order:
-                        rec = bench.wrk(setup, close)
-                        results["runs"][setup][workload].append(rec)
-                        progress.step(f"round {rnd}/{repeats} {TITLES[setup]}: {workload} "
-                                      + _describe(rec))
-                rec = bench.wrk("l7-nopool", False)
-                results["runs"]["l7-nopool"]["keepalive"].append(rec)
-                progress.step(f"round {rnd}/{repeats} {TITLES['l7-nopool']}: keepalive "
-                              + _describe(rec))
-            results["metrics"] = bench.metrics()
-            bench.stop_agent()
-            for i in range(restarts):
-                for mode in ("lazy", "eager") if i % 2 == 0 else ("eager", "lazy"):
-                    bench.start_agent(warmup=mode)
-                    try:
-                        rec = bench.ttfb()
-                    finally:
-                        bench.stop_agent()
-                    results["ttfb"][mode].append(rec)
-                    progress.step(f"restart {i + 1}/{restarts}, warmup {mode}: " + (
-                        f"first request {rec['first_us'] / 1e3:.2f} ms, burst of {TTFB_BURST} "
-                        f"p50 {_pct(rec['burst_us'], 0.5) / 1e3:.2f} ms max "
-                        f"{max(rec['burst_us']) / 1e3:.2f} ms" if rec["ok"]
-                        else f"[red]failed[/]: {rec['error']}"))
-        except KeyboardInterrupt:
-            interrupted = True
-            console.print("[yellow]interrupted: cleaning up[/]")
-            raise
-        finally:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                bench.close()
-            finally:
-                signal.signal(signal.SIGINT, previous)
-                if not interrupted:
-                    progress.step("cleaned up: agent, HAProxy, nginx, lab removed")
+    with rounds_then_cleanup(bench, progress, console,
+                             "cleaned up: agent, HAProxy, nginx, lab removed"):
+        console.print(f"[bold]lbctl bench l7[/]: {repeats} round(s); lab prefix "
+                      f"{bench.lab.prefix}")
+        bench.prepare()
+        bench.start_agent()
+        progress.step(f"lab {bench.lab.prefix} up: nginx on 3 backends, HAProxy mode http "
+                      f"(:{HAPROXY_PORT}), lbctl agent with L7 VIPs (:{L7_PORT}, pool off "
+                      f":{L7_NOPOOL_PORT})")
+        # Through every path once before timing: neighbours resolved, pools opened.
+        for port in (L7_PORT, HAPROXY_PORT, L7_NOPOOL_PORT):
+            bench.lab.http_get(bench.vip, port, count=6)
+        for rnd in range(1, repeats + 1):
+            order = ["haproxy", "l7"] if rnd % 2 else ["l7", "haproxy"]
+            for workload, close in (("keepalive", False), ("short", True)):
+                for setup in order:
+                    rec = bench.wrk(setup, close)
+                    results["runs"][setup][workload].append(rec)
+                    progress.step(f"round {rnd}/{repeats} {TITLES[setup]}: {workload} "
+                                  + _describe(rec))
+            rec = bench.wrk("l7-nopool", False)
+            results["runs"]["l7-nopool"]["keepalive"].append(rec)
+            progress.step(f"round {rnd}/{repeats} {TITLES['l7-nopool']}: keepalive "
+                          + _describe(rec))
+        results["metrics"] = bench.metrics()
+        bench.stop_agent()
+        for i in range(restarts):
+            for mode in ("lazy", "eager") if i % 2 == 0 else ("eager", "lazy"):
+                bench.start_agent(warmup=mode)
+                try:
+                    rec = bench.ttfb()
+                finally:
+                    bench.stop_agent()
+                results["ttfb"][mode].append(rec)
+                progress.step(f"restart {i + 1}/{restarts}, warmup {mode}: " + (
+                    f"first request {rec['first_us'] / 1e3:.2f} ms, burst of {TTFB_BURST} "
+                    f"p50 {_pct(rec['burst_us'], 0.5) / 1e3:.2f} ms max "
+                    f"{max(rec['burst_us']) / 1e3:.2f} ms" if rec["ok"]
+                    else f"[red]failed[/]: {rec['error']}"))
     results["host"]["loadavg_after"] = list(os.getloadavg())
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     failed = [f"{s}/{w}" for s, ws in results["runs"].items() for w, rs in ws.items()
@@ -594,11 +582,8 @@ def run_l7(results_dir: Path, doc_path: Path | None = None, repeats: int = 3, qu
     results["complete"] = not failed
     results["failed_runs"] = failed
     results["summary"] = summarize_l7(results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    name = "l7-" + started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "") + ".json"
-    results["file"] = str(results_dir / name)
-    (results_dir / name).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    console.print(f"results: {results_dir / name}")
+    write_record(results, results_dir, "l7-" + started.strftime("%Y%m%dT%H%M%SZ")
+                 + ("-quick" if quick else "") + ".json", console)
     if doc_path is not None and failed:
         console.print(f"[yellow]{doc_path} left as it was: the run is incomplete[/]")
     elif doc_path is not None:

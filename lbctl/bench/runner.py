@@ -835,6 +835,45 @@ def _signals_raise_interrupt() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def host_record() -> dict[str, Any]:
+    """What a record says of the machine it measured on (loadavg_after is added at the end)."""
+    return {"kernel": os.uname().release, "cpus": os.cpu_count(),
+            "loadavg_before": list(os.getloadavg()), "tools": tool_versions()}
+
+
+@contextlib.contextmanager
+def rounds_then_cleanup(bench: Any, progress: _Progress, console: Any, cleaned: str) -> Iterator[None]:
+    """The measuring part of a run: SIGTERM and SIGHUP unwind like Ctrl-C, and whatever
+    happens the bench is closed (a second Ctrl-C cannot cut that short), then `cleaned`
+    is reported as the last step of a run that was not interrupted."""
+    interrupted = False
+    with _signals_raise_interrupt():
+        try:
+            yield
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]interrupted: cleaning up[/]")
+            raise
+        finally:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                bench.close()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                if not interrupted:
+                    progress.step(cleaned)
+
+
+def write_record(results: dict[str, Any], results_dir: Path, name: str, console: Any) -> Path:
+    """The run's JSON record (its path is kept in it as "file")."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / name
+    results["file"] = str(path)
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    console.print(f"results: {path}")
+    return path
+
+
 def check_outputs(results_dir: Path, doc_path: Path | None) -> None:
     """Refuse, before anything is built, outputs the run could not write at its end."""
     if results_dir.exists() and not results_dir.is_dir():
@@ -878,8 +917,7 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
         "started": started.isoformat(timespec="seconds"),
         "quick": quick,
         "repeats": repeats,
-        "host": {"kernel": os.uname().release, "cpus": os.cpu_count(),
-                 "loadavg_before": list(os.getloadavg()), "tools": tool_versions()},
+        "host": host_record(),
         "config": {"wrk_threads": WRK_THREADS, "wrk_connections": WRK_CONNECTIONS,
                    "pps_flows": PPS_FLOWS, "pps_frame_bytes": 42 + PPS_PAYLOAD_BYTES,
                    "generator_bound_share": GENERATOR_BOUND_SHARE,
@@ -895,43 +933,29 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
                        "`mode http`): see its section below."},
     }
     bench = PeerBench(setups, repeats, quick, console)
-    interrupted = False
-    with _signals_raise_interrupt():
-        try:
-            console.print(f"[bold]lbctl bench peers[/]: {', '.join(setups)}; {repeats} round(s); "
-                          f"lab prefix {bench.lab.prefix}")
-            bench.prepare()
-            progress.step(f"lab {bench.lab.prefix} up: nginx on 3 backends, iperf3 on "
-                          f"{bench.lab.backends[0].name}, generator and sink loaded")
-            for rnd in range(1, repeats + 1):
-                for setup in setups:
-                    _measure_setup(bench, setup, rnd, results, progress)
-            for setup in xdp_setups:
-                bench.setup(setup)
-                try:
-                    with bench.pps_path():
-                        cost = bench.xdp_cost(setup)
-                finally:
-                    bench.teardown(setup)
-                results["setups"][setup]["xdp_cost"] = cost
-                live, test = cost.get("live_ns_per_packet"), cost.get("test_run_ns_per_packet")
-                progress.step(
-                    f"{SETUP_TITLES[setup]}: program cost "
-                    f"{'-' if live is None else f'{live:.0f}'} ns/packet under load "
-                    f"(run-time stats), {'-' if test is None else test} ns in BPF_PROG_TEST_RUN")
-        except KeyboardInterrupt:
-            interrupted = True
-            console.print("[yellow]interrupted: cleaning up[/]")
-            raise
-        finally:
-            # A second Ctrl-C must not cut the cleanup short.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with rounds_then_cleanup(bench, progress, console,
+                             "cleaned up: lab, processes, XDP, nft tables removed"):
+        console.print(f"[bold]lbctl bench peers[/]: {', '.join(setups)}; {repeats} round(s); "
+                      f"lab prefix {bench.lab.prefix}")
+        bench.prepare()
+        progress.step(f"lab {bench.lab.prefix} up: nginx on 3 backends, iperf3 on "
+                      f"{bench.lab.backends[0].name}, generator and sink loaded")
+        for rnd in range(1, repeats + 1):
+            for setup in setups:
+                _measure_setup(bench, setup, rnd, results, progress)
+        for setup in xdp_setups:
+            bench.setup(setup)
             try:
-                bench.close()
+                with bench.pps_path():
+                    cost = bench.xdp_cost(setup)
             finally:
-                signal.signal(signal.SIGINT, previous)
-                if not interrupted:
-                    progress.step("cleaned up: lab, processes, XDP, nft tables removed")
+                bench.teardown(setup)
+            results["setups"][setup]["xdp_cost"] = cost
+            live, test = cost.get("live_ns_per_packet"), cost.get("test_run_ns_per_packet")
+            progress.step(
+                f"{SETUP_TITLES[setup]}: program cost "
+                f"{'-' if live is None else f'{live:.0f}'} ns/packet under load "
+                f"(run-time stats), {'-' if test is None else test} ns in BPF_PROG_TEST_RUN")
 
     for setup in setups:
         results["setups"][setup]["summary"] = summarize_setup(results["setups"][setup]["runs"])
@@ -946,11 +970,8 @@ def run_peers(results_dir: Path, doc_path: Path | None = None, repeats: int = 3,
     results["complete"] = not failed
     results["failed_runs"] = [f"{s}/{w}" for s, w in failed]
 
-    results_dir.mkdir(parents=True, exist_ok=True)
-    name = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "") + ".json"
-    results["file"] = str(results_dir / name)
-    (results_dir / name).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    console.print(f"results: {results_dir / name}")
+    write_record(results, results_dir,
+                 started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "") + ".json", console)
     if doc_path is not None and failed:
         console.print(f"[yellow]{doc_path} left as it was: the run is incomplete[/]")
     elif doc_path is not None:
