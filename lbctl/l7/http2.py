@@ -16,7 +16,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import httptools
 from h2.errors import ErrorCodes
 
 # hyperframe is h2's own frame layer (a dependency of h2): a GOAWAY written beside h2's state
@@ -28,15 +27,15 @@ from lbctl.l7.cache import freshness_s, request_may_use
 from lbctl.l7.proxy import (
     HOP_BY_HOP,
     IDEMPOTENT,
-    READ_SIZE,
     REASONS,
     Backend,
     HttpError,
     UpstreamConn,
+    UpstreamResponse,
     VipProxy,
-    _Events,
     _UpstreamFailed,
     client_protocol,
+    dropped_response_headers,
     upstream_head,
 )
 
@@ -618,67 +617,17 @@ class H2Stream:
         kept = 0
         fresh_s = 0
         cache_headers: list[tuple[bytes, bytes]] = []
-        events = _Events(response=True)
-        parser = httptools.HttpResponseParser(events)
-        events.parser = parser
-        got_bytes = 0
-        head_buf = b""
-        status = 0
-        resp_has_length = no_body = upstream_keep = head_keep = False
+        resp = UpstreamResponse(conn, method, s.read_timeout_s)
         while True:
-            if not events.queue:
-                try:
-                    data = await asyncio.wait_for(conn.reader.read(READ_SIZE), s.read_timeout_s)
-                except asyncio.TimeoutError:
-                    if status == 0:
-                        raise _UpstreamFailed("response timeout", connect=False) from None
-                    raise ConnectionResetError("backend stalled mid-response") from None
-                except ConnectionError as exc:
-                    if status == 0 and got_bytes == 0:
-                        raise _UpstreamFailed(f"read: {exc}", connect=False) from None
-                    raise
-                if not data:
-                    if status == 0 and got_bytes == 0:
-                        raise _UpstreamFailed("closed before responding", connect=False)
-                    if status and not resp_has_length and not no_body:
-                        events.queue.append(("end",))    # a body delimited by the close
-                    else:
-                        raise ConnectionResetError("backend closed mid-response")
-                else:
-                    got_bytes += len(data)
-                    if status == 0:
-                        head_buf += data
-                    try:
-                        parser.feed_data(data)
-                    except httptools.HttpParserError as exc:
-                        if status == 0:
-                            raise _UpstreamFailed(f"bad response: {exc}", connect=False) from None
-                        raise ConnectionResetError(f"bad response body: {exc}") from None
-                    if status == 0 and events.queue and events.queue[0][0] == "head" and method == "HEAD":
-                        end = head_buf.find(b"\r\n\r\n")
-                        upstream_keep = events.queue[0][4] and end + 4 == len(head_buf)
-                        events.queue.append(("end",))
-                        # llhttp would wait for the Content-Length body a HEAD answer never has.
-                        parser = httptools.HttpResponseParser(_Events(response=True))
-                continue
-            ev = events.queue.popleft()
+            ev = await resp.next()
             if ev[0] == "head":
-                code = ev[3]
-                if 100 <= code < 200:
-                    continue
-                status = code
-                head_keep = ev[4]
+                _, hdrs, status = ev
                 self.vip.note_result(backend, failed=status >= 500)
-                hdrs = ev[2]
-                lower = {n.lower() for n, _ in hdrs}
-                resp_has_length = b"content-length" in lower or b"transfer-encoding" in lower
-                no_body = method == "HEAD" or status in (204, 304)
-                named = {t.strip().lower() for n, v in hdrs if n.lower() == b"connection"
-                         for t in v.split(b",")}
+                dropped = dropped_response_headers(hdrs) | NOT_IN_H2
                 out = [(b":status", str(status).encode())]
                 for name, value in hdrs:
                     low = name.lower()
-                    if low in NOT_IN_H2 or low in named:
+                    if low in dropped:
                         continue
                     out.append((low, value))
                     if low not in (b"content-length", b"age"):
@@ -701,6 +650,4 @@ class H2Stream:
                 self._end()
                 if keep_body is not None and cache is not None and cache_key is not None:
                     cache.put(cache_key, cache_headers, b"".join(keep_body), fresh_s)
-                if method != "HEAD":
-                    upstream_keep = resp_has_length and head_keep and not len(conn.reader._buffer)
-                return upstream_keep
+                return resp.reusable

@@ -9,11 +9,13 @@ import logging
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import httptools
 
+from lbctl.config import L7Spec
 from lbctl.l7.balance import (
     Rotation,
     Route,
@@ -52,37 +54,32 @@ REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fi
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-@dataclass(frozen=True)
-class L7Settings:
-    """One VIP's proxy settings as the worker receives them (L7Spec's fields, in seconds)."""
+def _seconds(ms_field: str) -> cached_property[float]:
+    return cached_property(lambda self: getattr(self, ms_field) / 1000)
 
-    balancing: str = "round_robin"
-    hash_on: tuple[str, str] | None = None
-    pool_enabled: bool = True
-    pool_max_size: int = 64
-    pool_min_idle: int = 0
-    pool_idle_timeout_s: float = 60.0
-    warmup: str = "lazy"
-    header_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 60.0
-    max_header_bytes: int = 32 * 1024
-    max_headers: int = 100
-    max_body_bytes: int = 10 * 1024 * 1024
-    connect_timeout_s: float = 2.0
-    read_timeout_s: float = 30.0
-    drain_timeout_s: float = 10.0
-    eject_failures: int = 5
-    eject_cooldown_s: float = 10.0
-    groups: dict[str, list[str]] = field(default_factory=dict)
-    routes: list[tuple[str | None, str, list[tuple[str, int]]]] = field(default_factory=list)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    cache_max_bytes: int = 0
-    cache_max_entry_bytes: int = 1024 * 1024
-    http2_tls: bool = True
-    http2_cleartext: bool = True
-    http2_max_streams: int = 128
-    http2_stream_window_bytes: int = 256 * 1024
+
+@dataclass(frozen=True)
+class L7Settings(L7Spec):
+    """One VIP's proxy settings in a worker: the config's L7Spec itself (one definition of the
+    fields and defaults), plus what the data path reads in its own units, computed once per
+    settings object: durations in seconds (what the loop and time.monotonic() count in),
+    groups as a mapping, routes as plain tuples."""
+
+    connect_timeout_s = _seconds("connect_timeout_ms")
+    drain_timeout_s = _seconds("drain_timeout_ms")
+    eject_cooldown_s = _seconds("eject_cooldown_ms")
+    header_timeout_s = _seconds("header_timeout_ms")
+    keepalive_timeout_s = _seconds("keepalive_timeout_ms")
+    pool_idle_timeout_s = _seconds("pool_idle_timeout_ms")
+    read_timeout_s = _seconds("read_timeout_ms")
+
+    @cached_property
+    def group_members(self) -> dict[str, list[str]]:
+        return {name: list(members) for name, members in self.groups}
+
+    @classmethod
+    def of(cls, spec: L7Spec) -> L7Settings:
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(L7Spec)})
 
 
 class HttpError(Exception):
@@ -296,7 +293,7 @@ class VipProxy:
                 old.pool.close()
         self.backends = keep
         self.members = list(keep.values())
-        self.routes = [Route(h, p, list(s)) for h, p, s in settings.routes]
+        self.routes = [Route(r.host, r.path_prefix, list(r.split)) for r in settings.routes]
         self.rotations = {}
         self._eject_generation = -1     # new backends: read their ejection times at the next pick
 
@@ -338,7 +335,7 @@ class VipProxy:
         for i, route in enumerate(self.routes):
             if route.matches(host, path):
                 group = choose_group(route)
-                names = self.settings.groups.get(group, [])
+                names = self.settings.group_members.get(group, [])
                 key = f"route{i}/{group}"
                 self._current_key = key
                 return [self.backends[n] for n in names if n in self.backends]
@@ -1090,72 +1087,18 @@ class ClientConnection(asyncio.Protocol):
         fresh_s = 0
         cache_headers: list[tuple[bytes, bytes]] = []
         stats, vipname, s = self.vip.stats, self.vip.vip, self.settings
-        events = _Events(response=True)
-        parser = httptools.HttpResponseParser(events)
-        events.parser = parser
-        got_bytes = 0
-        head_buf = b""
-        status = 0
+        resp = UpstreamResponse(conn, method, s.read_timeout_s)
         out_chunked = False
-        resp_has_length = False
-        no_body = False
-        upstream_keep = False
-        head_keep = False
         while True:
-            if not events.queue:
-                try:
-                    data = await asyncio.wait_for(conn.reader.read(READ_SIZE),
-                                                  s.read_timeout_s)
-                except asyncio.TimeoutError:
-                    if status == 0:
-                        raise _UpstreamFailed("response timeout", connect=False) from None
-                    raise ConnectionResetError("backend stalled mid-response") from None
-                except ConnectionError as exc:
-                    if status == 0 and got_bytes == 0:
-                        raise _UpstreamFailed(f"read: {exc}", connect=False) from None
-                    raise
-                if not data:
-                    if status == 0 and got_bytes == 0:
-                        raise _UpstreamFailed("closed before responding", connect=False)
-                    if status and not resp_has_length and not no_body:
-                        events.queue.append(("end",))    # a body delimited by the close
-                    else:
-                        raise ConnectionResetError("backend closed mid-response")
-                else:
-                    got_bytes += len(data)
-                    if status == 0:
-                        head_buf += data
-                    try:
-                        parser.feed_data(data)
-                    except httptools.HttpParserError as exc:
-                        if status == 0:
-                            raise _UpstreamFailed(f"bad response: {exc}", connect=False) from None
-                        raise ConnectionResetError(f"bad response body: {exc}") from None
-                    if status == 0 and events.queue and events.queue[0][0] == "head" and method == "HEAD":
-                        end = head_buf.find(b"\r\n\r\n")
-                        upstream_keep = events.queue[0][4] and end + 4 == len(head_buf)
-                        events.queue.append(("end",))
-                        # llhttp would wait for the Content-Length body a HEAD answer never has.
-                        parser = httptools.HttpResponseParser(_Events(response=True))
-                continue
-            ev = events.queue.popleft()
+            ev = await resp.next()
             if ev[0] == "head":
-                code = ev[3]
-                if 100 <= code < 200:
-                    continue      # interim answers are not forwarded (Expect is answered here)
-                status = code
-                head_keep = ev[4]
+                _, hdrs, status = ev
                 self.vip.note_result(backend, failed=status >= 500)
-                hdrs = ev[2]
-                lower = {n.lower() for n, _ in hdrs}
-                resp_has_length = b"content-length" in lower or b"transfer-encoding" in lower
-                no_body = method == "HEAD" or status in (204, 304)
-                named = {t.strip().lower() for n, v in hdrs if n.lower() == b"connection"
-                         for t in v.split(b",")}
+                dropped = dropped_response_headers(hdrs)
                 lines = [f"HTTP/1.1 {status} ".encode() + (b"OK" if status == 200 else b"-") + b"\r\n"]
                 for name, value in hdrs:
                     low = name.lower()
-                    if low in HOP_BY_HOP or low in named:
+                    if low in dropped:
                         continue
                     lines.append(name + b": " + value + b"\r\n")
                     if low not in (b"content-length", b"age"):
@@ -1164,7 +1107,7 @@ class ClientConnection(asyncio.Protocol):
                     fresh_s = freshness_s(status, hdrs)
                     keep_body = [] if fresh_s > 0 else None
                 chunked_up = any(n.lower() == b"transfer-encoding" for n, _ in hdrs)
-                if not no_body and (chunked_up or not resp_has_length):
+                if not resp.no_body and (chunked_up or not resp.has_length):
                     if client_11:
                         out_chunked = True
                         lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -1194,10 +1137,89 @@ class ClientConnection(asyncio.Protocol):
                 await self.writer.drain()
                 if keep_body is not None and self.vip.cache is not None and cache_key is not None:
                     self.vip.cache.put(cache_key, cache_headers, b"".join(keep_body), fresh_s)
-                if method != "HEAD":
-                    upstream_keep = resp_has_length and head_keep and \
-                        not len(conn.reader._buffer)
-                return upstream_keep, client_keep
+                return resp.reusable, client_keep
+
+
+class UpstreamResponse:
+    """One backend answer read off a pooled connection by a request coroutine (HTTP/1.1 and
+    HTTP/2 clients alike): `await next()` gives ('head', headers, status), ('body', bytes)
+    and ('end',), interim 1xx answers skipped; read timeouts, early closes and unparsable
+    bytes become _UpstreamFailed while nothing came (retrying elsewhere is safe) and
+    ConnectionResetError once the answer started. After 'end', `reusable` says whether the
+    connection may go back to its pool."""
+
+    def __init__(self, conn: UpstreamConn, method: str, read_timeout_s: float):
+        self.conn, self.method, self.read_timeout_s = conn, method, read_timeout_s
+        self.events = _Events(response=True)
+        self.parser = httptools.HttpResponseParser(self.events)
+        self.events.parser = self.parser
+        self.got_bytes = 0
+        self.head_buf = b""
+        self.status = 0
+        self.has_length = self.no_body = self.head_keep = self.reusable = False
+
+    async def next(self) -> tuple[Any, ...]:
+        events = self.events
+        while True:
+            if events.queue:
+                ev = events.queue.popleft()
+                if ev[0] == "head":
+                    code = ev[3]
+                    if 100 <= code < 200:
+                        continue      # interim answers are not forwarded (Expect is answered here)
+                    self.status, self.head_keep = code, ev[4]
+                    lower = {n.lower() for n, _ in ev[2]}
+                    self.has_length = b"content-length" in lower or b"transfer-encoding" in lower
+                    self.no_body = self.method == "HEAD" or code in (204, 304)
+                    return ("head", ev[2], code)
+                if ev[0] == "end" and self.method != "HEAD":
+                    self.reusable = self.has_length and self.head_keep and \
+                        not len(self.conn.reader._buffer)
+                return ev
+            await self._read()
+
+    async def _read(self) -> None:
+        status, events = self.status, self.events
+        try:
+            data = await asyncio.wait_for(self.conn.reader.read(READ_SIZE), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            if status == 0:
+                raise _UpstreamFailed("response timeout", connect=False) from None
+            raise ConnectionResetError("backend stalled mid-response") from None
+        except ConnectionError as exc:
+            if status == 0 and self.got_bytes == 0:
+                raise _UpstreamFailed(f"read: {exc}", connect=False) from None
+            raise
+        if not data:
+            if status == 0 and self.got_bytes == 0:
+                raise _UpstreamFailed("closed before responding", connect=False)
+            if status and not self.has_length and not self.no_body:
+                events.queue.append(("end",))    # a body delimited by the close
+                return
+            raise ConnectionResetError("backend closed mid-response")
+        self.got_bytes += len(data)
+        if status == 0:
+            self.head_buf += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if status == 0:
+                raise _UpstreamFailed(f"bad response: {exc}", connect=False) from None
+            raise ConnectionResetError(f"bad response body: {exc}") from None
+        if status == 0 and self.method == "HEAD" and \
+                any(e[0] == "head" and e[3] >= 200 for e in events.queue):
+            end = self.head_buf.find(b"\r\n\r\n")
+            self.reusable = events.queue[0][4] and end + 4 == len(self.head_buf)
+            events.queue.append(("end",))
+            # llhttp would wait for the Content-Length body a HEAD answer never has.
+            self.parser = httptools.HttpResponseParser(_Events(response=True))
+
+
+def dropped_response_headers(hdrs: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lower-case names of an answer's headers that must not reach the client: hop-by-hop
+    ones and those its Connection header names."""
+    named = {t.strip().lower() for n, v in hdrs if n.lower() == b"connection" for t in v.split(b",")}
+    return HOP_BY_HOP | named if named else HOP_BY_HOP
 
 
 class _FastExchange:

@@ -24,18 +24,9 @@ class L7StartError(LbctlError):
 
 
 def settings_dict(spec: L7Spec) -> dict[str, Any]:
-    raw = asdict(spec)
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key.endswith("_ms"):
-            out[key[:-3] + "_s"] = value / 1000
-        elif key == "groups":
-            out[key] = {name: list(members) for name, members in spec.groups}
-        elif key == "routes":
-            out[key] = [[r.host, r.path_prefix, [list(s) for s in r.split]] for r in spec.routes]
-        elif key != "workers":
-            out[key] = value
-    return out
+    """The spec as the workers read it (JSON: tuples become lists; lbctl.l7.worker.settings_of
+    makes the L7Spec again)."""
+    return asdict(spec)
 
 
 def worker_spec(vips: dict[Endpoint, VipEntry], is_up: Callable[[Endpoint, str], bool]) -> dict[str, Any]:

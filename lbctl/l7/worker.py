@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import Any
 
+from lbctl.config import L7Route
 from lbctl.l7.ejection import EjectionTable
 from lbctl.l7.proxy import L7Settings, VipProxy, tls_context
 from lbctl.l7.stats import Stats
@@ -20,9 +21,12 @@ log = logging.getLogger("lbctl.l7")
 
 
 def settings_of(raw: dict[str, Any]) -> L7Settings:
+    """A VIP's settings from the supervisor's JSON (lbctl.l7.supervisor.settings_dict)."""
     raw = dict(raw)
     raw["hash_on"] = tuple(raw["hash_on"]) if raw.get("hash_on") else None
-    raw["routes"] = [(h, p, [tuple(x) for x in s]) for h, p, s in raw.get("routes", [])]
+    raw["groups"] = tuple((name, tuple(members)) for name, members in raw.get("groups", ()))
+    raw["routes"] = tuple(L7Route(r["host"], r["path_prefix"], tuple(tuple(s) for s in r["split"]))
+                          for r in raw.get("routes", ()))
     return L7Settings(**raw)
 
 
