@@ -8,7 +8,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+# Longest cycle Rotation.next keeps (the sum of the live members' weights); past it, each
+# request walks the members.
+MAX_CYCLE = 4096
 
 
 class Candidate(Protocol):
@@ -26,6 +30,32 @@ class Rotation:
     unavailable are skipped without disturbing the others' order."""
 
     current: dict[str, int] = field(default_factory=dict)
+    # One whole cycle of picks, made while the set of available members and their weights
+    # hold (the proxy bumps `generation` when they may have changed; `until` is the first
+    # moment an ejection ends): a request then takes the next entry instead of a pass over
+    # every member. A smooth cycle ends where it started, so the order is the same.
+    cycle: list[Any] = field(default_factory=list)
+    cycle_at: int = 0
+    cycle_generation: int = -1
+    cycle_until: float = 0.0
+
+    def next(self, members: Sequence[Candidate], now: float, generation: int) -> Candidate | None:
+        cycle = self.cycle
+        if generation == self.cycle_generation and now < self.cycle_until and cycle:
+            i = self.cycle_at
+            self.cycle_at = i + 1 if i + 1 < len(cycle) else 0
+            return cycle[i]
+        live = [m for m in members if m.available(now)]
+        total = sum(m.weight for m in live)
+        if not live or total > MAX_CYCLE:
+            self.cycle = []
+            return self.pick(members, now)
+        self.cycle = [self.pick(live, now) for _ in range(total)]
+        self.cycle_generation = generation
+        self.cycle_until = min((u for m in members if (u := getattr(m, "ejected_until", 0.0)) > now),
+                               default=math.inf)
+        self.cycle_at = 1 % total
+        return self.cycle[0]
 
     def pick(self, members: Sequence[Candidate], now: float) -> Candidate | None:
         best: Candidate | None = None

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -27,7 +28,7 @@ from lbctl.l7.balance import (
 )
 from lbctl.l7.cache import ResponseCache, freshness_s, request_may_use
 from lbctl.l7.ejection import EjectionTable
-from lbctl.l7.stats import Stats
+from lbctl.l7.stats import BackendCounts, Stats
 
 log = logging.getLogger("lbctl.l7")
 
@@ -37,12 +38,20 @@ READ_SIZE = 65536
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
                         b"proxy-authorization"})
+_HOP_NAMES = rb"connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade" \
+    rb"|proxy-authenticate|proxy-authorization"
+# In an answer's header lines (each after its CRLF; llhttp has refused a space before the
+# colon and folded lines): the headers the fast path looks at, and whole hop-by-hop lines.
+_RESPONSE_SPECIAL = re.compile(rb"\r\n(" + _HOP_NAMES + rb"|content-length)[ \t]*:[ \t]*([^\r]*)",
+                               re.IGNORECASE)
+_HOP_BY_HOP_LINE = re.compile(rb"\r\n(?:" + _HOP_NAMES + rb")[ \t]*:[^\r]*", re.IGNORECASE)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-# A request with any of these takes the general path (a body, or an answer of ours first).
-_SLOW_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+# Request headers forward_head treats apart from the rest: the ones it rewrites, and those
+# that send a request the general path (a body, or an answer of ours first).
+_BODY_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+_REQUEST_SPECIAL = HOP_BY_HOP | _BODY_REQUEST_HEADERS | {b"host", b"x-forwarded-for",
+                                                         b"x-forwarded-proto"}
 _NO_EXCLUDE: frozenset[str] = frozenset()
-_FAST_SPECIAL = _SLOW_REQUEST_HEADERS | {b"host", b"x-forwarded-for", b"x-forwarded-proto",
-                                         b"connection"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 
 
@@ -242,6 +251,7 @@ class Backend:
     failures: int = 0           # consecutive connect failures or 5xx
     ejected_until: float = 0.0
     eject_slot: int | None = None   # its slot in the workers' shared ejection table
+    counts: BackendCounts = field(default_factory=BackendCounts)
 
     def available(self, now: float) -> bool:
         return self.state == "active" and self.up and now >= self.ejected_until
@@ -253,6 +263,10 @@ class VipProxy:
     def __init__(self, vip: str, host: str, port: int, settings: L7Settings,
                  backends: list[dict[str, Any]], stats: Stats, ejection: EjectionTable | None = None):
         self.vip, self.host, self.port, self.stats = vip, host, port, stats
+        self.counts = stats.vip(vip)
+        # Bumped whenever a backend's availability may have changed other than by the clock
+        # (a reload, an ejection): the round-robin cycles are made again.
+        self.avail_generation = 0
         self.ejection = ejection
         self._eject_generation = -1
         self.cache: ResponseCache | None = None
@@ -286,7 +300,8 @@ class VipProxy:
             else:
                 keep[b["name"]] = Backend(b["name"], b["addr"], b["port"], b["weight"], b["state"],
                                           b["up"], Pool(b["addr"], b["port"], settings, self.stats,
-                                                        self.vip, b["name"]))
+                                                        self.vip, b["name"]),
+                                          counts=self.stats.backend(self.vip, b["name"]))
             keep[b["name"]].eject_slot = b.get("eject_slot") if self.ejection is not None else None
         for name, old in self.backends.items():
             if name not in keep:
@@ -296,6 +311,7 @@ class VipProxy:
         self.routes = [Route(r.host, r.path_prefix, list(r.split)) for r in settings.routes]
         self.rotations = {}
         self._eject_generation = -1     # new backends: read their ejection times at the next pick
+        self.avail_generation += 1
 
     async def start(self, ssl_context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
@@ -374,6 +390,7 @@ class VipProxy:
         generation = table.generation()
         if generation != self._eject_generation:
             self._eject_generation = generation
+            self.avail_generation += 1
             for b in self.members:
                 if b.eject_slot is not None:
                     b.ejected_until = table.ejected_until(b.eject_slot)
@@ -388,6 +405,7 @@ class VipProxy:
                                 self.settings.eject_cooldown_s):
                 return
             b.ejected_until = table.ejected_until(b.eject_slot)
+            self.avail_generation += 1
             self.stats.count("ejections", self.vip, b.name)
             log.warning("backend %s of L7 VIP %s ejected for %.1fs after %d consecutive failures "
                         "(counted over every worker)", b.name, self.vip,
@@ -400,6 +418,7 @@ class VipProxy:
         if b.failures >= self.settings.eject_failures and time.monotonic() >= b.ejected_until:
             b.ejected_until = time.monotonic() + self.settings.eject_cooldown_s
             b.failures = 0
+            self.avail_generation += 1
             self.stats.count("ejections", self.vip, b.name)
             log.warning("backend %s of L7 VIP %s ejected for %.1fs after %d consecutive failures",
                         b.name, self.vip, self.settings.eject_cooldown_s, self.settings.eject_failures)
@@ -569,6 +588,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_addr = ""
         self.tls = False
         self.forwarded_tail = b""
+        self.client_bytes = b""
         self.busy = False
         self.closing = False
         self.eof = False
@@ -595,12 +615,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.client_addr = peer[0]
         self.tls = transport.get_extra_info("sslcontext") is not None
-        client = self.client_addr.encode()
-        proto = b"https" if self.tls else b"http"
-        node = b'"[' + client + b']"' if b":" in client else client
-        # The fast path's X-Forwarded-Proto and Forwarded (a host is put before the CRLF).
-        self.forwarded_tail = (b"X-Forwarded-Proto: " + proto + b"\r\nForwarded: for=" + node
-                               + b";proto=" + proto + b"\r\n")
+        self.client_bytes = self.client_addr.encode()
+        self.forwarded_tail = forwarded_tail(self.client_addr, self.tls)
         self.vip.connections.add(self)
         self.vip.stats.gauge_add("client_connections", self.vip.vip, 1)
         # No coroutine yet: requests the fast path takes never need one (it is started by
@@ -808,27 +824,12 @@ class ClientConnection(asyncio.Protocol):
         if method != "GET" or self.closing or vip.draining or vip.cache is not None \
                 or url[:1] != b"/":
             return False
-        # One pass over the headers: refuse bodies, note what routing and X-Forwarded-For
-        # need, and write the upstream head (the rules of _upstream_head).
-        out = [b"GET " + url + b" HTTP/1.1\r\n"]
-        host = xff = None
-        for name, value in raw_headers:
-            low = name.lower()
-            if low in _FAST_SPECIAL:
-                if low in _SLOW_REQUEST_HEADERS:
-                    return False
-                if low == b"host":
-                    if host is None:
-                        host = value
-                    out.append(name + b": " + value + b"\r\n")
-                elif low == b"x-forwarded-for":
-                    xff = value if xff is None else xff + b", " + value
-                elif low == b"connection" and not _plain_connection(value):
-                    return False    # names headers to drop: the general path does that
-                continue                # x-forwarded-proto: ours replaces the client's
-            if low in HOP_BY_HOP:
-                continue
-            out.append(name + b": " + value + b"\r\n")
+        made = forward_head(b"GET", url, raw_headers, self.client_bytes, self.forwarded_tail,
+                            self.settings.pool_enabled, simple_only=True)
+        if made is None:
+            return False
+        upstream, host = made
+        now = time.monotonic()
         if vip.routes:
             members = vip.candidates(host_of(host), url.split(b"?", 1)[0].decode("latin-1"))
             key = vip._current_key
@@ -840,7 +841,7 @@ class ClientConnection(asyncio.Protocol):
             rotation = vip.rotations.get(key)
             if rotation is None:
                 rotation = vip.rotations[key] = Rotation()
-            backend = rotation.pick(members, time.monotonic())
+            backend = rotation.next(members, now, vip.avail_generation)
             if backend is None:
                 backend = vip.pick(members, key, {}, _NO_EXCLUDE)
         else:
@@ -854,26 +855,18 @@ class ClientConnection(asyncio.Protocol):
         if conn is None:
             self.prepicked = backend
             return False
-        client = self.client_addr.encode()
-        out.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
-        out.append(self.forwarded_tail if host is None else
-                   self.forwarded_tail[:-2] + b";host=" + host + b"\r\n")
-        if not self.settings.pool_enabled:
-            out.append(b"Connection: close\r\n")
-        out.append(b"\r\n")
-        stats, vipname = vip.stats, vip.vip
-        stats.count("requests", vipname)
-        stats.count("upstream_reuses", vipname, backend.name)
+        vip.counts.requests += 1
+        backend.counts.upstream_reuses += 1
         ex = conn.fast
         if ex is None:
             ex = conn.fast = _FastExchange(conn)
         ex.begin(self, backend, keep_alive and not self.closing and not vip.draining,
-                 version == "1.1", len(members), head)
+                 version == "1.1", len(members), head, now)
         self.fast = ex
         self.busy = True
         vip.in_flight += 1
         backend.outstanding += 1
-        conn.transport.write(b"".join(out))
+        conn.transport.write(upstream)
         return True
 
     def fast_done(self, client_keep: bool) -> None:
@@ -1228,28 +1221,32 @@ class _FastExchange:
     life: a connection is reused only after a clean answer), and the client gets the head and
     the body pieces of each read in one write. Does what _relay_response does for a GET:
     hop-by-hop headers out, chunked re-framing of a body without a length, passive ejection,
-    counters; a failure before any answer sends the request back to the coroutine's retries."""
+    counters; a failure before any answer sends the request back to the coroutine's retries.
+    The parser validates and frames the answer but makes no call per header: the head is
+    rewritten on its bytes (one regex pass finds the headers the rules touch), which is most
+    of what an answer cost in Python."""
 
-    __slots__ = ("backend", "client", "client_11", "client_keep", "conn", "deadline", "done",
-                 "extra", "got", "has_length", "head", "headers", "interim", "members_n",
-                 "no_body", "out", "out_chunked", "parser", "started", "status", "upstream_keep",
+    __slots__ = ("backend", "buf", "client", "client_11", "client_keep", "conn", "deadline",
+                 "done", "extra", "got", "has_length", "head", "interim", "members_n", "no_body",
+                 "out", "out_chunked", "parser", "started", "status", "upstream_keep",
                  "upstream_paused")
 
     def __init__(self, conn: UpstreamConn):
         self.conn = conn
         self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[bytes, bytes]] = []
         self.out: list[bytes] = []
+        self.buf = b""
 
     def begin(self, client: ClientConnection, backend: Backend, client_keep: bool,
-              client_11: bool, members_n: int, head: tuple[Any, ...]) -> None:
+              client_11: bool, members_n: int, head: tuple[Any, ...], now: float) -> None:
         self.client, self.backend = client, backend
         self.client_keep, self.client_11 = client_keep, client_11
         self.members_n, self.head = members_n, head
-        self.status = self.got = 0
-        self.done = self.extra = self.interim = self.upstream_paused = False
+        self.status = 0
+        self.buf = b""
+        self.done = self.extra = self.got = self.interim = self.upstream_paused = False
         self.has_length = self.no_body = self.out_chunked = self.upstream_keep = False
-        self.started = now = time.monotonic()
+        self.started = now
         self.deadline = now + client.settings.read_timeout_s
         self.conn.proto.sink = self
 
@@ -1257,19 +1254,19 @@ class _FastExchange:
     def on_message_begin(self) -> None:
         if self.done:
             self.extra = True       # bytes after the answer: the connection cannot be reused
-        self.headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        status = parser.get_status_code()
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        head, self.buf = buf[:end], buf[end + 4:]     # the status line and the header lines
         if status < 200:
             self.interim = True     # 1xx is not forwarded; the real answer follows
             return
         self.status = status
         # Read here: once the message is complete llhttp resets what this reports.
-        self.upstream_keep = self.parser.should_keep_alive()
+        self.upstream_keep = parser.should_keep_alive()
         c = self.client
         vip = c.vip
         if status >= 500:
@@ -1278,37 +1275,39 @@ class _FastExchange:
             vip.note_result(self.backend, failed=False)     # the shared count starts again
         elif self.backend.failures:
             self.backend.failures = 0
-        lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status]
         chunked_up = has_cl = False
-        for name, value in self.headers:
-            low = name.lower()
-            if low in HOP_BY_HOP:
-                if low == b"transfer-encoding":
+        i = head.find(b"\r\n")
+        lines = head[i:] if i >= 0 else b""     # each header line with the CRLF before it
+        by_line = False
+        special = _RESPONSE_SPECIAL.findall(lines)
+        if special:
+            for name, value in special:
+                low = name.lower()
+                if low == b"content-length":
+                    has_cl = True
+                elif low == b"transfer-encoding":
                     chunked_up = True
                 elif low == b"connection" and not _plain_connection(value):
-                    lines = _response_lines(status, self.headers)   # it names headers to drop
-                    lows = [n.lower() for n, _ in self.headers]
-                    chunked_up, has_cl = b"transfer-encoding" in lows, b"content-length" in lows
+                    by_line = True      # it names headers to drop
                     break
-                continue
-            if low == b"content-length":
-                has_cl = True
-            lines.append(name + b": " + value + b"\r\n")
+            else:
+                if not (has_cl and len(special) == 1):
+                    lines = _HOP_BY_HOP_LINE.sub(b"", lines)
+        if by_line:
+            lows, lines = _response_lines(head)
+            chunked_up, has_cl = b"transfer-encoding" in lows, b"content-length" in lows
+        out = [b"HTTP/1.1 200 OK" if status == 200 else b"HTTP/1.1 %d -" % status, lines]
         self.has_length = chunked_up or has_cl
         self.no_body = status == 204 or status == 304
         if not self.no_body and (chunked_up or not has_cl):
             if self.client_11:
                 self.out_chunked = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
+                out.append(b"\r\nTransfer-Encoding: chunked")
             else:
                 self.client_keep = False     # an HTTP/1.0 client reads to the close
-        if not self.client_keep:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
-        self.out.append(b"".join(lines))
-        stats = vip.stats
-        stats.count_response(vip.vip, status)
-        stats.observe_latency(vip.vip, time.monotonic() - self.started)
+        out.append(b"\r\n\r\n" if self.client_keep else b"\r\nConnection: close\r\n\r\n")
+        self.out.append(b"".join(out))
+        vip.counts.response(status, time.monotonic() - self.started)
 
     def on_body(self, body: bytes) -> None:
         if self.out_chunked:
@@ -1326,7 +1325,9 @@ class _FastExchange:
 
     # -- the upstream connection's events
     def data(self, data: bytes) -> None:
-        self.got += len(data)
+        self.got = True
+        if not self.status:
+            self.buf += data     # the head's bytes, until on_headers_complete takes them
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -1346,7 +1347,7 @@ class _FastExchange:
 
     def lost(self) -> None:
         """The backend closed (or the connection broke) before the answer was complete."""
-        if self.status == 0 and self.got == 0:
+        if self.status == 0 and not self.got:
             # A pooled connection the backend closed as the request went out: again, on a
             # fresh connection to the same backend (it says nothing about the backend).
             self._release(False)
@@ -1432,16 +1433,15 @@ class _FastExchange:
         c.fast_done(False)
 
 
-def _response_lines(status: int, hdrs: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """The status line and headers of an answer whose Connection header names headers
-    (dropped with the hop-by-hop ones), as _relay_response writes them."""
-    named = {t.strip().lower() for n, v in hdrs if n.lower() == b"connection" for t in v.split(b",")}
-    lines = [b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status]
-    for name, value in hdrs:
-        low = name.lower()
-        if low not in HOP_BY_HOP and low not in named:
-            lines.append(name + b": " + value + b"\r\n")
-    return lines
+def _response_lines(head: bytes) -> tuple[set[bytes], bytes]:
+    """The header lines of an answer (its head without the status line) header by header, for
+    one whose Connection header names headers (dropped with the hop-by-hop ones). Returns the
+    lower-case names seen and the lines kept, each with the CRLF before it."""
+    hdrs = [(n.strip(), v.strip()) for n, _, v in
+            (line.partition(b":") for line in head.split(b"\r\n")[1:])]
+    dropped = dropped_response_headers(hdrs)
+    return {n.lower() for n, _ in hdrs}, \
+        b"".join(b"\r\n" + n + b": " + v for n, v in hdrs if n.lower() not in dropped)
 
 
 class _UpstreamProtocol(asyncio.StreamReaderProtocol):
@@ -1468,41 +1468,63 @@ class _UpstreamProtocol(asyncio.StreamReaderProtocol):
             self.sink.lost()
 
 
+def forwarded_tail(client_addr: str, tls: bool) -> bytes:
+    """X-Forwarded-Proto and Forwarded for one client connection, computed when it opens; the
+    Forwarded line is left open so a request's host can be put at its end."""
+    client = client_addr.encode()
+    proto = b"https" if tls else b"http"
+    node = b'"[' + client + b']"' if b":" in client else client
+    return b"X-Forwarded-Proto: " + proto + b"\r\nForwarded: for=" + node + b";proto=" + proto
+
+
+def forward_head(method: bytes, url: bytes, raw: list[tuple[bytes, bytes]], client: bytes,
+                 tail: bytes, pool_enabled: bool, named: frozenset[bytes] | set[bytes] = frozenset(),
+                 framing: bytes = b"", simple_only: bool = False) -> tuple[bytes, bytes | None] | None:
+    """The HTTP/1.1 request head a backend gets, and the request's Host (the one place the
+    header rules live, for both paths): hop-by-hop headers and those the Connection header
+    names out, Content-Length and Expect out (the body's framing is ours: `framing`),
+    X-Forwarded-For appended to, X-Forwarded-Proto and Forwarded set (`tail`, from
+    forwarded_tail), Host kept. With simple_only, None for a request the fast path must not
+    take: one with a body, Expect, or a Connection header naming other headers."""
+    out = [method + b" " + url + b" HTTP/1.1\r\n"]
+    host = xff = None
+    for name, value in raw:
+        low = name.lower()
+        if low in _REQUEST_SPECIAL:
+            if low == b"host":
+                if host is None:
+                    host = value
+                out.append(name + b": " + value + b"\r\n")
+            elif low == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif simple_only and (low in _BODY_REQUEST_HEADERS or
+                                  (low == b"connection" and not _plain_connection(value))):
+                return None
+            # x-forwarded-proto: ours replaces the client's (only the proxy knows the scheme)
+            continue
+        if low in named:
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    out.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
+    out.append(tail + b";host=" + host + b"\r\n" if host else tail + b"\r\n")
+    if not pool_enabled:
+        out.append(b"Connection: close\r\n")   # the backend may end it too: nothing reuses it
+    out.append(framing + b"\r\n")
+    return b"".join(out), host
+
+
 def upstream_head(method: str, url: bytes, raw: list[tuple[bytes, bytes]],
                   headers: dict[bytes, list[bytes]], body_kind: str, length: int,
                   client_addr: str, tls: bool, pool_enabled: bool) -> bytes:
-    """The general path's HTTP/1.1 request head to a backend (HTTP/1.1 and HTTP/2 clients):
-    hop-by-hop headers out, X-Forwarded-For appended to, X-Forwarded-Proto and Forwarded set."""
+    """The general path's request head to a backend (HTTP/1.1 and HTTP/2 clients): forward_head
+    with the headers Connection names and the body's framing."""
     named = {t.strip().lower() for v in headers.get(b"connection", []) for t in v.split(b",")}
-    out = [f"{method} ".encode() + url + b" HTTP/1.1\r\n"]
-    xff = None
-    for name, value in raw:
-        low = name.lower()
-        if low in HOP_BY_HOP or low in named or low in (b"content-length", b"expect"):
-            continue
-        if low == b"x-forwarded-for":
-            xff = value if xff is None else xff + b", " + value
-            continue
-        if low in (b"x-forwarded-proto",):
-            continue     # ours replaces the client's: only the proxy knows the real scheme
-        out.append(name + b": " + value + b"\r\n")
-    client = client_addr.encode()
-    proto = b"https" if tls else b"http"
-    out.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
-    out.append(b"X-Forwarded-Proto: " + proto + b"\r\n")
-    node = b'"[' + client + b']"' if b":" in client else client
-    fwd = b"for=" + node + b";proto=" + proto
-    if headers.get(b"host"):
-        fwd += b";host=" + headers[b"host"][0]
-    out.append(b"Forwarded: " + fwd + b"\r\n")
-    if not pool_enabled:
-        out.append(b"Connection: close\r\n")   # the backend may end it too: nothing reuses it
-    if body_kind == "length":
-        out.append(f"Content-Length: {length}\r\n".encode())
-    elif body_kind == "chunked":
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+    framing = b"Content-Length: %d\r\n" % length if body_kind == "length" else \
+        b"Transfer-Encoding: chunked\r\n" if body_kind == "chunked" else b""
+    made = forward_head(method.encode("latin-1"), url, raw, client_addr.encode(),
+                        forwarded_tail(client_addr, tls), pool_enabled, named, framing)
+    assert made is not None
+    return made[0]
 
 
 def tls_context(cert: str, key: str, http2: bool = False) -> ssl.SSLContext:

@@ -38,36 +38,86 @@ COUNTERS = {
 }
 
 
+class VipCounts:
+    """One VIP's per-request figures as plain numbers the data path adds to directly (a
+    counter a request is an attribute increment); Stats.snapshot turns them into rows."""
+
+    __slots__ = ("latency", "latency_sum", "requests", "responses")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.responses: dict[int, int] = {}
+        self.latency = [0] * (len(BUCKETS_S) + 1)
+        self.latency_sum = 0.0
+
+    def response(self, status: int, seconds: float) -> None:
+        r = self.responses
+        r[status] = r.get(status, 0) + 1
+        self.latency[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        self.latency_sum += seconds
+
+
+class BackendCounts:
+    __slots__ = ("upstream_reuses",)
+
+    def __init__(self) -> None:
+        self.upstream_reuses = 0
+
+
 class Stats:
     def __init__(self, path: str | None = None):
         self.path = path
         self.counters: dict[str, dict[tuple[str, ...], int]] = defaultdict(lambda: defaultdict(int))
-        self.responses: dict[tuple[str, str], int] = defaultdict(int)
         self.gauges: dict[tuple[str, str], int] = defaultdict(int)
-        self.latency: dict[str, list[int]] = {}
-        self.latency_sum: dict[str, float] = defaultdict(float)
+        # Kept for the worker's life (a VIP reloaded away keeps its totals: counters never go back).
+        self.vips: dict[str, VipCounts] = {}
+        self.backends: dict[tuple[str, str], BackendCounts] = {}
+
+    def vip(self, vip: str) -> VipCounts:
+        counts = self.vips.get(vip)
+        if counts is None:
+            counts = self.vips[vip] = VipCounts()
+        return counts
+
+    def backend(self, vip: str, backend: str) -> BackendCounts:
+        counts = self.backends.get((vip, backend))
+        if counts is None:
+            counts = self.backends[(vip, backend)] = BackendCounts()
+        return counts
 
     def count(self, what: str, *labels: str) -> None:
-        self.counters[what][labels] += 1
+        if what == "requests":
+            self.vip(labels[0]).requests += 1
+        elif what == "upstream_reuses":
+            self.backend(labels[0], labels[1]).upstream_reuses += 1
+        else:
+            self.counters[what][labels] += 1
 
     def count_response(self, vip: str, status: int) -> None:
-        self.responses[(vip, str(status))] += 1
+        r = self.vip(vip).responses
+        r[status] = r.get(status, 0) + 1
 
     def gauge_add(self, what: str, vip: str, delta: int) -> None:
         self.gauges[(what, vip)] += delta
 
     def observe_latency(self, vip: str, seconds: float) -> None:
-        buckets = self.latency.setdefault(vip, [0] * (len(BUCKETS_S) + 1))
-        buckets[bisect.bisect_left(BUCKETS_S, seconds)] += 1
-        self.latency_sum[vip] += seconds
+        counts = self.vip(vip)
+        counts.latency[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        counts.latency_sum += seconds
 
     def snapshot(self) -> dict[str, Any]:
+        counters = {k: [[list(lab), n] for lab, n in v.items()] for k, v in self.counters.items()}
+        counters["requests"] = [[[vip], c.requests] for vip, c in self.vips.items() if c.requests]
+        counters["upstream_reuses"] = [[[vip, b], c.upstream_reuses]
+                                       for (vip, b), c in self.backends.items() if c.upstream_reuses]
         return {
             "pid": os.getpid(), "written": time.time(),
-            "counters": {k: [[list(lab), n] for lab, n in v.items()] for k, v in self.counters.items()},
-            "responses": [[vip, code, n] for (vip, code), n in self.responses.items()],
+            "counters": counters,
+            "responses": [[vip, str(code), n] for vip, c in self.vips.items()
+                          for code, n in c.responses.items()],
             "gauges": [[what, vip, n] for (what, vip), n in self.gauges.items()],
-            "latency": {vip: [b, self.latency_sum[vip]] for vip, b in self.latency.items()},
+            "latency": {vip: [c.latency, c.latency_sum] for vip, c in self.vips.items()
+                        if c.latency_sum or any(c.latency)},
         }
 
     def write(self) -> None:

@@ -65,3 +65,27 @@ def test_route_matching_and_header_helpers():
     assert host_of(b"Shop.Example.com:8080") == "shop.example.com" and host_of(b"[::1]:80") == "[::1]"
     assert cookie_value([b"a=1; session=xyz", b"b=2"], "session") == b"xyz"
     assert cookie_value([b"a=1"], "session") is None
+
+
+@dataclass
+class E(M):
+    ejected_until: float = 0.0
+
+    def available(self, now: float) -> bool:
+        return self.up and now >= self.ejected_until
+
+
+def test_the_fast_paths_cached_cycle_picks_as_round_robin_does_and_follows_changes():
+    ms = [E("a", 3), E("b", 2), E("c", 1)]
+    cached, walked = Rotation(), Rotation()
+    # The same interleaving as a pass over the members for every request, cycle after cycle.
+    assert [cached.next(ms, 0, 0).name for _ in range(18)] == \
+        [walked.pick(ms, 0).name for _ in range(18)]  # type: ignore[union-attr]
+    # A change the proxy announces (a new generation) is seen at the very next request.
+    ms[0].up = False
+    assert Counter(cached.next(ms, 0, 1).name for _ in range(30)) == {"b": 20, "c": 10}  # type: ignore[union-attr]
+    # An ejection that ends by itself ends the cycle made without that backend.
+    ms[0].up = True
+    ms[1].ejected_until = 5.0
+    assert {cached.next(ms, 1, 2).name for _ in range(8)} == {"a", "c"}  # type: ignore[union-attr]
+    assert Counter(cached.next(ms, 6, 2).name for _ in range(60)) == {"a": 30, "b": 20, "c": 10}  # type: ignore[union-attr]

@@ -582,3 +582,48 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(rig: Rig):
             while chunk := s.recv(65536):
                 answer += chunk
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b" /half\n"), answer
+
+
+RAW_ANSWERS = {
+    # Hop-by-hop headers in any case, among end-to-end ones written as servers write them.
+    "/mixed": b"HTTP/1.1 200 OK\r\nCONNECTION: Keep-Alive\r\nX-A:1\r\nkeep-alive: timeout=5\r\n"
+              b"Proxy-Connection: keep-alive\r\nTrailer: X-T\r\nContent-Length: 2\r\n"
+              b"X-B: two words \r\nX-Connection-Id: 7\r\n\r\nok",
+    "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-C: 3\r\n\r\n"
+                b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n",
+    "/bare": b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz",
+    "/named": b"HTTP/1.1 201 Created\r\nConnection: close-me, keep-alive\r\nClose-Me: 1\r\n"
+              b"Content-Length: 1\r\nX-D: 4\r\n\r\ny",
+}
+
+
+def test_answer_heads_lose_exactly_their_hop_by_hop_headers(tmp_path: Path):
+    """The fast path rewrites an answer's head on its bytes: every hop-by-hop header goes,
+    whatever its case, and nothing else does (a header whose name only contains one stays)."""
+    class Raw(Handler):
+        def do_GET(self) -> None:
+            self.wfile.write(RAW_ANSWERS[self.path])
+
+    r = Rig(tmp_path, [])
+    r.servers["a"] = CountingServer("a", Raw)
+    threading.Thread(target=r.servers["a"].serve_forever, daemon=True).start()
+    hop = {"connection", "keep-alive", "proxy-connection", "trailer", "transfer-encoding", "close-me"}
+    try:
+        r.start("vips:\n  - vip: '@VIP'\n    mode: l7\n    backends: [{addr: '@a'}]\n")
+        conn = r.conn()
+        for _ in range(2):      # the second round on a pooled connection: the fast path
+            status, headers, body = get(conn, "/mixed")
+            assert (status, body) == (200, b"ok")
+            assert not hop & set(headers), headers
+            assert (headers["x-a"], headers["x-b"].strip(), headers["x-connection-id"]) == ("1", "two words", "7")
+            assert headers["content-length"] == "2"
+            status, headers, body = get(conn, "/chunked")
+            assert (status, body, headers["x-c"]) == (200, b"abcde", "3")
+            status, headers, body = get(conn, "/bare")
+            assert (status, body, headers["content-length"]) == (200, b"z", "1")
+            status, headers, body = get(conn, "/named")
+            assert (status, body, headers["x-d"]) == (201, b"y", "4")
+            assert not hop & set(headers), headers
+        assert r.servers["a"].connections == 1, "every answer left the upstream connection reusable"
+    finally:
+        r.close()
