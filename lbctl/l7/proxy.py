@@ -198,6 +198,16 @@ class Pool:
         else:
             self._discard(conn)
 
+    def give_back(self, conn: UpstreamConn, now: float) -> None:
+        """release() for the fast path's clean answers: the exchange's parser took every byte,
+        so only a closing transport can make the connection unusable."""
+        if self.waiters or self.closed or not self.settings.pool_enabled or \
+                conn.transport.is_closing():
+            self.release(conn, True)
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
     def _discard(self, conn: UpstreamConn) -> None:
         conn.close()
         self.total -= 1
@@ -835,8 +845,9 @@ class ClientConnection(asyncio.Protocol):
             key = vip._current_key
         else:
             members, key = vip.members, "*"
-        if vip.ejection is not None:
-            vip.sync_ejections()
+        table = vip.ejection
+        if table is not None and table.failures[0] != vip._eject_generation:
+            vip.sync_ejections()    # another worker ejected or readmitted a backend
         if vip.settings.balancing == "round_robin":
             rotation = vip.rotations.get(key)
             if rotation is None:
@@ -869,8 +880,9 @@ class ClientConnection(asyncio.Protocol):
         conn.transport.write(upstream)
         return True
 
-    def fast_done(self, client_keep: bool) -> None:
-        """The fast path's request is over (answered, failed or handed back)."""
+    def fast_done(self, client_keep: bool, now: float | None = None) -> None:
+        """The fast path's request is over (answered, failed or handed back); `now` when the
+        caller has just read the clock."""
         self.fast = None
         self.busy = False
         self.vip.in_flight -= 1
@@ -880,7 +892,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         if self.waiter is not None or self.task is None:
-            self.deadline = time.monotonic() + self.settings.keepalive_timeout_s
+            self.deadline = (now or time.monotonic()) + self.settings.keepalive_timeout_s
         if self.pending or self.events.queue:
             self._wake()
 
@@ -1226,7 +1238,7 @@ class _FastExchange:
     rewritten on its bytes (one regex pass finds the headers the rules touch), which is most
     of what an answer cost in Python."""
 
-    __slots__ = ("backend", "buf", "client", "client_11", "client_keep", "conn", "deadline",
+    __slots__ = ("answered_at", "backend", "buf", "client", "client_11", "client_keep", "conn", "deadline",
                  "done", "extra", "got", "has_length", "head", "interim", "members_n", "no_body",
                  "out", "out_chunked", "parser", "started", "status", "upstream_keep",
                  "upstream_paused")
@@ -1246,7 +1258,7 @@ class _FastExchange:
         self.buf = b""
         self.done = self.extra = self.got = self.interim = self.upstream_paused = False
         self.has_length = self.no_body = self.out_chunked = self.upstream_keep = False
-        self.started = now
+        self.started = self.answered_at = now
         self.deadline = now + client.settings.read_timeout_s
         self.conn.proto.sink = self
 
@@ -1307,7 +1319,8 @@ class _FastExchange:
                 self.client_keep = False     # an HTTP/1.0 client reads to the close
         out.append(b"\r\n\r\n" if self.client_keep else b"\r\nConnection: close\r\n\r\n")
         self.out.append(b"".join(out))
-        vip.counts.response(status, time.monotonic() - self.started)
+        self.answered_at = now = time.monotonic()
+        vip.counts.response(status, now - self.started)
 
     def on_body(self, body: bytes) -> None:
         if self.out_chunked:
@@ -1401,10 +1414,16 @@ class _FastExchange:
         self.backend.pool.release(self.conn, reusable)
 
     def _finish(self, reusable: bool) -> None:
-        self._release(reusable)
+        if reusable and not self.upstream_paused:
+            conn = self.conn
+            conn.proto.sink = None
+            self.backend.outstanding -= 1
+            self.backend.pool.give_back(conn, self.answered_at)
+        else:
+            self._release(reusable)
         if self.out:
             self._flush()
-        self.client.fast_done(self.client_keep)
+        self.client.fast_done(self.client_keep, self.answered_at)
 
     def _abort(self) -> None:
         """Part of the answer went out: the client connection cannot be saved."""
