@@ -1272,24 +1272,26 @@ class _FastExchange:
         status = parser.get_status_code()
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
-        head, self.buf = buf[:end], buf[end + 4:]     # the status line and the header lines
         if status < 200:
+            self.buf = buf[end + 4:]
             self.interim = True     # 1xx is not forwarded; the real answer follows
             return
+        self.buf = b""
         self.status = status
         # Read here: once the message is complete llhttp resets what this reports.
         self.upstream_keep = parser.should_keep_alive()
-        c = self.client
-        vip = c.vip
+        vip = self.client.vip
+        b = self.backend
         if status >= 500:
-            vip.note_result(self.backend, failed=True)
-        elif self.backend.eject_slot is not None:
-            vip.note_result(self.backend, failed=False)     # the shared count starts again
-        elif self.backend.failures:
-            self.backend.failures = 0
+            vip.note_result(b, failed=True)
+        elif b.eject_slot is not None:
+            if vip.ejection is not None and vip.ejection.failures[2 * b.eject_slot]:
+                vip.note_result(b, failed=False)     # the shared count starts again
+        elif b.failures:
+            b.failures = 0
         chunked_up = has_cl = False
-        i = head.find(b"\r\n")
-        lines = head[i:] if i >= 0 else b""     # each header line with the CRLF before it
+        i = buf.find(b"\r\n", 0, end)
+        lines = buf[i:end] if i >= 0 else b""     # each header line with the CRLF before it
         by_line = False
         special = _RESPONSE_SPECIAL.findall(lines)
         if special:
@@ -1306,7 +1308,7 @@ class _FastExchange:
                 if not (has_cl and len(special) == 1):
                     lines = _HOP_BY_HOP_LINE.sub(b"", lines)
         if by_line:
-            lows, lines = _response_lines(head)
+            lows, lines = _response_lines(buf[:end])
             chunked_up, has_cl = b"transfer-encoding" in lows, b"content-length" in lows
         out = [b"HTTP/1.1 200 OK" if status == 200 else b"HTTP/1.1 %d -" % status, lines]
         self.has_length = chunked_up or has_cl
