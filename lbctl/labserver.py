@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import socketserver
 import struct
 import sys
 import threading
@@ -24,6 +25,18 @@ class LabHTTPServer(ThreadingHTTPServer):
         self.backend_name = backend_name
         self.log_requests = log_requests
         super().__init__(address, LabRequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks the resolver for the bind address's name (getfqdn)
+        # between bind() and listen(). Where /etc/hosts does not answer (a minimal root has
+        # none) that is a DNS query out of the lab namespace; in a lab whose default route
+        # silently drops it (the DSR lab's backends route via the client), the server sat
+        # bound but not listening for two 5 s resolver timeouts, refusing every connection.
+        # The name is never used: keep the address.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
 
 
 class LabRequestHandler(BaseHTTPRequestHandler):
