@@ -51,8 +51,13 @@ def resolverless_netns() -> Iterator[str]:
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         etc.mkdir(parents=True)
-        (etc / "hosts").write_text("")
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        # `ip netns exec` binds these over the host's files, so only over files that exist;
+        # with no /etc/hosts (a minimal root) the lookup goes to DNS anyway, and with no
+        # /etc/resolv.conf the resolver asks 127.0.0.1, the silent server.
+        if Path("/etc/hosts").exists():
+            (etc / "hosts").write_text("")
+        if Path("/etc/resolv.conf").exists():
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         yield ns
     finally:
         shutil.rmtree(etc, ignore_errors=True)
