@@ -5,7 +5,6 @@ forwarding when it stops."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from lbctl import bgp, planner
+from lbctl import bgp, planner, runlock
 from lbctl.apply import apply_config
 from lbctl.cluster import ClusterNode
 from lbctl.config import BgpSpec, DesiredState, HealthSpec, load_file, vip_item
@@ -143,12 +142,11 @@ class Agent:
                 os.close(self._lock_fd)
 
     def _take_instance_lock(self) -> None:
-        os.makedirs(state_dir(self.instance), exist_ok=True)
-        fd = os.open(os.path.join(state_dir(self.instance), LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The inode check of runlock.acquire: a stopping agent removes this file while it
+            # still holds it, and a lock won on the removed file would be no lock at all.
+            fd = runlock.acquire(os.path.join(state_dir(self.instance), LOCK_FILE), blocking=False)
         except BlockingIOError:
-            os.close(fd)
             other = read_published(self.instance)
             pid = f" (pid {other['pid']})" if other else ""
             raise ConflictError(f"an agent already runs for instance '{self.instance}'{pid}; hint: "

@@ -2,7 +2,6 @@
 planned and applied under a lock so concurrent lbctl commands never interleave."""
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import shutil
@@ -11,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from lbctl import planner
+from lbctl import planner, runlock
 from lbctl.errors import ConfigError, ConflictError, NetnsError
 from lbctl.model import (
     SNAT_PORTS_DEFAULT,
@@ -100,9 +99,8 @@ class Controller:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         require_root()
-        os.makedirs(LOCK_DIR, exist_ok=True)
-        with open(os.path.join(LOCK_DIR, f"{self.instance}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # Removed again on release, so /run keeps no file per instance name ever used.
+        with runlock.held(os.path.join(LOCK_DIR, f"{self.instance}.lock")):
             yield
 
     def change(self, edit: Callable[[Config], Config], dry_run: bool = False) -> Result:

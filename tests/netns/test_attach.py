@@ -11,6 +11,7 @@ import sys
 import pytest
 from labcli import lab_up, lbctl
 
+from lbctl.control import LOCK_DIR
 from lbctl.lab import Lab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces and attaches XDP")
@@ -138,3 +139,11 @@ def test_a_backend_that_is_the_vip_itself_is_refused(detached: Lab):
         assert proc.returncode == 2 and "is the VIP itself" in proc.stderr
     finally:
         lbctl(detached, "vip", "del", vip, check=False)
+
+
+def test_commands_leave_no_lock_file_behind(detached: Lab):
+    # Each command locks its instance with /run/lbctl/<instance>.lock; the file goes with the
+    # last holder, so /run does not collect one per instance name ever used.
+    lbctl(detached, "attach", *detached.lb_ifaces)
+    lbctl(detached, "status")
+    assert not os.path.exists(os.path.join(LOCK_DIR, f"{detached.lb.netns}.lock"))
