@@ -443,3 +443,15 @@ def test_cpu_beyond_routing_is_undecided_when_the_rounds_straddle_the_target():
     summary["xdp-generic"][report.PATH_EXTRA] = report.summarize([-3.9, -3.7, 1.0])
     judged = {g["setup"]: g for g in report.evaluate_goals(summary) if g["goal"] == goal}
     assert judged["xdp-generic"]["met"] is True
+
+
+def test_the_console_summary_shows_both_cpu_views():
+    from rich.console import Console
+
+    console = Console(record=True, width=300, color_system=None)
+    report.print_summary(_results(), console)
+    row = next(line for line in console.export_text().splitlines() if "lbctl XDP (native)" in line)
+    cells = [c.strip() for c in row.split("│")]
+    # The balancer's own threads: 18 ms, 0.38x nftables' 48; the whole path: 260 ms, 20 beyond
+    # direct's 240, 0.67x nftables' 30.
+    assert cells[3:8] == ["18.00", "0.38x", "260.00", "20.00", "0.67x"], cells
