@@ -75,7 +75,9 @@ def _median(summary: dict[str, Any], setup: str, metric: str) -> float | None:
 
 def ratio(summary: dict[str, Any], setup: str, against: str, metric: str) -> float | None:
     num, den = _median(summary, setup, metric), _median(summary, against, metric)
-    if num is None or den is None or den == 0:
+    # A ratio to a base at or below zero says nothing: a part beyond routing (a difference
+    # of two noisy totals) can come out negative.
+    if num is None or den is None or den <= 0:
         return None
     return num / den
 
@@ -148,6 +150,11 @@ def evaluate_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
             or summary.get(goal.against, {}).get("pps_generator_bound")
         ):
             caveat = "generator-bound: the ratio is a lower bound"
+        base_extra = _median(summary, goal.against, PATH_EXTRA)
+        if goal.metric == PATH_EXTRA and r is None and base_extra is not None \
+                and _median(summary, setup, PATH_EXTRA) is not None:
+            caveat = (f"undecided: {goal.against} adds {base_extra:+.1f} ms per 1k beyond "
+                      "routing in this run, nothing to take a share of")
         if goal.metric == PATH_EXTRA and met is not None:
             # A difference of two noisy totals: judged only when every round agrees.
             mine = summary.get(setup, {}).get(PATH_EXTRA, {})
@@ -533,7 +540,7 @@ def print_summary(results: dict[str, Any], console: Any) -> None:
     # issue 8 asks for), and the whole path with the part beyond plain routing (comparable
     # across setups on veth, where a redirect moves work into the next end's thread).
     for col in ("setup", "short conn/s", "balancer CPU-ms/1k conn", "vs nftables",
-                "path CPU-ms/1k conn", "beyond routing", "vs nftables ", "1 backend conn/s",
+                "path CPU-ms/1k conn", "vs nftables ", "beyond routing", "1 backend conn/s",
                 "1 backend p99 ms", "keep-alive req/s", "bulk Gbit/s", "fwd pkt/s"):
         table.add_column(col, justify="right" if col != "setup" else "left")
     summary = {setup: data["summary"] for setup, data in results["setups"].items()}
@@ -543,8 +550,8 @@ def print_summary(results: dict[str, Any], console: Any) -> None:
                       _fmt_num(_med(s, "short_cpu_ms_per_1k"), "ms"),
                       _ratio_cell(ratio(summary, setup, "nftables", "short_cpu_ms_per_1k")),
                       _fmt_num(_med(s, "short_path_total_ms_per_1k"), "ms"),
+                      _ratio_cell(ratio(summary, setup, "nftables", "short_path_total_ms_per_1k")),
                       _fmt_num(_med(s, PATH_EXTRA), "ms"),
-                      _ratio_cell(ratio(summary, setup, "nftables", PATH_EXTRA)),
                       _cell(s.get("short1_rate")),
                       _fmt_num(_med(s, "short1_p99_ms"), "ms"), _cell(s["keepalive_rate"]),
                       _cell(s["bulk_gbps"], "Gbit/s"), pps)
@@ -574,4 +581,6 @@ def write_record_docs(record_path: Path, doc_path: Path) -> list[str]:
     if not doc_path.parent.is_dir():
         raise BenchError(f"--doc {doc_path}: no directory {doc_path.parent}; hint: the plots "
                          "go beside the page, so its directory must exist")
+    # Goals are derived from the summaries: judge them as this version does.
+    results["goals"] = evaluate_goals({s: d["summary"] for s, d in results["setups"].items()})
     return write_docs(results, doc_path)
