@@ -241,5 +241,11 @@ def test_simulated_reboot_the_unit_brings_the_vips_back(lab, tmp_path):
         rows = json.loads(lbctl(lab, "vip", "list", "--json").stdout)
         assert [r["vip"] for r in rows] == [f"{lab.vip}:{lab.http_port}"]
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        # As systemd stops the unit (SIGTERM): the agent removes its files under /run/lbctl,
+        # which a SIGKILL left behind (agent.json and the lock, caught by the session's check).
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
