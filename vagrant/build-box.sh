@@ -101,9 +101,12 @@ base_pkgs=(systemd-sysv udev kmod dbus openssh-server sudo ifupdown isc-dhcp-cli
 # scripts would install to the build host's disk).
 kernel_pkgs=(linux-image-amd64 linux-headers-amd64 initramfs-tools grub-pc-bin)
 
+shopt -s nullglob
+host_ca_files=(/usr/local/share/ca-certificates/*.crt)
+shopt -u nullglob
 tree_inputs=$(printf '%s\n' "$SUITE" "$mirror" "$security" | sha256sum | cut -c1-16)
 inputs=$(printf '%s\n' "$tree_inputs" "$disk_gb" "${base_pkgs[@]}" "${kernel_pkgs[@]}" \
-         "${lbctl_pkgs[@]}" | cat - "$0" "$vagrant_pub" | sha256sum | cut -c1-16)
+         "${lbctl_pkgs[@]}" | cat - "$0" "$vagrant_pub" "${host_ca_files[@]}" | sha256sum | cut -c1-16)
 mkdir -p "$out"
 box_file="$out/lbctl-bookworm64-libvirt.box"
 stamp="$out/registered-$inputs"
@@ -161,11 +164,23 @@ step "installing the kernel, sshd, sudo and lbctl/setup.sh's packages (${lbctl_p
     [ -z "$security" ] || echo "deb $security $SUITE-security main"
 } >"$tree/etc/apt/sources.list"
 cp /etc/resolv.conf "$tree/etc/resolv.conf"
+# The CAs this host's administrator added (a TLS-inspecting proxy's, a company's): without
+# them pip in the VMs fails certificate checks where the host's own pip succeeds.
+mkdir -p "$tree/usr/local/share/ca-certificates"
+host_cas=()
+for ca in "${host_ca_files[@]}"; do
+    install -m 644 "$ca" "$tree/usr/local/share/ca-certificates/"
+    host_cas+=("$(basename "$ca")")
+done
 in_tree apt-get update -qq >"$out/apt.log" 2>&1 || { tail -n 20 "$out/apt.log" >&2; die "apt-get update in the tree failed"; }
 in_tree apt-get install -y -qq --no-install-recommends \
     "${base_pkgs[@]}" "${kernel_pkgs[@]}" "${lbctl_pkgs[@]}" >>"$out/apt.log" 2>&1 \
     || { tail -n 20 "$out/apt.log" >&2; die "apt-get install in the tree failed (log: $out/apt.log)"; }
 in_tree apt-get clean
+if [ ${#host_cas[@]} -gt 0 ]; then
+    in_tree update-ca-certificates >/dev/null
+    say "      trusts this host's added CAs too: ${host_cas[*]}"
+fi
 kver=$(in_tree linux-version list | sort -V | tail -n1)
 if [ -z "$kver" ] || [ ! -e "$tree/boot/initrd.img-$kver" ]; then die "no kernel with an initramfs in the tree"; fi
 [ -e "$tree/lib/modules/$kver/build/Makefile" ] \
