@@ -38,8 +38,11 @@ def lab_up(letters: str, attach: bool = True, http_vip: bool = False) -> Iterato
             lbctl(lab, "backend", "add", vip, *(f"{b.addr}:{lab.http_port}" for b in lab.backends))
         yield lab
     finally:
-        lbctl(lab, "detach", "--all", "--purge", "--force", check=False)
-        lab.down()
+        try:
+            lbctl(lab, "detach", "--all", "--purge", "--force", check=False)
+        finally:
+            # Also when the detach times out (a loaded machine): the lab must not outlive its test.
+            lab.down()
 
 
 # A keep-alive HTTP client driven over stdin: each line "N" makes N requests on the one
