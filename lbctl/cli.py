@@ -1263,7 +1263,8 @@ def node_undrain(obj: Context) -> None:
 @main.group(epilog=examples("lbctl lab up", "lbctl lab up --nodes 2", "lbctl lab status", "lbctl lab down"))
 def lab() -> None:
     """A namespace lab on this machine: client, balancer, 3 backends; or with --nodes N a
-    router (BIRD, ECMP) and N balancer nodes, each with its agent announcing over BGP."""
+    router (BIRD, ECMP, etcd) and N balancer nodes, each with its agent following etcd and
+    announcing over BGP."""
 
 
 @lab.command("up", epilog=examples("lbctl lab up                  # namespaces lbl-*",
@@ -1289,7 +1290,10 @@ def lab_up(prefix: str, nodes: int, forwarding: str | None) -> None:
                    f"(BIRD, ECMP), nodes {', '.join(n.netns for n in lab_.nodes)} (agents, "
                    f"forwarding {lab_.forwarding}), backends {', '.join(b.netns for b in lab_.backends)}")
         click.echo(f"the router's route to {lab_.vip}: via {', '.join(lab_.vip_next_hops())}")
-        click.echo(f"try: lbctl -n {lab_.nodes[0].netns} status; lbctl -n {lab_.nodes[0].netns} node drain")
+        click.echo(f"etcd: {lab_.etcd_url} (in {lab_.router.netns}; the agents run with --config "
+                   f"{lab_.etcd_url} --node-name lbK)")
+        click.echo(f"try: lbctl -n {lab_.router.netns} cluster status --etcd {lab_.etcd_url_here}; "
+                   f"lbctl -n {lab_.nodes[0].netns} status; lbctl -n {lab_.nodes[0].netns} node drain")
         return
     click.echo(f"lab '{prefix}' is up: client {lab_.client.netns}, balancer {lab_.lb.netns} "
                f"({', '.join(lab_.lb_ifaces)}), backends {', '.join(b.netns for b in lab_.backends)}")
@@ -1334,7 +1338,8 @@ def lab_status(prefix: str, as_json: bool) -> None:
               help="2 or more: nodes behind a router's ECMP route, one failing")
 def demo(keep: bool, count: int, mode: str | None, prefix: str, nodes: int) -> None:
     """Run the namespace-lab demo: real HTTP through the XDP balancer (with --nodes 2: spread
-    over two nodes by BGP and ECMP, one node failing, connections carrying on)."""
+    over two nodes by BGP and ECMP, one node failing, connections carrying on, and one
+    cluster push reaching every node)."""
     from lbctl.demo import run_cluster_demo, run_demo
 
     if nodes > 1:

@@ -6,12 +6,17 @@ import shlex
 import subprocess
 import sys
 from collections import Counter
+from typing import TYPE_CHECKING
 
+import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
 from lbctl.errors import LbctlError
 from lbctl.lab import Lab, need_root
+
+if TYPE_CHECKING:
+    from lbctl.lab_cluster import ClusterLab
 
 console = Console(highlight=False)
 
@@ -107,10 +112,34 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
             console.print("cleaned up: lab removed, balancer detached")
 
 
+def _push_reaches_every_node(lab: ClusterLab) -> bool:
+    """One `cluster push` drains a backend: every node applies the revision and new
+    connections, whichever node the router picks, stop reaching it."""
+    with console.status(f"waiting for {lab.nodes[0].name} to come back (link up, BGP, checks)..."):
+        lab.wait_route(len(lab.nodes), timeout_s=90.0)
+    doc = lab.node_config(lab.nodes[0])
+    drained = doc["vips"][0]["backends"][-1]
+    drained["state"] = "drain"
+    name = lab.backends[-1].name
+    console.print(f"[bold]one push for every node: {name} ({drained['addr']}) drained[/]")
+    path = lab.run_dir / "cluster.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    lbctl(lab.router.netns, "cluster", "push", "-f", str(path), "--etcd", str(lab.etcd_url_here))
+    revision = lab.cluster_status()["latest_revision"]
+    with console.status(f"waiting for every node to apply revision {revision}..."):
+        lab.wait_revision(revision)
+    lbctl(lab.router.netns, "cluster", "status", "--etcd", str(lab.etcd_url_here))
+    bodies = lab.http_get(lab.vip, lab.http_port, count=60, new_connection=True)
+    console.print(distribution_table(f"60 new connections after revision {revision}", Counter(bodies),
+                                     [b.name for b in lab.backends], 60))
+    return len(bodies) == 60 and name not in bodies
+
+
 def run_cluster_demo(nodes: int = 2, keep: bool = False, prefix: str = "lbl", connections: int = 60) -> bool:
     """`lbctl demo --nodes N`: N balancer nodes announce the VIP over BGP, the router spreads
     connections over them (ECMP), node 1's link goes down, and the long-lived connections carry
-    on through the others. Returns whether the checks it shows held."""
+    on through the others; then one `cluster push` reaches every node. Returns whether the
+    checks it shows held."""
     from lbctl.lab_cluster import ClusterLab, LongConnections
 
     need_root("demo")
@@ -127,6 +156,8 @@ def run_cluster_demo(nodes: int = 2, keep: bool = False, prefix: str = "lbl", co
         console.print(f"[bold cyan]$ ip -n {lab.router.netns} route show {lab.vip}[/]")
         console.print(lab.run(lab.router, ["ip", "route", "show", lab.vip]).stdout.rstrip(), markup=False)
         lbctl(first.netns, "status")
+        console.print(f"every node's agent follows one document in etcd ({lab.etcd_url}):")
+        lbctl(lab.router.netns, "cluster", "status", "--etcd", str(lab.etcd_url_here))
 
         held = LongConnections(lab, connections, interval_s=0.1, duration_s=10.0)
         try:
@@ -170,7 +201,7 @@ def run_cluster_demo(nodes: int = 2, keep: bool = False, prefix: str = "lbl", co
         if lab.forwarding != "dsr":
             console.print(f"({lab.forwarding}: the node that takes over rewrites the source to its own "
                           "address, so the backend resets connections that moved; see docs/scale-out.md)")
-        return ok_all and len(bodies) == 100
+        return ok_all and len(bodies) == 100 and _push_reaches_every_node(lab)
     finally:
         if keep:
             down = "lbctl lab down" + ("" if prefix == "lbl" else f" --prefix {prefix}")
@@ -178,4 +209,4 @@ def run_cluster_demo(nodes: int = 2, keep: bool = False, prefix: str = "lbl", co
         else:
             with console.status("cleaning up..."):
                 lab.down()
-            console.print("cleaned up: lab, agents and BIRD removed")
+            console.print("cleaned up: lab, agents, BIRD and etcd removed")

@@ -1,6 +1,7 @@
 """The multi-node lab (`lbctl lab up --nodes N`, N >= 2): the single-node lab's client and
-backends, a router in the balancer's place running BIRD 2 with ECMP, and N balancer nodes on
-the backends' segment, each running `lbctl agent` with its own BIRD announcing the VIP."""
+backends, a router in the balancer's place running BIRD 2 with ECMP and an etcd holding the
+desired state, and N balancer nodes on the backends' segment, each running
+`lbctl agent --config etcd://...` with its own BIRD announcing the VIP."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ import jinja2
 import yaml  # type: ignore[import-untyped]
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
+from lbctl import etcdlocal
+from lbctl.errors import LbctlError
+from lbctl.etcd import EtcdUrl
+from lbctl.etcdlocal import LocalEtcd
 from lbctl.lab import (
     _LAUNCH_SNIPPET,
     _SOURCE_ROOT,
@@ -27,6 +32,7 @@ from lbctl.lab import (
     LabError,
     LabHost,
     LabIface,
+    LabStatus,
     _alive,
 )
 from xdp.maps import pin_dir_for
@@ -41,22 +47,32 @@ ROUTER_TEMPLATE = Path(__file__).with_name("lab_router_bird.conf.j2")
 AGENT_READY_TIMEOUT_S = 60.0       # the first apply compiles the XDP program (bcc): slow
 ROUTE_TIMEOUT_S = 20.0
 NODES_FILE = "nodes"
+# Where the agents read their document: etcd (the lab's own, in the router's namespace), or
+# each node's file (SIGHUP to reload): the BGP tests change one node alone.
+SOURCES = ("etcd", "file")
+ETCD_PORT = 2379
+ETCD_PREFIX = "/lbctl"
+ETCD_PID_FILE = "etcd.pid"
+AGENT_STOP_TIMEOUT_S = 30.0
 
 
 def lab_for(prefix: str, nodes: int | None = None, forwarding: str | None = None) -> Lab:
     """The lab called `prefix`: with `nodes` None, as many nodes as the lab was built with
     (so `lab down` and `lab status` need no --nodes), 1 when none was built."""
+    source = None
     if nodes is None:
         from lbctl.lab import RUN_ROOT
 
         try:
-            count, _, mode = (RUN_ROOT / prefix / NODES_FILE).read_text().strip().partition(" ")
-            nodes, forwarding = int(count), forwarding or mode or None
-        except (OSError, ValueError):
+            fields = (RUN_ROOT / prefix / NODES_FILE).read_text().split()
+            nodes = int(fields[0])
+            forwarding = forwarding or (fields[1] if len(fields) > 1 else None)
+            source = fields[2] if len(fields) > 2 else None
+        except (OSError, ValueError, IndexError):
             nodes = 1
     if nodes == 1:
         return Lab(prefix)
-    return ClusterLab(prefix, nodes, forwarding)
+    return ClusterLab(prefix, nodes, forwarding, source=source)
 
 
 def forwarding_supported(mode: str) -> bool:
@@ -80,16 +96,40 @@ def default_forwarding() -> str:
     return "nat"
 
 
+@dataclass
+class ClusterLabStatus(LabStatus):
+    """The single lab's view plus what only the cluster lab runs: etcd and one agent per node."""
+
+    etcd: str | None = None                  # the URL the nodes dial; None: file mode
+    etcd_pid: int | None = None              # its live process
+    etcd_here: str | None = None             # how an operator on this host reaches it
+    agents: dict[str, int | None] = field(default_factory=dict)   # node -> live agent pid
+
+    @property
+    def up(self) -> bool:
+        return (super().up and all(p is not None for p in self.agents.values())
+                and (self.etcd is None or self.etcd_pid is not None))
+
+    @property
+    def down(self) -> bool:
+        return super().down and self.etcd_pid is None and all(p is None for p in self.agents.values())
+
+
 class ClusterLab(Lab):
     """Namespaces: <prefix>-client, <prefix>-router, <prefix>-lb1..N, <prefix>-sw and the
     backends. The client's gateway is the router; every node and backend is on the switch;
-    the backends' gateway is the router, so DSR replies go to the client without a node."""
+    the backends' gateway is the router, so DSR replies go to the client without a node.
+    With source "etcd" (the default) the router's namespace also runs an etcd on the segment
+    holding the one document every node's agent follows."""
 
     def __init__(self, prefix: str, nodes: int, forwarding: str | None = None,
-                 topology_path: Path | str = TOPOLOGY_PATH) -> None:
+                 topology_path: Path | str = TOPOLOGY_PATH, source: str | None = None) -> None:
         if not 2 <= nodes <= MAX_NODES:
             raise LabError(f"--nodes {nodes} is out of range; hint: 1 (the single balancer) or "
                            f"2-{MAX_NODES}")
+        self.source = source or "etcd"
+        if self.source not in SOURCES:
+            raise LabError(f"unknown agent source '{self.source}'; hint: one of {', '.join(SOURCES)}")
         super().__init__(prefix, topology_path)
         self.forwarding = forwarding or default_forwarding()
         if not forwarding_supported(self.forwarding):
@@ -128,7 +168,7 @@ class ClusterLab(Lab):
     def _build(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # First, so that `lab down` without --nodes finds every namespace of a half-built lab.
-        (self.run_dir / NODES_FILE).write_text(f"{len(self.nodes)} {self.forwarding}\n")
+        (self.run_dir / NODES_FILE).write_text(f"{len(self.nodes)} {self.forwarding} {self.source}\n")
         from pyroute2 import netns
 
         for ns in self.namespaces:
@@ -145,11 +185,15 @@ class ClusterLab(Lab):
         self._wait_links_up()
         self._check_paths()
         self._start_router()
+        if self.source == "etcd":
+            self._start_etcd()
+            self.push(self.node_config(self.nodes[0]))
         self._start_agents()
         self.wait_route(len(self.nodes))
         (self.run_dir / "ready").write_text(
             json.dumps({"prefix": self.prefix, "namespaces": self.namespaces, "nodes": len(self.nodes),
-                        "forwarding": self.forwarding}) + "\n")
+                        "forwarding": self.forwarding, "source": self.source,
+                        "etcd": str(self.etcd_url) if self.source == "etcd" else None}) + "\n")
 
     def _sysctls_before_links(self) -> None:
         for ns in self.namespaces:
@@ -238,12 +282,16 @@ class ClusterLab(Lab):
         (self.run_dir / "router.pid").write_text(f"{pid}\n")
 
     def start_agent(self, node: LabHost) -> int:
-        """Starts (or starts again) one node's agent, detached, on the lab's own file for it;
-        returns its pid."""
-        path = self.node_config_path(node)
-        path.write_text(yaml.safe_dump(self.node_config(node), sort_keys=False))
+        """Starts (or starts again) one node's agent, detached: on the lab's etcd as node
+        `lbK`, or on the lab's own file for it; returns its pid."""
+        if self.source == "etcd":
+            source = ["--config", str(self.etcd_url), "--node-name", node.name]
+        else:
+            path = self.node_config_path(node)
+            path.write_text(yaml.safe_dump(self.node_config(node), sort_keys=False))
+            source = ["-f", str(path)]
         argv = ["env", f"PYTHONPATH={_SOURCE_ROOT}", sys.executable, "-m", "lbctl", "-n", node.netns,
-                "agent", "-f", str(path), "--metrics-addr", "127.0.0.1:9810"]
+                "agent", *source, "--metrics-addr", "127.0.0.1:9810"]
         (pid,) = self._launch([{"argv": argv, "log": str(self.run_dir / f"{node.name}-agent.log")}])
         (self.run_dir / f"{node.name}-agent.pid").write_text(f"{pid}\n")
         return pid
@@ -274,7 +322,10 @@ class ClusterLab(Lab):
             time.sleep(0.05)
 
     def reload_agent(self, node: LabHost, config: dict[str, Any]) -> None:
-        """Writes a new file for the node's agent and sends it SIGHUP."""
+        """Writes a new file for the node's agent and sends it SIGHUP (file mode: with etcd
+        every node follows one document; push() changes it)."""
+        if self.source != "file":
+            raise LabError("reload_agent is for a lab built with source='file'; hint: push() a new document")
         self.node_config_path(node).write_text(yaml.safe_dump(config, sort_keys=False))
         pid = self.agent_pid(node)
         if pid is None:
@@ -308,6 +359,89 @@ class ClusterLab(Lab):
         except OSError:
             return "(no log)"
         return " | ".join(lines[-3:])[-600:]
+
+    # ---------------------------------------------------------------- etcd
+    @property
+    def etcd_url(self) -> EtcdUrl:
+        """Where the nodes dial the lab's etcd: the router's address on their segment."""
+        return EtcdUrl(self.router_addr, ETCD_PORT, ETCD_PREFIX)
+
+    @property
+    def etcd_url_here(self) -> EtcdUrl:
+        """The same etcd from inside the router's namespace (`lbctl -n <router> cluster ...`):
+        the host itself has no route into the lab."""
+        return EtcdUrl("127.0.0.1", ETCD_PORT, ETCD_PREFIX)
+
+    def _start_etcd(self) -> None:
+        # Not tied to this process: it outlives `lab up`; `lab down` stops it by its pid.
+        etcd = LocalEtcd(netns=self.router.netns, addr="0.0.0.0", client_port=ETCD_PORT,
+                         prefix=ETCD_PREFIX, base_dir=self.run_dir / "etcd", tie_to_parent=False)
+        try:
+            etcd.start()
+        except LbctlError as exc:
+            raise LabError(f"the lab's etcd did not start: {exc}") from None
+        assert etcd.pid is not None
+        (self.run_dir / ETCD_PID_FILE).write_text(f"{etcd.pid}\n")
+
+    def etcd_pid(self) -> int | None:
+        try:
+            pid = int((self.run_dir / ETCD_PID_FILE).read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        # A recycled pid is someone else's: the lab's etcd runs on the lab's data directory.
+        if not any(str(self.run_dir / "etcd").encode() in arg for arg in cmdline):
+            return None
+        return pid if _alive(pid) else None
+
+    def cluster_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`lbctl -n <router> ARGS`: an operator's shell beside the lab's etcd."""
+        return subprocess.run(["env", f"PYTHONPATH={_SOURCE_ROOT}", sys.executable, "-m", "lbctl", "-n",
+                               self.router.netns, *args], capture_output=True, text=True, check=False,
+                              timeout=120)
+
+    def push_text(self, text: str) -> subprocess.CompletedProcess[str]:
+        """`lbctl cluster push` of `text` to the lab's etcd, the operator's command itself."""
+        path = self.run_dir / "cluster.yaml"
+        path.write_text(text)
+        return self.cluster_cli("cluster", "push", "-f", str(path), "--etcd", str(self.etcd_url_here))
+
+    def push(self, config: dict[str, Any]) -> int:
+        """Pushes a document every node follows; returns the revision that holds it."""
+        proc = self.push_text(yaml.safe_dump(config, sort_keys=False))
+        if proc.returncode != 0:
+            raise LabError(f"cannot push the lab's document: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        return self.cluster_status()["latest_revision"]
+
+    def cluster_status(self) -> dict[str, Any]:
+        """`lbctl cluster status --json` against the lab's etcd."""
+        proc = self.cluster_cli("cluster", "status", "--etcd", str(self.etcd_url_here), "--json")
+        if proc.returncode != 0:
+            raise LabError(f"lbctl cluster status: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        return dict(json.loads(proc.stdout))
+
+    def wait_revision(self, revision: int, timeout_s: float = AGENT_READY_TIMEOUT_S) -> dict[str, Any]:
+        """Until `cluster status` shows every node on `revision`; returns that status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.cluster_status()
+            applied = {n["name"]: n.get("applied_revision") for n in st["nodes"]}
+            if sorted(applied) == sorted(n.name for n in self.nodes) and set(applied.values()) == {revision}:
+                return st
+            if time.monotonic() > deadline:
+                raise LabError(f"the nodes did not apply revision {revision} in {timeout_s:.0f} s: "
+                               f"applied {applied}")
+            time.sleep(0.3)
+
+    def status(self) -> ClusterLabStatus:
+        base = super().status()
+        etcd = self.source == "etcd"
+        return ClusterLabStatus(**{f.name: getattr(base, f.name) for f in fields(LabStatus)},
+                                etcd=str(self.etcd_url) if etcd else None,
+                                etcd_pid=self.etcd_pid() if etcd else None,
+                                etcd_here=(f"lbctl -n {self.router.netns} cluster status --etcd "
+                                           f"{self.etcd_url_here}") if etcd else None,
+                                agents={n.name: self.agent_pid(n) for n in self.nodes})
 
     # ---------------------------------------------------------------- the router's view
     def vip_next_hops(self) -> list[str]:
@@ -372,8 +506,12 @@ class ClusterLab(Lab):
             data = read_published(n.netns)
             if data is None or any(b["health"] != "up" for b in data.get("backends", [])):
                 return False
-            prints.add(self._must_keep_mounts(n, [sys.executable, "-c", _RINGS_SNIPPET, n.netns]))
+            prints.add(json.dumps(self.ring_fingerprints(n), sort_keys=True))
         return len(prints) == 1
+
+    def ring_fingerprints(self, node: LabHost) -> dict[str, str]:
+        """The ring fingerprint per VIP read from the node's maps now (what `lbctl status` shows)."""
+        return dict(json.loads(self._must_keep_mounts(node, [sys.executable, "-c", _RINGS_SNIPPET, node.netns])))
 
     def flush_flows(self) -> None:
         """Forgets every node's tracked flows (between measurements: a client port used again
@@ -385,6 +523,26 @@ class ClusterLab(Lab):
         return next(n for n in self.nodes if n.addr == addr)
 
     # ---------------------------------------------------------------- teardown
+    def _stop_processes(self) -> None:
+        """Agents first (each withdraws its routes, stops its BIRD and revokes its lease in
+        etcd, which must still answer), then etcd; the base then ends whatever else lives in
+        the lab's namespaces."""
+        failures = []
+        for n in self.nodes:
+            try:
+                self.stop_agent(n, timeout_s=AGENT_STOP_TIMEOUT_S)
+            except LabError:
+                try:
+                    self.stop_agent(n, signal.SIGKILL, timeout_s=5.0)
+                except LabError as exc:
+                    failures.append(str(exc))
+        pid = self.etcd_pid()
+        if pid is not None:
+            etcdlocal.stop_pid(pid)
+        super()._stop_processes()
+        if failures:
+            raise LabError("; ".join(failures))
+
     def _down_locked(self) -> None:
         super()._down_locked()
         # The base removes the first node's pins; the others' and every agent's /run state too.

@@ -31,7 +31,7 @@ SECOND_VIP = "10.77.0.11"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ClusterLab]:
-    lab = ClusterLab(f"bg{secrets.token_hex(2)}", nodes=2)
+    lab = ClusterLab(f"bg{secrets.token_hex(2)}", nodes=2, source="file")   # node-local changes
     try:
         lab.up()
         yield lab

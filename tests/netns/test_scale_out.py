@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -174,4 +175,9 @@ def test_demo_with_two_nodes_shows_connections_carrying_on():
     out = proc.stdout
     assert "nexthop via 10.77.2.21" in out and "nexthop via 10.77.2.22" in out
     assert "the router dropped lb1" in out and "cleaned up" in out
+    # One push drains be3 on both nodes: both report its revision, and it gets no new connection.
+    after = out[out.index("one push for every node"):]
+    for node in ("lb1", "lb2"):
+        assert re.search(rf"^{node}\s+(\d+)/\1\s", after, re.MULTILINE), after
+    assert re.search(r"be3\s+\S\s+0\s", after), after
     assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(prefix)]
