@@ -116,6 +116,10 @@ class Agent:
         self.withheld: dict[str, str] = {}    # VIP address -> why this node does not announce it
         self.bgp_error: str | None = None
         self.drain_applied: bool | None = None   # the drain flag the last announcement followed
+        # Coming back into service (start, or every BGP session lost): nothing is announced
+        # until the node's ring is the one the others have (_recovery_gate).
+        self.recovering = True
+        self._checks_at_session_up: dict[HealthKey, int] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -584,6 +588,10 @@ class Agent:
             async with self._apply_lock:
                 drained = self.drained()
                 wanted, withheld = await asyncio.to_thread(self.announceable, drained)
+            gate = await self._recovery_gate()
+            if gate is not None:
+                withheld = {**{a: gate for a in wanted}, **withheld}
+                wanted = set()
             before = set(self.speaker.announced)
             try:
                 changed = await asyncio.to_thread(self.speaker.set, wanted)
@@ -607,6 +615,45 @@ class Agent:
                 self._publish()
             else:
                 self._publish_due = True
+
+    async def _recovery_gate(self) -> str | None:
+        """None when this node may announce; else why it waits. A node is in service once it
+        announced with a session up; it comes back into service (at start, or after losing
+        every BGP session: link down, router restart) only when, since its session came up,
+        (1) a fresh read of etcd shows the revision it applied is the current one, and (2)
+        every checked backend was checked again and its state agrees with its last result.
+        Until then its ring may not be the other nodes' (an older revision, backends still
+        rising after the link was down), and a flow the router moves to it could get another
+        backend. While it has no session its routes are taken out of BIRD, so a session that
+        comes back carries nothing stale."""
+        assert self.speaker is not None and self.state is not None
+        try:
+            sessions = await asyncio.to_thread(self.speaker.sessions)
+        except bgp.BgpError:
+            sessions = []
+        if not any(s.established for s in sessions):
+            if not self.recovering:
+                log.warning("BGP: no session established; the VIPs are announced again once the node "
+                            "is current (etcd's revision, fresh checks)")
+            self.recovering = True
+            self._checks_at_session_up = {k: h.checks for k, h in self.checker.states.items()}
+            return "no BGP session established"
+        if not self.recovering:
+            return None
+        if self.cluster is not None:
+            stale = await asyncio.to_thread(self.cluster.confirm_current)
+            if stale is not None:
+                return f"coming back into service: {stale}"
+        rising = sorted(f"{vip} {name}" for (vip, name) in self._targets(self.state)
+                        if (h := self.checker.states.get((vip, name))) is None or h.streak
+                        or h.checks <= self._checks_at_session_up.get((vip, name), -1))
+        if rising:
+            return f"coming back into service: waiting for fresh checks of {', '.join(rising[:3])}" + (
+                f" and {len(rising) - 3} more" if len(rising) > 3 else "")
+        self.recovering = False
+        revision = f"revision {self.cluster.view.applied_revision} current, " if self.cluster else ""
+        log.info("BGP: in service: %severy backend checked since the session came up", revision)
+        return None
 
     def bgp_view(self) -> dict[str, Any] | None:
         """What `lbctl status` and `node drain` read back (the sessions are read live)."""

@@ -268,6 +268,22 @@ class ClusterNode:
                 self.view.rejected_revision, self.view.rejected_error = 0, None
         self._nudge()
 
+    def confirm_current(self) -> str | None:
+        """A fresh read of the key: None when the revision etcd holds now is the one this node
+        applied (or refused, as every node does), else why the node is not current. A node
+        coming back into service announces only after this (agent._recovery_gate)."""
+        try:
+            kv, _ = self.client.get(self.url.config_key)
+        except EtcdError as exc:
+            return f"etcd cannot confirm that revision {self.view.applied_revision} is current ({exc})"
+        with self._lock:
+            applied, rejected = self.view.applied_revision, self.view.rejected_revision
+            if kv is not None:
+                self.view.latest_revision = max(self.view.latest_revision, kv.mod_revision)
+        if kv is None or kv.mod_revision in (applied, rejected):
+            return None
+        return f"etcd holds revision {kv.mod_revision}, this node applied {applied}"
+
     async def _offer(self, kv: KeyValue | None, adopt: Adopt) -> None:
         if kv is None:
             log.error("%s was deleted; the node keeps revision %d (push a document to change it)",

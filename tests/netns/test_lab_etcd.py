@@ -19,6 +19,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from agentlab import wait_for
 
+from lbctl.agent import read_published
 from lbctl.lab_cluster import ClusterLab, lab_for
 
 pytestmark = [
@@ -135,6 +136,65 @@ def test_a_broken_push_changes_nothing_anywhere(lab: ClusterLab):
     assert lab.vip_next_hops() == [n.addr for n in lab.nodes]
     assert served(lab) == {"be1", "be2", "be3"}
     lab.wait_revision(lab.push(lab.node_config(lab.nodes[0])))
+
+
+def applied(lab: ClusterLab, name: str) -> int | None:
+    return {n["name"]: n.get("applied_revision") for n in lab.cluster_status()["nodes"]}.get(name)
+
+
+def heavier_be3(lab: ClusterLab) -> dict:
+    """A document whose ring no node can have by its checks alone (those only take backends
+    out): be3 weighs 3."""
+    doc = lab.node_config(lab.nodes[0])
+    doc["vips"][0]["backends"][2]["weight"] = 3
+    return doc
+
+
+def test_a_node_back_from_a_link_down_announces_only_with_the_current_revision(lab: ClusterLab):
+    """lb1 is cut off (its link: BGP and etcd alike) while a push changes the ring; when the
+    link returns, its BGP session comes back in seconds but its etcd retry may wait longer.
+    The router must not get lb1 back before lb1's maps hold the new ring."""
+    lb1, lb2 = lab.nodes
+    log_path = lab.run_dir / "lb1-agent.log"
+    lab.run(lb1, ["ip", "link", "set", "eth0", "down"], check=True)
+    try:
+        lab.wait_route(1)
+        revision = lab.push(heavier_be3(lab))
+        wait_for(lambda: applied(lab, "lb2") == revision, "lb2 to apply the revision")
+        wait_for(lambda: ((read_published(lb1.netns) or {}).get("cluster") or {}).get("etcd_reachable") is False,
+                 "lb1 to find etcd unreachable")
+        mark = len(log_path.read_text())
+        assert lab.ring_fingerprints(lb1) != lab.ring_fingerprints(lb2)
+    finally:
+        lab.run(lb1, ["ip", "link", "set", "eth0", "up"], check=True)
+    # The first moment the router holds lb1 again, lb1's maps already hold lb2's ring.
+    wait_for(lambda: lb1.addr in lab.vip_next_hops(), "the router to take lb1 back", timeout_s=90.0, step_s=0.05)
+    assert lab.ring_fingerprints(lb1) == lab.ring_fingerprints(lb2)
+    log = log_path.read_text()[mark:]
+    assert f"revision {revision} applied" in log and f"BGP: announcing {lab.vip}/32" in log, log
+    assert log.index(f"revision {revision} applied") < log.index(f"BGP: announcing {lab.vip}/32"), log
+    lab.wait_revision(lab.push(lab.node_config(lb1)))
+
+
+def test_a_restarted_node_announces_only_after_applying_the_newer_revision(lab: ClusterLab):
+    """lb1's agent stops; a push changes the ring meanwhile; the restarted agent finds etcd
+    ahead of the maps its predecessor left and applies before it announces."""
+    lb1, lb2 = lab.nodes
+    lab.wait_route(2, timeout_s=90.0)
+    log_path = lab.run_dir / "lb1-agent.log"
+    lab.stop_agent(lb1)
+    lab.wait_route(1)
+    revision = lab.push(heavier_be3(lab))
+    wait_for(lambda: applied(lab, "lb2") == revision, "lb2 to apply the revision")
+    assert lab.ring_fingerprints(lb1) != lab.ring_fingerprints(lb2)    # the maps lb1's agent left
+    mark = len(log_path.read_text())
+    lab.start_agent(lb1)
+    wait_for(lambda: lb1.addr in lab.vip_next_hops(), "the router to take lb1 back", timeout_s=120.0, step_s=0.05)
+    assert lab.ring_fingerprints(lb1) == lab.ring_fingerprints(lb2)
+    log = log_path.read_text()[mark:]
+    assert log.index(f"revision {revision} applied") < log.index(f"BGP: announcing {lab.vip}/32"), log
+    lab.wait_revision(lab.push(lab.node_config(lb1)))
+    lab.wait_route(2, timeout_s=90.0)
 
 
 def test_lab_down_leaves_nothing(lab: ClusterLab):
