@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -42,6 +43,12 @@ PUBLISH_INTERVAL_S = 2.0
 ANNOUNCE_INTERVAL_S = 1.0
 # The self-check's client: TEST-NET-1 (RFC 5737), never a real peer. Its probe creates no flow.
 SELF_CHECK_CLIENT = ("192.0.2.1", 40000)
+SELF_CHECK_CLIENT6 = ("2001:db8::1", 40000)     # the same for IPv6 VIPs (a documentation address)
+
+
+def _route(addr: str) -> str:
+    """How a VIP address is announced: a /32, or a /128 for IPv6."""
+    return f"{addr}/128" if ":" in addr else f"{addr}/32"
 
 HealthKey = tuple[Endpoint, str]          # (VIP, backend name)
 
@@ -120,6 +127,7 @@ class Agent:
         # until the node's ring is the one the others have (_recovery_gate).
         self.recovering = True
         self._checks_at_session_up: dict[HealthKey, int] = {}
+        self.session_next_hop6: str | None = None   # the IPv6 next hop the sessions carry
 
     # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -469,6 +477,8 @@ class Agent:
         router_id = await asyncio.to_thread(self._router_id, spec, state)
         if self.speaker is None:
             speaker = bgp.Speaker(self.instance, state_dir(self.instance), spec, router_id)
+            # Read before BIRD starts: its sessions take the IPv6 next hop they find then.
+            self.session_next_hop6 = await asyncio.to_thread(self.interface_addr6)
             speaker.start()
             self.speaker = speaker
             log.info("BGP: BIRD pid %d, AS %d, router id %s, peers %s (hold time %d s); socket %s",
@@ -476,7 +486,8 @@ class Agent:
                      ", ".join(f"{p.addr} AS {p.asn}" for p in spec.peers), spec.hold_time_s,
                      speaker.sock_path)
         elif (spec, router_id) != (self.speaker.spec, self.speaker.router_id):
-            await asyncio.to_thread(self.speaker.set, self.speaker.announced, spec, router_id)
+            await asyncio.to_thread(self.speaker.set, self.speaker.announced, spec, router_id,
+                                    self.speaker.next_hop6)
             log.info("BGP: re-configured: AS %d, router id %s, peers %s", spec.local_as, router_id,
                      ", ".join(f"{p.addr} AS {p.asn}" for p in spec.peers))
 
@@ -487,10 +498,31 @@ class Agent:
         self.speaker.stop(clean=True)
         self.speaker = None
         if announced:
-            log.info("BGP: speaker stopped; withdrew %s", ", ".join(f"{a}/32" for a in announced))
+            log.info("BGP: speaker stopped; withdrew %s", ", ".join(_route(a) for a in announced))
 
     def drained(self) -> bool:
         return os.path.exists(os.path.join(state_dir(self.instance), bgp.DRAIN_FILE))
+
+    def interface_addr6(self) -> str | None:
+        """The first global IPv6 address of the first interface: the /128s' next hop."""
+        state = self.state
+        if state is None or not state.interfaces:
+            return None
+        return bgp.first_address(state.interfaces[0], socket.AF_INET6)
+
+    def next_hop6_problem(self) -> str | None:
+        """Why this node's sessions cannot carry a /128 (None: they can). BIRD fixes a
+        session's IPv6 next hop when the session comes up; one that came up before the
+        interface had a global IPv6 address would send /128s with no next hop, which the
+        router refuses."""
+        assert self.state is not None
+        first = self.state.interfaces[0] if self.state.interfaces else "-"
+        if self.session_next_hop6 is not None:
+            return None
+        if self.interface_addr6() is None:
+            return f"interface {first} has no global IPv6 address to be the /128's next hop"
+        return (f"the BGP sessions came up before interface {first} had a global IPv6 address, so "
+                "they carry no IPv6 next hop; hint: restart the agent to announce /128s")
 
     def announceable(self, drained: bool) -> tuple[set[str], dict[str, str]]:
         """VIP addresses this node should announce now, and why each other one is withheld.
@@ -504,13 +536,12 @@ class Agent:
         addrs: set[str] = set()
         l4 = [vip for vip, e in state.vips.items() if e.mode == "l4"]
         dataplane = self._self_check(state, l4) if l4 else {}
+        no_next_hop6 = self.next_hop6_problem() if any(":" in v.addr for v in state.vips) else None
         for vip, entry in sorted(state.vips.items()):
             addrs.add(vip.addr)
             why = reasons.setdefault(vip.addr, [])
-            if ":" in vip.addr:
-                # The speaker's config has IPv4 channels only; a /128 needs an ipv6 channel.
-                why.append(f"{vip} ({vip.proto}): IPv6 VIPs are not announced over BGP yet")
-                continue
+            if ":" in vip.addr and no_next_hop6 is not None:
+                why.append(f"{vip} ({vip.proto}): {no_next_hop6}")
             active = [b for b in entry.spec.backends if b.state == "active"]
             checked = self._checked(entry.health)
             healthy = sum(1 for b in active if not checked or self._health(vip, b.name).up)
@@ -549,7 +580,8 @@ class Agent:
         out: dict[Endpoint, str] = {}
         try:
             for vip in vips:
-                client = Endpoint(SELF_CHECK_CLIENT[0], SELF_CHECK_CLIENT[1], vip.proto)
+                addr, port = SELF_CHECK_CLIENT6 if ":" in vip.addr else SELF_CHECK_CLIENT
+                client = Endpoint(addr, port, vip.proto)
                 try:
                     answer = explain(fd, client, vip, new_connection=True)
                 except (OSError, XdpError) as exc:
@@ -585,16 +617,16 @@ class Agent:
                 if self.speaker is None:
                     continue
             # The apply lock: the self-check reads the attachments and program an apply changes.
+            gate = await self._recovery_gate()      # first: it learns the sessions' IPv6 next hop
             async with self._apply_lock:
                 drained = self.drained()
                 wanted, withheld = await asyncio.to_thread(self.announceable, drained)
-            gate = await self._recovery_gate()
             if gate is not None:
                 withheld = {**{a: gate for a in wanted}, **withheld}
                 wanted = set()
             before = set(self.speaker.announced)
             try:
-                changed = await asyncio.to_thread(self.speaker.set, wanted)
+                changed = await asyncio.to_thread(self.speaker.set, wanted, None, None, self.session_next_hop6)
                 self.bgp_error = None
             except XdpError as exc:
                 if self.bgp_error != str(exc):
@@ -603,12 +635,12 @@ class Agent:
                 continue
             if changed:
                 for addr in sorted(wanted - before):
-                    log.info("BGP: announcing %s/32", addr)
+                    log.info("BGP: announcing %s", _route(addr))
                 for addr in sorted(before - wanted):
-                    log.warning("BGP: withdrawing %s/32: %s", addr, withheld.get(addr, "no VIP left on it"))
+                    log.warning("BGP: withdrawing %s: %s", _route(addr), withheld.get(addr, "no VIP left on it"))
             for addr, why in sorted(withheld.items()):
                 if self.withheld.get(addr) != why and addr not in before - wanted:
-                    log.warning("BGP: not announcing %s/32: %s", addr, why)
+                    log.warning("BGP: not announcing %s: %s", _route(addr), why)
             self.withheld = withheld
             self.drain_applied = drained
             if changed:
@@ -632,6 +664,9 @@ class Agent:
         except bgp.BgpError:
             sessions = []
         if not any(s.established for s in sessions):
+            # The address a session coming up now takes as its IPv6 next hop (read while it is
+            # down, so an address added after it came up is not taken for one it has).
+            self.session_next_hop6 = await asyncio.to_thread(self.interface_addr6)
             if not self.recovering:
                 log.warning("BGP: no session established; the VIPs are announced again once the node "
                             "is current (etcd's revision, fresh checks)")

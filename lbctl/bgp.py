@@ -30,6 +30,8 @@ LOG_FILE = "bird.log"
 # /run is tmpfs, as the maps are).
 DRAIN_FILE = "drained"
 STATIC_PROTOCOL = "lbctl_vips"
+# BIRD rotates bird.log past this size (into bird.log.old): at most twice it per node in tmpfs.
+LOG_LIMIT_BYTES = 1 << 20
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 3.0
 
@@ -64,8 +66,20 @@ def _peer_of(name: str) -> str | None:
     return ".".join(m.groups()) if m else None
 
 
-def render(instance: str, spec: BgpSpec, router_id: str, announced: Iterable[str]) -> str:
-    """The whole BIRD config for this spec announcing exactly `announced` (VIP addresses)."""
+def render(instance: str, spec: BgpSpec, router_id: str, announced: Iterable[str], *,
+           next_hop6: str | None = None, log_path: str | None = None,
+           log_limit: int = LOG_LIMIT_BYTES) -> str:
+    """The whole BIRD config for this spec announcing exactly `announced` (VIP addresses,
+    IPv4 as /32, IPv6 as /128). `next_hop6`: this node's global IPv6 address on the link, the
+    /128s' next hop (BIRD takes it from the interface): without one, no IPv6 address may be
+    announced. The sessions always carry both families, so a first IPv6 VIP restarts none.
+    `log_path`: BIRD's own log, rotated past `log_limit` bytes; None logs to stderr."""
+    addrs = [ipaddress.ip_address(a) for a in announced]
+    announced4 = [str(a) for a in sorted(a for a in addrs if a.version == 4)]
+    announced6 = [str(a) for a in sorted(a for a in addrs if a.version == 6)]
+    if announced6 and next_hop6 is None:
+        raise BgpError(f"cannot announce {announced6[0]}/128 without an IPv6 next hop; hint: give the "
+                       "first interface a global IPv6 address")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)
     template = env.from_string(TEMPLATE.read_text())
@@ -74,20 +88,23 @@ def render(instance: str, spec: BgpSpec, router_id: str, announced: Iterable[str
                            hold_time=spec.hold_time_s,
                            # RFC 4271 suggests a third of the hold time; BIRD wants at least 1.
                            keepalive_time=max(1, spec.hold_time_s // 3),
-                           peers=peers, announced=sorted(announced, key=ipaddress.IPv4Address))
+                           peers=peers,
+                           announced4=announced4, announced6=announced6, log_path=log_path,
+                           log_limit=log_limit)
 
 
-def first_address(ifname: str) -> str | None:
-    """The first IPv4 address of an interface in this namespace: the default router id."""
+def first_address(ifname: str, family: int = socket.AF_INET) -> str | None:
+    """The first IPv4 address of an interface in this namespace (the default router id), or
+    with AF_INET6 its first global IPv6 address (the next hop of IPv6 routes)."""
     from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             return None
-        for a in ipr.get_addr(family=socket.AF_INET, index=idx[0]):
+        for a in ipr.get_addr(family=family, index=idx[0]):
             addr = a.get("IFA_ADDRESS")
-            if addr:
+            if addr and (family == socket.AF_INET or a["scope"] == 0):   # 0: global, not link-local
                 return str(addr)
     return None
 
@@ -148,20 +165,24 @@ class Speaker:
     """The BIRD of one instance: started once, reconfigured when the announced set or the
     bgp block changes, stopped (withdrawing everything) when the agent stops."""
 
-    def __init__(self, instance: str, run_dir: str, spec: BgpSpec, router_id: str):
+    def __init__(self, instance: str, run_dir: str, spec: BgpSpec, router_id: str,
+                 log_limit: int = LOG_LIMIT_BYTES):
         self.instance = instance
+        self.log_limit = log_limit
         self.run_dir = run_dir
         self.spec = spec
         self.router_id = router_id
         self.announced: frozenset[str] = frozenset()
+        self.next_hop6: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf_path = os.path.join(run_dir, CONF_FILE)
         self.sock_path = os.path.join(run_dir, SOCKET_FILE)
         self.pid_path = os.path.join(run_dir, PID_FILE)
         self.log_path = os.path.join(run_dir, LOG_FILE)
 
-    def _write(self, spec: BgpSpec, router_id: str, announced: Iterable[str]) -> None:
-        text = render(self.instance, spec, router_id, announced)
+    def _write(self, spec: BgpSpec, router_id: str, announced: Iterable[str], next_hop6: str | None) -> None:
+        text = render(self.instance, spec, router_id, announced, next_hop6=next_hop6, log_path=self.log_path,
+                      log_limit=self.log_limit)
         tmp = f"{self.conf_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(text)
@@ -180,7 +201,9 @@ class Speaker:
                            "or run lbctl/setup.sh")
         os.makedirs(self.run_dir, exist_ok=True)
         self._stop_leftover()
-        self._write(self.spec, self.router_id, ())
+        self._write(self.spec, self.router_id, (), None)
+        # BIRD writes (and rotates) bird.log itself once it has read its config; what it says
+        # before that (a fatal start error) goes there through stderr.
         with open(self.log_path, "ab") as log:
             try:
                 # setpriv sets the parent-death signal and execs BIRD (which keeps it): when the
@@ -209,17 +232,17 @@ class Speaker:
                 time.sleep(0.05)
 
     def set(self, announced: Iterable[str], spec: BgpSpec | None = None,
-            router_id: str | None = None) -> bool:
+            router_id: str | None = None, next_hop6: str | None = None) -> bool:
         """Announces exactly `announced` (and takes a new bgp block); True when anything
         changed. BIRD's soft reconfiguration keeps sessions whose settings did not change."""
         wanted = frozenset(announced)
         spec = spec or self.spec
         router_id = router_id or self.router_id
-        if wanted == self.announced and spec == self.spec and router_id == self.router_id:
+        if (wanted, spec, router_id, next_hop6) == (self.announced, self.spec, self.router_id, self.next_hop6):
             return False
-        self._write(spec, router_id, wanted)
+        self._write(spec, router_id, wanted, next_hop6)
         command(self.sock_path, "configure")
-        self.announced, self.spec, self.router_id = wanted, spec, router_id
+        self.announced, self.spec, self.router_id, self.next_hop6 = wanted, spec, router_id, next_hop6
         return True
 
     def sessions(self) -> list[Session]:
@@ -243,7 +266,8 @@ class Speaker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        for path in (self.sock_path, self.pid_path) + ((self.conf_path, self.log_path) if clean else ()):
+        logs = (self.conf_path, self.log_path, f"{self.log_path}.old")
+        for path in (self.sock_path, self.pid_path) + (logs if clean else ()):
             try:
                 os.unlink(path)
             except FileNotFoundError:

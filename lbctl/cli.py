@@ -77,6 +77,11 @@ class Context:
         return self._controller
 
 
+def _route(addr: str) -> str:
+    """A VIP address as BGP announces it: a /32, or a /128 for IPv6."""
+    return f"{addr}/128" if ":" in addr else f"{addr}/32"
+
+
 def enter_netns(name: str) -> None:
     """Switches only the network namespace (like `ip -n`), keeping the host's /sys/fs/bpf."""
     from lbctl.netns import NETNS_DIR, enter
@@ -455,9 +460,9 @@ def _echo_bgp(view: dict) -> None:
     print_table(rows, [("PEER", "peer"), ("AS", "as"), ("SESSION", "state"), ("SINCE", "since")], "")
     if view.get("sessions_error"):
         click.echo(f"warning: {view['sessions_error']}")
-    click.echo(f"announced {', '.join(a + '/32' for a in view['announced']) or 'nothing'}")
+    click.echo(f"announced {', '.join(_route(a) for a in view['announced']) or 'nothing'}")
     for addr, why in view.get("withheld", {}).items():
-        click.echo(f"withheld  {addr}/32: {why}")
+        click.echo(f"withheld  {_route(addr)}: {why}")
     if view.get("error"):
         click.echo(f"warning: {view['error']}")
 
@@ -1234,14 +1239,14 @@ def _node_drain(obj: Context, drained: bool) -> None:
     if view is None:
         click.echo(f"node {verb}; the agent (pid {out['agent']}) has no bgp block, so it announces nothing")
         return
-    announced = ", ".join(a + "/32" for a in view["announced"]) or "nothing"
+    announced = ", ".join(_route(a) for a in view["announced"]) or "nothing"
     if not out["settled"]:
         click.echo(f"node {verb}; the agent (pid {out['agent']}) has not caught up yet: it announces "
                    f"{announced}; check with lbctl status")
         sys.exit(1)
     click.echo(f"node {verb}: announcing {announced}")
     for addr, why in view.get("withheld", {}).items():
-        click.echo(f"withheld  {addr}/32: {why}")
+        click.echo(f"withheld  {_route(addr)}: {why}")
 
 
 @node.command("drain", epilog=examples("lbctl node drain", "lbctl -n lbl-lb1 node drain"))

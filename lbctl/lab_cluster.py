@@ -47,6 +47,9 @@ ROUTER_TEMPLATE = Path(__file__).with_name("lab_router_bird.conf.j2")
 AGENT_READY_TIMEOUT_S = 60.0       # the first apply compiles the XDP program (bcc): slow
 ROUTE_TIMEOUT_S = 20.0
 NODES_FILE = "nodes"
+# IPv6 on the segment (router and nodes only), so that IPv6 VIPs can be announced: the
+# nodes' sessions must find their address when they come up (docs/scale-out.md).
+SEGMENT6 = "fd77:2::"
 # Where the agents read their document: etcd (the lab's own, in the router's namespace), or
 # each node's file (SIGHUP to reload): the BGP tests change one node alone.
 SOURCES = ("etcd", "file")
@@ -177,6 +180,7 @@ class ClusterLab(Lab):
         lb_peers = self._wire()
         self._no_flooding_to_nodes()
         self._configure_addresses()
+        self._segment_ipv6()
         self._tune_offloads(lb_peers)
         if self.forwarding == "dsr":
             self._dsr_backends()
@@ -207,6 +211,26 @@ class ClusterLab(Lab):
         for n in self.nodes:
             self._must(n, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
                            "net.ipv4.conf.default.rp_filter=0"])
+
+    @property
+    def router_addr6(self) -> str:
+        return f"{SEGMENT6}1"
+
+    def node_addr6(self, node: LabHost) -> str:
+        """Node k's IPv6 address on the segment: fd77:2::(20+k), like its IPv4 one."""
+        return f"{SEGMENT6}{NODE_HOST_BASE + self.nodes.index(node) + 1}"
+
+    def _segment_ipv6(self) -> None:
+        router_if = next(i.name for i in self.router.ifaces if i.addr == self.router_addr)
+        for host, ifname, addr in [(self.router, router_if, self.router_addr6),
+                                   *((n, "eth0", self.node_addr6(n)) for n in self.nodes)]:
+            # keep_addr_on_down: Linux drops IPv6 addresses when a link goes down; a node whose
+            # link comes back must find its address (the /128s' next hop) again.
+            self._must(host, ["sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=0",
+                              f"net.ipv6.conf.{ifname}.keep_addr_on_down=1"])
+            self._must(host, ["ip", "-6", "addr", "add", f"{addr}/64", "dev", ifname, "nodad"])
+        # As for IPv4: the router hashes the 5-tuple over the nodes announcing a /128.
+        self._must(self.router, ["sysctl", "-q", "-w", "net.ipv6.fib_multipath_hash_policy=1"])
 
     def _tune_offloads(self, lb_peers: dict[str, tuple[str, str]]) -> None:
         for n in self.nodes:

@@ -197,6 +197,46 @@ def test_a_restarted_node_announces_only_after_applying_the_newer_revision(lab: 
     lab.wait_route(2, timeout_s=90.0)
 
 
+def router_routes6(lab: ClusterLab) -> dict[str, list[str]]:
+    """IPv6 routes BIRD put in the router's kernel table -> next hops."""
+    out = lab.run(lab.router, ["ip", "-j", "-6", "route", "show", "proto", "bird"], check=True).stdout
+    return {r["dst"]: sorted(h["gateway"] for h in r.get("nexthops", [])) or [r["gateway"]]
+            for r in json.loads(out or "[]")}
+
+
+def node_cli(lab: ClusterLab, node_name: str, *args: str) -> str:
+    proc = cli("-n", lab.host(node_name).netns, *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_an_ipv6_vip_is_announced_as_a_128_and_withdrawn(lab: ClusterLab):
+    """A VIP fd77::10 pushed to both nodes: the router holds fd77::10/128 via both nodes'
+    IPv6 addresses on the segment, learnt over the same IPv4 sessions, which the new VIP did
+    not restart; drain and removing the VIP withdraw it."""
+    doc = lab.node_config(lab.nodes[0])
+    doc["vips"].append({"vip": "[fd77::10]:80", "proto": "tcp", "forwarding": doc["vips"][0]["forwarding"],
+                        "backends": [{"addr": "[fd77:2::11]:80"}, {"addr": "[fd77:2::12]:80"}]})
+    both = [lab.node_addr6(n) for n in lab.nodes]
+    assert both == ["fd77:2::21", "fd77:2::22"]
+    router_log = lab.run_dir / "router-bird.log"
+    restarts = router_log.read_text().count("Received: Other configuration change")
+    try:
+        lab.wait_revision(lab.push(doc))
+        wait_for(lambda: router_routes6(lab).get("fd77::10") == both, "the router's /128 via both nodes")
+        assert lab.vip_next_hops() == [n.addr for n in lab.nodes]
+        assert router_log.read_text().count("Received: Other configuration change") == restarts
+        assert "fd77::10/128" in node_cli(lab, "lb1", "status")
+        assert "announcing nothing" in node_cli(lab, "lb1", "node", "drain")
+        wait_for(lambda: router_routes6(lab).get("fd77::10") == both[1:], "the router to drop lb1's /128")
+        node_cli(lab, "lb1", "node", "undrain")
+        wait_for(lambda: router_routes6(lab).get("fd77::10") == both, "lb1's /128 back")
+    finally:
+        lab.wait_revision(lab.push(lab.node_config(lab.nodes[0])))
+    wait_for(lambda: "fd77::10" not in router_routes6(lab), "the router to drop the /128")
+    lab.wait_route(2, timeout_s=60.0)
+
+
 def test_lab_down_leaves_nothing(lab: ClusterLab):
     pids = [lab.etcd_pid(), *(lab.agent_pid(n) for n in lab.nodes)]
     pids += [int((Path("/run/lbctl") / n.netns / "bird.pid").read_text()) for n in lab.nodes]

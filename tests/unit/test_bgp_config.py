@@ -96,11 +96,38 @@ def test_rendered_config_announces_exactly_the_given_vips():
     assert not [line for line in empty.splitlines() if line.strip().startswith("route ")]
 
 
+def test_ipv6_vips_are_announced_as_128s_over_the_same_sessions():
+    text = bgp.render("host", SPEC, "10.0.1.2", ["fd00::10", "10.0.0.9", "fd00::9"], next_hop6="fd00:1::2")
+    routes = [line.strip() for line in text.splitlines() if line.strip().startswith("route ")]
+    # Numeric order, not text order (fd00::9 before fd00::10).
+    assert routes == ["route 10.0.0.9/32 blackhole;", "route fd00::9/128 blackhole;",
+                      "route fd00::10/128 blackhole;"]
+    # Each session exports the IPv6 static protocol on its ipv6 channel, the IPv4 one on ipv4.
+    assert text.count('export where proto = "lbctl_vips6";') == 2
+    assert text.count('export where proto = "lbctl_vips";') == 2
+    # The channel is there without IPv6 VIPs too: the first one must not restart the sessions.
+    assert bgp.render("host", SPEC, "10.0.1.2", []).count("ipv6 {") == 2
+
+
+def test_an_ipv6_vip_without_a_next_hop_is_refused():
+    with pytest.raises(bgp.BgpError, match="fd00::10/128 without an IPv6 next hop"):
+        bgp.render("host", SPEC, "10.0.1.2", ["fd00::10"])
+
+
+def test_bird_rotates_its_own_log():
+    text = bgp.render("host", SPEC, "10.0.1.2", [], log_path="/run/lbctl/x/bird.log", log_limit=4096)
+    assert 'log "/run/lbctl/x/bird.log" 4096 "/run/lbctl/x/bird.log.old" {' in text
+    assert "log stderr" not in text
+    assert f" {bgp.LOG_LIMIT_BYTES} " in bgp.render("host", SPEC, "10.0.1.2", [], log_path="/l")
+
+
 @pytest.mark.skipif(shutil.which("bird") is None, reason="needs BIRD 2 (lbctl/setup.sh installs bird2)")
-@pytest.mark.parametrize("announced", [[], ["10.0.0.10", "10.0.0.11"]])
-def test_bird_accepts_what_lbctl_renders(tmp_path: Path, announced: list[str]):
+@pytest.mark.parametrize("announced", [[], ["10.0.0.10", "10.0.0.11"], ["10.0.0.10", "fd00::10"]])
+@pytest.mark.parametrize("logged", [False, True], ids=["stderr", "log-file"])
+def test_bird_accepts_what_lbctl_renders(tmp_path: Path, announced: list[str], logged: bool):
     conf = tmp_path / "bird.conf"
-    conf.write_text(bgp.render("host", SPEC, "10.0.1.2", announced))
+    conf.write_text(bgp.render("host", SPEC, "10.0.1.2", announced, next_hop6="fd00:1::2",
+                               log_path=str(tmp_path / "bird.log") if logged else None))
     proc = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
 
