@@ -18,43 +18,14 @@
 #include "lb_icmp.h"
 #include "lb_nat6.h"
 #include "lb_parse6.h"
+#include "lb_snat6.h"
 #include "lb_stats.h"
-
-/* Rewrites the quoted packet's address and port (`src` picks which pair), keeping the quoted
- * TCP/UDP checksum and the ICMPv6 checksum (which covers all of the quote) right. */
-static __always_inline void lb_icmp6_rewrite_quote(__u16 *icmp_check, struct ipv6hdr *inner,
-                                                   struct lb_quoted_ports *ports, __u16 *l4_check,
-                                                   int src, const __be32 *addr, __be16 port)
-{
-    __be32 *addr_field = src ? inner->saddr.in6_u.u6_addr32 : inner->daddr.in6_u.u6_addr32;
-    __be16 *port_field = src ? &ports->src : &ports->dst;
-    __be16 old_port = *port_field;
-
-    if (l4_check) {
-        __u16 old_l4_check = *l4_check;
-        lb_csum_replace16(l4_check, addr_field, addr);
-        lb_csum_replace2(l4_check, old_port, port);
-        if (inner->nexthdr == IPPROTO_UDP && *l4_check == 0)
-            *l4_check = 0xffff;
-        lb_csum_replace2(icmp_check, old_l4_check, *l4_check);
-    }
-    lb_csum_replace16(icmp_check, addr_field, addr);
-    lb_csum_replace2(icmp_check, old_port, port);
-    lb_addr6_copy(addr_field, addr);
-    *port_field = port;
-}
-
-/* One outer address: the ICMPv6 checksum's pseudo-header has it. */
-static __always_inline void lb_icmp6_set_outer(__u16 *icmp_check, __be32 *field, const __be32 *addr)
-{
-    lb_csum_replace16(icmp_check, field, addr);
-    lb_addr6_copy(field, addr);
-}
 
 /* An error quoting client->backend (from the backend or a router near it, to the client): the
  * quote goes back to client->VIP and a backend's own address as sender becomes the VIP. An
  * error quoting VIP->client (from a router near the client, to the VIP): it goes to the
- * backend, quoting backend->client. Anything else passes untouched. */
+ * backend, quoting backend->client. A full-NAT flow's errors: lb_snat6_icmp. Anything else
+ * passes untouched. */
 static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, void *data_end,
                                     __u64 bytes)
 {
@@ -93,18 +64,6 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
         dir = LB_DIR_ORIGINAL;
         e = lb_flow6_lookup(&key, LB_DIR_ORIGINAL);
     }
-    if (!e)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
-    /* A DSR flow's backend sent its reply as the VIP: the error about it goes to that backend
-     * at L2, unchanged (whatever the hop limit: DSR is no routing hop). */
-    if (dir == LB_DIR_ORIGINAL && e->e.forwarding == LB_FWD_DSR) {
-        pkt->sport = NULL;
-        pkt->dport = NULL;
-        return lb_forward6_l2(ctx, pkt, bytes, e->addr, NULL, 0);
-    }
-    if (ip6->hop_limit <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
-
     /* The quoted L4 checksum is rewritten when the quote reaches it: within the IPv6 payload,
      * not in Ethernet padding past it, which no checksum covers. */
     void *end = (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len);
@@ -115,6 +74,20 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
         l4_check = NULL;
     else if (inner->nexthdr == IPPROTO_UDP && *l4_check == 0)
         l4_check = NULL;
+    if (!e) {
+        int action = lb_snat6_icmp(ctx, pkt, icmp, inner, ports, l4_check, &key, bytes);
+        return action >= 0 ? action : lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    }
+    /* A DSR flow's backend sent its reply as the VIP: the error about it goes to that backend
+     * at L2, unchanged (whatever the hop limit: DSR is no routing hop). */
+    if (dir == LB_DIR_ORIGINAL && e->e.forwarding == LB_FWD_DSR) {
+        pkt->sport = NULL;
+        pkt->dport = NULL;
+        return lb_forward6_l2(ctx, pkt, bytes, e->addr, NULL, 0);
+    }
+    if (ip6->hop_limit <= 1)
+        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+
     __u16 *icmp_check = &icmp->icmp6_cksum;
     __be32 addr[4];
     lb_addr6_copy(addr, e->addr);

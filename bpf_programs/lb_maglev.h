@@ -47,3 +47,34 @@ static __always_inline __u32 lb_pick(const struct vip_meta *vip, const struct fl
     *out = be;
     return id;
 }
+
+/* An IPv6 tuple as the IPv4 hash takes it: each address folded to 32 bits, so affinity and
+ * the mix are the IPv4 path's. */
+static __always_inline void lb_flow6_fold(struct flow_key *folded, const struct flow_key6 *key6)
+{
+    folded->src = key6->src[0] ^ key6->src[1] ^ key6->src[2] ^ key6->src[3];
+    folded->dst = key6->dst[0] ^ key6->dst[1] ^ key6->dst[2] ^ key6->dst[3];
+    folded->sport = key6->sport;
+    folded->dport = key6->dport;
+    folded->proto = key6->proto;
+}
+
+static __always_inline __u32 lb_flow6_hash(const struct flow_key6 *key6, __u32 vip_flags)
+{
+    struct flow_key folded = {};
+    lb_flow6_fold(&folded, key6);
+    return lb_flow_hash(&folded, vip_flags);
+}
+
+static __always_inline __u32 lb_pick6(const struct vip_meta *vip, const struct flow_key6 *key6,
+                                      struct backend **out, __u32 *slot_out)
+{
+    struct flow_key folded = {};
+    lb_flow6_fold(&folded, key6);
+    __u32 id = lb_pick(vip, &folded, out, slot_out);
+    /* A ring slot is only ever an IPv6 VIP's own backend; a record of the other family
+     * (a torn change) is no backend rather than a wrong rewrite. */
+    if (id != LB_NO_BACKEND && *out && !((*out)->flags & LB_BACKEND_F_IPV6))
+        return LB_NO_BACKEND;
+    return id;
+}

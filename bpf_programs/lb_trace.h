@@ -95,7 +95,7 @@ struct lb_trace_scratch {
     __u64 outcome_packets[LB_OUTCOME_MAX];
     __u64 vip_new_flows;
     __u32 vip_id;           /* LB_NO_BACKEND: not addressed to a VIP */
-    __u32 pad;
+    __u32 active;           /* xdp_lb: lb_trace_begin ran for this packet */
     /* IPv6 lookup keys, here rather than on the stack the balancer's own path fills. */
     struct vip_key6 vip_key6;
     struct flow_key6 flow_key6;

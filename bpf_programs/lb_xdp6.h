@@ -1,8 +1,9 @@
 /* lb_xdp6.h: the IPv6 path (NAT66, two-arm): a v6 VIP's traffic is DNATed to a backend picked
  * by the VIP's Maglev ring and kept per flow in flows6; replies are reverse-NATed by rnat6;
- * ICMPv6 errors about tracked flows are translated; later fragments follow their first
- * (lb_frag6.h); everything else passes untouched. VIP and
- * backend ids, rings and counters are the IPv4 path's (one id space). */
+ * a full-NAT VIP's flows are source-NATed too (lb_snat6.h); ICMPv6 errors about tracked
+ * flows are translated; later fragments follow their first (lb_frag6.h); everything else
+ * passes untouched. VIP and backend ids, rings and
+ * counters are the IPv4 path's (one id space). */
 #pragma once
 
 #include <uapi/linux/bpf.h>
@@ -22,30 +23,7 @@
 #include "lb_fib6.h"
 #include "lb_icmp6.h"
 #include "lb_frag6.h"
-
-/* The flow hash over an IPv6 tuple: the addresses folded to 32 bits, then lb_flow_hash, so
- * affinity and the mix are the IPv4 path's. */
-static __always_inline __u32 lb_fold6(const __be32 *a)
-{
-    return a[0] ^ a[1] ^ a[2] ^ a[3];
-}
-
-static __always_inline __u32 lb_pick6(const struct vip_meta *vip, const struct flow_key6 *key6,
-                                      struct backend **out, __u32 *slot_out)
-{
-    struct flow_key folded = {};
-    folded.src = lb_fold6(key6->src);
-    folded.dst = lb_fold6(key6->dst);
-    folded.sport = key6->sport;
-    folded.dport = key6->dport;
-    folded.proto = key6->proto;
-    __u32 id = lb_pick(vip, &folded, out, slot_out);
-    /* A ring slot is only ever an IPv6 VIP's own backend; a record of the other family
-     * (a torn change) is no backend rather than a wrong rewrite. */
-    if (id != LB_NO_BACKEND && *out && !((*out)->flags & LB_BACKEND_F_IPV6))
-        return LB_NO_BACKEND;
-    return id;
-}
+#include "lb_snat6.h"
 
 static __always_inline struct vip_meta *lb_vip6_lookup(const struct flow_key6 *key)
 {
@@ -138,7 +116,13 @@ static __always_inline int lb_explain6(struct lb_packet6 *pkt, struct lb_explain
     out->vip_id = vip->vip_id;
     out->ring_generation = vip->ring_generation & 1;
     struct nat_entry6 *flow = lb_flow6_lookup(&pkt->key, LB_DIR_ORIGINAL);
+    if (!flow) {
+        struct snat_entry6 *snat = snat_flows6.lookup(&pkt->key);
+        flow = snat ? &snat->nat : NULL;
+    }
+    out->forwarding = lb_vip_forwarding(vip->flags);
     if (flow && lb_flow6_usable(flow, now, pkt->tcp_flags)) {
+        out->forwarding = flow->e.forwarding;
         out->verdict = LB_EXPLAIN_FLOW_HIT;
         out->backend_id = flow->e.backend_id;
         lb_addr6_copy(out->backend_addr6, flow->addr);
@@ -192,8 +176,13 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
         back = lb_flow6_lookup(&pkt.key, LB_DIR_REPLY);
         if (!back) {
             vip = lb_vip6_lookup(&pkt.key);
-            if (!vip)
+            if (!vip) {
+                /* Last, a backend's reply to a full-NAT source address and port. */
+                struct snat_entry6 *snat_back = snat_rnat6.lookup(&pkt.key);
+                if (snat_back)
+                    return lb_snat6_from_backend(ctx, &pkt, snat_back, bytes);
                 return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+            }
         }
     }
     /* The kernel must see the hop limit run out to send its ICMPv6 error. DSR is no routing
@@ -210,5 +199,11 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
         vip = lb_vip6_lookup(&pkt.key);
     if (!vip)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+    /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do). */
+    struct snat_entry6 *snat = snat_flows6.lookup(&pkt.key);
+    if (snat && lb_flow6_usable(&snat->nat, now, pkt.tcp_flags))
+        return lb_snat6_forward(ctx, &pkt, snat, now, bytes, LB_DIR_ORIGINAL);
+    if (vip->flags & LB_VIP_F_FULLNAT)
+        return lb_snat6_new_flow(ctx, &pkt, vip, now, bytes);
     return lb_new_flow6(ctx, &pkt, vip, now, bytes);
 }

@@ -119,7 +119,8 @@ class SnatCfg(ctypes.Structure):
 
     _fields_ = [("addrs", ctypes.c_uint32 * DEFAULT_LIMITS.snat_max_addrs),
                 ("addr_count", ctypes.c_uint32), ("port_min", ctypes.c_uint16),
-                ("port_max", ctypes.c_uint16)]
+                ("port_max", ctypes.c_uint16),
+                ("addrs6", ctypes.c_uint32 * (4 * DEFAULT_LIMITS.snat_max_addrs))]
 
 
 class SnatEntry(ctypes.Structure):
@@ -173,6 +174,13 @@ class FragEntry6(ctypes.Structure):
     """struct frag_entry6: the IPv6 address, then a FragEntry whose addr is 0."""
 
     _fields_ = [("addr", ctypes.c_uint32 * 4), ("e", FragEntry)]
+
+
+class SnatEntry6(ctypes.Structure):
+    """struct snat_entry6 (lb_snat6.h): SnatEntry's IPv6 twin."""
+
+    _fields_ = [("nat", NatEntry6), ("peer_addr", ctypes.c_uint32 * 4),
+                ("peer_port", ctypes.c_uint16), ("pad", ctypes.c_uint8 * 6)]
 
 
 class Counters(ctypes.Structure):
@@ -326,7 +334,18 @@ def decode_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
 
 
 def decode_snat_flow(raw_key: bytes, raw_value: bytes) -> FlowRecord:
-    """A snat_flows entry (client -> VIP of a full-NAT VIP) as a flow with its SNAT source."""
+    """A snat_flows entry (client -> VIP of a full-NAT VIP) as a flow with its SNAT source, or
+    a snat_flows6 one (told apart by the key's size)."""
+    if len(raw_key) == ctypes.sizeof(FlowKey6):
+        k6 = FlowKey6.from_buffer_copy(raw_key)
+        e6 = SnatEntry6.from_buffer_copy(raw_value)
+        n = e6.nat.e
+        state = FLOW_STATES[n.state] if n.state < len(FLOW_STATES) else f"state{n.state}"
+        return FlowRecord(_addr6(bytes(k6.src)), _port(k6.sport), _addr6(bytes(k6.dst)),
+                          _port(k6.dport), PROTO_NAMES.get(k6.proto, str(k6.proto)),
+                          _addr6(bytes(e6.nat.addr)), _port(n.port), n.backend_id, n.vip_id, state,
+                          n.last_seen_ns, n.created_ns, "fullnat", _addr6(bytes(e6.peer_addr)),
+                          _port(e6.peer_port))
     k = FlowKey.from_buffer_copy(raw_key)
     e = SnatEntry.from_buffer_copy(raw_value)
     v = e.nat
@@ -347,17 +366,30 @@ class SnatSettings:
 
 
 def encode_snat_cfg(addrs: tuple[str, ...], port_min: int, port_max: int) -> bytes:
+    """A snat_cfg entry: IPv4 addresses go in addrs, IPv6 ones in addrs6 (a VIP's SNAT
+    addresses share its family; addr_count counts them either way)."""
     if len(addrs) > DEFAULT_LIMITS.snat_max_addrs:
         raise ValueError(f"{len(addrs)} SNAT addresses, at most {DEFAULT_LIMITS.snat_max_addrs} fit")
-    words = [_be32(a) for a in addrs] + [0] * (DEFAULT_LIMITS.snat_max_addrs - len(addrs))
-    cfg = SnatCfg((ctypes.c_uint32 * DEFAULT_LIMITS.snat_max_addrs)(*words), len(addrs),
-                  port_min, port_max)
+    if len({is_ipv6(a) for a in addrs}) > 1:
+        raise ValueError(f"SNAT addresses {', '.join(addrs)} mix IPv4 and IPv6")
+    cfg = SnatCfg()
+    cfg.addr_count, cfg.port_min, cfg.port_max = len(addrs), port_min, port_max
+    for i, addr in enumerate(addrs):
+        if is_ipv6(addr):
+            ctypes.memmove(ctypes.addressof(cfg.addrs6) + 16 * i, _addr6_bytes(addr), 16)
+        else:
+            cfg.addrs[i] = _be32(addr)
     return bytes(cfg)
 
 
 def decode_snat_cfg(raw: bytes) -> SnatSettings:
     c = SnatCfg.from_buffer_copy(raw)
     count = min(c.addr_count, DEFAULT_LIMITS.snat_max_addrs)
+    # An IPv6 VIP's entry has its addresses in addrs6 and none in addrs.
+    if count and not any(c.addrs[i] for i in range(count)):
+        raw6 = bytes(c.addrs6)
+        return SnatSettings(tuple(_addr6(raw6[16 * i:16 * i + 16]) for i in range(count)),
+                            c.port_min, c.port_max)
     return SnatSettings(tuple(_addr(c.addrs[i]) for i in range(count)), c.port_min, c.port_max)
 
 

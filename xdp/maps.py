@@ -104,6 +104,11 @@ MAPS: dict[str, MapSpec] = {
                          lambda limits: 2 * limits.snat_table_size),
     "snat_frags": MapSpec(codec.FragKey, codec.SnatFragEntry, MapType.LRU_HASH,
                           attrgetter("frag_table_size")),
+    # full-NAT over IPv6 (bpf_programs/lb_snat6.h): both directions, sized as IPv4's.
+    "snat_flows6": MapSpec(codec.FlowKey6, codec.SnatEntry6, MapType.LRU_HASH,
+                           attrgetter("snat_table_size")),
+    "snat_rnat6": MapSpec(codec.FlowKey6, codec.SnatEntry6, MapType.LRU_HASH,
+                          lambda limits: 2 * limits.snat_table_size),
     "stats_vip": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY, attrgetter("max_vips")),
     "stats_backend": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
                              attrgetter("max_backends")),
@@ -120,15 +125,18 @@ _TRACKING: tuple[tuple[str, type[ctypes.Structure]], ...] = (
     ("flows", codec.NatEntry), ("rnat", codec.NatEntry), ("frags", codec.FragEntry),
     ("flows6", codec.NatEntry6), ("rnat6", codec.NatEntry6), ("frags6", codec.FragEntry6),
     ("snat_flows", codec.SnatEntry), ("snat_rnat", codec.SnatEntry),
-    ("snat_frags", codec.SnatFragEntry))
+    ("snat_frags", codec.SnatFragEntry),
+    ("snat_flows6", codec.SnatEntry6), ("snat_rnat6", codec.SnatEntry6))
 # Client -> VIP tables (a flow each), of both families and of full-NAT.
-_FLOW_TABLES = ("flows", "flows6", "snat_flows")
+_FLOW_TABLES = ("flows", "flows6", "snat_flows", "snat_flows6")
 
 
 def _nat_entry(raw: bytes, entry_type: type[ctypes.Structure] | None = None) -> codec.NatEntry:
     """The state/ids/times part of a flows/rnat, flows6/rnat6 or snat_flows/snat_rnat value."""
     if entry_type is codec.SnatEntry:
         return codec.SnatEntry.from_buffer_copy(raw).nat
+    if entry_type is codec.SnatEntry6:
+        return codec.SnatEntry6.from_buffer_copy(raw).nat.e
     if len(raw) >= ctypes.sizeof(codec.NatEntry6):
         return codec.NatEntry6.from_buffer_copy(raw).e
     return codec.NatEntry.from_buffer_copy(raw)
@@ -272,8 +280,9 @@ class LbMaps:
         for name in ("flows", "flows6"):
             for key, raw in self[name].items():
                 yield codec.decode_flow(key, raw)
-        for key, raw in self["snat_flows"].items():
-            yield codec.decode_snat_flow(key, raw)
+        for name in ("snat_flows", "snat_flows6"):
+            for key, raw in self[name].items():
+                yield codec.decode_snat_flow(key, raw)
 
     # -- full-NAT settings ------------------------------------------------------------------
     def put_snat_cfg(self, vip_id: int, addrs: tuple[str, ...], port_min: int, port_max: int) -> None:
@@ -289,7 +298,8 @@ class LbMaps:
         now = monotonic_ns() if now_ns is None else now_ns
         ids: set[int] = set()
         for name, entry_type in (("flows", None), ("rnat", None), ("flows6", None), ("rnat6", None),
-                                 ("snat_flows", codec.SnatEntry), ("snat_rnat", codec.SnatEntry)):
+                                 ("snat_flows", codec.SnatEntry), ("snat_rnat", codec.SnatEntry),
+                                 ("snat_flows6", codec.SnatEntry6), ("snat_rnat6", codec.SnatEntry6)):
             for _key, raw in self[name].items():  # noqa: PERF102 (a map handle, not a dict)
                 e = _nat_entry(raw, entry_type)
                 state = FLOW_STATES[e.state] if e.state < len(FLOW_STATES) else "established"

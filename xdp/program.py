@@ -32,9 +32,10 @@ _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*\n?", re.MULTILI
 
 
 def expand_includes(text: str, headers: dict[str, str], seen: set[str] | None = None) -> str:
-    """`text` with each `#include "NAME"` replaced by the header's own expansion, the first
-    time NAME appears and by nothing after (as `#pragma once` would have it). System includes
-    (`<...>`) stay for clang. Raises CompileError for a header that is not there."""
+    """`text` with each `#include "NAME"` replaced by the header's own expansion: for a header
+    with `#pragma once` the first time NAME appears and by nothing after, for one without
+    (lb_snat_af.h, included once per address family) every time, as clang would. System
+    includes (`<...>`) stay for clang. Raises CompileError for a header that is not there."""
     seen = set() if seen is None else seen
 
     def inline(match: re.Match[str]) -> str:
@@ -44,8 +45,10 @@ def expand_includes(text: str, headers: dict[str, str], seen: set[str] | None = 
         if name not in headers:
             raise CompileError(f"#include \"{name}\": no such header in {BPF_DIR}; "
                                "hint: a header of the program must sit in bpf_programs/")
-        seen.add(name)
-        return expand_includes(_PRAGMA_ONCE.sub("", headers[name], count=1), headers, seen)
+        body, once = _PRAGMA_ONCE.subn("", headers[name], count=1)
+        if once:
+            seen.add(name)
+        return expand_includes(body, headers, seen)
 
     return _LOCAL_INCLUDE.sub(inline, text)
 
