@@ -482,7 +482,8 @@ def vip() -> None:
                                     "lbctl vip add 10.0.0.10:80 --forwarding dsr   # backends answer clients directly",
                                     "lbctl vip add 10.0.0.10:80 --forwarding fullnat   # one-arm: source rewritten too",
                                     "lbctl vip add 10.0.0.10:80 --forwarding fullnat --snat 10.0.1.2,10.0.1.3 "
-                                    "--snat-ports 20000-29999"))
+                                    "--snat-ports 20000-29999",
+                                    "lbctl vip add '[2001:db8::10]:80' --forwarding fullnat --snat 2001:db8:1::2"))
 @click.argument("vip_addr", metavar="VIP:PORT", type=VIP)
 @proto_option
 @click.option("--forwarding", default=FORWARDING_NAMES[0], show_default=True, type=click.Choice(FORWARDING_NAMES),
@@ -493,8 +494,8 @@ def vip() -> None:
               help="what picks a new flow's backend: flow (the 5-tuple) or client (the source "
                    "address alone: one client stays on one backend)")
 @click.option("--snat", type=SnatAddrsType(), default=None,
-              help="fullnat: the source addresses backends see (default: the balancer's own "
-                   "address toward each backend, by the routing table)")
+              help="fullnat: the source addresses backends see, of the VIP's family (default: the "
+                   "balancer's own address toward each backend, by the routing table)")
 @click.option("--snat-ports", type=PortRangeType(), default=None,
               help=f"fullnat: the source-port range claimed per flow [default: "
                    f"{format_port_range(SNAT_PORTS_DEFAULT)}, below Linux's ephemeral ports]")
@@ -1085,7 +1086,7 @@ def flows_list(obj: Context, limit: int, include_expired: bool, vip_addr: HostPo
         r["vip_ep"] = format_endpoint(r['vip'], r['vip_port'])
         r["backend_ep"] = format_endpoint(r['backend'], r['backend_port'])
         # full-NAT: the source the backend sees; other modes keep the client's.
-        r["snat_ep"] = f"{r['snat']}:{r['snat_port']}" if r.get("snat") else "-"
+        r["snat_ep"] = format_endpoint(r['snat'], r['snat_port']) if r.get("snat") else "-"
         r["state_shown"] = f"{r['state']} (expired)" if r["expired"] else r["state"]
         r["age"] = f"{r['age_s']:.1f}s"
         r["idle"] = f"{r['idle_s']:.1f}s"

@@ -29,6 +29,7 @@ from lbctl.model import (
     parse_endpoint,
     parse_port_range,
     parse_snat_addrs,
+    snat_family_problem,
 )
 from xdp.codec import Endpoint
 
@@ -663,6 +664,9 @@ def _resolve(model: ConfigFile, source: str, lines: dict[Loc, int],
                 if v.snat is not None:
                     key = "snat"
                     spec = replace(spec, snat=parse_snat_addrs(v.snat))
+                    problem = snat_family_problem(vip, spec.snat)
+                    if problem is not None:
+                        raise ConfigError(problem)
                 if v.snat_ports is not None:
                     key = "snat_ports"
                     spec = replace(spec, snat_ports=parse_port_range(str(v.snat_ports)))

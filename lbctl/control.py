@@ -432,8 +432,9 @@ class Controller:
 
         with self.balancer.maps() as maps:
             live = planner.read_live(maps).get(vip)
-            raw = maps["snat_flows"].lookup(codec.encode_flow_key(client.addr, client.port, vip.addr,
-                                                                  vip.port, vip.proto))
+            table = "snat_flows6" if vip.ipv6 else "snat_flows"
+            raw = maps[table].lookup(codec.encode_flow_key(client.addr, client.port, vip.addr,
+                                                           vip.port, vip.proto))
         if out.get("forwarding") == "fullnat" and out.get("backend") and live is not None:
             if live.spec.snat:
                 source = ",".join(live.spec.snat)
@@ -447,7 +448,7 @@ class Controller:
         if tracked is not None and tracked.get("forwarding") == "fullnat" and raw is not None:
             rec = codec.decode_snat_flow(codec.encode_flow_key(client.addr, client.port, vip.addr,
                                                                vip.port, vip.proto), raw)
-            tracked["snat"] = f"{rec.snat}:{rec.snat_port}"
+            tracked["snat"] = format_endpoint(rec.snat or "", rec.snat_port or 0)
 
     def flows_flush(self) -> int:
         require_root()

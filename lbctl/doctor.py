@@ -176,6 +176,7 @@ def _maps(probe: _Probe) -> tuple[Check, dict | None, list, dict[str, tuple[int,
             frags = sum(1 for _ in maps["frags"].items())
             # full-NAT's reverse table holds every claimed port, live or waiting to be reused.
             snat_ports = sum(1 for _ in maps["snat_rnat"].items())
+            snat_ports6 = sum(1 for _ in maps["snat_rnat6"].items())
             rings = {v: maps.ring(lv.vip_id, lv.ring_generation) for v, lv in live.items()}
             stale_tracer = TraceSwitch(maps["trace_ctl"]).clear_stale()
     except (NotAttachedError, IncompatibleMapsError) as exc:
@@ -184,11 +185,14 @@ def _maps(probe: _Probe) -> tuple[Check, dict | None, list, dict[str, tuple[int,
         return Check("maps", "-", False, evidence, hint or "lbctl attach IFACE..."), None, [], {}
     probe.rings = rings  # type: ignore[attr-defined]
     probe.stale_tracer = stale_tracer  # type: ignore[attr-defined]
-    fullnat = sum(1 for f in flows if f.forwarding == "fullnat")
-    fill = {"flows": (len(flows) - fullnat, probe.limits.flow_table_size),
+    fullnat = sum(1 for f in flows if f.forwarding == "fullnat" and ":" not in f.client)
+    fullnat6 = sum(1 for f in flows if f.forwarding == "fullnat" and ":" in f.client)
+    fill = {"flows": (len(flows) - fullnat - fullnat6, probe.limits.flow_table_size),
             "frags": (frags, probe.limits.frag_table_size),
             "snat_flows": (fullnat, probe.limits.snat_table_size),
-            "snat_rnat": (snat_ports, 2 * probe.limits.snat_table_size)}
+            "snat_rnat": (snat_ports, 2 * probe.limits.snat_table_size),
+            "snat_flows6": (fullnat6, probe.limits.snat_table_size),
+            "snat_rnat6": (snat_ports6, 2 * probe.limits.snat_table_size)}
     return (Check("maps", "-", True, f"{probe.balancer.pin_dir}: every map has this build's layout"),
             live, flows, fill)
 
@@ -427,7 +431,8 @@ def _trace_flag(probe: _Probe) -> Check:
 # -- tables, VIPs and backends -----------------------------------------------------------------
 # The Limits field that sizes each table the fill check looks at.
 _SIZE_OF = {"flows": "flow_table_size", "frags": "frag_table_size",
-            "snat_flows": "snat_table_size", "snat_rnat": "snat_table_size"}
+            "snat_flows": "snat_table_size", "snat_rnat": "snat_table_size",
+            "snat_flows6": "snat_table_size", "snat_rnat6": "snat_table_size"}
 
 
 def _tables(fill: dict[str, tuple[int, int]], limits: Limits) -> list[Check]:

@@ -161,10 +161,9 @@ def check_vip(spec: VipSpec) -> VipSpec:
     """The rules a VIP's spec must meet whatever path it came by (CLI, file, agent); raises
     ConfigError naming what is wrong and the fix."""
     check_forwarding(spec.forwarding)
-    if spec.forwarding == "fullnat" and ":" in spec.vip.addr:
-        # lb_snat.h claims ports in IPv4 tables only (the IPv6 path is lb_xdp6.h's NAT66).
-        raise ConfigError(f"VIP {spec.vip}: full-NAT for IPv6 is not built yet; hint: use --forwarding nat "
-                          "for an IPv6 VIP")
+    problem = snat_family_problem(spec.vip, spec.snat)
+    if problem is not None:
+        raise ConfigError(problem)
     for b in spec.backends:
         problem = backend_problem(spec.vip, spec.forwarding, b.addr, b.port)
         if problem is not None:
@@ -187,22 +186,42 @@ def backend_problem(vip: Endpoint, forwarding: str, addr: str, port: int) -> str
     return None
 
 
+def snat_family_problem(vip: Endpoint, snat: Sequence[str]) -> str | None:
+    """Why a VIP's SNAT addresses cannot serve it (one line with a hint), or None: the balancer
+    rewrites addresses in place, so the source a backend sees is of the VIP's family."""
+    for addr in snat:
+        if (":" in addr) != vip.ipv6:
+            fam, vfam = ("IPv6", "IPv4") if ":" in addr else ("IPv4", "IPv6")
+            example = "2001:db8:1::2" if vip.ipv6 else "10.0.1.2"
+            return (f"SNAT address {addr} is {fam} but VIP {vip} is {vfam}; hint: a full-NAT VIP's "
+                    f"SNAT addresses share its address family (e.g. --snat {example}), or leave "
+                    "--snat out to use the balancer's own address toward each backend")
+    return None
+
+
 def parse_snat_addrs(text: str | Sequence[str], max_addrs: int = DEFAULT_LIMITS.snat_max_addrs
                      ) -> tuple[str, ...]:
-    """'10.0.1.2,10.0.1.3' (or a list) -> SNAT addresses: IPv4 unicast, distinct, at most
-    max_addrs (the program's LB_SNAT_MAX_ADDRS)."""
+    """'10.0.1.2,10.0.1.3' or '2001:db8:1::2' (or a list) -> SNAT addresses: unicast, of one
+    family, distinct, at most max_addrs (the program's LB_SNAT_MAX_ADDRS), IPv6 ones in their
+    canonical form."""
     items = text.split(",") if isinstance(text, str) else list(text)
     addrs: list[str] = []
     for item in (i.strip() for i in items):
         try:
-            addr = ipaddress.IPv4Address(item)
+            addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(item)
         except ValueError:
-            raise ConfigError(f"SNAT address '{item}' is not an IPv4 address; hint: e.g. "
-                              "--snat 10.0.1.2,10.0.1.3") from None
+            raise ConfigError(f"SNAT address '{item}' is not an IPv4 or IPv6 address; hint: e.g. "
+                              "--snat 10.0.1.2,10.0.1.3 or --snat 2001:db8:1::2") from None
+        # IPv6 link-local needs a zone, and a mapped address is IPv4 in disguise.
         if addr.is_unspecified or addr.is_multicast or addr.is_loopback or \
-                addr == ipaddress.IPv4Address("255.255.255.255"):
+                addr == ipaddress.IPv4Address("255.255.255.255") or \
+                (isinstance(addr, ipaddress.IPv6Address) and
+                 (addr.is_link_local or addr.ipv4_mapped is not None)):
             raise ConfigError(f"SNAT address '{item}' is not a unicast host address; hint: use "
                               "an address of the balancer that the backends can reach")
+        if addrs and (":" in addrs[0]) != (addr.version == 6):
+            raise ConfigError(f"SNAT addresses {addrs[0]} and {addr} mix IPv4 and IPv6; hint: a "
+                              "VIP's SNAT addresses share its address family")
         if str(addr) in addrs:
             raise ConfigError(f"SNAT address {addr} is listed twice; hint: name each address once")
         addrs.append(str(addr))

@@ -4,6 +4,7 @@ that makes a VIP full-NAT), and `export`; bad values are one line, exit 2, nothi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from unittest import mock
 
@@ -37,7 +38,10 @@ def test_snat_addresses_parse_from_a_comma_list_or_a_list() -> None:
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
-    ("10.0.1", "not an IPv4 address"), ("127.0.0.1", "not a unicast host address"),
+    ("10.0.1", "not an IPv4 or IPv6 address"), ("127.0.0.1", "not a unicast host address"),
+    ("::1", "not a unicast host address"), ("fe80::1", "not a unicast host address"),
+    ("::ffff:10.0.1.2", "not a unicast host address"), ("ff02::1", "not a unicast host address"),
+    ("10.0.1.2,2001:db8:1::2", "mix IPv4 and IPv6"), ("2001:db8:1::2,2001:DB8:1:0::2", "listed twice"),
     ("224.0.0.1", "not a unicast host address"), ("10.0.1.2,10.0.1.2", "listed twice"),
     (",".join(f"10.0.1.{i}" for i in range(1, 2 + DEFAULT_LIMITS.snat_max_addrs)), "at most"),
 ])
@@ -62,9 +66,27 @@ def test_the_default_range_stays_below_linuxs_ephemeral_ports() -> None:
     assert SNAT_PORTS_DEFAULT[1] < 32768      # net.ipv4.ip_local_port_range starts there
 
 
-def test_full_nat_on_an_ipv6_vip_is_refused_until_built() -> None:
-    with pytest.raises(ConfigError, match="full-NAT for IPv6 is not built yet; hint: use --forwarding nat"):
-        check_vip(VipSpec(Endpoint("2001:db8::10", 80, "tcp"), forwarding="fullnat"))
+VIP6 = Endpoint("2001:db8::10", 80, "tcp")
+
+
+def test_ipv6_snat_addresses_parse_to_their_canonical_form() -> None:
+    assert parse_snat_addrs("2001:DB8:1:0::2, 2001:db8:1::3") == ("2001:db8:1::2", "2001:db8:1::3")
+
+
+def test_full_nat_on_an_ipv6_vip_is_accepted_with_or_without_ipv6_snat_addresses() -> None:
+    check_vip(VipSpec(VIP6, forwarding="fullnat"))
+    check_vip(VipSpec(VIP6, forwarding="fullnat", snat=("2001:db8:1::2",), snat_ports=(2000, 3000)))
+
+
+@pytest.mark.parametrize(("vip", "snat", "fragment"), [
+    (VIP6, ("10.0.1.2",), "SNAT address 10.0.1.2 is IPv4 but VIP [2001:db8::10]:80 is IPv6"),
+    (VIP, ("2001:db8:1::2",), "SNAT address 2001:db8:1::2 is IPv6 but VIP 10.0.0.10:80 is IPv4"),
+])
+def test_snat_addresses_of_the_other_family_are_refused(vip: Endpoint, snat: tuple[str, ...],
+                                                        fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as exc:
+        check_vip(VipSpec(vip, forwarding="fullnat", snat=snat))
+    assert "hint: a full-NAT VIP's SNAT addresses share its address family" in str(exc.value)
 
 
 def test_snat_settings_on_a_nat_vip_are_refused() -> None:
@@ -103,7 +125,7 @@ def test_vip_add_fullnat_without_options_leaves_the_defaults_to_the_library(fake
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (("--snat", "10.0.1.300"), "SNAT address '10.0.1.300' is not an IPv4 address"),
+    (("--snat", "10.0.1.300"), "SNAT address '10.0.1.300' is not an IPv4 or IPv6 address"),
     (("--snat-ports", "70000-80000"), "port range '70000-80000' is not within 1-65535"),
     (("--snat-ports", "9-1"), "port range '9-1'"),
 ])
@@ -114,6 +136,26 @@ def test_bad_snat_options_exit_2_in_one_line_before_the_balancer(fake: Any, args
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "hint:" in lines[0], result.output
     fake.vip_add.assert_not_called()
+
+
+def test_vip_add_passes_ipv6_snat_addresses_for_an_ipv6_vip(fake: Any) -> None:
+    result = run(fake, "vip", "add", "[2001:db8::10]:80", "--forwarding", "fullnat",
+                 "--snat", "2001:db8:1::2")
+    assert result.exit_code == 0, result.output
+    fake.vip_add.assert_called_once_with(VIP6, False, "flow", "fullnat", snat=("2001:db8:1::2",))
+
+
+@pytest.mark.parametrize(("vip", "snat", "fragment"), [
+    ("[2001:db8::10]:80", "10.0.1.2", "is IPv4 but VIP [2001:db8::10]:80 is IPv6"),
+    ("10.0.0.10:80", "2001:db8:1::2", "is IPv6 but VIP 10.0.0.10:80 is IPv4"),
+])
+def test_vip_add_with_snat_of_the_other_family_exits_2_in_one_line(vip: str, snat: str,
+                                                                   fragment: str) -> None:
+    result = CliRunner().invoke(main, ["vip", "add", vip, "--forwarding", "fullnat", "--snat", snat],
+                                obj=Context("host", Controller))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "hint:" in lines[0], result.output
 
 
 def test_snat_on_a_nat_vip_is_refused_by_the_library_in_one_line() -> None:
@@ -164,6 +206,34 @@ def test_bad_snat_keys_name_file_line_and_field(old: str, new: str, where: str, 
         load_text(FILE.replace(old, new, 1), "lb.yaml")
     message = str(exc.value)
     assert message.startswith(where) and fragment in message and "hint:" in message, message
+
+
+FILE6 = """\
+interfaces: [eth0]
+vips:
+  - vip: "[2001:db8::10]:80"
+    forwarding: fullnat
+    snat: [2001:db8:1::2]
+    snat_ports: 20000-29999
+    backends:
+      - {addr: "[2001:db8:1::11]:8080"}
+"""
+
+
+def test_the_file_takes_forwarding_fullnat_on_an_ipv6_vip_and_exports_it_again() -> None:
+    state = load_text(FILE6, "lb.yaml")
+    spec = state.vips[VIP6].spec
+    assert (spec.forwarding, spec.snat, spec.snat_ports) == ("fullnat", ("2001:db8:1::2",), (20000, 29999))
+    again = load_text(dump(["eth0"], "auto", state.vips), "export")
+    assert again.vips[VIP6].spec == spec
+
+
+def test_an_ipv4_snat_address_on_an_ipv6_vip_in_the_file_names_its_line() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_text(FILE6.replace("snat: [2001:db8:1::2]", "snat: [10.0.1.2]"), "lb.yaml")
+    message = str(exc.value)
+    assert message.startswith("lb.yaml:5: vips[0].snat") and "is IPv4 but VIP" in message
+    assert "hint:" in message
 
 
 def test_export_writes_snat_keys_that_load_again() -> None:
