@@ -18,7 +18,14 @@ from lbctl.maglev import (
     ring_fingerprint,
     unplaced_backends,
 )
-from lbctl.model import BackendSpec, Config, VipSpec, check_vip, format_port_range
+from lbctl.model import (
+    BackendSpec,
+    Config,
+    VipSpec,
+    check_vip,
+    format_port_range,
+    snat_family_problem,
+)
 from xdp.codec import (
     NO_BACKEND,
     Endpoint,
@@ -165,14 +172,13 @@ def _live_ring(lv: LiveVip, ring_size: int, seed: int) -> Sequence[int]:
 
 
 def check_families(desired: Config) -> None:
-    """A VIP and its backends share one address family: the data plane rewrites addresses in
-    place (NAT44, NAT66), it does not translate between families."""
+    """A VIP, its backends and its SNAT addresses share one address family: the data plane
+    rewrites addresses in place (NAT44, NAT66, full-NAT of either), it does not translate
+    between families."""
     for vip, spec in desired.items():
-        # The IPv6 path runs NAT66 only: an IPv6 VIP in another mode is refused here too (the
-        # planner is every change's last gate), never silently NATed.
-        if vip.ipv6 and spec.forwarding not in ("nat", "dsr"):
-            raise ConfigError(f"VIP {vip}: forwarding '{spec.forwarding}' is not built for IPv6 "
-                              "yet; hint: use --forwarding nat (NAT66) for an IPv6 VIP")
+        problem = snat_family_problem(vip, spec.snat)
+        if problem is not None:
+            raise ConfigError(problem)
         for b in spec.backends:
             if is_ipv6(b.addr) != vip.ipv6:
                 vip_family, b_family = ("IPv6", "IPv4") if vip.ipv6 else ("IPv4", "IPv6")

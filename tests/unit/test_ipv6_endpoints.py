@@ -81,10 +81,11 @@ def test_a_vip_and_its_backends_must_share_a_family() -> None:
         check_families({v4: VipSpec(v4, (BackendSpec("2001:db8:2::11", 80),))})
 
 
-def test_an_ipv6_vip_in_a_mode_other_than_nat_is_refused_not_silently_natted() -> None:
+def test_an_ipv6_vip_runs_in_every_mode_and_its_snat_addresses_share_its_family() -> None:
     v6 = parse_endpoint("[2001:db8::10]:80")
-    for mode in ("nat", "dsr"):
+    for mode in ("nat", "dsr", "fullnat"):
         check_families({v6: VipSpec(v6, (BackendSpec("2001:db8:2::11", 80),), forwarding=mode)})
-    for mode in ("fullnat",):
-        with pytest.raises(ConfigError, match=rf"forwarding '{mode}' is not built for IPv6 yet"):
-            check_families({v6: VipSpec(v6, (BackendSpec("2001:db8:2::11", 80),), forwarding=mode)})
+    check_families({v6: VipSpec(v6, forwarding="fullnat", snat=("2001:db8:1::2",))})
+    with pytest.raises(ConfigError, match=r"SNAT address 10\.0\.1\.2 is IPv4 but VIP \[2001:db8::10\]:80 "
+                                          r"is IPv6; hint: .*share its address family"):
+        check_families({v6: VipSpec(v6, forwarding="fullnat", snat=("10.0.1.2",))})
