@@ -441,7 +441,7 @@ class Controller:
             else:
                 from lbctl.neigh import route_to
 
-                route = route_to(out["backend"].rsplit(":", 1)[0])
+                route = route_to(out["backend"].rsplit(":", 1)[0].strip("[]"))
                 source = route.prefsrc if route is not None and route.prefsrc else "none (no route)"
             out.update(snat=source, snat_ports=format_port_range(live.spec.snat_ports))
         tracked = out["tracked_flow"]

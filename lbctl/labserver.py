@@ -76,6 +76,12 @@ class LabRequestHandler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class LabHTTPServer6(LabHTTPServer):
+    """The same server on an IPv6 socket (--bind ::)."""
+
+    address_family = socket.AF_INET6
+
+
 # Linux's IP_PKTINFO; Python before 3.12 has no name for it.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
@@ -118,16 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--name", required=True, help="backend name sent in every answer")
-    parser.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--bind", default="0.0.0.0", help="address to listen on (:: for IPv6)")
     parser.add_argument("--http-port", type=int, default=80)
     parser.add_argument("--udp-port", type=int, default=9000)
     parser.add_argument("--log-requests", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
 
-    udp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # An IPv6 --bind ("::", an address) serves IPv6 (and, on "::", IPv4-mapped peers too).
+    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+    udp_sock = socket.socket(family, socket.SOCK_DGRAM)
     udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     udp_sock.bind((args.bind, args.udp_port))
-    httpd = LabHTTPServer((args.bind, args.http_port), args.name, args.log_requests)
+    server_class = LabHTTPServer6 if family == socket.AF_INET6 else LabHTTPServer
+    httpd = server_class((args.bind, args.http_port), args.name, args.log_requests)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         # Exit at once: connection threads are daemons and hold nothing worth flushing.
