@@ -106,9 +106,10 @@ def test_pinned_maps_of_another_build_are_refused_before_loading() -> None:
         shutil.rmtree(first.pin_dir, ignore_errors=True)
 
 
-def test_pinned_maps_of_an_older_build_without_a_newer_map_are_refused() -> None:
-    """Maps pinned before a map was added (frags) are another build too: the same hint, not
-    "not set up"."""
+@pytest.mark.parametrize("added", ["frags", "snat_flows6", "snat_rnat6"])
+def test_pinned_maps_of_an_older_build_without_a_newer_map_are_refused(added: str) -> None:
+    """Maps pinned before a map was added (frags; full-NAT over IPv6's two) are another build
+    too: the same hint, not "not set up"."""
     import secrets
     import shutil
 
@@ -120,10 +121,44 @@ def test_pinned_maps_of_an_older_build_without_a_newer_map_are_refused() -> None
     try:
         first._program_fd(fresh=True)
         first.close()
-        os.unlink(os.path.join(first.pin_dir, "frags"))
+        os.unlink(os.path.join(first.pin_dir, added))
         older = Balancer(instance)
-        with pytest.raises(IncompatibleMapsError, match="no 'frags' map.*detach --all --purge"):
+        with pytest.raises(IncompatibleMapsError, match=f"no '{added}' map.*detach --all --purge") as exc:
             older._program_fd(fresh=True)
+        assert exc.value.exit_code == 6
+        assert older._loaded is None
+    finally:
+        first.close()
+        shutil.rmtree(first.pin_dir, ignore_errors=True)
+
+
+def test_a_pinned_snat_cfg_of_the_build_before_ipv6_full_nat_is_refused() -> None:
+    """snat_cfg grew its IPv6 addresses (40 -> 168 bytes a value): the older map is refused
+    before anything is compiled, with the purge hint."""
+    import secrets
+    import shutil
+
+    from xdp.balancer import Balancer
+    from xdp.errors import IncompatibleMapsError
+
+    instance = "tcompat-" + secrets.token_hex(3)
+    first = Balancer(instance)
+    try:
+        first._program_fd(fresh=True)
+        first.close()
+        path = os.path.join(first.pin_dir, "snat_cfg")
+        os.unlink(path)
+        fd, err = libbpf._call("bpf_map_create", libbpf.MapType.ARRAY, b"snat_cfg", 4, 40,
+                               DEFAULT_LIMITS.max_vips, None)
+        assert not err, os.strerror(err)
+        libbpf.obj_pin(fd, path)
+        libbpf.close(fd)
+        older = Balancer(instance)
+        with pytest.raises(IncompatibleMapsError, match=r"snat_cfg is array, key 4 B, value 40 B.*"
+                                                        r"expects array, key 4 B, value 168 B.*"
+                                                        r"detach --all --purge") as exc:
+            older._program_fd(fresh=True)
+        assert exc.value.exit_code == 6
         assert older._loaded is None
     finally:
         first.close()
