@@ -1,5 +1,5 @@
 /* lb_icmp_quote.h: the packet an ICMP or ICMPv6 error quotes, and its rewrite with every
- * checksum it touches (NAT mode's lb_icmp.h/lb_icmp6.h and full-NAT's lb_snat_af.h all
+ * checksum it touches (NAT mode's lb_icmp.h/lb_icmp6.h and full-NAT's lb_snat_af.inc all
  * translate quotes). */
 #pragma once
 

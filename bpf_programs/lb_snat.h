@@ -189,7 +189,7 @@ static __always_inline int lb_snat_fragment(struct xdp_md *ctx, struct lb_packet
 }
 
 
-/* The IPv4 instance of lb_snat_af.h: lb_snat_forward, lb_snat_new_flow, lb_snat_from_backend,
+/* The IPv4 instance of lb_snat_af.inc: lb_snat_forward, lb_snat_new_flow, lb_snat_from_backend,
  * lb_snat_icmp and their parts. */
 #define LB_SNAT_FN(name) lb_snat_##name
 #define LB_SNAT_KEY struct flow_key
@@ -217,4 +217,4 @@ static __always_inline int lb_snat_fragment(struct xdp_md *ctx, struct lb_packet
 #define LB_SNAT_INNER_DST(inner) (&(inner)->daddr)
 #define LB_SNAT_SET_OUTER(check, pkt, field, addr) lb_set_ip_addr((pkt)->ip, field, addr)
 #define LB_SNAT_QUOTE_REWRITE lb_icmp_rewrite_quote
-#include "lb_snat_af.h"
+#include "lb_snat_af.inc"

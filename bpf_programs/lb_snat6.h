@@ -1,6 +1,6 @@
 /* lb_snat6.h: full-NAT over IPv6: lb_snat.h's contract (source rewritten to a SNAT address
  * and a port claimed per flow, both directions tracked) in IPv6 tables; the flow logic is
- * lb_snat_af.h's, shared with IPv4. */
+ * lb_snat_af.inc's, shared with IPv4. */
 #pragma once
 
 #include <uapi/linux/bpf.h>
@@ -100,7 +100,7 @@ static __always_inline int lb_snat6_source(struct xdp_md *ctx, const struct snat
     return (fwd->peer_addr[0] | fwd->peer_addr[1] | fwd->peer_addr[2] | fwd->peer_addr[3]) != 0;
 }
 
-/* The IPv6 instance of lb_snat_af.h: lb_snat6_forward, lb_snat6_new_flow,
+/* The IPv6 instance of lb_snat_af.inc: lb_snat6_forward, lb_snat6_new_flow,
  * lb_snat6_from_backend, lb_snat6_icmp and their parts. IPv6 fragments never get here
  * (lb_parse6 passes them). */
 #define LB_SNAT_FN(name) lb_snat6_##name
@@ -126,4 +126,4 @@ static __always_inline int lb_snat6_source(struct xdp_md *ctx, const struct snat
 /* The ICMPv6 checksum covers the outer addresses (its pseudo-header). */
 #define LB_SNAT_SET_OUTER(check, pkt, field, addr) lb_icmp6_set_outer(check, field, addr)
 #define LB_SNAT_QUOTE_REWRITE lb_icmp6_rewrite_quote
-#include "lb_snat_af.h"
+#include "lb_snat_af.inc"

@@ -34,7 +34,7 @@ _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*\n?", re.MULTILI
 def expand_includes(text: str, headers: dict[str, str], seen: set[str] | None = None) -> str:
     """`text` with each `#include "NAME"` replaced by the header's own expansion: for a header
     with `#pragma once` the first time NAME appears and by nothing after, for one without
-    (lb_snat_af.h, included once per address family) every time, as clang would. System
+    (lb_snat_af.inc, included once per address family) every time, as clang would. System
     includes (`<...>`) stay for clang. Raises CompileError for a header that is not there."""
     seen = set() if seen is None else seen
 
@@ -55,7 +55,9 @@ def expand_includes(text: str, headers: dict[str, str], seen: set[str] | None = 
 
 def program_headers(limits: Limits, pin_dir: str) -> dict[str, str]:
     """Every header the program may include, by name, the constants header rendered."""
-    headers = {path.name: path.read_text() for path in sorted(BPF_DIR.glob("*.h"))}
+    # *.inc: a template a header includes more than once (lb_snat_af.inc, once per family).
+    headers = {path.name: path.read_text()
+               for path in sorted([*BPF_DIR.glob("*.h"), *BPF_DIR.glob("*.inc")])}
     headers[CONSTS_HEADER] = render_consts(limits, pin_dir)
     return headers
 

@@ -60,6 +60,21 @@ def test_the_entry_file_reaches_every_header() -> None:
     assert not re.search(r'#\s*include\s+"', text)
 
 
+# Templates a header includes once per instance (lb_snat_af.inc: once per address family);
+# they compile as part of the headers that include them, each of which compiles alone.
+TEMPLATES = {"lb_snat_af.inc": ("lb_snat.h", "lb_snat6.h")}
+
+
+def test_every_template_is_inlined_once_per_header_that_instantiates_it() -> None:
+    assert sorted(p.name for p in BPF_DIR.glob("*.inc")) == sorted(TEMPLATES)
+    text = render_unit((BPF_DIR / ENTRY_FILE).read_text(), SMALL, "/nonexistent")
+    for name, users in TEMPLATES.items():
+        assert (BPF_DIR / name).read_text().startswith(f"/* {name}: ")
+        assert text.count(f"/* {name}: ") == len(users), f"{name} is not inlined once per user"
+        for user in users:
+            assert f'#include "{name}"' in (BPF_DIR / user).read_text()
+
+
 @pytest.mark.parametrize("header", HEADERS)
 def test_header_compiles_alone(header: str, pin_dir: str) -> None:
     BPF = _import_bcc()

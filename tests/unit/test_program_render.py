@@ -1,5 +1,5 @@
 """The renderer inlines the program's own headers recursively, each once (as #pragma once
-would), renders the constants header from the limits, and names a missing header."""
+would; a template without it each time), renders the constants header from the limits, and names a missing header."""
 
 from __future__ import annotations
 
@@ -20,6 +20,16 @@ def test_nested_includes_are_inlined_once_each_in_dependency_order() -> None:
                            headers)
     code = [line for line in text.splitlines() if line]
     assert code == ["int a;", "int b;", "int c;", "#include <linux/types.h>", "int main;"]
+
+
+def test_a_template_without_pragma_once_is_inlined_each_time_it_is_included() -> None:
+    headers = {
+        "t.inc": "int T(NAME);\n",
+        "four.h": '#pragma once\n#define NAME four\n#include "t.inc"\n#undef NAME\n',
+        "six.h": '#pragma once\n#define NAME six\n#include "t.inc"\n#undef NAME\n',
+    }
+    text = expand_includes('#include "four.h"\n#include "six.h"\n#include "four.h"\n', headers)
+    assert text.count("int T(NAME);") == 2
 
 
 def test_a_missing_header_is_named() -> None:
