@@ -98,6 +98,15 @@ static __always_inline int lb_snat_claim(struct flow_key *key, struct snat_entry
     return snat_rnat.insert(key, reply);
 }
 
+/* Whether the planner has switched on an LB_DP_F_* path (an array lookup: cheaper than the
+ * hash lookup it saves a packet that is no VIP's while no full-NAT VIP exists). */
+static __always_inline int lb_dp_on(__u32 flag)
+{
+    __u32 zero = 0;
+    struct lb_dp_config *c = dp_config.lookup(&zero);
+    return c && (c->flags & flag);
+}
+
 /* A claimed port is free again once its flow has expired; a closed TCP flow's port waits
  * out TIME_WAIT too, so the backend never sees a new SYN on a tuple it still holds. */
 static __always_inline int lb_snat_reusable(const struct nat_entry *e, __u64 now)

@@ -80,6 +80,12 @@ struct frag_entry {
     __u64 seen_ns;          /* when the first fragment went through */
 };
 
+/* dp_config's one entry: LB_DP_F_* switches the planner sets from the whole configuration. */
+struct lb_dp_config {
+    __u32 flags;
+    __u32 pad;
+};
+
 struct lb_counters {
     __u64 packets;
     __u64 bytes;

@@ -186,8 +186,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
         if (!back) {
             vip = lb_vip_lookup(&pkt.key);
             if (!vip) {
-                /* Last, a backend's reply to a full-NAT source address and port. */
-                struct snat_entry *snat_back = snat_rnat.lookup(&pkt.key);
+                /* Last, a backend's reply to a full-NAT source address and port; only
+                 * while full-NAT is in use (dp_config): other hosts pay no hash lookup. */
+                struct snat_entry *snat_back =
+                    lb_dp_on(LB_DP_F_FULLNAT) ? snat_rnat.lookup(&pkt.key) : NULL;
                 if (snat_back)
                     return lb_snat_from_backend(ctx, &pkt, snat_back, bytes);
                 return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);

@@ -178,7 +178,8 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
             vip = lb_vip6_lookup(&pkt.key);
             if (!vip) {
                 /* Last, a backend's reply to a full-NAT source address and port. */
-                struct snat_entry6 *snat_back = snat_rnat6.lookup(&pkt.key);
+                struct snat_entry6 *snat_back =
+                    lb_dp_on(LB_DP_F_FULLNAT6) ? snat_rnat6.lookup(&pkt.key) : NULL;
                 if (snat_back)
                     return lb_snat6_from_backend(ctx, &pkt, snat_back, bytes);
                 return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);

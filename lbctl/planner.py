@@ -36,7 +36,7 @@ from xdp.codec import (
     vip_flags,
 )
 from xdp.errors import MapFullError
-from xdp.limits import DEFAULT_LIMITS, Limits
+from xdp.limits import DEFAULT_LIMITS, DP_FLAGS, Limits
 
 
 @dataclass(frozen=True)
@@ -285,10 +285,52 @@ class MapsWriter(Protocol):
     def put_snat_cfg(self, vip_id: int, addrs: tuple[str, ...], port_min: int, port_max: int) -> None: ...
 
 
+def fullnat_dp_flags(the_plan: Plan, live: LiveState) -> int:
+    """dp_config's full-NAT flags for the configuration the plan leaves: one per family that
+    has a full-NAT VIP (the program then looks a non-VIP packet up in that family's snat_rnat)."""
+    after = {vip: lv.spec for vip, lv in live.items()}
+    for c in the_plan.changes:
+        if c.action == "delete":
+            after.pop(c.vip, None)
+        elif c.new is not None:
+            after[c.vip] = c.new
+    flags = 0
+    for vip, spec in after.items():
+        if spec.forwarding == "fullnat":
+            flags |= DP_FLAGS["fullnat6" if vip.ipv6 else "fullnat"]
+    return flags
+
+
+def _put_dp_flags(maps: MapsWriter, wanted: int, before: bool) -> None:
+    """Before the changes: the old flags and the new (a new full-NAT VIP's first reply is
+    looked up). After: the new, and a family's flag stays while its reverse table still holds
+    entries (flows of a VIP switched away from full-NAT end full-NAT: their replies must still
+    be found). Maps without dp_config (a test's recorder) are left alone."""
+    put = getattr(maps, "put_dp_flags", None)
+    if put is None:
+        return
+    if before:
+        put(maps.dp_flags() | wanted)   # type: ignore[attr-defined]
+        return
+    for name, table in (("fullnat", "snat_rnat"), ("fullnat6", "snat_rnat6")):
+        if maps.holds_entries(table):   # type: ignore[attr-defined]
+            wanted |= DP_FLAGS[name]
+    put(wanted)
+
+
 def apply(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
     """Writes a plan. Per VIP the order keeps every packet's view whole: backends a new ring
     needs exist before the ring; the ring is written into the VIP's idle half and goes live
     with one update of the VIP entry; what only the old ring used is removed after."""
+    if the_plan.empty:
+        return
+    dp_flags = fullnat_dp_flags(the_plan, live)
+    _put_dp_flags(maps, dp_flags, before=True)
+    _apply_changes(the_plan, live, maps)
+    _put_dp_flags(maps, dp_flags, before=False)
+
+
+def _apply_changes(the_plan: Plan, live: LiveState, maps: MapsWriter) -> None:
     for c in the_plan.changes:
         if c.action == "delete":
             maps.delete_vip(c.vip)

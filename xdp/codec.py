@@ -183,6 +183,12 @@ class SnatEntry6(ctypes.Structure):
                 ("peer_port", ctypes.c_uint16), ("pad", ctypes.c_uint8 * 6)]
 
 
+class DpConfig(ctypes.Structure):
+    """struct lb_dp_config: dp_config's one entry, LB_DP_F_* flags."""
+
+    _fields_ = [("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("new_flows", ctypes.c_uint64), ("drops", ctypes.c_uint64)]

@@ -43,6 +43,14 @@ VIP_FLAGS: dict[str, int] = {
     "fullnat": 0x4,          # --forwarding fullnat: the source is rewritten too (one-arm)
 }
 
+# dp_config flags (one entry for the whole program), rendered as LB_DP_F_<NAME>: switches
+# the planner sets from the whole configuration so the data plane skips what no VIP needs.
+DP_FLAGS: dict[str, int] = {
+    "fullnat": 0x1,     # an IPv4 full-NAT VIP exists, or snat_rnat still holds entries:
+                        # a non-VIP packet is looked up in snat_rnat (a backend's reply)
+    "fullnat6": 0x2,    # the same for IPv6 (snat_rnat6)
+}
+
 # `lbctl explain` answers, written by the program into the test-run frame's metadata.
 EXPLAIN_VERDICTS: tuple[str, ...] = ("none", "not_vip", "flow_hit", "ring", "no_backend")
 EXPLAIN_MAGIC = 0x4C424558  # "LBEX"
@@ -102,6 +110,7 @@ class Limits:
         values["ring_entries"] = self.ring_entries
         values["rings_per_vip"] = RINGS_PER_VIP
         values["vip_flags"] = dict(VIP_FLAGS)
+        values["dp_flags"] = dict(DP_FLAGS)
         return values
 
 

@@ -109,6 +109,8 @@ MAPS: dict[str, MapSpec] = {
                            attrgetter("snat_table_size")),
     "snat_rnat6": MapSpec(codec.FlowKey6, codec.SnatEntry6, MapType.LRU_HASH,
                           lambda limits: 2 * limits.snat_table_size),
+    # Switches the planner sets for the whole program (xdp/limits.py DP_FLAGS).
+    "dp_config": MapSpec(ctypes.c_uint32, codec.DpConfig, MapType.ARRAY, lambda limits: 1),
     "stats_vip": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY, attrgetter("max_vips")),
     "stats_backend": MapSpec(ctypes.c_uint32, codec.Counters, MapType.PERCPU_ARRAY,
                              attrgetter("max_backends")),
@@ -343,6 +345,18 @@ class LbMaps:
             if name in _FLOW_TABLES:
                 removed += deleted
         return removed
+
+    # -- program-wide switches --------------------------------------------------------------
+    def dp_flags(self) -> int:
+        raw = self["dp_config"].lookup(codec.encode_u32(0))
+        return int(codec.DpConfig.from_buffer_copy(raw).flags) if raw else 0
+
+    def put_dp_flags(self, flags: int) -> None:
+        self["dp_config"].update(codec.encode_u32(0), bytes(codec.DpConfig(flags, 0)))
+
+    def holds_entries(self, name: str) -> bool:
+        """Whether a table has any entry (one key read, not a count)."""
+        return next(iter(self[name].keys()), None) is not None
 
     # -- counters ---------------------------------------------------------------------------
     def _counters(self, name: str, index: int) -> dict[str, int]:

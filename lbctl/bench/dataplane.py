@@ -268,6 +268,7 @@ class Path:
     new_flows: bool                    # whether every repetition must create a flow
     without_trace: bool = False        # run the build without the trace hooks
     trace: Filter | None = None        # tracing on with this filter, a consumer reading the ring
+    dp_flags: int | None = None        # dp_config's flags during this path (None: as configured)
 
 
 def _paths() -> list[Path]:
@@ -293,6 +294,10 @@ def _paths() -> list[Path]:
              lambda _n: non_vip, "", False),
         Path("pass_not_vip", "non-VIP pass", False, CLIENT_ARM, FORWARD_BATCH,
              lambda _n: non_vip, "pass_not_vip", False),
+        # The same frame with dp_config's full-NAT flags off, as on a balancer with no
+        # full-NAT VIP: the difference is the snat_rnat lookups the flags save every such packet.
+        Path("pass_not_vip_no_fullnat", "non-VIP pass, no full-NAT VIP", False, CLIENT_ARM,
+             FORWARD_BATCH, lambda _n: non_vip, "pass_not_vip", False, dp_flags=0),
         Path("flow_hit_no_trace", "VIP flow hit, built without trace", False, CLIENT_ARM,
              FORWARD_BATCH, lambda _n: hit, "redirect", False, without_trace=True),
         Path("flow_hit", "VIP flow hit", False, CLIENT_ARM, FORWARD_BATCH,
@@ -397,7 +402,7 @@ def _measure(box: Sandbox, maps: LbMaps, path: Path, packets: int, first_call: i
     before = None if path.uses_baseline else _counters(maps)
     samples = []
     consumer = _RingConsumer(box, maps, path.trace) if path.trace else None
-    with inside(box.netns), consumer or _no_context():
+    with inside(box.netns), consumer or _no_context(), _dp_flags(maps, path.dp_flags):
         for n in range(first_call, first_call + calls):
             result = libbpf.prog_test_run(fd, path.frame(n), repeat=path.batch,
                                           ingress_ifindex=ingress)
@@ -416,6 +421,20 @@ def _measure(box: Sandbox, maps: LbMaps, path: Path, packets: int, first_call: i
 @contextmanager
 def _no_context() -> Iterator[None]:
     yield
+
+
+@contextmanager
+def _dp_flags(maps: LbMaps, flags: int | None) -> Iterator[None]:
+    """dp_config's flags set to `flags` for one path, then put back as the planner left them."""
+    if flags is None:
+        yield
+        return
+    kept = maps.dp_flags()
+    maps.put_dp_flags(flags)
+    try:
+        yield
+    finally:
+        maps.put_dp_flags(kept)
 
 
 def _check(path: Path, runs: int, before: tuple[dict[str, int], int],

@@ -25,7 +25,7 @@ from lbctl.model import Config, parse_endpoint
 from xdp import codec
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from xdp.limits import DEFAULT_LIMITS
+from xdp.limits import DEFAULT_LIMITS, DP_FLAGS
 from xdp.maps import LbMaps, monotonic_ns
 
 pytestmark = pytest.mark.skipif(
@@ -444,3 +444,37 @@ def test_ipv6_snat_settings_read_back_from_the_maps(baseline: Config) -> None:
 def test_ipv6_snat_cfg_codec_round_trips() -> None:
     raw = codec.encode_snat_cfg(PINNED_SNAT, 1024, 2047)
     assert codec.decode_snat_cfg(raw) == codec.SnatSettings(PINNED_SNAT, 1024, 2047)
+
+
+# --- dp_config: the reverse lookup only while full-NAT is in use ---
+
+def test_the_planner_switches_the_reverse_lookup_on_only_while_full_nat_is_in_use(
+        run: Run, lb_maps: LbMaps, controller: Controller, baseline: Config) -> None:
+    assert lb_maps.dp_flags() & DP_FLAGS["fullnat6"]
+    snat = open_flow(lb_maps, run, SWITCH, SWITCH_BACKEND)
+    # Only NAT66 VIPs left, but the switched VIP's full-NAT flow still holds its port: its
+    # replies must still be found, so the flag stays.
+    controller.change(lambda config: {NAT66: config[NAT66],
+                                      SWITCH: replace(config[SWITCH], forwarding="nat")})
+    assert lb_maps.dp_flags() & DP_FLAGS["fullnat6"]
+    action, out, _ = counted(lb_maps, run, reply(SWITCH_BACKEND, *snat), ARM)
+    assert action == XDP_TX and Ether(out)[TCP].dport == 40000
+    # Once the entries are gone, the next change switches it off: the lookup is skipped.
+    lb_maps.flush_flows()
+    controller.change(lambda config: {NAT66: config[NAT66]})
+    assert lb_maps.dp_flags() == 0
+
+
+def test_with_the_flag_off_a_packet_to_a_claimed_port_is_not_looked_up(
+        run: Run, lb_maps: LbMaps) -> None:
+    snat = open_flow(lb_maps, run, WEB, WEB_BACKEND)
+    kept = lb_maps.dp_flags()
+    try:
+        lb_maps.put_dp_flags(kept & ~DP_FLAGS["fullnat6"])
+        raw = reply(WEB_BACKEND, *snat)
+        action, out, outcome = counted(lb_maps, run, raw, ARM)
+        assert (action, outcome, out) == (XDP_PASS, "pass_not_vip", raw)
+    finally:
+        lb_maps.put_dp_flags(kept)
+    action, _, _ = counted(lb_maps, run, reply(WEB_BACKEND, *snat), ARM)
+    assert action == XDP_TX

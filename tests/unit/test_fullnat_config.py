@@ -25,7 +25,7 @@ from lbctl.model import (
     parse_snat_addrs,
 )
 from xdp.codec import Endpoint
-from xdp.limits import DEFAULT_LIMITS, Limits
+from xdp.limits import DEFAULT_LIMITS, DP_FLAGS, Limits
 
 VIP = Endpoint("10.0.0.10", 80, "tcp")
 
@@ -276,6 +276,19 @@ class Maps:
     def backends(self):
         return []
 
+    dp = 0
+    reverse_entries: frozenset[str] = frozenset()    # reverse tables that hold entries
+
+    def dp_flags(self) -> int:
+        return self.dp
+
+    def put_dp_flags(self, flags: int) -> None:
+        self.log.append(("put_dp_flags", flags))
+        self.dp = flags
+
+    def holds_entries(self, name: str) -> bool:
+        return name in self.reverse_entries
+
     def __getattr__(self, name: str) -> Any:
         return lambda *a, **k: self.log.append((name,))
 
@@ -319,3 +332,21 @@ def test_a_nat_vip_writes_no_snat_settings() -> None:
     assert ("put_snat_cfg", 0) not in maps.log
     backend = parse_endpoint("10.0.1.11:80")
     assert str(backend) == "10.0.1.11:80"
+
+
+def test_dp_config_flags_follow_the_full_nat_vips_of_each_family() -> None:
+    maps = Maps()
+    nat6 = Endpoint("2001:db8::11", 80, "tcp")
+    change(maps, {VIP: VipSpec(VIP, forwarding="fullnat")})
+    assert maps.dp == DP_FLAGS["fullnat"]
+    # On before the VIP entry that makes the VIP full-NAT: its first reply is looked up.
+    assert maps.log.index(("put_dp_flags", DP_FLAGS["fullnat"])) < maps.log.index(("put_vip", 0))
+    change(maps, {VIP: VipSpec(VIP, forwarding="fullnat"), VIP6: VipSpec(VIP6, forwarding="fullnat")})
+    assert maps.dp == DP_FLAGS["fullnat"] | DP_FLAGS["fullnat6"]
+    # Switched to NAT while its flows still hold ports: the flag stays until they are gone.
+    maps.reverse_entries = frozenset({"snat_rnat"})
+    change(maps, {VIP: VipSpec(VIP), nat6: VipSpec(nat6)})
+    assert maps.dp == DP_FLAGS["fullnat"]
+    maps.reverse_entries = frozenset()
+    change(maps, {VIP: VipSpec(VIP)})
+    assert maps.dp == 0
