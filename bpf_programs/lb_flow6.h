@@ -14,6 +14,9 @@
 struct lb_scratch6 {
     struct nat_entry6 entry;
     struct flow_key6 key;
+    /* lb_frag6.h's: apart from the fields above, which a new flow may still be using. */
+    struct frag_key6 frag_key;
+    struct frag_entry6 frag_entry;
 };
 BPF_PERCPU_ARRAY(scratch6, struct lb_scratch6, 1);
 

@@ -9,6 +9,7 @@
 #include "lb_consts.h"
 #include "lb_fib6.h"
 #include "lb_flow.h"
+#include "lb_flow6.h"
 #include "lb_frag.h"
 #include "lb_maps6.h"
 #include "lb_parse6.h"
@@ -32,17 +33,23 @@ static __always_inline void lb_record_fragment6(const struct lb_packet6 *pkt, en
                                                 const __be32 *addr, __u32 vip_id,
                                                 __u32 backend_id, __u64 now, int l2_only)
 {
-    struct frag_key6 fk;
-    lb_frag6_key(pkt, &fk);
-    struct frag_entry6 fe = {};
-    __builtin_memcpy(fe.addr, addr, 16);
-    fe.e.rewrite_dst = dir == LB_DIR_ORIGINAL;
+    /* Key and entry in the per-CPU scratch: on the stack they pushed the program's one frame
+     * (both families and full-NAT inlined into xdp_lb) past 512 bytes. */
+    struct lb_scratch6 *s = lb_scratch6();
+    if (!s)
+        return;
+    struct frag_key6 *fk = &s->frag_key;
+    struct frag_entry6 *fe = &s->frag_entry;
+    lb_frag6_key(pkt, fk);
+    __builtin_memset(fe, 0, sizeof(*fe));
+    __builtin_memcpy(fe->addr, addr, 16);
+    fe->e.rewrite_dst = dir == LB_DIR_ORIGINAL;
     if (l2_only)
-        fe.e.rewrite_dst = LB_FRAG_L2_ONLY;
-    fe.e.vip_id = vip_id;
-    fe.e.backend_id = backend_id;
-    fe.e.seen_ns = now;
-    frags6.update(&fk, &fe);
+        fe->e.rewrite_dst = LB_FRAG_L2_ONLY;
+    fe->e.vip_id = vip_id;
+    fe->e.backend_id = backend_id;
+    fe->e.seen_ns = now;
+    frags6.update(fk, fe);
 }
 
 /* A later fragment (LB_PARSED_FRAGMENT) goes where its datagram's first fragment went. The L4
@@ -50,9 +57,11 @@ static __always_inline void lb_record_fragment6(const struct lb_packet6 *pkt, en
  * header checksum: only the address changes. */
 static __always_inline int lb_fragment6(struct xdp_md *ctx, struct lb_packet6 *pkt, __u64 bytes)
 {
-    struct frag_key6 fk;
-    lb_frag6_key(pkt, &fk);
-    struct frag_entry6 *fe = frags6.lookup(&fk);
+    struct lb_scratch6 *s = lb_scratch6();
+    if (!s)
+        return lb_outcome(LB_PASS_FRAGMENT, bytes, XDP_PASS);
+    lb_frag6_key(pkt, &s->frag_key);
+    struct frag_entry6 *fe = frags6.lookup(&s->frag_key);
     /* Before its first fragment (reordered), long after it, or of a datagram the program did
      * not forward: the kernel gets it untouched (docs/modes.md: the fragment policy). */
     if (!fe || lb_age_ns(lb_now_ns(), fe->e.seen_ns) > LB_FRAG_TIMEOUT_NS)

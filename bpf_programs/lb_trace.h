@@ -99,6 +99,12 @@ struct lb_trace_scratch {
     /* IPv6 lookup keys, here rather than on the stack the balancer's own path fills. */
     struct vip_key6 vip_key6;
     struct flow_key6 flow_key6;
+    /* The IPv4 keys too: with both families and full-NAT inlined into xdp_lb, 24 bytes more
+     * on its stack passed the 512-byte frame. */
+    struct vip_key vip_key4;
+    struct flow_key flow_key4;
+    __u32 outcome_key;      /* the outcome counters' key, per lookup */
+    __u32 pad2;
 };
 
 BPF_TABLE_PINNED("array", u32, struct lb_trace_ctl, trace_ctl, 1, LB_PIN_DIR "trace_ctl");
@@ -210,10 +216,12 @@ static __always_inline struct lb_trace_scratch *lb_trace_begin(struct xdp_md *ct
     s->ev.after_len = 0;
     if (tc->flags & LB_TRACE_F_FRAMES)
         s->ev.before_len = lb_trace_copy(ctx, s->ev.before);
+    /* One key slot for every unrolled lookup (a key per iteration cost a stack slot each). */
+    __u32 *okey = &s->outcome_key;
 #pragma unroll
     for (__u32 i = 0; i < LB_OUTCOME_MAX; i++) {
-        __u32 key = i;
-        struct lb_counters *c = stats_global.lookup(&key);
+        *okey = i;
+        struct lb_counters *c = stats_global.lookup(okey);
         s->outcome_packets[i] = c ? c->packets : 0;
     }
     s->vip_id = LB_NO_BACKEND;
@@ -226,11 +234,12 @@ static __always_inline struct lb_trace_scratch *lb_trace_begin(struct xdp_md *ct
         s->vip_key6.pad = 0;
         vip = vips6.lookup(&s->vip_key6);
     } else {
-        struct vip_key vk = {};
-        vk.addr = s->ev.in.dst[0];
-        vk.port = s->ev.in.dport;
-        vk.proto = s->ev.in.proto;
-        vip = vips.lookup(&vk);
+        struct vip_key *vk = &s->vip_key4;
+        __builtin_memset(vk, 0, sizeof(*vk));
+        vk->addr = s->ev.in.dst[0];
+        vk->port = s->ev.in.dport;
+        vk->proto = s->ev.in.proto;
+        vip = vips.lookup(vk);
     }
     if (vip) {
         __u32 vip_id = vip->vip_id;
@@ -300,10 +309,11 @@ static __always_inline void lb_trace_end(struct xdp_md *ctx, struct lb_trace_ctl
     struct lb_trace_event *ev = &s->ev;
     ev->action = action;
     ev->outcome = LB_TRACE_NO_OUTCOME;
+    __u32 *okey = &s->outcome_key;
 #pragma unroll
     for (__u32 i = 0; i < LB_OUTCOME_MAX; i++) {
-        __u32 key = i;
-        struct lb_counters *c = stats_global.lookup(&key);
+        *okey = i;
+        struct lb_counters *c = stats_global.lookup(okey);
         if (c && c->packets != s->outcome_packets[i])
             ev->outcome = i;
     }
@@ -321,31 +331,32 @@ static __always_inline void lb_trace_end(struct xdp_md *ctx, struct lb_trace_ctl
     } else if (ev->in.family == 6) {
         ev->kind = lb_trace_kind6(s, &reply);
     } else {
-        struct flow_key key = {};
-        key.src = ev->in.src[0];
-        key.dst = ev->in.dst[0];
-        key.sport = ev->in.sport;
-        key.dport = ev->in.dport;
-        key.proto = ev->in.proto;
-        struct nat_entry *e = flows.lookup(&key);
+        struct flow_key *key = &s->flow_key4;
+        __builtin_memset(key, 0, sizeof(*key));
+        key->src = ev->in.src[0];
+        key->dst = ev->in.dst[0];
+        key->sport = ev->in.sport;
+        key->dport = ev->in.dport;
+        key->proto = ev->in.proto;
+        struct nat_entry *e = flows.lookup(key);
         if (e && ev->out.dst[0] != ev->in.dst[0]) {
             __u32 vip_id = s->vip_id;
             struct lb_counters *c = stats_vip.lookup(&vip_id);
             ev->backend_id = e->backend_id;
             ev->kind = c && c->new_flows != s->vip_new_flows ? LB_TRACE_NEW_FLOW : LB_TRACE_FLOW_HIT;
-        } else if (ev->out.src[0] != ev->in.src[0] && (e = rnat.lookup(&key))) {
+        } else if (ev->out.src[0] != ev->in.src[0] && (e = rnat.lookup(key))) {
             ev->backend_id = e->backend_id;
             ev->kind = LB_TRACE_REVERSE_NAT;
             reply = 1;
         } else {
             /* full-NAT's own tables (lb_snat.h): a client's packet, or a backend's reply. */
-            struct snat_entry *se = snat_flows.lookup(&key);
+            struct snat_entry *se = snat_flows.lookup(key);
             if (se && ev->out.dst[0] != ev->in.dst[0]) {
                 __u32 vip_id = s->vip_id;
                 struct lb_counters *c = stats_vip.lookup(&vip_id);
                 ev->backend_id = se->nat.backend_id;
                 ev->kind = c && c->new_flows != s->vip_new_flows ? LB_TRACE_NEW_FLOW : LB_TRACE_FLOW_HIT;
-            } else if ((se = snat_rnat.lookup(&key))) {
+            } else if ((se = snat_rnat.lookup(key))) {
                 ev->backend_id = se->nat.backend_id;
                 ev->kind = LB_TRACE_REVERSE_NAT;
                 reply = 1;

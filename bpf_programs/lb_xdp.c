@@ -143,13 +143,15 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     __u64 bytes = data_end - data;
-    struct lb_packet pkt = {};
 
     /* IPv6 takes its own path (lb_xdp6.h); the IPv4 one below is as it was. */
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
         return lb_handle6(ctx);
 
+    /* Declared after the IPv6 branch, so that its stack slots can be the IPv6 path's too (one
+     * 512-byte frame holds both families, full-NAT and the trace, all inlined). */
+    struct lb_packet pkt = {};
     int verdict = lb_parse(data, data_end, &pkt);
     if (verdict >= 0)
         return lb_outcome(verdict, bytes, XDP_PASS);
