@@ -68,7 +68,14 @@ def test_lab_up_prints_the_etcd_and_every_node_reports_the_pushed_revision(built
     # The operator's command, as lab up prints it.
     proc = cli("-n", lab.router.netns, "cluster", "status", "--etcd", str(lab.etcd_url_here))
     assert proc.returncode == 0, proc.stderr
-    status = lab.cluster_status()
+    # A node announces once it has applied the revision and its backends' health has settled
+    # (a node coming into service), and publishes that on its next report: wait for both.
+    def announcing() -> dict | None:
+        st = lab.cluster_status()
+        nodes = st["nodes"]
+        done = len(nodes) == 2 and all(n["bgp"]["announced"] == [lab.vip] for n in nodes)
+        return st if done else None
+    status = wait_for(announcing, "both nodes to publish their VIP as announced", timeout_s=90.0)
     latest = status["latest_revision"]
     assert latest > 0
     nodes = {n["name"]: n for n in status["nodes"]}
