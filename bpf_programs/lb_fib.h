@@ -34,6 +34,20 @@ static __always_inline int lb_send(struct xdp_md *ctx, __u32 ifindex, __u64 byte
  * action; on no route or no neighbour the rewritten packet goes to the kernel, which forwards
  * it and resolves the neighbour for the next one. `nh` (a tracked entry, or NULL) caches the
  * next hop: used while fresh, looked up again when `relookup` (the entry's refresh) is set. */
+/* After a successful FIB lookup: the flow's next-hop cache (`nh`, NULL for none) takes the
+ * answer. A fresh lookup restarts the MTU clearance at this packet's size. */
+static __always_inline void lb_nh_remember(struct nat_entry *nh, const struct bpf_fib_lookup *fib,
+                                           __u32 tot_len, int relookup)
+{
+    if (!nh)
+        return;
+    if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib->ifindex || tot_len > nh->nh_len_ok)
+        nh->nh_len_ok = tot_len;
+    nh->nh_ifindex = fib->ifindex;
+    __builtin_memcpy(nh->nh_dmac, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(nh->nh_smac, fib->smac, ETH_ALEN);
+}
+
 static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes,
                                       struct nat_entry *nh, int relookup)
 {
@@ -64,14 +78,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
             nh->nh_ifindex = 0;
         return lb_outcome(LB_PASS_NO_ROUTE, bytes, XDP_PASS);
     }
-    if (nh) {
-        /* A fresh lookup restarts the MTU clearance at this packet's size. */
-        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
-            nh->nh_len_ok = tot_len;
-        nh->nh_ifindex = fib.ifindex;
-        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
-        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
-    }
+    lb_nh_remember(nh, &fib, tot_len, relookup);
     lb_set_macs_ttl(pkt, fib.dmac, fib.smac);
     return lb_send(ctx, fib.ifindex, bytes);
 }
@@ -114,13 +121,7 @@ static __always_inline int lb_forward_l2(struct xdp_md *ctx, struct lb_packet *p
             nh->nh_ifindex = 0;
         return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, XDP_DROP);
     }
-    if (nh) {
-        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
-            nh->nh_len_ok = tot_len;
-        nh->nh_ifindex = fib.ifindex;
-        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
-        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
-    }
+    lb_nh_remember(nh, &fib, tot_len, relookup);
     __builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
     __builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
     return lb_send(ctx, fib.ifindex, bytes);

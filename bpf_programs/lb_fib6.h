@@ -58,13 +58,7 @@ static __always_inline int lb_forward6_l2(struct xdp_md *ctx, struct lb_packet6 
             nh->nh_ifindex = 0;
         return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, XDP_DROP);
     }
-    if (nh) {
-        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
-            nh->nh_len_ok = tot_len;
-        nh->nh_ifindex = fib.ifindex;
-        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
-        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
-    }
+    lb_nh_remember(nh, &fib, tot_len, relookup);
     __builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
     __builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
     return lb_send(ctx, fib.ifindex, bytes);
@@ -103,13 +97,7 @@ static __always_inline int lb_forward6(struct xdp_md *ctx, struct lb_packet6 *pk
             nh->nh_ifindex = 0;
         return lb_outcome(LB_PASS_NO_ROUTE, bytes, XDP_PASS);
     }
-    if (nh) {
-        if (relookup || !nh->nh_ifindex || nh->nh_ifindex != fib.ifindex || tot_len > nh->nh_len_ok)
-            nh->nh_len_ok = tot_len;
-        nh->nh_ifindex = fib.ifindex;
-        __builtin_memcpy(nh->nh_dmac, fib.dmac, ETH_ALEN);
-        __builtin_memcpy(nh->nh_smac, fib.smac, ETH_ALEN);
-    }
+    lb_nh_remember(nh, &fib, tot_len, relookup);
     lb_set_macs_hop(pkt, fib.dmac, fib.smac);
     return lb_send(ctx, fib.ifindex, bytes);
 }
