@@ -21,6 +21,26 @@ static __always_inline void lb_set_macs_hop(struct lb_packet6 *pkt, const __u8 *
     __builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
 }
 
+/* The FIB question for `pkt` sent on to `dst`, asked as the kernel's own route lookup would.
+ * Inlined: bcc links no BPF-to-BPF calls, and `fib` stays in the caller's frame. */
+static __always_inline void lb_fib6_request(struct bpf_fib_lookup *fib, struct xdp_md *ctx,
+                                            const struct lb_packet6 *pkt, const __be32 *dst,
+                                            __u32 tot_len)
+{
+    fib->family = AF_INET6;
+    /* Traffic class and flow label, as the kernel's own route lookup sees them. */
+    fib->flowinfo = *(__be32 *)pkt->ip6 & bpf_htonl(0x0FFFFFFF);
+    fib->l4_protocol = pkt->key.proto;
+    if (pkt->sport && pkt->dport) {   /* ICMPv6 has no ports */
+        fib->sport = *pkt->sport;
+        fib->dport = *pkt->dport;
+    }
+    fib->tot_len = tot_len;
+    __builtin_memcpy(fib->ipv6_src, &pkt->ip6->saddr, 16);
+    __builtin_memcpy(fib->ipv6_dst, dst, 16);
+    fib->ifindex = ctx->ingress_ifindex;
+}
+
 /* L2 DSR for IPv6 (lb_forward_l2's twin): only the MACs change, toward `backend`, which must
  * be on an attached link (the FIB answers it as its own next hop); anything else is dropped,
  * since handing the VIP's packet to the kernel would route it back out. The hop limit is kept:
@@ -37,18 +57,7 @@ static __always_inline int lb_forward6_l2(struct xdp_md *ctx, struct lb_packet6 
         return lb_send(ctx, nh->nh_ifindex, bytes);
     }
     struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET6;
-    fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
-    fib.l4_protocol = pkt->key.proto;
-    if (pkt->sport && pkt->dport) {
-        fib.sport = *pkt->sport;
-        fib.dport = *pkt->dport;
-    }
-    fib.tot_len = tot_len;
-    __builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
-    __builtin_memcpy(fib.ipv6_dst, backend, 16);
-    fib.ifindex = ctx->ingress_ifindex;
-
+    lb_fib6_request(&fib, ctx, pkt, backend, tot_len);
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
     /* Via a gateway the FIB writes the gateway into ipv6_dst: not on an attached link. */
     if (rc != BPF_FIB_LKUP_RET_SUCCESS ||
@@ -78,19 +87,7 @@ static __always_inline int lb_forward6(struct xdp_md *ctx, struct lb_packet6 *pk
     }
 
     struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET6;
-    /* Traffic class and flow label, as the kernel's own route lookup sees them. */
-    fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
-    fib.l4_protocol = pkt->key.proto;
-    if (pkt->sport && pkt->dport) {   /* ICMPv6 has no ports */
-        fib.sport = *pkt->sport;
-        fib.dport = *pkt->dport;
-    }
-    fib.tot_len = tot_len;
-    __builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
-    __builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
-    fib.ifindex = ctx->ingress_ifindex;
-
+    lb_fib6_request(&fib, ctx, pkt, (const __be32 *)&ip6->daddr, tot_len);
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
     if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
         if (nh)
