@@ -31,6 +31,12 @@ LOCK_DIR = "/run/lbctl"
 NETNS_DIR = "/var/run/netns"   # where `ip netns add` names namespaces
 
 
+def lock_path(instance: str) -> str:
+    """The lock file that serialises changes to one balancer instance (runlock's, so take and
+    remove it only through runlock)."""
+    return os.path.join(LOCK_DIR, f"{instance}.lock")
+
+
 @dataclass
 class Result:
     """What a change did: the plan's lines, and whether it was applied."""
@@ -100,7 +106,7 @@ class Controller:
     def _locked(self) -> Iterator[None]:
         require_root()
         # Removed again on release, so /run keeps no file per instance name ever used.
-        with runlock.held(os.path.join(LOCK_DIR, f"{self.instance}.lock")):
+        with runlock.held(lock_path(self.instance)):
             yield
 
     def change(self, edit: Callable[[Config], Config], dry_run: bool = False) -> Result:

@@ -20,7 +20,7 @@ import jinja2
 import yaml  # type: ignore[import-untyped]
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
-from lbctl import etcdlocal
+from lbctl import etcdlocal, runlock
 from lbctl.errors import LbctlError
 from lbctl.etcd import EtcdUrl
 from lbctl.etcdlocal import LocalEtcd
@@ -570,12 +570,20 @@ class ClusterLab(Lab):
     def _down_locked(self) -> None:
         super()._down_locked()
         # The base removes the first node's pins; the others' and every agent's /run state too.
-        from lbctl.control import LOCK_DIR
-
         for n in self.nodes:
-            for directory in (Path(pin_dir_for(n.netns)), Path(LOCK_DIR) / n.netns):
-                shutil.rmtree(directory, ignore_errors=True)
-            (Path(LOCK_DIR) / f"{n.netns}.lock").unlink(missing_ok=True)
+            remove_node_state(n.netns)
+
+
+def remove_node_state(netns: str) -> None:
+    """Removes a lab node's pins and its agent's /run state under the node's controller lock,
+    then the lock file by runlock.release: a lab command still changing the node finishes
+    first, and one waiting for the lock moves to a new file. Unlinked without holding it, the
+    file could vanish under its holder, and a waiter and a newcomer both hold `<netns>.lock`."""
+    from lbctl.control import LOCK_DIR, lock_path
+
+    with runlock.held(lock_path(netns)):
+        for directory in (Path(pin_dir_for(netns)), Path(LOCK_DIR) / netns):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class LongConnections:

@@ -1,11 +1,16 @@
-"""Instance lock files: exclusive across processes, and gone once their last holder lets go."""
+"""Instance lock files: exclusive across processes, and gone once their last holder lets go
+(also when lab down removes a node that a lab command is still changing)."""
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from pathlib import Path
 
-from lbctl import runlock
+import pytest
+
+from lbctl import control, lab_cluster, runlock
 
 WORKERS = 4
 ROUNDS = 300
@@ -64,3 +69,37 @@ def test_removing_on_release_never_lets_two_processes_hold_it(tmp_path: Path) ->
     assert found == []
     assert not os.path.exists(lock_path)
 
+
+
+def _flock_waiter_on(path: str) -> bool:
+    """Whether /proc/locks shows a process blocked on the flock of `path`'s inode."""
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as locks:
+        return any("-> FLOCK" in line and f":{ino} " in line for line in locks)
+
+
+def test_lab_down_removes_a_node_lock_only_once_its_holder_lets_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lab command changing a node holds its controller lock while lab down removes the node:
+    # the lock file must stay its holder's until released (then the waiter removes it).
+    monkeypatch.setattr(control, "LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(lab_cluster, "pin_dir_for", lambda netns: str(tmp_path / "pins" / netns))
+    pins = tmp_path / "pins" / "dd1"
+    pins.mkdir(parents=True)
+    path = control.lock_path("dd1")
+    fd = runlock.acquire(path)
+    down = threading.Thread(target=lab_cluster.remove_node_state, args=("dd1",))
+    down.start()
+    try:
+        deadline = time.monotonic() + 60
+        while down.is_alive() and not _flock_waiter_on(path) and time.monotonic() < deadline:
+            down.join(0.01)
+        assert os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino, (
+            "the node's lock file was removed while a command held it")
+        assert pins.exists(), "the node's pins were removed while a command held its lock"
+        assert down.is_alive(), "lab down did not wait for the node's lock"
+    finally:
+        runlock.release(path, fd)
+        down.join(60)
+    assert not down.is_alive()
+    assert not os.path.exists(path) and not pins.exists()
