@@ -13,6 +13,7 @@ import pytest
 from lbctl.bench import routed
 from lbctl.bench.routed import Port, RoutedNetns
 from lbctl.control import LOCK_DIR, Controller
+from lbctl.model import Config
 from lbctl.netns import inside
 from xdp import libbpf
 from xdp.limits import DEFAULT_LIMITS, OUTCOMES
@@ -80,13 +81,30 @@ def clean_dataplane(lb_maps: LbMaps) -> Callable[[], None]:
     return clean
 
 
+@pytest.fixture
+def fresh_dataplane(controller: Controller, baseline: Config,
+                    clean_dataplane: Callable[[], None]) -> None:
+    """Each test sees its module's `baseline` configuration, no tracked flows and zeroed
+    counters (a module asks with pytest.mark.usefixtures("fresh_dataplane"))."""
+    controller.change(lambda _config: dict(baseline))
+    clean_dataplane()
+
+
 # --- a routed network namespace ---
 
 @pytest.fixture(scope="module")
-def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
+def netns_ports(request: pytest.FixtureRequest) -> Sequence[Port]:
+    """The test module's PORTS."""
+    return request.module.PORTS
+
+
+@pytest.fixture(scope="module")
+def routed_netns(request: pytest.FixtureRequest, netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
     """The bench's routed namespace (lbctl/bench/routed.py) with the test module's ports:
-    forwarding on, fixed MACs, permanent neighbours. Deleted at teardown, veths with it."""
-    with routed.routed_netns(f"{NETNS_PREFIX}{secrets.token_hex(4)}", netns_ports) as built:
+    forwarding on, fixed MACs, permanent neighbours, named with the module's NETNS_PREFIX if
+    it has one. Deleted at teardown, veths with it."""
+    prefix = getattr(request.module, "NETNS_PREFIX", NETNS_PREFIX)
+    with routed.routed_netns(f"{prefix}{secrets.token_hex(4)}", netns_ports) as built:
         yield built
 
 

@@ -30,8 +30,10 @@ from xdp.limits import DEFAULT_LIMITS, OUTCOMES
 from xdp.maps import LbMaps
 from xdp.program import LoadedProgram
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps"),
+    pytest.mark.usefixtures("fresh_dataplane"),
+]
 
 # --- the routed namespace: a client arm and a backend arm ---
 
@@ -101,11 +103,6 @@ PORTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
-
-
 # --- the configuration every case starts from ---
 
 def _backend_name(backend: Endpoint) -> str:
@@ -131,14 +128,6 @@ def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
         controller.backend_add(vip, backends)
     controller.backend_set(DSR, DSR_B, weight=None, state="drain")
     return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dataplane(controller: Controller, baseline: Config,
-                    clean_dataplane: Callable[[], None]) -> None:
-    """Each test sees the baseline configuration, no tracked flows and zeroed counters."""
-    controller.change(lambda _config: dict(baseline))
-    clean_dataplane()
 
 
 # --- frames ---

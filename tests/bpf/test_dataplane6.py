@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -31,8 +30,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lbctl import planner
-from lbctl.bench import routed
-from lbctl.bench.routed import Port, RoutedNetns
+from lbctl.bench.routed import Port
 from lbctl.control import Controller
 from lbctl.model import Config, parse_endpoint
 from xdp import codec, libbpf
@@ -42,8 +40,11 @@ from xdp.limits import OUTCOMES
 from xdp.maps import LbMaps
 from xdp.program import LoadedProgram
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps"),
+    pytest.mark.usefixtures("fresh_dataplane"),
+]
+NETNS_PREFIX = "v6"      # this stream's namespaces
 
 CLIENT_ARM, BACKEND_ARM = "v6c", "v6b"
 CLIENT_ARM_MAC, BACKEND_ARM_MAC = "02:00:06:01:00:01", "02:00:06:02:00:01"
@@ -73,18 +74,6 @@ PORTS = (
 
 
 @pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
-
-
-@pytest.fixture(scope="module")
-def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
-    """conftest's routed namespace, named with this stream's prefix."""
-    with routed.routed_netns(f"v6{secrets.token_hex(4)}", netns_ports) as built:
-        yield built
-
-
-@pytest.fixture(scope="module")
 def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
     for vip, backends in ((WEB, [WEB_BACKEND]), (DNS, [DNS_BACKEND]), (PAIR, list(PAIR_BACKENDS)),
                           (EMPTY, []), (DSR, [PAIR_BACKENDS[0]]), (DSR_DNS, [DSR_DNS_BACKEND])):
@@ -92,13 +81,6 @@ def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
         for backend in backends:
             controller.backend_add(vip, parse_endpoint(str(backend), vip.proto))
     return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dataplane(controller: Controller, baseline: Config,
-                    clean_dataplane: Callable[[], None]) -> None:
-    controller.change(lambda _config: dict(baseline))
-    clean_dataplane()
 
 
 # --- frames ---

@@ -6,24 +6,36 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from fullnat_cases import (
+    NARROW_PORTS,
+    SINGLE_PORT,
+    FullNatVips,
+    OneArm,
+    Run,
+    assert_frame,
+    live_config,
+    rewritten,
+    source_of,
+)
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 
 from lbctl.bench.routed import Port, mac_of
 from lbctl.control import Controller
-from lbctl.model import Config, parse_endpoint
+from lbctl.model import Config
 from xdp import codec
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from xdp.limits import DEFAULT_LIMITS, OUTCOMES
-from xdp.maps import LbMaps, monotonic_ns
+from xdp.limits import DEFAULT_LIMITS
+from xdp.maps import LbMaps
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps"),
+    pytest.mark.usefixtures("fresh_dataplane"),
+]
 
 # One arm carries clients and backends alike (one-arm); a second arm has a backend subnet of
 # its own, to show the default SNAT address is the one toward the backend.
@@ -45,13 +57,13 @@ FAR_BACKEND = Endpoint("10.20.2.11", 80, "tcp")
 PINNED = Endpoint("10.20.9.3", 80, "tcp")              # --snat 10.20.1.201,10.20.1.202
 PINNED_SNAT = ("10.20.1.201", "10.20.1.202")
 NARROW = Endpoint("10.20.9.4", 80, "tcp")              # two source ports: 5000-5001
-NARROW_PORTS = (5000, 5001)
 SINGLE = Endpoint("10.20.9.5", 80, "tcp")              # one source port: 6000
-SINGLE_PORT = 6000
 UNROUTED = Endpoint("10.20.9.6", 80, "tcp")
 UNROUTED_BACKEND = Endpoint("192.0.2.77", 80, "tcp")    # no route: no source address to pick
 SWITCH = Endpoint("10.20.9.7", 80, "tcp")              # full-NAT, switched to NAT by a case
 SWITCH_BACKEND = Endpoint("10.20.1.13", 80, "tcp")
+VIPS = FullNatVips(WEB, WEB_BACKEND, DNS, DNS_BACKEND, FAR, FAR_BACKEND, PINNED, PINNED_SNAT, NARROW,
+                   SINGLE, UNROUTED, UNROUTED_BACKEND, SWITCH, SWITCH_BACKEND)
 
 NEIGHBOURS = {a: mac_of(a) for a in (CLIENT, CLIENT2, CLIENT3, ROUTER, WEB_BACKEND.addr,
                                      DNS_BACKEND.addr, SWITCH_BACKEND.addr)}
@@ -59,38 +71,12 @@ PORTS = (
     Port(ARM, ARM_MAC, f"{ARM_ADDR}/24", NEIGHBOURS),
     Port(FAR_ARM, FAR_ARM_MAC, f"{FAR_ARM_ADDR}/24", {FAR_BACKEND.addr: mac_of(FAR_BACKEND.addr)}),
 )
-DEFAULT_RANGE = range(1024, 32768)
-
-
-@pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
 
 
 @pytest.fixture(scope="module")
 def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
-    from lbctl import planner
-
-    setups = [
-        (WEB, [WEB_BACKEND], {}), (DNS, [DNS_BACKEND], {}), (FAR, [FAR_BACKEND], {}),
-        (PINNED, [WEB_BACKEND], {"snat": PINNED_SNAT}),
-        (NARROW, [WEB_BACKEND], {"snat_ports": NARROW_PORTS}),
-        (SINGLE, [WEB_BACKEND], {"snat_ports": (SINGLE_PORT, SINGLE_PORT)}),
-        (UNROUTED, [UNROUTED_BACKEND], {}), (SWITCH, [SWITCH_BACKEND], {}),
-    ]
-    controller.change(lambda _config: {})
-    for vip, backends, options in setups:
-        controller.vip_add(vip, forwarding="fullnat", **options)  # type: ignore[arg-type]
-        for backend in backends:
-            controller.backend_add(vip, parse_endpoint(f"{backend.addr}:{backend.port}", vip.proto))
-    return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dataplane(controller: Controller, baseline: Config,
-                    clean_dataplane: Callable[[], None]) -> None:
-    controller.change(lambda _config: dict(baseline))
-    clean_dataplane()
+    VIPS.add(controller)
+    return live_config(lb_maps)
 
 
 # --- frames ---
@@ -120,74 +106,8 @@ def reply(backend: Endpoint, snat_addr: str, snat_port: int, flags: str = "SA") 
     return tcp(backend.addr, snat_addr, backend.port, snat_port, flags)
 
 
-def rewritten(frame: bytes, src: tuple[str, int], dst: tuple[str, int],
-              macs: tuple[str, str]) -> bytes:
-    """The frame as it must leave: both ends rewritten, MACs from the FIB, TTL down by one,
-    every checksum computed afresh by scapy."""
-    pkt = Ether(frame)
-    pkt.src, pkt.dst = macs
-    ip = pkt[IP]
-    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
-    ip.src, l4.sport = src
-    ip.dst, l4.dport = dst
-    ip.ttl -= 1
-    del ip.chksum
-    del l4.chksum
-    return bytes(pkt)
-
-
-def source_of(out: bytes) -> tuple[str, int]:
-    pkt = Ether(out)
-    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
-    return pkt[IP].src, l4.sport
-
-
-# --- running frames ---
-
-Run = Callable[..., tuple[int, bytes]]
-
-
-def counted(lb_maps: LbMaps, run: Run, frame: bytes, ingress: str = ARM) -> tuple[int, bytes, str]:
-    """Runs one frame; returns action, output and the one outcome that counted it."""
-    before = lb_maps.global_counters()
-    action, out = run(frame, ingress)
-    after = lb_maps.global_counters()
-    moved = [n for n in OUTCOMES if after[n]["packets"] != before[n]["packets"]]
-    assert len(moved) == 1, f"outcomes moved: {moved}"
-    return action, out, moved[0]
-
-
-def assert_frame(out: bytes, expected: bytes) -> None:
-    assert out == expected, (f"output differs\n--- got\n{Ether(out).show(dump=True)}"
-                             f"\n--- expected\n{Ether(expected).show(dump=True)}")
-
-
-def open_flow(lb_maps: LbMaps, run: Run, vip: Endpoint, backend: Endpoint, sport: int = 40000,
-              client: str = CLIENT, snat_addrs: tuple[str, ...] = (ARM_ADDR,),
-              ports: range = DEFAULT_RANGE, macs: tuple[str, str] | None = None,
-              action: int = XDP_TX) -> tuple[str, int]:
-    """A client's first packet to a full-NAT VIP: checks it leaves rewritten byte for byte
-    from a SNAT address and a port of the range; returns that source."""
-    frame = to_vip(vip, sport, client=client)
-    got, out, outcome = counted(lb_maps, run, frame)
-    assert got == action and outcome == ("tx" if action == XDP_TX else "redirect")
-    snat = source_of(out)
-    assert snat[0] in snat_addrs and snat[1] in ports, f"source {snat}"
-    assert_frame(out, rewritten(frame, snat, (backend.addr, backend.port),
-                                macs or (ARM_MAC, mac_of(backend.addr))))
-    return snat
-
-
-def age_entries(lb_maps: LbMaps, seconds: float) -> None:
-    """Makes every full-NAT entry look last seen `seconds` ago (as if no packet came since)."""
-    stamp = monotonic_ns() - int(seconds * 1e9)
-    for name in ("snat_flows", "snat_rnat"):
-        table = lb_maps[name]
-        for key, raw in list(table.items()):
-            entry = codec.SnatEntry.from_buffer_copy(raw)
-            entry.nat.last_seen_ns = stamp
-            entry.nat.created_ns = min(entry.nat.created_ns, stamp)
-            table.update(key, bytes(entry))
+ONE_ARM = OneArm(ARM, ARM_MAC, ARM_ADDR, CLIENT, to_vip, mac_of)
+counted, open_flow, age_entries = ONE_ARM.counted, ONE_ARM.open_flow, ONE_ARM.age_entries
 
 
 def vip_drops(controller: Controller, vip: Endpoint) -> int:

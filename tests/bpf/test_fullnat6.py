@@ -6,30 +6,39 @@ that is no full-NAT traffic left untouched, a mode switch."""
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import pytest
+from fullnat_cases import (
+    NARROW_PORTS,
+    SINGLE_PORT,
+    FullNatVips,
+    OneArm,
+    Run,
+    assert_frame,
+    live_config,
+    rewritten,
+    source_of,
+)
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
-from test_fullnat import assert_frame, counted  # the IPv4 cases' runner and byte comparison
 
-from lbctl import planner
-from lbctl.bench import routed
-from lbctl.bench.routed import Port, RoutedNetns
+from lbctl.bench.routed import Port
 from lbctl.control import Controller
 from lbctl.model import Config, parse_endpoint
 from xdp import codec
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 from xdp.limits import DEFAULT_LIMITS, DP_FLAGS
-from xdp.maps import LbMaps, monotonic_ns
+from xdp.maps import LbMaps
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps"),
+    pytest.mark.usefixtures("fresh_dataplane"),
+]
+NETNS_PREFIX = "fs"      # this stream's namespaces
 
 # One arm carries clients and backends alike (one-arm); a second arm has a backend subnet of
 # its own, to show the default SNAT address is the balancer's address toward the backend.
@@ -48,11 +57,12 @@ PINNED = Endpoint("fd00:76:9::3", 80, "tcp")                   # --snat with two
 PINNED_SNAT = ("fd00:76:1::201", "fd00:76:1::202")
 NARROW = Endpoint("fd00:76:9::4", 80, "tcp")                   # two source ports: 5000-5001
 SINGLE = Endpoint("fd00:76:9::5", 80, "tcp")                   # one source port: 6000
-SINGLE_PORT = 6000
 UNROUTED = Endpoint("fd00:76:9::6", 80, "tcp")
 UNROUTED_BACKEND = Endpoint("2001:db8:ffff::77", 80, "tcp")    # no route: no source to pick
 SWITCH = Endpoint("fd00:76:9::7", 80, "tcp")                   # full-NAT, switched to NAT by a case
 SWITCH_BACKEND = Endpoint("fd00:76:1::13", 80, "tcp")
+VIPS = FullNatVips(WEB, WEB_BACKEND, DNS, DNS_BACKEND, FAR, FAR_BACKEND, PINNED, PINNED_SNAT, NARROW,
+                   SINGLE, UNROUTED, UNROUTED_BACKEND, SWITCH, SWITCH_BACKEND)
 NAT66 = Endpoint("fd00:76:9::8", 80, "tcp")                    # a plain NAT66 VIP beside them
 
 MACS = {CLIENT: "02:00:76:01:01:00", CLIENT2: "02:00:76:01:01:01", ROUTER: "02:00:76:01:00:fe",
@@ -64,45 +74,14 @@ PORTS = (
     Port(FAR_ARM, FAR_ARM_MAC, "10.76.2.1/24", {FAR_BACKEND.addr: MACS[FAR_BACKEND.addr]},
          cidr6=f"{FAR_ARM_ADDR}/64"),
 )
-DEFAULT_RANGE = range(1024, 32768)
-
-
-@pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
-
-
-@pytest.fixture(scope="module")
-def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
-    """conftest's routed namespace, named with this stream's prefix."""
-    with routed.routed_netns(f"fs{secrets.token_hex(4)}", netns_ports) as built:
-        yield built
 
 
 @pytest.fixture(scope="module")
 def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
-    setups = [
-        (WEB, [WEB_BACKEND], {}), (DNS, [DNS_BACKEND], {}), (FAR, [FAR_BACKEND], {}),
-        (PINNED, [WEB_BACKEND], {"snat": PINNED_SNAT}),
-        (NARROW, [WEB_BACKEND], {"snat_ports": (5000, 5001)}),
-        (SINGLE, [WEB_BACKEND], {"snat_ports": (SINGLE_PORT, SINGLE_PORT)}),
-        (UNROUTED, [UNROUTED_BACKEND], {}), (SWITCH, [SWITCH_BACKEND], {}),
-    ]
-    controller.change(lambda _config: {})
-    for vip, backends, options in setups:
-        controller.vip_add(vip, forwarding="fullnat", **options)  # type: ignore[arg-type]
-        for backend in backends:
-            controller.backend_add(vip, parse_endpoint(str(backend), vip.proto))
+    VIPS.add(controller)
     controller.vip_add(NAT66)
     controller.backend_add(NAT66, parse_endpoint(str(SWITCH_BACKEND), "tcp"))
-    return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dataplane(controller: Controller, baseline: Config,
-                    clean_dataplane: Callable[[], None]) -> None:
-    controller.change(lambda _config: dict(baseline))
-    clean_dataplane()
+    return live_config(lb_maps)
 
 
 # --- frames ---
@@ -133,55 +112,8 @@ def reply(backend: Endpoint, snat_addr: str, snat_port: int, flags: str = "SA",
     return frame(backend.addr, snat_addr, l4, ingress_mac=ingress_mac)
 
 
-def rewritten(raw: bytes, src: tuple[str, int], dst: tuple[str, int], macs: tuple[str, str]) -> bytes:
-    """The frame as it must leave: both ends rewritten, MACs from the FIB, hop limit down by
-    one, the L4 checksum computed afresh by scapy over the IPv6 pseudo-header."""
-    pkt = Ether(raw)
-    pkt.src, pkt.dst = macs
-    ip = pkt[IPv6]
-    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
-    ip.src, l4.sport = src
-    ip.dst, l4.dport = dst
-    ip.hlim -= 1
-    del l4.chksum
-    return bytes(pkt)
-
-
-def source_of(out: bytes) -> tuple[str, int]:
-    pkt = Ether(out)
-    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
-    return pkt[IPv6].src, l4.sport
-
-
-Run = Callable[..., tuple[int, bytes]]
-
-
-def open_flow(lb_maps: LbMaps, run: Run, vip: Endpoint, backend: Endpoint, sport: int = 40000,
-              client: str = CLIENT, snat_addrs: tuple[str, ...] = (ARM_ADDR,),
-              ports: range = DEFAULT_RANGE, macs: tuple[str, str] | None = None,
-              action: int = XDP_TX) -> tuple[str, int]:
-    """A client's first packet to a full-NAT VIP: checks it leaves rewritten byte for byte
-    from a SNAT address and a port of the range; returns that source."""
-    raw = to_vip(vip, sport, client=client)
-    got, out, outcome = counted(lb_maps, run, raw, ARM)
-    assert (got, outcome) == (action, "tx" if action == XDP_TX else "redirect")
-    snat = source_of(out)
-    assert snat[0] in snat_addrs and snat[1] in ports, f"source {snat}"
-    assert_frame(out, rewritten(raw, snat, (backend.addr, backend.port),
-                                macs or (ARM_MAC, MACS[backend.addr])))
-    return snat
-
-
-def age_entries(lb_maps: LbMaps, seconds: float) -> None:
-    """Makes every IPv6 full-NAT entry look last seen `seconds` ago."""
-    stamp = monotonic_ns() - int(seconds * 1e9)
-    for name in ("snat_flows6", "snat_rnat6"):
-        table = lb_maps[name]
-        for key, raw in list(table.items()):
-            entry = codec.SnatEntry6.from_buffer_copy(raw)
-            entry.nat.e.last_seen_ns = stamp
-            entry.nat.e.created_ns = min(entry.nat.e.created_ns, stamp)
-            table.update(key, bytes(entry))
+ONE_ARM = OneArm(ARM, ARM_MAC, ARM_ADDR, CLIENT, to_vip, MACS.__getitem__)
+counted, open_flow, age_entries = ONE_ARM.counted, ONE_ARM.open_flow, ONE_ARM.age_entries
 
 
 # --- new flows, hits, replies ---
@@ -437,7 +369,7 @@ def test_an_icmpv6_error_with_hop_limit_1_goes_to_the_kernel(run: Run, lb_maps: 
 
 def test_ipv6_snat_settings_read_back_from_the_maps(baseline: Config) -> None:
     assert baseline[PINNED].snat == PINNED_SNAT
-    assert baseline[NARROW].snat_ports == (5000, 5001)
+    assert baseline[NARROW].snat_ports == NARROW_PORTS
     assert baseline[WEB].snat == ()
 
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fullnat_fuzzing import Flow, FuzzNet, Judge, Source, run_fuzz
 from test_fuzz6 import (
     AH,
     DSTOPTS,
@@ -40,15 +38,10 @@ from test_fuzz6 import (
     udp6,
 )
 
-from lbctl.bench import routed
-from lbctl.bench.routed import Port, RoutedNetns
+from lbctl.bench.routed import Port
 from lbctl.control import Controller
-from lbctl.model import BackendSpec, VipSpec
-from lbctl.netns import inside
-from xdp import libbpf
 from xdp.codec import Endpoint
-from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from xdp.limits import DEFAULT_LIMITS, OUTCOMES
+from xdp.libbpf import XDP_PASS, XDP_TX
 from xdp.maps import LbMaps
 from xdp.program import LoadedProgram
 
@@ -59,6 +52,7 @@ SEED = int(os.environ.get("LBCTL_FUZZ_SEED", "20261202"))
 FRAMES = int(os.environ.get("LBCTL_FULLNAT_FUZZ6_FRAMES", "30000"))
 
 ARM, ARM_MAC, ARM_ADDR = "fz6", "02:00:06:1f:01:01", "fd00:62:1::1"
+NETNS_PREFIX = "fs"
 CLIENTS = ("fd00:62:1::100", "fd00:62:1::101", "fd00:62:1::102")
 UNRESOLVED_CLIENT = "fd00:62:1::199"        # no neighbour entry: a reply to it passes (no route)
 ROUTER = "fd00:62:1::fe"
@@ -66,58 +60,35 @@ TCP_VIP = Endpoint("fd00:62:9::1", 80, "tcp")
 UDP_VIP = Endpoint("fd00:62:9::1", 53, "udp")
 NARROW_VIP = Endpoint("fd00:62:9::2", 80, "tcp")     # four ports: exhaustion comes quickly
 UNROUTED_VIP = Endpoint("fd00:62:9::3", 80, "tcp")   # no route to its backend: no source address
-TCP_BACKENDS = (Endpoint("fd00:62:1::11", 8080, "tcp"), Endpoint("fd00:62:1::12", 8080, "tcp"))
-UDP_BACKENDS = (Endpoint("fd00:62:1::13", 5353, "udp"),)
-NARROW_BACKEND = Endpoint("fd00:62:1::14", 80, "tcp")
-UNROUTED_BACKEND = Endpoint("2001:db8:ffff::1", 80, "tcp")
-NARROW_PORTS = (7000, 7003)
-DEFAULT_PORTS = (1024, 32767)
-VIPS = {TCP_VIP: TCP_BACKENDS, UDP_VIP: UDP_BACKENDS, NARROW_VIP: (NARROW_BACKEND,),
-        UNROUTED_VIP: (UNROUTED_BACKEND,)}
-PORT_RANGE = {NARROW_VIP: NARROW_PORTS}
-VIP_BY_KEY = {(v.addr, v.port, v.proto): v for v in VIPS}
-ALL_BACKENDS = (*TCP_BACKENDS, *UDP_BACKENDS, NARROW_BACKEND)
+NET = FuzzNet(ARM_ADDR, TCP_VIP, UDP_VIP, NARROW_VIP, UNROUTED_VIP,
+              (Endpoint("fd00:62:1::11", 8080, "tcp"), Endpoint("fd00:62:1::12", 8080, "tcp")),
+              (Endpoint("fd00:62:1::13", 5353, "udp"),), Endpoint("fd00:62:1::14", 80, "tcp"),
+              Endpoint("2001:db8:ffff::1", 80, "tcp"))
+ALL_BACKENDS = NET.all_backends
 PORTS = (Port(ARM, ARM_MAC, "10.62.1.1/24",
               {a: mac_of6(a) for a in (*CLIENTS, ROUTER, *(b.addr for b in ALL_BACKENDS))},
               cidr6=f"{ARM_ADDR}/64"),)
-ACTIONS = {XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT}
-NAMES = {TCP: "tcp", UDP: "udp"}
 
 
-@pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
-
-
-@pytest.fixture(scope="module")
-def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
-    with routed.routed_netns(f"fs{os.urandom(4).hex()}", netns_ports) as built:
-        yield built
-
-
-@pytest.fixture
-def fresh(controller: Controller, clean_dataplane: Callable[[], None]) -> None:
-    config = {vip: VipSpec(vip, tuple(BackendSpec(b.addr, b.port) for b in backends),
-                           forwarding="fullnat", snat_ports=PORT_RANGE.get(vip, DEFAULT_PORTS))
-              for vip, backends in VIPS.items()}
-    controller.change(lambda _config: config)
-    clean_dataplane()
-
-
-@dataclass(frozen=True)
-class Flow:
-    vip: Endpoint
-    client: str
-    client_port: int
-
-
-class Source:
+class Source6(Source):
     """Frames to the VIPs, replies to the claims seen so far (and to unclaimed ports), ICMPv6
     errors quoting either direction of a flow, other traffic; each maybe mutated; and noise."""
 
     def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
+        super().__init__(rng)
         self.claims: list[tuple[Endpoint, int, Flow]] = []     # backend, snat port, its flow
+
+    def claimed(self, backend: Endpoint, port: int, flow: Flow) -> None:
+        if len(self.claims) < 4096:
+            self.claims.append((backend, port, flow))
+
+    def makers(self) -> tuple[Callable[[], bytes], ...]:
+        return (self.to_vip, self.to_vip, self.reply, self.reply, self.icmp_error, self.other)
+
+    def noise(self) -> bytes:
+        f = bytearray(self.rng.randbytes(self.rng.randint(14, 120)))
+        f[12:14] = b"\x86\xdd"
+        return bytes(f)
 
     def _l4(self, src: str, dst: str, proto: int, sport: int, dport: int) -> bytes:
         r = self.rng
@@ -200,40 +171,22 @@ class Source:
                 f[i] ^= 1 << r.randrange(8)
         return bytes(f)
 
-    def __iter__(self) -> Iterator[bytes]:
-        makers = (self.to_vip, self.to_vip, self.reply, self.reply, self.icmp_error, self.other)
-        while True:
-            roll = self.rng.random()
-            if roll < 0.7:
-                yield self.rng.choice(makers)()
-            elif roll < 0.95:
-                yield self.mutate(self.rng.choice(makers)())
-            else:
-                f = bytearray(self.rng.randbytes(self.rng.randint(14, 120)))
-                f[12:14] = b"\x86\xdd"
-                yield bytes(f)
 
+class Judge6(Judge):
+    HOP_AT = 21      # the IPv6 hop limit
 
-class Judge:
-    def __init__(self, source: Source) -> None:
-        self.source = source
-        # (backend addr, backend port, snat port, proto) -> the client flow that holds it
-        self.owner: dict[tuple[str, int, int, int], Flow] = {}
-        self.started = time.monotonic()
-        self.must: Counter[str] = Counter()
-        self.forwarded = self.replied = self.icmp_translated = 0
+    def __init__(self, net: FuzzNet, source: Source) -> None:
+        super().__init__(net, source, Parsed6)
+        self.icmp_translated = 0
 
-    def _rewrite(self, frame: bytes, out: bytes, p: Parsed6, retval: int) -> Parsed6:
+    def read(self, frame: bytes) -> Parsed6 | Icmp6 | Later6 | str:
+        return read6(frame)
+
+    def rewrite(self, frame: bytes, out: bytes, p: Parsed6, retval: int, toward_backend: bool) -> Parsed6:
         """Both ends rewritten and nothing else: addresses, ports, the L4 checksum (its sum with
         the new pseudo-header unchanged), hop limit down by one when forwarded, MACs."""
-        assert len(out) == len(frame), "a rewrite changed the frame's length"
-        allowed = {*range(12), 21, *range(22, 54), *range(p.l4, p.l4 + 4), p.check_at, p.check_at + 1}
-        changed = {i for i in range(len(frame)) if frame[i] != out[i]}
-        assert changed <= allowed, f"bytes {sorted(changed - allowed)} changed outside the rewrite"
-        forwarded = retval in (XDP_TX, XDP_REDIRECT)
-        assert out[21] == frame[21] - forwarded, "hop limit not lowered by exactly 1 when forwarded"
-        if not forwarded:
-            assert out[:12] == frame[:12], "passed to the kernel with MACs rewritten"
+        self.changed_only(frame, out, {*range(12), 21, *range(22, 54), *range(p.l4, p.l4 + 4),
+                                       p.check_at, p.check_at + 1}, retval)
         check_in = int.from_bytes(frame[p.check_at:p.check_at + 2], "big")
         if not (p.proto == UDP and check_in == 0):
             assert residual(out, p.proto, p.l4, p.l4_len) == residual(frame, p.proto, p.l4, p.l4_len), \
@@ -242,9 +195,7 @@ class Judge:
         assert isinstance(new, Parsed6)
         return new
 
-    def judge(self, frame: bytes, retval: int, out: bytes) -> None:
-        assert retval in ACTIONS, f"XDP action {retval} (XDP_ABORTED is 0)"
-        reading = read6(frame)
+    def unparsed(self, frame: bytes, retval: int, out: bytes, reading: Icmp6 | Later6 | str) -> None:
         if isinstance(reading, str):
             assert retval == XDP_PASS and out == frame, f"{reading} frame not passed untouched"
             return
@@ -257,96 +208,18 @@ class Judge:
                     residual(frame, ICMPV6, reading.l4, reading.l4_len), "ICMPv6 checksum went wrong"
                 self.icmp_translated += 1
             return
-        if isinstance(reading, Later6):
-            # Full-NAT over IPv6 records no fragments (docs/modes.md): a later fragment has no
-            # first fragment's entry to follow and goes to the kernel untouched.
-            assert retval == XDP_PASS and out == frame, "a later IPv6 fragment was rewritten"
-            self.must["pass_fragment"] += 1
-            return
-        p = reading
-        vip = VIP_BY_KEY.get((p.dst, p.dport, NAMES[p.proto]))
-        owner = self.owner.get((p.src, p.sport, p.dport, p.proto)) if p.dst == ARM_ADDR else None
-        if vip is None and owner is None:
-            assert retval == XDP_PASS and out == frame, "non-VIP IPv6 traffic was not passed untouched"
-            self.must["pass_not_vip"] += 1
-            return
-        if p.hlim <= 1:
-            assert retval == XDP_PASS and out == frame, "hop limit <= 1 was not passed untouched"
-            self.must["pass_ttl"] += 1
-            return
-        if vip is not None:
-            self._to_vip(frame, retval, out, p, vip)
-        else:
-            assert owner is not None
-            self._reply(frame, retval, out, p, owner)
-
-    def _to_vip(self, frame: bytes, retval: int, out: bytes, p: Parsed6, vip: Endpoint) -> None:
-        if retval == XDP_DROP:
-            assert vip in (NARROW_VIP, UNROUTED_VIP), f"{vip} dropped a packet"
-            self.must["drop_snat_no_source" if vip == UNROUTED_VIP else "drop_snat_no_port"] += 1
-            return
-        assert retval == XDP_TX, f"one-arm: action {retval}, not XDP_TX"
-        new = self._rewrite(frame, out, p, retval)
-        backend = Endpoint(new.dst, new.dport, NAMES[p.proto])
-        assert backend in VIPS[vip], f"{vip} sent to {backend}"
-        low, high = PORT_RANGE.get(vip, DEFAULT_PORTS)
-        assert new.src == ARM_ADDR and low <= new.sport <= high, f"source [{new.src}]:{new.sport}"
-        claim = (backend.addr, backend.port, new.sport, p.proto)
-        mine = Flow(vip, p.src, p.sport)
-        held = self.owner.get(claim)
-        # No flow ends by timeout within a run this short (the shortest, closing, is 15 s).
-        if held is not None and held != mine:
-            assert time.monotonic() - self.started > DEFAULT_LIMITS.tcp_closing_timeout_s, (
-                f"{claim} claimed by {mine} while {held} holds it")
-        self.owner[claim] = mine
-        if len(self.source.claims) < 4096:
-            self.source.claims.append((backend, new.sport, mine))
-        self.must["tx"] += 1
-        self.forwarded += 1
-
-    def _reply(self, frame: bytes, retval: int, out: bytes, p: Parsed6, owner: Flow) -> None:
-        if out == frame:
-            assert retval == XDP_PASS, "a reply was neither rewritten nor passed"
-            return            # a SYN-ACK on a closed flow's entry: pass_stale_reply
-        assert retval in (XDP_TX, XDP_PASS)   # PASS: a client with no neighbour (pass_no_route)
-        new = self._rewrite(frame, out, p, retval)
-        assert (new.src, new.sport, new.dst, new.dport) == (
-            owner.vip.addr, owner.vip.port, owner.client, owner.client_port), (
-            f"reply sent as [{new.src}]:{new.sport} -> [{new.dst}]:{new.dport}, its flow is {owner}")
-        self.must["tx" if retval == XDP_TX else "pass_no_route"] += 1
-        self.replied += 1
+        # Full-NAT over IPv6 records no fragments (docs/modes.md): a later fragment has no
+        # first fragment's entry to follow and goes to the kernel untouched.
+        assert retval == XDP_PASS and out == frame, "a later IPv6 fragment was rewritten"
+        self.must["pass_fragment"] += 1
 
 
 def test_full_nat_ipv6_frames_never_abort_never_collide_and_never_half_rewrite(
-        fresh: None, lb_program: LoadedProgram, routed_netns: Any, lb_maps: LbMaps) -> None:
-    source = Source(random.Random(SEED))
-    judge = Judge(source)
-    ifindex = routed_netns.ifindex[ARM]
-    sent_bytes = 0
-    with inside(routed_netns.name):
-        for n, frame in zip(range(FRAMES), source):
-            result = libbpf.prog_test_run(lb_program.fd, frame, ingress_ifindex=ifindex)
-            sent_bytes += len(frame)
-            try:
-                judge.judge(frame, result.retval, result.data_out)
-            except AssertionError as exc:
-                pytest.fail(f"frame {n} of seed {SEED}: {exc}\n  in  {frame.hex()}\n"
-                            f"  out {result.data_out.hex()}\n  replay: LBCTL_FUZZ_SEED={SEED} "
-                            f"LBCTL_FULLNAT_FUZZ6_FRAMES={n + 1}", pytrace=False)
-    counters = lb_maps.global_counters()
-    counted = Counter({name: c["packets"] for name, c in counters.items() if c["packets"]})
-    print(f"seed {SEED}: {FRAMES} IPv6 frames, {judge.forwarded} to backends, {judge.replied} "
-          f"replies back, {judge.icmp_translated} ICMPv6 errors translated, {len(judge.owner)} "
-          f"claims; counted {dict(sorted(counted.items()))}")
-    assert sum(counted.values()) == FRAMES
-    assert sum(c["bytes"] for c in counters.values()) == sent_bytes
-    for outcome, least in judge.must.items():
-        assert counted[outcome] >= least, f"{outcome}: counted {counted[outcome]}, at least {least}"
-    # The run reached the places that matter, or it proves little.
-    for outcome in ("tx", "drop_snat_no_port", "drop_snat_no_source", "pass_ttl", "pass_malformed",
-                    "pass_ext_header", "pass_fragment", "pass_not_vip"):
-        assert counted[outcome] > FRAMES // 1000, f"too few {outcome}: {dict(counted)}"
-    assert set(OUTCOMES) >= set(counted)
-    assert judge.replied > FRAMES // 20 and judge.forwarded > FRAMES // 20
+        controller: Controller, clean_dataplane: Callable[[], None], lb_program: LoadedProgram,
+        routed_netns: Any, lb_maps: LbMaps) -> None:
+    judge = Judge6(NET, Source6(random.Random(SEED)))
+    run_fuzz(judge, SEED, FRAMES, "LBCTL_FULLNAT_FUZZ6_FRAMES", controller, clean_dataplane,
+             lb_program, routed_netns, ARM, lb_maps,
+             reached=("pass_ext_header", "pass_fragment", "pass_not_vip"))
+    print(f"{judge.icmp_translated} ICMPv6 errors translated")
     assert judge.icmp_translated > FRAMES // 200, "too few ICMPv6 errors translated"
-    assert len({port for (_, _, port, _) in judge.owner}) > 100, "too few distinct ports claimed"

@@ -78,11 +78,6 @@ ARM_MACS = {bytes.fromhex(p.mac.replace(":", "")) for p in PORTS}
 
 
 @pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
-
-
-@pytest.fixture(scope="module")
 def fuzz_config(controller: Controller) -> None:
     """Replaces whatever configuration the shared instance holds with this module's."""
     config = {vip: VipSpec(vip, tuple(BackendSpec(b.addr, b.port,

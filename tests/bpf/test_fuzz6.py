@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-import secrets
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -18,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from lbctl.bench import routed
-from lbctl.bench.routed import Port, RoutedNetns
+from lbctl.bench.routed import Port
 from lbctl.control import Controller
 from lbctl.model import BackendSpec, VipSpec
 from lbctl.netns import inside
@@ -31,6 +29,7 @@ from xdp.program import LoadedProgram
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
+NETNS_PREFIX = "v6"      # this stream's namespaces
 
 FUZZ_SEED = int(os.environ.get("LBCTL_FUZZ_SEED", "20261202"))
 FUZZ_FRAMES = int(os.environ.get("LBCTL_FUZZ6_FRAMES", "30000"))
@@ -64,17 +63,6 @@ PORTS = (
          cidr6="fd00:61:2::1/64"),
 )
 ARM_MACS = {bytes.fromhex(p.mac.replace(":", "")) for p in PORTS}
-
-
-@pytest.fixture(scope="module")
-def netns_ports() -> tuple[Port, ...]:
-    return PORTS
-
-
-@pytest.fixture(scope="module")
-def routed_netns(netns_ports: Sequence[Port]) -> Iterator[RoutedNetns]:
-    with routed.routed_netns(f"v6{secrets.token_hex(4)}", netns_ports) as built:
-        yield built
 
 
 @pytest.fixture
