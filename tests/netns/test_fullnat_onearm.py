@@ -11,22 +11,24 @@ import secrets
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
+from onearm import (
+    HTTP_PORT,
+    REPO_ROOT,
+    Link,
+    OneArm,
+    check_concurrent_connections,
+    check_udp_answered_from_the_vip,
+    running,
+)
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0,
                        reason="needs root: builds network namespaces and loads XDP programs"),
 ]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CLI_TIMEOUT_S = 180.0       # the first attach compiles the program with bcc
 
 # One bridge, two subnets on it: the backends' (10.78.1.0/24) and the client's (10.78.2.0/24).
 # The balancer has an address in each on its one interface; the backends know only their own
@@ -35,158 +37,22 @@ LB_BACKEND_SIDE = "10.78.1.1"
 LB_CLIENT_SIDE = "10.78.2.1"
 CLIENT = "10.78.2.100"
 BACKENDS = ("10.78.1.11", "10.78.1.12", "10.78.1.13")
+BACKEND_ROLES = tuple(f"b{i}" for i in range(len(BACKENDS)))
 NAT_VIP = "10.78.0.10"
 FULLNAT_VIP = "10.78.0.11"
-HTTP_PORT, UDP_PORT = 80, 9000
 CONCURRENT = 240
-
-
-@dataclass
-class OneArm:
-    prefix: str
-    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def ns(self, role: str) -> str:
-        return f"{self.prefix}-{role}"
-
-    @property
-    def namespaces(self) -> list[str]:
-        return [self.ns(r) for r in ("sw", "lb", "cl", *(f"b{i}" for i in range(len(BACKENDS))))]
-
-    def run(self, role: str, *argv: str, check: bool = True, timeout_s: float = 60.0,
-            **kw: Any) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["ip", "netns", "exec", self.ns(role), *argv], check=False,
-                              capture_output=True, text=True, timeout=timeout_s, **kw)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{self.ns(role)}: {' '.join(argv)}: {proc.stderr.strip()}")
-        return proc
-
-    def lbctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`lbctl -n <balancer> ARGS` in a child process, as a user types it."""
-        proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", self.ns("lb"), *args],
-                              check=False, capture_output=True, text=True,
-                              timeout=CLI_TIMEOUT_S, cwd=REPO_ROOT)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"'lbctl {' '.join(args)}' exited {proc.returncode}: "
-                                 f"{proc.stderr.strip() or proc.stdout.strip()}")
-        return proc
-
-    def build(self) -> None:
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-        for ns in self.namespaces:
-            self.run(ns.rsplit("-", 1)[1], "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-                     "net.ipv6.conf.default.disable_ipv6=1")
-            self.run(ns.rsplit("-", 1)[1], "ip", "link", "set", "lo", "up")
-        self.run("lb", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-                 "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
-        self.run("sw", "ip", "link", "add", "br0", "type", "bridge")
-        self.run("sw", "ip", "link", "set", "br0", "up")
-        hosts = {"lb": [f"{LB_BACKEND_SIDE}/24", f"{LB_CLIENT_SIDE}/24"], "cl": [f"{CLIENT}/24"],
-                 **{f"b{i}": [f"{addr}/24"] for i, addr in enumerate(BACKENDS)}}
-        for role, cidrs in hosts.items():
-            port = f"p-{role}"
-            subprocess.run(["ip", "link", "add", "eth0", "netns", self.ns(role), "type", "veth",
-                            "peer", "name", port, "netns", self.ns("sw")], check=True)
-            self.run("sw", "ip", "link", "set", port, "master", "br0", "up")
-            for cidr in cidrs:
-                self.run(role, "ip", "addr", "add", cidr, "dev", "eth0")
-            self.run(role, "ip", "link", "set", "eth0", "up")
-            if role != "lb":
-                # Socket-made frames carry partial checksums; after XDP sends one back out,
-                # the receiver would drop it.
-                self.run(role, "ethtool", "-K", "eth0", "tx", "off")
-        # XDP_TX / XDP_REDIRECT into a veth deliver only with GRO (or XDP) on the peer.
-        self.run("sw", "ethtool", "-K", "p-lb", "gro", "on")
-        for vip in (NAT_VIP, FULLNAT_VIP):
-            self.run("cl", "ip", "route", "add", f"{vip}/32", "via", LB_CLIENT_SIDE)
-        pythonpath = str(REPO_ROOT)
-        for i in range(len(BACKENDS)):
-            self.servers.append(subprocess.Popen(
-                ["ip", "netns", "exec", self.ns(f"b{i}"), "env", f"PYTHONPATH={pythonpath}",
-                 sys.executable, "-m", "lbctl.labserver", "--name", f"b{i}", "--http-port",
-                 str(HTTP_PORT), "--udp-port", str(UDP_PORT)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for i, addr in enumerate(BACKENDS):
-            deadline = time.monotonic() + 20
-            while self.run("cl", "true", check=False) and \
-                    self.run(f"b{i}", "ss", "-Htln", f"sport = :{HTTP_PORT}").stdout.strip() == "":
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"the server on {addr} did not start")
-                time.sleep(0.05)
-
-    def teardown(self) -> None:
-        for server in self.servers:
-            server.terminate()
-        for server in self.servers:
-            try:
-                server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        if Path(f"/var/run/netns/{self.ns('lb')}").exists():
-            self.lbctl("detach", "--all", "--purge", "--force", check=False)
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def one_arm() -> Iterator[OneArm]:
-    lab = OneArm(f"fn{secrets.token_hex(3)}")
-    try:
-        lab.build()
-        lab.lbctl("attach", "eth0")
-        for vip, mode in ((NAT_VIP, "nat"), (FULLNAT_VIP, "fullnat")):
-            lab.lbctl("vip", "add", f"{vip}:{HTTP_PORT}", "--forwarding", mode)
-            lab.lbctl("backend", "add", f"{vip}:{HTTP_PORT}", *(f"{b}:{HTTP_PORT}" for b in BACKENDS))
-        lab.lbctl("vip", "add", f"{FULLNAT_VIP}:{UDP_PORT}", "--proto", "udp", "--forwarding", "fullnat")
-        lab.lbctl("backend", "add", f"{FULLNAT_VIP}:{UDP_PORT}", *(f"{b}:{UDP_PORT}" for b in BACKENDS),
-                  "--proto", "udp")
+    links = (Link("lb", "sw", "eth0", (f"{LB_BACKEND_SIDE}/24", f"{LB_CLIENT_SIDE}/24")),
+             Link("cl", "sw", "eth0", (f"{CLIENT}/24",)),
+             *(Link(role, "sw", "eth0", (f"{addr}/24",)) for role, addr in zip(BACKEND_ROLES, BACKENDS)))
+    lab = OneArm(f"fn{secrets.token_hex(3)}", False, links, BACKEND_ROLES, (NAT_VIP, FULLNAT_VIP),
+                 LB_CLIENT_SIDE)
+    with running(lab, ["eth0"], [(NAT_VIP, "nat", BACKENDS), (FULLNAT_VIP, "fullnat", BACKENDS)],
+                 FULLNAT_VIP, BACKENDS):
         yield lab
-    finally:
-        lab.teardown()
-
-
-# Opens every connection first and holds them all, then asks on each: all are live at once.
-# Reports per connection the backend that answered and the client address it saw; after
-# all are open it waits for a line on stdin, so the test can look at the flows meanwhile.
-CONCURRENT_SNIPPET = r"""
-import asyncio, json, sys
-spec = json.loads(sys.argv[1])
-
-async def one(i, opened, go):
-    try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(spec["host"], spec["port"]), 10)
-    except Exception as exc:
-        opened.append(None)
-        return {"ok": False, "error": f"connect: {exc!r}"}
-    # All connections are held open until the test has looked at them (a line on stdin).
-    opened.append(i)
-    await go.wait()
-    try:
-        w.write(f"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = await asyncio.wait_for(r.read(), 10)
-    except Exception as exc:
-        return {"ok": False, "error": f"request: {exc!r}"}
-    finally:
-        w.close()
-    head = data.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
-    return {"ok": head[0].startswith("HTTP/1.1 200"), "backend": headers.get("X-Backend"),
-            "seen_as": headers.get("X-Client-Addr")}
-
-async def main():
-    opened, go = [], asyncio.Event()
-    tasks = [asyncio.create_task(one(i, opened, go)) for i in range(spec["count"])]
-    while len(opened) < spec["count"]:
-        await asyncio.sleep(0.01)
-    print(json.dumps({"opened": sum(1 for o in opened if o is not None)}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    go.set()
-    for result in await asyncio.gather(*tasks):
-        print(json.dumps(result), flush=True)
-
-asyncio.run(main())
-"""
 
 
 def test_nat_mode_cannot_answer_here_the_backends_have_no_route_to_the_client(
@@ -199,58 +65,11 @@ def test_nat_mode_cannot_answer_here_the_backends_have_no_route_to_the_client(
 
 
 def test_hundreds_of_concurrent_connections_through_full_nat_all_succeed(one_arm: OneArm) -> None:
-    spec = {"host": FULLNAT_VIP, "port": HTTP_PORT, "count": CONCURRENT}
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", one_arm.ns("cl"), sys.executable, "-I", "-S", "-c",
-         CONCURRENT_SNIPPET, json.dumps(spec)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout is not None and client.stdin is not None
-        opened = json.loads(client.stdout.readline() or "{}")
-        if opened.get("opened") != CONCURRENT:
-            out, err = client.communicate("go\n", timeout=60)
-            pytest.fail(f"{opened} of {CONCURRENT} connections opened: {out[-500:]} {err[-300:]}")
-
-        # All open at once: each is a flow with its own source port, and each backend holds
-        # its connections from the balancer's own address.
-        flows = [f for f in json.loads(one_arm.lbctl("flows", "list", "--vip", f"{FULLNAT_VIP}:{HTTP_PORT}", "--limit", "100000", "--json").stdout)
-                 if f["vip"] == FULLNAT_VIP and f["forwarding"] == "fullnat" and f["proto"] == "tcp"]
-        assert len(flows) >= CONCURRENT
-        assert {f["snat"] for f in flows} == {LB_BACKEND_SIDE}
-        per_backend = Counter((f["backend"], f["snat_port"]) for f in flows)
-        assert max(per_backend.values()) == 1, "two flows share a source port to one backend"
-        peers = set()
-        for i in range(len(BACKENDS)):
-            out = one_arm.run(f"b{i}", "ss", "-Htn", "state", "established",
-                              f"sport = :{HTTP_PORT}").stdout
-            peers |= {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
-        assert peers == {LB_BACKEND_SIDE}
-
-        out, err = client.communicate("go\n", timeout=120)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-    results = [json.loads(line) for line in out.splitlines()[0:] if line.startswith("{\"ok\"")]
-    failed = [r for r in results if not r["ok"]]
-    assert len(results) == CONCURRENT and not failed, f"{len(failed)} failed: {failed[:3]} {err[-300:]}"
-    assert {r["seen_as"].rsplit(":", 1)[0] for r in results} == {LB_BACKEND_SIDE}
-    # A source port is claimed per backend: two backends may see the same one, one backend never.
-    assert len({(r["backend"], r["seen_as"]) for r in results}) == CONCURRENT
-    assert set(Counter(r["backend"] for r in results)) == {f"b{i}" for i in range(len(BACKENDS))}
+    check_concurrent_connections(one_arm, FULLNAT_VIP, CONCURRENT, LB_BACKEND_SIDE, BACKEND_ROLES)
 
 
 def test_udp_through_full_nat_is_answered_from_the_vip(one_arm: OneArm) -> None:
-    code = ("import socket\n"
-            "answers = []\n"
-            "for i in range(20):\n"
-            "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n"
-            f"    s.connect(('{FULLNAT_VIP}', {UDP_PORT})); s.send(b'ping%d' % i)\n"
-            "    answers.append(s.recv(100).decode())\n"
-            "print('\\n'.join(answers))\n")
-    out = one_arm.run("cl", sys.executable, "-I", "-S", "-c", code).stdout.split("\n")
-    answers = [a for a in out if a]
-    assert len(answers) == 20 and all(a.split()[1] == f"ping{i}" for i, a in enumerate(answers))
+    check_udp_answered_from_the_vip(one_arm, FULLNAT_VIP)
 
 
 def test_stats_and_vip_list_show_full_nat(one_arm: OneArm) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from collections import Counter
@@ -15,14 +14,15 @@ from collections.abc import Iterator
 
 import pytest
 from labcli import lbctl
+from v6lab import V6Net, ip, v6_lab
 
-from lbctl.lab import NETNS_DIR, Lab, LabHost
+from lbctl.lab import Lab, LabHost
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: builds namespaces and attaches XDP")
 
-VIP6 = "fd00:78::10"
-CLIENT6, LB_CLIENT_SIDE6, LB_BACKEND_SIDE6 = "fd00:78:1::2", "fd00:78:1::1", "fd00:78:2::1"
+NET6 = V6Net("fd00:78")
+VIP6, CLIENT6, backend6 = NET6.vip, NET6.client, NET6.backend
 ECHO_PORT = 5353
 DATAGRAM_BYTES = 4000       # over a 1500-byte MTU: three fragments each way
 DATAGRAMS = 24              # each from its own socket (source port), so the ring spreads them
@@ -63,59 +63,21 @@ for n in range(count):
 """
 
 
-def backend6(i: int) -> str:
-    return f"fd00:78:2::{11 + i}"
-
-
-def _ip(lab: Lab, host: LabHost, *args: str) -> None:
-    lab.run(host, ["ip", *args], check=True)
-
-
-def _enable_ipv6(lab: Lab, host: LabHost, addrs: dict[str, str], gateway: str | None) -> None:
-    """The lab turns IPv6 off everywhere: on again here, without duplicate address detection."""
-    knobs = ["net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
-             "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-    knobs += [f"net.ipv6.conf.{ifname}.disable_ipv6=0" for ifname in addrs]
-    knobs += [f"net.ipv6.conf.{ifname}.accept_dad=0" for ifname in addrs]
-    lab.run(host, ["sysctl", "-q", "-w", *knobs], check=True)
-    for ifname, cidr in addrs.items():
-        _ip(lab, host, "-6", "addr", "add", cidr, "dev", ifname, "nodad")
-    if gateway is not None:
-        _ip(lab, host, "-6", "route", "add", "default", "via", gateway)
+def _start_echo(lab: Lab, backend: LabHost, _i: int) -> subprocess.Popen[bytes]:
+    """The echo server, with the VIP on lo for DSR."""
+    lab.run(backend, ["sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=0"], check=True)
+    ip(lab, backend, "-6", "addr", "add", f"{VIP6}/128", "dev", "lo", "nodad")
+    return subprocess.Popen(["ip", "netns", "exec", backend.netns, sys.executable, "-I", "-S", "-c",
+                             _ECHO_SERVER, backend.name, str(ECHO_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
 def lab6() -> Iterator[Lab]:
     """The lab with IPv6 beside IPv4, the balancer attached, a v6 UDP echo server in each
-    backend (which also holds the VIP on lo, for DSR); all removed whatever happened."""
-    lab = Lab(prefix=f"bp{secrets.token_hex(2)}")
-    servers: list[subprocess.Popen[bytes]] = []
-    try:
-        lab.up()
-        client_if, backend_if = lab.lb_ifaces
-        _enable_ipv6(lab, lab.lb, {client_if: f"{LB_CLIENT_SIDE6}/64",
-                                   backend_if: f"{LB_BACKEND_SIDE6}/64"}, None)
-        lab.run(lab.lb, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"], check=True)
-        _enable_ipv6(lab, lab.client, {lab.client.ifname: f"{CLIENT6}/64"}, LB_CLIENT_SIDE6)
-        for i, b in enumerate(lab.backends):
-            _enable_ipv6(lab, b, {b.ifname: f"{backend6(i)}/64"}, LB_BACKEND_SIDE6)
-            lab.run(b, ["sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=0"], check=True)
-            _ip(lab, b, "-6", "addr", "add", f"{VIP6}/128", "dev", "lo", "nodad")
-            servers.append(subprocess.Popen(
-                ["ip", "netns", "exec", b.netns, sys.executable, "-I", "-S", "-c", _ECHO_SERVER,
-                 b.name, str(ECHO_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        lbctl(lab, "attach", *lab.lb_ifaces)
-        _wait_neighbours(lab)
+    backend (which also holds the VIP on lo, for DSR)."""
+    with v6_lab("bp", NET6, _start_echo, _wait_neighbours) as lab:
         yield lab
-    finally:
-        for s in servers:
-            s.kill()
-            s.wait()
-        try:
-            if (NETNS_DIR / lab.lb.netns).exists():
-                lbctl(lab, "detach", "--all", "--purge", "--force", check=False)
-        finally:
-            lab.down()
 
 
 # From the balancer: every backend's echo answers (servers up, neighbours resolved); a datagram

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -15,9 +14,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import labcli
 import pytest
+from v6lab import CLI_TIMEOUT_S, V6Net, v6_lab
 
-from lbctl.lab import NETNS_DIR, HttpResult, Lab, LabHost
+from lbctl.lab import HttpResult, Lab, LabHost
 
 pytestmark = [
     pytest.mark.root,
@@ -26,11 +27,12 @@ pytestmark = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLI_TIMEOUT_S = 120.0          # the first attach compiles the program with bcc
 V6_PORT = 8080
-VIP6 = "fd00:77::10"
+NET6 = V6Net("fd00:77")
+VIP6 = NET6.vip
 VIP6_ENDPOINT = f"[{VIP6}]:80"
-CLIENT6, LB_CLIENT_SIDE6, LB_BACKEND_SIDE6 = "fd00:77:1::2", "fd00:77:1::1", "fd00:77:2::1"
+CLIENT6 = NET6.client
+backend6 = NET6.backend
 NEW_CONNECTIONS = 120
 
 # Each backend answers GET with its name in X-Backend and the peer it saw in X-Client-Addr,
@@ -57,68 +59,22 @@ Server(("::", int(sys.argv[2])), Handler).serve_forever()
 """
 
 
-def backend6(i: int) -> str:
-    return f"fd00:77:2::{11 + i}"
-
-
 def lbctl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=REPO_ROOT,
-                          check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"'lbctl {' '.join(args)}' exited {proc.returncode}: "
-                             f"{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+    return labcli.lbctl(lab, *args, check=check, timeout_s=CLI_TIMEOUT_S)
 
 
-def _ip(lab: Lab, host: LabHost, *args: str) -> None:
-    lab.run(host, ["ip", *args], check=True)
-
-
-def _enable_ipv6(lab: Lab, host: LabHost, addrs: dict[str, str], gateway: str | None) -> None:
-    """The lab turns IPv6 off everywhere (no ND/MLD noise in its IPv4 tests): back on here,
-    without duplicate address detection so the addresses are usable at once."""
-    knobs = ["net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
-             "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-    knobs += [f"net.ipv6.conf.{ifname}.disable_ipv6=0" for ifname in addrs]
-    knobs += [f"net.ipv6.conf.{ifname}.accept_dad=0" for ifname in addrs]
-    lab.run(host, ["sysctl", "-q", "-w", *knobs], check=True)
-    for ifname, cidr in addrs.items():
-        _ip(lab, host, "-6", "addr", "add", cidr, "dev", ifname, "nodad")
-    if gateway is not None:
-        _ip(lab, host, "-6", "route", "add", "default", "via", gateway)
+def _start_server(lab: Lab, backend: LabHost, _i: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["ip", "netns", "exec", backend.netns, sys.executable, "-I", "-S", "-c",
+                             _SERVER, backend.name, str(V6_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
-def lab6() -> Iterator[tuple[Lab, list[subprocess.Popen[bytes]]]]:
+def lab6() -> Iterator[Lab]:
     """The lab with IPv6 beside IPv4, the balancer attached on both arms and a v6 HTTP server
-    in each backend; servers, XDP, pins and namespaces are removed whatever happened."""
-    lab = Lab(prefix=f"v6{secrets.token_hex(2)}")
-    servers: list[subprocess.Popen[bytes]] = []
-    try:
-        lab.up()
-        client_if, backend_if = lab.lb_ifaces
-        _enable_ipv6(lab, lab.lb, {client_if: f"{LB_CLIENT_SIDE6}/64",
-                                   backend_if: f"{LB_BACKEND_SIDE6}/64"}, None)
-        lab.run(lab.lb, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"], check=True)
-        _enable_ipv6(lab, lab.client, {lab.client.ifname: f"{CLIENT6}/64"}, LB_CLIENT_SIDE6)
-        for i, b in enumerate(lab.backends):
-            _enable_ipv6(lab, b, {b.ifname: f"{backend6(i)}/64"}, LB_BACKEND_SIDE6)
-            servers.append(subprocess.Popen(
-                ["ip", "netns", "exec", b.netns, sys.executable, "-I", "-S", "-c", _SERVER,
-                 b.name, str(V6_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        lbctl(lab, "attach", *lab.lb_ifaces)
-        _wait_direct_reachable(lab)
-        yield lab, servers
-    finally:
-        for s in servers:
-            s.kill()
-            s.wait()
-        try:
-            if (NETNS_DIR / lab.lb.netns).exists():
-                lbctl(lab, "detach", "--all", "--purge", "--force", check=False)
-        finally:
-            lab.down()
+    in each backend."""
+    with v6_lab("v6", NET6, _start_server, _wait_direct_reachable) as lab:
+        yield lab
 
 
 def _wait_direct_reachable(lab: Lab) -> None:
@@ -139,8 +95,8 @@ def _through_vip(lab: Lab, count: int) -> list[HttpResult]:
 
 
 def test_a_v6_vip_is_balanced_over_its_backends_and_backend_del_moves_new_connections(
-        lab6: tuple[Lab, list[subprocess.Popen[bytes]]]) -> None:
-    lab, _servers = lab6
+        lab6: Lab) -> None:
+    lab = lab6
     lbctl(lab, "vip", "add", VIP6_ENDPOINT)
     lbctl(lab, "backend", "add", VIP6_ENDPOINT,
           *(f"[{backend6(i)}]:{V6_PORT}" for i in range(len(lab.backends))))
@@ -176,8 +132,8 @@ def test_a_v6_vip_is_balanced_over_its_backends_and_backend_del_moves_new_connec
 
 
 def test_a_backend_of_the_other_family_is_one_line_exit_2_and_changes_nothing(
-        lab6: tuple[Lab, list[subprocess.Popen[bytes]]]) -> None:
-    lab, _servers = lab6
+        lab6: Lab) -> None:
+    lab = lab6
     vip = "[fd00:77::20]:80"
     lbctl(lab, "vip", "add", vip)
     before = lbctl(lab, "export").stdout
@@ -190,8 +146,8 @@ def test_a_backend_of_the_other_family_is_one_line_exit_2_and_changes_nothing(
 
 
 def test_ipv4_traffic_still_flows_beside_ipv6(
-        lab6: tuple[Lab, list[subprocess.Popen[bytes]]]) -> None:
-    lab, _servers = lab6
+        lab6: Lab) -> None:
+    lab = lab6
     vip = f"{lab.vip}:{lab.http_port}"
     lbctl(lab, "vip", "add", vip)
     lbctl(lab, "backend", "add", vip, *(f"{b.addr}:{lab.http_port}" for b in lab.backends))
@@ -227,8 +183,8 @@ def _start_trace(lab: Lab, *args: str) -> subprocess.Popen[str]:
 
 @pytest.mark.parametrize("how", ["vip", "client", "backend"])
 def test_trace_filters_take_ipv6_and_show_a_v6_connection_in_order(
-        lab6: tuple[Lab, list[subprocess.Popen[bytes]]], how: str) -> None:
-    lab, _servers = lab6
+        lab6: Lab, how: str) -> None:
+    lab = lab6
     vip = "[fd00:77::30]:80"
     backend = f"[{backend6(1)}]:{V6_PORT}"
     lbctl(lab, "vip", "add", vip)
