@@ -4,7 +4,7 @@ and checked byte for byte, the frame as it must leave, entries aged. The family 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from scapy.layers.inet import IP, TCP, UDP
@@ -47,8 +47,10 @@ class FullNatVips:
     switch: Endpoint
     switch_backend: Endpoint
 
-    def add(self, controller: Controller) -> None:
-        """Replaces the configuration with these VIPs, each through the controller's vip add."""
+    def baseline(self, controller: Controller, lb_maps: LbMaps,
+                 nat: Sequence[tuple[Endpoint, Endpoint]] = ()) -> Config:
+        """Replaces the configuration with these VIPs (and a NAT VIP per (vip, backend) of
+        `nat`), each through the controller's vip add; returns it as read back."""
         setups = [
             (self.web, [self.web_backend], {}), (self.dns, [self.dns_backend], {}),
             (self.far, [self.far_backend], {}),
@@ -62,10 +64,10 @@ class FullNatVips:
             controller.vip_add(vip, forwarding="fullnat", **options)  # type: ignore[arg-type]
             for backend in backends:
                 controller.backend_add(vip, parse_endpoint(str(backend), vip.proto))
-
-
-def live_config(lb_maps: LbMaps) -> Config:
-    return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
+        for vip, backend in nat:
+            controller.vip_add(vip)
+            controller.backend_add(vip, parse_endpoint(str(backend), vip.proto))
+        return {vip: live.spec for vip, live in planner.read_live(lb_maps).items()}
 
 
 def rewritten(frame: bytes, src: tuple[str, int], dst: tuple[str, int],

@@ -5,6 +5,7 @@ test_fullnat_fuzz.py (IPv4) and test_fullnat_fuzz6.py (IPv6) give the frames and
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from test_fuzz import mixed
 
 from lbctl.control import Controller
 from lbctl.model import BackendSpec, VipSpec
@@ -24,6 +26,7 @@ from xdp.limits import DEFAULT_LIMITS, OUTCOMES
 from xdp.maps import LbMaps
 from xdp.program import LoadedProgram
 
+SEED = int(os.environ.get("LBCTL_FUZZ_SEED", "20261202"))
 ACTIONS = {XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT}
 NAMES = {6: "tcp", 17: "udp"}
 DEFAULT_PORTS = (1024, 32767)
@@ -102,15 +105,7 @@ class Source:
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[bytes]:
-        makers = self.makers()
-        while True:
-            roll = self.rng.random()
-            if roll < 0.7:
-                yield self.rng.choice(makers)()
-            elif roll < 0.95:
-                yield self.mutate(self.rng.choice(makers)())
-            else:
-                yield self.noise()
+        return mixed(self.rng, self.makers(), self.mutate, self.noise, made=0.7, mutated=0.95)
 
 
 class Judge:
@@ -210,10 +205,10 @@ class Judge:
         self.replied += 1
 
 
-def run_fuzz(judge: Judge, seed: int, frames: int, frames_env: str, controller: Controller,
+def run_fuzz(judge: Judge, frames: int, frames_env: str, controller: Controller,
              clean_dataplane: Callable[[], None], lb_program: LoadedProgram, routed_netns: Any,
              ingress: str, lb_maps: LbMaps, reached: tuple[str, ...] = ()) -> Counter[str]:
-    """Configures the VIPs, runs `frames` of the judge's source through the program, each
+    """Configures the VIPs, runs `frames` of the judge's source (made with SEED) through the program, each
     judged; then every frame counted once, at least the outcomes the judge demands, and each
     of REACHED + `reached` more than once per thousand frames. Returns the counted outcomes."""
     judge.net.configure(controller)
@@ -227,12 +222,12 @@ def run_fuzz(judge: Judge, seed: int, frames: int, frames_env: str, controller: 
             try:
                 judge.judge(frame, result.retval, result.data_out)
             except AssertionError as exc:
-                pytest.fail(f"frame {n} of seed {seed}: {exc}\n  in  {frame.hex()}\n"
-                            f"  out {result.data_out.hex()}\n  replay: LBCTL_FUZZ_SEED={seed} "
+                pytest.fail(f"frame {n} of seed {SEED}: {exc}\n  in  {frame.hex()}\n"
+                            f"  out {result.data_out.hex()}\n  replay: LBCTL_FUZZ_SEED={SEED} "
                             f"{frames_env}={n + 1}", pytrace=False)
     counters = lb_maps.global_counters()
     counted = Counter({name: c["packets"] for name, c in counters.items() if c["packets"]})
-    print(f"seed {seed}: {frames} frames, {judge.forwarded} to backends, {judge.replied} replies "
+    print(f"seed {SEED}: {frames} frames, {judge.forwarded} to backends, {judge.replied} replies "
           f"back, {len(judge.owner)} claims; counted {dict(sorted(counted.items()))}")
     assert sum(counted.values()) == frames
     assert sum(c["bytes"] for c in counters.values()) == sent_bytes

@@ -9,17 +9,7 @@ import os
 from dataclasses import replace
 
 import pytest
-from fullnat_cases import (
-    NARROW_PORTS,
-    SINGLE_PORT,
-    FullNatVips,
-    OneArm,
-    Run,
-    assert_frame,
-    live_config,
-    rewritten,
-    source_of,
-)
+from fullnat_cases import SINGLE_PORT, FullNatVips, OneArm, Run, assert_frame, rewritten, source_of
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
@@ -27,7 +17,7 @@ from scapy.packet import Packet
 
 from lbctl.bench.routed import Port
 from lbctl.control import Controller
-from lbctl.model import Config, parse_endpoint
+from lbctl.model import Config
 from xdp import codec
 from xdp.codec import Endpoint
 from xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
@@ -78,10 +68,7 @@ PORTS = (
 
 @pytest.fixture(scope="module")
 def baseline(controller: Controller, lb_maps: LbMaps) -> Config:
-    VIPS.add(controller)
-    controller.vip_add(NAT66)
-    controller.backend_add(NAT66, parse_endpoint(str(SWITCH_BACKEND), "tcp"))
-    return live_config(lb_maps)
+    return VIPS.baseline(controller, lb_maps, nat=[(NAT66, SWITCH_BACKEND)])
 
 
 # --- frames ---
@@ -369,7 +356,7 @@ def test_an_icmpv6_error_with_hop_limit_1_goes_to_the_kernel(run: Run, lb_maps: 
 
 def test_ipv6_snat_settings_read_back_from_the_maps(baseline: Config) -> None:
     assert baseline[PINNED].snat == PINNED_SNAT
-    assert baseline[NARROW].snat_ports == NARROW_PORTS
+    assert baseline[NARROW].snat_ports == (5000, 5001)
     assert baseline[WEB].snat == ()
 
 

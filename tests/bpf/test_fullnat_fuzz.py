@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fullnat_fuzzing import Flow, FuzzNet, Judge, Source, run_fuzz
+from fullnat_fuzzing import SEED, Flow, FuzzNet, Judge, Source, run_fuzz
 from test_fuzz import (
     ETH_LEN,
     TCP,
@@ -41,7 +41,6 @@ from xdp.program import LoadedProgram
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
 
-SEED = int(os.environ.get("LBCTL_FUZZ_SEED", "20261202"))
 FRAMES = int(os.environ.get("LBCTL_FULLNAT_FUZZ_FRAMES", "40000"))
 
 ARM, ARM_MAC, ARM_ADDR = "fzn", "02:00:0a:1f:01:01", "10.31.1.1"
@@ -199,5 +198,5 @@ def test_full_nat_frames_never_abort_never_collide_and_never_half_rewrite(
         controller: Controller, clean_dataplane: Callable[[], None], lb_program: LoadedProgram,
         routed_netns: Any, lb_maps: LbMaps) -> None:
     judge = Judge4(NET, Source4(random.Random(SEED)), Parsed)
-    run_fuzz(judge, SEED, FRAMES, "LBCTL_FULLNAT_FUZZ_FRAMES", controller, clean_dataplane,
+    run_fuzz(judge, FRAMES, "LBCTL_FULLNAT_FUZZ_FRAMES", controller, clean_dataplane,
              lb_program, routed_netns, ARM, lb_maps)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fullnat_fuzzing import Flow, FuzzNet, Judge, Source, run_fuzz
+from fullnat_fuzzing import SEED, Flow, FuzzNet, Judge, Source, run_fuzz
 from test_fuzz6 import (
     AH,
     DSTOPTS,
@@ -48,7 +48,6 @@ from xdp.program import LoadedProgram
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loads XDP programs and BPF maps")
 
-SEED = int(os.environ.get("LBCTL_FUZZ_SEED", "20261202"))
 FRAMES = int(os.environ.get("LBCTL_FULLNAT_FUZZ6_FRAMES", "30000"))
 
 ARM, ARM_MAC, ARM_ADDR = "fz6", "02:00:06:1f:01:01", "fd00:62:1::1"
@@ -218,7 +217,7 @@ def test_full_nat_ipv6_frames_never_abort_never_collide_and_never_half_rewrite(
         controller: Controller, clean_dataplane: Callable[[], None], lb_program: LoadedProgram,
         routed_netns: Any, lb_maps: LbMaps) -> None:
     judge = Judge6(NET, Source6(random.Random(SEED)))
-    run_fuzz(judge, SEED, FRAMES, "LBCTL_FULLNAT_FUZZ6_FRAMES", controller, clean_dataplane,
+    run_fuzz(judge, FRAMES, "LBCTL_FULLNAT_FUZZ6_FRAMES", controller, clean_dataplane,
              lb_program, routed_netns, ARM, lb_maps,
              reached=("pass_ext_header", "pass_fragment", "pass_not_vip"))
     print(f"{judge.icmp_translated} ICMPv6 errors translated")

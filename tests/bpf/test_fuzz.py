@@ -10,9 +10,9 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -229,6 +229,23 @@ FRAG_IDS = (4242, 4243, 4244)
 LATER_FRAG_BITS = (0x2010, 0x0010, 0x3FFF, 0x00B9, 0x20B9)   # offsets, with or without MF
 
 
+T = TypeVar("T")
+
+
+def mixed(rng: random.Random, makers: Sequence[Callable[[], T]], mutate: Callable[[T], T],
+          noise: Callable[[], T], made: float, mutated: float) -> Iterator[T]:
+    """Endless fuzz input, one roll of `rng` each: below `made` a frame from one of `makers`,
+    below `mutated` one mutated, else noise (so a seed replays the same frames)."""
+    while True:
+        roll = rng.random()
+        if roll < made:
+            yield rng.choice(makers)()
+        elif roll < mutated:
+            yield mutate(rng.choice(makers)())
+        else:
+            yield noise()
+
+
 @dataclass
 class Sample:
     frame: bytes
@@ -367,15 +384,8 @@ class FrameSource:
         return Sample(bytes(frame), r.choice((CLIENT_ARM, BACKEND_ARM)))
 
     def __iter__(self) -> Iterator[Sample]:
-        makers = (self.to_vip, self.reply, self.other)
-        while True:
-            roll = self.rng.random()
-            if roll < 0.50:
-                yield self.rng.choice(makers)()
-            elif roll < 0.90:
-                yield self.mutate(self.rng.choice(makers)())
-            else:
-                yield self.noise()
+        return mixed(self.rng, (self.to_vip, self.reply, self.other), self.mutate, self.noise,
+                     made=0.50, mutated=0.90)
 
 
 # --- judging one frame ---

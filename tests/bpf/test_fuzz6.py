@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from test_fuzz import mixed
 
 from lbctl.bench.routed import Port
 from lbctl.control import Controller
@@ -398,14 +399,7 @@ class Source:
     def __iter__(self) -> Iterator[Sample]:
         makers = (self.to_vip, self.to_vip, self.reply, self.reply, self.other, self.fragmented,
                   self.later_fragment, self.later_fragment)
-        while True:
-            roll = self.rng.random()
-            if roll < 0.55:
-                yield self.rng.choice(makers)()
-            elif roll < 0.92:
-                yield self.mutate(self.rng.choice(makers)())
-            else:
-                yield self.noise()
+        return mixed(self.rng, makers, self.mutate, self.noise, made=0.55, mutated=0.92)
 
 
 # --- judging ---

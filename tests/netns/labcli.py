@@ -1,17 +1,21 @@
 """Shared by the netns tests: the real lbctl CLI run against a lab's balancer, a lab that is
-always torn down (namespaces, servers, XDP and pins), even after a failure or Ctrl-C, and a
-long-lived keep-alive HTTP client stepped from the test."""
+always torn down (namespaces, servers, XDP and pins), even after a failure or Ctrl-C, a
+tracer started in the background and the trace a NAT connection leaves, and a long-lived
+keep-alive HTTP client stepped from the test."""
 from __future__ import annotations
 
 import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from lbctl.lab import Lab
+from xdp.maps import LbMaps
+from xdp.tracing import TraceSwitch
 
 
 def lbctl(lab: Lab, *args: str, check: bool = True, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
@@ -43,6 +47,35 @@ def lab_up(letters: str, attach: bool = True, http_vip: bool = False) -> Iterato
         finally:
             # Also when the detach times out (a loaded machine): the lab must not outlive its test.
             lab.down()
+
+
+def tracer_pid(lab: Lab) -> int:
+    """The pid of the process tracing on the lab's balancer (0: tracing is off)."""
+    with LbMaps(str(lab.bpf_pin_dir)) as maps:
+        return int(TraceSwitch(maps["trace_ctl"]).read().enabled)
+
+
+def start_tracer(lab: Lab, *args: str) -> subprocess.Popen[str]:
+    """`lbctl -n LB ARGS` (trace or capture) in the background, returned once it has switched
+    tracing on."""
+    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while tracer_pid(lab) != proc.pid:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"lbctl {' '.join(args)} did not switch tracing on: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
+def nat_connection_trace(client: str, vip: str, backend: str) -> list[tuple[str, str]]:
+    """The (in, out) of each traced packet of a NAT connection from `client` to `vip` carried
+    by `backend`: SYN, SYN-ACK, the handshake's ACK, the request."""
+    return [(f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
+            (f"{backend} -> {client} tcp", f"{vip} -> {client} tcp"),
+            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
+            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp")]
 
 
 # A keep-alive HTTP client driven over stdin: each line "N" makes N requests on the one

@@ -168,6 +168,23 @@ def running(lab: OneArm, ifaces: Sequence[str], http_vips: Sequence[tuple[str, s
         lab.teardown()
 
 
+@contextmanager
+def held_connection(lab: OneArm, vip: str) -> Iterator[int]:
+    """One connection from the client to [vip]:HTTP_PORT, held open for the body; yields the
+    client's port."""
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns("cl"), sys.executable, "-I", "-S", "-c",
+         ("import socket,sys\n"
+          f"s=socket.create_connection(('{vip}',{HTTP_PORT}),timeout=5)\n"
+          "print(s.getsockname()[1], flush=True)\nsys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        yield int(client.stdout.readline())
+    finally:
+        client.communicate("\n", timeout=10)
+
+
 # Opens every connection first and holds them all, then asks on each: all are live at once.
 # Reports per connection the backend that answered and the client address it saw; after
 # all are open it waits for a line on stdin, so the test can look at the flows meanwhile.
@@ -211,7 +228,7 @@ asyncio.run(main())
 """
 
 
-def check_concurrent_connections(lab: OneArm, vip: str, count: int, snat: str,
+def check_concurrent(lab: OneArm, vip: str, count: int, snat: str,
                                  backends: Sequence[str]) -> None:
     """`count` connections to [vip]:HTTP_PORT held open at once: each a full-NAT flow from
     `snat` with its own source port per backend, every backend role in `backends` holding its
@@ -256,7 +273,7 @@ def check_concurrent_connections(lab: OneArm, vip: str, count: int, snat: str,
     assert set(Counter(r["backend"] for r in results)) == set(backends)
 
 
-def check_udp_answered_from_the_vip(lab: OneArm, vip: str) -> None:
+def check_udp_from_vip(lab: OneArm, vip: str) -> None:
     """20 datagrams to [vip]:UDP_PORT, each from its own socket: each echoed, from the VIP."""
     family = "AF_INET6" if lab.ipv6 else "AF_INET"
     code = ("import socket\n"

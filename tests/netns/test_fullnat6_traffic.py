@@ -9,19 +9,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 from collections.abc import Iterator
 
+import onearm
 import pytest
-from onearm import (
-    HTTP_PORT,
-    Link,
-    OneArm,
-    check_concurrent_connections,
-    check_udp_answered_from_the_vip,
-    running,
-)
+from onearm import HTTP_PORT, Link, OneArm
 
 pytestmark = [
     pytest.mark.root,
@@ -51,8 +44,9 @@ def lab() -> Iterator[OneArm]:
              *(Link(role, "sw", "eth0", (f"{addr}/64",)) for role, addr in zip(BACKEND_ROLES, BACKENDS)))
     built = OneArm(f"fs{secrets.token_hex(3)}", True, links, (*BACKEND_ROLES, "far"),
                    (NAT_VIP, FULLNAT_VIP, FAR_VIP), LB_CLIENT_SIDE)
-    with running(built, ["eth0", "eth1"], [(NAT_VIP, "nat", BACKENDS), (FULLNAT_VIP, "fullnat", BACKENDS),
-                                           (FAR_VIP, "fullnat", (FAR_BACKEND,))], FULLNAT_VIP, BACKENDS):
+    http_vips = [(NAT_VIP, "nat", BACKENDS), (FULLNAT_VIP, "fullnat", BACKENDS),
+                 (FAR_VIP, "fullnat", (FAR_BACKEND,))]
+    with onearm.running(built, ["eth0", "eth1"], http_vips, FULLNAT_VIP, BACKENDS):
         yield built
 
 
@@ -78,7 +72,7 @@ def test_nat66_cannot_answer_here_the_backends_have_no_route_to_the_client(lab: 
 
 
 def test_concurrent_ipv6_connections_through_one_arm_full_nat_all_succeed(lab: OneArm) -> None:
-    check_concurrent_connections(lab, FULLNAT_VIP, CONCURRENT, LB_BACKEND_SIDE, BACKEND_ROLES)
+    onearm.check_concurrent(lab, FULLNAT_VIP, CONCURRENT, LB_BACKEND_SIDE, BACKEND_ROLES)
 
 
 def test_a_backend_behind_another_interface_with_no_route_back_is_reached_through_full_nat(
@@ -92,22 +86,14 @@ def test_a_backend_behind_another_interface_with_no_route_back_is_reached_throug
 
 
 def test_udp_over_ipv6_full_nat_is_answered_from_the_vip(lab: OneArm) -> None:
-    check_udp_answered_from_the_vip(lab, FULLNAT_VIP)
+    onearm.check_udp_from_vip(lab, FULLNAT_VIP)
 
 
 def test_listings_and_explain_show_the_ipv6_snat_source(lab: OneArm) -> None:
     vips = {(v["vip"], v["proto"]): v for v in json.loads(lab.lbctl("vip", "list", "--json").stdout)}
     row = vips[(f"[{FULLNAT_VIP}]:{HTTP_PORT}", "tcp")]
     assert (row["forwarding"], row["snat"], row["snat_ports"]) == ("fullnat", "fib", "1024-32767")
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns("cl"), sys.executable, "-I", "-S", "-c",
-         ("import socket,sys\n"
-          f"s=socket.create_connection(('{FULLNAT_VIP}',{HTTP_PORT}),timeout=5)\n"
-          "print(s.getsockname()[1], flush=True)\nsys.stdin.readline()\n")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout is not None
-        port = int(client.stdout.readline())
+    with onearm.held_connection(lab, FULLNAT_VIP) as port:
         ans = json.loads(lab.lbctl("explain", f"[{CLIENT}]:{port}", f"[{FULLNAT_VIP}]:{HTTP_PORT}",
                                    "--json").stdout)
         assert (ans["forwarding"], ans["snat"]) == ("fullnat", LB_BACKEND_SIDE)
@@ -115,7 +101,5 @@ def test_listings_and_explain_show_the_ipv6_snat_source(lab: OneArm) -> None:
         assert ans["tracked_flow"]["snat"] == f"[{flows[0]['snat']}]:{flows[0]['snat_port']}"
         table = lab.lbctl("flows", "list", "--client", f"[{CLIENT}]:{port}").stdout
         assert f"[{LB_BACKEND_SIDE}]:{flows[0]['snat_port']}" in table
-    finally:
-        client.communicate("\n", timeout=10)
     vips = {(v["vip"], v["proto"]): v for v in json.loads(lab.lbctl("vip", "list", "--json").stdout)}
     assert vips[(f"[{FULLNAT_VIP}]:{HTTP_PORT}", "tcp")]["new_flows"] >= 1

@@ -13,16 +13,9 @@ import sys
 import time
 from collections.abc import Iterator
 
+import onearm
 import pytest
-from onearm import (
-    HTTP_PORT,
-    REPO_ROOT,
-    Link,
-    OneArm,
-    check_concurrent_connections,
-    check_udp_answered_from_the_vip,
-    running,
-)
+from onearm import HTTP_PORT, REPO_ROOT, Link, OneArm
 
 pytestmark = [
     pytest.mark.root,
@@ -50,7 +43,7 @@ def one_arm() -> Iterator[OneArm]:
              *(Link(role, "sw", "eth0", (f"{addr}/24",)) for role, addr in zip(BACKEND_ROLES, BACKENDS)))
     lab = OneArm(f"fn{secrets.token_hex(3)}", False, links, BACKEND_ROLES, (NAT_VIP, FULLNAT_VIP),
                  LB_CLIENT_SIDE)
-    with running(lab, ["eth0"], [(NAT_VIP, "nat", BACKENDS), (FULLNAT_VIP, "fullnat", BACKENDS)],
+    with onearm.running(lab, ["eth0"], [(NAT_VIP, "nat", BACKENDS), (FULLNAT_VIP, "fullnat", BACKENDS)],
                  FULLNAT_VIP, BACKENDS):
         yield lab
 
@@ -65,11 +58,11 @@ def test_nat_mode_cannot_answer_here_the_backends_have_no_route_to_the_client(
 
 
 def test_hundreds_of_concurrent_connections_through_full_nat_all_succeed(one_arm: OneArm) -> None:
-    check_concurrent_connections(one_arm, FULLNAT_VIP, CONCURRENT, LB_BACKEND_SIDE, BACKEND_ROLES)
+    onearm.check_concurrent(one_arm, FULLNAT_VIP, CONCURRENT, LB_BACKEND_SIDE, BACKEND_ROLES)
 
 
 def test_udp_through_full_nat_is_answered_from_the_vip(one_arm: OneArm) -> None:
-    check_udp_answered_from_the_vip(one_arm, FULLNAT_VIP)
+    onearm.check_udp_from_vip(one_arm, FULLNAT_VIP)
 
 
 def test_stats_and_vip_list_show_full_nat(one_arm: OneArm) -> None:
@@ -105,15 +98,7 @@ def test_doctor_suggests_full_nat_for_the_nat_vip_and_passes_the_full_nat_one(on
 
 
 def test_explain_names_the_snat_source_of_a_new_and_of_a_tracked_flow(one_arm: OneArm) -> None:
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", one_arm.ns("cl"), sys.executable, "-I", "-S", "-c",
-         ("import socket,sys\n"
-         f"s=socket.create_connection(('{FULLNAT_VIP}',{HTTP_PORT}),timeout=5)\n"
-         "print(s.getsockname()[1], flush=True)\nsys.stdin.readline()\n")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout is not None
-        port = int(client.stdout.readline())
+    with onearm.held_connection(one_arm, FULLNAT_VIP) as port:
         ans = json.loads(one_arm.lbctl("explain", f"{CLIENT}:{port}", f"{FULLNAT_VIP}:{HTTP_PORT}",
                                        "--json").stdout)
         assert (ans["forwarding"], ans["snat"], ans["snat_ports"]) == ("fullnat", LB_BACKEND_SIDE,
@@ -124,8 +109,6 @@ def test_explain_names_the_snat_source_of_a_new_and_of_a_tracked_flow(one_arm: O
         assert tracked["snat"] == f"{flows[0]['snat']}:{flows[0]['snat_port']}"
         text = one_arm.lbctl("explain", f"{CLIENT}:{port}", f"{FULLNAT_VIP}:{HTTP_PORT}").stdout
         assert f"from {tracked['snat']}" in text and "full-NAT" in text
-    finally:
-        client.communicate("\n", timeout=10)
 
 
 def test_trace_shows_a_full_nat_connection_both_ways(one_arm: OneArm) -> None:

@@ -21,7 +21,7 @@ from lbctl.lab import Lab, LabHost
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: builds namespaces and attaches XDP")
 
-NET6 = V6Net("fd00:78")
+NET6 = V6Net.of("fd00:78")
 VIP6, CLIENT6, backend6 = NET6.vip, NET6.client, NET6.backend
 ECHO_PORT = 5353
 DATAGRAM_BYTES = 4000       # over a 1500-byte MTU: three fragments each way

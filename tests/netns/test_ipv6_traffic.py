@@ -28,7 +28,7 @@ pytestmark = [
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 V6_PORT = 8080
-NET6 = V6Net("fd00:77")
+NET6 = V6Net.of("fd00:77")
 VIP6 = NET6.vip
 VIP6_ENDPOINT = f"[{VIP6}]:80"
 CLIENT6 = NET6.client
@@ -159,28 +159,6 @@ def test_ipv4_traffic_still_flows_beside_ipv6(
         lbctl(lab, "vip", "del", vip)
 
 
-def _tracer_pid(lab: Lab) -> int:
-    from xdp.maps import LbMaps
-    from xdp.tracing import TraceSwitch
-
-    with LbMaps(str(lab.bpf_pin_dir)) as maps:
-        return int(TraceSwitch(maps["trace_ctl"]).read().enabled)
-
-
-def _start_trace(lab: Lab, *args: str) -> subprocess.Popen[str]:
-    """`lbctl trace ARGS` in the background, returned once it has switched tracing on."""
-    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, "trace", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    deadline = time.monotonic() + 60
-    while _tracer_pid(lab) != proc.pid:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"lbctl trace {' '.join(args)} did not switch tracing on: "
-                                 f"{proc.communicate()}")
-        time.sleep(0.05)
-    return proc
-
-
 @pytest.mark.parametrize("how", ["vip", "client", "backend"])
 def test_trace_filters_take_ipv6_and_show_a_v6_connection_in_order(
         lab6: Lab, how: str) -> None:
@@ -192,7 +170,7 @@ def test_trace_filters_take_ipv6_and_show_a_v6_connection_in_order(
         lbctl(lab, "backend", "add", vip, backend)
         flt = {"vip": ["--vip", vip], "client": ["--client", CLIENT6],
                "backend": ["--backend", backend]}[how]
-        proc = _start_trace(lab, *flt, "--count", "4", "--json")
+        proc = labcli.start_tracer(lab, "trace", *flt, "--count", "4", "--json")
         try:
             # IPv4 traffic meanwhile must not be caught by an IPv6 filter.
             v4_vip = f"{lab.vip}:{lab.http_port}"
@@ -211,12 +189,8 @@ def test_trace_filters_take_ipv6_and_show_a_v6_connection_in_order(
         assert client.startswith(f"[{CLIENT6}]:"), events
         # SYN, SYN-ACK, the handshake's ACK, the request: both directions, in bracket form.
         assert [e["outcome"] for e in events] == ["new flow", "reverse NAT", "flow hit", "flow hit"]
-        assert [(e["in"], e["out"]) for e in events] == [
-            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
-            (f"{backend} -> {client} tcp", f"{vip} -> {client} tcp"),
-            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
-            (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp")]
+        assert [(e["in"], e["out"]) for e in events] == labcli.nat_connection_trace(client, vip, backend)
         assert all(e["backend"] == backend for e in events)
-        assert _tracer_pid(lab) == 0, "tracing must be off once --count is reached"
+        assert labcli.tracer_pid(lab) == 0, "tracing must be off once --count is reached"
     finally:
         lbctl(lab, "vip", "del", vip)

@@ -10,19 +10,16 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from labcli import lab_up, lbctl
+from labcli import lab_up, lbctl, nat_connection_trace, start_tracer, tracer_pid
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
 from lbctl.lab import Lab
-from xdp.maps import LbMaps
-from xdp.tracing import TraceSwitch
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces and attaches XDP")
 
@@ -33,26 +30,8 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
-def tracer_pid(lab: Lab) -> int:
-    with LbMaps(str(lab.bpf_pin_dir)) as maps:
-        return int(TraceSwitch(maps["trace_ctl"]).read().enabled)
-
-
-def start(lab: Lab, *args: str) -> subprocess.Popen:
-    """`lbctl -n LB ARGS` in the background, returned once it has switched tracing on."""
-    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "-n", lab.lb.netns, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while tracer_pid(lab) != proc.pid:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"lbctl {' '.join(args)} did not switch tracing on: {proc.communicate()}")
-        time.sleep(0.05)
-    return proc
-
-
 def test_trace_shows_a_connection_in_order_with_its_outcomes(lab: Lab) -> None:
-    proc = start(lab, "trace", "--client", lab.client.addr, "--count", "4", "--json")
+    proc = start_tracer(lab, "trace", "--client", lab.client.addr, "--count", "4", "--json")
     try:
         assert all(r.ok for r in lab.http_requests(lab.vip, count=1))
         out, err = proc.communicate(timeout=60)
@@ -67,17 +46,13 @@ def test_trace_shows_a_connection_in_order_with_its_outcomes(lab: Lab) -> None:
     # SYN, SYN-ACK, the handshake's ACK, the request.
     assert [(e["iface"], e["outcome"]) for e in events] == [
         ("eth0", "new flow"), ("eth1", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
-    assert [(e["in"], e["out"]) for e in events] == [
-        (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
-        (f"{backend} -> {client} tcp", f"{vip} -> {client} tcp"),
-        (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp"),
-        (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp")]
+    assert [(e["in"], e["out"]) for e in events] == nat_connection_trace(client, vip, backend)
     assert all(e["backend"] == backend for e in events)
     assert tracer_pid(lab) == 0, "tracing must be off once --count is reached"
 
 
 def test_a_killed_tracer_is_noticed_and_cleared(lab: Lab) -> None:
-    proc = start(lab, "trace")
+    proc = start_tracer(lab, "trace")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert tracer_pid(lab) == proc.pid, "kill -9 leaves the flag on: the case under test"
@@ -86,10 +61,10 @@ def test_a_killed_tracer_is_noticed_and_cleared(lab: Lab) -> None:
     assert report.returncode == 1 and not stale[0]["ok"] and f"pid {proc.pid}" in stale[0]["evidence"]
     assert tracer_pid(lab) == 0
     # The next trace notices it too.
-    proc = start(lab, "trace")
+    proc = start_tracer(lab, "trace")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    nxt = start(lab, "trace", "--client", lab.client.addr, "--count", "1")
+    nxt = start_tracer(lab, "trace", "--client", lab.client.addr, "--count", "1")
     try:
         lab.http_requests(lab.vip, count=1)
         _, err = nxt.communicate(timeout=60)
@@ -102,7 +77,7 @@ def test_a_killed_tracer_is_noticed_and_cleared(lab: Lab) -> None:
 def ten_connections(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A file `lbctl capture` wrote while 10 HTTP connections went through the VIP."""
     path = tmp_path_factory.mktemp("capture") / "lb.pcapng"
-    proc = start(lab, "capture", "-w", str(path), "--vip", f"{lab.vip}:{lab.http_port}")
+    proc = start_tracer(lab, "capture", "-w", str(path), "--vip", f"{lab.vip}:{lab.http_port}")
     try:
         results = lab.http_requests(lab.vip, count=10)
         assert all(r.ok for r in results)

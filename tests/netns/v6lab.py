@@ -20,29 +20,21 @@ CLI_TIMEOUT_S = 120.0          # the first attach compiles the program with bcc
 
 @dataclass(frozen=True)
 class V6Net:
-    """The lab's IPv6 addresses in `prefix`::/48: the VIP, the client's link (:1::/64) and the
-    backends' (:2::/64)."""
+    """The lab's IPv6 addresses in one /48: the VIP, the client's link (:1::/64) and the
+    backends' (:2::/64), backend i at :2::(11+i)."""
 
-    prefix: str
+    vip: str
+    client: str
+    lb_client_side: str
+    lb_backend_side: str
+    backends: str
 
-    @property
-    def vip(self) -> str:
-        return f"{self.prefix}::10"
-
-    @property
-    def client(self) -> str:
-        return f"{self.prefix}:1::2"
-
-    @property
-    def lb_client_side(self) -> str:
-        return f"{self.prefix}:1::1"
-
-    @property
-    def lb_backend_side(self) -> str:
-        return f"{self.prefix}:2::1"
+    @classmethod
+    def of(cls, prefix: str) -> V6Net:
+        return cls(f"{prefix}::10", f"{prefix}:1::2", f"{prefix}:1::1", f"{prefix}:2::1", f"{prefix}:2::")
 
     def backend(self, i: int) -> str:
-        return f"{self.prefix}:2::{11 + i}"
+        return f"{self.backends}{11 + i}"
 
 
 def ip(lab: Lab, host: LabHost, *args: str) -> None:
