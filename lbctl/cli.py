@@ -1303,6 +1303,8 @@ def lab_up(prefix: str, nodes: int, forwarding: str | None) -> None:
         return
     click.echo(f"lab '{prefix}' is up: client {lab_.client.netns}, balancer {lab_.lb.netns} "
                f"({', '.join(lab_.lb_ifaces)}), backends {', '.join(b.netns for b in lab_.backends)}")
+    addrs = ", ".join(f"{b.name} {b.addr}" + (f" {b.addr6}" if b.addr6 else "") for b in lab_.backends)
+    click.echo(f"VIP {lab_.vip}" + (f" and {lab_.vip6}" if lab_.vip6 else "") + f"; backends {addrs}")
     click.echo(f"try: lbctl -n {lab_.lb.netns} attach {' '.join(lab_.lb_ifaces)}")
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import yaml  # type: ignore[import-untyped]
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lbctl.errors import LbctlError
@@ -29,7 +30,8 @@ def lbctl(netns: str, *args: str, show: bool = True) -> str:
     """Runs one lbctl command in a child process, exactly as a user would type it."""
     argv = [sys.executable, "-m", "lbctl", "-n", netns, *args]
     if show:
-        console.print(f"[bold cyan]$ lbctl -n {netns} {shlex.join(args)}[/]")
+        # escape: an IPv6 endpoint "[fd77::10]:80" would otherwise read as a markup tag.
+        console.print(f"[bold cyan]$ lbctl -n {netns} {escape(shlex.join(args))}[/]")
     proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise DemoError(f"'lbctl {' '.join(args)}' failed: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -40,7 +42,7 @@ def lbctl(netns: str, *args: str, show: bool = True) -> str:
 
 def distribution_table(title: str, counts: Counter, names: list[str], total: int) -> Table:
     # A heading line, not a table title: rich wraps titles to the table's narrow width.
-    console.print(f"[bold]{title}[/]")
+    console.print(f"[bold]{escape(title)}[/]")
     table = Table()
     table.add_column("backend")
     table.add_column("requests", justify="right")
@@ -66,7 +68,8 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
             lab.up()
         console.print(f"[green]lab up[/]: client {lab.client.addr} -> balancer {ns} "
                       f"({', '.join(lab.lb_ifaces)}) -> backends "
-                      f"{', '.join(f'{b.name}={b.addr}' for b in lab.backends)}; VIP {lab.vip}")
+                      f"{', '.join(f'{b.name}={b.addr}' for b in lab.backends)}; VIP {lab.vip}"
+                      + (f" and {lab.vip6}" if lab.vip6 else ""))
         lbctl(ns, "attach", *lab.lb_ifaces, *(["--mode", mode] if mode else []))
         lbctl(ns, "vip", "add", vip)
         for b in lab.backends:
@@ -86,6 +89,10 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
         console.print(f"UDP echo through {udp_vip}: 9 datagrams answered by "
                       + ", ".join(f"{n} x{udp_counts.get(n, 0)}" for n in names))
 
+        v6_spread = True
+        if lab.vip6 is not None:
+            v6_spread = _ipv6_vip(lab, ns, count)
+
         lbctl(ns, "stats")
 
         gone = lab.backends[1]
@@ -97,7 +104,7 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
         verdict = "[green]no new connection reached it[/]" if after.get(gone.name, 0) == 0 else \
             f"[red]{after[gone.name]} connections still reached it[/]"
         console.print(f"{gone.name}: {verdict}")
-        return all(before.get(n, 0) > 0 for n in names) and after.get(gone.name, 0) == 0
+        return all(before.get(n, 0) > 0 for n in names) and after.get(gone.name, 0) == 0 and v6_spread
     finally:
         if keep:
             down = "lbctl lab down" + ("" if prefix == "lbl" else f" --prefix {prefix}")
@@ -110,6 +117,29 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
                     pass
                 lab.down()
             console.print("cleaned up: lab removed, balancer detached")
+
+
+def _ipv6_vip(lab: Lab, ns: str, count: int) -> bool:
+    """The same backends behind an IPv6 VIP (NAT66: the balancer rewrites the destination,
+    the backends see the client's own IPv6 address). Returns whether all of them got some."""
+    assert lab.vip6 is not None
+    vip6 = f"[{lab.vip6}]:{lab.http_port}"
+    backends = [b for b in lab.backends if b.addr6]  # a topology may leave some IPv4 only
+    names = [b.name for b in backends]
+    lbctl(ns, "vip", "add", vip6)
+    for b in backends:
+        lbctl(ns, "backend", "add", vip6, f"[{b.addr6}]:{lab.http_port}")
+    with console.status(f"{count} HTTP requests to {vip6}, each on a new connection..."):
+        results = lab.http_requests(lab.vip6, lab.http_port, count=count, new_connection=True)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise DemoError(f"{len(failed)} of {count} IPv6 requests to {vip6} failed; first: "
+                        f"{failed[0].error or f'status {failed[0].status}'}")
+    spread = Counter((r.body or "").strip() for r in results)
+    console.print(distribution_table(f"{count} new IPv6 connections to {vip6}", spread, names, count))
+    seen = sorted({(r.client_addr or "").rsplit(":", 1)[0] for r in results})
+    console.print(f"the backends saw the client as {', '.join(seen)} (NAT66 keeps the client's address)")
+    return all(spread.get(n, 0) > 0 for n in names)
 
 
 def _push_reaches_every_node(lab: ClusterLab) -> bool:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,8 @@ class LabIface:
     addr: str
     prefixlen: int
     network: str
+    addr6: str | None = None  # IPv6 address beside addr, if the topology gives one
+    prefixlen6: int = 64
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class LabHost:
     addr: str  # address on `ifname`, without prefix length
     gateway: str | None
     ifaces: tuple[LabIface, ...] = ()
+    addr6: str | None = None  # IPv6 address on `ifname`, if the lab has IPv6
+    gateway6: str | None = None
 
 
 @dataclass
@@ -92,7 +97,8 @@ class LabStatus:
     prefix: str
     namespaces: dict[str, bool]  # netns name -> exists
     servers: dict[str, int | None]  # backend name -> pid of its live server, else None
-    addresses: dict[str, list[str]]  # host name -> "addr/prefixlen" configured in its netns
+    # host name -> "addr/prefixlen" configured in its netns: IPv4, then global IPv6
+    addresses: dict[str, list[str]]
     ready: bool  # a completed up() left its marker
 
     @property
@@ -137,6 +143,8 @@ class _Topology:
     networks: dict[str, str]  # name -> cidr
     bridges: dict[str, str]  # network name -> bridge ifname (switched networks)
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vip6: str | None = None
+    networks6: dict[str, str] = field(default_factory=dict)  # name -> IPv6 cidr, where given
 
 
 def load_topology(path: Path | str = TOPOLOGY_PATH) -> _Topology:
@@ -154,11 +162,14 @@ def load_topology(path: Path | str = TOPOLOGY_PATH) -> _Topology:
     for key in ("vip", "ports", "networks", "hosts"):
         need(key in raw, f"missing '{key}'")
     networks: dict[str, str] = {}
+    networks6: dict[str, str] = {}
     bridges: dict[str, str] = {}
     for name, net in raw["networks"].items():
         need(isinstance(net, dict) and "cidr" in net, f"network '{name}' needs a cidr")
         try:
             networks[name] = str(ipaddress.IPv4Network(net["cidr"]))
+            if "cidr6" in net:
+                networks6[name] = str(ipaddress.IPv6Network(net["cidr6"]))
         except ValueError as exc:
             need(False, f"network '{name}': {exc}")
         if "bridge" in net:
@@ -180,11 +191,27 @@ def load_topology(path: Path | str = TOPOLOGY_PATH) -> _Topology:
                 ipaddress.IPv4Address(iface["address"]) in cidr,
                 f"host '{name}': {iface['address']} is not in {cidr}",
             )
+            if "address6" in iface:
+                cidr6 = networks6.get(iface["network"])
+                need(cidr6 is not None,
+                     f"host '{name}': address6 on network '{iface['network']}', which has no cidr6")
+                need(_ip6(iface["address6"]) in ipaddress.IPv6Network(str(cidr6)),
+                     f"host '{name}': {iface['address6']} is not in {cidr6}")
+        if "gateway6" in host:
+            need(_ip6(host["gateway6"]) is not None, f"host '{name}': bad gateway6")
         hosts[name] = host
     roles = [h["role"] for h in hosts.values()]
     need(roles.count("client") == 1, "needs exactly one client")
     need(roles.count("balancer") == 1, "needs exactly one balancer")
     need(roles.count("backend") >= 1, "needs at least one backend")
+    vip6 = raw.get("vip6")
+    if vip6 is not None:
+        need(_ip6(vip6) is not None, f"vip6 '{vip6}' is not an IPv6 address")
+        # The v6 VIP's path: the client and the balancer need IPv6 on every interface. A
+        # backend without address6 is simply not among the v6 VIP's backends.
+        for name, host in hosts.items():
+            if host["role"] != "backend" and not all("address6" in i for i in host["interfaces"]):
+                need(False, f"vip6 is set, so host '{name}' needs address6 on every interface")
     return _Topology(
         vip=str(ipaddress.IPv4Address(raw["vip"])),
         http_port=int(raw["ports"]["http"]),
@@ -192,7 +219,16 @@ def load_topology(path: Path | str = TOPOLOGY_PATH) -> _Topology:
         networks=networks,
         bridges=bridges,
         hosts=hosts,
+        vip6=None if vip6 is None else str(ipaddress.IPv6Address(vip6)),
+        networks6=networks6,
     )
+
+
+def _ip6(text: Any) -> ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.IPv6Address(str(text))
+    except ValueError:
+        return None
 
 
 HostRef = Union[LabHost, str]
@@ -205,7 +241,8 @@ class Lab:
     per backend (<prefix>-be1 ...). `up()` builds it, `down()` removes it from any process.
     """
 
-    def __init__(self, prefix: str = "lbl", topology_path: Path | str = TOPOLOGY_PATH) -> None:
+    def __init__(self, prefix: str = "lbl", topology_path: Path | str = TOPOLOGY_PATH,
+                 ipv6: bool = True) -> None:
         if not (_NAME_RE.match(prefix) and len(prefix) <= _PREFIX_MAX):
             raise LabError(
                 f"bad lab prefix '{prefix}'; hint: use up to {_PREFIX_MAX} letters, digits, '-' or '_'"
@@ -213,17 +250,25 @@ class Lab:
         self.prefix = prefix
         self._topo = load_topology(topology_path)
         self.vip: str = self._topo.vip
+        # The IPv6 VIP, None when the topology has no IPv6 or ipv6=False: the lab is then
+        # IPv4 only and IPv6 is off in its namespaces.
+        self.vip6: str | None = self._topo.vip6 if ipv6 else None
         self.http_port: int = self._topo.http_port
         self.udp_port: int = self._topo.udp_port
         self.networks: dict[str, str] = dict(self._topo.networks)
         self.hosts: dict[str, LabHost] = {}
         for name, spec in self._topo.hosts.items():
+            with6 = self.vip6 is not None
             ifaces = tuple(
                 LabIface(
                     name=i["name"],
                     addr=str(i["address"]),
                     prefixlen=ipaddress.IPv4Network(self.networks[i["network"]]).prefixlen,
                     network=i["network"],
+                    addr6=str(ipaddress.IPv6Address(i["address6"]))
+                    if with6 and "address6" in i else None,
+                    prefixlen6=(ipaddress.IPv6Network(self._topo.networks6[i["network"]]).prefixlen
+                                if with6 else 64),
                 )
                 for i in spec["interfaces"]
             )
@@ -235,6 +280,9 @@ class Lab:
                 addr=ifaces[0].addr,
                 gateway=spec.get("gateway"),
                 ifaces=ifaces,
+                addr6=ifaces[0].addr6,
+                gateway6=str(ipaddress.IPv6Address(spec["gateway6"]))
+                if with6 and spec.get("gateway6") else None,
             )
         self.client: LabHost = next(h for h in self.hosts.values() if h.role == "client")
         self.lb: LabHost = next(h for h in self.hosts.values() if h.role == "balancer")
@@ -514,6 +562,7 @@ class Lab:
         self._sysctls_before_links()
         lb_peers = self._wire()
         self._configure_addresses()
+        self._configure_ipv6()
         self._tune_offloads(lb_peers)
         self._start_servers()
         self._wait_servers_ready()
@@ -524,20 +573,26 @@ class Lab:
         )
 
     def _sysctls_before_links(self) -> None:
-        for ns in self.namespaces:
+        # "default" covers the interfaces created afterwards.
+        if self.vip6 is None:
             # IPv6 off: no router solicitations, MLD or DAD noise in the balancer's pass
-            # counters, and no DAD wait. "default" covers interfaces created afterwards.
-            self._must(
-                ns,
-                [
-                    "sysctl",
-                    "-q",
-                    "-e",
-                    "-w",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )
+            # counters, and no DAD wait.
+            knobs = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+        else:
+            # IPv6 on, quiet and at once: no duplicate address detection (addresses usable
+            # when added, no DAD probes), no router advertisements taken and no router
+            # solicitations sent (the routes are static). What remains is neighbour
+            # discovery for real traffic, which the balancer passes as it passes ARP.
+            knobs = [f"net.ipv6.conf.{scope}.{knob}"
+                     for scope in ("all", "default")
+                     for knob in ("disable_ipv6=0", "accept_dad=0", "accept_ra=0",
+                                  "router_solicitations=0")]
+        for ns in self.namespaces:
+            self._must(ns, ["sysctl", "-q", "-e", "-w", *knobs])
+        if self.vip6 is not None:
+            # bpf_fib_lookup answers IPv6 only where forwarding is on, as the kernel's own
+            # routing does.
+            self._must(self.lb, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
         # rp_filter: the effective value is max(all, iface), so both must be 0; "default"
         # makes the interfaces created next start at 0.
         self._must(
@@ -600,6 +655,22 @@ class Lab:
                 if h.gateway:
                     ipr.route("add", dst="0.0.0.0/0", gateway=h.gateway)
 
+    def _configure_ipv6(self) -> None:
+        """IPv6 beside IPv4 where the topology gives it: an address per interface and a
+        default route per host with a gateway6. DAD is off (see _sysctls_before_links)."""
+        if self.vip6 is None:
+            return
+        for h in self.hosts.values():
+            with IPRoute(netns=h.netns, flags=0) as ipr:
+                for i in h.ifaces:
+                    if i.addr6 is None:
+                        continue
+                    idx = ipr.link_lookup(ifname=i.name)[0]
+                    ipr.addr("add", index=idx, address=i.addr6, prefixlen=i.prefixlen6,
+                             family=socket.AF_INET6)
+                if h.gateway6:
+                    ipr.route("add", dst="::/0", gateway=h.gateway6, family=socket.AF_INET6)
+
     def _tune_offloads(self, lb_peers: dict[str, tuple[str, str]]) -> None:
         for ifname in self.lb_ifaces:
             self._must(self.lb, ["sysctl", "-q", "-w", f"net.ipv4.conf.{ifname}.rp_filter=0"])
@@ -635,6 +706,8 @@ class Lab:
                 "--udp-port",
                 str(self.udp_port),
             ]
+            if self.vip6 is not None:
+                argv += ["--bind", "0.0.0.0", "--bind", "::"]
             commands.append({"argv": argv, "log": str(self.run_dir / f"{b.name}.log")})
         # The launcher exits right after spawning, so the servers are nobody's children
         # here: no zombies when down() runs in this same process, none left to reap.
@@ -663,7 +736,7 @@ class Lab:
                     "-S",
                     "-c",
                     _PROBE_SNIPPET,
-                    b.addr,
+                    ",".join(a for a in (b.addr, b.addr6 if self.vip6 else None) if a),
                     str(self.http_port),
                     str(SERVER_READY_TIMEOUT_S),
                 ],
@@ -742,9 +815,12 @@ class Lab:
         which bpf_fib_lookup needs before the balancer's first forwarded packet.
         """
         for b in self.backends:
-            bodies = self.http_get(b.addr, timeout_s=3.0, total_timeout_s=10.0)
-            if bodies != [b.name]:
-                raise LabError(f"client reached {b.addr} but got {bodies!r}, not {b.name!r}")
+            for addr in (b.addr, b.addr6 if self.vip6 else None):
+                if addr is None:
+                    continue
+                bodies = self.http_get(addr, timeout_s=3.0, total_timeout_s=10.0)
+                if bodies != [b.name]:
+                    raise LabError(f"client reached {addr} but got {bodies!r}, not {b.name!r}")
 
     def _log_tail(self, backend: str) -> str:
         """The last line a server wrote (for a crash: the exception), for a one-line error."""
@@ -825,11 +901,18 @@ class Lab:
     def _addresses_in(self, ns: str) -> list[str]:
         try:
             with IPRoute(netns=ns, flags=0) as ipr:
-                return sorted(
+                v4 = sorted(
                     f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-                    for a in ipr.addr("dump", family=2)
+                    for a in ipr.addr("dump", family=socket.AF_INET)
                     if a.get("IFA_ADDRESS") != "127.0.0.1"
                 )
+                # Global IPv6 only: link-local addresses say nothing about the lab's wiring.
+                v6 = sorted(
+                    f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                    for a in ipr.addr("dump", family=socket.AF_INET6)
+                    if a.get("scope") == 0 and a.get("IFA_ADDRESS") != "::1"
+                )
+                return v4 + v6
         except FileNotFoundError:
             return []  # deleted between the existence check and here
 
@@ -943,17 +1026,18 @@ print(json.dumps(pids))
 
 _PROBE_SNIPPET = r"""
 import socket, sys, time
-host, port, timeout_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+hosts, port, timeout_s = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3])
 deadline = time.monotonic() + timeout_s
-while True:
-    try:
-        socket.create_connection((host, port), timeout=1.0).close()
-        sys.exit(0)
-    except OSError as exc:
-        if time.monotonic() >= deadline:
-            print(f"nothing accepts on {host}:{port} after {timeout_s:.0f} s: {exc}")
-            sys.exit(1)
-        time.sleep(0.05)
+for host in hosts:
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            break
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                print(f"nothing accepts on {host}:{port} after {timeout_s:.0f} s: {exc}")
+                sys.exit(1)
+            time.sleep(0.05)
 """
 
 _HTTP_SNIPPET = r"""
@@ -1008,7 +1092,8 @@ for _ in range(spec["count"]):
         if sock is None or spec["new_socket"]:
             if sock is not None:
                 sock.close()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            family = socket.AF_INET6 if ":" in spec["host"] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.settimeout(spec["timeout_s"])
             # connect() filters out datagrams from anyone but the target (and surfaces
             # ICMP port unreachable as an error instead of a timeout).

@@ -133,7 +133,8 @@ class ClusterLab(Lab):
         self.source = source or "etcd"
         if self.source not in SOURCES:
             raise LabError(f"unknown agent source '{self.source}'; hint: one of {', '.join(SOURCES)}")
-        super().__init__(prefix, topology_path)
+        # IPv6 here is the segment's own (_segment_ipv6), for the nodes' BGP next hops.
+        super().__init__(prefix, topology_path, ipv6=False)
         self.forwarding = forwarding or default_forwarding()
         if not forwarding_supported(self.forwarding):
             raise LabError(f"forwarding '{self.forwarding}' is not supported by this build; hint: "

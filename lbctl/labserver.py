@@ -82,6 +82,14 @@ class LabHTTPServer6(LabHTTPServer):
     address_family = socket.AF_INET6
 
 
+class LabHTTPServer6Only(LabHTTPServer6):
+    """IPv6 only, so an IPv4 server of the same process can hold the same port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
 # Linux's IP_PKTINFO; Python before 3.12 has no name for it.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
@@ -124,19 +132,31 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--name", required=True, help="backend name sent in every answer")
-    parser.add_argument("--bind", default="0.0.0.0", help="address to listen on (:: for IPv6)")
+    parser.add_argument("--bind", action="append", default=None, metavar="ADDR",
+                        help="address to listen on (:: for IPv6); repeat it to listen on several "
+                             "(default 0.0.0.0)")
     parser.add_argument("--http-port", type=int, default=80)
     parser.add_argument("--udp-port", type=int, default=9000)
     parser.add_argument("--log-requests", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
+    binds: list[str] = args.bind or ["0.0.0.0"]
 
-    # An IPv6 --bind ("::", an address) serves IPv6 (and, on "::", IPv4-mapped peers too).
-    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
-    udp_sock = socket.socket(family, socket.SOCK_DGRAM)
-    udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    udp_sock.bind((args.bind, args.udp_port))
-    server_class = LabHTTPServer6 if family == socket.AF_INET6 else LabHTTPServer
-    httpd = server_class((args.bind, args.http_port), args.name, args.log_requests)
+    # An IPv6 address ("::", an address) serves IPv6. Alone, "::" takes IPv4-mapped peers too;
+    # beside an IPv4 address it is IPv6 only, so both can hold the same port.
+    servers: list[LabHTTPServer] = []
+    udp_socks: list[socket.socket] = []
+    for bind in binds:
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        v6only = family == socket.AF_INET6 and len(binds) > 1
+        udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+        udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6only:
+            udp_sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        udp_sock.bind((bind, args.udp_port))
+        udp_socks.append(udp_sock)
+        server_class = (LabHTTPServer6Only if v6only else LabHTTPServer6) \
+            if family == socket.AF_INET6 else LabHTTPServer
+        servers.append(server_class((bind, args.http_port), args.name, args.log_requests))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         # Exit at once: connection threads are daemons and hold nothing worth flushing.
@@ -144,19 +164,24 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    threading.Thread(
-        target=serve_udp_echo, args=(udp_sock, args.name), name="udp-echo", daemon=True
-    ).start()
+    for udp_sock in udp_socks:
+        threading.Thread(
+            target=serve_udp_echo, args=(udp_sock, args.name), name="udp-echo", daemon=True
+        ).start()
+    for httpd in servers[1:]:
+        threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     print(
-        f"labserver {args.name}: http {args.bind}:{args.http_port}, "
-        f"udp echo {args.bind}:{args.udp_port}",
+        f"labserver {args.name}: http {', '.join(f'{b}:{args.http_port}' for b in binds)}, "
+        f"udp echo {', '.join(f'{b}:{args.udp_port}' for b in binds)}",
         flush=True,
     )
     try:
-        httpd.serve_forever()
+        servers[0].serve_forever()
     finally:
-        httpd.server_close()
-        udp_sock.close()
+        for httpd in servers:
+            httpd.server_close()
+        for udp_sock in udp_socks:
+            udp_sock.close()
     return 0
 
 

@@ -34,10 +34,6 @@ from lbctl.bench.spec import (
     DSR_CLIENT_SIDE,
     GENERATOR_BOUND_SHARE,
     HTTP_VIP_PORT,
-    LAB6_CLIENT,
-    LAB6_LB_BACKEND_SIDE,
-    LAB6_LB_CLIENT_SIDE,
-    LAB6_VIP,
     MAX_ERROR_SHARE,
     NGINX_PORT,
     PPS_FLOWS,
@@ -49,7 +45,6 @@ from lbctl.bench.spec import (
     WORKLOADS,
     WRK_CONNECTIONS,
     WRK_THREADS,
-    lab6_backend,
 )
 from lbctl.bench.tools import check_tools, resolve_setups, tool_versions
 from lbctl.errors import LbctlError
@@ -275,8 +270,9 @@ class PeerBench:
                               "net.ipv4.ip_local_port_range=1024 65000",
                               "net.ipv4.tcp_tw_reuse=1"])
         self._thread_napi()
-        if self.ipv6:
-            self._enable_ipv6()
+        if self.ipv6 and self.lab.vip6 is None:
+            raise BenchError("the xdp-ipv6 setup needs the lab's IPv6 addresses (vip6 and address6 in "
+                             "lbctl/lab_topology.yaml)")
         (self.run_dir / "wrk.lua").write_text(WRK_LUA)
         for b in self.lab.backends:
             conf = self.run_dir / f"nginx-{b.name}.conf"
@@ -302,29 +298,8 @@ class PeerBench:
             if answer != "ready":
                 raise BenchError(f"{helper.name} helper said {answer!r}")
 
-    def _enable_ipv6(self) -> None:
-        """IPv6 beside IPv4 for the xdp-ipv6 setup (the lab turns it off): client, balancer
-        (forwarding) and backends on two /64s, without duplicate address detection."""
-        client, lb = self.lab.client, self.lab.lb
-        plan = [(lb.name, {self.lb_client_if: f"{LAB6_LB_CLIENT_SIDE}/64",
-                           self.lb_backend_if: f"{LAB6_LB_BACKEND_SIDE}/64"}, None),
-                (client.name, {client.ifname: f"{LAB6_CLIENT}/64"}, LAB6_LB_CLIENT_SIDE)]
-        plan += [(b.name, {b.ifname: f"{lab6_backend(i)}/64"}, LAB6_LB_BACKEND_SIDE)
-                 for i, b in enumerate(self.lab.backends)]
-        for host, addrs, gateway in plan:
-            knobs = ["net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
-                     "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-            knobs += [f"net.ipv6.conf.{ifname}.{knob}" for ifname in addrs
-                      for knob in ("disable_ipv6=0", "accept_dad=0")]
-            self._must(host, ["sysctl", "-q", "-w", *knobs])
-            for ifname, cidr in addrs.items():
-                self._must(host, ["ip", "-6", "addr", "add", cidr, "dev", ifname, "nodad"])
-            if gateway is not None:
-                self._must(host, ["ip", "-6", "route", "add", "default", "via", gateway])
-        self._must(lb.name, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
-
     def vip_addr(self, setup: str) -> str:
-        return LAB6_VIP if setup == "xdp-ipv6" else self.vip
+        return str(self.lab.vip6) if setup == "xdp-ipv6" else self.vip
 
     def vip_ports(self, setup: str) -> tuple[int, int]:
         """The VIP's ports for many backends and for one: DSR keeps the backend's port."""
@@ -475,7 +450,7 @@ class PeerBench:
         self._lbctl("attach", self.lb_client_if, self.lb_backend_if, "--mode", mode)
         self.state.xdp_attached = True
         v6 = name == "xdp-ipv6"
-        backends = [lab6_backend(i) for i in range(len(self.backends))] if v6 else self.backends
+        backends = [str(b.addr6) for b in self.lab.backends] if v6 else self.backends
 
         def endpoint(addr: str, port: int) -> str:
             return f"[{addr}]:{port}" if v6 else f"{addr}:{port}"
@@ -660,7 +635,7 @@ class PeerBench:
     def run_pps(self, setup: str) -> dict[str, Any]:
         assert self.gen is not None
         dst = self.backends[0] if setup == "direct" else self.vip_addr(setup)
-        source = f" {LAB6_CLIENT}" if ":" in dst else ""
+        source = f" {self.lab.client.addr6}" if ":" in dst else ""
         client_if, sw = self.lab.client.ifname, "sw"
         c0 = self._link_stats("client", client_if)
         f0 = self._link_stats(sw, self.sw_port)
@@ -710,7 +685,7 @@ class PeerBench:
             libbpf.close(fd)
         proc = self.lab.run("lb", [sys.executable, "-m", "lbctl.bench.helpers",
                                    "testrun", str(pin), self.lb_client_if,
-                                   LAB6_CLIENT if setup == "xdp-ipv6" else self.lab.client.addr,
+                                   str(self.lab.client.addr6) if setup == "xdp-ipv6" else self.lab.client.addr,
                                    self.vip_addr(setup), str(PPS_PORT)],
                             keep_mounts=True, timeout=120, env=self._env())
         if proc.returncode == 0:

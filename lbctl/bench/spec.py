@@ -47,19 +47,6 @@ GENERATOR_BOUND_SHARE = 0.95
 MAX_ERROR_SHARE = 0.01
 TEST_RUN_CALLS = 20_000
 
-# The lab's IPv6 addresses, added for the xdp-ipv6 setup beside the IPv4 ones (the lab keeps
-# IPv6 off otherwise): client and balancer on fd00:77:1::/64, balancer and backends on
-# fd00:77:2::/64, the VIP routed through the balancer.
-LAB6_VIP = "fd00:77::10"
-LAB6_CLIENT = "fd00:77:1::2"
-LAB6_LB_CLIENT_SIDE = "fd00:77:1::1"
-LAB6_LB_BACKEND_SIDE = "fd00:77:2::1"
-
-
-def lab6_backend(i: int) -> str:
-    return f"fd00:77:2::{11 + i}"
-
-
 # xdp-dsr: the client's second interface on the backends' segment, where the backends send
 # their replies straight to it (their default route during that setup), as in
 # tests/netns/dsr_topology.yaml.

@@ -22,6 +22,8 @@ pytestmark = [
 
 REQUESTS = 300  # the demo's default, as the README shows it
 BACKENDS = {"be1": "10.77.2.11", "be2": "10.77.2.12", "be3": "10.77.2.13"}
+BACKENDS6 = {"be1": "[fd77:2::11]", "be2": "[fd77:2::12]", "be3": "[fd77:2::13]"}
+VIP6 = "[fd77::10]:80"
 REMOVED = "be2"  # the demo removes the second backend
 
 
@@ -56,7 +58,7 @@ def distribution(out: str, heading: str) -> dict[str, int]:
     return rows
 
 
-def backend_flows(out: str, vip: str) -> dict[str, int]:
+def backend_flows(out: str, vip: str, backends: dict[str, str] = BACKENDS) -> dict[str, int]:
     """New flows per backend of `vip` from the `lbctl stats` table the demo prints."""
     header = next(line.split() for line in out.splitlines()
                   if line.split()[:2] == ["VIP", "BACKEND"])
@@ -66,7 +68,7 @@ def backend_flows(out: str, vip: str) -> dict[str, int]:
         cols = line.split()
         if len(cols) == len(header) and cols[0] == vip:
             by_addr[cols[1].rsplit(":", 1)[0]] = int(cols[flows])
-    return {name: by_addr[addr] for name, addr in BACKENDS.items() if addr in by_addr}
+    return {name: by_addr[addr] for name, addr in backends.items() if addr in by_addr}
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -100,6 +102,14 @@ def test_demo_balances_then_avoids_a_removed_backend_and_cleans_up() -> None:
         answered = {n: int(c) for n, c in re.findall(r"(be\d) x(\d+)", udp.group(2))}
         assert sum(answered.values()) == int(udp.group(1))
         assert backend_flows(out, "10.77.0.10:9000") == answered
+
+        # The IPv6 VIP over the same backends at their IPv6 addresses (NAT66).
+        assert f"$ lbctl -n {prefix}-lb vip add '{VIP6}'" in out
+        v6 = distribution(out, f"{REQUESTS} new IPv6 connections to {VIP6}")
+        assert sum(v6.values()) == REQUESTS
+        assert all(n > 0 for n in v6.values()), v6
+        assert backend_flows(out, VIP6, BACKENDS6) == v6
+        assert "the backends saw the client as fd77:1::2 (" in out
 
         after = distribution(out, f"after 'backend del' of {REMOVED}")
         assert after[REMOVED] == 0

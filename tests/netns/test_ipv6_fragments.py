@@ -21,7 +21,7 @@ from lbctl.lab import Lab, LabHost
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: builds namespaces and attaches XDP")
 
-NET6 = V6Net.of("fd00:78")
+NET6 = V6Net.of_lab()
 VIP6, CLIENT6, backend6 = NET6.vip, NET6.client, NET6.backend
 ECHO_PORT = 5353
 DATAGRAM_BYTES = 4000       # over a 1500-byte MTU: three fragments each way
@@ -76,7 +76,7 @@ def _start_echo(lab: Lab, backend: LabHost, _i: int) -> subprocess.Popen[bytes]:
 def lab6() -> Iterator[Lab]:
     """The lab with IPv6 beside IPv4, the balancer attached, a v6 UDP echo server in each
     backend (which also holds the VIP on lo, for DSR)."""
-    with v6_lab("bp", NET6, _start_echo, _wait_neighbours) as lab:
+    with v6_lab("bp", _start_echo, _wait_neighbours) as lab:
         yield lab
 
 

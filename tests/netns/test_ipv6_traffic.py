@@ -1,5 +1,5 @@
 """Real IPv6 traffic through the XDP balancer (NAT66, two-arm): the namespace lab with IPv6
-addresses added beside its IPv4 ones, HTTP servers listening on IPv6 in each backend, and the
+addresses beside its IPv4 ones, HTTP servers listening on IPv6 in each backend, and the
 real `lbctl` CLI. A client reaches a v6 VIP balanced over three backends; `backend del` moves
 new connections off one; the listings print [v6]:port; a backend of the other family is refused."""
 
@@ -28,7 +28,7 @@ pytestmark = [
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 V6_PORT = 8080
-NET6 = V6Net.of("fd00:77")
+NET6 = V6Net.of_lab()
 VIP6 = NET6.vip
 VIP6_ENDPOINT = f"[{VIP6}]:80"
 CLIENT6 = NET6.client
@@ -73,7 +73,7 @@ def _start_server(lab: Lab, backend: LabHost, _i: int) -> subprocess.Popen[bytes
 def lab6() -> Iterator[Lab]:
     """The lab with IPv6 beside IPv4, the balancer attached on both arms and a v6 HTTP server
     in each backend."""
-    with v6_lab("v6", NET6, _start_server, _wait_direct_reachable) as lab:
+    with v6_lab("v6", _start_server, _wait_direct_reachable) as lab:
         yield lab
 
 

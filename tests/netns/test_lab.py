@@ -80,9 +80,10 @@ def test_status_reports_every_part_up(lab_up: Lab) -> None:
     assert all(status.namespaces.values())
     assert set(status.servers) == {"be1", "be2", "be3"}
     assert all(isinstance(pid, int) for pid in status.servers.values())
-    assert status.addresses["client"] == [f"{lab_up.client.addr}/24"]
-    assert sorted(status.addresses["lb"]) == ["10.77.1.1/24", "10.77.2.1/24"]
-    assert status.addresses["be2"] == ["10.77.2.12/24"]
+    # IPv4, then the global IPv6 addresses beside them (link-local ones are not listed).
+    assert status.addresses["client"] == [f"{lab_up.client.addr}/24", "fd77:1::2/64"]
+    assert status.addresses["lb"] == ["10.77.1.1/24", "10.77.2.1/24", "fd77:1::1/64", "fd77:2::1/64"]
+    assert status.addresses["be2"] == ["10.77.2.12/24", "fd77:2::12/64"]
 
 
 def test_lab_attributes_match_the_topology(lab: Lab) -> None:
@@ -94,6 +95,66 @@ def test_lab_attributes_match_the_topology(lab: Lab) -> None:
     assert lab.client.gateway == lab.lb.ifaces[0].addr
     assert all(b.gateway == lab.lb.ifaces[1].addr for b in lab.backends)
     assert all(len(i.name) <= 15 for h in lab.hosts.values() for i in h.ifaces)
+    assert lab.vip6 == "fd77::10"
+    assert lab.client.gateway6 == lab.lb.ifaces[0].addr6 == "fd77:1::1"
+    assert [b.addr6 for b in lab.backends] == ["fd77:2::11", "fd77:2::12", "fd77:2::13"]
+    assert all(b.gateway6 == lab.lb.ifaces[1].addr6 for b in lab.backends)
+
+
+def test_client_reaches_each_backend_over_ipv6_through_the_balancer(lab_up: Lab) -> None:
+    for backend in lab_up.backends:
+        assert backend.addr6 is not None
+        results = lab_up.http_requests(backend.addr6, count=2)
+        assert [r.body for r in results] == [f"{backend.name}\n"] * 2
+        assert all((r.client_addr or "").startswith(f"{lab_up.client.addr6}:") for r in results)
+    assert lab_up.udp_echo(lab_up.backends[1].addr6 or "", payload="six") == ["be2 six"]
+    # Usable at once and quiet: no address waits in duplicate address detection ("tentative"),
+    # and the routes are the static ones (no router advertisements taken).
+    for host in ("client", "lb", "be1"):
+        addrs = lab_up.run(host, ["ip", "-6", "addr", "show"]).stdout
+        assert "tentative" not in addrs
+        knobs = lab_up.run(host, ["sysctl", "-n", "net.ipv6.conf.all.accept_ra",
+                                  "net.ipv6.conf.eth0.accept_dad"]).stdout.split()
+        assert knobs == ["0", "0"], host
+    routes = lab_up.run("client", ["ip", "-6", "route", "show", "default"]).stdout
+    assert routes.startswith("default via fd77:1::1 dev eth0"), routes
+    # Nothing answers for the v6 VIP until XDP does, as for the IPv4 one.
+    [r] = lab_up.http_requests(lab_up.vip6 or "", count=1, timeout_s=2.0)
+    assert r.error is not None and r.backend is None
+
+
+def test_a_topology_without_ipv6_keys_builds_an_ipv4_only_lab(tmp_path: Path) -> None:
+    text = lab_module.TOPOLOGY_PATH.read_text()
+    v4_only = "\n".join(line for line in text.splitlines()
+                        if not line.strip().startswith(("vip6:", "cidr6:", "address6:", "gateway6:")))
+    path = tmp_path / "v4.yaml"
+    path.write_text(v4_only + "\n")
+    lab = Lab(prefix=_prefix(), topology_path=path)
+    try:
+        assert lab.vip6 is None and lab.client.addr6 is None
+        lab.up()
+        assert lab.http_get(lab.backends[0].addr) == ["be1"]
+        assert lab.status().addresses["be1"] == ["10.77.2.11/24"]
+        assert lab.run("client", ["sysctl", "-n", "net.ipv6.conf.eth0.disable_ipv6"]).stdout.strip() == "1"
+    finally:
+        lab.down()
+    _assert_gone(lab)
+
+
+@pytest.mark.parametrize("edit, named", [
+    (("vip6: fd77::10", "vip6: 10.77.0.99"), "vip6 '10.77.0.99' is not an IPv6 address"),
+    (("address6: fd77:2::12", "address6: fd77:9::12"), "fd77:9::12 is not in fd77:2::/64"),
+    (("    cidr6: fd77:1::/64\n", ""), "network 'client_net', which has no cidr6"),
+    (("        address6: fd77:1::2\n", ""), "host 'client' needs address6 on every interface"),
+])
+def test_bad_ipv6_in_the_topology_is_named(tmp_path: Path, edit: tuple[str, str], named: str) -> None:
+    path = tmp_path / "bad.yaml"
+    old, new = edit
+    text = lab_module.TOPOLOGY_PATH.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(LabError, match=named.replace("(", r"\(")):
+        Lab(prefix=_prefix(), topology_path=path)
 
 
 def test_client_reaches_each_backend_over_http_through_the_balancer(lab_up: Lab) -> None:

@@ -250,7 +250,8 @@ def test_the_mode_setups_keep_the_backend_port_for_dsr_and_use_the_v6_vip_for_ip
     # DSR cannot change the port: its VIPs sit on the ports nginx listens on.
     assert bench.vip_ports("xdp-dsr") == (spec.NGINX_PORT, spec.SINGLE_NGINX_PORT)
     assert bench.vip_ports("xdp-fullnat") == (spec.HTTP_VIP_PORT, spec.SINGLE_VIP_PORT)
-    assert bench.vip_addr("xdp-ipv6") == spec.LAB6_VIP
+    # The lab's own IPv6 VIP (lbctl/lab_topology.yaml), on the same lab as every other setup.
+    assert bench.vip_addr("xdp-ipv6") == bench.lab.vip6 == "fd77::10"
     assert bench.vip_addr("xdp-dsr") == bench.vip == bench.vip_addr("xdp-fullnat")
     assert bench.ipv6
     assert {runner.XDP_FORWARDING[s] for s in ("xdp-native", "xdp-fullnat", "xdp-dsr")} == {
@@ -266,8 +267,8 @@ def test_nginx_listens_on_both_ports_and_on_ipv6_only_when_asked(tmp_path: Path)
 
 
 def test_the_packet_generator_builds_ipv6_frames_for_a_v6_vip():
-    frame = helpers.pps_frame("02:00:00:00:00:01", "02:00:00:00:00:02", spec.LAB6_CLIENT,
-                              spec.LAB6_VIP, spec.PPS_FLOW_BASE, spec.PPS_PORT)
+    frame = helpers.pps_frame("02:00:00:00:00:01", "02:00:00:00:00:02", "fd77:1::2",
+                              "fd77::10", spec.PPS_FLOW_BASE, spec.PPS_PORT)
     assert frame[12:14] == b"\x86\xdd" and len(frame) == 14 + 40 + 8 + spec.PPS_PAYLOAD_BYTES
 
 
