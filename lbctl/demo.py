@@ -92,6 +92,8 @@ def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, pref
         v6_spread = True
         if lab.vip6 is not None:
             v6_spread = _ipv6_vip(lab, ns, count)
+        elif lab.ipv6_missing:
+            console.print("(no IPv6 VIP: this kernel runs without IPv6, booted with ipv6.disable=1)")
 
         lbctl(ns, "stats")
 

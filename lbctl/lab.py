@@ -31,6 +31,8 @@ TOPOLOGY_PATH = Path(__file__).with_name("lab_topology.yaml")
 # State a later process needs to take the lab down: pid files, server logs, the ready marker.
 RUN_ROOT = Path("/run/lbctl/lab")
 NETNS_DIR = Path(netns.NETNS_RUN_DIR)
+# Absent when the kernel was booted with ipv6.disable=1.
+KERNEL_IPV6 = Path("/proc/sys/net/ipv6")
 # Repository root, so servers started with another interpreter still import lbctl.
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,9 +252,10 @@ class Lab:
         self.prefix = prefix
         self._topo = load_topology(topology_path)
         self.vip: str = self._topo.vip
-        # The IPv6 VIP, None when the topology has no IPv6 or ipv6=False: the lab is then
-        # IPv4 only and IPv6 is off in its namespaces.
-        self.vip6: str | None = self._topo.vip6 if ipv6 else None
+        # The IPv6 VIP, None when the topology has no IPv6, ipv6=False, or the kernel runs
+        # without IPv6 (ipv6.disable=1): the lab is then IPv4 only.
+        self.ipv6_missing = self._topo.vip6 is not None and not KERNEL_IPV6.exists()
+        self.vip6: str | None = self._topo.vip6 if ipv6 and not self.ipv6_missing else None
         self.http_port: int = self._topo.http_port
         self.udp_port: int = self._topo.udp_port
         self.networks: dict[str, str] = dict(self._topo.networks)

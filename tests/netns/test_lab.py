@@ -141,6 +141,22 @@ def test_a_topology_without_ipv6_keys_builds_an_ipv4_only_lab(tmp_path: Path) ->
     _assert_gone(lab)
 
 
+def test_a_kernel_without_ipv6_gets_an_ipv4_only_lab(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not Lab(prefix=_prefix()).ipv6_missing  # this kernel has IPv6
+    # ipv6.disable=1 at boot removes /proc/sys/net/ipv6: the lab must not try IPv6 there.
+    monkeypatch.setattr(lab_module, "KERNEL_IPV6", tmp_path / "absent")
+    lab = Lab(prefix=_prefix())
+    try:
+        assert lab.vip6 is None and lab.ipv6_missing
+        lab.up()
+        assert lab.http_get(lab.backends[2].addr) == ["be3"]
+        assert lab.status().addresses["client"] == ["10.77.1.2/24"]
+    finally:
+        lab.down()
+    _assert_gone(lab)
+
+
 @pytest.mark.parametrize("edit, named", [
     (("vip6: fd77::10", "vip6: 10.77.0.99"), "vip6 '10.77.0.99' is not an IPv6 address"),
     (("address6: fd77:2::12", "address6: fd77:9::12"), "fd77:9::12 is not in fd77:2::/64"),
