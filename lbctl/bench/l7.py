@@ -38,6 +38,7 @@ from lbctl.bench.tools import check_tools
 L7_PORT = 80            # the L7 proxy, a default VIP (pool on, lazy)
 HAPROXY_PORT = 81       # HAProxy mode http
 L7_NOPOOL_PORT = 82     # the L7 proxy with pool.enabled: false (a new upstream connection a request)
+REFERENCE_PORT = 83     # lbctl.bench.l7_reference: the same stack with no features (keep-alive only)
 METRICS_PORT = 9810     # the agent's, inside the balancer's namespace
 # The client the issue measured its figures with: two threads, 64 keep-alive connections.
 WRK_THREADS = 2
@@ -47,9 +48,11 @@ TTFB_BURST = 64
 EAGER_MIN_IDLE = 16      # per backend per worker: more than a burst's share of one worker
 
 # Which setup answers on which port; titles for tables and plots.
-SETUPS = {"haproxy": HAPROXY_PORT, "l7": L7_PORT, "l7-nopool": L7_NOPOOL_PORT}
+SETUPS = {"haproxy": HAPROXY_PORT, "l7": L7_PORT, "l7-nopool": L7_NOPOOL_PORT,
+          "reference": REFERENCE_PORT}
 TITLES = {"haproxy": "HAProxy mode http", "l7": "lbctl L7 (agent, default VIP)",
-          "l7-nopool": "lbctl L7, pool off"}
+          "l7-nopool": "lbctl L7, pool off",
+          "reference": "minimal uvloop+httptools proxy (reference, no features)"}
 GOAL_RATIO = 0.9
 
 
@@ -173,6 +176,7 @@ class L7Bench(PeerBench):
                          prefix or f"b7{os.urandom(3).hex()}")
         self.agent: Agent | None = None
         self.haproxy: _Proc | None = None
+        self.reference: _Proc | None = None
 
     def prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,10 @@ class L7Bench(PeerBench):
         conf = self.run_dir / "haproxy.cfg"
         conf.write_text(haproxy_http_conf(self.backends))
         self.haproxy = self._spawn("haproxy", "lb", ["haproxy", "-db", "-f", str(conf)])
+        self.reference = self._spawn(
+            "reference", "lb", [sys.executable, "-m", "lbctl.bench.l7_reference",
+                                str(REFERENCE_PORT), ",".join(f"{a}:{NGINX_PORT}" for a in self.backends),
+                                "--workers", str(os.cpu_count() or 1)])
 
     # ------------------------------------------------------------ the agent
 
@@ -238,7 +246,10 @@ class L7Bench(PeerBench):
         """The agent's worker processes (its children running lbctl.l7.worker)."""
         if self.agent is None:
             return []
-        parent = self.agent.proc.popen.pid
+        return self._children(self.agent.proc.popen.pid, b"lbctl.l7.worker")
+
+    def _children(self, parent: int, marker: bytes) -> list[int]:
+        """Processes whose parent is `parent` and whose command line holds `marker`."""
         pids = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -247,14 +258,20 @@ class L7Bench(PeerBench):
                 stat = Path(f"/proc/{entry}/stat").read_text()
                 ppid = int(stat[stat.rindex(")") + 2:].split()[1])
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-                if ppid == parent and b"lbctl.l7.worker" in cmd:
+                if ppid == parent and marker in cmd:
                     pids.append(int(entry))
         return sorted(pids)
 
     def proxy_cpu_s(self, setup: str) -> float | None:
         """CPU seconds the proxy under test has used: HAProxy's process, or every L7 worker."""
-        pids = ([self.haproxy.popen.pid] if setup == "haproxy" and self.haproxy is not None
-                else self.workers())
+        if setup == "haproxy":
+            pids = [self.haproxy.popen.pid] if self.haproxy is not None else []
+        elif setup == "reference":
+            # The first worker and the ones it forked.
+            pids = [] if self.reference is None else [self.reference.popen.pid, *self._children(
+                self.reference.popen.pid, b"lbctl.bench.l7_reference")]
+        else:
+            pids = self.workers()
         if not pids:
             return None
         total = 0.0
@@ -356,6 +373,17 @@ def summarize_l7(results: dict[str, Any]) -> dict[str, Any]:
             if a.get("ok") and b.get("ok") and a.get(key) and b.get(key):
                 per_round.append(a[key] / b[key])
         out["ratios"][f"l7/haproxy {metric}"] = summarize(per_round)
+    # The reference proxy: how far the same stack without features is from HAProxy, and what
+    # the L7 proxy's features cost against it (requests/s and CPU per request).
+    for name, (num, den), metric in (("reference/haproxy", ("reference", "haproxy"), "rate"),
+                                     ("l7/reference", ("l7", "reference"), "rate"),
+                                     ("l7/reference", ("l7", "reference"), "cpu_ms_per_1k")):
+        per_round = []
+        for a, b in zip(results["runs"].get(num, {}).get("keepalive", []),
+                        results["runs"].get(den, {}).get("keepalive", [])):
+            if a.get("ok") and b.get("ok") and a.get(metric) and b.get(metric):
+                per_round.append(a[metric] / b[metric])
+        out["ratios"][f"{name} keepalive_{metric}"] = summarize(per_round)
     per_round = []
     for a, b in zip(results["runs"].get("l7-nopool", {}).get("keepalive", []),
                     results["runs"].get("l7", {}).get("keepalive", [])):
@@ -448,7 +476,7 @@ def plot(results: dict[str, Any], out: Path) -> bool:
 
     s = results["summary"]
     setups = [x for x in SETUPS if x in s["setups"]]
-    colors = {"haproxy": "#2ca02c", "l7": "#1f77b4", "l7-nopool": "#9ecae1"}
+    colors = {"haproxy": "#2ca02c", "l7": "#1f77b4", "l7-nopool": "#9ecae1", "reference": "#7f7f7f"}
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.8), dpi=100)
     panels = (("keepalive_rate", "keep-alive requests/s"), ("short_rate", "new-connection requests/s"),
               ("keepalive_p99_ms", "keep-alive p99 latency, ms (lower is better)"))
@@ -520,7 +548,7 @@ def run_l7(results_dir: Path, doc_path: Path | None = None, repeats: int = 3, qu
     check_outputs(results_dir, doc_path)
     repeats = 1 if quick else max(1, repeats)
     restarts = 1 if quick else max(1, ttfb_restarts)
-    progress = _Progress(repeats * 5 + 2 * restarts + 2, console)
+    progress = _Progress(repeats * 6 + 2 * restarts + 2, console)
     started = dt.datetime.now(dt.timezone.utc)
     bench = L7Bench(repeats, quick, console, prefix)
     results: dict[str, Any] = {
@@ -541,16 +569,19 @@ def run_l7(results_dir: Path, doc_path: Path | None = None, repeats: int = 3, qu
                       f"{bench.lab.prefix}")
         bench.prepare()
         bench.start_agent()
+        bench._wait_port(bench.lab.client.name, bench.vip, REFERENCE_PORT)
         progress.step(f"lab {bench.lab.prefix} up: nginx on 3 backends, HAProxy mode http "
                       f"(:{HAPROXY_PORT}), lbctl agent with L7 VIPs (:{L7_PORT}, pool off "
-                      f":{L7_NOPOOL_PORT})")
+                      f":{L7_NOPOOL_PORT}), reference proxy (:{REFERENCE_PORT})")
         # Through every path once before timing: neighbours resolved, pools opened.
-        for port in (L7_PORT, HAPROXY_PORT, L7_NOPOOL_PORT):
+        for port in (L7_PORT, HAPROXY_PORT, L7_NOPOOL_PORT, REFERENCE_PORT):
             bench.lab.http_get(bench.vip, port, count=6)
         for rnd in range(1, repeats + 1):
-            order = ["haproxy", "l7"] if rnd % 2 else ["l7", "haproxy"]
+            order = ["haproxy", "l7", "reference"] if rnd % 2 else ["reference", "l7", "haproxy"]
             for workload, close in (("keepalive", False), ("short", True)):
-                for setup in order:
+                # The reference proxy is measured with keep-alive only (the goal's workload).
+                for setup in order if workload == "keepalive" else [x for x in order
+                                                                    if x != "reference"]:
                     rec = bench.wrk(setup, close)
                     results["runs"][setup][workload].append(rec)
                     progress.step(f"round {rnd}/{repeats} {TITLES[setup]}: {workload} "

@@ -85,3 +85,88 @@ def test_the_page_block_has_the_table_the_verdict_and_is_replaced_in_place():
     assert once.startswith(page.rstrip("\n")) and once.count(l7.DOC_BEGIN) == 1
     twice = l7.update_doc(once.replace("intro", "intro kept"), block)
     assert twice.count(l7.DOC_BEGIN) == 1 and "intro kept" in twice
+
+
+def test_the_reference_proxy_is_compared_per_round_with_haproxy_and_the_l7_proxy():
+    results = _results()
+    results["runs"]["reference"] = {"keepalive": [_run(30000), _run(25000)], "short": []}
+    results["runs"]["reference"]["keepalive"][0]["cpu_ms_per_1k"] = 10.0
+    s = l7.summarize_l7(results)
+    assert s["ratios"]["reference/haproxy keepalive_rate"]["values"] == [1.0, 1.25]
+    assert s["ratios"]["l7/reference keepalive_rate"]["values"] == [0.9, 19000 / 25000]
+    assert s["ratios"]["l7/reference keepalive_cpu_ms_per_1k"]["values"] == [2.0, 1.0]
+    results["summary"] = s
+    block = l7.render_markdown(results, plotted=False)
+    assert "| minimal uvloop+httptools proxy (reference, no features) | 27,500 |" in block
+    assert "reference/haproxy keepalive_rate: **1.12x**" in block
+
+
+def test_the_reference_proxy_balances_requests_of_one_connection_over_pooled_upstreams():
+    """The bench's reference point must really proxy (else its figures mean nothing): answers
+    come back intact, requests of one client connection go round robin, the backends see
+    X-Forwarded-For and one pooled connection each however many requests pass."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Backend(ThreadingHTTPServer):
+        daemon_threads = True
+        connections = 0
+        xff: list[str]
+
+        def get_request(self):  # type: ignore[no-untyped-def]
+            self.connections += 1
+            return super().get_request()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_GET(self) -> None:
+            self.server.xff.append(self.headers.get("X-Forwarded-For", ""))  # type: ignore[attr-defined]
+            body = f"{self.server.server_address[1]}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers = [Backend(("127.0.0.1", 0), Handler) for _ in range(2)]
+    for srv in servers:
+        srv.xff = []
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lbctl.bench.l7_reference", str(port),
+                             ",".join(f"127.0.0.1:{srv.server_address[1]}" for srv in servers),
+                             "--workers", "1", "--host", "127.0.0.1"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        seen = []
+        for _ in range(10):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            seen.append(int(resp.read()))
+        assert sorted(set(seen)) == sorted(srv.server_address[1] for srv in servers)
+        assert all(seen[i] != seen[i + 1] for i in range(9)), seen
+        deadline = time.monotonic() + 5
+        while sum(len(srv.xff) for srv in servers) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [srv.connections for srv in servers] == [1, 1]
+        assert {x for srv in servers for x in srv.xff} == {"127.0.0.1"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
