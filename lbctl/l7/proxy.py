@@ -1416,12 +1416,19 @@ class _FastExchange:
         if reusable and not self.upstream_paused:
             conn = self.conn
             conn.proto.sink = None
-            self.backend.outstanding -= 1
-            self.backend.pool.give_back(conn, self.answered_at)
+            b = self.backend
+            b.outstanding -= 1
+            b.pool.give_back(conn, self.answered_at)
         else:
             self._release(reusable)
-        if self.out:
-            self._flush()
+        out = self.out
+        if out:
+            # The answer's last bytes: written without _flush's pause, as the upstream
+            # connection is no longer this exchange's (it may be back in its pool, where a
+            # paused reader would never see the backend close it).
+            self.out = []
+            c = self.client
+            c.transport.write(out[0] if len(out) == 1 else b"".join(out))
         self.client.fast_done(self.client_keep, self.answered_at)
 
     def _abort(self) -> None:
