@@ -1,8 +1,10 @@
 """`lbctl bench l7`: the L7 proxy (run by `lbctl agent` for a mode: l7 VIP) against HAProxy
 `mode http` with the same nginx backends and the same wrk client, in alternating rounds on one
 namespace lab: keep-alive and new-connection requests/s, p50/p99 latency and the balancer's CPU
-per request; requests/s with the upstream pool on and off; time to first byte of the first
-requests after a start with `warmup: eager` and `lazy`. A JSON record, a plot, a page block."""
+per request; requests/s with the upstream pool on and off; keep-alive through a minimal proxy
+on the same stack (lbctl.bench.l7_reference: what the features cost, apart from the stack);
+time to first byte of the first requests after a start with `warmup: eager` and `lazy`. A JSON
+record, a plot, a page block."""
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +54,7 @@ SETUPS = {"haproxy": HAPROXY_PORT, "l7": L7_PORT, "l7-nopool": L7_NOPOOL_PORT,
           "reference": REFERENCE_PORT}
 TITLES = {"haproxy": "HAProxy mode http", "l7": "lbctl L7 (agent, default VIP)",
           "l7-nopool": "lbctl L7, pool off",
-          "reference": "minimal uvloop+httptools proxy (reference, no features)"}
+          "reference": "minimal proxy (reference, no features)"}
 GOAL_RATIO = 0.9
 
 
