@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import json
 import os
@@ -15,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -23,6 +22,7 @@ from typing import Any, Union
 import yaml  # type: ignore[import-untyped]
 from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 
+from lbctl import runlock
 from lbctl.errors import LbctlError
 from xdp.errors import NeedRootError
 from xdp.maps import pin_dir_for
@@ -937,27 +937,16 @@ class _LockHandle:
 @contextmanager
 def _run_lock(prefix: str) -> Iterator[_LockHandle]:
     """Serialise up/down of one lab across processes; labs of other prefixes never wait."""
-    RUN_ROOT.mkdir(parents=True, exist_ok=True)
-    path = RUN_ROOT / f"{prefix}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # A holder may have removed the file while we waited: our lock is then on a dead
-        # inode that a newcomer no longer sees, so take the lock again on the live file.
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    path = str(RUN_ROOT / f"{prefix}.lock")
+    fd = runlock.acquire(path)
     handle = _LockHandle()
     try:
         yield handle
     finally:
         if handle.remove:
-            with suppress(FileNotFoundError):
-                path.unlink()
-        os.close(fd)
+            runlock.release(path, fd)
+        else:
+            os.close(fd)
 
 
 def _one_line(exc: BaseException) -> str:
