@@ -43,6 +43,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_REQUEST_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 _REQUEST_SPECIAL = HOP_BY_HOP | _BODY_REQUEST_HEADERS | {b"host", b"x-forwarded-for",
                                                          b"x-forwarded-proto"}
+# Answer headers the fast path looks at as they arrive: the hop-by-hop ones and the length.
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length"}
 _NO_EXCLUDE: frozenset[str] = frozenset()
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 
@@ -1250,9 +1252,11 @@ class _FastExchange:
         self.client_keep, self.client_11 = client_keep, client_11
         self.members_n, self.head = members_n, head
         self.status = 0
+        # has_length, no_body, upstream_keep and answered_at are set with the answer's head,
+        # before anything reads them.
         self.done = self.extra = self.got = self.interim = self.upstream_paused = False
-        self.has_length = self.no_body = self.out_chunked = self.upstream_keep = False
-        self.started = self.answered_at = now
+        self.out_chunked = False
+        self.started = now
         self.deadline = now + client.settings.read_timeout_s
         self.conn.proto.sink = self
 
@@ -1266,10 +1270,10 @@ class _FastExchange:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
-        if low in HOP_BY_HOP:
-            self.hop.append((low, value))
-            return
-        if low == b"content-length":
+        if low in _RESPONSE_SPECIAL:
+            if low != b"content-length":
+                self.hop.append((low, value))
+                return
             self.has_cl = True
         self.lines += (name, b": ", value, b"\r\n")
 
