@@ -4,6 +4,9 @@
 #   bash lbctl/setup.sh demo     ... then run the demo in the namespace lab
 #   bash lbctl/setup.sh test     ... then run the whole test suite (installs its tools too)
 #   bash lbctl/setup.sh packages list the Debian packages it installs, "demo|test PACKAGE"
+#   bash lbctl/setup.sh venv     only the venv with lbctl installed (for an image built in a
+#                                chroot, vagrant/build-box.sh: the packages are there already,
+#                                and the running kernel is the build host's)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,9 +40,9 @@ test_pkgs=(
 )
 
 case "$action" in
-    ""|demo|test|packages) ;;
+    ""|demo|test|packages|venv) ;;
     # Before anything is installed: bad input changes nothing.
-    *) die "unknown action '$action'; hint: use 'demo', 'test', 'packages' or nothing" ;;
+    *) die "unknown action '$action'; hint: use 'demo', 'test', 'packages', 'venv' or nothing" ;;
 esac
 if [ "$action" = packages ]; then
     printf 'demo %s\n' "${pkgs[@]}"
@@ -50,70 +53,75 @@ fi
 [ "$(id -u)" -eq 0 ] || die "must run as root (XDP, bpffs and namespaces need it); hint: sudo bash lbctl/setup.sh $action"
 command -v apt-get >/dev/null || die "apt-get not found; this script supports Debian 12 and Ubuntu 22.04+"
 
-wanted=("${pkgs[@]}")
-[ "$action" = test ] && wanted+=("${test_pkgs[@]}")
-missing=()
-for p in "${wanted[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+# The host: Debian packages, kernel headers and bpffs. Skipped by `venv`, which runs where
+# they are in place already but `uname -r` is another machine's (a chroot).
+host_setup() {
+    wanted=("${pkgs[@]}")
+    [ "$action" = test ] && wanted+=("${test_pkgs[@]}")
+    missing=()
+    for p in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
 
-# bcc compiles against kernel headers at /lib/modules/$(uname -r)/build.
-kver=$(uname -r)
-# The distribution's default headers: Debian names them by architecture, Ubuntu "generic".
-if grep -qi '^ID=ubuntu' /etc/os-release 2>/dev/null; then
-    default_headers=linux-headers-generic
-else
-    default_headers=linux-headers-$(dpkg --print-architecture)
-fi
-need_headers=0
-[ -e "/lib/modules/$kver/build/Makefile" ] || need_headers=1
-if [ "$need_headers" = 1 ]; then
-    if apt-cache policy "linux-headers-$kver" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-        missing+=("linux-headers-$kver")
-    elif ! dpkg-query -W -f='${Status}' "$default_headers" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$default_headers")
-    fi
-fi
-
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # Retry once: the package list may be stale on a long-lived host.
-    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-            || die "apt-get could not install: ${missing[*]}"
-    fi
-    # Re-resolve: a kernel without its own headers package gets the distribution's.
-    if [ "$need_headers" = 1 ] && [ ! -e "/lib/modules/$kver/build/Makefile" ] \
-        && ! dpkg-query -W -f='${Status}' "linux-headers-$kver" 2>/dev/null | grep -q "install ok installed"; then
-        dpkg-query -W -f='${Status}' "$default_headers" 2>/dev/null | grep -q "install ok installed" \
-            || apt-get install -y -qq --no-install-recommends "$default_headers" >/dev/null
-    fi
-fi
-
-if [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
-    # The running kernel has no headers package: use the distribution's newest headers.
-    # shellcheck disable=SC2010  # module directory names are plain kernel versions
-    hdr=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "^/lib/modules/$kver/" | sort -V | tail -n1 || true)
-    [ -n "$hdr" ] || die "no kernel headers found for $kver; hint: apt-get install $default_headers"
-    hdir=$(dirname "$hdr")
-    if [ -e "/lib/modules/$kver" ] && [ ! -L "/lib/modules/$kver" ]; then
-        ln -sfn "$(readlink -f "$hdir/build")" "/lib/modules/$kver/build"
-        [ -e "$hdir/source" ] && ln -sfn "$(readlink -f "$hdir/source")" "/lib/modules/$kver/source"
+    # bcc compiles against kernel headers at /lib/modules/$(uname -r)/build.
+    kver=$(uname -r)
+    # The distribution's default headers: Debian names them by architecture, Ubuntu "generic".
+    if grep -qi '^ID=ubuntu' /etc/os-release 2>/dev/null; then
+        default_headers=linux-headers-generic
     else
-        ln -sfn "$hdir" "/lib/modules/$kver"
+        default_headers=linux-headers-$(dpkg --print-architecture)
     fi
-    say "kernel $kver has no headers package; bcc will compile against $(basename "$hdir") headers (linked as /lib/modules/$kver)"
-fi
+    need_headers=0
+    [ -e "/lib/modules/$kver/build/Makefile" ] || need_headers=1
+    if [ "$need_headers" = 1 ]; then
+        if apt-cache policy "linux-headers-$kver" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+            missing+=("linux-headers-$kver")
+        elif ! dpkg-query -W -f='${Status}' "$default_headers" 2>/dev/null | grep -q "install ok installed"; then
+            missing+=("$default_headers")
+        fi
+    fi
 
-# bpffs: pinned maps let separate lbctl commands change a running balancer.
-if ! mount -t bpf | grep -q ' /sys/fs/bpf '; then
-    mkdir -p /sys/fs/bpf
-    mount -t bpf bpf /sys/fs/bpf
-    say "mounted bpffs at /sys/fs/bpf"
-fi
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # Retry once: the package list may be stale on a long-lived host.
+        if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+            apt-get update -qq
+            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+                || die "apt-get could not install: ${missing[*]}"
+        fi
+        # Re-resolve: a kernel without its own headers package gets the distribution's.
+        if [ "$need_headers" = 1 ] && [ ! -e "/lib/modules/$kver/build/Makefile" ] \
+            && ! dpkg-query -W -f='${Status}' "linux-headers-$kver" 2>/dev/null | grep -q "install ok installed"; then
+            dpkg-query -W -f='${Status}' "$default_headers" 2>/dev/null | grep -q "install ok installed" \
+                || apt-get install -y -qq --no-install-recommends "$default_headers" >/dev/null
+        fi
+    fi
+
+    if [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
+        # The running kernel has no headers package: use the distribution's newest headers.
+        # shellcheck disable=SC2010  # module directory names are plain kernel versions
+        hdr=$(ls -d /lib/modules/*/build 2>/dev/null | grep -v "^/lib/modules/$kver/" | sort -V | tail -n1 || true)
+        [ -n "$hdr" ] || die "no kernel headers found for $kver; hint: apt-get install $default_headers"
+        hdir=$(dirname "$hdr")
+        if [ -e "/lib/modules/$kver" ] && [ ! -L "/lib/modules/$kver" ]; then
+            ln -sfn "$(readlink -f "$hdir/build")" "/lib/modules/$kver/build"
+            [ -e "$hdir/source" ] && ln -sfn "$(readlink -f "$hdir/source")" "/lib/modules/$kver/source"
+        else
+            ln -sfn "$hdir" "/lib/modules/$kver"
+        fi
+        say "kernel $kver has no headers package; bcc will compile against $(basename "$hdir") headers (linked as /lib/modules/$kver)"
+    fi
+
+    # bpffs: pinned maps let separate lbctl commands change a running balancer.
+    if ! mount -t bpf | grep -q ' /sys/fs/bpf '; then
+        mkdir -p /sys/fs/bpf
+        mount -t bpf bpf /sys/fs/bpf
+        say "mounted bpffs at /sys/fs/bpf"
+    fi
+}
+[ "$action" = venv ] || host_setup
 
 # The venv must come from the system python3: bcc is only built for it.
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
@@ -135,6 +143,7 @@ fi
 
 case "$action" in
     "") say "ready; try: lbctl demo   (or: $venv/bin/lbctl demo)" ;;
+    venv) say "venv ready: $venv" ;;
     demo) exec "$venv/bin/lbctl" demo ;;
     test) cd "$repo" && exec "$venv/bin/python" -m pytest tests -ra ;;
 esac

@@ -6,8 +6,8 @@
 #
 # debootstrap builds the root tree from a Debian mirror (by default the one this host's apt
 # uses); the tree gets the Debian kernel and its initramfs, the `vagrant` user with Vagrant's
-# well-known insecure key, sshd, sudo, and the Debian packages lbctl/setup.sh installs, so a VM
-# provisions without apt (only pip still downloads lbctl's Python dependencies). mkfs.ext4 -d
+# well-known insecure key, sshd, sudo, the Debian packages lbctl/setup.sh installs and the venv
+# it makes (`setup.sh venv`), so a VM provisions without apt or pip. mkfs.ext4 -d
 # turns the tree into the root partition of a raw disk with GRUB in its boot sectors: nothing
 # is mounted or loop-attached. The disk becomes the box's qcow2 image.
 # Idempotent: a box already registered from the same inputs is kept; --force rebuilds.
@@ -15,6 +15,7 @@ set -euo pipefail
 
 BOX_NAME=lbctl/bookworm64
 SUITE=bookworm
+guest_repo=/srv/lbctl # GUEST_REPO in vagrant/Vagrantfile
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 out=/var/cache/lbctl/vagrant-box # outside the repository, which Vagrant syncs into every VM
@@ -25,7 +26,7 @@ force=0
 say() { printf 'build-box: %s\n' "$*"; }
 die() { printf 'build-box: error: %s\n' "$*" >&2; exit 1; }
 step_no=0
-step() { step_no=$((step_no + 1)); say "[$step_no/7] $* ($(date -u +%H:%M:%S))"; }
+step() { step_no=$((step_no + 1)); say "[$step_no/8] $* ($(date -u +%H:%M:%S))"; }
 
 usage() {
     cat <<'EOF'
@@ -75,7 +76,7 @@ fi
 security=$(host_mirror "$SUITE-security" | head -n1)
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap chroots); hint: sudo bash vagrant/build-box.sh"
-for tool in debootstrap mkfs.ext4 qemu-img vagrant chroot; do
+for tool in debootstrap mkfs.ext4 qemu-img vagrant chroot rsync; do
     command -v "$tool" >/dev/null \
         || die "$tool not found; hint: sudo bash vagrant/lab.sh host installs the lab's host packages"
 done
@@ -106,7 +107,8 @@ host_ca_files=(/usr/local/share/ca-certificates/*.crt)
 shopt -u nullglob
 tree_inputs=$(printf '%s\n' "$SUITE" "$mirror" "$security" | sha256sum | cut -c1-16)
 inputs=$(printf '%s\n' "$tree_inputs" "$disk_gb" "${base_pkgs[@]}" "${kernel_pkgs[@]}" \
-         "${lbctl_pkgs[@]}" | cat - "$0" "$vagrant_pub" "${host_ca_files[@]}" | sha256sum | cut -c1-16)
+         "${lbctl_pkgs[@]}" | cat - "$0" "$vagrant_pub" "${host_ca_files[@]}" \
+         "$repo/lbctl/setup.sh" "$repo/pyproject.toml" | sha256sum | cut -c1-16)
 mkdir -p "$out"
 box_file="$out/lbctl-bookworm64-libvirt.box"
 stamp="$out/registered-$inputs"
@@ -262,12 +264,34 @@ menuentry 'Debian GNU/Linux 12 (lbctl box)' {
 }
 EOF
 if [ ! -e "$tree/vmlinuz" ] || [ ! -e "$tree/initrd.img" ]; then die "the tree has no /vmlinuz or /initrd.img link"; fi
+# -- 4. lbctl's venv, made by provisioning's own script at the build host's speed
+# Provisioning runs `bash lbctl/setup.sh` in each VM; under software emulation making its
+# venv (ensurepip, then pip resolving, fetching and unpacking lbctl's dependencies over TLS)
+# is most of a VM's provisioning time. `setup.sh venv` does that part here, in the tree, at
+# the path the Vagrantfile syncs the repository to: setup.sh in the VM then finds the venv
+# (bcc imports) and its stamp for this pyproject.toml, and only links lbctl onto the PATH.
+# Vagrant's rsync leaves .venv/ and *.egg-info/ alone (excluded); the sources are the synced ones.
+step "lbctl's venv in $guest_repo/.venv (bash lbctl/setup.sh venv)"
+rm -rf "${tree:?}$guest_repo"
+mkdir -p "$tree$guest_repo"
+rsync -a --exclude=.git/ --exclude=.venv/ --exclude=.vagrant/ --exclude='*.egg-info/' \
+    --exclude=__pycache__/ --exclude=.pytest_cache/ --exclude=.ruff_cache/ --exclude=.mypy_cache/ \
+    "$repo/" "$tree$guest_repo/"
+in_tree PIP_NO_CACHE_DIR=1 bash "$guest_repo/lbctl/setup.sh" venv >"$out/venv.log" 2>&1 \
+    || { tail -n 20 "$out/venv.log" >&2; die "lbctl/setup.sh venv in the tree failed (log: $out/venv.log)"; }
+# Byte-compiled here in seconds rather than on first import in each VM (pip does not, per
+# /etc/pip.conf, as compiling in the VM is what costs minutes there).
+in_tree "$guest_repo/.venv/bin/python" -m compileall -q -j 0 "$guest_repo/.venv/lib" >>"$out/venv.log" 2>&1 || true
+# Only the venv and the editable install's metadata stay; the VM gets the sources by rsync.
+find "$tree$guest_repo" -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.egg-info' -exec rm -rf {} +
+say "      $(in_tree "$guest_repo/.venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | wc -l) Python packages in the venv ($(du -sh "$tree$guest_repo/.venv" | cut -f1))"
+
 rm -f "$tree/etc/resolv.conf"
 cleanup
 trap - EXIT
 mounted=()
 
-# -- 4. the root filesystem, written into the disk image at the partition's offset
+# -- 5. the root filesystem, written into the disk image at the partition's offset
 step "root filesystem (mkfs.ext4 -d) on a ${disk_gb} GiB disk"
 part_start=2048 # sectors: 1 MiB, room for GRUB's core image before it
 total_sectors=$((disk_gb * 1024 * 1024 * 2))
@@ -277,7 +301,7 @@ truncate -s "${disk_gb}G" "$disk"
 mkfs.ext4 -q -F -L lbctl-root -U "$root_uuid" -E "offset=$((part_start * 512))" -d "$tree" \
     "$disk" "$((part_sectors / 2))k" || die "mkfs.ext4 -d failed"
 
-# -- 5. the boot sectors: GRUB's boot.img, an MBR with one bootable Linux partition, core.img
+# -- 6. the boot sectors: GRUB's boot.img, an MBR with one bootable Linux partition, core.img
 step "GRUB in the boot sectors"
 in_tree grub-mkimage -O i386-pc -o /tmp/core.img -p '(hd0,msdos1)/boot/grub' \
     biosdisk part_msdos ext2 normal linux configfile serial terminal echo test
@@ -293,12 +317,12 @@ printf '\x55\xaa' | dd of="$disk" bs=1 seek=510 conv=notrunc status=none
 dd if="$tree/tmp/core.img" of="$disk" bs=512 seek=1 conv=notrunc status=none
 rm -f "$tree/tmp/core.img"
 
-# -- 6. the qcow2 image
+# -- 7. the qcow2 image
 step "qcow2 image"
 qemu-img convert -O qcow2 "$disk" "$out/box.img"
 rm -f "$disk"
 
-# -- 7. the box, registered with Vagrant
+# -- 8. the box, registered with Vagrant
 step "packing and registering $BOX_NAME"
 cat >"$out/metadata.json" <<EOF
 {"provider": "libvirt", "format": "qcow2", "virtual_size": $disk_gb}
