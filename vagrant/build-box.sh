@@ -284,7 +284,7 @@ in_tree PIP_NO_CACHE_DIR=1 bash "$guest_repo/lbctl/setup.sh" venv >"$out/venv.lo
 in_tree "$guest_repo/.venv/bin/python" -m compileall -q -j 0 "$guest_repo/.venv/lib" >>"$out/venv.log" 2>&1 || true
 # Only the venv and the editable install's metadata stay; the VM gets the sources by rsync.
 find "$tree$guest_repo" -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.egg-info' -exec rm -rf {} +
-say "      $(in_tree "$guest_repo/.venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | wc -l) Python packages in the venv ($(du -sh "$tree$guest_repo/.venv" | cut -f1))"
+say "      $(in_tree "$guest_repo/.venv/bin/python" -m pip list --local --format=freeze --disable-pip-version-check 2>/dev/null | wc -l) Python packages in the venv ($(du -sh "$tree$guest_repo/.venv" | cut -f1))"
 
 rm -f "$tree/etc/resolv.conf"
 cleanup
