@@ -46,6 +46,7 @@ host() {
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get could not install: ${missing[*]}"
     fi
+    kvm_group
     if virsh_ version >/dev/null 2>&1; then
         return 0
     fi
@@ -64,6 +65,33 @@ host() {
     local _
     for _ in $(seq 50); do virsh_ version >/dev/null 2>&1 && return 0; sleep 0.2; done
     die "libvirtd does not answer on qemu:///system"
+}
+
+# /dev/kvm in group kvm, as udev makes it on a Debian host: a host without udev (a container,
+# a sandbox) may show it in another group. libvirt checks KVM as its QEMU user (group kvm) while
+# its capability probe of QEMU saw KVM work; libvirtd then finds its cached capabilities
+# "outdated" on every call that needs them and probes QEMU again (two QEMU starts, 4 s of CPU):
+# defining the lab's five domains took 8 to 14 min of that, and it went on while they booted.
+# The previous group is kept in the state directory; `destroy` puts it back.
+kvm_group() {
+    local dev=${LBCTL_KVM_DEV:-/dev/kvm} grp
+    [ -c "$dev" ] && getent group kvm >/dev/null || return 0
+    grp=$(stat -c %G "$dev")
+    [ "$grp" = kvm ] && return 0
+    mkdir -p "$state_dir"
+    [ -e "$state_dir/kvm-group" ] || printf '%s %s\n' "$grp" "$(stat -c %a "$dev")" >"$state_dir/kvm-group"
+    { chgrp kvm "$dev" && chmod g+rw "$dev"; } || die "cannot give $dev to group kvm"
+    say "$dev was in group $grp, not kvm as udev makes it: now kvm (libvirt's QEMU user), so libvirtd keeps its QEMU capabilities; make vagrant-destroy puts $grp back"
+}
+
+kvm_group_restore() {
+    local dev=${LBCTL_KVM_DEV:-/dev/kvm} grp mode
+    [ -e "$state_dir/kvm-group" ] || return 0
+    read -r grp mode <"$state_dir/kvm-group"
+    if [ -e "$dev" ] && chgrp "$grp" "$dev" && chmod "$mode" "$dev"; then
+        say "$dev back in group $grp"
+    fi
+    rm -f "$state_dir/kvm-group"
 }
 
 up() {
@@ -142,6 +170,7 @@ destroy() {
             remove_libvirt_chains
         fi
     done
+    kvm_group_restore
 }
 
 # libvirtd's empty LIBVIRT_* chains and the jumps to them (it leaves them when it stops).

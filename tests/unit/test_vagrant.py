@@ -897,3 +897,30 @@ def test_destroy_removes_what_an_interrupted_up_left_and_nothing_else(tmp_path: 
     assert sorted(p.name for p in (state / "volumes").iterdir()) == [NEW_BOX_VOLUME, "other.img"]
     assert sorted(p.name for p in (state / "networks").iterdir()) == ["default"]
     assert "removed leftover VM lbctl_lb" in proc.stdout
+
+
+def test_destroy_gives_dev_kvm_back_to_the_group_up_found_it_in(tmp_path: Path) -> None:
+    # `lab.sh host` puts /dev/kvm in group kvm where no udev did (libvirtd re-probes QEMU on
+    # every call otherwise) and notes the group and mode it found; destroy restores them.
+    import grp
+
+    dev, run, bin_dir = tmp_path / "kvm", tmp_path / "run", tmp_path / "bin"
+    dev.write_text("")
+    dev.chmod(0o666)
+    run.mkdir()
+    own_group = grp.getgrgid(os.getgid()).gr_name
+    (run / "kvm-group").write_text(f"{own_group} 640\n")
+    bin_dir.mkdir()
+    for tool, body in {"vagrant": "#!/bin/sh\nexit 0\n", "virsh": "#!/bin/sh\nexit 1\n",
+                       "id": "#!/bin/sh\necho 0\n"}.items():
+        (bin_dir / tool).write_text(body)
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "LBCTL_VAGRANT_STATE_DIR": str(run), "LBCTL_KVM_DEV": str(dev)}
+    proc = subprocess.run(["bash", str(VAGRANT_DIR / "lab.sh"), "destroy"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert dev.stat().st_mode & 0o777 == 0o640
+    assert dev.stat().st_gid == os.getgid()
+    assert not (run / "kvm-group").exists(), "the note of the old group outlived the restore"
+    assert f"back in group {own_group}" in proc.stdout
