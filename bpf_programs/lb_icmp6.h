@@ -44,7 +44,7 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
     struct lb_quoted_ports *ports = (void *)(inner + 1);
     if ((void *)(ports + 1) > data_end ||
-        (void *)(ports + 1) > (void *)(pkt->ip6 + 1) + bpf_ntohs(pkt->ip6->payload_len))
+        (void *)(ports + 1) > (void *)(pkt->ip6 + 1) + lb_len16(pkt->ip6->payload_len))
         return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
     struct ipv6hdr *ip6 = pkt->ip6;
     if (!lb_addr6_equal(ip6->daddr.in6_u.u6_addr32, inner->saddr.in6_u.u6_addr32))
@@ -66,7 +66,7 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
     }
     /* The quoted L4 checksum is rewritten when the quote reaches it: within the IPv6 payload,
      * not in Ethernet padding past it, which no checksum covers. */
-    void *end = (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len);
+    void *end = (void *)(ip6 + 1) + lb_len16(ip6->payload_len);
     __u16 *l4_check = inner->nexthdr == IPPROTO_TCP
         ? (void *)ports + __builtin_offsetof(struct tcphdr, check)
         : (void *)ports + __builtin_offsetof(struct udphdr, check);

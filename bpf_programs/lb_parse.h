@@ -35,6 +35,18 @@ struct lb_packet {
     struct flow_key key;
 };
 
+/* A 16-bit length field (network order) in host order, with its range known to the verifier.
+ * Before Linux 6.x's byte-swap tracking (Debian 12's 6.1 among them) the verifier forgets
+ * every bound of a swapped register, and a packet pointer plus it is refused ("math between
+ * pkt pointer and register with unbounded min value"). The mask restores the bound; the asm
+ * keeps clang, which knows a swapped 16-bit value fits, from dropping it as redundant. */
+static __always_inline __u32 lb_len16(__be16 field)
+{
+    __u32 len = bpf_ntohs(field);
+    asm volatile("%0 &= %1" : "+r"(len) : "i"(0xffff));
+    return len;
+}
+
 /* lb_parse's answers besides an outcome (>= 0: pass untouched). */
 #define LB_PARSED_L4 (-1)       /* TCP or UDP: pkt is filled in */
 #define LB_PARSED_ICMP (-2)     /* unfragmented ICMP: eth, ip and l4 are set */
@@ -55,7 +67,7 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
     if (ip->version != 4 || ip->ihl < 5)
         return LB_PASS_MALFORMED;
     __u32 ip_len = ip->ihl * 4;
-    __u32 tot_len = bpf_ntohs(ip->tot_len);
+    __u32 tot_len = lb_len16(ip->tot_len);
     /* A total length beyond the frame or shorter than the header is a lie. */
     if (tot_len < ip_len || (void *)ip + tot_len > data_end)
         return LB_PASS_MALFORMED;

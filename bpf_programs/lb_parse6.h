@@ -69,7 +69,7 @@ static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packe
     if (ip6->version != 6)
         return LB_PASS_MALFORMED;
     /* A payload length beyond the frame is a lie (a jumbogram's 0 never reaches Ethernet). */
-    __u32 payload_len = bpf_ntohs(ip6->payload_len);
+    __u32 payload_len = lb_len16(ip6->payload_len);
     void *end = (void *)(ip6 + 1) + payload_len;
     if (end > data_end)
         return LB_PASS_MALFORMED;
