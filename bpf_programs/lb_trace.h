@@ -188,13 +188,16 @@ static __always_inline __u16 lb_trace_copy(struct xdp_md *ctx, __u8 *buf)
     __u64 len = ctx->data_end - ctx->data;
     if (len >= LB_TRACE_SNAP_BYTES)
         return bpf_xdp_load_bytes(ctx, 0, buf, LB_TRACE_SNAP_BYTES) < 0 ? 0 : LB_TRACE_SNAP_BYTES;
-    /* The verifier needs the length bounded in the register the call reads; the mask (a
-     * power of two less one) keeps a shorter frame's length, and the asm keeps clang from
-     * dropping it as redundant. */
-    asm volatile("%0 &= %1" : "+r"(len) : "i"(LB_TRACE_SNAP_BYTES - 1));
     if (len < 1)
         return 0;
-    return bpf_xdp_load_bytes(ctx, 0, buf, len) < 0 ? 0 : len;
+    /* The verifier needs the length bounded in the register the call reads, at least 1 and
+     * at most the buffer: len - 1 masked (a power of two less one; the asm keeps clang from
+     * dropping the mask as redundant), plus 1. Not len masked and tested against 0: before
+     * Linux 6.x's refinement of "!= 0", Debian 12's 6.1 learns no lower bound from that test
+     * and refuses a call that may read 0 bytes. */
+    __u64 last = len - 1;
+    asm volatile("%0 &= %1" : "+r"(last) : "i"(LB_TRACE_SNAP_BYTES - 1));
+    return bpf_xdp_load_bytes(ctx, 0, buf, last + 1) < 0 ? 0 : len;
 }
 
 /* Before the program decides: the tuple and frame as they arrived, the counters as they were. */
