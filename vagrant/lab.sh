@@ -192,11 +192,23 @@ remove_libvirt_chains() {
 }
 
 leftovers() {
+    local found=0 name
     if ! command -v virsh >/dev/null || ! virsh_ version >/dev/null 2>&1; then
-        say "libvirtd is not running"
+        # No libvirtd (destroy stops the one `up` started): what it would bring back is its
+        # saved definitions, and a QEMU of the lab could outlive it.
+        local etc=${LBCTL_LIBVIRT_ETC:-/etc/libvirt/qemu} f
+        for f in "$etc/$DOMAIN_PREFIX"*.xml; do
+            [ -e "$f" ] && { echo "domain $(basename "$f" .xml) (defined; libvirtd is not running)"; found=1; }
+        done
+        for name in "${NETWORKS[@]}"; do
+            [ -e "$etc/networks/$name.xml" ] && { echo "network $name (defined; libvirtd is not running)"; found=1; }
+        done
+        if pgrep -f "guest=$DOMAIN_PREFIX" >/dev/null; then
+            echo "qemu $(pgrep -f "guest=$DOMAIN_PREFIX" | tr '\n' ' ')(running without libvirtd)"; found=1
+        fi
+        [ "$found" = 1 ] || say "nothing of the lab is left in libvirt"
         return 0
     fi
-    local found=0 name
     for name in $(virsh_ list --all --name | grep "^$DOMAIN_PREFIX" || true); do
         echo "domain $name"; found=1
     done

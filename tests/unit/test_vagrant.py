@@ -924,3 +924,31 @@ def test_destroy_gives_dev_kvm_back_to_the_group_up_found_it_in(tmp_path: Path) 
     assert dev.stat().st_gid == os.getgid()
     assert not (run / "kvm-group").exists(), "the note of the old group outlived the restore"
     assert f"back in group {own_group}" in proc.stdout
+
+
+def test_leftovers_reads_libvirts_saved_definitions_once_destroy_stopped_libvirtd(
+        tmp_path: Path) -> None:
+    # `make vagrant-destroy` stops the libvirtd that `make vagrant-up` started; what is left
+    # must still be found (the on-request lab test asks right after destroy).
+    etc, bin_dir = tmp_path / "etc", tmp_path / "bin"
+    (etc / "networks").mkdir(parents=True)
+    bin_dir.mkdir()
+    for tool, body in {"virsh": "#!/bin/sh\nexit 1\n", "id": "#!/bin/sh\necho 0\n"}.items():
+        (bin_dir / tool).write_text(body)
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LBCTL_LIBVIRT_ETC": str(etc)}
+
+    def leftovers() -> str:
+        proc = subprocess.run(["bash", str(VAGRANT_DIR / "lab.sh"), "leftovers"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    (etc / "default.xml").write_text("")
+    (etc / "networks" / "default.xml").write_text("")
+    assert leftovers().strip() == "vagrant-lab: nothing of the lab is left in libvirt"
+    (etc / "lbctl_backend2.xml").write_text("")
+    (etc / "networks" / "lbctl-client_net.xml").write_text("")
+    out = leftovers()
+    assert "domain lbctl_backend2" in out and "network lbctl-client_net" in out, out
+    assert "nothing of the lab" not in out
