@@ -933,10 +933,15 @@ def test_leftovers_reads_libvirts_saved_definitions_once_destroy_stopped_libvirt
     etc, bin_dir = tmp_path / "etc", tmp_path / "bin"
     (etc / "networks").mkdir(parents=True)
     bin_dir.mkdir()
-    for tool, body in {"virsh": "#!/bin/sh\nexit 1\n", "id": "#!/bin/sh\necho 0\n"}.items():
+    # pgrep stands in too: a lab booted on this host must not decide the test. It finds the
+    # pids listed in $FAKE_QEMU_PIDS.
+    for tool, body in {"virsh": "#!/bin/sh\nexit 1\n", "id": "#!/bin/sh\necho 0\n",
+                       "pgrep": '#!/bin/sh\n[ -n "$FAKE_QEMU_PIDS" ] || exit 1\n'
+                                'echo "$FAKE_QEMU_PIDS"\n'}.items():
         (bin_dir / tool).write_text(body)
         (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LBCTL_LIBVIRT_ETC": str(etc)}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LBCTL_LIBVIRT_ETC": str(etc),
+           "FAKE_QEMU_PIDS": ""}
 
     def leftovers() -> str:
         proc = subprocess.run(["bash", str(VAGRANT_DIR / "lab.sh"), "leftovers"], env=env,
@@ -952,3 +957,8 @@ def test_leftovers_reads_libvirts_saved_definitions_once_destroy_stopped_libvirt
     out = leftovers()
     assert "domain lbctl_backend2" in out and "network lbctl-client_net" in out, out
     assert "nothing of the lab" not in out
+    (etc / "lbctl_backend2.xml").unlink()
+    (etc / "networks" / "lbctl-client_net.xml").unlink()
+    env["FAKE_QEMU_PIDS"] = "4242"
+    out = leftovers()
+    assert "qemu 4242" in out and "nothing of the lab" not in out, out
