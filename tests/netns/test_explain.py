@@ -92,12 +92,22 @@ def test_explain_of_a_new_flow_is_a_ring_pick_that_real_traffic_then_follows(lab
         assert by_addr[answer["backend"].split(":")[0]] == r.backend
 
 
+def _counters(lab: Lab) -> dict:
+    """Every counter but pass_not_vip: the lab's hosts keep their neighbours fresh by
+    themselves (IPv6 neighbour unreachability detection, a few ICMPv6 frames some seconds
+    after traffic), and those frames reach the balancer as non-VIP traffic at any time. An
+    explain of a VIP tuple that counted would show in the VIP, backend or other outcome rows."""
+    stats = json.loads(out(lab, "stats", "--json"))
+    stats["outcomes"].pop("pass_not_vip")
+    return stats
+
+
 def test_explain_changes_no_flow_and_no_counter(lab):
-    before_stats = out(lab, "stats", "--json")
+    before_stats = _counters(lab)
     before_flows = json.loads(out(lab, "flows", "list", "--json", "--limit", "100000"))
     for port in range(40000, 40020):
         out(lab, "explain", f"{lab.client.addr}:{port}", f"{lab.vip}:{lab.http_port}")
-    assert out(lab, "stats", "--json") == before_stats
+    assert _counters(lab) == before_stats
     after_flows = json.loads(out(lab, "flows", "list", "--json", "--limit", "100000"))
     assert {(f["client"], f["client_port"]) for f in after_flows} == \
         {(f["client"], f["client_port"]) for f in before_flows}
