@@ -565,7 +565,6 @@ class Lab:
         self._sysctls_before_links()
         lb_peers = self._wire()
         self._configure_addresses()
-        self._configure_ipv6()
         self._tune_offloads(lb_peers)
         self._start_servers()
         self._wait_servers_ready()
@@ -648,29 +647,20 @@ class Lab:
         return lb_peers
 
     def _configure_addresses(self) -> None:
+        """Addresses and default routes; IPv6 ones beside IPv4 where the lab has them (a host's
+        addr6/gateway6 are None otherwise). DAD is off (see _sysctls_before_links)."""
         for h in self.hosts.values():
             with IPRoute(netns=h.netns, flags=0) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 for i in h.ifaces:
                     idx = ipr.link_lookup(ifname=i.name)[0]
                     ipr.addr("add", index=idx, address=i.addr, prefixlen=i.prefixlen)
+                    if i.addr6 is not None:
+                        ipr.addr("add", index=idx, address=i.addr6, prefixlen=i.prefixlen6,
+                                 family=socket.AF_INET6)
                     ipr.link("set", index=idx, state="up")
                 if h.gateway:
                     ipr.route("add", dst="0.0.0.0/0", gateway=h.gateway)
-
-    def _configure_ipv6(self) -> None:
-        """IPv6 beside IPv4 where the topology gives it: an address per interface and a
-        default route per host with a gateway6. DAD is off (see _sysctls_before_links)."""
-        if self.vip6 is None:
-            return
-        for h in self.hosts.values():
-            with IPRoute(netns=h.netns, flags=0) as ipr:
-                for i in h.ifaces:
-                    if i.addr6 is None:
-                        continue
-                    idx = ipr.link_lookup(ifname=i.name)[0]
-                    ipr.addr("add", index=idx, address=i.addr6, prefixlen=i.prefixlen6,
-                             family=socket.AF_INET6)
                 if h.gateway6:
                     ipr.route("add", dst="::/0", gateway=h.gateway6, family=socket.AF_INET6)
 
