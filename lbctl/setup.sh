@@ -29,6 +29,7 @@ pkgs=(
     make                  # the README's make targets
     bird2                 # BGP: each agent's own BIRD announces its VIPs; the lab's router
     etcd-server           # etcd: one desired state for every node (lbctl cluster, agent --config)
+    gcc python3-dev       # compile the L7 proxy's C head parser (lbctl/l7/_heads.c) at install
 )
 # Only for `setup.sh test`: programs the tests run themselves.
 test_pkgs=(
@@ -129,7 +130,10 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import bcc' 2>/dev/nu
     /usr/bin/python3 -m venv --system-site-packages "$venv"
     say "created $venv (system python3 with site packages, so bcc imports)"
 fi
-stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+# Reinstalled when the metadata or the C extension's source changes (an editable install
+# compiles the extension once, in place).
+stamp="$venv/.installed-$(cat "$repo/pyproject.toml" "$repo/setup.py" "$repo/lbctl/l7/_heads.c" \
+    | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     say "installing lbctl and its Python dependencies into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[test]"

@@ -29,6 +29,14 @@ from lbctl.l7.cache import ResponseCache, freshness_s, request_may_use
 from lbctl.l7.ejection import EjectionTable
 from lbctl.l7.stats import BackendCounts, Stats
 
+try:
+    # The simple heads (a GET's, an answer's with a length) in one C call each; without the
+    # compiled module (no compiler at install) httptools parses every head, as it does any
+    # head these do not take.
+    from lbctl.l7 import _heads
+except ImportError:     # pragma: no cover - setup.sh installs the compiler; CI checks it
+    _heads = None  # type: ignore[assignment]
+
 log = logging.getLogger("lbctl.l7")
 
 READ_SIZE = 65536
@@ -314,6 +322,8 @@ class VipProxy:
         self.members = list(keep.values())
         self.routes = [Route(r.host, r.path_prefix, list(r.split)) for r in settings.routes]
         self.rotations = {}
+        # The C request head carries no header list: balancing on a header needs httptools'.
+        self.c_requests = _heads is not None and settings.balancing != "hash"
         self._eject_generation = -1     # new backends: read their ejection times at the next pick
         self.avail_generation += 1
 
@@ -694,6 +704,19 @@ class ClientConnection(asyncio.Protocol):
         """Parses bytes that arrived while the coroutine waits for a request; a complete
         simple request goes the fast path, anything else wakes the coroutine."""
         events = self.events
+        vip = self.vip
+        if vip.c_requests and not events.in_head and not events.queue:
+            s = self.settings
+            made = _heads.request(data, self.client_bytes, self.forwarded_tail, s.pool_enabled,
+                                  s.max_headers, s.max_header_bytes)
+            if made is not None and not (self.closing or vip.draining or vip.cache is not None):
+                upstream, host, keep_alive, url = made
+                if self._start_fast(url, host, upstream, keep_alive, True, (), data):
+                    return
+                # Not taken (the pick, if made, is kept for the coroutine): httptools parses
+                # the same bytes for the general path below, without a second try here.
+                self._parse_only(data)
+                return
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -708,6 +731,15 @@ class ClientConnection(asyncio.Protocol):
             if len(q) == 2 and q[1][0] == "end" and q[0][0] == "head" and self._try_fast(q[0]):
                 q.clear()
                 return
+        self._wake()
+
+    def _parse_only(self, data: bytes) -> None:
+        """httptools' events for bytes the coroutine is to serve (a request the fast path
+        saw but did not take, or hands back)."""
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self.parse_error = _parse_failure(exc)
         self._wake()
 
     def close_when_idle(self) -> None:
@@ -833,6 +865,14 @@ class ClientConnection(asyncio.Protocol):
         if made is None:
             return False
         upstream, host = made
+        return self._start_fast(url, host, upstream, keep_alive, version == "1.1", raw_headers, head)
+
+    def _start_fast(self, url: bytes, host: bytes | None, upstream: bytes, keep_alive: bool,
+                    http11: bool, raw_headers: Any, head: tuple[Any, ...] | bytes) -> bool:
+        """The fast path's pick and hand-off for a simple GET whose backend head is made;
+        `head` is what replay_slow gives the coroutine if the exchange cannot finish: the
+        parsed head, or the request's bytes from the C parser (httptools parses them then)."""
+        vip = self.vip
         now = time.monotonic()
         if vip.routes:
             members = vip.candidates(host_of(host), url.split(b"?", 1)[0].decode("latin-1"))
@@ -866,7 +906,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             ex = conn.fast = _FastExchange(conn)
         ex.begin(self, backend, keep_alive and not self.closing and not vip.draining,
-                 version == "1.1", len(members), head, now)
+                 http11, len(members), head, now)
         self.fast = ex
         self.busy = True
         vip.in_flight += 1
@@ -890,17 +930,22 @@ class ClientConnection(asyncio.Protocol):
         if self.pending or self.events.queue:
             self._wake()
 
-    def replay_slow(self, head: tuple[Any, ...], backend: Backend | None,
+    def replay_slow(self, head: tuple[Any, ...] | bytes, backend: Backend | None,
                     tried: tuple[str, ...]) -> None:
         """Hands a request the fast path could not finish (nothing was answered yet) to the
         request coroutine, which sends it again: to `backend`, or to one not in `tried`."""
         self.replay = True
         self.prepicked, self.pretried = backend, tried
-        self.events.queue.appendleft(("end",))
-        self.events.queue.appendleft(head)
         self.fast = None
         self.busy = False
         self.vip.in_flight -= 1
+        if isinstance(head, bytes):
+            # The C parser's request: httptools' events for the same bytes, ahead of any
+            # bytes that came after it (those wait unparsed in `pending` meanwhile).
+            self._parse_only(head)
+            return
+        self.events.queue.appendleft(("end",))
+        self.events.queue.appendleft(head)
         self._wake()
 
     async def _answer_error(self, exc: HttpError, keep: bool = False) -> None:
@@ -1233,8 +1278,8 @@ class _FastExchange:
 
     __slots__ = ("answered_at", "backend", "client", "client_11", "client_keep", "conn", "deadline",
                  "done", "extra", "got", "has_cl", "has_length", "head", "hop", "interim", "lines",
-                 "members_n", "no_body", "out", "out_chunked", "parser", "started", "status",
-                 "upstream_keep", "upstream_paused")
+                 "members_n", "no_body", "out", "out_chunked", "parser", "remaining", "started",
+                 "status", "upstream_keep", "upstream_paused")
 
     def __init__(self, conn: UpstreamConn):
         self.conn = conn
@@ -1245,6 +1290,9 @@ class _FastExchange:
         self.hop: list[tuple[bytes, bytes]] = []    # hop-by-hop (lower-case name, value)
         self.has_cl = False
         self.out: list[bytes] = []
+        # Body bytes still to come of an answer whose head the C parser took (-1: httptools
+        # parses this answer).
+        self.remaining = -1
 
     def begin(self, client: ClientConnection, backend: Backend, client_keep: bool,
               client_11: bool, members_n: int, head: tuple[Any, ...], now: float) -> None:
@@ -1256,6 +1304,7 @@ class _FastExchange:
         # before anything reads them.
         self.done = self.extra = self.got = self.interim = self.upstream_paused = False
         self.out_chunked = False
+        self.remaining = -1
         self.started = now
         self.deadline = now + client.settings.read_timeout_s
         self.conn.proto.sink = self
@@ -1286,15 +1335,7 @@ class _FastExchange:
         self.status = status
         # Read here: once the message is complete llhttp resets what this reports.
         self.upstream_keep = parser.should_keep_alive()
-        vip = self.client.vip
-        b = self.backend
-        if status >= 500:
-            vip.note_result(b, failed=True)
-        elif b.eject_slot is not None:
-            if vip.ejection is not None and vip.ejection.failures[2 * b.eject_slot]:
-                vip.note_result(b, failed=False)     # the shared count starts again
-        elif b.failures:
-            b.failures = 0
+        self._health(status)
         lines = self.lines
         lines[0] = b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status
         chunked_up = False
@@ -1325,7 +1366,20 @@ class _FastExchange:
         lines.append(b"\r\n")
         self.out.append(b"".join(lines))
         self.answered_at = now = time.monotonic()
-        vip.counts.response(status, now - self.started)
+        self.client.vip.counts.response(status, now - self.started)
+
+    def _health(self, status: int) -> None:
+        """Passive ejection's view of an answer: a 5xx counts as a failure, anything else
+        starts the backend's count of consecutive failures again."""
+        vip = self.client.vip
+        b = self.backend
+        if status >= 500:
+            vip.note_result(b, failed=True)
+        elif b.eject_slot is not None:
+            if vip.ejection is not None and vip.ejection.failures[2 * b.eject_slot]:
+                vip.note_result(b, failed=False)     # the shared count starts again
+        elif b.failures:
+            b.failures = 0
 
     def on_body(self, body: bytes) -> None:
         if self.out_chunked:
@@ -1343,7 +1397,17 @@ class _FastExchange:
 
     # -- the upstream connection's events
     def data(self, data: bytes) -> None:
-        self.got = True
+        remaining = self.remaining
+        if remaining >= 0:
+            self._counted(data, remaining)
+            return
+        if not self.got:
+            self.got = True
+            if _heads is not None:
+                made = _heads.response(data, self.client_keep)
+                if made is not None:
+                    self._answer_c(data, *made)
+                    return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -1360,6 +1424,51 @@ class _FastExchange:
         self.deadline = time.monotonic() + self.client.settings.read_timeout_s
         if self.out:
             self._flush()
+
+    def _answer_c(self, data: bytes, status: int, head_len: int, head: bytes, length: int,
+                  upstream_keep: bool) -> None:
+        """An answer whose head the C parser took (whole in this read, with a length): its
+        head for the client, as on_headers_complete would make it, then its body counted."""
+        self.status = status
+        self.upstream_keep = upstream_keep
+        self.has_length = True
+        self.no_body = False
+        self._health(status)
+        self.answered_at = now = time.monotonic()
+        self.client.vip.counts.response(status, now - self.started)
+        body = len(data) - head_len
+        if body <= 0:
+            self.out.append(head)
+            self.remaining = length
+            if length == 0:
+                self._counted(b"", 0)
+            else:
+                self._flush()
+                self.deadline = now + self.client.settings.read_timeout_s
+            return
+        self.out.append(head)
+        self._counted(data[head_len:] if head_len else data, length)
+
+    def _counted(self, data: bytes, remaining: int) -> None:
+        """Body bytes of an answer with a length, after the C parser took its head."""
+        n = len(data)
+        if n < remaining:
+            self.remaining = remaining - n
+            self.out.append(data)
+            self._flush()
+            self.deadline = time.monotonic() + self.client.settings.read_timeout_s
+            return
+        self.remaining = -1
+        self.done = True
+        if n > remaining:
+            # Bytes past the answer: the backend sent what nobody asked for, so the
+            # connection is not reused (httptools' path treats them the same).
+            self.out.append(data[:remaining])
+            self._finish(False)
+            return
+        if n:
+            self.out.append(data)
+        self._finish(self.upstream_keep)
 
     def lost(self) -> None:
         """The backend closed (or the connection broke) before the answer was complete."""
