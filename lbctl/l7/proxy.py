@@ -1435,19 +1435,22 @@ class _FastExchange:
         self.no_body = False
         self._health(status)
         self.answered_at = now = time.monotonic()
-        self.client.vip.counts.response(status, now - self.started)
+        client = self.client
+        client.vip.counts.response(status, now - self.started)
         body = len(data) - head_len
-        if body <= 0:
-            self.out.append(head)
-            self.remaining = length
-            if length == 0:
-                self._counted(b"", 0)
-            else:
-                self._flush()
-                self.deadline = now + self.client.settings.read_timeout_s
+        if body == length:
+            # The whole answer in this read (the usual small answer): one write, done.
+            self.done = True
+            client.transport.write(head + data[head_len:] if body else head)
+            self._finish(upstream_keep)
             return
         self.out.append(head)
-        self._counted(data[head_len:] if head_len else data, length)
+        if body == 0:
+            self.remaining = length
+            self._flush()
+            self.deadline = now + client.settings.read_timeout_s
+            return
+        self._counted(data[head_len:], length)
 
     def _counted(self, data: bytes, remaining: int) -> None:
         """Body bytes of an answer with a length, after the C parser took its head."""
