@@ -322,13 +322,15 @@ static PyObject *heads_request(PyObject *self, PyObject *const *args, Py_ssize_t
     return Py_BuildValue("(NNON)", head, host_obj, close ? Py_False : Py_True, url_obj);
 }
 
-/* response(data, client_keep) -> (status, head_len, client_head, content_length,
- *                                  upstream_keep) or None
+/* response(data, client_keep) -> (status, out, left, upstream_keep, extra) or None
  * Takes an HTTP/1.1 answer whose whole head is in `data`, with a status from 200 to 599 but
  * 204 and 304, exactly one Content-Length of digits, no Transfer-Encoding, and a Connection
- * header that is absent or exactly close or keep-alive. The client's head is
- * _FastExchange's: the status line with the code, hop-by-hop headers out, Connection: close
- * when the client's connection ends after this answer. */
+ * header that is absent or exactly close or keep-alive. `out` is what the client gets of
+ * this read: _FastExchange's head (the status line with the code, hop-by-hop headers out,
+ * Connection: close when the client's connection ends after this answer) and the body bytes
+ * the read holds, at most Content-Length of them; `left` is how many body bytes are still
+ * to come, and `extra` says the read held bytes past the answer (the backend sent what
+ * nobody asked for: its connection is not reused). */
 static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -398,9 +400,15 @@ static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_
     }
     if (length < 0)
         Py_RETURN_NONE;
+    Py_ssize_t body = end - after;
+    int extra = 0;
+    if ((long long)body > length) {
+        body = (Py_ssize_t)length;
+        extra = 1;
+    }
 
     out_t o;
-    if (out_init(&o, out_len) < 0)
+    if (out_init(&o, out_len + body) < 0)
         return NULL;
     if (status == 200) {
         PUT_LIT(&o, "HTTP/1.1 200 OK\r\n");
@@ -421,11 +429,12 @@ static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_
     if (!client_keep)
         PUT_LIT(&o, "Connection: close\r\n");
     PUT_LIT(&o, "\r\n");
-    PyObject *head = out_done(&o);
-    if (head == NULL)
+    out_put(&o, after, body);
+    PyObject *out = out_done(&o);
+    if (out == NULL)
         return NULL;
-    return Py_BuildValue("(inNLO)", status, (Py_ssize_t)(after - data), head, length,
-                         close ? Py_False : Py_True);
+    return Py_BuildValue("(iNLOO)", status, out, length - (long long)body,
+                         close ? Py_False : Py_True, extra ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
@@ -433,8 +442,7 @@ static PyMethodDef methods[] = {
      "request(data, client, tail, pool_enabled, max_headers, max_head_bytes) -> "
      "(upstream_head, host, keep_alive, url) or None"},
     {"response", (PyCFunction)(void (*)(void))heads_response, METH_FASTCALL,
-     "response(data, client_keep) -> (status, head_len, client_head, content_length, "
-     "upstream_keep) or None"},
+     "response(data, client_keep) -> (status, out, left, upstream_keep, extra) or None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -323,7 +323,7 @@ class VipProxy:
         self.routes = [Route(r.host, r.path_prefix, list(r.split)) for r in settings.routes]
         self.rotations = {}
         # The C request head carries no header list: balancing on a header needs httptools'.
-        self.c_requests = _heads is not None and settings.balancing != "hash"
+        self.c_requests = _heads is not None and settings.balancing != "hash" and self.cache is None
         self._eject_generation = -1     # new backends: read their ejection times at the next pick
         self.avail_generation += 1
 
@@ -631,6 +631,9 @@ class ClientConnection(asyncio.Protocol):
         self.tls = transport.get_extra_info("sslcontext") is not None
         self.client_bytes = self.client_addr.encode()
         self.forwarded_tail = forwarded_tail(self.client_addr, self.tls)
+        s = self.settings
+        self.c_args = (self.client_bytes, self.forwarded_tail, s.pool_enabled, s.max_headers,
+                       s.max_header_bytes)
         self.vip.connections.add(self)
         self.vip.stats.gauge_add("client_connections", self.vip.vip, 1)
         # No coroutine yet: requests the fast path takes never need one (it is started by
@@ -639,6 +642,17 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.idle_wait and self.fast is None and not self.pending:
+            vip = self.vip
+            events = self.events
+            if vip.c_requests and not events.in_head and not events.queue:
+                made = _heads.request(data, *self.c_args)
+                if made is not None and not (self.closing or vip.draining):
+                    if self._start_fast(made[3], made[1], made[0], made[2], True, (), data):
+                        return
+                    # Not taken (the pick, if made, is kept for the coroutine): httptools
+                    # parses the same bytes for the general path, without a second try.
+                    self._parse_only(data)
+                    return
             self._parse_now(data)
             return
         self.pending.append(data)
@@ -704,19 +718,6 @@ class ClientConnection(asyncio.Protocol):
         """Parses bytes that arrived while the coroutine waits for a request; a complete
         simple request goes the fast path, anything else wakes the coroutine."""
         events = self.events
-        vip = self.vip
-        if vip.c_requests and not events.in_head and not events.queue:
-            s = self.settings
-            made = _heads.request(data, self.client_bytes, self.forwarded_tail, s.pool_enabled,
-                                  s.max_headers, s.max_header_bytes)
-            if made is not None and not (self.closing or vip.draining or vip.cache is not None):
-                upstream, host, keep_alive, url = made
-                if self._start_fast(url, host, upstream, keep_alive, True, (), data):
-                    return
-                # Not taken (the pick, if made, is kept for the coroutine): httptools parses
-                # the same bytes for the general path below, without a second try here.
-                self._parse_only(data)
-                return
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -1406,7 +1407,7 @@ class _FastExchange:
             if _heads is not None:
                 made = _heads.response(data, self.client_keep)
                 if made is not None:
-                    self._answer_c(data, *made)
+                    self._answer_c(*made)
                     return
         try:
             self.parser.feed_data(data)
@@ -1425,32 +1426,31 @@ class _FastExchange:
         if self.out:
             self._flush()
 
-    def _answer_c(self, data: bytes, status: int, head_len: int, head: bytes, length: int,
-                  upstream_keep: bool) -> None:
-        """An answer whose head the C parser took (whole in this read, with a length): its
-        head for the client, as on_headers_complete would make it, then its body counted."""
+    def _answer_c(self, status: int, out: bytes, left: int, upstream_keep: bool,
+                  extra: bool) -> None:
+        """An answer whose head the C parser took (whole in its first read, with a length):
+        `out` is its head for the client, as on_headers_complete would make it, and the body
+        bytes of this read; `left` body bytes are still to come."""
         self.status = status
         self.upstream_keep = upstream_keep
         self.has_length = True
         self.no_body = False
-        self._health(status)
+        b = self.backend
+        if status >= 500 or b.failures or b.eject_slot is not None:
+            self._health(status)
         self.answered_at = now = time.monotonic()
         client = self.client
         client.vip.counts.response(status, now - self.started)
-        body = len(data) - head_len
-        if body == length:
-            # The whole answer in this read (the usual small answer): one write, done.
-            self.done = True
-            client.transport.write(head + data[head_len:] if body else head)
-            self._finish(upstream_keep)
-            return
-        self.out.append(head)
-        if body == 0:
-            self.remaining = length
+        if left:
+            self.remaining = left
+            self.out.append(out)
             self._flush()
             self.deadline = now + client.settings.read_timeout_s
             return
-        self._counted(data[head_len:], length)
+        # The whole answer in this read (the usual small answer): one write, done.
+        self.done = True
+        client.transport.write(out)
+        self._finish(upstream_keep and not extra)
 
     def _counted(self, data: bytes, remaining: int) -> None:
         """Body bytes of an answer with a length, after the C parser took its head."""
@@ -1469,8 +1469,7 @@ class _FastExchange:
             self.out.append(data[:remaining])
             self._finish(False)
             return
-        if n:
-            self.out.append(data)
+        self.out.append(data)
         self._finish(self.upstream_keep)
 
     def lost(self) -> None:
