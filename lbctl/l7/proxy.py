@@ -200,16 +200,6 @@ class Pool:
         else:
             self._discard(conn)
 
-    def give_back(self, conn: UpstreamConn, now: float) -> None:
-        """release() for the fast path's clean answers: the exchange's parser took every byte,
-        so only a closing transport can make the connection unusable."""
-        if self.waiters or self.closed or not self.settings.pool_enabled or \
-                conn.transport.is_closing():
-            self.release(conn, True)
-            return
-        conn.idle_since = now
-        self.idle.append(conn)
-
     def _discard(self, conn: UpstreamConn) -> None:
         conn.close()
         self.total -= 1
@@ -324,6 +314,9 @@ class VipProxy:
         self.rotations = {}
         # The C request head carries no header list: balancing on a header needs httptools'.
         self.c_requests = _heads is not None and settings.balancing != "hash" and self.cache is None
+        # The fast path's rotation when it needs no route or header to pick (the default VIP).
+        self.plain_rotation = self.rotations.setdefault("*", Rotation()) \
+            if settings.balancing == "round_robin" and not self.routes else None
         self._eject_generation = -1     # new backends: read their ejection times at the next pick
         self.avail_generation += 1
 
@@ -647,7 +640,7 @@ class ClientConnection(asyncio.Protocol):
             if vip.c_requests and not events.in_head and not events.queue:
                 made = _heads.request(data, *self.c_args)
                 if made is not None and not (self.closing or vip.draining):
-                    if self._start_fast(made[3], made[1], made[0], made[2], True, (), data):
+                    if self._start_fast(*made, data):
                         return
                     # Not taken (the pick, if made, is kept for the coroutine): httptools
                     # parses the same bytes for the general path, without a second try.
@@ -866,35 +859,28 @@ class ClientConnection(asyncio.Protocol):
         if made is None:
             return False
         upstream, host = made
-        return self._start_fast(url, host, upstream, keep_alive, version == "1.1", raw_headers, head)
+        return self._start_fast(upstream, host, keep_alive, url, head, version == "1.1", raw_headers)
 
-    def _start_fast(self, url: bytes, host: bytes | None, upstream: bytes, keep_alive: bool,
-                    http11: bool, raw_headers: Any, head: tuple[Any, ...] | bytes) -> bool:
-        """The fast path's pick and hand-off for a simple GET whose backend head is made;
-        `head` is what replay_slow gives the coroutine if the exchange cannot finish: the
-        parsed head, or the request's bytes from the C parser (httptools parses them then)."""
+    def _start_fast(self, upstream: bytes, host: bytes | None, keep_alive: bool, url: bytes,
+                    head: tuple[Any, ...] | bytes, http11: bool = True, raw_headers: Any = ()) -> bool:
+        """The fast path's pick and hand-off for a simple GET whose backend head is made (the
+        first four arguments in the order _heads.request returns them); `head` is what
+        replay_slow gives the coroutine if the exchange cannot finish: the parsed head, or
+        the request's bytes from the C parser (httptools parses them then)."""
         vip = self.vip
         now = time.monotonic()
-        if vip.routes:
-            members = vip.candidates(host_of(host), url.split(b"?", 1)[0].decode("latin-1"))
-            key = vip._current_key
-        else:
-            members, key = vip.members, "*"
         table = vip.ejection
         if table is not None and table.failures[0] != vip._eject_generation:
             vip.sync_ejections()    # another worker ejected or readmitted a backend
-        if vip.settings.balancing == "round_robin":
-            rotation = vip.rotations.get(key)
-            if rotation is None:
-                rotation = vip.rotations[key] = Rotation()
+        rotation = vip.plain_rotation
+        if rotation is not None:
+            # Round robin without routes (the default VIP): the cycle's next entry.
+            members = vip.members
             backend = rotation.next(members, now, vip.avail_generation)
             if backend is None:
-                backend = vip.pick(members, key, {}, _NO_EXCLUDE)
+                backend = vip.pick(members, "*", {}, _NO_EXCLUDE)
         else:
-            headers: dict[bytes, list[bytes]] = {}
-            for name, value in raw_headers:
-                headers.setdefault(name.lower(), []).append(value)
-            backend = vip.pick(members, key, headers, _NO_EXCLUDE)
+            backend, members = self._pick_fast(vip, host, url, raw_headers, now)
         if backend is None:
             return False
         conn = backend.pool.take_idle()
@@ -914,6 +900,29 @@ class ClientConnection(asyncio.Protocol):
         backend.outstanding += 1
         conn.transport.write(upstream)
         return True
+
+    def _pick_fast(self, vip: VipProxy, host: bytes | None, url: bytes, raw_headers: Any,
+                   now: float) -> tuple[Backend | None, list[Backend]]:
+        """The fast path's pick when routes or another balancing apply, and the set picked
+        from."""
+        if vip.routes:
+            members = vip.candidates(host_of(host), url.split(b"?", 1)[0].decode("latin-1"))
+            key = vip._current_key
+        else:
+            members, key = vip.members, "*"
+        if vip.settings.balancing == "round_robin":
+            rotation = vip.rotations.get(key)
+            if rotation is None:
+                rotation = vip.rotations[key] = Rotation()
+            backend = rotation.next(members, now, vip.avail_generation)
+            if backend is None:
+                backend = vip.pick(members, key, {}, _NO_EXCLUDE)
+        else:
+            headers: dict[bytes, list[bytes]] = {}
+            for name, value in raw_headers:
+                headers.setdefault(name.lower(), []).append(value)
+            backend = vip.pick(members, key, headers, _NO_EXCLUDE)
+        return backend, members
 
     def fast_done(self, client_keep: bool, now: float | None = None) -> None:
         """The fast path's request is over (answered, failed or handed back); `now` when the
@@ -1302,9 +1311,8 @@ class _FastExchange:
         self.members_n, self.head = members_n, head
         self.status = 0
         # has_length, no_body, upstream_keep and answered_at are set with the answer's head,
-        # before anything reads them.
-        self.done = self.extra = self.got = self.interim = self.upstream_paused = False
-        self.out_chunked = False
+        # before anything reads them; extra, interim and out_chunked when httptools takes it.
+        self.done = self.got = self.upstream_paused = False
         self.remaining = -1
         self.started = now
         self.deadline = now + client.settings.read_timeout_s
@@ -1409,6 +1417,7 @@ class _FastExchange:
                 if made is not None:
                     self._answer_c(*made)
                     return
+            self.extra = self.interim = self.out_chunked = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -1436,11 +1445,13 @@ class _FastExchange:
         self.has_length = True
         self.no_body = False
         b = self.backend
-        if status >= 500 or b.failures or b.eject_slot is not None:
+        client = self.client
+        vip = client.vip
+        slot = b.eject_slot
+        if status >= 500 or b.failures or (slot is not None and vip.ejection.failures[2 * slot]):
             self._health(status)
         self.answered_at = now = time.monotonic()
-        client = self.client
-        client.vip.counts.response(status, now - self.started)
+        vip.counts.response(status, now - self.started)
         if left:
             self.remaining = left
             self.out.append(out)
@@ -1533,7 +1544,15 @@ class _FastExchange:
             conn.proto.sink = None
             b = self.backend
             b.outstanding -= 1
-            b.pool.give_back(conn, self.answered_at)
+            pool = b.pool
+            # The exchange's parser took every byte, so only a closing transport can make the
+            # connection unusable; waiters and a closed or pool-less VIP go through release.
+            if pool.waiters or pool.closed or not pool.settings.pool_enabled or \
+                    conn.transport.is_closing():
+                pool.release(conn, True)
+            else:
+                conn.idle_since = self.answered_at
+                pool.idle.append(conn)
         else:
             self._release(reusable)
         out = self.out
