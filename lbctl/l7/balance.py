@@ -4,6 +4,7 @@ request's host and path to a set of backends (with weighted canary splits betwee
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -34,28 +35,24 @@ class Rotation:
     # hold (the proxy bumps `generation` when they may have changed; `until` is the first
     # moment an ejection ends): a request then takes the next entry instead of a pass over
     # every member. A smooth cycle ends where it started, so the order is the same.
-    cycle: list[Any] = field(default_factory=list)
-    cycle_at: int = 0
+    cycle: Any = None               # an itertools.cycle over the picks, or None
     cycle_generation: int = -1
     cycle_until: float = 0.0
 
     def next(self, members: Sequence[Candidate], now: float, generation: int) -> Candidate | None:
         cycle = self.cycle
-        if generation == self.cycle_generation and now < self.cycle_until and cycle:
-            i = self.cycle_at
-            self.cycle_at = i + 1 if i + 1 < len(cycle) else 0
-            return cycle[i]
+        if cycle is not None and generation == self.cycle_generation and now < self.cycle_until:
+            return next(cycle)
         live = [m for m in members if m.available(now)]
         total = sum(m.weight for m in live)
         if not live or total > MAX_CYCLE:
-            self.cycle = []
+            self.cycle = None
             return self.pick(members, now)
-        self.cycle = [self.pick(live, now) for _ in range(total)]
+        self.cycle = itertools.cycle([self.pick(live, now) for _ in range(total)])
         self.cycle_generation = generation
         self.cycle_until = min((u for m in members if (u := getattr(m, "ejected_until", 0.0)) > now),
                                default=math.inf)
-        self.cycle_at = 1 % total
-        return self.cycle[0]
+        return next(self.cycle)
 
     def pick(self, members: Sequence[Candidate], now: float) -> Candidate | None:
         best: Candidate | None = None

@@ -1415,7 +1415,33 @@ class _FastExchange:
             if _heads is not None:
                 made = _heads.response(data, self.client_keep)
                 if made is not None:
-                    self._answer_c(*made)
+                    # The C parser took the answer's head (whole in this first read, with a
+                    # length): `out` is the client's head, as on_headers_complete would make
+                    # it, and the body bytes of this read; `left` body bytes are to come.
+                    status, out, left, upstream_keep, extra = made
+                    self.status = status
+                    self.upstream_keep = upstream_keep
+                    self.has_length = True
+                    self.no_body = False
+                    b = self.backend
+                    client = self.client
+                    vip = client.vip
+                    slot = b.eject_slot
+                    if status >= 500 or b.failures or \
+                            (slot is not None and vip.ejection.failures[2 * slot]):
+                        self._health(status)
+                    self.answered_at = now = time.monotonic()
+                    vip.counts.response(status, now - self.started)
+                    if left:
+                        self.remaining = left
+                        self.out.append(out)
+                        self._flush()
+                        self.deadline = now + client.settings.read_timeout_s
+                        return
+                    # The whole answer in this read (the usual small answer): one write.
+                    self.done = True
+                    client.transport.write(out)
+                    self._finish(upstream_keep and not extra)
                     return
             self.extra = self.interim = self.out_chunked = False
         try:
@@ -1434,34 +1460,6 @@ class _FastExchange:
         self.deadline = time.monotonic() + self.client.settings.read_timeout_s
         if self.out:
             self._flush()
-
-    def _answer_c(self, status: int, out: bytes, left: int, upstream_keep: bool,
-                  extra: bool) -> None:
-        """An answer whose head the C parser took (whole in its first read, with a length):
-        `out` is its head for the client, as on_headers_complete would make it, and the body
-        bytes of this read; `left` body bytes are still to come."""
-        self.status = status
-        self.upstream_keep = upstream_keep
-        self.has_length = True
-        self.no_body = False
-        b = self.backend
-        client = self.client
-        vip = client.vip
-        slot = b.eject_slot
-        if status >= 500 or b.failures or (slot is not None and vip.ejection.failures[2 * slot]):
-            self._health(status)
-        self.answered_at = now = time.monotonic()
-        vip.counts.response(status, now - self.started)
-        if left:
-            self.remaining = left
-            self.out.append(out)
-            self._flush()
-            self.deadline = now + client.settings.read_timeout_s
-            return
-        # The whole answer in this read (the usual small answer): one write, done.
-        self.done = True
-        client.transport.write(out)
-        self._finish(upstream_keep and not extra)
 
     def _counted(self, data: bytes, remaining: int) -> None:
         """Body bytes of an answer with a length, after the C parser took its head."""
