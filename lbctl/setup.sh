@@ -134,7 +134,8 @@ fi
 # compiles the extension once, in place).
 stamp="$venv/.installed-$(cat "$repo/pyproject.toml" "$repo/setup.py" "$repo/lbctl/l7/_heads.c" \
     | sha256sum | cut -c1-16)"
-if [ ! -e "$stamp" ]; then
+# ... or when the compiled head parser is missing (a synced or copied tree without it).
+if [ ! -e "$stamp" ] || ! (cd "$repo" && "$venv/bin/python" -c 'import lbctl.l7._heads' 2>/dev/null); then
     say "installing lbctl and its Python dependencies into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[test]"
     rm -f "$venv"/.installed-*

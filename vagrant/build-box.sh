@@ -108,7 +108,8 @@ shopt -u nullglob
 tree_inputs=$(printf '%s\n' "$SUITE" "$mirror" "$security" | sha256sum | cut -c1-16)
 inputs=$(printf '%s\n' "$tree_inputs" "$disk_gb" "${base_pkgs[@]}" "${kernel_pkgs[@]}" \
          "${lbctl_pkgs[@]}" | cat - "$0" "$vagrant_pub" "${host_ca_files[@]}" \
-         "$repo/lbctl/setup.sh" "$repo/pyproject.toml" | sha256sum | cut -c1-16)
+         "$repo/lbctl/setup.sh" "$repo/pyproject.toml" "$repo/setup.py" "$repo/lbctl/l7/_heads.c" \
+         | sha256sum | cut -c1-16)
 mkdir -p "$out"
 box_file="$out/lbctl-bookworm64-libvirt.box"
 stamp="$out/registered-$inputs"
@@ -270,11 +271,13 @@ if [ ! -e "$tree/vmlinuz" ] || [ ! -e "$tree/initrd.img" ]; then die "the tree h
 # is most of a VM's provisioning time. `setup.sh venv` does that part here, in the tree, at
 # the path the Vagrantfile syncs the repository to: setup.sh in the VM then finds the venv
 # (bcc imports) and its stamp for this pyproject.toml, and only links lbctl onto the PATH.
-# Vagrant's rsync leaves .venv/ and *.egg-info/ alone (excluded); the sources are the synced ones.
+# Vagrant's rsync leaves .venv/, *.egg-info/ and the compiled *.so alone (excluded); the sources
+# are the synced ones.
 step "lbctl's venv in $guest_repo/.venv (bash lbctl/setup.sh venv)"
 rm -rf "${tree:?}$guest_repo"
 mkdir -p "$tree$guest_repo"
 rsync -a --exclude=.git/ --exclude=.venv/ --exclude=.vagrant/ --exclude='*.egg-info/' \
+    --exclude='*.so' --exclude=build/ \
     --exclude=__pycache__/ --exclude=.pytest_cache/ --exclude=.ruff_cache/ --exclude=.mypy_cache/ \
     "$repo/" "$tree$guest_repo/"
 in_tree PIP_NO_CACHE_DIR=1 bash "$guest_repo/lbctl/setup.sh" venv >"$out/venv.log" 2>&1 \
