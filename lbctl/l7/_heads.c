@@ -27,6 +27,7 @@ typedef struct {
     Py_ssize_t name_len;
     const char *value;
     Py_ssize_t value_len;
+    int kind;           /* enum kind, set by parse_fields */
 } field;
 
 /* Header names the rules treat apart from the rest. */
@@ -56,48 +57,51 @@ static int same_lower(const char *s, Py_ssize_t len, const char *lower, Py_ssize
     return 1;
 }
 
-#define IS(f, lit) same_lower((f)->name, (f)->name_len, lit, (Py_ssize_t)sizeof(lit) - 1)
+/* The names the rules treat apart, lower-case: looked up by length first, so most header
+ * names are passed over with one comparison each. */
+#define NAME(lit, k) {lit, (Py_ssize_t)sizeof(lit) - 1, k}
+static const struct {
+    const char *name;
+    Py_ssize_t len;
+    enum kind kind;
+} special[] = {
+    NAME("te", K_HOP), NAME("host", K_HOST), NAME("expect", K_EXPECT), NAME("trailer", K_HOP),
+    NAME("upgrade", K_HOP), NAME("connection", K_CONNECTION), NAME("keep-alive", K_HOP),
+    NAME("content-length", K_CONTENT_LENGTH), NAME("x-forwarded-for", K_XFF),
+    NAME("proxy-connection", K_HOP), NAME("transfer-encoding", K_TRANSFER_ENCODING),
+    NAME("x-forwarded-proto", K_XFP), NAME("proxy-authenticate", K_HOP),
+    NAME("proxy-authorization", K_HOP),
+};
 
-static enum kind kind_of(const field *f)
+static enum kind kind_of(const char *name, Py_ssize_t len)
 {
-    switch (f->name_len) {
-    case 2:
-        return IS(f, "te") ? K_HOP : K_OTHER;
-    case 4:
-        return IS(f, "host") ? K_HOST : K_OTHER;
-    case 6:
-        return IS(f, "expect") ? K_EXPECT : K_OTHER;
-    case 7:
-        return IS(f, "trailer") || IS(f, "upgrade") ? K_HOP : K_OTHER;
-    case 10:
-        if (IS(f, "connection"))
-            return K_CONNECTION;
-        return IS(f, "keep-alive") ? K_HOP : K_OTHER;
-    case 14:
-        return IS(f, "content-length") ? K_CONTENT_LENGTH : K_OTHER;
-    case 15:
-        return IS(f, "x-forwarded-for") ? K_XFF : K_OTHER;
-    case 16:
-        return IS(f, "proxy-connection") ? K_HOP : K_OTHER;
-    case 17:
-        if (IS(f, "transfer-encoding"))
-            return K_TRANSFER_ENCODING;
-        return IS(f, "x-forwarded-proto") ? K_XFP : K_OTHER;
-    case 18:
-        return IS(f, "proxy-authenticate") ? K_HOP : K_OTHER;
-    case 19:
-        return IS(f, "proxy-authorization") ? K_HOP : K_OTHER;
-    default:
-        return K_OTHER;
-    }
+    for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
+        if (special[i].len == len && same_lower(name, len, special[i].name, len))
+            return special[i].kind;
+    return K_OTHER;
+}
+
+/* A Connection value the fast path takes: exactly "close" (1) or "keep-alive" (0); -1 for
+ * anything else (a list, other tokens: the headers it names must go too, which httptools'
+ * path does). */
+static int connection_close(const field *f)
+{
+    if (same_lower(f->value, f->value_len, "close", 5))
+        return 1;
+    if (same_lower(f->value, f->value_len, "keep-alive", 10))
+        return 0;
+    return -1;
 }
 
 /* The header lines from p (just past the start line) to the blank line: the position past
  * the head's last CRLF, or NULL for a head the fast path does not take (incomplete, more
- * than max fields, obs-fold, a space before the colon, a bare LF, a control character). */
-static const char *parse_fields(const char *p, const char *end, field *f, int max, int *count)
+ * than max fields, obs-fold, a space before the colon, a bare LF, a control character, a
+ * Connection header other than one plain close or keep-alive). `close`: Connection: close. */
+static const char *parse_fields(const char *p, const char *end, field *f, int max, int *count,
+                                int *close)
 {
-    int n = 0;
+    int n = 0, connections = 0;
+    *close = 0;
     for (;;) {
         if (end - p < 2)
             return NULL;
@@ -112,6 +116,7 @@ static const char *parse_fields(const char *p, const char *end, field *f, int ma
             return NULL;
         f[n].name = name;
         f[n].name_len = p - name;
+        f[n].kind = kind_of(name, p - name);
         p++;
         while (p < end && (*p == ' ' || *p == '\t'))
             p++;
@@ -122,21 +127,14 @@ static const char *parse_fields(const char *p, const char *end, field *f, int ma
             return NULL;
         f[n].value = value;
         f[n].value_len = p - value;
+        if (f[n].kind == K_CONNECTION) {
+            *close = connection_close(&f[n]);
+            if (*close < 0 || ++connections > 1)
+                return NULL;
+        }
         n++;
         p += 2;
     }
-}
-
-/* A Connection value the fast path takes: exactly "close" (1) or "keep-alive" (0); -1 for
- * anything else (a list, other tokens: the headers it names must go too, which httptools'
- * path does). */
-static int connection_close(const field *f)
-{
-    if (same_lower(f->value, f->value_len, "close", 5))
-        return 1;
-    if (same_lower(f->value, f->value_len, "keep-alive", 10))
-        return 0;
-    return -1;
 }
 
 /* A growing output buffer: a bytes object resized at the end. */
@@ -221,19 +219,19 @@ static PyObject *heads_request(PyObject *self, PyObject *const *args, Py_ssize_t
     field f[MAX_FIELDS];
     int n = 0;
     int max = max_headers < MAX_FIELDS ? (int)max_headers : MAX_FIELDS;
-    const char *after = parse_fields(p, end, f, max < 0 ? 0 : max, &n);
+    int close;
+    const char *after = parse_fields(p, end, f, max < 0 ? 0 : max, &n, &close);
     if (after != end)
         Py_RETURN_NONE;        /* incomplete, not ours, or more bytes after the head */
 
-    int host = -1, connections = 0, close = 0;
-    Py_ssize_t xff_len = 0, xff_n = 0, out_len = url_len + 32;
+    int host = -1;
+    Py_ssize_t xff_len = 0, xff_n = 0;
     for (int i = 0; i < n; i++) {
-        switch (kind_of(&f[i])) {
+        switch (f[i].kind) {
         case K_HOST:
             if (host >= 0)
                 Py_RETURN_NONE;
             host = i;
-            out_len += f[i].name_len + f[i].value_len + 4;
             break;
         case K_XFF:
             xff_len += f[i].value_len + 2;
@@ -243,16 +241,7 @@ static PyObject *heads_request(PyObject *self, PyObject *const *args, Py_ssize_t
         case K_TRANSFER_ENCODING:
         case K_EXPECT:
             Py_RETURN_NONE;
-        case K_CONNECTION:
-            close = connection_close(&f[i]);
-            if (close < 0 || ++connections > 1)
-                Py_RETURN_NONE;
-            break;
-        case K_HOP:
-        case K_XFP:
-            break;
-        case K_OTHER:
-            out_len += f[i].name_len + f[i].value_len + 4;
+        default:
             break;
         }
     }
@@ -260,7 +249,10 @@ static PyObject *heads_request(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t client_len = PyBytes_GET_SIZE(args[1]);
     const char *tail = PyBytes_AS_STRING(args[2]);
     Py_ssize_t tail_len = PyBytes_GET_SIZE(args[2]);
-    out_len += xff_len + client_len + tail_len + 64;
+    /* An upper bound: each kept line grows by at most one byte (": "), the X-Forwarded-For
+     * values move to one line, and what is added is the client, the tail, the host again
+     * and fixed text. */
+    Py_ssize_t out_len = size + n + client_len + tail_len + 64;
     if (host >= 0)
         out_len += f[host].value_len;
 
@@ -271,7 +263,7 @@ static PyObject *heads_request(PyObject *self, PyObject *const *args, Py_ssize_t
     out_put(&o, url, url_len);
     PUT_LIT(&o, " HTTP/1.1\r\n");
     for (int i = 0; i < n; i++) {
-        enum kind k = kind_of(&f[i]);
+        enum kind k = f[i].kind;
         if (k != K_OTHER && k != K_HOST)
             continue;
         out_put(&o, f[i].name, f[i].name_len);
@@ -284,7 +276,7 @@ static PyObject *heads_request(PyObject *self, PyObject *const *args, Py_ssize_t
     if (xff_len - 2 * (xff_n > 0) > 0) {
         Py_ssize_t seen = 0;
         for (int i = 0; i < n; i++) {
-            if (kind_of(&f[i]) != K_XFF)
+            if (f[i].kind != K_XFF)
                 continue;
             if (seen++)
                 PUT_LIT(&o, ", ");
@@ -363,15 +355,14 @@ static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_
     p += 2;
     field f[MAX_FIELDS];
     int n = 0;
-    const char *after = parse_fields(p, end, f, MAX_FIELDS, &n);
+    int close;
+    const char *after = parse_fields(p, end, f, MAX_FIELDS, &n, &close);
     if (after == NULL)
         Py_RETURN_NONE;
 
     long long length = -1;
-    int connections = 0, close = 0;
-    Py_ssize_t out_len = 64;
     for (int i = 0; i < n; i++) {
-        switch (kind_of(&f[i])) {
+        switch (f[i].kind) {
         case K_CONTENT_LENGTH:
             if (length >= 0 || f[i].value_len == 0 || f[i].value_len > 15)
                 Py_RETURN_NONE;
@@ -382,19 +373,10 @@ static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_
                     Py_RETURN_NONE;
                 length = length * 10 + (c - '0');
             }
-            out_len += f[i].name_len + f[i].value_len + 4;
             break;
         case K_TRANSFER_ENCODING:
             Py_RETURN_NONE;
-        case K_CONNECTION:
-            close = connection_close(&f[i]);
-            if (close < 0 || ++connections > 1)
-                Py_RETURN_NONE;
-            break;
-        case K_HOP:
-            break;
         default:
-            out_len += f[i].name_len + f[i].value_len + 4;
             break;
         }
     }
@@ -407,8 +389,10 @@ static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_
         extra = 1;
     }
 
+    /* An upper bound: the status line grows by at most two bytes, each kept line by at most
+     * one (": "), then Connection: close and the body bytes of this read. */
     out_t o;
-    if (out_init(&o, out_len + body) < 0)
+    if (out_init(&o, (after - data) + n + 64 + body) < 0)
         return NULL;
     if (status == 200) {
         PUT_LIT(&o, "HTTP/1.1 200 OK\r\n");
@@ -418,7 +402,7 @@ static PyObject *heads_response(PyObject *self, PyObject *const *args, Py_ssize_
         PUT_LIT(&o, " -\r\n");
     }
     for (int i = 0; i < n; i++) {
-        enum kind k = kind_of(&f[i]);
+        enum kind k = f[i].kind;
         if (k == K_HOP || k == K_CONNECTION)
             continue;
         out_put(&o, f[i].name, f[i].name_len);
