@@ -496,6 +496,10 @@ class PeerBench:
             self._must(b.name, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1",
                                 "net.ipv4.conf.all.arp_announce=2"])
             self._must(b.name, ["ip", "addr", "add", f"{self.vip}/32", "dev", "lo"])
+            # The second client interface is made anew each round, with a new MAC: a backend
+            # that still holds the last round's (stale, not yet probed) sent its first
+            # answers there, and the setup's first requests timed out (round 2, every run).
+            self._must(b.name, ["ip", "neigh", "flush", "to", DSR_CLIENT_SIDE])
             self._must(b.name, ["ip", "route", "replace", "default", "via", DSR_CLIENT_SIDE])
 
     def _dsr_plumbing_down(self) -> None:
