@@ -1341,10 +1341,8 @@ class _FastExchange:
         if status < 200:
             self.interim = True     # 1xx is not forwarded; the real answer follows
             return
-        self.status = status
         # Read here: once the message is complete llhttp resets what this reports.
-        self.upstream_keep = parser.should_keep_alive()
-        self._health(status)
+        self._answered(status, parser.should_keep_alive())
         lines = self.lines
         lines[0] = b"HTTP/1.1 200 OK\r\n" if status == 200 else b"HTTP/1.1 %d -\r\n" % status
         chunked_up = False
@@ -1374,14 +1372,17 @@ class _FastExchange:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
         self.out.append(b"".join(lines))
-        self.answered_at = now = time.monotonic()
-        self.client.vip.counts.response(status, now - self.started)
 
-    def _health(self, status: int) -> None:
-        """Passive ejection's view of an answer: a 5xx counts as a failure, anything else
-        starts the backend's count of consecutive failures again."""
+    def _answered(self, status: int, upstream_keep: bool) -> float:
+        """An answer's head is in (either parser): its status counted with the request's
+        latency and seen by passive ejection (a 5xx counts as a failure, anything else starts
+        the backend's count of consecutive failures again). Returns the clock it read."""
+        self.status = status
+        self.upstream_keep = upstream_keep
         vip = self.client.vip
         b = self.backend
+        self.answered_at = now = time.monotonic()
+        vip.counts.response(status, now - self.started)
         if status >= 500:
             vip.note_result(b, failed=True)
         elif b.eject_slot is not None:
@@ -1389,6 +1390,7 @@ class _FastExchange:
                 vip.note_result(b, failed=False)     # the shared count starts again
         elif b.failures:
             b.failures = 0
+        return now
 
     def on_body(self, body: bytes) -> None:
         if self.out_chunked:
@@ -1419,19 +1421,10 @@ class _FastExchange:
                     # length): `out` is the client's head, as on_headers_complete would make
                     # it, and the body bytes of this read; `left` body bytes are to come.
                     status, out, left, upstream_keep, extra = made
-                    self.status = status
-                    self.upstream_keep = upstream_keep
                     self.has_length = True
                     self.no_body = False
-                    b = self.backend
+                    now = self._answered(status, upstream_keep)
                     client = self.client
-                    vip = client.vip
-                    slot = b.eject_slot
-                    if status >= 500 or b.failures or \
-                            (slot is not None and vip.ejection.failures[2 * slot]):
-                        self._health(status)
-                    self.answered_at = now = time.monotonic()
-                    vip.counts.response(status, now - self.started)
                     if left:
                         self.remaining = left
                         self.out.append(out)
