@@ -7,6 +7,7 @@
 #include <uapi/linux/ip.h>
 #include <linux/socket.h>
 
+#include "lb_ctx.h"
 #include "lb_csum.h"
 #include "lb_parse.h"
 #include "lb_stats.h"
@@ -23,10 +24,10 @@ static __always_inline void lb_set_macs_ttl(struct lb_packet *pkt, const __u8 *d
     __builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
 }
 
-static __always_inline int lb_send(struct xdp_md *ctx, __u32 ifindex, __u64 bytes)
+static __always_inline int lb_send(LB_CTX *ctx, __u32 ifindex, __u64 bytes)
 {
     if (ifindex == ctx->ingress_ifindex)
-        return lb_outcome(LB_TX, bytes, XDP_TX);
+        return lb_outcome(LB_TX, bytes, lb_act_tx(ctx));
     return lb_outcome(LB_REDIRECT, bytes, bpf_redirect(ifindex, 0));
 }
 
@@ -48,7 +49,7 @@ static __always_inline void lb_nh_remember(struct nat_entry *nh, const struct bp
     __builtin_memcpy(nh->nh_smac, fib->smac, ETH_ALEN);
 }
 
-static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes,
+static __always_inline int lb_forward(LB_CTX *ctx, struct lb_packet *pkt, __u64 bytes,
                                       struct nat_entry *nh, int relookup)
 {
     struct iphdr *ip = pkt->ip;
@@ -76,7 +77,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
     if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
         if (nh)
             nh->nh_ifindex = 0;
-        return lb_outcome(LB_PASS_NO_ROUTE, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NO_ROUTE, bytes, LB_ACT_PASS);
     }
     lb_nh_remember(nh, &fib, tot_len, relookup);
     lb_set_macs_ttl(pkt, fib.dmac, fib.smac);
@@ -90,7 +91,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
  * the gateway), an unresolved neighbour or a frame beyond the link's MTU cannot be sent at L2:
  * dropped and counted, because passing it up would have the kernel route a packet for the VIP,
  * which is not its own, back out toward the clients. `nh` caches the answer as lb_forward's. */
-static __always_inline int lb_forward_l2(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes,
+static __always_inline int lb_forward_l2(LB_CTX *ctx, struct lb_packet *pkt, __u64 bytes,
                                          __be32 backend, struct nat_entry *nh, int relookup)
 {
     struct iphdr *ip = pkt->ip;
@@ -119,7 +120,7 @@ static __always_inline int lb_forward_l2(struct xdp_md *ctx, struct lb_packet *p
     if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ipv4_dst != backend) {
         if (nh)
             nh->nh_ifindex = 0;
-        return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, XDP_DROP);
+        return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, LB_ACT_DROP);
     }
     lb_nh_remember(nh, &fib, tot_len, relookup);
     __builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);

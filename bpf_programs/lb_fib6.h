@@ -7,6 +7,7 @@
 #include <uapi/linux/ipv6.h>
 #include <linux/socket.h>
 
+#include "lb_ctx.h"
 #include "lb_fib.h"
 #include "lb_parse6.h"
 #include "lb_stats.h"
@@ -23,7 +24,7 @@ static __always_inline void lb_set_macs_hop(struct lb_packet6 *pkt, const __u8 *
 
 /* The FIB question for `pkt` sent on to `dst`, asked as the kernel's own route lookup would.
  * Inlined: bcc links no BPF-to-BPF calls, and `fib` stays in the caller's frame. */
-static __always_inline void lb_fib6_request(struct bpf_fib_lookup *fib, struct xdp_md *ctx,
+static __always_inline void lb_fib6_request(struct bpf_fib_lookup *fib, LB_CTX *ctx,
                                             const struct lb_packet6 *pkt, const __be32 *dst,
                                             __u32 tot_len)
 {
@@ -45,7 +46,7 @@ static __always_inline void lb_fib6_request(struct bpf_fib_lookup *fib, struct x
  * be on an attached link (the FIB answers it as its own next hop); anything else is dropped,
  * since handing the VIP's packet to the kernel would route it back out. The hop limit is kept:
  * DSR is no routing hop. */
-static __always_inline int lb_forward6_l2(struct xdp_md *ctx, struct lb_packet6 *pkt, __u64 bytes,
+static __always_inline int lb_forward6_l2(LB_CTX *ctx, struct lb_packet6 *pkt, __u64 bytes,
                                           const __be32 *backend, struct nat_entry *nh, int relookup)
 {
     struct ipv6hdr *ip6 = pkt->ip6;
@@ -65,7 +66,7 @@ static __always_inline int lb_forward6_l2(struct xdp_md *ctx, struct lb_packet6 
          (fib.ipv6_dst[2] ^ backend[2]) | (fib.ipv6_dst[3] ^ backend[3]))) {
         if (nh)
             nh->nh_ifindex = 0;
-        return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, XDP_DROP);
+        return lb_outcome(LB_DROP_DSR_UNREACHABLE, bytes, LB_ACT_DROP);
     }
     lb_nh_remember(nh, &fib, tot_len, relookup);
     __builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
@@ -75,7 +76,7 @@ static __always_inline int lb_forward6_l2(struct xdp_md *ctx, struct lb_packet6 
 
 /* lb_forward for IPv6: `nh` is the tracked entry's embedded IPv4-shaped part (its next-hop
  * cache), or NULL. */
-static __always_inline int lb_forward6(struct xdp_md *ctx, struct lb_packet6 *pkt, __u64 bytes,
+static __always_inline int lb_forward6(LB_CTX *ctx, struct lb_packet6 *pkt, __u64 bytes,
                                        struct nat_entry *nh, int relookup)
 {
     struct ipv6hdr *ip6 = pkt->ip6;
@@ -92,7 +93,7 @@ static __always_inline int lb_forward6(struct xdp_md *ctx, struct lb_packet6 *pk
     if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
         if (nh)
             nh->nh_ifindex = 0;
-        return lb_outcome(LB_PASS_NO_ROUTE, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NO_ROUTE, bytes, LB_ACT_PASS);
     }
     lb_nh_remember(nh, &fib, tot_len, relookup);
     lb_set_macs_hop(pkt, fib.dmac, fib.smac);

@@ -5,6 +5,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ip.h>
 
+#include "lb_ctx.h"
 #include "lb_consts.h"
 #include "lb_fib.h"
 #include "lb_flow.h"
@@ -41,7 +42,7 @@ static __always_inline void lb_record_fragment(const struct lb_packet *pkt, enum
 }
 
 /* A later fragment (no L4 header) goes where its datagram's first fragment went. */
-static __always_inline int lb_fragment(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes)
+static __always_inline int lb_fragment(LB_CTX *ctx, struct lb_packet *pkt, __u64 bytes)
 {
     struct iphdr *ip = pkt->ip;
     struct frag_key fk = {};
@@ -52,13 +53,13 @@ static __always_inline int lb_fragment(struct xdp_md *ctx, struct lb_packet *pkt
     struct frag_entry *fe = frags.lookup(&fk);
     /* Before its first fragment (reordered) or long after it: the kernel gets it untouched. */
     if (!fe || lb_age_ns(lb_now_ns(), fe->seen_ns) > LB_FRAG_TIMEOUT_NS)
-        return lb_outcome(LB_PASS_FRAGMENT, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_FRAGMENT, bytes, LB_ACT_PASS);
     if (fe->rewrite_dst == LB_FRAG_L2_ONLY) {
         lb_count_flow(fe->vip_id, fe->backend_id, bytes, 0);
         return lb_forward_l2(ctx, pkt, bytes, fe->addr, NULL, 0);
     }
     if (ip->ttl <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     lb_count_flow(fe->vip_id, fe->backend_id, bytes, 0);
     lb_rewrite_addr(ip, fe->rewrite_dst, fe->addr);
     return lb_forward(ctx, pkt, bytes, NULL, 0);

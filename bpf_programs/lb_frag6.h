@@ -6,6 +6,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ipv6.h>
 
+#include "lb_ctx.h"
 #include "lb_consts.h"
 #include "lb_fib6.h"
 #include "lb_flow.h"
@@ -55,23 +56,23 @@ static __always_inline void lb_record_fragment6(const struct lb_packet6 *pkt, en
 /* A later fragment (LB_PARSED_FRAGMENT) goes where its datagram's first fragment went. The L4
  * checksum is in the first fragment, whose update covered the whole datagram, and IPv6 has no
  * header checksum: only the address changes. */
-static __always_inline int lb_fragment6(struct xdp_md *ctx, struct lb_packet6 *pkt, __u64 bytes)
+static __always_inline int lb_fragment6(LB_CTX *ctx, struct lb_packet6 *pkt, __u64 bytes)
 {
     struct lb_scratch6 *s = lb_scratch6();
     if (!s)
-        return lb_outcome(LB_PASS_FRAGMENT, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_FRAGMENT, bytes, LB_ACT_PASS);
     lb_frag6_key(pkt, &s->frag_key);
     struct frag_entry6 *fe = frags6.lookup(&s->frag_key);
     /* Before its first fragment (reordered), long after it, or of a datagram the program did
      * not forward: the kernel gets it untouched (docs/modes.md: the fragment policy). */
     if (!fe || lb_age_ns(lb_now_ns(), fe->e.seen_ns) > LB_FRAG_TIMEOUT_NS)
-        return lb_outcome(LB_PASS_FRAGMENT, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_FRAGMENT, bytes, LB_ACT_PASS);
     if (fe->e.rewrite_dst == LB_FRAG_L2_ONLY) {
         lb_count_flow(fe->e.vip_id, fe->e.backend_id, bytes, 0);
         return lb_forward6_l2(ctx, pkt, bytes, fe->addr, NULL, 0);
     }
     if (pkt->ip6->hop_limit <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     lb_count_flow(fe->e.vip_id, fe->e.backend_id, bytes, 0);
     __be32 *field = fe->e.rewrite_dst ? pkt->ip6->daddr.in6_u.u6_addr32
                                       : pkt->ip6->saddr.in6_u.u6_addr32;

@@ -10,6 +10,7 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+#include "lb_ctx.h"
 #include "lb_csum.h"
 #include "lb_fib.h"
 #include "lb_flow.h"
@@ -24,22 +25,22 @@
  * An error quoting VIP->client (from a router near the client, to the VIP): it goes to the
  * backend, quoting backend->client (DSR: unchanged, at L2). A full-NAT flow's errors:
  * lb_snat_icmp. Anything else passes untouched. */
-static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, void *data_end,
+static __always_inline int lb_icmp(LB_CTX *ctx, struct lb_packet *pkt, void *data_end,
                                    __u64 bytes)
 {
     struct icmphdr *icmp = pkt->l4;
     if ((void *)(icmp + 1) > data_end)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
 
     struct iphdr *inner = (void *)(icmp + 1);
     if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5 ||
         (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     struct lb_quoted_ports *ports = (void *)inner + inner->ihl * 4;
     if ((void *)(ports + 1) > data_end || pkt->ip->daddr != inner->saddr)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
 
     /* The quoted packet went the other way: its reverse is the tuple of the packets the
      * error answers for; a reply entry for client->backend quotes, a flow entry for
@@ -68,14 +69,14 @@ static __always_inline int lb_icmp(struct xdp_md *ctx, struct lb_packet *pkt, vo
         l4_check = NULL;
     if (!e) {
         int action = lb_snat_icmp(ctx, pkt, icmp, inner, ports, l4_check, &key, bytes);
-        return action >= 0 ? action : lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return action >= 0 ? action : lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     }
     /* DSR: the error quotes the backend's own VIP->client packet; it goes to that backend as
      * it is (path MTU discovery then works on the backend, which sent the packet). */
     if (e->forwarding == LB_FWD_DSR)
         return lb_forward_l2(ctx, pkt, bytes, e->addr, NULL, 0);
     if (pkt->ip->ttl <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
 
     __u16 *icmp_check = &icmp->checksum;
     __be32 addr = e->addr;

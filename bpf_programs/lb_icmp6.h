@@ -12,6 +12,7 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+#include "lb_ctx.h"
 #include "lb_csum.h"
 #include "lb_fib6.h"
 #include "lb_flow6.h"
@@ -26,29 +27,29 @@
  * error quoting VIP->client (from a router near the client, to the VIP): it goes to the
  * backend, quoting backend->client. A full-NAT flow's errors: lb_snat6_icmp. Anything else
  * passes untouched. */
-static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, void *data_end,
+static __always_inline int lb_icmp6(LB_CTX *ctx, struct lb_packet6 *pkt, void *data_end,
                                     __u64 bytes)
 {
     struct icmp6hdr *icmp = pkt->l4;
     if ((void *)(icmp + 1) > data_end)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     if (icmp->icmp6_type != ICMPV6_DEST_UNREACH && icmp->icmp6_type != ICMPV6_PKT_TOOBIG &&
         icmp->icmp6_type != ICMPV6_TIME_EXCEED)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
 
     /* The quote starts with the offending packet's IPv6 header; a quote with extension
      * headers before its ports is not walked (it passes). */
     struct ipv6hdr *inner = (void *)(icmp + 1);
     if ((void *)(inner + 1) > data_end || inner->version != 6 ||
         (inner->nexthdr != IPPROTO_TCP && inner->nexthdr != IPPROTO_UDP))
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     struct lb_quoted_ports *ports = (void *)(inner + 1);
     if ((void *)(ports + 1) > data_end ||
         (void *)(ports + 1) > (void *)(pkt->ip6 + 1) + lb_len16(pkt->ip6->payload_len))
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     struct ipv6hdr *ip6 = pkt->ip6;
     if (!lb_addr6_equal(ip6->daddr.in6_u.u6_addr32, inner->saddr.in6_u.u6_addr32))
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
 
     struct flow_key6 quoted = {};
     lb_addr6_copy(quoted.src, inner->saddr.in6_u.u6_addr32);
@@ -76,7 +77,7 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
         l4_check = NULL;
     if (!e) {
         int action = lb_snat6_icmp(ctx, pkt, icmp, inner, ports, l4_check, &key, bytes);
-        return action >= 0 ? action : lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return action >= 0 ? action : lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     }
     /* A DSR flow's backend sent its reply as the VIP: the error about it goes to that backend
      * at L2, unchanged (whatever the hop limit: DSR is no routing hop). */
@@ -86,7 +87,7 @@ static __always_inline int lb_icmp6(struct xdp_md *ctx, struct lb_packet6 *pkt, 
         return lb_forward6_l2(ctx, pkt, bytes, e->addr, NULL, 0);
     }
     if (ip6->hop_limit <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
 
     __u16 *icmp_check = &icmp->icmp6_cksum;
     __be32 addr[4];

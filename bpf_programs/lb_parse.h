@@ -53,7 +53,8 @@ static __always_inline __u32 lb_len16(__be16 field)
 #define LB_PARSED_FRAGMENT (-3) /* a later TCP/UDP fragment (no L4 header): eth and ip are set */
 
 /* Returns an outcome when the frame must pass untouched, or an LB_PARSED_* code. */
-static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet *pkt)
+static __always_inline int lb_parse(void *data, void *data_end, __u64 frame_len,
+                                    struct lb_packet *pkt)
 {
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
@@ -68,8 +69,9 @@ static __always_inline int lb_parse(void *data, void *data_end, struct lb_packet
         return LB_PASS_MALFORMED;
     __u32 ip_len = ip->ihl * 4;
     __u32 tot_len = lb_len16(ip->tot_len);
-    /* A total length beyond the frame or shorter than the header is a lie. */
-    if (tot_len < ip_len || (void *)ip + tot_len > data_end)
+    /* A total length beyond the frame or shorter than the header is a lie. The frame's length,
+     * not data_end: a tc build's skb may hold its payload beyond the linear part. */
+    if (tot_len < ip_len || sizeof(struct ethhdr) + tot_len > frame_len)
         return LB_PASS_MALFORMED;
     if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))) {
         /* Maybe an error about a tracked flow: lb_icmp.h decides. */

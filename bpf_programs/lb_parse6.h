@@ -58,7 +58,8 @@ struct lb_ipv6_ext {
  * filled in; more_fragments and frag_id for a first fragment), LB_PARSED_ICMP (eth, ip6 and
  * l4 are set; l4 is the ICMPv6 header) or LB_PARSED_FRAGMENT (a later TCP/UDP fragment: eth,
  * ip6, key.src/dst/proto and frag_id are set, no ports). */
-static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packet6 *pkt)
+static __always_inline int lb_parse6(void *data, void *data_end, __u64 frame_len,
+                                     struct lb_packet6 *pkt)
 {
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
@@ -70,9 +71,9 @@ static __always_inline int lb_parse6(void *data, void *data_end, struct lb_packe
         return LB_PASS_MALFORMED;
     /* A payload length beyond the frame is a lie (a jumbogram's 0 never reaches Ethernet). */
     __u32 payload_len = lb_len16(ip6->payload_len);
-    void *end = (void *)(ip6 + 1) + payload_len;
-    if (end > data_end)
+    if (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + payload_len > frame_len)
         return LB_PASS_MALFORMED;
+    void *end = (void *)(ip6 + 1) + payload_len;
 
     __u8 nexthdr = ip6->nexthdr;
     void *l4 = (void *)(ip6 + 1);

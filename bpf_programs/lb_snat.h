@@ -8,6 +8,7 @@
 #include <uapi/linux/ip.h>
 #include <linux/socket.h>
 
+#include "lb_ctx.h"
 #include "lb_consts.h"
 #include "lb_fib.h"
 #include "lb_flow.h"
@@ -120,7 +121,7 @@ static __always_inline int lb_snat_reusable(const struct nat_entry *e, __u64 now
 /* The SNAT address for a new flow to `be`, into fwd->peer_addr: one of the VIP's (by the
  * flow hash, so a client's retries keep it), else the source the kernel would use toward the
  * backend. 0: none. */
-static __always_inline int lb_snat_source(struct xdp_md *ctx, const struct snat_cfg *cfg,
+static __always_inline int lb_snat_source(LB_CTX *ctx, const struct snat_cfg *cfg,
                                           const struct backend *be, __u32 hash,
                                           struct lb_packet *pkt, struct snat_entry *fwd)
 {
@@ -157,7 +158,7 @@ static __always_inline int lb_snat_drop(__u32 vip_id, __u32 outcome, __u64 bytes
     struct lb_counters *vc = stats_vip.lookup(&vip_id);
     if (vc)
         vc->drops++;
-    return lb_outcome(outcome, bytes, XDP_DROP);
+    return lb_outcome(outcome, bytes, LB_ACT_DROP);
 }
 
 static __always_inline void lb_snat_record_fragment(const struct lb_packet *pkt, __u32 vip_id,
@@ -178,7 +179,7 @@ static __always_inline void lb_snat_record_fragment(const struct lb_packet *pkt,
 }
 
 /* A later fragment of a full-NAT datagram; -1 when none of ours was recorded. */
-static __always_inline int lb_snat_fragment(struct xdp_md *ctx, struct lb_packet *pkt, __u64 bytes)
+static __always_inline int lb_snat_fragment(LB_CTX *ctx, struct lb_packet *pkt, __u64 bytes)
 {
     struct iphdr *ip = pkt->ip;
     struct frag_key fk = {};
@@ -190,7 +191,7 @@ static __always_inline int lb_snat_fragment(struct xdp_md *ctx, struct lb_packet
     if (!fe || lb_age_ns(lb_now_ns(), fe->seen_ns) > LB_FRAG_TIMEOUT_NS)
         return -1;
     if (ip->ttl <= 1)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     lb_count_flow(fe->vip_id, fe->backend_id, bytes, 0);
     lb_rewrite_addr(ip, 0, fe->saddr);
     lb_rewrite_addr(ip, 1, fe->daddr);

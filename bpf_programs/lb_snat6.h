@@ -9,6 +9,7 @@
 #include <uapi/linux/ipv6.h>
 #include <linux/socket.h>
 
+#include "lb_ctx.h"
 #include "lb_consts.h"
 #include "lb_fib6.h"
 #include "lb_flow.h"
@@ -71,7 +72,7 @@ static __always_inline int lb_snat6_claim(struct flow_key6 *key, struct snat_ent
 /* lb_snat_source for IPv6: one of the VIP's addresses (snat_cfg.addrs6) by the flow hash,
  * else the source the kernel would use toward the backend (BPF_FIB_LOOKUP_SRC does IPv6
  * too: the route's preferred source, else the interface's by RFC 6724). 0: none. */
-static __always_inline int lb_snat6_source(struct xdp_md *ctx, const struct snat_cfg *cfg,
+static __always_inline int lb_snat6_source(LB_CTX *ctx, const struct snat_cfg *cfg,
                                            const struct backend *be, __u32 hash,
                                            struct lb_packet6 *pkt, struct snat_entry6 *fwd)
 {

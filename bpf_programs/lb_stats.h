@@ -3,6 +3,7 @@
 
 #include <uapi/linux/bpf.h>
 
+#include "lb_ctx.h"
 #include "lb_maps.h"
 
 static __always_inline int lb_outcome(__u32 outcome, __u64 bytes, int action)
@@ -37,5 +38,5 @@ static __always_inline int lb_drop_no_backend(__u32 vip_id, __u64 bytes)
     struct lb_counters *vc = stats_vip.lookup(&vip_id);
     if (vc)
         vc->drops++;
-    return lb_outcome(LB_DROP_NO_BACKEND, bytes, XDP_DROP);
+    return lb_outcome(LB_DROP_NO_BACKEND, bytes, LB_ACT_DROP);
 }

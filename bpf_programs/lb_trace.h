@@ -9,6 +9,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 
+#include "lb_ctx.h"
 #include "lb_consts.h"
 #include "lb_structs.h"
 #include "lb_maps.h"
@@ -73,7 +74,7 @@ struct lb_trace_ctl {
 struct lb_trace_event {
     __u64 ts_ns;            /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
     __u32 ifindex;          /* where the frame arrived */
-    __u32 action;           /* XDP_* the program returned */
+    __u32 action;           /* XDP_* the program returned (a tc build's verdict in XDP's codes) */
     __u32 outcome;          /* enum lb_outcome, or LB_TRACE_NO_OUTCOME */
     __u32 kind;             /* enum lb_trace_kind */
     __u32 backend_id;       /* LB_NO_BACKEND when none */
@@ -134,7 +135,7 @@ static __always_inline struct lb_trace_ctl *lb_trace_on(void)
     return NULL;
 }
 
-static __always_inline void lb_trace_tuple_of(struct xdp_md *ctx, struct lb_trace_tuple *t)
+static __always_inline void lb_trace_tuple_of(LB_CTX *ctx, struct lb_trace_tuple *t)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
@@ -183,11 +184,11 @@ static __always_inline int lb_trace_addr_eq(const __be32 *a, const __be32 *b)
     return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]));
 }
 
-static __always_inline __u16 lb_trace_copy(struct xdp_md *ctx, __u8 *buf)
+static __always_inline __u16 lb_trace_copy(LB_CTX *ctx, __u8 *buf)
 {
-    __u64 len = ctx->data_end - ctx->data;
+    __u64 len = lb_frame_len(ctx);
     if (len >= LB_TRACE_SNAP_BYTES)
-        return bpf_xdp_load_bytes(ctx, 0, buf, LB_TRACE_SNAP_BYTES) < 0 ? 0 : LB_TRACE_SNAP_BYTES;
+        return lb_load_bytes(ctx, 0, buf, LB_TRACE_SNAP_BYTES) < 0 ? 0 : LB_TRACE_SNAP_BYTES;
     if (len < 1)
         return 0;
     /* The verifier needs the length bounded in the register the call reads, at least 1 and
@@ -197,23 +198,25 @@ static __always_inline __u16 lb_trace_copy(struct xdp_md *ctx, __u8 *buf)
      * and refuses a call that may read 0 bytes. */
     __u64 last = len - 1;
     asm volatile("%0 &= %1" : "+r"(last) : "i"(LB_TRACE_SNAP_BYTES - 1));
-    return bpf_xdp_load_bytes(ctx, 0, buf, last + 1) < 0 ? 0 : len;
+    return lb_load_bytes(ctx, 0, buf, last + 1) < 0 ? 0 : len;
 }
 
 /* Before the program decides: the tuple and frame as they arrived, the counters as they were. */
-static __always_inline struct lb_trace_scratch *lb_trace_begin(struct xdp_md *ctx,
+static __always_inline struct lb_trace_scratch *lb_trace_begin(LB_CTX *ctx,
                                                                 struct lb_trace_ctl *tc)
 {
+#ifndef LB_TC
     /* `lbctl explain` asks with metadata in a test run: not traffic, not traced. */
     if (ctx->data_meta != ctx->data)
         return NULL;
+#endif
     __u32 zero = 0;
     struct lb_trace_scratch *s = trace_scratch.lookup(&zero);
     if (!s)
         return NULL;
     s->ev.ts_ns = bpf_ktime_get_ns();
     s->ev.ifindex = ctx->ingress_ifindex;
-    s->ev.frame_len = ctx->data_end - ctx->data;
+    s->ev.frame_len = lb_frame_len(ctx);
     lb_trace_tuple_of(ctx, &s->ev.in);
     s->ev.before_len = 0;
     s->ev.after_len = 0;
@@ -306,7 +309,7 @@ static __always_inline int lb_trace_kind6(struct lb_trace_scratch *s, int *reply
 }
 
 /* After the program decided: what it did, filtered, sent to the tracer. */
-static __always_inline void lb_trace_end(struct xdp_md *ctx, struct lb_trace_ctl *tc,
+static __always_inline void lb_trace_end(LB_CTX *ctx, struct lb_trace_ctl *tc,
                                          struct lb_trace_scratch *s, int action)
 {
     struct lb_trace_event *ev = &s->ev;

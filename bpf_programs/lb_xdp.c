@@ -7,6 +7,7 @@
 #include <uapi/linux/ip.h>
 
 #include "lb_consts.h"
+#include "lb_ctx.h"
 #include "lb_structs.h"
 #include "lb_maps.h"
 #include "lb_stats.h"
@@ -23,7 +24,7 @@
 
 /* A client's packet of a live tracked flow: it goes to the flow's backend, in the mode the
  * flow began in (a VIP's mode change moves new flows only). */
-static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet *pkt,
+static __always_inline int lb_flow_forward(LB_CTX *ctx, struct lb_packet *pkt,
                                            struct nat_entry *flow, __u64 now, __u64 bytes)
 {
     int refreshed = lb_flow_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
@@ -39,13 +40,13 @@ static __always_inline int lb_flow_forward(struct xdp_md *ctx, struct lb_packet 
 }
 
 /* A client's packet to a VIP with no live flow: the VIP's ring picks the backend. */
-static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_packet *pkt,
+static __always_inline int lb_new_flow(LB_CTX *ctx, struct lb_packet *pkt,
                                        struct vip_meta *vip, __u64 now, __u64 bytes)
 {
     /* lb_handle let TTL 1 through for a DSR flow that has ended; if its VIP has since
      * turned to NAT, the new flow is routed and the kernel must see the TTL expire. */
     if (pkt->ip->ttl <= 1 && !(vip->flags & LB_VIP_F_DSR))
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     struct backend *be = NULL;
     __u32 slot = 0;
     __u32 id = lb_pick(vip, &pkt->key, &be, &slot);
@@ -73,12 +74,12 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_packet *pkt
     return lb_forward(ctx, pkt, bytes, NULL, 0);
 }
 
-static __always_inline int lb_from_backend(struct xdp_md *ctx, struct lb_packet *pkt,
+static __always_inline int lb_from_backend(LB_CTX *ctx, struct lb_packet *pkt,
                                            struct nat_entry *back, __u64 now, __u64 bytes)
 {
     if (!lb_entry_live(back, now, pkt->tcp_flags, LB_DIR_REPLY)) {
         lb_flow_forget(&pkt->key, LB_DIR_REPLY);
-        return lb_outcome(LB_PASS_STALE_REPLY, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_STALE_REPLY, bytes, LB_ACT_PASS);
     }
     int refreshed = lb_flow_refresh(back, &pkt->key, pkt->tcp_flags, now, LB_DIR_REPLY);
 
@@ -111,7 +112,7 @@ static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vi
         out->flow_state = flow->state;
         out->forwarding = flow->forwarding;
         out->flow_age_ms = lb_age_ns(now, flow->created_ns) / 1000000;
-        return XDP_PASS;
+        return LB_ACT_PASS;
     }
     struct backend *be = NULL;
     __u32 slot = 0;
@@ -120,13 +121,13 @@ static __always_inline int lb_explain(struct lb_packet *pkt, struct vip_meta *vi
     if (id == LB_NO_BACKEND || !be) {
         out->verdict = LB_EXPLAIN_NO_BACKEND;
         out->backend_id = LB_NO_BACKEND;
-        return XDP_PASS;
+        return LB_ACT_PASS;
     }
     out->verdict = LB_EXPLAIN_RING;
     out->backend_id = id;
     out->backend_addr = be->addr;
     out->backend_port = be->port;
-    return XDP_PASS;
+    return LB_ACT_PASS;
 }
 
 static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *key)
@@ -138,11 +139,11 @@ static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *key
     return vips.lookup(&vk);
 }
 
-static __always_inline int lb_handle(struct xdp_md *ctx)
+static __always_inline int lb_handle(LB_CTX *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    __u64 bytes = data_end - data;
+    __u64 bytes = lb_frame_len(ctx);
 
     /* IPv6 takes its own path (lb_xdp6.h); the IPv4 one below is as it was. */
     struct ethhdr *eth = data;
@@ -152,9 +153,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
     /* Declared after the IPv6 branch, so that its stack slots can be the IPv6 path's too (one
      * 512-byte frame holds both families, full-NAT and the trace, all inlined). */
     struct lb_packet pkt = {};
-    int verdict = lb_parse(data, data_end, &pkt);
+    int verdict = lb_parse(data, data_end, bytes, &pkt);
     if (verdict >= 0)
-        return lb_outcome(verdict, bytes, XDP_PASS);
+        return lb_outcome(verdict, bytes, LB_ACT_PASS);
     if (verdict == LB_PARSED_ICMP)
         return lb_icmp(ctx, &pkt, data_end, bytes);
     if (verdict == LB_PARSED_FRAGMENT) {
@@ -162,16 +163,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
         return action >= 0 ? action : lb_fragment(ctx, &pkt, bytes);
     }
 
-    /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
+#ifndef LB_TC
+    /* Live frames carry no metadata (data_meta == data): one compare on the hot path. The
+     * tc build is never asked: `lbctl explain` test-runs the XDP build. */
     struct lb_explain *explain = (void *)(long)ctx->data_meta;
     if ((void *)(explain + 1) <= data && explain->magic == LB_EXPLAIN_MAGIC) {
         struct vip_meta *vip = lb_vip_lookup(&pkt.key);
         if (!vip) {
             explain->verdict = LB_EXPLAIN_NOT_VIP;
-            return XDP_PASS;
+            return LB_ACT_PASS;
         }
         return lb_explain(&pkt, vip, explain);
     }
+#endif
 
     /* Tracked traffic is looked up first, so that a flow hit, the common packet, needs no
      * other lookup: a client's packet of a flow, else a backend's reply, else maybe a VIP's
@@ -194,7 +198,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
                     lb_dp_on(LB_DP_F_FULLNAT) ? snat_rnat.lookup(&pkt.key) : NULL;
                 if (snat_back)
                     return lb_snat_from_backend(ctx, &pkt, snat_back, bytes);
-                return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+                return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
             }
         }
     }
@@ -202,7 +206,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
      * is no routing hop (the TTL is not decremented), so its frames go on whatever their TTL. */
     int l2_only = flow ? flow->forwarding == LB_FWD_DSR : (vip && (vip->flags & LB_VIP_F_DSR));
     if (pkt.ip->ttl <= 1 && !l2_only)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     __u64 now = lb_now_ns();
     if (back)
         return lb_from_backend(ctx, &pkt, back, now, bytes);
@@ -212,7 +216,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
     if (!vip)
         vip = lb_vip_lookup(&pkt.key);
     if (!vip)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do). */
     struct snat_entry *snat = snat_flows.lookup(&pkt.key);
     if (snat && lb_flow_usable(&snat->nat, now, pkt.tcp_flags))
@@ -222,8 +226,21 @@ static __always_inline int lb_handle(struct xdp_md *ctx)
     return lb_new_flow(ctx, &pkt, vip, now, bytes);
 }
 
+#ifdef LB_TC
+/* The tc build's headers must be in the skb's linear part, where direct access reaches: a
+ * socket's paged skb may hold less there. Pulled only when short (the pull may copy). */
+#define LB_TC_HEAD_BYTES 128
+
+int tc_lb(struct __sk_buff *ctx)
+#else
 int xdp_lb(struct xdp_md *ctx)
+#endif
 {
+#ifdef LB_TC
+    __u32 head = ctx->len < LB_TC_HEAD_BYTES ? ctx->len : LB_TC_HEAD_BYTES;
+    if ((void *)(long)ctx->data + head > (void *)(long)ctx->data_end)
+        bpf_skb_pull_data(ctx, head);
+#endif
 #ifdef LB_WITHOUT_TRACE
     /* A build without `lbctl trace`: the bench measures what the switched-off trace costs a
      * packet against it (xdp/program.py WITHOUT_TRACE). The maps are still declared. */
@@ -236,7 +253,7 @@ int xdp_lb(struct xdp_md *ctx)
     __u32 zero = 0;
     struct lb_trace_scratch *s = trace_scratch.lookup(&zero);
     if (!s)
-        return XDP_PASS;    /* cannot happen: the one entry of a per-CPU array */
+        return LB_ACT_PASS;    /* cannot happen: the one entry of a per-CPU array */
     struct lb_trace_ctl *trace = lb_trace_on();
     s->active = trace && lb_trace_begin(ctx, trace);
     int action = lb_handle(ctx);
@@ -244,7 +261,7 @@ int xdp_lb(struct xdp_md *ctx)
         s->active = 0;
         trace = lb_trace_on();
         if (trace)
-            lb_trace_end(ctx, trace, s, action);
+            lb_trace_end(ctx, trace, s, lb_xdp_action(action));
     }
     return action;
 }

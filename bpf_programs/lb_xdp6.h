@@ -10,6 +10,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ipv6.h>
 
+#include "lb_ctx.h"
 #include "lb_consts.h"
 #include "lb_structs.h"
 #include "lb_maps.h"
@@ -34,7 +35,7 @@ static __always_inline struct vip_meta *lb_vip6_lookup(const struct flow_key6 *k
     return vips6.lookup(&vk);
 }
 
-static __always_inline int lb_flow6_forward(struct xdp_md *ctx, struct lb_packet6 *pkt,
+static __always_inline int lb_flow6_forward(LB_CTX *ctx, struct lb_packet6 *pkt,
                                             struct nat_entry6 *flow, __u64 now, __u64 bytes)
 {
     int refreshed = lb_flow6_refresh(flow, &pkt->key, pkt->tcp_flags, now, LB_DIR_ORIGINAL);
@@ -49,14 +50,14 @@ static __always_inline int lb_flow6_forward(struct xdp_md *ctx, struct lb_packet
     return lb_forward6(ctx, pkt, bytes, &flow->e, refreshed);
 }
 
-static __always_inline int lb_new_flow6(struct xdp_md *ctx, struct lb_packet6 *pkt,
+static __always_inline int lb_new_flow6(LB_CTX *ctx, struct lb_packet6 *pkt,
                                         struct vip_meta *vip, __u64 now, __u64 bytes)
 {
     /* lb_handle6 let hop limit 1 through for a DSR flow that ended; a new NAT flow is a
      * routing hop, and the kernel must see the limit run out. */
     __u8 forwarding = lb_vip_forwarding(vip->flags);
     if (pkt->ip6->hop_limit <= 1 && forwarding != LB_FWD_DSR)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     struct backend *be = NULL;
     __u32 slot = 0;
     __u32 id = lb_pick6(vip, &pkt->key, &be, &slot);
@@ -88,12 +89,12 @@ static __always_inline int lb_new_flow6(struct xdp_md *ctx, struct lb_packet6 *p
     return lb_forward6(ctx, pkt, bytes, NULL, 0);
 }
 
-static __always_inline int lb_from_backend6(struct xdp_md *ctx, struct lb_packet6 *pkt,
+static __always_inline int lb_from_backend6(LB_CTX *ctx, struct lb_packet6 *pkt,
                                             struct nat_entry6 *back, __u64 now, __u64 bytes)
 {
     if (!lb_entry_live(&back->e, now, pkt->tcp_flags, LB_DIR_REPLY)) {
         lb_flow6_forget(&pkt->key, LB_DIR_REPLY);
-        return lb_outcome(LB_PASS_STALE_REPLY, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_STALE_REPLY, bytes, LB_ACT_PASS);
     }
     int refreshed = lb_flow6_refresh(back, &pkt->key, pkt->tcp_flags, now, LB_DIR_REPLY);
     lb_count_flow(back->e.vip_id, back->e.backend_id, bytes, 0);
@@ -110,7 +111,7 @@ static __always_inline int lb_explain6(struct lb_packet6 *pkt, struct lb_explain
     struct vip_meta *vip = lb_vip6_lookup(&pkt->key);
     if (!vip) {
         out->verdict = LB_EXPLAIN_NOT_VIP;
-        return XDP_PASS;
+        return LB_ACT_PASS;
     }
     __u64 now = lb_now_ns();
     out->vip_id = vip->vip_id;
@@ -129,7 +130,7 @@ static __always_inline int lb_explain6(struct lb_packet6 *pkt, struct lb_explain
         out->backend_port = flow->e.port;
         out->flow_state = flow->e.state;
         out->flow_age_ms = lb_age_ns(now, flow->e.created_ns) / 1000000;
-        return XDP_PASS;
+        return LB_ACT_PASS;
     }
     struct backend *be = NULL;
     __u32 slot = 0;
@@ -138,36 +139,38 @@ static __always_inline int lb_explain6(struct lb_packet6 *pkt, struct lb_explain
     if (id == LB_NO_BACKEND || !be) {
         out->verdict = LB_EXPLAIN_NO_BACKEND;
         out->backend_id = LB_NO_BACKEND;
-        return XDP_PASS;
+        return LB_ACT_PASS;
     }
     out->verdict = LB_EXPLAIN_RING;
     out->backend_id = id;
     lb_addr6_copy(out->backend_addr6, be->addr6);
     out->backend_port = be->port;
-    return XDP_PASS;
+    return LB_ACT_PASS;
 }
 
 /* The IPv6 twin of lb_handle: tracked traffic first, then replies, then a VIP's new flow. */
-static __always_inline int lb_handle6(struct xdp_md *ctx)
+static __always_inline int lb_handle6(LB_CTX *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    __u64 bytes = data_end - data;
+    __u64 bytes = lb_frame_len(ctx);
     struct lb_packet6 pkt = {};
 
-    int verdict = lb_parse6(data, data_end, &pkt);
+    int verdict = lb_parse6(data, data_end, bytes, &pkt);
     if (verdict >= 0)
-        return lb_outcome(verdict, bytes, XDP_PASS);
+        return lb_outcome(verdict, bytes, LB_ACT_PASS);
     if (verdict == LB_PARSED_ICMP)
         return lb_icmp6(ctx, &pkt, data_end, bytes);
     /* A later fragment: its first fragment's table decides (lb_frag6.h). */
     if (verdict == LB_PARSED_FRAGMENT)
         return lb_fragment6(ctx, &pkt, bytes);
 
+#ifndef LB_TC
     /* Live frames carry no metadata (data_meta == data): one compare on the hot path. */
     struct lb_explain *explain = (void *)(long)ctx->data_meta;
     if ((void *)(explain + 1) <= data && explain->magic == LB_EXPLAIN_MAGIC)
         return lb_explain6(&pkt, explain);
+#endif
 
     struct nat_entry6 *flow = lb_flow6_lookup(&pkt.key, LB_DIR_ORIGINAL);
     struct nat_entry6 *back = NULL;
@@ -182,7 +185,7 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
                     lb_dp_on(LB_DP_F_FULLNAT6) ? snat_rnat6.lookup(&pkt.key) : NULL;
                 if (snat_back)
                     return lb_snat6_from_backend(ctx, &pkt, snat_back, bytes);
-                return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+                return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
             }
         }
     }
@@ -190,7 +193,7 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
      * hop (the limit is kept), so its frames go on whatever their hop limit. */
     int l2_only = flow ? flow->e.forwarding == LB_FWD_DSR : (vip && (vip->flags & LB_VIP_F_DSR));
     if (pkt.ip6->hop_limit <= 1 && !l2_only)
-        return lb_outcome(LB_PASS_TTL, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_TTL, bytes, LB_ACT_PASS);
     __u64 now = lb_now_ns();
     if (back)
         return lb_from_backend6(ctx, &pkt, back, now, bytes);
@@ -199,7 +202,7 @@ static __always_inline int lb_handle6(struct xdp_md *ctx)
     if (!vip)
         vip = lb_vip6_lookup(&pkt.key);
     if (!vip)
-        return lb_outcome(LB_PASS_NOT_VIP, bytes, XDP_PASS);
+        return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do). */
     struct snat_entry6 *snat = snat_flows6.lookup(&pkt.key);
     if (snat && lb_flow6_usable(&snat->nat, now, pkt.tcp_flags))

@@ -253,9 +253,10 @@ def proto_option(f):
 
 def mode_option(f):
     return click.option("--mode", type=click.Choice(XDP_MODES), default=None,
-                        help="XDP mode for every interface: native (in the driver) or generic "
-                             "(on the socket buffer) [default: by driver: generic on veth, native "
-                             "on NICs; 'lbctl status' says why]")(f)
+                        help="mode for every interface: XDP native (in the driver) or generic "
+                             "(on the socket buffer), or tc (the same program on the tc ingress "
+                             "hook) [default: by driver: generic on veth, native on NICs; "
+                             "'lbctl status' says why]")(f)
 
 
 def json_option(f):
@@ -1107,7 +1108,7 @@ def flows_flush(obj: Context) -> None:
 # The harness lives in lbctl.bench, imported only inside these commands: the product never
 # loads it otherwise. The setup names are spelled here for the same reason (a unit test
 # holds them equal to lbctl.bench.spec.SETUPS).
-BENCH_SETUPS = ("xdp-native", "xdp-generic", "xdp-fullnat", "xdp-dsr", "xdp-ipv6", "nftables",
+BENCH_SETUPS = ("xdp-native", "xdp-generic", "xdp-tc", "xdp-fullnat", "xdp-dsr", "xdp-ipv6", "nftables",
                 "haproxy", "direct")
 
 

@@ -371,7 +371,8 @@ class ConfigFile(_Strict):
     # auto: each interface gets its driver's default, as `lbctl attach` without --mode (native
     # on NIC drivers, generic on veth where native copies every socket-made packet: #15). It
     # is the default for the same reason `attach` picks by driver when --mode is not given.
-    xdp_mode: Literal["native", "generic", "auto"] = "auto"
+    # tc: the same program on the tc ingress hook (`lbctl attach --mode tc`).
+    xdp_mode: Literal["native", "generic", "tc", "auto"] = "auto"
     vips: list[VipFile] = []
     bgp: BgpFile | None = None
 
@@ -540,7 +541,7 @@ def _hint(loc: Loc, kind: str) -> str:
         "rise": "rise and fall count checks: 1-100", "fall": "rise and fall count checks: 1-100",
         "check": "check is tcp, http or none", "state": "state is active, drain or down",
         "proto": "proto is tcp or udp", "interval": "write a duration like 1s or 500ms",
-        "timeout": "write a duration like 1s or 500ms", "xdp_mode": "xdp_mode is native, generic or auto",
+        "timeout": "write a duration like 1s or 500ms", "xdp_mode": "xdp_mode is native, generic, tc or auto",
         "balancing": "balancing is round_robin, least_outstanding or hash",
         "warmup": "warmup is eager or lazy", "hash_on": "write it like header:X-User or cookie:session",
         "idle_timeout": "write a duration like 60s", "cooldown": "write a duration like 10s",

@@ -1,5 +1,6 @@
-"""One balancer instance's data plane: load (or reuse) the pinned program, attach it to
-interfaces in native or generic mode, detach, and report where it runs."""
+"""One balancer instance's data plane: load (or reuse) the pinned programs, attach them to
+interfaces in native or generic XDP mode or on the tc ingress hook, detach, and report where
+they run."""
 from __future__ import annotations
 
 import errno
@@ -19,15 +20,19 @@ from xdp.modes import default_mode, driver_of, mode_reason
 if TYPE_CHECKING:
     from xdp.program import LoadedProgram
 
-MODES = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
-PROG_PIN = "prog"
+XDP_FLAGS = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
+TC = "tc"
+# Every attach mode, as `--mode` spells it: the XDP ones, then the tc build on the ingress hook.
+MODES: tuple[str, ...] = (*XDP_FLAGS, TC)
+PROG_PIN = "prog"          # the XDP build (explain, test runs and the benches use it too)
+TC_PROG_PIN = "prog_tc"    # the tc build, pinned while an interface runs it
 
 
 @dataclass(frozen=True)
 class Attachment:
     ifname: str
     ifindex: int
-    mode: str          # native | generic
+    mode: str          # native | generic | tc
     prog_id: int
     driver: str | None = None
     reason: str = ""   # why this mode: the driver's default, or --mode
@@ -78,15 +83,22 @@ class Balancer:
         self.pin_dir = pin_dir_for(instance)
         self._prog_fd: int | None = None
         self._loaded: LoadedProgram | None = None  # keeps a bcc object alive while its fd is used
+        self._tc_fd: int | None = None
+        self._tc_loaded: LoadedProgram | None = None
 
     # -- the program ------------------------------------------------------------------------
     @property
     def prog_pin(self) -> str:
         return os.path.join(self.pin_dir, PROG_PIN)
 
-    def pinned_prog_id(self) -> int | None:
+    @property
+    def tc_prog_pin(self) -> str:
+        return os.path.join(self.pin_dir, TC_PROG_PIN)
+
+    def pinned_prog_id(self, pin: str | None = None) -> int | None:
+        """The id of the pinned XDP build, or of the program pinned at `pin`; None for none."""
         try:
-            fd = libbpf.obj_get(self.prog_pin)
+            fd = libbpf.obj_get(pin or self.prog_pin)
         except libbpf.BpfError:
             return None
         try:
@@ -121,19 +133,45 @@ class Balancer:
         self._prog_fd = self._loaded.fd
         return self._prog_fd
 
+    def _tc_program_fd(self, fresh: bool) -> int:
+        """The tc build, as _program_fd the XDP one; built against the maps that build pinned."""
+        if self._tc_fd is not None:
+            return self._tc_fd
+        if not fresh:
+            try:
+                self._tc_fd = libbpf.obj_get(self.tc_prog_pin)
+                return self._tc_fd
+            except libbpf.BpfError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        from xdp.program import compile_and_load
+
+        self._tc_loaded = compile_and_load(self.pin_dir, self.limits, tc=True)
+        if os.path.exists(self.tc_prog_pin):
+            os.unlink(self.tc_prog_pin)
+        libbpf.obj_pin(self._tc_loaded.fd, self.tc_prog_pin)
+        self._tc_fd = self._tc_loaded.fd
+        return self._tc_fd
+
     # -- attach / detach --------------------------------------------------------------------
     def attachments(self) -> list[Attachment]:
         """Interfaces in this network namespace that run this instance's program."""
         prog_id = self.pinned_prog_id()
-        if prog_id is None:
+        tc_id = self.pinned_prog_id(self.tc_prog_pin)
+        if prog_id is None and tc_id is None:
             return []
         out = []
         for ifindex, ifname in socket.if_nameindex():
-            q = libbpf.xdp_query(ifindex)
-            mode = "native" if q.drv_prog_id == prog_id else "generic" if q.skb_prog_id == prog_id else None
-            if mode is not None:
+            mode, running = None, None
+            if prog_id is not None:
+                q = libbpf.xdp_query(ifindex)
+                mode = "native" if q.drv_prog_id == prog_id else "generic" if q.skb_prog_id == prog_id else None
+                running = prog_id
+            if mode is None and tc_id is not None and libbpf.tc_query(ifindex) == tc_id:
+                mode, running = TC, tc_id
+            if mode is not None and running is not None:
                 driver = driver_of(ifname)
-                out.append(Attachment(ifname, ifindex, mode, prog_id, driver, mode_reason(driver, mode)))
+                out.append(Attachment(ifname, ifindex, mode, running, driver, mode_reason(driver, mode)))
         return out
 
     def attach(self, ifnames: list[str], mode: str | None = None) -> list[Attachment]:
@@ -143,14 +181,16 @@ class Balancer:
         runs the program already keeps its mode; a mode given applies to every interface."""
         require_root()
         if mode is not None and mode not in MODES:
-            raise AttachError(f"unknown XDP mode '{mode}'; hint: use native or generic")
+            raise AttachError(f"unknown attach mode '{mode}'; hint: use {', '.join(MODES)}")
         targets = [(name, ifindex_of(name)) for name in dict.fromkeys(ifnames)]
         wanted = {ifindex: mode or default_mode(driver_of(name)).mode for name, ifindex in targets}
         current = {a.ifindex: a for a in self.attachments()}
-        # A new program build is only loaded when nothing runs the old one.
+        # A new program build is only loaded when nothing runs the old one. The XDP build is
+        # always pinned (explain and test runs use it); the tc build when an interface needs it.
         fd = self._program_fd(fresh=not current)
         prog_id = libbpf.prog_info(fd).id
-        done: list[tuple[int, int]] = []
+        tc_fd = self._tc_program_fd(fresh=not current) if TC in wanted.values() else None
+        done: list[tuple[int, str]] = []
         try:
             for name, ifindex in targets:
                 have = current.get(ifindex)
@@ -161,28 +201,36 @@ class Balancer:
                 other = q.drv_prog_id or q.skb_prog_id or q.hw_prog_id
                 if other and other != prog_id:
                     raise AttachError(
-                        f"cannot attach XDP on '{name}': another XDP program (id {other}) is attached; "
+                        f"cannot attach on '{name}': another XDP program (id {other}) is attached; "
                         f"hint: remove it first (ip link set dev {name} xdp off)"
                     )
                 if have:  # switching mode: the old attachment must go first
-                    libbpf.xdp_detach(ifindex, MODES[have.mode])
+                    _detach(ifindex, have.mode)
                 try:
-                    libbpf.xdp_attach(ifindex, fd, MODES[if_mode] | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
+                    if if_mode == TC:
+                        assert tc_fd is not None
+                        libbpf.tc_attach(ifindex, tc_fd)
+                    else:
+                        libbpf.xdp_attach(ifindex, fd, XDP_FLAGS[if_mode] | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
                 except libbpf.BpfError as exc:
-                    hint = "try --mode generic" if if_mode == "native" else "check the kernel supports XDP"
+                    hint = ("try --mode generic" if if_mode == "native" else
+                            "check the kernel has CONFIG_NET_CLS_BPF and CONFIG_NET_SCH_INGRESS"
+                            if if_mode == TC else "check the kernel supports XDP")
                     # The kernel's own reason (extack), e.g. "veth: Peer MTU is too large to set XDP".
                     why = f" ({exc.detail})" if exc.detail else ""
                     raise AttachError(
-                        f"cannot attach XDP on '{name}' in {if_mode} mode: {os.strerror(exc.errno or 0)} "
+                        f"cannot attach on '{name}' in {if_mode} mode: {os.strerror(exc.errno or 0)} "
                         f"({exc.errno}){why}; {hint}"
                     ) from exc
-                done.append((ifindex, MODES[if_mode]))
+                done.append((ifindex, if_mode))
         except BaseException:
-            for ifindex, flags in done:
-                _detach_quietly(ifindex, flags)
+            for ifindex, if_mode in done:
+                _detach_quietly(ifindex, if_mode)
             if not current:
                 self._unpin_prog()
             raise
+        if not any(a.mode == TC for a in self.attachments()):
+            self._unpin(self.tc_prog_pin)
         return [a for a in self.attachments() if a.ifindex in {i for _, i in targets}]
 
     def detach(self, ifnames: list[str] | None = None, purge: bool = False) -> list[Attachment]:
@@ -202,16 +250,23 @@ class Balancer:
                                            "the attached interfaces")
                 chosen.append(by_name[name])
         for a in chosen:
-            libbpf.xdp_detach(a.ifindex, MODES[a.mode])
+            _detach(a.ifindex, a.mode)
         if len(chosen) == len(current):
             self._unpin_prog()
+        elif not any(a.mode == TC for a in current if a not in chosen):
+            self._unpin(self.tc_prog_pin)
         if purge:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
         return chosen
 
     def _unpin_prog(self) -> None:
+        self._unpin(self.prog_pin)
+        self._unpin(self.tc_prog_pin)
+
+    @staticmethod
+    def _unpin(pin: str) -> None:
         try:
-            os.unlink(self.prog_pin)
+            os.unlink(pin)
         except FileNotFoundError:
             pass
 
@@ -232,20 +287,34 @@ class Balancer:
         elif self._prog_fd is not None:
             libbpf.close(self._prog_fd)
         self._prog_fd = None
+        if self._tc_loaded is not None:
+            self._tc_loaded.bpf.cleanup()
+            self._tc_loaded = None
+        elif self._tc_fd is not None:
+            libbpf.close(self._tc_fd)
+        self._tc_fd = None
 
 
-def _detach_quietly(ifindex: int, flags: int) -> None:
+def _detach(ifindex: int, mode: str) -> None:
+    if mode == TC:
+        libbpf.tc_detach(ifindex)
+    else:
+        libbpf.xdp_detach(ifindex, XDP_FLAGS[mode])
+
+
+def _detach_quietly(ifindex: int, mode: str) -> None:
     try:
-        libbpf.xdp_detach(ifindex, flags)
+        _detach(ifindex, mode)
     except libbpf.BpfError:
         pass
 
 
 def reload_program(balancer: Balancer) -> list[Attachment]:
     """Hitless program swap: compiles a fresh program against the pinned maps and replaces the
-    running one on every attached interface with XDP_FLAGS_REPLACE (one atomic swap per
-    interface; packets see the old program or the new one). The maps, and so the flows, stay.
-    Maps of another layout are refused before anything is compiled."""
+    running one on every attached interface, an XDP attachment with XDP_FLAGS_REPLACE and a tc
+    one with its filter replaced in place (one atomic swap per interface; packets see the old
+    program or the new one). The maps, and so the flows, stay. Maps of another layout are
+    refused before anything is compiled."""
     require_root()
     current = balancer.attachments()
     if not current:
@@ -255,33 +324,51 @@ def reload_program(balancer: Balancer) -> list[Attachment]:
     LbMaps(balancer.pin_dir, balancer.limits).close()
     from xdp.program import compile_and_load
 
-    old_fd = libbpf.obj_get(balancer.prog_pin)
-    loaded = compile_and_load(balancer.pin_dir, balancer.limits)
-    # Pinned before the swap (bpffs names take no dot), renamed over `prog` after it: the pin
+    builds = [(False, balancer.prog_pin)]
+    if any(a.mode == TC for a in current):
+        builds.append((True, balancer.tc_prog_pin))
+    old_fds = {tc: libbpf.obj_get(pin) for tc, pin in builds}
+    loaded = {}
+    # Pinned before the swap (bpffs names take no dot), renamed over the pin after it: the pin
     # names a running program at every moment, and attachments() always finds it.
-    staging = os.path.join(balancer.pin_dir, "prog_next")
+    staging = {tc: pin + "_next" for tc, pin in builds}
+    done: list[Attachment] = []
+
+    def swap(a: Attachment, to_tc_or_xdp: dict[bool, int], from_fds: dict[bool, int]) -> None:
+        if a.mode == TC:
+            libbpf.tc_attach(a.ifindex, to_tc_or_xdp[True], replace=True)
+        else:
+            libbpf.xdp_attach(a.ifindex, to_tc_or_xdp[False], XDP_FLAGS[a.mode], old_prog_fd=from_fds[False])
+
     try:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        libbpf.obj_pin(loaded.fd, staging)
-        done: list[Attachment] = []
+        for tc, _ in builds:
+            loaded[tc] = compile_and_load(balancer.pin_dir, balancer.limits, tc=tc)
+        new_fds = {tc: prog.fd for tc, prog in loaded.items()}
+        for tc, path in staging.items():
+            if os.path.exists(path):
+                os.unlink(path)
+            libbpf.obj_pin(new_fds[tc], path)
         for a in current:
             try:
-                libbpf.xdp_attach(a.ifindex, loaded.fd, MODES[a.mode], old_prog_fd=old_fd)
+                swap(a, new_fds, old_fds)
             except libbpf.BpfError as exc:
-                for back in done:   # every interface runs the same program, old or new
+                for back in done:   # every interface runs the same programs, old or new
                     try:
-                        libbpf.xdp_attach(back.ifindex, old_fd, MODES[back.mode], old_prog_fd=loaded.fd)
+                        swap(back, old_fds, new_fds)
                     except libbpf.BpfError:
                         pass
-                os.unlink(staging)
+                for path in staging.values():
+                    os.unlink(path)
                 raise AttachError(
-                    f"cannot swap the XDP program on '{a.ifname}' ({a.mode}): {os.strerror(exc.errno or 0)} "
+                    f"cannot swap the program on '{a.ifname}' ({a.mode}): {os.strerror(exc.errno or 0)} "
                     f"({exc.errno}); the old program still runs everywhere; hint: 'lbctl status' shows "
                     "what is attached (another tool may have replaced it)") from exc
             done.append(a)
-        os.replace(staging, balancer.prog_pin)
+        for tc, pin in builds:
+            os.replace(staging[tc], pin)
     finally:
-        loaded.bpf.cleanup()
-        libbpf.close(old_fd)
+        for prog in loaded.values():
+            prog.bpf.cleanup()
+        for fd in old_fds.values():
+            libbpf.close(fd)
     return balancer.attachments()

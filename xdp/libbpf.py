@@ -62,7 +62,12 @@ XDP_PASS = 2
 XDP_TX = 3
 XDP_REDIRECT = 4
 
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
+# tc verdicts (linux/pkt_cls.h) as a sched_cls test run returns them.
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
 BPF_STATS_RUN_TIME = 0
 
 
@@ -199,6 +204,19 @@ class _XdpAttachOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int)]
 
 
+class _TcHook(ctypes.Structure):
+    # struct bpf_tc_hook (libbpf >= 0.6): the clsact qdisc's hook of one interface.
+    _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int),
+                ("attach_point", ctypes.c_int), ("parent", ctypes.c_uint32)]
+
+
+class _TcOpts(ctypes.Structure):
+    # struct bpf_tc_opts: one filter of a hook, named by its handle and priority.
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32)]
+
+
 class _XdpQueryOpts(ctypes.Structure):
     # libbpf 1.1 layout; later libbpf versions appended feature_flags/xdp_zc_max_segs and
     # read only `sz` bytes of ours. libbpf rejects non-zero bytes past the last field it
@@ -314,6 +332,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_xdp_query": (ctypes.c_int, [
         ctypes.c_int, ctypes.c_int, ctypes.POINTER(_XdpQueryOpts)]),
     "bpf_enable_stats": (ctypes.c_int, [ctypes.c_int]),
+    "bpf_tc_hook_create": (ctypes.c_int, [ctypes.POINTER(_TcHook)]),
+    "bpf_tc_attach": (ctypes.c_int, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
+    "bpf_tc_detach": (ctypes.c_int, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
+    "bpf_tc_query": (ctypes.c_int, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
     # Takes and returns a function pointer; void* lets us hand back whatever was there.
     "libbpf_set_print": (ctypes.c_void_p, [ctypes.c_void_p]),
 }
@@ -841,6 +863,50 @@ def prog_test_run(
     )
 
 
+class SkBuffCtx(ctypes.Structure):
+    """The head of struct __sk_buff up to ifindex, as a sched_cls test run takes it in ctx_in
+    (the kernel reads a shorter context as zeros past its end and refuses the fields it does
+    not let a test set, len and the rest before mark among them)."""
+
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pkt_type", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("queue_mapping", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint32),
+        ("vlan_present", ctypes.c_uint32),
+        ("vlan_tci", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+    ]
+
+
+def prog_test_run_skb(prog_fd: int, data: bytes, ingress_ifindex: int, repeat: int = 1) -> TestRunResult:
+    """BPF_PROG_TEST_RUN of a sched_cls program (the tc build) on one Ethernet frame, as if it
+    arrived on ingress_ifindex (an interface of the calling thread's network namespace)."""
+    out_size = len(data) + 256
+    data_in = ctypes.create_string_buffer(data, len(data))
+    data_out = ctypes.create_string_buffer(out_size)
+    ctx = SkBuffCtx(ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex)
+    opts = _TestRunOpts(
+        sz=ctypes.sizeof(_TestRunOpts),
+        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=len(data),
+        data_out=ctypes.cast(data_out, ctypes.c_void_p), data_size_out=out_size,
+        ctx_in=ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p), ctx_size_in=ctypes.sizeof(ctx),
+        repeat=repeat,
+    )
+    _, err = _call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
+    if err:
+        detail = ""
+        if err == errno_codes.ENODEV:
+            detail = f"no interface with ifindex {ingress_ifindex} in this network namespace"
+        _raise(err, "bpf_prog_test_run_opts", _describe_fd(prog_fd, "prog"), detail=detail)
+    return TestRunResult(retval=opts.retval, data_out=data_out.raw[:opts.data_size_out],
+                         duration_ns=opts.duration)
+
+
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 
 
@@ -1005,3 +1071,63 @@ def xdp_query(ifindex: int, flags: int = 0) -> XdpQuery:
         attach_mode=opts.attach_mode, prog_id=opts.prog_id, drv_prog_id=opts.drv_prog_id,
         skb_prog_id=opts.skb_prog_id, hw_prog_id=opts.hw_prog_id,
     )
+
+
+# --- tc: the ingress hook of the clsact qdisc (`lbctl attach --mode tc`) ---
+BPF_TC_INGRESS = 1 << 0
+BPF_TC_F_REPLACE = 1 << 0
+# The one filter lbctl keeps on a hook, named so that other tools' filters are never touched:
+# handle 0x1bc1 ("lbctl"), priority 1 (the first to run).
+TC_HANDLE = 0x1BC1
+TC_PRIORITY = 1
+
+
+def _tc_hook(ifindex: int) -> _TcHook:
+    return _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
+
+
+def _tc_opts(prog_fd: int = 0, flags: int = 0) -> _TcOpts:
+    return _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog_fd, flags=flags,
+                   handle=TC_HANDLE, priority=TC_PRIORITY)
+
+
+def tc_attach(ifindex: int, prog_fd: int, replace: bool = False) -> None:
+    """Attach prog_fd (a sched_cls program) as lbctl's direct-action filter on the ingress hook
+    of ifindex, creating the clsact qdisc when the interface has none. Without `replace` a
+    filter already there under lbctl's handle is an error (EEXIST); with it the swap is one
+    netlink change: packets see the old program or the new one."""
+    hook = _tc_hook(ifindex)
+    with _captured_libbpf_log() as log:
+        _, err = _call("bpf_tc_hook_create", ctypes.byref(hook))
+    if err and err != errno_codes.EEXIST:
+        _raise(err, "bpf_tc_hook_create", f"{_iface_text(ifindex)}, clsact ingress",
+               detail=_kernel_message(log))
+    opts = _tc_opts(prog_fd, BPF_TC_F_REPLACE if replace else 0)
+    with _captured_libbpf_log() as log:
+        _, err = _call("bpf_tc_attach", ctypes.byref(hook), ctypes.byref(opts))
+    if err:
+        _raise(err, "bpf_tc_attach", f"{_iface_text(ifindex)}, tc ingress", detail=_kernel_message(log))
+
+
+def tc_detach(ifindex: int) -> None:
+    """Remove lbctl's filter from the ingress hook (the clsact qdisc stays: other filters may
+    use it). Detaching nothing is no error."""
+    with _captured_libbpf_log() as log:
+        _, err = _call("bpf_tc_detach", ctypes.byref(_tc_hook(ifindex)), ctypes.byref(_tc_opts()))
+    if err and err not in (errno_codes.ENOENT, errno_codes.EINVAL):
+        _raise(err, "bpf_tc_detach", f"{_iface_text(ifindex)}, tc ingress", detail=_kernel_message(log))
+
+
+def tc_query(ifindex: int) -> int:
+    """The id of the program in lbctl's ingress filter of ifindex, 0 for none."""
+    opts = _tc_opts()
+    with _captured_libbpf_log() as log:
+        _, err = _call("bpf_tc_query", ctypes.byref(_tc_hook(ifindex)), ctypes.byref(opts))
+    if err in (errno_codes.ENOENT, errno_codes.EINVAL):
+        # No clsact qdisc (EINVAL from the kernel: no such parent) or no filter of ours.
+        if not _iface_exists(ifindex):
+            _raise(errno_codes.ENODEV, "bpf_tc_query", f"ifindex {ifindex}")
+        return 0
+    if err:
+        _raise(err, "bpf_tc_query", _iface_text(ifindex), detail=_kernel_message(log))
+    return int(opts.prog_id)

@@ -15,6 +15,10 @@ from xdp.limits import DEFAULT_LIMITS, Limits
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf_programs"
 ENTRY_FILE = "lb_xdp.c"
 ENTRY_FUNCTION = "xdp_lb"
+# The tc build of the same source (bpf_programs/lb_ctx.h): a sched_cls program for the ingress
+# hook, compiled with TC_BUILD defined.
+TC_ENTRY_FUNCTION = "tc_lb"
+TC_BUILD = "LB_TC"
 
 
 def render_consts(limits: Limits, pin_dir: str) -> str:
@@ -99,10 +103,11 @@ WITHOUT_TRACE = "LB_WITHOUT_TRACE"
 
 
 def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS,
-                     defines: tuple[str, ...] = ()) -> LoadedProgram:
+                     defines: tuple[str, ...] = (), tc: bool = False) -> LoadedProgram:
     """Compiles and loads the program. Its maps are created pinned under pin_dir, or reused
     from there when already pinned (bcc's BPF_TABLE_PINNED). `defines`: build switches such
-    as WITHOUT_TRACE, passed to clang as -D."""
+    as WITHOUT_TRACE, passed to clang as -D. `tc`: the tc build (a sched_cls program) instead
+    of the XDP one; both share the pinned maps."""
     BPF = _import_bcc()
     os.makedirs(pin_dir, exist_ok=True)
     kernel_build = f"/lib/modules/{os.uname().release}/build"
@@ -114,9 +119,11 @@ def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS,
     # One inlined text: bcc rewrites map calls (`map.lookup(...)`) only in its main file.
     source = render_source(limits, pin_dir)
     try:
+        names = (*defines, TC_BUILD) if tc else defines
         bpf = BPF(text=source.encode(),
-                  cflags=["-Wno-unused-function", *(f"-D{name}" for name in defines)])
-        fn = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
+                  cflags=["-Wno-unused-function", *(f"-D{name}" for name in names)])
+        fn = (bpf.load_func(TC_ENTRY_FUNCTION.encode(), BPF.SCHED_CLS) if tc
+              else bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP))
     except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
         raise CompileError(f"cannot compile or load {ENTRY_FILE}: {exc}") from exc
     return LoadedProgram(bpf=bpf, fd=fn.fd, pin_dir=pin_dir)

@@ -113,11 +113,14 @@ def testrun(prog_pin: str, ifname: str, src_ip: str, dst_ip: str, dport: int) ->
     try:
         ifindex = socket.if_nametoindex(ifname)
         frame = pps_frame(CLIENT_MAC, _iface_mac(ifname), src_ip, dst_ip, 40000, dport)
-        libbpf.prog_test_run(fd, frame, ingress_ifindex=ifindex)  # creates the flow
+        # The tc build (a sched_cls program) runs on a socket buffer the kernel builds.
+        run = (libbpf.prog_test_run_skb if libbpf.prog_info(fd).type == libbpf.BPF_PROG_TYPE_SCHED_CLS
+               else libbpf.prog_test_run)
+        run(fd, frame, ingress_ifindex=ifindex)  # creates the flow
         durations: list[int] = []
         verdicts: dict[int, int] = {}
         for _ in range(TEST_RUN_CALLS):
-            res = libbpf.prog_test_run(fd, frame, ingress_ifindex=ifindex)
+            res = run(fd, frame, ingress_ifindex=ifindex)
             durations.append(res.duration_ns)
             verdicts[res.retval] = verdicts.get(res.retval, 0) + 1
         print(json.dumps({"ns_per_packet": statistics.median(durations),

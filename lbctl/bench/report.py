@@ -99,7 +99,7 @@ def ratio_table(summary: dict[str, Any], setups: Sequence[str]) -> list[dict[str
 
 
 NATIVE_ONLY = ("xdp-native",)
-BOTH_MODES = ("xdp-native", "xdp-generic")
+BOTH_MODES = ("xdp-native", "xdp-generic", "xdp-tc")
 
 
 @dataclass(frozen=True)
@@ -432,7 +432,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
     setups = [s for s in SETUPS if s in results["setups"]]
-    colors = {"xdp-native": "#1f77b4", "xdp-generic": "#6baed6", "xdp-fullnat": "#17becf",
+    colors = {"xdp-native": "#1f77b4", "xdp-generic": "#6baed6", "xdp-tc": "#d62728", "xdp-fullnat": "#17becf",
               "xdp-dsr": "#9467bd", "xdp-ipv6": "#8c564b", "nftables": "#ff7f0e",
               "haproxy": "#2ca02c", "direct": "#7f7f7f"}
     for metric, name, title, ylabel in PLOTS:

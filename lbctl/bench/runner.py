@@ -90,8 +90,17 @@ class _State:
 
 
 # The lbctl setups: how each forwards, over which family.
-XDP_FORWARDING = {"xdp-native": "nat", "xdp-generic": "nat", "xdp-fullnat": "fullnat",
+XDP_FORWARDING = {"xdp-native": "nat", "xdp-generic": "nat", "xdp-tc": "nat", "xdp-fullnat": "fullnat",
                   "xdp-dsr": "dsr", "xdp-ipv6": "nat"}
+
+
+def _prog_pin(setup: str) -> str:
+    """The pin of the program a setup runs: the tc build for xdp-tc, else the XDP one."""
+    from xdp.balancer import PROG_PIN, TC_PROG_PIN
+
+    return TC_PROG_PIN if setup == "xdp-tc" else PROG_PIN
+
+
 DSR_CLIENT_IF = "dsr0"          # the client's interface on the backends' segment (xdp-dsr)
 DSR_SWITCH_PORT = "p-dsr"       # its peer, a port of the backends' bridge
 
@@ -447,7 +456,7 @@ class PeerBench:
         family: many backends, one backend, bulk (one backend: iperf3's two connections must
         meet one server) and the packet-rate VIP (UDP)."""
         forwarding = XDP_FORWARDING[name]
-        mode = "generic" if name == "xdp-generic" else "native"
+        mode = {"xdp-generic": "generic", "xdp-tc": "tc"}.get(name, "native")
         if forwarding == "dsr":
             self._dsr_plumbing_up()
         self._lbctl("attach", self.lb_client_if, self.lb_backend_if, "--mode", mode)
@@ -562,7 +571,7 @@ class PeerBench:
         self._client_ports(setup)
         # Short connections: the whole path's CPU, and the XDP program's own run time.
         path = close and not single
-        prog = self._prog_stats() if path and setup.startswith("xdp-") else None
+        prog = self._prog_stats(setup) if path and setup.startswith("xdp-") else None
         path0, children0 = (self.path_cpu_s(), os.times()) if path else (None, None)
         cpu0 = self.balancer_cpu_s(setup)
         try:
@@ -620,13 +629,13 @@ class PeerBench:
                                               f"net.ipv4.ip_local_port_range={ports}"])
             self.client_ports = ports
 
-    def _prog_stats(self) -> tuple[int, int]:
+    def _prog_stats(self, setup: str) -> tuple[int, int]:
         """Run-time statistics on (their fd) and the attached program's fd. The statistics add
         two clock reads to each run of the program, outside its own run_time_ns; the XDP
         setups' path CPU carries them."""
         self.state.stats_fd = libbpf.enable_run_time_stats()
         try:
-            return self.state.stats_fd, libbpf.obj_get(str(self.lab.bpf_pin_dir / "prog"))
+            return self.state.stats_fd, libbpf.obj_get(str(self.lab.bpf_pin_dir / _prog_pin(setup)))
         except BaseException:
             os.close(self.state.stats_fd)
             self.state.stats_fd = None
@@ -689,7 +698,7 @@ class PeerBench:
         BPF_PROG_TEST_RUN figure."""
         from xdp import libbpf
 
-        pin = self.lab.bpf_pin_dir / "prog"
+        pin = self.lab.bpf_pin_dir / _prog_pin(setup)
         out: dict[str, Any] = {}
         fd = libbpf.obj_get(str(pin))
         try:
@@ -717,7 +726,8 @@ class PeerBench:
             out["test_run_ns_per_packet"] = data["ns_per_packet"]
             out["test_run_retval"] = data["retval"]
             out["test_run_verdicts"] = data["verdicts"]
-            if data["retval"] not in (3, 4):  # XDP_TX, XDP_REDIRECT: the forwarding path
+            # XDP_TX, XDP_REDIRECT, TC_ACT_REDIRECT: the forwarding path
+            if data["retval"] not in (libbpf.XDP_TX, libbpf.XDP_REDIRECT, libbpf.TC_ACT_REDIRECT):
                 out["test_run_error"] = f"verdict {data['retval']}, not a forward"
                 out["test_run_ns_per_packet"] = None
         else:

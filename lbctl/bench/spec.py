@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 # The order the issue lists them in; each is measured in turn, round after round.
-SETUPS: tuple[str, ...] = ("xdp-native", "xdp-generic", "xdp-fullnat", "xdp-dsr", "xdp-ipv6",
-                           "nftables", "haproxy", "direct")
+SETUPS: tuple[str, ...] = ("xdp-native", "xdp-generic", "xdp-tc", "xdp-fullnat", "xdp-dsr",
+                           "xdp-ipv6", "nftables", "haproxy", "direct")
 SETUP_TITLES = {
     "xdp-native": "lbctl XDP (native)",
     "xdp-generic": "lbctl XDP (generic)",
+    "xdp-tc": "lbctl on the tc hook (--mode tc)",
     "xdp-fullnat": "lbctl XDP full-NAT (native)",
     "xdp-dsr": "lbctl XDP L2 DSR (native)",
     "xdp-ipv6": "lbctl XDP NAT66, IPv6 (native)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -106,6 +107,41 @@ def routed_netns(request: pytest.FixtureRequest, netns_ports: Sequence[Port]) ->
     prefix = getattr(request.module, "NETNS_PREFIX", NETNS_PREFIX)
     with routed.routed_netns(f"{prefix}{secrets.token_hex(4)}", netns_ports) as built:
         yield built
+
+
+@pytest.fixture(scope="session")
+def lb_tc_program(lb_program: LoadedProgram) -> Iterator[LoadedProgram]:
+    """The tc build of the same source (`lbctl attach --mode tc`), sharing lb_program's maps."""
+    loaded = compile_and_load(lb_program.pin_dir, DEFAULT_LIMITS, tc=True)
+    try:
+        yield loaded
+    finally:
+        loaded.bpf.cleanup()  # type: ignore[attr-defined]
+
+
+# The tc build's verdict where the XDP build gives each of these: a frame sent back out of the
+# interface it came in on is a redirect there too (the outcome counters still tell them apart).
+TC_VERDICTS = {libbpf.XDP_PASS: libbpf.TC_ACT_OK, libbpf.XDP_DROP: libbpf.TC_ACT_SHOT,
+               libbpf.XDP_TX: libbpf.TC_ACT_REDIRECT, libbpf.XDP_REDIRECT: libbpf.TC_ACT_REDIRECT}
+
+
+@pytest.fixture
+def build_run(request: pytest.FixtureRequest, lb_program: LoadedProgram,
+              routed_netns: RoutedNetns) -> tuple[Callable[..., tuple[int, bytes]], Callable[[int], int]]:
+    """(run, verdict) for the build a test is parametrized with (indirectly, "xdp" or "tc"):
+    run(frame, ingress) as `run` below, with the XDP build or the tc one (on a socket buffer
+    the test run builds), and verdict(xdp_action), the code that build returns for it. Case
+    tables written in XDP's verdicts hold both builds to the same decisions and bytes."""
+    if request.param == "xdp":
+        return request.getfixturevalue("run"), lambda action: action
+    tc = request.getfixturevalue("lb_tc_program")
+
+    def run_frame(frame: bytes, ingress: str | None = None) -> tuple[int, bytes]:
+        with inside(routed_netns.name):
+            ifindex = routed_netns.ifindex[ingress] if ingress is not None else socket.if_nametoindex("lo")
+            result = libbpf.prog_test_run_skb(tc.fd, frame, ingress_ifindex=ifindex)
+        return result.retval, result.data_out
+    return run_frame, TC_VERDICTS.__getitem__
 
 
 @pytest.fixture

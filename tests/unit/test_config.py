@@ -279,7 +279,7 @@ def test_cli_apply_of_a_broken_file_exits_2_with_one_line_and_never_reaches_the_
 def test_xdp_mode_auto_is_accepted_and_anything_else_refused():
     assert load(GOOD.replace("xdp_mode: generic", "xdp_mode: auto")).xdp_mode == "auto"
     msg = refused(GOOD.replace("xdp_mode: generic", "xdp_mode: skb"))
-    assert msg.startswith("lb.yaml:2: xdp_mode: 'skb' is not one of") and "native, generic or auto" in msg
+    assert msg.startswith("lb.yaml:2: xdp_mode: 'skb' is not one of") and "native, generic, tc or auto" in msg
 
 
 def test_ipv6_vips_and_backends_load_in_bracket_form_and_export_the_same():
