@@ -177,14 +177,22 @@ static __always_inline int lb_flow_usable(const struct nat_entry *flow, __u64 no
 }
 
 /* Starts tracking a flow in both directions (DSR: the original only). `fresh` holds the original direction's rewrite
- * (backend address and port) and ids; its times and state are set here. */
+ * (backend address and port) and ids; its times and state are set here. `old`: the entry the
+ * packet's lookup found under the same key (a connection that ended, or timed out), or NULL.
+ * A client that reuses its source port soon finds its last connection's entries there: they
+ * are overwritten in place, without the LRU's free-list pop and push and the bucket lock an
+ * update of an existing key takes (the reply entry is looked up first only in that case: for
+ * a new key the update alone is cheaper). */
 static __always_inline void lb_flow_create(struct flow_key *key, struct nat_entry *fresh,
-                                           __be32 tcp_flags, __u64 now)
+                                           __be32 tcp_flags, __u64 now, struct nat_entry *old)
 {
     fresh->created_ns = now;
     fresh->last_seen_ns = now;
     fresh->state = lb_initial_state(tcp_flags, key->proto);
-    lb_flow_store(key, fresh, LB_DIR_ORIGINAL);
+    if (old)
+        *old = *fresh;
+    else
+        lb_flow_store(key, fresh, LB_DIR_ORIGINAL);
     /* DSR replies go from the backend straight to the client: there is no reply direction. */
     if (fresh->forwarding == LB_FWD_DSR)
         return;
@@ -193,7 +201,11 @@ static __always_inline void lb_flow_create(struct flow_key *key, struct nat_entr
     struct nat_entry back;
     lb_flow_other_key(&reply, key, fresh, LB_DIR_ORIGINAL);
     lb_flow_other_entry(&back, fresh, key, LB_DIR_ORIGINAL);
-    lb_flow_store(&reply, &back, LB_DIR_REPLY);
+    struct nat_entry *stale = old ? lb_flow_lookup(&reply, LB_DIR_REPLY) : NULL;
+    if (stale)
+        *stale = back;
+    else
+        lb_flow_store(&reply, &back, LB_DIR_REPLY);
 }
 
 /* Moves a tracked flow on by this packet, in the entry it hit and in the other direction's:

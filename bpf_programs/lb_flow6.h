@@ -118,14 +118,19 @@ static __always_inline int lb_flow6_usable(const struct nat_entry6 *flow, __u64 
 }
 
 /* `fresh` is the caller's (scratch) entry, with the backend's address and port and the ids;
- * it is stored as the original direction, then turned into the reply direction's entry. */
+ * it is stored as the original direction, then turned into the reply direction's entry.
+ * `old`: an ended flow's entry under the same key, overwritten in place as lb_flow_create's. */
 static __always_inline void lb_flow6_create(struct lb_scratch6 *s, struct flow_key6 *key,
-                                            struct nat_entry6 *fresh, __be32 tcp_flags, __u64 now)
+                                            struct nat_entry6 *fresh, __be32 tcp_flags, __u64 now,
+                                            struct nat_entry6 *old)
 {
     fresh->e.created_ns = now;
     fresh->e.last_seen_ns = now;
     fresh->e.state = lb_initial_state(tcp_flags, key->proto);
-    lb_flow6_store(key, fresh, LB_DIR_ORIGINAL);
+    if (old)
+        *old = *fresh;
+    else
+        lb_flow6_store(key, fresh, LB_DIR_ORIGINAL);
     /* DSR replies go from the backend straight to the client: no reply direction. */
     if (fresh->e.forwarding == LB_FWD_DSR)
         return;
@@ -135,7 +140,11 @@ static __always_inline void lb_flow6_create(struct lb_scratch6 *s, struct flow_k
     lb_addr6_copy(fresh->addr, key->dst);
     fresh->e.port = key->dport;
     fresh->e.nh_ifindex = 0;
-    lb_flow6_store(&s->key, fresh, LB_DIR_REPLY);
+    struct nat_entry6 *stale = old ? lb_flow6_lookup(&s->key, LB_DIR_REPLY) : NULL;
+    if (stale)
+        *stale = *fresh;
+    else
+        lb_flow6_store(&s->key, fresh, LB_DIR_REPLY);
 }
 
 /* lb_flow_refresh for IPv6: both directions in step; returns 1 when it refreshed. */

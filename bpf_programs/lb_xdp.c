@@ -39,9 +39,11 @@ static __always_inline int lb_flow_forward(LB_CTX *ctx, struct lb_packet *pkt,
     return lb_forward(ctx, pkt, bytes, flow, refreshed);
 }
 
-/* A client's packet to a VIP with no live flow: the VIP's ring picks the backend. */
+/* A client's packet to a VIP with no live flow: the VIP's ring picks the backend. `old`: the
+ * ended flow its key still finds, if any (lb_flow_create reuses its entries). */
 static __always_inline int lb_new_flow(LB_CTX *ctx, struct lb_packet *pkt,
-                                       struct vip_meta *vip, __u64 now, __u64 bytes)
+                                       struct vip_meta *vip, __u64 now, __u64 bytes,
+                                       struct nat_entry *old)
 {
     /* lb_handle let TTL 1 through for a DSR flow that has ended; if its VIP has since
      * turned to NAT, the new flow is routed and the kernel must see the TTL expire. */
@@ -59,7 +61,7 @@ static __always_inline int lb_new_flow(LB_CTX *ctx, struct lb_packet *pkt,
     fresh.vip_id = vip->vip_id;
     fresh.forwarding = lb_vip_forwarding(vip->flags);
     int l2_only = fresh.forwarding == LB_FWD_DSR;
-    lb_flow_create(&pkt->key, &fresh, pkt->tcp_flags, now);
+    lb_flow_create(&pkt->key, &fresh, pkt->tcp_flags, now, old);
 
     lb_count_flow(fresh.vip_id, fresh.backend_id, bytes, 1);
     if (pkt->more_fragments)
@@ -217,13 +219,15 @@ static __always_inline int lb_handle(LB_CTX *ctx)
         vip = lb_vip_lookup(&pkt.key);
     if (!vip)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
-    /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do). */
-    struct snat_entry *snat = snat_flows.lookup(&pkt.key);
+    /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do).
+     * Looked for only while full-NAT is in use (dp_config: a full-NAT VIP, or replies to one
+     * still tracked): a NAT VIP's new flow pays no lookup of a table it never fills. */
+    struct snat_entry *snat = lb_dp_on(LB_DP_F_FULLNAT) ? snat_flows.lookup(&pkt.key) : NULL;
     if (snat && lb_flow_usable(&snat->nat, now, pkt.tcp_flags))
         return lb_snat_forward(ctx, &pkt, snat, now, bytes, LB_DIR_ORIGINAL);
     if (vip->flags & LB_VIP_F_FULLNAT)
         return lb_snat_new_flow(ctx, &pkt, vip, now, bytes);
-    return lb_new_flow(ctx, &pkt, vip, now, bytes);
+    return lb_new_flow(ctx, &pkt, vip, now, bytes, flow);
 }
 
 #ifdef LB_TC

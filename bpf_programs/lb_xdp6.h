@@ -51,7 +51,8 @@ static __always_inline int lb_flow6_forward(LB_CTX *ctx, struct lb_packet6 *pkt,
 }
 
 static __always_inline int lb_new_flow6(LB_CTX *ctx, struct lb_packet6 *pkt,
-                                        struct vip_meta *vip, __u64 now, __u64 bytes)
+                                        struct vip_meta *vip, __u64 now, __u64 bytes,
+                                        struct nat_entry6 *old)
 {
     /* lb_handle6 let hop limit 1 through for a DSR flow that ended; a new NAT flow is a
      * routing hop, and the kernel must see the limit run out. */
@@ -76,7 +77,7 @@ static __always_inline int lb_new_flow6(LB_CTX *ctx, struct lb_packet6 *pkt,
     fresh->e.backend_id = id;
     fresh->e.vip_id = vip->vip_id;
     fresh->e.forwarding = forwarding;
-    lb_flow6_create(s, &pkt->key, fresh, pkt->tcp_flags, now);
+    lb_flow6_create(s, &pkt->key, fresh, pkt->tcp_flags, now, old);
 
     lb_count_flow(vip->vip_id, id, bytes, 1);
     if (pkt->more_fragments)
@@ -204,10 +205,10 @@ static __always_inline int lb_handle6(LB_CTX *ctx)
     if (!vip)
         return lb_outcome(LB_PASS_NOT_VIP, bytes, LB_ACT_PASS);
     /* A full-NAT flow ends full-NAT even if its VIP changed mode since (as NAT flows do). */
-    struct snat_entry6 *snat = snat_flows6.lookup(&pkt.key);
+    struct snat_entry6 *snat = lb_dp_on(LB_DP_F_FULLNAT6) ? snat_flows6.lookup(&pkt.key) : NULL;
     if (snat && lb_flow6_usable(&snat->nat, now, pkt.tcp_flags))
         return lb_snat6_forward(ctx, &pkt, snat, now, bytes, LB_DIR_ORIGINAL);
     if (vip->flags & LB_VIP_F_FULLNAT)
         return lb_snat6_new_flow(ctx, &pkt, vip, now, bytes);
-    return lb_new_flow6(ctx, &pkt, vip, now, bytes);
+    return lb_new_flow6(ctx, &pkt, vip, now, bytes, flow);
 }

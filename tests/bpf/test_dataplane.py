@@ -1387,6 +1387,27 @@ def test_the_flow_table_follows_the_connection_state(
     assert (CLIENT, 33000, DNS_BACKEND.addr, DNS_BACKEND.port, "udp") in state()
 
 
+@pytest.mark.parametrize("build_run", BUILDS, indirect=True)
+def test_a_reused_client_port_gets_its_closed_flows_entries_rewritten_in_place(
+        build_run: tuple[Callable[..., tuple[int, bytes]], Callable[[int], int]],
+        controller: Controller, lb_maps: LbMaps) -> None:
+    """The client's next connection from the same port finds its last one's entries (closing):
+    both are written over (lb_flow_create), so the flow starts anew and the backend's SYN-ACK,
+    which the old reply entry would have judged stale, is reverse-NATed."""
+    run, verdict = build_run
+    for frame in (SYN_TO_WEB, ACK_TO_WEB, to_vip(WEB, flags="FA")):
+        run(frame, CLIENT_ARM)
+    [closed] = controller.flows()
+    assert closed["state"] == "closing"
+    send(Send(SYN_TO_WEB, CLIENT_ARM, XDP_REDIRECT, "redirect", dnat(SYN_TO_WEB, WEB_BACKEND)),
+         run, lb_maps, verdict)
+    [again] = controller.flows()
+    assert again["state"] == "syn"
+    syn_ack = from_backend(WEB_BACKEND, flags="SA")
+    send(Send(syn_ack, BACKEND_ARM, XDP_REDIRECT, "redirect", snat(syn_ack, WEB)), run, lb_maps, verdict)
+    assert lb_maps.live_flow_count() == 1
+
+
 # --- the next-hop cache: a tracked flow reuses its FIB result until its next refresh ---
 
 def _neigh(netns: str, *args: str) -> None:
