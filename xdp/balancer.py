@@ -204,8 +204,13 @@ class Balancer:
                         f"cannot attach on '{name}': another XDP program (id {other}) is attached; "
                         f"hint: remove it first (ip link set dev {name} xdp off)"
                     )
-                if have:  # switching mode: the old attachment must go first
+                # Switching between XDP modes: the old attachment must go first (an interface
+                # takes one). Between XDP and tc both can run at once, XDP first on receive:
+                # the new one is attached before the old one goes, and no packet passes the
+                # kernel un-NATed in between (an un-NATed reply makes the client reset).
+                if have and (have.mode == TC) == (if_mode == TC):
                     _detach(ifindex, have.mode)
+                    have = None
                 try:
                     if if_mode == TC:
                         assert tc_fd is not None
@@ -223,6 +228,8 @@ class Balancer:
                         f"({exc.errno}){why}; {hint}"
                     ) from exc
                 done.append((ifindex, if_mode))
+                if have:
+                    _detach(ifindex, have.mode)
         except BaseException:
             for ifindex, if_mode in done:
                 _detach_quietly(ifindex, if_mode)

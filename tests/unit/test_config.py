@@ -61,6 +61,11 @@ def test_the_contract_example_loads_with_every_key():
     assert dns.health is None and dns.spec.backends == (BackendSpec("10.0.1.11", 53),)
 
 
+@pytest.mark.parametrize("mode", ["native", "generic", "tc", "auto"])
+def test_every_attach_mode_is_a_valid_xdp_mode(mode):
+    assert load(f"interfaces: [eth0]\nxdp_mode: {mode}\n").xdp_mode == mode
+
+
 def test_defaults_proto_tcp_weight_1_state_active_xdp_mode_by_driver():
     state = load("vips: [{vip: 10.0.0.10:80, backends: [{addr: 10.0.1.11:80}]}]")
     assert state.xdp_mode == "auto" and state.interfaces == ()

@@ -1,0 +1,158 @@
+"""`lbctl attach --mode tc` on a real lab: the tc build on the clsact ingress hook balances,
+takes over from XDP (and back) under a keep-alive load without a connection noticing, reloads
+hitlessly beside an XDP interface, and never touches a tc filter that is not its own."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from agentlab import KeepAliveLoad, load_verdict
+from labcli import lab_up, lbctl, nat_connection_trace, start_tracer
+
+from lbctl.lab import Lab
+from xdp import libbpf
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces, loads XDP and tc programs"),
+]
+
+# A filter of another tool on the same hook (classic BPF that matches nothing; the kernel here
+# has no matchall or u32 classifier): lbctl must leave it where it is.
+FOREIGN = ["prio", "7", "handle", "7", "bpf", "bytecode", "1,6 0 0 0,"]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with lab_up("tm", attach=False, http_vip=False) as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def detached(lab: Lab) -> Iterator[Lab]:
+    lbctl(lab, "detach", "--all", "--force", check=False)
+    assert attached(lab) == {}
+    yield lab
+    lbctl(lab, "detach", "--all", "--force", check=False)
+
+
+def attached(lab: Lab) -> dict[str, tuple[str, int]]:
+    status = json.loads(lbctl(lab, "status", "--json").stdout)
+    return {a["ifname"]: (a["mode"], a["prog_id"]) for a in status["attached"]}
+
+
+def filters(lab: Lab, ifname: str) -> str:
+    return subprocess.run(["tc", "-n", lab.lb.netns, "filter", "show", "dev", ifname, "ingress"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def with_vip(lab: Lab) -> None:
+    vip = f"{lab.vip}:{lab.http_port}"
+    lbctl(lab, "vip", "add", vip)
+    lbctl(lab, "backend", "add", vip, *(f"{b.addr}:{lab.http_port}" for b in lab.backends))
+
+
+def test_tc_mode_balances_and_detach_removes_only_its_filter(detached: Lab):
+    subprocess.run(["tc", "-n", detached.lb.netns, "qdisc", "add", "dev", "eth0", "clsact"],
+                   check=True, capture_output=True)
+    subprocess.run(["tc", "-n", detached.lb.netns, "filter", "add", "dev", "eth0", "ingress", *FOREIGN],
+                   check=True, capture_output=True)
+    try:
+        out = lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc").stdout
+        assert out.count("(tc, prog") == 2 and "set by --mode tc (veth defaults to generic)" in out
+        got = attached(detached)
+        assert {mode for mode, _ in got.values()} == {"tc"} and len({p for _, p in got.values()}) == 1
+        tc_prog = next(iter(got.values()))[1]
+        for ifname in detached.lb_ifaces:
+            shown = filters(detached, ifname)
+            assert f"handle {libbpf.TC_HANDLE:#x} tc_lb" in shown and "direct-action" in shown
+            assert f"id {tc_prog}" in shown
+        with_vip(detached)
+        bodies = Counter(detached.http_get(detached.vip, detached.http_port, count=60))
+        assert set(bodies) == {b.name for b in detached.backends}
+        stats = json.loads(lbctl(detached, "stats", "--json").stdout)
+        assert stats["outcomes"]["redirect"]["packets"] >= 60 * 4
+        assert stats["outcomes"]["pass_malformed"]["packets"] == 0
+
+        lbctl(detached, "detach", "eth0", "--force")
+        assert attached(detached) == {"eth1": ("tc", tc_prog)}
+        assert "tc_lb" not in filters(detached, "eth0")
+        assert "bytecode '1,6 0 0 0'" in filters(detached, "eth0"), "another tool's filter stays"
+        lbctl(detached, "detach", "--all", "--force")
+        assert "tc_lb" not in filters(detached, "eth1")
+        assert not os.path.exists(detached.bpf_pin_dir / "prog_tc")
+    finally:
+        lbctl(detached, "vip", "del", f"{detached.vip}:{detached.http_port}", check=False)
+        subprocess.run(["tc", "-n", detached.lb.netns, "qdisc", "del", "dev", "eth0", "clsact"],
+                       check=False, capture_output=True)
+
+
+def test_switching_between_xdp_and_tc_keeps_every_connection_on_its_backend(detached: Lab):
+    lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "generic")
+    with_vip(detached)
+    load = KeepAliveLoad(detached, connections=32, min_duration_s=6.0)
+    try:
+        lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc")
+        assert {m for m, _ in attached(detached).values()} == {"tc"}
+        lbctl(detached, "attach", "eth1", "--mode", "generic")
+        assert {n: m for n, (m, _) in attached(detached).items()} == {"eth0": "tc", "eth1": "generic"}
+        verdict = load_verdict(load.finish())
+    finally:
+        load.close()
+        lbctl(detached, "vip", "del", f"{detached.vip}:{detached.http_port}", check=False)
+    assert verdict["errors"] == [] and verdict["non2xx"] == 0
+    assert verdict["moved"] == [], "a connection changed backend across the switches"
+    assert verdict["requests"] > 32
+
+
+def test_reload_swaps_both_builds_hitlessly(detached: Lab):
+    lbctl(detached, "attach", "eth0", "--mode", "tc")
+    lbctl(detached, "attach", "eth1", "--mode", "generic")
+    before = attached(detached)
+    with_vip(detached)
+    load = KeepAliveLoad(detached, connections=32, min_duration_s=6.0)
+    try:
+        out = lbctl(detached, "reload", timeout_s=180.0).stdout
+        after = attached(detached)
+        verdict = load_verdict(load.finish())
+    finally:
+        load.close()
+        lbctl(detached, "vip", "del", f"{detached.vip}:{detached.http_port}", check=False)
+    assert {n: m for n, (m, _) in after.items()} == {"eth0": "tc", "eth1": "generic"}
+    assert after["eth0"][1] != before["eth0"][1] and after["eth1"][1] != before["eth1"][1]
+    assert f"reloaded eth0 (tc, prog {after['eth0'][1]})" in out
+    assert verdict["errors"] == [] and verdict["non2xx"] == 0 and verdict["moved"] == []
+    assert not os.path.exists(detached.bpf_pin_dir / "prog_tc_next")
+
+
+def test_a_tc_attach_that_fails_halfway_leaves_nothing_attached(detached: Lab):
+    refused = lbctl(detached, "attach", "eth0", "nosuch0", "--mode", "tc", check=False)
+    assert refused.returncode != 0 and "nosuch0" in refused.stderr
+    assert attached(detached) == {}
+    assert "tc_lb" not in filters(detached, "eth0")
+
+
+def test_trace_reads_the_tc_build_as_it_reads_the_xdp_one(detached: Lab):
+    """The same four packets, outcomes and rewrites `lbctl trace` shows for XDP
+    (tests/netns/test_trace_live.py), from the tc build's events."""
+    lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc")
+    with_vip(detached)
+    proc = start_tracer(detached, "trace", "--client", detached.client.addr, "--count", "4", "--json")
+    try:
+        assert all(r.ok for r in detached.http_requests(detached.vip, count=1))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        lbctl(detached, "vip", "del", f"{detached.vip}:{detached.http_port}", check=False)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    client = events[0]["in"].split(" ->")[0]
+    backend = events[0]["backend"]
+    assert [(e["iface"], e["outcome"]) for e in events] == [
+        ("eth0", "new flow"), ("eth1", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
+    assert [(e["in"], e["out"]) for e in events] == nat_connection_trace(
+        client, f"{detached.vip}:{detached.http_port}", backend)
