@@ -255,7 +255,7 @@ def mode_option(f):
     return click.option("--mode", type=click.Choice(XDP_MODES), default=None,
                         help="mode for every interface: XDP native (in the driver) or generic "
                              "(on the socket buffer), or tc (the same program on the tc ingress "
-                             "hook) [default: by driver: generic on veth, native on NICs; "
+                             "hook) [default: by driver: tc on veth, native on NICs; "
                              "'lbctl status' says why]")(f)
 
 
@@ -408,7 +408,10 @@ def status(obj: Context, as_json: bool) -> None:
         return
     gone = " (its network namespace is gone)" if st.get("namespace_gone") else ""
     click.echo(f"instance  {st['instance']}{gone}")
-    click.echo(f"program   {'prog ' + str(st['prog_id']) if st['prog_id'] else 'not loaded'}")
+    program = f"prog {st['prog_id']}" if st["prog_id"] else "not loaded"
+    if st.get("tc_prog_id"):
+        program += f" (XDP build), prog {st['tc_prog_id']} (tc build)"
+    click.echo(f"program   {program}")
     click.echo(f"maps      {st['pin_dir'] if st['maps'] else 'none'}")
     click.echo(f"vips      {st['vips']}")
     click.echo(f"backends  {st['backends']}")

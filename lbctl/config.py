@@ -369,7 +369,7 @@ def _ipv4(v: str, what: str) -> str:
 class ConfigFile(_Strict):
     interfaces: list[str] = []
     # auto: each interface gets its driver's default, as `lbctl attach` without --mode (native
-    # on NIC drivers, generic on veth where native copies every socket-made packet: #15). It
+    # on NIC drivers, tc on veth where XDP copies every socket-made packet: #15, #8). It
     # is the default for the same reason `attach` picks by driver when --mode is not given.
     # tc: the same program on the tc ingress hook (`lbctl attach --mode tc`).
     xdp_mode: Literal["native", "generic", "tc", "auto"] = "auto"

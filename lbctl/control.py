@@ -339,7 +339,9 @@ class Controller:
                      "attached": [{"ifname": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
                                    "prog_id": a.prog_id, "driver": a.driver, "why": a.reason}
                                   for a in attachments],
-                     "prog_id": self.balancer.pinned_prog_id(), "vips": 0, "backends": 0, "vip_modes": [],
+                     "prog_id": self.balancer.pinned_prog_id(),
+                     # The tc build, pinned while an interface runs it (--mode tc).
+                     "tc_prog_id": self.balancer.pinned_prog_id(self.balancer.tc_prog_pin), "vips": 0, "backends": 0, "vip_modes": [],
                      "maps": os.path.isdir(self.balancer.pin_dir)}
         if out["maps"]:
             with self.balancer.maps() as maps:

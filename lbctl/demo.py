@@ -56,7 +56,7 @@ def distribution_table(title: str, counts: Counter, names: list[str], total: int
 def run_demo(keep: bool = False, count: int = 300, mode: str | None = None, prefix: str = "lbl") -> bool:
     """Returns whether every check the demo shows held (spread over all, none to a removed one).
     mode None attaches as a user would without --mode: each interface in its driver's faster
-    mode (generic on the lab's veths)."""
+    mode (tc on the lab's veths)."""
     need_root("demo")  # before anything is built: a half-built lab would need root to remove
     lab = Lab(prefix)
     ns = lab.lb.netns

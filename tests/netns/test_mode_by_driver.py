@@ -1,4 +1,4 @@
-"""The per-driver XDP mode on real interfaces: the lab's veths get generic by default and say
+"""The per-driver attach mode on real interfaces: the lab's veths get tc by default and say
 why, --mode still overrides (and native still balances), and every driver the table sends to
 generic for lack of native XDP really refuses native here."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from labcli import lab_up, lbctl
 
 from lbctl.lab import Lab
-from xdp.modes import GENERIC, MODE_BY_DRIVER
+from xdp.modes import GENERIC, MODE_BY_DRIVER, TC
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces and attaches XDP")
 
@@ -48,15 +48,15 @@ def balanced_to_every_backend(lab: Lab) -> bool:
     return set(bodies) == {b.name for b in lab.backends}
 
 
-def test_veth_gets_generic_by_default_and_status_says_why(detached: Lab):
+def test_veth_gets_tc_by_default_and_status_says_why(detached: Lab):
     out = lbctl(detached, "attach", *detached.lb_ifaces).stdout
-    assert out.count("(generic, prog") == 2 and "extra copy per packet" in out
+    assert out.count(f"({TC}, prog") == 2 and "keeps the socket buffer as it is" in out
     got = status(detached)
-    assert {name: a["mode"] for name, a in got.items()} == dict.fromkeys(detached.lb_ifaces, "generic")
+    assert {name: a["mode"] for name, a in got.items()} == dict.fromkeys(detached.lb_ifaces, TC)
     for a in got.values():
         assert a["driver"] == "veth" and a["why"] == MODE_BY_DRIVER["veth"].reason
     table = lbctl(detached, "status").stdout
-    assert "WHY" in table and "veth: native costs an extra copy per packet" in table
+    assert "WHY" in table and MODE_BY_DRIVER["veth"].reason in table
     assert balanced_to_every_backend(detached)
 
 
@@ -64,7 +64,7 @@ def test_mode_overrides_and_a_later_attach_without_mode_keeps_it(detached: Lab):
     lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "native")
     got = status(detached)
     assert {a["mode"] for a in got.values()} == {"native"}
-    assert all("set by --mode native (veth defaults to generic)" == a["why"] for a in got.values())
+    assert all("set by --mode native (veth defaults to tc)" == a["why"] for a in got.values())
     lbctl(detached, "attach", *detached.lb_ifaces)       # no --mode: nothing switches
     assert {a["mode"] for a in status(detached).values()} == {"native"}
     assert balanced_to_every_backend(detached)

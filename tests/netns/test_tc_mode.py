@@ -63,10 +63,11 @@ def test_tc_mode_balances_and_detach_removes_only_its_filter(detached: Lab):
                    check=True, capture_output=True)
     try:
         out = lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc").stdout
-        assert out.count("(tc, prog") == 2 and "set by --mode tc (veth defaults to generic)" in out
+        assert out.count("(tc, prog") == 2 and "veth: tc keeps the socket buffer as it is" in out
         got = attached(detached)
         assert {mode for mode, _ in got.values()} == {"tc"} and len({p for _, p in got.values()}) == 1
         tc_prog = next(iter(got.values()))[1]
+        assert f"(XDP build), prog {tc_prog} (tc build)" in lbctl(detached, "status").stdout
         for ifname in detached.lb_ifaces:
             shown = filters(detached, ifname)
             assert f"handle {libbpf.TC_HANDLE:#x} tc_lb" in shown and "direct-action" in shown

@@ -11,13 +11,13 @@ from lbctl.cli import Context, main
 from lbctl.control import AttachResult
 from xdp.balancer import Attachment
 from xdp.errors import AttachError
-from xdp.modes import GENERIC, MODE_BY_DRIVER, NATIVE, default_mode, driver_of, mode_reason
+from xdp.modes import GENERIC, MODE_BY_DRIVER, NATIVE, TC, default_mode, driver_of, mode_reason
 
 
-def test_veth_defaults_to_generic_and_points_at_the_figures():
+def test_veth_defaults_to_tc_and_points_at_the_figures():
     choice = default_mode("veth")
-    assert choice.mode == GENERIC
-    assert "copy" in choice.reason and "docs/real-hosts.md" in choice.reason
+    assert choice.mode == TC
+    assert "copies" in choice.reason and "docs/real-hosts.md" in choice.reason
 
 
 @pytest.mark.parametrize("driver", ["ice", "i40e", "mlx5_core", "virtio_net", "ena", "tun"])
@@ -37,13 +37,13 @@ def test_an_interface_without_driver_name_gets_native():
 
 
 def test_the_table_holds_only_known_modes():
-    assert {c.mode for c in MODE_BY_DRIVER.values()} <= {NATIVE, GENERIC}
+    assert {c.mode for c in MODE_BY_DRIVER.values()} <= {NATIVE, GENERIC, TC}
 
 
 def test_reason_names_the_override_when_mode_is_not_the_default():
-    assert mode_reason("veth", GENERIC) == default_mode("veth").reason
+    assert mode_reason("veth", TC) == default_mode("veth").reason
     override = mode_reason("veth", NATIVE)
-    assert "--mode native" in override and "veth defaults to generic" in override
+    assert "--mode native" in override and "veth defaults to tc" in override
     assert "--mode generic" in mode_reason("ice", GENERIC)
 
 
@@ -71,8 +71,8 @@ class _Controller:
     def status(self) -> dict:
         return {"instance": "host", "pin_dir": "/sys/fs/bpf/lbctl/host", "prog_id": 7, "vips": 0,
                 "backends": 0, "maps": True,
-                "attached": [{"ifname": "eth0", "ifindex": 2, "mode": "generic", "prog_id": 7,
-                              "driver": "veth", "why": mode_reason("veth", "generic")},
+                "attached": [{"ifname": "eth0", "ifindex": 2, "mode": "tc", "prog_id": 7,
+                              "driver": "veth", "why": mode_reason("veth", "tc")},
                              {"ifname": "eth1", "ifindex": 3, "mode": "native", "prog_id": 7,
                               "driver": "veth", "why": mode_reason("veth", "native")}]}
 
@@ -86,7 +86,7 @@ def test_attach_without_mode_leaves_the_choice_to_the_driver_table():
     result = _run(ctl, "attach", "eth0", "eth1")
     assert result.exit_code == 0, result.output
     assert ctl.calls == [("attach", ["eth0", "eth1"], None)]
-    assert "attached eth0 (generic, prog 7): veth: native costs" in result.output
+    assert "attached eth0 (tc, prog 7): veth: tc keeps the socket buffer" in result.output
 
 
 def test_attach_mode_overrides_the_table():
@@ -105,7 +105,7 @@ def test_status_says_which_mode_each_interface_got_and_why():
     assert header.split() == ["IFACE", "MODE", "PROG", "WHY"]
     eth0 = next(line for line in lines if line.startswith("eth0"))
     eth1 = next(line for line in lines if line.startswith("eth1"))
-    assert eth0.split()[1] == "generic" and "extra copy per packet" in eth0
-    assert eth1.split()[1] == "native" and "veth defaults to generic" in eth1
+    assert eth0.split()[1] == "tc" and "keeps the socket buffer as it is" in eth0
+    assert eth1.split()[1] == "native" and "veth defaults to tc" in eth1
     data = json.loads(_run(_Controller(), "status", "--json").output)
-    assert [(a["mode"], a["driver"]) for a in data["attached"]] == [("generic", "veth"), ("native", "veth")]
+    assert [(a["mode"], a["driver"]) for a in data["attached"]] == [("tc", "veth"), ("native", "veth")]
