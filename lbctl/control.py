@@ -25,9 +25,9 @@ from lbctl.model import (
 )
 from xdp.balancer import Attachment, Balancer, require_root
 from xdp.codec import Endpoint, format_endpoint
-from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, Limits
+from xdp.limits import DEFAULT_LIMITS, PIN_ROOT, RUN_DIR, Limits
 
-LOCK_DIR = "/run/lbctl"
+LOCK_DIR = RUN_DIR
 NETNS_DIR = "/var/run/netns"   # where `ip netns add` names namespaces
 
 

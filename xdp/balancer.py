@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xdp import libbpf
-from xdp.errors import AttachError, NeedRootError, NotAttachedError
-from xdp.limits import DEFAULT_LIMITS, Limits
+from xdp.errors import AttachError, CompileError, NeedRootError, NotAttachedError
+from xdp.limits import DEFAULT_LIMITS, RUN_DIR, Limits
 from xdp.maps import LbMaps, pin_dir_for
-from xdp.modes import default_mode, driver_of, mode_reason
+from xdp.modes import GENERIC, TC, default_mode, driver_of, mode_reason
 
 if TYPE_CHECKING:
     from xdp.program import LoadedProgram
 
 XDP_FLAGS = {"native": libbpf.XDP_FLAGS_DRV_MODE, "generic": libbpf.XDP_FLAGS_SKB_MODE}
-TC = "tc"
 # Every attach mode, as `--mode` spells it: the XDP ones, then the tc build on the ingress hook.
 MODES: tuple[str, ...] = (*XDP_FLAGS, TC)
 PROG_PIN = "prog"          # the XDP build (explain, test runs and the benches use it too)
@@ -94,6 +93,33 @@ class Balancer:
     @property
     def tc_prog_pin(self) -> str:
         return os.path.join(self.pin_dir, TC_PROG_PIN)
+
+    # -- a kernel that refuses the tc build ----------------------------------------------------
+    # An interface whose driver defaults to tc gets generic XDP instead when the tc build
+    # cannot be loaded here (an older kernel's verifier, a kernel without cls_bpf), and
+    # status says so: the note is kept in RUN_DIR until a tc build loads.
+    @property
+    def _tc_refusal_path(self) -> str:
+        return os.path.join(RUN_DIR, f"{self.instance}.tc-refused")
+
+    def tc_refusal(self) -> str | None:
+        """Why this kernel refused the tc build at the last attach that wanted it, or None."""
+        try:
+            with open(self._tc_refusal_path) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    def _note_tc_refusal(self, why: str | None) -> None:
+        if why is None:
+            try:
+                os.unlink(self._tc_refusal_path)
+            except FileNotFoundError:
+                pass
+            return
+        os.makedirs(RUN_DIR, exist_ok=True)
+        with open(self._tc_refusal_path, "w") as f:
+            f.write(why + "\n")
 
     def pinned_prog_id(self, pin: str | None = None) -> int | None:
         """The id of the pinned XDP build, or of the program pinned at `pin`; None for none."""
@@ -171,7 +197,11 @@ class Balancer:
                 mode, running = TC, tc_id
             if mode is not None and running is not None:
                 driver = driver_of(ifname)
-                out.append(Attachment(ifname, ifindex, mode, running, driver, mode_reason(driver, mode)))
+                reason = mode_reason(driver, mode)
+                refusal = self.tc_refusal() if mode == GENERIC and default_mode(driver).mode == TC else None
+                if refusal:
+                    reason = f"{driver}: this kernel refused the tc build ({refusal}); generic instead"
+                out.append(Attachment(ifname, ifindex, mode, running, driver, reason))
         return out
 
     def attach(self, ifnames: list[str], mode: str | None = None) -> list[Attachment]:
@@ -189,7 +219,17 @@ class Balancer:
         # always pinned (explain and test runs use it); the tc build when an interface needs it.
         fd = self._program_fd(fresh=not current)
         prog_id = libbpf.prog_info(fd).id
-        tc_fd = self._tc_program_fd(fresh=not current) if TC in wanted.values() else None
+        tc_fd = None
+        if TC in wanted.values():
+            try:
+                tc_fd = self._tc_program_fd(fresh=not current)
+                self._note_tc_refusal(None)
+            except CompileError as exc:
+                if mode == TC:
+                    raise
+                # Only the driver table asked for tc: generic XDP runs the same decisions.
+                self._note_tc_refusal(str(exc).splitlines()[0][:160])
+                wanted = {i: GENERIC if m == TC else m for i, m in wanted.items()}
         done: list[tuple[int, str]] = []
         try:
             for name, ifindex in targets:

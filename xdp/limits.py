@@ -56,6 +56,8 @@ EXPLAIN_VERDICTS: tuple[str, ...] = ("none", "not_vip", "flow_hit", "ring", "no_
 EXPLAIN_MAGIC = 0x4C424558  # "LBEX"
 
 PIN_ROOT = "/sys/fs/bpf/lbctl"
+# Run-time files of the control plane (locks, notes that outlive one command), per instance.
+RUN_DIR = "/run/lbctl"
 
 # Each VIP owns this many rings side by side in the `rings` array: the live one and the one
 # being written. A change writes the idle ring, then flips vip_meta.ring_generation, whose

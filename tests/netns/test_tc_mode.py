@@ -13,8 +13,12 @@ import pytest
 from agentlab import KeepAliveLoad, load_verdict
 from labcli import lab_up, lbctl, nat_connection_trace, start_tracer
 
+import xdp.program
 from lbctl.lab import Lab
+from lbctl.netns import inside
 from xdp import libbpf
+from xdp.balancer import Balancer
+from xdp.errors import CompileError
 
 pytestmark = [
     pytest.mark.root,
@@ -157,3 +161,39 @@ def test_trace_reads_the_tc_build_as_it_reads_the_xdp_one(detached: Lab):
         ("eth0", "new flow"), ("eth1", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
     assert [(e["in"], e["out"]) for e in events] == nat_connection_trace(
         client, f"{detached.vip}:{detached.http_port}", backend)
+
+
+def test_a_kernel_that_refuses_the_tc_build_gets_generic_xdp_and_status_says_why(
+        detached: Lab, monkeypatch: pytest.MonkeyPatch):
+    """The driver table asks for tc on veth; where the kernel will not load the tc build (an
+    older verifier; here its refusal is made in-process) attach falls back to generic XDP,
+    which takes the same decisions, and says why until a tc build loads. An explicit
+    --mode tc is never replaced."""
+    real = xdp.program.compile_and_load
+    refusal = "cannot compile or load lb_xdp.c: Failed to load BPF program b'tc_lb': Permission denied"
+
+    def refuse_tc(*args, tc: bool = False, **kwargs):
+        if tc:
+            raise CompileError(refusal)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xdp.program, "compile_and_load", refuse_tc)
+    balancer = Balancer(detached.lb.netns)
+    try:
+        with inside(detached.lb.netns):
+            done = balancer.attach(list(detached.lb_ifaces))
+            with pytest.raises(CompileError):
+                balancer.attach(["eth0"], "tc")
+    finally:
+        balancer.close()
+    assert {a.mode for a in done} == {"generic"}
+    why = f"veth: this kernel refused the tc build ({refusal}); generic instead"
+    assert all(a.reason == why for a in done)
+    status = json.loads(lbctl(detached, "status", "--json").stdout)
+    assert [(a["mode"], a["why"]) for a in status["attached"]] == [("generic", why)] * 2
+    assert set(detached.http_get(detached.backends[0].addr, count=3)) == {detached.backends[0].name}
+    # A tc build that loads (the real compiler, in the CLI's process) clears the note.
+    lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc")
+    lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "generic")
+    again = json.loads(lbctl(detached, "status", "--json").stdout)["attached"]
+    assert {a["why"] for a in again} == {"set by --mode generic (veth defaults to tc)"}
