@@ -13,6 +13,7 @@ from labcli import lab_up, lbctl
 
 from lbctl.control import LOCK_DIR
 from lbctl.lab import Lab
+from xdp.modes import default_mode
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds namespaces and attaches XDP")
 
@@ -83,7 +84,7 @@ def test_detaching_an_interface_that_is_not_attached_is_refused(detached: Lab):
     lbctl(detached, "attach", "eth0")
     proc = lbctl(detached, "detach", "eth1", check=False)
     assert proc.returncode == 4 and "not attached to 'eth1'" in proc.stderr
-    assert attached(detached) == {"eth0": "generic"}
+    assert attached(detached) == {"eth0": default_mode("veth").mode}
 
 
 def test_attach_warns_when_forwarding_is_off(detached: Lab):
