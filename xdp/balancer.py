@@ -80,10 +80,10 @@ class Balancer:
         self.instance = instance
         self.limits = limits
         self.pin_dir = pin_dir_for(instance)
-        self._prog_fd: int | None = None
-        self._loaded: LoadedProgram | None = None  # keeps a bcc object alive while its fd is used
-        self._tc_fd: int | None = None
-        self._tc_loaded: LoadedProgram | None = None
+        # Per build (False: XDP, True: tc): its open fd, and the bcc object that keeps a
+        # program this process compiled alive while its fd is used.
+        self._fds: dict[bool, int] = {}
+        self._compiled: dict[bool, LoadedProgram] = {}
 
     # -- the program ------------------------------------------------------------------------
     @property
@@ -132,52 +132,42 @@ class Balancer:
         finally:
             libbpf.close(fd)
 
-    def _program_fd(self, fresh: bool) -> int:
-        """The pinned program, or a newly compiled one (pinned in its place) when fresh or none."""
-        if self._prog_fd is not None:
-            return self._prog_fd
+    @property
+    def _loaded(self) -> LoadedProgram | None:
+        """The XDP build, when this process compiled it (None when it reused the pinned one)."""
+        return self._compiled.get(False)
+
+    def _program_fd(self, fresh: bool, tc: bool = False) -> int:
+        """A build's pinned program (the XDP one, or with `tc` the tc one), or a newly compiled
+        one pinned in its place when fresh or none is pinned. The tc build is compiled against
+        the maps the XDP build pinned and checked."""
+        if tc in self._fds:
+            return self._fds[tc]
+        pin = self.tc_prog_pin if tc else self.prog_pin
         if not fresh:
             try:
-                self._prog_fd = libbpf.obj_get(self.prog_pin)
-                return self._prog_fd
+                self._fds[tc] = libbpf.obj_get(pin)
+                return self._fds[tc]
             except libbpf.BpfError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
         from xdp.program import compile_and_load
 
-        ensure_bpffs()
-        # bcc reuses pinned maps as they are: maps of another build must be refused before a
-        # program is verified against them (their layout may not be the one it was built for).
-        if os.path.exists(os.path.join(self.pin_dir, "vips")):
+        if not tc:
+            ensure_bpffs()
+            # bcc reuses pinned maps as they are: maps of another build must be refused before
+            # a program is verified against them (their layout may not be the one it was built for).
+            if os.path.exists(os.path.join(self.pin_dir, "vips")):
+                LbMaps(self.pin_dir, self.limits).close()
+        loaded = self._compiled[tc] = compile_and_load(self.pin_dir, self.limits, tc=tc)
+        if not tc:
+            # Maps are pinned by bcc; verify the ones it just made match this build too.
             LbMaps(self.pin_dir, self.limits).close()
-        self._loaded = compile_and_load(self.pin_dir, self.limits)
-        # Maps are pinned by bcc; verify the ones it just made match this build too.
-        LbMaps(self.pin_dir, self.limits).close()
-        if os.path.exists(self.prog_pin):
-            os.unlink(self.prog_pin)
-        libbpf.obj_pin(self._loaded.fd, self.prog_pin)
-        self._prog_fd = self._loaded.fd
-        return self._prog_fd
-
-    def _tc_program_fd(self, fresh: bool) -> int:
-        """The tc build, as _program_fd the XDP one; built against the maps that build pinned."""
-        if self._tc_fd is not None:
-            return self._tc_fd
-        if not fresh:
-            try:
-                self._tc_fd = libbpf.obj_get(self.tc_prog_pin)
-                return self._tc_fd
-            except libbpf.BpfError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-        from xdp.program import compile_and_load
-
-        self._tc_loaded = compile_and_load(self.pin_dir, self.limits, tc=True)
-        if os.path.exists(self.tc_prog_pin):
-            os.unlink(self.tc_prog_pin)
-        libbpf.obj_pin(self._tc_loaded.fd, self.tc_prog_pin)
-        self._tc_fd = self._tc_loaded.fd
-        return self._tc_fd
+        if os.path.exists(pin):
+            os.unlink(pin)
+        libbpf.obj_pin(loaded.fd, pin)
+        self._fds[tc] = loaded.fd
+        return loaded.fd
 
     # -- attach / detach --------------------------------------------------------------------
     def attachments(self) -> list[Attachment]:
@@ -222,7 +212,7 @@ class Balancer:
         tc_fd = None
         if TC in wanted.values():
             try:
-                tc_fd = self._tc_program_fd(fresh=not current)
+                tc_fd = self._program_fd(fresh=not current, tc=True)
                 self._note_tc_refusal(None)
             except CompileError as exc:
                 if mode == TC:
@@ -328,18 +318,13 @@ class Balancer:
         return LbMaps(self.pin_dir, self.limits)
 
     def close(self) -> None:
-        if self._loaded is not None:
-            self._loaded.bpf.cleanup()
-            self._loaded = None
-        elif self._prog_fd is not None:
-            libbpf.close(self._prog_fd)
-        self._prog_fd = None
-        if self._tc_loaded is not None:
-            self._tc_loaded.bpf.cleanup()
-            self._tc_loaded = None
-        elif self._tc_fd is not None:
-            libbpf.close(self._tc_fd)
-        self._tc_fd = None
+        for tc, fd in self._fds.items():
+            if tc in self._compiled:
+                self._compiled[tc].bpf.cleanup()    # closes the fd with the bcc object
+            else:
+                libbpf.close(fd)
+        self._fds.clear()
+        self._compiled.clear()
 
 
 def _detach(ifindex: int, mode: str) -> None:

@@ -78,6 +78,32 @@ def nat_connection_trace(client: str, vip: str, backend: str) -> list[tuple[str,
             (f"{client} -> {vip} tcp", f"{client} -> {backend} tcp")]
 
 
+def traced_connection(lab: Lab) -> list[dict[str, Any]]:
+    """`lbctl trace --client CLIENT --count 4 --json` while the client makes one HTTP request
+    to the lab's VIP: the four events (SYN, SYN-ACK, ACK, request), in order."""
+    proc = start_tracer(lab, "trace", "--client", lab.client.addr, "--count", "4", "--json")
+    try:
+        assert all(r.ok for r in lab.http_requests(lab.vip, count=1))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def assert_nat_connection_traced(lab: Lab, events: list[dict[str, Any]]) -> None:
+    """The events of traced_connection, as a NAT VIP's connection must read: which interface,
+    which outcome, which rewrite, one backend throughout."""
+    vip = f"{lab.vip}:{lab.http_port}"
+    client = events[0]["in"].split(" ->")[0]
+    backend = events[0]["backend"]
+    assert backend in {f"{b.addr}:{lab.http_port}" for b in lab.backends}
+    assert [(e["iface"], e["outcome"]) for e in events] == [
+        ("eth0", "new flow"), ("eth1", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
+    assert [(e["in"], e["out"]) for e in events] == nat_connection_trace(client, vip, backend)
+    assert all(e["backend"] == backend for e in events)
+
+
 # A keep-alive HTTP client driven over stdin: each line "N" makes N requests on the one
 # connection, a pause apart; one JSON line out per request, then {"done": N}. No reconnects.
 _KEEPALIVE_SNIPPET = r"""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from agentlab import KeepAliveLoad, load_verdict
-from labcli import lab_up, lbctl, nat_connection_trace, start_tracer
+from labcli import assert_nat_connection_traced, lab_up, lbctl, traced_connection
 
 import xdp.program
 from lbctl.lab import Lab
@@ -146,21 +146,10 @@ def test_trace_reads_the_tc_build_as_it_reads_the_xdp_one(detached: Lab):
     (tests/netns/test_trace_live.py), from the tc build's events."""
     lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc")
     with_vip(detached)
-    proc = start_tracer(detached, "trace", "--client", detached.client.addr, "--count", "4", "--json")
     try:
-        assert all(r.ok for r in detached.http_requests(detached.vip, count=1))
-        out, err = proc.communicate(timeout=60)
+        assert_nat_connection_traced(detached, traced_connection(detached))
     finally:
-        proc.kill()
         lbctl(detached, "vip", "del", f"{detached.vip}:{detached.http_port}", check=False)
-    assert proc.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    client = events[0]["in"].split(" ->")[0]
-    backend = events[0]["backend"]
-    assert [(e["iface"], e["outcome"]) for e in events] == [
-        ("eth0", "new flow"), ("eth1", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
-    assert [(e["in"], e["out"]) for e in events] == nat_connection_trace(
-        client, f"{detached.vip}:{detached.http_port}", backend)
 
 
 def test_a_kernel_that_refuses_the_tc_build_gets_generic_xdp_and_status_says_why(

@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from labcli import lab_up, lbctl, nat_connection_trace, start_tracer, tracer_pid
+from labcli import (
+    assert_nat_connection_traced,
+    lab_up,
+    lbctl,
+    start_tracer,
+    traced_connection,
+    tracer_pid,
+)
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
@@ -31,23 +38,7 @@ def lab() -> Iterator[Lab]:
 
 
 def test_trace_shows_a_connection_in_order_with_its_outcomes(lab: Lab) -> None:
-    proc = start_tracer(lab, "trace", "--client", lab.client.addr, "--count", "4", "--json")
-    try:
-        assert all(r.ok for r in lab.http_requests(lab.vip, count=1))
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    vip = f"{lab.vip}:{lab.http_port}"
-    client = events[0]["in"].split(" ->")[0]
-    backend = events[0]["backend"]
-    assert backend in {f"{b.addr}:{lab.http_port}" for b in lab.backends}
-    # SYN, SYN-ACK, the handshake's ACK, the request.
-    assert [(e["iface"], e["outcome"]) for e in events] == [
-        ("eth0", "new flow"), ("eth1", "reverse NAT"), ("eth0", "flow hit"), ("eth0", "flow hit")]
-    assert [(e["in"], e["out"]) for e in events] == nat_connection_trace(client, vip, backend)
-    assert all(e["backend"] == backend for e in events)
+    assert_nat_connection_traced(lab, traced_connection(lab))
     assert tracer_pid(lab) == 0, "tracing must be off once --count is reached"
 
 
