@@ -266,9 +266,10 @@ class Balancer:
             if not current:
                 self._unpin_prog()
             raise
-        if not any(a.mode == TC for a in self.attachments()):
+        after = self.attachments()
+        if not any(a.mode == TC for a in after):
             self._unpin(self.tc_prog_pin)
-        return [a for a in self.attachments() if a.ifindex in {i for _, i in targets}]
+        return [a for a in after if a.ifindex in {i for _, i in targets}]
 
     def detach(self, ifnames: list[str] | None = None, purge: bool = False) -> list[Attachment]:
         """Detaches from the named interfaces, or from all when None. Without interfaces left,

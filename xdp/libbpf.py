@@ -819,6 +819,37 @@ class XdpMd(ctypes.Structure):
     ]
 
 
+def _test_run(prog_fd: int, data: bytes, out_size: int, repeat: int, flags: int,
+              ctx: ctypes.Structure | None, ingress_ifindex: int | None,
+              short_hint: str = "") -> TestRunResult:
+    """One BPF_PROG_TEST_RUN call: `data` in, up to out_size bytes out, `ctx` as ctx_in."""
+    data_in = ctypes.create_string_buffer(data, len(data))
+    data_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts(
+        sz=ctypes.sizeof(_TestRunOpts),
+        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=len(data),
+        data_out=ctypes.cast(data_out, ctypes.c_void_p), data_size_out=out_size,
+        repeat=repeat, flags=flags,
+    )
+    if ctx is not None:
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+    _, err = _call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
+    if err:
+        detail = ""
+        if err == errno_codes.ENOSPC:
+            detail = f"output of {opts.data_size_out} bytes exceeds data_out_size {out_size}"
+        elif err == errno_codes.EINVAL and short_hint:
+            detail = short_hint
+        elif err == errno_codes.ENODEV and ingress_ifindex:
+            detail = f"no interface with ifindex {ingress_ifindex} in this network namespace"
+        _raise(err, "bpf_prog_test_run_opts", _describe_fd(prog_fd, "prog"), detail=detail)
+    return TestRunResult(
+        retval=opts.retval, data_out=data_out.raw[:opts.data_size_out],
+        duration_ns=opts.duration,
+    )
+
+
 def prog_test_run(
     prog_fd: int, data: bytes, repeat: int = 1, data_out_size: int | None = None,
     flags: int = 0, ingress_ifindex: int | None = None, meta: bytes = b"",
@@ -831,36 +862,14 @@ def prog_test_run(
     # Room for programs that grow the packet (bpf_xdp_adjust_head/tail, encapsulation).
     total = len(meta) + len(data)
     out_size = total + 256 if data_out_size is None else data_out_size
-    data_in = ctypes.create_string_buffer(meta + data, total)
-    data_out = ctypes.create_string_buffer(out_size)
-    opts = _TestRunOpts(
-        sz=ctypes.sizeof(_TestRunOpts),
-        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=total,
-        data_out=ctypes.cast(data_out, ctypes.c_void_p), data_size_out=out_size,
-        repeat=repeat, flags=flags,
-    )
     ctx = None
     if ingress_ifindex is not None or meta:
         # bpf_prog_test_run_xdp (net/bpf/test_run.c) takes data == metadata length, data_meta 0,
         # data_end == the whole input's length and egress_ifindex 0.
         ctx = XdpMd(data=len(meta), data_end=total, data_meta=0,
                     ingress_ifindex=ingress_ifindex or 0, rx_queue_index=0, egress_ifindex=0)
-        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
-        opts.ctx_size_in = ctypes.sizeof(ctx)
-    _, err = _call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
-    if err:
-        detail = ""
-        if err == errno_codes.ENOSPC:
-            detail = f"output of {opts.data_size_out} bytes exceeds data_out_size {out_size}"
-        elif err == errno_codes.EINVAL and len(data) < 14:
-            detail = "XDP test runs need at least an Ethernet header (14 bytes)"
-        elif err == errno_codes.ENODEV and ingress_ifindex:
-            detail = f"no interface with ifindex {ingress_ifindex} in this network namespace"
-        _raise(err, "bpf_prog_test_run_opts", _describe_fd(prog_fd, "prog"), detail=detail)
-    return TestRunResult(
-        retval=opts.retval, data_out=data_out.raw[:opts.data_size_out],
-        duration_ns=opts.duration,
-    )
+    short = "XDP test runs need at least an Ethernet header (14 bytes)" if len(data) < 14 else ""
+    return _test_run(prog_fd, meta + data, out_size, repeat, flags, ctx, ingress_ifindex, short)
 
 
 class SkBuffCtx(ctypes.Structure):
@@ -886,25 +895,10 @@ class SkBuffCtx(ctypes.Structure):
 def prog_test_run_skb(prog_fd: int, data: bytes, ingress_ifindex: int, repeat: int = 1) -> TestRunResult:
     """BPF_PROG_TEST_RUN of a sched_cls program (the tc build) on one Ethernet frame, as if it
     arrived on ingress_ifindex (an interface of the calling thread's network namespace)."""
-    out_size = len(data) + 256
-    data_in = ctypes.create_string_buffer(data, len(data))
-    data_out = ctypes.create_string_buffer(out_size)
     ctx = SkBuffCtx(ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex)
-    opts = _TestRunOpts(
-        sz=ctypes.sizeof(_TestRunOpts),
-        data_in=ctypes.cast(data_in, ctypes.c_void_p), data_size_in=len(data),
-        data_out=ctypes.cast(data_out, ctypes.c_void_p), data_size_out=out_size,
-        ctx_in=ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p), ctx_size_in=ctypes.sizeof(ctx),
-        repeat=repeat,
-    )
-    _, err = _call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts))
-    if err:
-        detail = ""
-        if err == errno_codes.ENODEV:
-            detail = f"no interface with ifindex {ingress_ifindex} in this network namespace"
-        _raise(err, "bpf_prog_test_run_opts", _describe_fd(prog_fd, "prog"), detail=detail)
-    return TestRunResult(retval=opts.retval, data_out=data_out.raw[:opts.data_size_out],
-                         duration_ns=opts.duration)
+    return _test_run(prog_fd, data, len(data) + 256, repeat, 0, ctx, ingress_ifindex,
+                     "the kernel refuses a frame shorter than its EtherType's header or "
+                     "longer than a page for a socket buffer")
 
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
