@@ -145,7 +145,12 @@ def test_dsr_udp_datagrams_are_answered_by_the_backends_straight_to_the_client(d
         assert sent_to_client < STRAY_FRAMES, f"the balancer sent {sent_to_client} frames to the client"
         stats = json.loads(lbctl(lab, "stats", "--json").stdout)
         (row,) = [v for v in stats["vips"] if v["vip"] == vip]
-        assert row["new_flows"] == DATAGRAMS and row["packets"] == DATAGRAMS, row
+        # One packet each; a new flow each, unless the kernel gave a socket a source port an
+        # earlier one of this test still holds a live UDP flow for (60 random picks among
+        # about 28k ports: one such pair in about 6% of runs, seen in CI as 59 of 60): that
+        # datagram is a flow hit on the same backend.
+        assert row["packets"] == DATAGRAMS, row
+        assert DATAGRAMS - 2 <= row["new_flows"] <= DATAGRAMS, row
     finally:
         lbctl(lab, "vip", "del", vip, "--proto", "udp")
 
