@@ -32,8 +32,15 @@ static __always_inline void lb_rewrite(struct lb_packet *pkt, int dst, __be32 ad
     __be32 *addr_field = dst ? &ip->daddr : &ip->saddr;
     __be16 *port_field = dst ? pkt->dport : pkt->sport;
 
-    if (pkt->l4_check)
+    if (pkt->l4_check) {
+#ifdef LB_TC
+        lb_l4_fix_note((__u32)((void *)pkt->l4_check - (void *)pkt->eth),
+                       ip->protocol == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0,
+                       addr_field, &addr, 1, *port_field, port);
+#else
         lb_l4_csum_update(pkt->l4_check, ip->protocol, *addr_field, addr, *port_field, port);
+#endif
+    }
     lb_set_ip_addr(ip, addr_field, addr);
     *port_field = port;
 }

@@ -26,10 +26,16 @@ static __always_inline void lb_rewrite6(struct lb_packet6 *pkt, int dst, const _
     __be16 *port_field = dst ? pkt->dport : pkt->sport;
 
     if (pkt->l4_check) {
+#ifdef LB_TC
+        lb_l4_fix_note((__u32)((void *)pkt->l4_check - (void *)pkt->eth),
+                       (pkt->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0) | LB_F_CSUM_IPV6,
+                       addr_field, addr, 4, *port_field, port);
+#else
         lb_csum_replace16(pkt->l4_check, addr_field, addr);
         lb_csum_replace2(pkt->l4_check, *port_field, port);
         if (pkt->key.proto == IPPROTO_UDP && *pkt->l4_check == 0)
             *pkt->l4_check = 0xffff;
+#endif
     }
     addr_field[0] = addr[0];
     addr_field[1] = addr[1];

@@ -230,6 +230,16 @@ static __always_inline int lb_handle(LB_CTX *ctx)
     return lb_new_flow(ctx, &pkt, vip, now, bytes, flow);
 }
 
+/* The tc build's TCP/UDP checksum updates, made after the program's last access to the
+ * packet (lb_csum.h); the XDP build made them as it rewrote. */
+static __always_inline int lb_tc_finish(LB_CTX *ctx, int action)
+{
+#ifdef LB_TC
+    lb_l4_fix_apply(ctx);
+#endif
+    return action;
+}
+
 #ifdef LB_TC
 /* The tc build's headers must be in the skb's linear part, where direct access reaches: a
  * socket's paged skb may hold less there. Pulled only when short (the pull may copy). */
@@ -244,11 +254,12 @@ int xdp_lb(struct xdp_md *ctx)
     __u32 head = ctx->len < LB_TC_HEAD_BYTES ? ctx->len : LB_TC_HEAD_BYTES;
     if ((void *)(long)ctx->data + head > (void *)(long)ctx->data_end)
         bpf_skb_pull_data(ctx, head);
+    lb_l4_fix_reset();
 #endif
 #ifdef LB_WITHOUT_TRACE
     /* A build without `lbctl trace`: the bench measures what the switched-off trace costs a
      * packet against it (xdp/program.py WITHOUT_TRACE). The maps are still declared. */
-    return lb_handle(ctx);
+    return lb_tc_finish(ctx, lb_handle(ctx));
 #endif
     /* Whether this packet is traced is kept in its scratch entry (memory whose contents the
      * verifier does not track), not in a register live across lb_handle: with a pointer that
@@ -267,5 +278,5 @@ int xdp_lb(struct xdp_md *ctx)
         if (trace)
             lb_trace_end(ctx, trace, s, lb_xdp_action(action));
     }
-    return action;
+    return lb_tc_finish(ctx, action);
 }

@@ -332,11 +332,17 @@ def _offloads(probe: _Probe, config_native: set[str]) -> list[Check]:
         for sender_ns, sender_if in _senders(peer_ns, peer_if):
             tx = _features(sender_ns, sender_if).get("tx-checksumming")
             where = f"{sender_if}@{sender_ns}"
-            if tx == "on":
+            if tx is not None and a.mode == "tc":
+                # The tc build updates a partial checksum as the kernel's own NAT does.
+                out.append(Check("tx_checksum", where, True, f"tx checksum offload {tx} at "
+                                 f"{sender_if} in {sender_ns}: {a.ifname} runs the tc build, "
+                                 "which keeps partial checksums valid"))
+            elif tx == "on":
                 out.append(Check("tx_checksum", where, False,
                                  f"tx checksum offload is on at {sender_if} in {sender_ns}, "
                                  f"which sends to {a.ifname}: its frames carry partial "
-                                 "checksums, dropped as corrupt once the program rewrites them",
+                                 f"checksums, dropped as corrupt once the {a.mode} XDP program "
+                                 "rewrites them (the tc build keeps them valid)",
                                  f"ip netns exec {sender_ns} ethtool -K {sender_if} tx off"))
             elif tx is not None:
                 out.append(Check("tx_checksum", where, True, f"tx checksum offload off on the "

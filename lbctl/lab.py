@@ -673,8 +673,9 @@ class Lab:
             self._must(peer_ns, ["ethtool", "-K", peer_if, "gro", "on"])
         for h in [self.client, *self.backends]:
             for i in h.ifaces:
-                # Local sockets over veth leave checksums partial; once XDP redirects such
-                # a frame the receiver drops it as corrupt. Full checksums avoid that.
+                # Local sockets over veth leave checksums partial; once an XDP build
+                # redirects such a frame the receiver drops it as corrupt (the tc build
+                # keeps them valid). Full checksums let every mode run in the lab.
                 self._must(h, ["ethtool", "-K", i.name, "tx", "off"])
 
     def _start_servers(self) -> None:

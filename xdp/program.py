@@ -1,8 +1,10 @@
 """Renders the constants header, compiles lb_xdp.c with bcc and loads the XDP program."""
 from __future__ import annotations
 
+import functools
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,43 @@ def _import_bcc():
 WITHOUT_TRACE = "LB_WITHOUT_TRACE"
 
 
+# The tc build's IPv6 checksum updates pass the kernel's BPF_F_IPV6 where the kernel knows it
+# (bpf_programs/lb_csum.h); a kernel from before it refuses the whole update for the flag.
+CSUM_IPV6_FLAG = "LB_CSUM_IPV6_FLAG"
+_CSUM_PROBE = """
+int csum_probe(struct __sk_buff *skb)
+{
+    return bpf_l4_csum_replace(skb, 20, 0, 0, BPF_F_PSEUDO_HDR | (1ULL << FLAG_BIT)) == 0;
+}
+"""
+
+
+@functools.cache
+def csum_flag_known(bit: int) -> bool:
+    """Whether bpf_l4_csum_replace takes the flag `1 << bit` here: asked of the kernel itself
+    by a test run of a few instructions (so a kernel that backports a flag counts too). A
+    failure to ask counts as no."""
+    from xdp import libbpf
+    BPF = _import_bcc()
+    try:
+        bpf = BPF(text=_CSUM_PROBE.encode(), cflags=[f"-DFLAG_BIT={int(bit)}"])
+        try:
+            fd = bpf.load_func(b"csum_probe", BPF.SCHED_CLS).fd
+            # Ethernet, then an IPv6 header and 16 bytes: the helper updates bytes 20-21.
+            frame = b"\x00" * 12 + b"\x86\xdd" + b"\x60" + b"\x00" * 55
+            return libbpf.prog_test_run_skb(fd, frame, socket.if_nametoindex("lo")).retval == 1
+        finally:
+            bpf.cleanup()
+    except Exception:  # noqa: BLE001  (bcc raises bare Exception; the answer is then no)
+        return False
+
+
+def kernel_knows_csum_ipv6_flag() -> bool:
+    """BPF_F_IPV6 (bit 7). Without it the update is still made, and only a NIC's complete
+    checksum on IPv6 notices (the receiver then checks the segment again in software)."""
+    return csum_flag_known(7)
+
+
 def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS,
                      defines: tuple[str, ...] = (), tc: bool = False) -> LoadedProgram:
     """Compiles and loads the program. Its maps are created pinned under pin_dir, or reused
@@ -119,7 +158,9 @@ def compile_and_load(pin_dir: str, limits: Limits = DEFAULT_LIMITS,
     # One inlined text: bcc rewrites map calls (`map.lookup(...)`) only in its main file.
     source = render_source(limits, pin_dir)
     try:
-        names = (*defines, TC_BUILD) if tc else defines
+        names = defines
+        if tc:
+            names = (*names, TC_BUILD, *((CSUM_IPV6_FLAG,) if kernel_knows_csum_ipv6_flag() else ()))
         bpf = BPF(text=source.encode(),
                   cflags=["-Wno-unused-function", *(f"-D{name}" for name in names)])
         fn = (bpf.load_func(TC_ENTRY_FUNCTION.encode(), BPF.SCHED_CLS) if tc

@@ -12,7 +12,7 @@ import pytest
 
 from xdp.limits import Limits
 from xdp.maps import pin_dir_for
-from xdp.program import BPF_DIR, CONSTS_HEADER, ENTRY_FILE, _import_bcc, render_unit
+from xdp.program import BPF_DIR, CONSTS_HEADER, ENTRY_FILE, TC_BUILD, _import_bcc, render_unit
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: bcc creates the pinned maps a header declares")
@@ -75,12 +75,15 @@ def test_every_template_is_inlined_once_per_header_that_instantiates_it() -> Non
             assert f'#include "{name}"' in (BPF_DIR / user).read_text()
 
 
+@pytest.mark.parametrize("build", ["xdp", "tc"])
 @pytest.mark.parametrize("header", HEADERS)
-def test_header_compiles_alone(header: str, pin_dir: str) -> None:
+def test_header_compiles_alone(header: str, build: str, pin_dir: str) -> None:
+    """In both builds: the tc one (-DLB_TC) brings its own parts (lb_ctx.h, lb_csum.h)."""
     BPF = _import_bcc()
     source = render_unit(UNIT.format(header=header), SMALL, pin_dir)
+    defines = [f"-D{TC_BUILD}"] if build == "tc" else []
     try:
-        bpf = BPF(text=source.encode(), cflags=["-Wno-unused-function"])
+        bpf = BPF(text=source.encode(), cflags=["-Wno-unused-function", *defines])
     except Exception as exc:  # noqa: BLE001  (bcc raises bare Exception; clang wrote to stderr)
         pytest.fail(f"{header} does not compile alone (clang's errors above): {exc}")
     try:

@@ -90,15 +90,34 @@ def test_strict_rp_filter_is_named(lab: Lab) -> None:
 
 @pytest.mark.parametrize("host", ["client", "be2"])
 def test_tx_checksum_offload_on_a_sending_veth_is_named(lab: Lab, host: str) -> None:
-    """The client is the balancer's direct veth peer; be2 reaches it through the bridge."""
+    """The client is the balancer's direct veth peer; be2 reaches it through the bridge.
+    An XDP build cannot tell a partial checksum from a full one: named there."""
     sender = lab.host(host)
+    lbctl(lab, "attach", "--mode", "generic", *lab.lb_ifaces)
     must(lab, host, "ethtool", "-K", sender.ifname, "tx", "on")
     try:
         bad = only_failure(lab, "tx_checksum")
         assert bad["subject"] == f"{sender.ifname}@{sender.netns}"
         assert bad["fix"] == f"ip netns exec {sender.netns} ethtool -K {sender.ifname} tx off"
+        assert "generic XDP program" in bad["evidence"]
     finally:
         must(lab, host, "ethtool", "-K", sender.ifname, "tx", "off")
+        lbctl(lab, "attach", "--mode", "tc", *lab.lb_ifaces)
+
+
+def test_tx_checksum_offload_is_fine_for_the_tc_build(lab: Lab) -> None:
+    """The tc build keeps partial checksums valid (test_tc_mode.py proves it with traffic)."""
+    lbctl(lab, "attach", "--mode", "tc", *lab.lb_ifaces)
+    sender = lab.host("client")
+    must(lab, "client", "ethtool", "-K", sender.ifname, "tx", "on")
+    try:
+        code, checks = doctor(lab)
+        assert failing(checks) == [] and code == 0
+        [check] = [c for c in checks if c["name"] == "tx_checksum"
+                   and c["subject"] == f"{sender.ifname}@{sender.netns}"]
+        assert "tx checksum offload on" in check["evidence"] and "tc build" in check["evidence"]
+    finally:
+        must(lab, "client", "ethtool", "-K", sender.ifname, "tx", "off")
 
 
 def test_gro_off_on_a_veth_peer_receiving_native_redirects_is_named(lab: Lab) -> None:

@@ -186,3 +186,47 @@ def test_a_kernel_that_refuses_the_tc_build_gets_generic_xdp_and_status_says_why
     lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "generic")
     again = json.loads(lbctl(detached, "status", "--json").stdout)["attached"]
     assert {a["why"] for a in again} == {"set by --mode generic (veth defaults to tc)"}
+
+
+def set_tx_checksumming(lab: Lab, hosts_on: bool) -> None:
+    """Transmit checksum offload on (the kernel's default for veth) at every client and backend
+    end, off at the balancer's own ends; or back as the lab keeps it (the reverse)."""
+    for h in [lab.client, *lab.backends]:
+        for i in h.ifaces:
+            lab.run(h.name, ["ethtool", "-K", i.name, "tx", "on" if hosts_on else "off"], check=True)
+    for ifname in lab.lb_ifaces:
+        lab.run(lab.lb.name, ["ethtool", "-K", ifname, "tx", "off" if hosts_on else "on"], check=True)
+
+
+def test_the_tc_build_keeps_partial_checksums_valid(detached: Lab):
+    """Sockets on the same host send over veth with transmit checksum offload on by default:
+    their segments carry only the pseudo-header's sum, for the device to finish. The tc build
+    must update that partial sum as the kernel's own NAT does (the addresses, not the ports),
+    and a full one as before. The balancer's ends here finish checksums in software (offload
+    off), so a wrong partial sum becomes a wrong checksum, which the receiver drops: with the
+    XDP build's arithmetic on a partial sum, every connection below times out."""
+    set_tx_checksumming(detached, hosts_on=True)
+    try:
+        lbctl(detached, "attach", *detached.lb_ifaces, "--mode", "tc")
+        with_vip(detached)
+        udp_vip = f"{detached.vip}:{detached.udp_port}"
+        lbctl(detached, "vip", "add", udp_vip, "--proto", "udp")
+        lbctl(detached, "backend", "add", udp_vip, "--proto", "udp",
+              *(f"{b.addr}:{detached.udp_port}" for b in detached.backends))
+        names = {b.name for b in detached.backends}
+        bodies = detached.http_get(detached.vip, detached.http_port, count=30, timeout_s=3.0)
+        assert set(bodies) == names
+        replies = detached.udp_echo(detached.vip, detached.udp_port, "sum", count=12)
+        assert {r.split()[0] for r in replies} == names and all(r.endswith(" sum") for r in replies)
+        if detached.vip6:
+            vip6 = f"[{detached.vip6}]:{detached.http_port}"
+            lbctl(detached, "vip", "add", vip6)
+            lbctl(detached, "backend", "add", vip6,
+                  *(f"[{b.addr6}]:{detached.http_port}" for b in detached.backends))
+            assert set(detached.http_get(detached.vip6, detached.http_port, count=30,
+                                         timeout_s=3.0)) == names
+        # The same frames with full checksums (offload off at the senders) still pass.
+        set_tx_checksumming(detached, hosts_on=False)
+        assert set(detached.http_get(detached.vip, detached.http_port, count=15)) == names
+    finally:
+        set_tx_checksumming(detached, hosts_on=False)
