@@ -460,6 +460,9 @@ class ProgInfo:
     # enable_run_time_stats()).
     run_time_ns: int
     run_cnt: int
+    # Instructions the verifier processed to accept the program (0 before Linux 5.16): how
+    # close it came to the 1M limit (BPF_COMPLEXITY_LIMIT_INSNS).
+    verified_insns: int = 0
 
 
 def map_info(fd: int) -> MapInfo:
@@ -484,6 +487,7 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(
         id=info.id, type=info.type, name=info.name.decode(errors="replace"),
         tag=bytes(info.tag).hex(), run_time_ns=info.run_time_ns, run_cnt=info.run_cnt,
+        verified_insns=info.verified_insns,
     )
 
 
