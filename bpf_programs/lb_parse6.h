@@ -135,7 +135,7 @@ static __always_inline int lb_parse6(void *data, void *data_end, __u64 frame_len
     *slot = l4 - data;
     __u32 l4_off = *slot;
     if (l4_off > LB_IPV6_L4_OFF_MAX)
-        return LB_PASS_EXT_HEADER;  /* cannot happen: the walk's longest is 8,246 bytes */
+        return LB_PASS_EXT_HEADER;  /* cannot happen: see LB_IPV6_L4_OFF_MAX */
     l4 = data + l4_off;
     if (l4 > end)
         return LB_PASS_MALFORMED;
