@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -274,11 +275,11 @@ def bulk_both_ways(lab: Lab) -> None:
     vip = f"{lab.vip}:{BULK_PORT}"
     lbctl(lab, "vip", "add", vip)
     lbctl(lab, "backend", "add", vip, f"{backend.addr}:{BULK_PORT}")
-    server = subprocess.Popen(["ip", "netns", "exec", backend.netns, "python3", "-c", _BULK_SERVER,
+    server = subprocess.Popen(["ip", "netns", "exec", backend.netns, sys.executable, "-c", _BULK_SERVER,
                                str(BULK_PORT), str(BULK_BYTES)], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        out = subprocess.run(["ip", "netns", "exec", lab.client.netns, "python3", "-c", _BULK_CLIENT,
+        out = subprocess.run(["ip", "netns", "exec", lab.client.netns, sys.executable, "-c", _BULK_CLIENT,
                               lab.vip, str(BULK_PORT), str(BULK_BYTES)],
                              check=False, capture_output=True, text=True, timeout=60)
         assert out.stdout.split() == ["True", "True", str(BULK_BYTES)], out.stderr[-300:]
