@@ -271,12 +271,14 @@ int xdp_lb(struct xdp_md *ctx)
         return LB_ACT_PASS;    /* cannot happen: the one entry of a per-CPU array */
     struct lb_trace_ctl *trace = lb_trace_on();
     s->active = trace && lb_trace_begin(ctx, trace);
-    int action = lb_handle(ctx);
+    /* The tc build's checksums are made before the trace's snapshot: it shows the frame as
+     * it leaves. */
+    int action = lb_tc_finish(ctx, lb_handle(ctx));
     if (s->active) {
         s->active = 0;
         trace = lb_trace_on();
         if (trace)
             lb_trace_end(ctx, trace, s, lb_xdp_action(action));
     }
-    return lb_tc_finish(ctx, action);
+    return action;
 }
