@@ -15,7 +15,7 @@ from xdp import libbpf
 from xdp.errors import AttachError, CompileError, NeedRootError, NotAttachedError
 from xdp.limits import DEFAULT_LIMITS, RUN_DIR, Limits
 from xdp.maps import LbMaps, pin_dir_for
-from xdp.modes import GENERIC, TC, default_mode, driver_of, mode_reason
+from xdp.modes import GENERIC, TC, default_mode, driver_of, mode_reason, require_ethernet
 
 if TYPE_CHECKING:
     from xdp.program import LoadedProgram
@@ -203,6 +203,8 @@ class Balancer:
         if mode is not None and mode not in MODES:
             raise AttachError(f"unknown attach mode '{mode}'; hint: use {', '.join(MODES)}")
         targets = [(name, ifindex_of(name)) for name in dict.fromkeys(ifnames)]
+        for name, _ in targets:
+            require_ethernet(name)
         wanted = {ifindex: mode or default_mode(driver_of(name)).mode for name, ifindex in targets}
         current = {a.ifindex: a for a in self.attachments()}
         # A new program build is only loaded when nothing runs the old one. The XDP build is

@@ -68,6 +68,46 @@ def driver_of(ifname: str) -> str | None:
     return raw.split(b"\0", 1)[0].decode(errors="replace") or None
 
 
+# SIOCGIFHWADDR (linux/sockios.h): the link type (ARPHRD_*, linux/if_arp.h) is the hardware
+# address's family.
+_SIOCGIFHWADDR = 0x8927
+_ARPHRD_ETHER = 1
+_ARPHRD_LOOPBACK = 772
+_LINK_TYPES = {0xFFFE: "none", 768: "ipip", 769: "ip6tnl", 776: "sit", 778: "gre",
+               823: "ip6gre", 280: "can", 32: "infiniband", 512: "ppp"}
+
+
+def link_type_of(ifname: str) -> int:
+    """The interface's link type (ARPHRD_*) in the calling thread's network namespace."""
+    ifreq = struct.pack("16s", ifname.encode()[:15]).ljust(_IFREQ_SIZE, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            out = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, ifreq)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise AttachError(f"unknown interface '{ifname}'; hint: 'ip link' lists the "
+                                  "interfaces here") from None
+            raise
+    return int(struct.unpack_from("=H", out, 16)[0])
+
+
+def require_ethernet(ifname: str) -> None:
+    """The program reads and rewrites Ethernet frames: an interface whose frames start at the
+    IP header (WireGuard, tun, IP-in-IP and GRE tunnels) would have its packets' addresses
+    read as MACs; loopback carries no client's packet. Refused before anything is attached."""
+    kind = link_type_of(ifname)
+    if kind == _ARPHRD_LOOPBACK:
+        raise AttachError(
+            f"cannot attach on '{ifname}': it is the loopback interface, where no client's "
+            "packet arrives; hint: attach to the interface clients reach the VIP through")
+    if kind != _ARPHRD_ETHER:
+        name = _LINK_TYPES.get(kind, f"type {kind}")
+        raise AttachError(
+            f"cannot attach on '{ifname}': its frames carry no Ethernet header (link type "
+            f"{name}), and lbctl's program reads and rewrites Ethernet frames; hint: attach to "
+            "the Ethernet interface the VIP's traffic arrives on (end tunnels before the balancer)")
+
+
 def default_mode(driver: str | None) -> ModeChoice:
     """The mode an interface of this driver gets without --mode."""
     if driver is None:

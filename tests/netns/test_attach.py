@@ -51,6 +51,24 @@ def test_an_unknown_interface_attaches_nothing(detached: Lab):
     assert attached(detached) == {}
 
 
+def test_an_interface_without_ethernet_frames_attaches_nothing(detached: Lab):
+    """A tun device (as WireGuard and IP tunnels, link type none) hands the program frames that
+    start at the IP header: before the check `--mode generic` attached to it, and the program
+    read IP addresses as MACs. Loopback carries no client's packet. Both are refused, with the
+    interfaces beside them left as they were."""
+    detached.run(detached.lb, ["ip", "tuntap", "add", "dev", "lt0", "mode", "tun"], check=True)
+    try:
+        for name, says, mode in (("lt0", "no Ethernet header (link type none)", ()),
+                                 ("lt0", "no Ethernet header (link type none)", ("--mode", "generic")),
+                                 ("lo", "loopback interface", ())):
+            proc = lbctl(detached, "attach", "eth0", name, *mode, check=False)
+            assert proc.returncode == 3, proc.stderr
+            assert proc.stderr.count("\n") == 1 and says in proc.stderr and "hint" in proc.stderr
+            assert attached(detached) == {}
+    finally:
+        detached.run(detached.lb, ["ip", "link", "del", "lt0"], check=True)
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Another balancer instance's program (its own pins) stands in for a foreign XDP program.
 _ATTACH_OTHER = """

@@ -11,7 +11,17 @@ from lbctl.cli import Context, main
 from lbctl.control import AttachResult
 from xdp.balancer import Attachment
 from xdp.errors import AttachError
-from xdp.modes import GENERIC, MODE_BY_DRIVER, NATIVE, TC, default_mode, driver_of, mode_reason
+from xdp.modes import (
+    GENERIC,
+    MODE_BY_DRIVER,
+    NATIVE,
+    TC,
+    default_mode,
+    driver_of,
+    link_type_of,
+    mode_reason,
+    require_ethernet,
+)
 
 
 def test_veth_defaults_to_tc_and_points_at_the_figures():
@@ -54,6 +64,15 @@ def test_loopback_reports_no_driver():
 def test_an_unknown_interface_is_an_attach_error():
     with pytest.raises(AttachError, match="unknown interface 'nosuch0'"):
         driver_of("nosuch0")
+    with pytest.raises(AttachError, match="unknown interface 'nosuch0'"):
+        require_ethernet("nosuch0")
+
+
+def test_loopback_is_refused_by_its_link_type():
+    """ARPHRD_LOOPBACK (772); tests/netns/test_attach.py tries a tun device (link type none)."""
+    assert link_type_of("lo") == 772
+    with pytest.raises(AttachError, match="cannot attach on 'lo': it is the loopback interface"):
+        require_ethernet("lo")
 
 
 class _Controller:
