@@ -242,8 +242,47 @@ static __always_inline int lb_tc_finish(LB_CTX *ctx, int action)
 
 #ifdef LB_TC
 /* The tc build's headers must be in the skb's linear part, where direct access reaches: a
- * socket's paged skb may hold less there. Pulled only when short (the pull may copy). */
+ * socket's paged skb may hold less there. At most this many bytes are pulled, and only
+ * when short (the pull copies, and may reallocate the skb's head). */
 #define LB_TC_HEAD_BYTES 128
+
+/* How many leading bytes the parsers read in place for this frame: Ethernet, IP and the
+ * TCP or UDP header (lb_parse, lb_parse6). A local socket's TCP segment holds exactly its
+ * headers in the linear part and its payload in pages; pulling the first 128 bytes moved
+ * payload into the linear part on every such segment (a copy, often a new head), and the
+ * receiving socket then copied it out by the slower, checked path: 0.2 ms per 1,000
+ * keep-alive requests in perf (docs/benchmarks.md, the 2026-12-03 run). ICMP (quoted
+ * headers), IPv6 extension headers and frames too short to tell get the whole bound. */
+static __always_inline __u32 lb_tc_head_need(void *data, void *data_end, __u32 bound)
+{
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return bound;
+    __u32 need = bound;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+        if ((void *)(ip + 1) > data_end)
+            return bound;
+        __u32 l4 = sizeof(*eth) + ip->ihl * 4;
+        if (ip->frag_off & bpf_htons(IP_OFFSET))
+            need = l4;             /* a later fragment: no L4 header */
+        else if (ip->protocol == IPPROTO_TCP)
+            need = l4 + sizeof(struct tcphdr);
+        else if (ip->protocol == IPPROTO_UDP)
+            need = l4 + sizeof(struct udphdr);
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        if ((void *)(ip6 + 1) > data_end)
+            return bound;
+        if (ip6->nexthdr == IPPROTO_TCP)
+            need = sizeof(*eth) + sizeof(*ip6) + sizeof(struct tcphdr);
+        else if (ip6->nexthdr == IPPROTO_UDP)
+            need = sizeof(*eth) + sizeof(*ip6) + sizeof(struct udphdr);
+    } else {
+        need = sizeof(*eth);       /* neither family: passed on the EtherType alone */
+    }
+    return need < bound ? need : bound;
+}
 
 int tc_lb(struct __sk_buff *ctx)
 #else
@@ -252,8 +291,12 @@ int xdp_lb(struct xdp_md *ctx)
 {
 #ifdef LB_TC
     __u32 head = ctx->len < LB_TC_HEAD_BYTES ? ctx->len : LB_TC_HEAD_BYTES;
-    if ((void *)(long)ctx->data + head > (void *)(long)ctx->data_end)
-        bpf_skb_pull_data(ctx, head);
+    void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+    if (data + head > data_end) {
+        head = lb_tc_head_need(data, data_end, head);
+        if (data + head > data_end)
+            bpf_skb_pull_data(ctx, head);
+    }
     lb_l4_fix_reset();
 #endif
 #ifdef LB_WITHOUT_TRACE
