@@ -58,6 +58,12 @@ RUN_ROOT = Path("/run/lbctl/bench")
 NETNS_DIR = Path("/run/netns")
 
 
+# The client's source port ranges, disjoint (PeerBench._client_ports says why): runs straight
+# to the backends, runs through the VIP to three backends, and to the VIP's one-backend port.
+CLIENT_PORTS: dict[str, tuple[int, int]] = {
+    "direct": (1024, 22999), "vip": (23000, 43999), "vip_one": (44000, 65000)}
+
+
 @dataclass(frozen=True)
 class Durations:
     http_s: int
@@ -568,7 +574,7 @@ class PeerBench:
                 "-s", str(self.run_dir / "wrk.lua")]
         if close:
             argv += ["-H", "Connection: close"]
-        self._client_ports(setup)
+        self._client_ports(setup, single)
         # Short connections: the whole path's CPU, and the XDP program's own run time.
         path = close and not single
         prog = self._prog_stats(setup) if path and setup.startswith("xdp-") else None
@@ -613,17 +619,26 @@ class PeerBench:
             rec["error"] = f"{res.errors} errors for {res.requests} requests"
         return rec
 
-    def _client_ports(self, setup: str) -> None:
-        """The client's source ports: one half for runs straight to the backends (direct),
-        the other for runs through the VIP. A backend keeps each closed connection in
-        TIME_WAIT for 60 s, and the client's TCP timestamps start from an offset hashed from
-        the address it dials: a SYN reusing a 4-tuple a run of the other kind left there
-        carries timestamps from another offset, fails the backend's PAWS check, and waits
-        for a reset and a retransmission. Measured before the split: 1,221-1,760 client
-        resets a second in every run within a minute of one of the other kind (up to 15,314
-        SYN retransmissions in a 6 s run; xdp-generic 24.8-25.6k conn/s against 33.5-34.2k
-        after); none in five alternating runs after it."""
-        ports = "1024 33023" if setup == "direct" else "33024 65000"
+    def _client_ports(self, setup: str, single: bool = False) -> None:
+        """The client's source ports: a third for runs straight to the backends (direct), a
+        third for runs through the VIP to three backends, a third for the VIP's one-backend
+        port. A backend keeps each closed connection in TIME_WAIT for 60 s, and the client's
+        TCP timestamps start from an offset hashed from the address it dials: a SYN reusing
+        a 4-tuple a run of the other kind left there carries timestamps from another offset,
+        fails the backend's PAWS check, and waits for a reset and a retransmission. Measured
+        before the split: 1,221-1,760 client resets a second in every run within a minute of
+        one of the other kind (up to 15,314 SYN retransmissions in a 6 s run; xdp-generic
+        24.8-25.6k conn/s against 33.5-34.2k after); none in five alternating runs after it.
+
+        The one-backend port has its own third for nftables: conntrack keeps a closed
+        connection's entry for 120 s, and a new connection from the same client port to the
+        other VIP port is DNATed to the same backend and port. With the two sharing ports,
+        nftables read 18.5k, 19.4k and 4.6k one-backend connections a second (the client resent
+        4,903 SYNs in one 6 s run); with ports of their own 35.8k, 41.5k and 37.9k (1,950 SYNs
+        resent). lbctl's flow table overwrites such an entry: its builds read 37.8-47.7k with
+        the ports shared, in the 00:37 run (docs/benchmarks.md, the 2026-12-03 section)."""
+        low, high = CLIENT_PORTS["direct" if setup == "direct" else "vip_one" if single else "vip"]
+        ports = f"{low} {high}"
         if ports != self.client_ports:
             self._must(self.lab.client.name, ["sysctl", "-q", "-w",
                                               f"net.ipv4.ip_local_port_range={ports}"])

@@ -483,3 +483,13 @@ def test_a_share_of_a_negative_part_beyond_routing_is_undecided_not_a_negative_r
     goal = next(g for g in report.evaluate_goals(summary) if g["metric"] == report.PATH_EXTRA)
     assert goal["ratio"] is None and goal["met"] is None
     assert "nftables adds -2.0 ms per 1k beyond routing" in goal["caveat"]
+
+
+def test_the_client_port_ranges_of_the_three_kinds_of_run_are_disjoint():
+    """A 4-tuple one kind of run left in a backend's TIME_WAIT (or in conntrack) must not be
+    met again by a run of another kind: PeerBench._client_ports."""
+    ranges = sorted(runner.CLIENT_PORTS.values())
+    assert set(runner.CLIENT_PORTS) == {"direct", "vip", "vip_one"}
+    assert all(1024 <= low < high <= 65535 for low, high in ranges)
+    assert all(a_high < b_low for (_, a_high), (b_low, _) in zip(ranges, ranges[1:]))
+    assert all(high - low >= 20_000 for low, high in ranges)   # a 6 s run reuses each port ~10x
