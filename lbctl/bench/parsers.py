@@ -185,3 +185,34 @@ class PpsVerdict:
             "generator_bound": self.generator_bound,
             "cpu_s_per_mpkt": self.cpu_s_per_mpkt,
         }
+
+
+# The client's TCP counters a short-connection run must leave (almost) alone: a SYN resent
+# is a connection that waited a second (the first retransmission timeout), a reset one the
+# client refused. Both pointed at the bench's own faults twice (PAWS on reused 4-tuples,
+# conntrack on ports shared by two VIP ports: runner.PeerBench._client_ports).
+TCP_COUNTERS = {"syn_resent": ("TcpExt", "TCPSynRetrans"), "client_resets": ("Tcp", "OutRsts")}
+
+
+def parse_tcp_counters(text: str) -> dict[str, int]:
+    """The TCP_COUNTERS from /proc/net/netstat and /proc/net/snmp read together: each group is
+    a line of names and a line of values, both starting with the group ('TcpExt:')."""
+    rows: dict[str, dict[str, str]] = {}
+    pending: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        group, _, rest = line.partition(":")
+        fields = rest.split()
+        if not group or not fields:
+            continue
+        if group in pending:
+            rows[group] = dict(zip(pending.pop(group), fields))
+        else:
+            pending[group] = fields
+    out = {}
+    for name, (group, field) in TCP_COUNTERS.items():
+        try:
+            out[name] = int(rows[group][field])
+        except (KeyError, ValueError):
+            raise BenchError(f"no {group} {field} counter in /proc/net/netstat or snmp; "
+                             "hint: the kernel must have TCP's MIB counters") from None
+    return out

@@ -298,6 +298,7 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             lines.append(
                 f"| {SETUP_TITLES[s]} | {'-' if live is None else f'{live:.0f} ns'} | "
                 f"{'-' if test is None else f'{test:.0f} ns'} |")
+    lines += _retransmission_lines(results, setups)
     l7 = results.get("l7", {})
     lines += ["", f"lbctl L7 next to HAProxy `mode http`: {l7.get('note', 'not measured')}"]
     if plot_names:
@@ -306,6 +307,42 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             lines.append(f"![{name}]({name})")
     lines += ["", DOC_END]
     return "\n".join(lines) + "\n"
+
+
+# A short-connection run whose client resent more SYNs than this share of its connections
+# waited on something else than the setup: the bench's health line names it.
+SYN_RESENT_SHARE = 0.001
+
+
+def retransmission_faults(results: dict[str, Any], setups: Sequence[str]) -> list[str] | None:
+    """Each short-connection run (three backends or one) whose client resent SYNs for more
+    than SYN_RESENT_SHARE of its connections; None when the record predates the counters."""
+    faults, seen = [], False
+    for setup in setups:
+        for workload, what in (("short", "short connections"), ("short1", "one backend")):
+            for n, run in enumerate(results["setups"][setup]["runs"].get(workload, []), 1):
+                if "syn_resent" not in run:
+                    continue
+                seen = True
+                if run["syn_resent"] > SYN_RESENT_SHARE * max(run.get("requests") or 0, 1):
+                    faults.append(f"{SETUP_TITLES[setup]}, {what}, round {n}: "
+                                  f"{run['syn_resent']:,} SYNs resent, "
+                                  f"{run.get('client_resets', 0):,} resets, "
+                                  f"{run.get('requests') or 0:,} connections")
+    return faults if seen else None
+
+
+def _retransmission_lines(results: dict[str, Any], setups: Sequence[str]) -> list[str]:
+    faults = retransmission_faults(results, setups)
+    if faults is None:
+        return []
+    head = ("The client's SYN retransmissions in the short-connection runs (each one a "
+            "connection that waited a second: a fault of the bench, not of a setup, in every "
+            "case seen so far)")
+    if not faults:
+        return ["", f"{head}: none above {SYN_RESENT_SHARE:.1%} of a run's connections."]
+    title = f"{head}, runs above {SYN_RESENT_SHARE:.1%} of their connections (figures suspect):"
+    return ["", title, "", *(f"- {f}" for f in faults)]
 
 
 def _med(s: dict[str, Any], metric: str) -> float | None:

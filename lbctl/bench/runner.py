@@ -20,7 +20,7 @@ from typing import Any
 import lbctl
 from lbctl.bench.configs import haproxy_conf, nft_ruleset, nginx_conf
 from lbctl.bench.errors import BenchError
-from lbctl.bench.parsers import WRK_LUA, PpsVerdict, parse_iperf3, parse_wrk
+from lbctl.bench.parsers import WRK_LUA, PpsVerdict, parse_iperf3, parse_tcp_counters, parse_wrk
 from lbctl.bench.report import (
     add_path_extra,
     evaluate_goals,
@@ -580,6 +580,7 @@ class PeerBench:
         prog = self._prog_stats(setup) if path and setup.startswith("xdp-") else None
         path0, children0 = (self.path_cpu_s(), os.times()) if path else (None, None)
         cpu0 = self.balancer_cpu_s(setup)
+        tcp0 = self.client_tcp_counters()
         try:
             run0 = libbpf.prog_info(prog[1]) if prog else None
             proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -596,6 +597,7 @@ class PeerBench:
                 libbpf.close(prog[1])
                 self.state.stats_fd = None
         cpu1 = self.balancer_cpu_s(setup)
+        tcp1 = self.client_tcp_counters()
         path1, children1 = (self.path_cpu_s(), os.times()) if path else (None, None)
         try:
             res = parse_wrk(out)
@@ -605,7 +607,8 @@ class PeerBench:
         rec = {"ok": ok, "rate": res.rate, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
                "requests": res.requests, "errors": res.errors, "seconds": res.duration_s,
                "url": url, "spread_over": env.get("BENCH_WRK_ADDRS", ""),
-               **balancer_cpu(cpu0, cpu1, res.requests)}
+               **balancer_cpu(cpu0, cpu1, res.requests),
+               **{name: tcp1[name] - tcp0[name] for name in tcp0}}
         if path0 is not None and path1 is not None and children0 and children1:
             # wrk has exited and been waited for: its CPU is in our children's times.
             wrk_s = (children1.children_user + children1.children_system
@@ -618,6 +621,11 @@ class PeerBench:
         if not ok:
             rec["error"] = f"{res.errors} errors for {res.requests} requests"
         return rec
+
+    def client_tcp_counters(self) -> dict[str, int]:
+        """The client namespace's SYN retransmissions and resets sent (parsers.TCP_COUNTERS)."""
+        proc = self.lab.run("client", ["cat", "/proc/net/netstat", "/proc/net/snmp"], check=True)
+        return parse_tcp_counters(proc.stdout)
 
     def _client_ports(self, setup: str, single: bool = False) -> None:
         """The client's source ports: a third for runs straight to the backends (direct), a

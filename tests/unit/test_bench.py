@@ -493,3 +493,41 @@ def test_the_client_port_ranges_of_the_three_kinds_of_run_are_disjoint():
     assert all(1024 <= low < high <= 65535 for low, high in ranges)
     assert all(a_high < b_low for (_, a_high), (b_low, _) in zip(ranges, ranges[1:]))
     assert all(high - low >= 20_000 for low, high in ranges)   # a 6 s run reuses each port ~10x
+
+
+# /proc/net/netstat and /proc/net/snmp of a 6.18 kernel, cut to the groups read and a neighbour.
+_PROC_TCP = """\
+TcpExt: SyncookiesSent SyncookiesRecv PAWSActive TCPSynRetrans TCPOrigDataSent
+TcpExt: 265 904 7 4903 525908
+IpExt: InNoRoutes InTruncatedPkts
+IpExt: 0 0
+Ip: Forwarding DefaultTTL
+Ip: 1 64
+Tcp: RtoAlgorithm RtoMin ActiveOpens RetransSegs InErrs OutRsts InCsumErrors
+Tcp: 1 200 12574 943 0 4966 0
+"""
+
+
+def test_the_client_tcp_counters_are_read_by_name_from_proc():
+    assert parsers.parse_tcp_counters(_PROC_TCP) == {"syn_resent": 4903, "client_resets": 4966}
+    without = _PROC_TCP.replace("TCPSynRetrans", "TCPSynRetransX")
+    with pytest.raises(errors.BenchError, match="no TcpExt TCPSynRetrans counter"):
+        parsers.parse_tcp_counters(without)
+
+
+def test_runs_whose_client_resent_syns_are_named_in_the_generated_block():
+    runs = _runs([30_000, 31_000])
+    for run, resent in zip(runs["short"], (12, 4903)):
+        run.update(requests=180_000, syn_resent=resent, client_resets=resent + 50)
+    results = {"setups": {"xdp-tc": {"runs": runs}, "direct": {"runs": _runs([40_000])}}}
+    # 12 of 180,000 is below 0.1%; 4,903 is not. direct's runs predate the counters.
+    faults = report.retransmission_faults(results, ["xdp-tc", "direct"])
+    assert len(faults) == 1 and "round 2: 4,903 SYNs resent, 4,953 resets" in faults[0]
+    lines = report._retransmission_lines(results, ["xdp-tc", "direct"])
+    assert "figures suspect" in lines[1] and lines[3].startswith("- lbctl on the tc hook")
+    runs["short"][1]["syn_resent"] = 0
+    assert report._retransmission_lines(results, ["xdp-tc"])[1].endswith(
+        "none above 0.1% of a run's connections.")
+    # A record from before the counters gets no line at all.
+    assert report.retransmission_faults(results, ["direct"]) is None
+    assert report._retransmission_lines(results, ["direct"]) == []
