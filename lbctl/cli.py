@@ -1122,7 +1122,7 @@ def bench() -> None:
 
 
 @bench.command("peers", epilog=examples(
-    "lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md   # 3 rounds, ~12 min",
+    "lbctl bench peers --results-dir bench/results --doc docs/benchmarks.md   # 3 rounds, ~15 min",
     "lbctl bench peers --quick                    # 1 short round; JSON record in .",
     "lbctl bench peers --only xdp-native --only direct   # two setups"))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
