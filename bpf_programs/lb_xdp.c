@@ -250,9 +250,10 @@ static __always_inline int lb_tc_finish(LB_CTX *ctx, int action)
  * TCP or UDP header (lb_parse, lb_parse6). A local socket's TCP segment holds exactly its
  * headers in the linear part and its payload in pages; pulling the first 128 bytes moved
  * payload into the linear part on every such segment (a copy, often a new head), and the
- * receiving socket then copied it out by the slower, checked path: 0.2 ms per 1,000
- * keep-alive requests in perf (docs/benchmarks.md, the 2026-12-03 run). ICMP (quoted
- * headers), IPv6 extension headers and frames too short to tell get the whole bound. */
+ * receiving socket then copied it out by the slower, checked path: about 0.1 ms of the
+ * 10 ms of CPU per 1,000 keep-alive requests, in perf (docs/benchmarks.md, 2026-12-03).
+ * ICMP (quoted headers), IPv6 extension headers and frames too short to tell get the whole
+ * bound. */
 static __always_inline __u32 lb_tc_head_need(void *data, void *data_end, __u32 bound)
 {
     struct ethhdr *eth = data;
