@@ -337,11 +337,11 @@ def _retransmission_lines(results: dict[str, Any], setups: Sequence[str]) -> lis
     if faults is None:
         return []
     head = ("The client's SYN retransmissions in the short-connection runs (each one a "
-            "connection that waited a second: a fault of the bench, not of a setup, in every "
-            "case seen so far)")
+            "connection that waited a second: twice a fault of the bench, and full-NAT's own "
+            "when its SNAT ports are all held in TIME_WAIT, docs/modes.md)")
     if not faults:
         return ["", f"{head}: none above {SYN_RESENT_SHARE:.1%} of a run's connections."]
-    title = f"{head}, runs above {SYN_RESENT_SHARE:.1%} of their connections (figures suspect):"
+    title = f"{head}, runs above {SYN_RESENT_SHARE:.1%} of their connections:"
     return ["", title, "", *(f"- {f}" for f in faults)]
 
 

@@ -524,7 +524,7 @@ def test_runs_whose_client_resent_syns_are_named_in_the_generated_block():
     faults = report.retransmission_faults(results, ["xdp-tc", "direct"])
     assert len(faults) == 1 and "round 2: 4,903 SYNs resent, 4,953 resets" in faults[0]
     lines = report._retransmission_lines(results, ["xdp-tc", "direct"])
-    assert "figures suspect" in lines[1] and lines[3].startswith("- lbctl on the tc hook")
+    assert "runs above 0.1%" in lines[1] and lines[3].startswith("- lbctl on the tc hook")
     runs["short"][1]["syn_resent"] = 0
     assert report._retransmission_lines(results, ["xdp-tc"])[1].endswith(
         "none above 0.1% of a run's connections.")
