@@ -50,20 +50,29 @@ _DRIVER_OFFSET, _DRIVER_LEN = 4, 32
 _IFREQ_SIZE = 40
 
 
+def _ifreq_ioctl(ifname: str, request: int, arg: bytes) -> bytes:
+    """One interface ioctl on a socket of the calling thread's network namespace, with the
+    interface name in front of `arg`. A name the kernel does not know is an AttachError."""
+    ifreq = (ifname.encode()[:15].ljust(16, b"\0") + arg).ljust(_IFREQ_SIZE, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            return fcntl.ioctl(sock.fileno(), request, ifreq)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise AttachError(f"unknown interface '{ifname}'; hint: 'ip link' lists the "
+                                  "interfaces here") from None
+            raise
+
+
 def driver_of(ifname: str) -> str | None:
     """The interface's driver in the calling thread's network namespace, or None when the
     device reports none (loopback, some tunnels)."""
     drvinfo = array.array("B", struct.pack("=I", _ETHTOOL_GDRVINFO) + bytes(_DRVINFO_SIZE - 4))
     address, _ = drvinfo.buffer_info()
-    ifreq = struct.pack("16sP", ifname.encode()[:15], address).ljust(_IFREQ_SIZE, b"\0")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifreq)
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                raise AttachError(f"unknown interface '{ifname}'; hint: 'ip link' lists the "
-                                  "interfaces here") from None
-            return None
+    try:
+        _ifreq_ioctl(ifname, _SIOCETHTOOL, struct.pack("P", address))
+    except OSError:         # no ethtool driver info (an unknown name is an AttachError)
+        return None
     raw = drvinfo[_DRIVER_OFFSET:_DRIVER_OFFSET + _DRIVER_LEN].tobytes()
     return raw.split(b"\0", 1)[0].decode(errors="replace") or None
 
@@ -79,15 +88,7 @@ _LINK_TYPES = {0xFFFE: "none", 768: "ipip", 769: "ip6tnl", 776: "sit", 778: "gre
 
 def link_type_of(ifname: str) -> int:
     """The interface's link type (ARPHRD_*) in the calling thread's network namespace."""
-    ifreq = struct.pack("16s", ifname.encode()[:15]).ljust(_IFREQ_SIZE, b"\0")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            out = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, ifreq)
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                raise AttachError(f"unknown interface '{ifname}'; hint: 'ip link' lists the "
-                                  "interfaces here") from None
-            raise
+    out = _ifreq_ioctl(ifname, _SIOCGIFHWADDR, b"")
     return int(struct.unpack_from("=H", out, 16)[0])
 
 
